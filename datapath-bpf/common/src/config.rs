@@ -1,0 +1,35 @@
+//! Datapath-wide settings: a one-element array the agent writes.
+
+use crate::{assert_layout, user_pod};
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct Config {
+    /// Bumped by the agent after every policy map change; see `CtEntry::policy_revision`.
+    pub policy_revision: u32,
+    /// Non-zero once the agent has written the config; until then every packet is dropped.
+    pub initialized: u32,
+    pub ct_tcp_syn_timeout_s: u32,
+    pub ct_tcp_established_timeout_s: u32,
+    pub ct_tcp_close_timeout_s: u32,
+    pub ct_other_timeout_s: u32,
+    /// Flow events each endpoint may emit per second (0 = unlimited).
+    pub events_per_second: u32,
+    /// Burst allowance on top of the rate.
+    pub events_burst: u32,
+}
+
+assert_layout!(Config, size = 32, align = 4, { policy_revision: 0, initialized: 4, ct_tcp_syn_timeout_s: 8, events_per_second: 24 });
+user_pod!(Config);
+
+/// Per-endpoint token bucket for flow events (one slot per endpoint id, per CPU).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct EventRateState {
+    pub last_refill_ns: u64,
+    pub tokens: u32,
+    pub _pad: u32,
+}
+
+assert_layout!(EventRateState, size = 16, align = 8, { last_refill_ns: 0, tokens: 8 });
+user_pod!(EventRateState);

@@ -1,0 +1,27 @@
+//! Endpoints, keyed by the ifindex of their host-side veth.
+
+use crate::{assert_layout, user_pod};
+
+/// Endpoint flag: the endpoint is selected by a policy with ingress rules, so ingress that no
+/// rule allows is dropped. Unset: ingress is allowed (Kubernetes semantics).
+pub const FLAG_INGRESS_ENFORCED: u32 = 1 << 0;
+/// Same for egress.
+pub const FLAG_EGRESS_ENFORCED: u32 = 1 << 1;
+/// Policy audit mode: what policy would drop is forwarded and reported as AUDIT.
+pub const FLAG_AUDIT: u32 = 1 << 2;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct EndpointInfo {
+    pub endpoint_id: u32,
+    pub identity: u32,
+    pub flags: u32,
+    pub family: u8,
+    pub _pad: [u8; 3],
+    /// The endpoint's own address (network byte order); packets leaving the endpoint from any
+    /// other source address are dropped as spoofed.
+    pub addr: [u8; 16],
+}
+
+assert_layout!(EndpointInfo, size = 32, align = 4, { endpoint_id: 0, identity: 4, flags: 8, family: 12, addr: 16 });
+user_pod!(EndpointInfo);

@@ -1,0 +1,148 @@
+//! Connection tracking. Each endpoint direction keeps its own entries (the scope), so a
+//! connection between two local endpoints is tracked by both: the client's egress check and
+//! the server's ingress check are independent, as their policies are.
+
+use aya_ebpf::helpers::bpf_ktime_get_ns;
+use palisade_common::{
+    config::Config,
+    conntrack::{
+        CT_FLAG_FIN_FORWARD, CT_FLAG_FIN_REPLY, CT_FLAG_SEEN_REPLY, CtEntry, CtKey,
+    },
+    direction, family, proto,
+};
+
+use crate::{
+    maps::CONNTRACK,
+    packet::{Packet, TCP_FIN, TCP_RST},
+};
+
+const NS_PER_SEC: u64 = 1_000_000_000;
+
+#[inline(always)]
+pub fn now_ns() -> u64 {
+    // SAFETY: helper without arguments.
+    unsafe { bpf_ktime_get_ns() }
+}
+
+#[inline(always)]
+pub fn opposite(dir: u8) -> u8 {
+    if dir == direction::INGRESS {
+        direction::EGRESS
+    } else {
+        direction::INGRESS
+    }
+}
+
+#[inline(always)]
+pub fn key_forward(pkt: &Packet, scope: u8) -> CtKey {
+    CtKey {
+        saddr: pkt.saddr,
+        daddr: pkt.daddr,
+        sport_be: pkt.sport_be,
+        dport_be: pkt.dport_be,
+        protocol: pkt.protocol,
+        family: family::IPV4,
+        scope,
+        _pad: 0,
+    }
+}
+
+#[inline(always)]
+pub fn key_reverse(pkt: &Packet, scope: u8) -> CtKey {
+    CtKey {
+        saddr: pkt.daddr,
+        daddr: pkt.saddr,
+        sport_be: pkt.dport_be,
+        dport_be: pkt.sport_be,
+        protocol: pkt.protocol,
+        family: family::IPV4,
+        scope,
+        _pad: 0,
+    }
+}
+
+/// A live entry for `key`, or None (an expired entry is removed and reported as absent).
+#[inline(always)]
+pub fn lookup(key: &CtKey, now: u64) -> Option<*mut CtEntry> {
+    let entry = CONNTRACK.get_ptr_mut(key)?;
+    // SAFETY: the pointer comes from a successful map lookup and is valid for this program run.
+    if unsafe { (*entry).expires_ns } < now {
+        let _ = CONNTRACK.remove(key);
+        return None;
+    }
+    Some(entry)
+}
+
+#[inline(always)]
+fn timeout_ns(cfg: &Config, protocol: u8, flags: u16) -> u64 {
+    let secs = if protocol == proto::TCP {
+        if flags & CT_FLAG_FIN_FORWARD != 0 && flags & CT_FLAG_FIN_REPLY != 0 {
+            cfg.ct_tcp_close_timeout_s
+        } else if flags & CT_FLAG_SEEN_REPLY != 0 {
+            cfg.ct_tcp_established_timeout_s
+        } else {
+            cfg.ct_tcp_syn_timeout_s
+        }
+    } else {
+        cfg.ct_other_timeout_s
+    };
+    secs as u64 * NS_PER_SEC
+}
+
+/// Creates the entry for a new, allowed connection. Fails closed: an insert error is a drop.
+#[inline(always)]
+pub fn create(
+    key: &CtKey,
+    cfg: &Config,
+    now: u64,
+    len: u32,
+    endpoint_id: u32,
+    peer_identity: u32,
+    rule_id: u32,
+    flags: u16,
+    proxy_port_be: u16,
+) -> Result<(), ()> {
+    let entry = CtEntry {
+        expires_ns: now + timeout_ns(cfg, key.protocol, flags),
+        created_ns: now,
+        packets: 1,
+        bytes: len as u64,
+        endpoint_id,
+        peer_identity,
+        rule_id,
+        policy_revision: cfg.policy_revision,
+        flags,
+        proxy_port_be,
+        _pad: [0; 4],
+    };
+    CONNTRACK.insert(key, &entry, 0).map_err(|_| ())
+}
+
+/// Accounts a packet of a tracked connection and advances TCP state. Returns true when the
+/// connection is over (RST), in which case the caller removes the entry after forwarding.
+#[inline(always)]
+pub fn update(entry: *mut CtEntry, cfg: &Config, pkt: &Packet, is_reply: bool, now: u64, len: u32) -> bool {
+    // SAFETY: `entry` comes from a map lookup in this program run; concurrent updates from
+    // other CPUs can only lose counter increments, never corrupt control flow.
+    let e = unsafe { &mut *entry };
+    e.packets += 1;
+    e.bytes += len as u64;
+    if pkt.protocol == proto::TCP {
+        if pkt.tcp_flags & TCP_RST != 0 {
+            return true;
+        }
+        if is_reply {
+            e.flags |= CT_FLAG_SEEN_REPLY;
+        }
+        if pkt.tcp_flags & TCP_FIN != 0 {
+            e.flags |= if is_reply { CT_FLAG_FIN_REPLY } else { CT_FLAG_FIN_FORWARD };
+        }
+    }
+    e.expires_ns = now + timeout_ns(cfg, pkt.protocol, e.flags);
+    false
+}
+
+#[inline(always)]
+pub fn remove(key: &CtKey) {
+    let _ = CONNTRACK.remove(key);
+}

@@ -1,0 +1,103 @@
+//! Accounting: per-CPU counters for every packet, and flow events (new connections, drops) in
+//! the ring buffer, rate-limited per endpoint; what is lost or suppressed is counted.
+
+use palisade_common::{
+    config::Config,
+    flow::FlowEvent,
+    maps::EVENT_RATE_SLOTS,
+    metrics::{OUTCOME_EVENTS_LOST, OUTCOME_EVENTS_RATE_LIMITED, metric_index},
+};
+
+use crate::{
+    maps::{EVENT_RATE, FLOW_EVENTS, METRICS},
+    packet::Packet,
+};
+
+const NS_PER_SEC: u64 = 1_000_000_000;
+
+#[inline(always)]
+pub fn count(direction: u8, outcome: u8, bytes: u32) {
+    if let Some(m) = METRICS.get_ptr_mut(metric_index(direction, outcome)) {
+        // SAFETY: per-CPU slot from a successful lookup; no other writer on this CPU.
+        unsafe {
+            (*m).packets += 1;
+            (*m).bytes += bytes as u64;
+        }
+    }
+}
+
+/// Token bucket per endpoint (per CPU): `events_per_second` refill, `events_burst` capacity.
+#[inline(always)]
+fn rate_allows(cfg: &Config, endpoint_id: u32, now: u64) -> bool {
+    if cfg.events_per_second == 0 {
+        return true;
+    }
+    let Some(state) = EVENT_RATE.get_ptr_mut(endpoint_id % EVENT_RATE_SLOTS) else {
+        return false;
+    };
+    // SAFETY: per-CPU slot from a successful lookup.
+    let state = unsafe { &mut *state };
+    let elapsed = now.saturating_sub(state.last_refill_ns);
+    let refill = elapsed / NS_PER_SEC * cfg.events_per_second as u64
+        + (elapsed % NS_PER_SEC) * cfg.events_per_second as u64 / NS_PER_SEC;
+    if refill > 0 {
+        let tokens = state.tokens as u64 + refill;
+        let burst = cfg.events_burst.max(1) as u64;
+        state.tokens = if tokens > burst { burst as u32 } else { tokens as u32 };
+        state.last_refill_ns = now;
+    }
+    if state.tokens == 0 {
+        return false;
+    }
+    state.tokens -= 1;
+    true
+}
+
+/// Everything a flow event says beyond the packet itself.
+pub struct EventMeta {
+    pub kind: u8,
+    pub verdict: u8,
+    pub drop_reason: u8,
+    pub direction: u8,
+    pub endpoint_id: u32,
+    pub ifindex: u32,
+    pub src_identity: u32,
+    pub dst_identity: u32,
+    pub rule_id: u32,
+    pub packet_len: u32,
+    pub family: u8,
+}
+
+#[inline(always)]
+pub fn emit(cfg: &Config, now: u64, pkt: &Packet, meta: &EventMeta) {
+    if !rate_allows(cfg, meta.endpoint_id, now) {
+        count(0, OUTCOME_EVENTS_RATE_LIMITED, 0);
+        return;
+    }
+    let Some(mut slot) = FLOW_EVENTS.reserve::<FlowEvent>(0) else {
+        count(0, OUTCOME_EVENTS_LOST, 0);
+        return;
+    };
+    slot.write(FlowEvent {
+        timestamp_ns: now,
+        endpoint_id: meta.endpoint_id,
+        src_identity: meta.src_identity,
+        dst_identity: meta.dst_identity,
+        rule_id: meta.rule_id,
+        packet_len: meta.packet_len,
+        ifindex: meta.ifindex,
+        src_addr: pkt.saddr,
+        dst_addr: pkt.daddr,
+        src_port_be: pkt.sport_be,
+        dst_port_be: pkt.dport_be,
+        family: meta.family,
+        protocol: pkt.protocol,
+        direction: meta.direction,
+        verdict: meta.verdict,
+        drop_reason: meta.drop_reason,
+        tcp_flags: pkt.tcp_flags,
+        kind: meta.kind,
+        _pad: [0; 5],
+    });
+    slot.submit(0);
+}

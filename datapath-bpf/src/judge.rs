@@ -1,0 +1,319 @@
+//! The pipeline both classifiers share: parse -> conntrack -> policy -> account.
+//!
+//! `judge` returns `Ok(outcome)` to forward or `Err(drop)` to drop; `run` turns that into a TC
+//! action in exactly one place, so no error path can forward by accident.
+
+use aya_ebpf::{
+    bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    programs::TcContext,
+};
+use palisade_common::{
+    config::Config,
+    conntrack::{CT_FLAG_AUDIT, CtEntry, CtKey},
+    direction,
+    endpoint::{EndpointInfo, FLAG_AUDIT},
+    family,
+    flow::{EVENT_DROP, EVENT_NEW_CONNECTION, EVENT_REVALIDATION_DROP},
+    identity,
+    ipcache::{IPCACHE_PREFIX_OFFSET_BITS, IpcacheKey, IpcacheValue},
+    metrics::{OUTCOME_AUDIT, OUTCOME_FORWARDED},
+    policy::action,
+    reason::{drop, verdict},
+};
+
+use crate::{
+    conntrack::{self, now_ns, opposite},
+    events::{self, EventMeta},
+    maps::{CONFIG, ENDPOINTS, IPCACHE},
+    packet::{self, Packet, Parsed},
+    policy::{self, Decision},
+};
+
+/// Why a packet is dropped, with what the flow event needs to explain it.
+struct Drop {
+    reason: u8,
+    kind: u8,
+    peer_identity: u32,
+    rule_id: u32,
+}
+
+impl Drop {
+    const fn plain(reason: u8) -> Self {
+        Self {
+            reason,
+            kind: EVENT_DROP,
+            peer_identity: 0,
+            rule_id: 0,
+        }
+    }
+}
+
+pub fn run(ctx: &TcContext, dir: u8) -> i32 {
+    // SAFETY: reading a field of the context the kernel handed us.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    let len = ctx.len();
+    match judge(ctx, dir, ifindex, len) {
+        Ok(outcome) => {
+            events::count(dir, outcome, len);
+            TC_ACT_OK as i32
+        }
+        Err(d) => {
+            events::count(dir, d.reason, len);
+            report_drop(ctx, dir, ifindex, len, &d);
+            TC_ACT_SHOT as i32
+        }
+    }
+}
+
+/// Emits the drop event. Best effort: without config or a parsable packet there is nothing
+/// meaningful to report beyond the counter, which `run` already bumped.
+fn report_drop(ctx: &TcContext, dir: u8, ifindex: u32, len: u32, d: &Drop) {
+    let Some(cfg) = CONFIG.get(0) else { return };
+    let Some(ep) = (unsafe { ENDPOINTS.get(&ifindex) }) else { return };
+    let pkt = match packet::parse(ctx) {
+        Ok(Parsed::Ipv4(p)) => p,
+        _ => Packet {
+            saddr: [0; 16],
+            daddr: [0; 16],
+            sport_be: 0,
+            dport_be: 0,
+            protocol: 0,
+            tcp_flags: 0,
+            policy_port_be: 0,
+            related: false,
+        },
+    };
+    let (src_identity, dst_identity) = if dir == direction::EGRESS {
+        (ep.identity, d.peer_identity)
+    } else {
+        (d.peer_identity, ep.identity)
+    };
+    events::emit(
+        cfg,
+        now_ns(),
+        &pkt,
+        &EventMeta {
+            kind: d.kind,
+            verdict: verdict::DROPPED,
+            drop_reason: d.reason,
+            direction: dir,
+            endpoint_id: ep.endpoint_id,
+            ifindex,
+            src_identity,
+            dst_identity,
+            rule_id: d.rule_id,
+            packet_len: len,
+            family: family::IPV4,
+        },
+    );
+}
+
+fn judge(ctx: &TcContext, dir: u8, ifindex: u32, len: u32) -> Result<u8, Drop> {
+    let Some(cfg) = CONFIG.get(0) else {
+        return Err(Drop::plain(drop::NOT_INITIALIZED));
+    };
+    if cfg.initialized == 0 {
+        return Err(Drop::plain(drop::NOT_INITIALIZED));
+    }
+    // SAFETY: the value is copied out before anything else touches the map.
+    let Some(ep) = (unsafe { ENDPOINTS.get(&ifindex) }).copied() else {
+        return Err(Drop::plain(drop::UNKNOWN_ENDPOINT));
+    };
+    let pkt = match packet::parse(ctx).map_err(Drop::plain)? {
+        Parsed::Arp => return Ok(OUTCOME_FORWARDED),
+        Parsed::Ipv4(p) => p,
+    };
+    if dir == direction::EGRESS && !pkt.related && pkt.saddr != ep.addr {
+        return Err(Drop::plain(drop::INVALID_SOURCE_IP));
+    }
+    let now = now_ns();
+
+    if pkt.related {
+        // An ICMP error about a connection: forwarded only if that connection is tracked by
+        // the opposite direction of this endpoint (the side that sent the original packet).
+        let key = conntrack::key_forward(&pkt, opposite(dir));
+        return match conntrack::lookup(&key, now) {
+            Some(_) => Ok(OUTCOME_FORWARDED),
+            None => Err(Drop::plain(drop::CT_TRUNCATED_OR_INVALID)),
+        };
+    }
+
+    // Original direction of a connection this direction opened.
+    let fwd = conntrack::key_forward(&pkt, dir);
+    if let Some(entry) = conntrack::lookup(&fwd, now) {
+        return established(cfg, &ep, &fwd, entry, &pkt, false, now, len);
+    }
+    // Reply to a connection the opposite direction let in or out.
+    let rev = conntrack::key_reverse(&pkt, opposite(dir));
+    if let Some(entry) = conntrack::lookup(&rev, now) {
+        return established(cfg, &ep, &rev, entry, &pkt, true, now, len);
+    }
+    new_connection(cfg, &ep, dir, &fwd, &pkt, now, ifindex, len)
+}
+
+/// Identity (and CIDR alias) of the peer address; an address nobody claims is `world`.
+#[inline(always)]
+fn peer_of(addr: &[u8; 16]) -> IpcacheValue {
+    let key = aya_ebpf::maps::lpm_trie::Key::new(
+        IPCACHE_PREFIX_OFFSET_BITS + 32,
+        IpcacheKey {
+            family: family::IPV4,
+            _pad: [0; 3],
+            addr: *addr,
+        },
+    );
+    match IPCACHE.get(&key) {
+        Some(v) => *v,
+        None => IpcacheValue {
+            identity: identity::WORLD,
+            endpoint_id: 0,
+            cidr_identity: 0,
+            flags: 0,
+        },
+    }
+}
+
+#[inline(always)]
+fn check_policy(ep: &EndpointInfo, scope: u8, key: &CtKey, policy_port_be: u16) -> (Decision, u32) {
+    // The peer is the far end of the connection as the scope saw it open.
+    let peer_addr = if scope == direction::EGRESS { &key.daddr } else { &key.saddr };
+    let peer = peer_of(peer_addr);
+    let decision = policy::decide(ep, scope, peer.identity, peer.cidr_identity, key.protocol, policy_port_be);
+    (decision, peer.identity)
+}
+
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn established(
+    cfg: &Config,
+    ep: &EndpointInfo,
+    key: &CtKey,
+    entry: *mut CtEntry,
+    pkt: &Packet,
+    is_reply: bool,
+    now: u64,
+    len: u32,
+) -> Result<u8, Drop> {
+    // SAFETY: valid map value pointer for this program run.
+    let e = unsafe { &mut *entry };
+    if e.policy_revision != cfg.policy_revision {
+        // Policy changed since this connection was last checked: check it again, so that a
+        // connection the new policy denies stops instead of living on in conntrack.
+        let port_be = if key.protocol == palisade_common::proto::ICMP {
+            (8u16).to_be()
+        } else {
+            key.dport_be
+        };
+        let (decision, peer_identity) = check_policy(ep, key.scope, key, port_be);
+        let allowed = matches!(decision.action, action::ALLOW | action::REDIRECT);
+        if !allowed && ep.flags & FLAG_AUDIT == 0 {
+            conntrack::remove(key);
+            return Err(Drop {
+                reason: deny_reason(decision.action),
+                kind: EVENT_REVALIDATION_DROP,
+                peer_identity,
+                rule_id: decision.rule_id,
+            });
+        }
+        e.policy_revision = cfg.policy_revision;
+        e.rule_id = decision.rule_id;
+        e.peer_identity = peer_identity;
+    }
+    let audit = e.flags & CT_FLAG_AUDIT != 0;
+    if conntrack::update(entry, cfg, pkt, is_reply, now, len) {
+        conntrack::remove(key);
+    }
+    Ok(if audit { OUTCOME_AUDIT } else { OUTCOME_FORWARDED })
+}
+
+#[inline(always)]
+fn deny_reason(action_code: u8) -> u8 {
+    if action_code == action::DENY {
+        drop::POLICY_DENY_RULE
+    } else {
+        drop::POLICY_DENIED
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn new_connection(
+    cfg: &Config,
+    ep: &EndpointInfo,
+    dir: u8,
+    key: &CtKey,
+    pkt: &Packet,
+    now: u64,
+    ifindex: u32,
+    len: u32,
+) -> Result<u8, Drop> {
+    let (decision, peer_identity) = check_policy(ep, dir, key, pkt.policy_port_be);
+    let (outcome, verdict_code, ct_flags) = match decision.action {
+        action::ALLOW => (OUTCOME_FORWARDED, verdict::FORWARDED, 0),
+        // The L7 proxy is not attached to this datapath version: a redirect that cannot be
+        // honoured is a drop, never a silent allow.
+        action::REDIRECT => {
+            return Err(Drop {
+                reason: drop::PROXY_UNAVAILABLE,
+                kind: EVENT_DROP,
+                peer_identity,
+                rule_id: decision.rule_id,
+            });
+        }
+        denied => {
+            if ep.flags & FLAG_AUDIT == 0 {
+                return Err(Drop {
+                    reason: deny_reason(denied),
+                    kind: EVENT_DROP,
+                    peer_identity,
+                    rule_id: decision.rule_id,
+                });
+            }
+            (OUTCOME_AUDIT, verdict::AUDIT, CT_FLAG_AUDIT)
+        }
+    };
+    if conntrack::create(
+        key,
+        cfg,
+        now,
+        len,
+        ep.endpoint_id,
+        peer_identity,
+        decision.rule_id,
+        ct_flags,
+        0,
+    )
+    .is_err()
+    {
+        return Err(Drop {
+            reason: drop::CT_MAP_FULL,
+            kind: EVENT_DROP,
+            peer_identity,
+            rule_id: decision.rule_id,
+        });
+    }
+    let (src_identity, dst_identity) = if dir == direction::EGRESS {
+        (ep.identity, peer_identity)
+    } else {
+        (peer_identity, ep.identity)
+    };
+    events::emit(
+        cfg,
+        now,
+        pkt,
+        &EventMeta {
+            kind: EVENT_NEW_CONNECTION,
+            verdict: verdict_code,
+            drop_reason: drop::NONE,
+            direction: dir,
+            endpoint_id: ep.endpoint_id,
+            ifindex,
+            src_identity,
+            dst_identity,
+            rule_id: decision.rule_id,
+            packet_len: len,
+            family: family::IPV4,
+        },
+    );
+    Ok(outcome)
+}

@@ -1,0 +1,168 @@
+//! Header parsing. Everything is read with `bpf_skb_load_bytes` (`TcContext::load`), which does
+//! its own bounds checks; a short packet is an `INVALID_PACKET` drop, never a guess.
+
+use aya_ebpf::programs::TcContext;
+use palisade_common::{proto, reason::drop};
+
+const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_ARP: u16 = 0x0806;
+
+const IP_MF: u16 = 0x2000;
+const IP_OFFSET_MASK: u16 = 0x1fff;
+
+const ICMP_ECHO_REPLY: u8 = 0;
+const ICMP_DEST_UNREACH: u8 = 3;
+const ICMP_ECHO: u8 = 8;
+const ICMP_TIME_EXCEEDED: u8 = 11;
+const ICMP_PARAMETER_PROBLEM: u8 = 12;
+
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_RST: u8 = 0x04;
+
+/// The connection tuple of a packet, in network byte order, plus what policy needs.
+#[derive(Clone, Copy)]
+pub struct Packet {
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    pub sport_be: u16,
+    pub dport_be: u16,
+    pub protocol: u8,
+    pub tcp_flags: u8,
+    /// The "port" policy matches: the destination port, or the ICMP type.
+    pub policy_port_be: u16,
+    /// An ICMP error: the tuple above is the embedded (original) packet's, and the packet
+    /// passes only as part of the connection it reports on.
+    pub related: bool,
+}
+
+pub enum Parsed {
+    /// ARP: needed for neighbour resolution between the endpoint and the node; not policy.
+    Arp,
+    Ipv4(Packet),
+}
+
+#[inline(always)]
+fn load<T>(ctx: &TcContext, offset: usize) -> Result<T, u8> {
+    ctx.load::<T>(offset).map_err(|_| drop::INVALID_PACKET)
+}
+
+#[inline(always)]
+fn ipv4_addr(raw: [u8; 4]) -> [u8; 16] {
+    let mut addr = [0u8; 16];
+    addr[0] = raw[0];
+    addr[1] = raw[1];
+    addr[2] = raw[2];
+    addr[3] = raw[3];
+    addr
+}
+
+pub fn parse(ctx: &TcContext) -> Result<Parsed, u8> {
+    let ethertype = u16::from_be(load::<u16>(ctx, 12)?);
+    match ethertype {
+        ETH_P_IP => parse_ipv4(ctx, ETH_HLEN).map(Parsed::Ipv4),
+        ETH_P_ARP => Ok(Parsed::Arp),
+        // IPv6 and everything else: not supported yet, so not let through unjudged.
+        _ => Err(drop::UNSUPPORTED_L3),
+    }
+}
+
+/// IPv4 header at `off`: returns its protocol, addresses and the offset of the L4 header.
+#[inline(always)]
+fn ipv4_header(ctx: &TcContext, off: usize) -> Result<(u8, [u8; 4], [u8; 4], usize, u16), u8> {
+    let version_ihl = load::<u8>(ctx, off)?;
+    if version_ihl >> 4 != 4 {
+        return Err(drop::INVALID_PACKET);
+    }
+    let ihl = ((version_ihl & 0x0f) as usize) * 4;
+    if ihl < 20 {
+        return Err(drop::INVALID_PACKET);
+    }
+    let frag = u16::from_be(load::<u16>(ctx, off + 6)?);
+    let protocol = load::<u8>(ctx, off + 9)?;
+    let saddr = load::<[u8; 4]>(ctx, off + 12)?;
+    let daddr = load::<[u8; 4]>(ctx, off + 16)?;
+    Ok((protocol, saddr, daddr, off + ihl, frag))
+}
+
+fn parse_ipv4(ctx: &TcContext, off: usize) -> Result<Packet, u8> {
+    let (protocol, saddr, daddr, l4, frag) = ipv4_header(ctx, off)?;
+    // Fragments carry no (or partial) L4 headers; judging them by port is impossible without
+    // reassembly state, so they are dropped and counted rather than guessed at.
+    if frag & (IP_MF | IP_OFFSET_MASK) != 0 {
+        return Err(drop::FRAGMENTED);
+    }
+    let mut pkt = Packet {
+        saddr: ipv4_addr(saddr),
+        daddr: ipv4_addr(daddr),
+        sport_be: 0,
+        dport_be: 0,
+        protocol,
+        tcp_flags: 0,
+        policy_port_be: 0,
+        related: false,
+    };
+    match protocol {
+        proto::TCP => {
+            pkt.sport_be = load::<u16>(ctx, l4)?;
+            pkt.dport_be = load::<u16>(ctx, l4 + 2)?;
+            pkt.tcp_flags = load::<u8>(ctx, l4 + 13)?;
+            pkt.policy_port_be = pkt.dport_be;
+        }
+        proto::UDP | proto::SCTP => {
+            pkt.sport_be = load::<u16>(ctx, l4)?;
+            pkt.dport_be = load::<u16>(ctx, l4 + 2)?;
+            pkt.policy_port_be = pkt.dport_be;
+        }
+        proto::ICMP => {
+            let icmp_type = load::<u8>(ctx, l4)?;
+            match icmp_type {
+                ICMP_ECHO | ICMP_ECHO_REPLY => {
+                    // Echo id in both port slots: the reply's reversed tuple equals the request's.
+                    let id = load::<u16>(ctx, l4 + 4)?;
+                    pkt.sport_be = id;
+                    pkt.dport_be = id;
+                    // Policy sees the request type for both, so an allowed echo's reply matches.
+                    pkt.policy_port_be = (ICMP_ECHO as u16).to_be();
+                }
+                ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAMETER_PROBLEM => {
+                    return parse_icmp_error(ctx, l4 + 8);
+                }
+                other => {
+                    pkt.policy_port_be = (other as u16).to_be();
+                }
+            }
+        }
+        _ => {}
+    }
+    Ok(pkt)
+}
+
+/// An ICMP error embeds the IP header and first 8 bytes of the packet it reports on; its tuple
+/// is what conntrack must already know.
+fn parse_icmp_error(ctx: &TcContext, inner: usize) -> Result<Packet, u8> {
+    let (protocol, saddr, daddr, l4, _frag) = ipv4_header(ctx, inner)?;
+    let mut pkt = Packet {
+        saddr: ipv4_addr(saddr),
+        daddr: ipv4_addr(daddr),
+        sport_be: 0,
+        dport_be: 0,
+        protocol,
+        tcp_flags: 0,
+        policy_port_be: 0,
+        related: true,
+    };
+    match protocol {
+        proto::TCP | proto::UDP | proto::SCTP => {
+            pkt.sport_be = load::<u16>(ctx, l4)?;
+            pkt.dport_be = load::<u16>(ctx, l4 + 2)?;
+        }
+        proto::ICMP => {
+            let id = load::<u16>(ctx, l4 + 4)?;
+            pkt.sport_be = id;
+            pkt.dport_be = id;
+        }
+        _ => {}
+    }
+    Ok(pkt)
+}

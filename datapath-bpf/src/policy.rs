@@ -1,0 +1,99 @@
+//! Policy lookup: the peer's identity, its CIDR alias (endpoint addresses inside policy
+//! CIDRs) and the any-identity wildcard are each looked up in the LPM policy map; within one
+//! identity the longest match already carries the right action (userspace guarantees it), and
+//! across identities deny beats redirect beats allow.
+
+use aya_ebpf::maps::lpm_trie::Key;
+use palisade_common::{
+    endpoint::{EndpointInfo, FLAG_EGRESS_ENFORCED, FLAG_INGRESS_ENFORCED},
+    direction, identity,
+    policy::{POLICY_PREFIX_FULL, PolicyKey, PolicyValue, action},
+};
+
+use crate::maps::POLICY;
+
+/// The outcome of a policy check.
+#[derive(Clone, Copy)]
+pub struct Decision {
+    /// `action::ALLOW`, `DENY`, `REDIRECT`, or 0 when no entry matched.
+    pub action: u8,
+    pub rule_id: u32,
+    pub proxy_port_be: u16,
+    /// The endpoint enforces policy in this direction.
+    pub enforced: bool,
+}
+
+#[inline(always)]
+fn lookup(
+    endpoint_id: u32,
+    peer: u32,
+    dir: u8,
+    protocol: u8,
+    port_be: u16,
+) -> Option<PolicyValue> {
+    let key = Key::new(
+        POLICY_PREFIX_FULL,
+        PolicyKey {
+            endpoint_id,
+            identity: peer,
+            direction: dir,
+            protocol,
+            dport_be: port_be,
+        },
+    );
+    POLICY.get(&key).copied()
+}
+
+#[inline(always)]
+fn rank(action: u8) -> u8 {
+    match action {
+        action::DENY => 3,
+        action::REDIRECT => 2,
+        action::ALLOW => 1,
+        _ => 0,
+    }
+}
+
+#[inline(always)]
+fn merge(best: &mut Decision, found: Option<PolicyValue>) {
+    if let Some(v) = found
+        && rank(v.action) > rank(best.action)
+    {
+        best.action = v.action;
+        best.rule_id = v.rule_id;
+        best.proxy_port_be = v.proxy_port_be;
+    }
+}
+
+#[inline(always)]
+pub fn decide(
+    ep: &EndpointInfo,
+    dir: u8,
+    peer_identity: u32,
+    peer_cidr_identity: u32,
+    protocol: u8,
+    port_be: u16,
+) -> Decision {
+    let enforced_flag = if dir == direction::INGRESS {
+        FLAG_INGRESS_ENFORCED
+    } else {
+        FLAG_EGRESS_ENFORCED
+    };
+    let mut best = Decision {
+        action: 0,
+        rule_id: 0,
+        proxy_port_be: 0,
+        enforced: ep.flags & enforced_flag != 0,
+    };
+    // Deny rules and L7 redirects can apply even where no allow-policy selects the endpoint,
+    // so the map is consulted in both cases; only the default differs.
+    merge(&mut best, lookup(ep.endpoint_id, peer_identity, dir, protocol, port_be));
+    merge(&mut best, lookup(ep.endpoint_id, identity::ANY, dir, protocol, port_be));
+    if peer_cidr_identity != 0 {
+        merge(&mut best, lookup(ep.endpoint_id, peer_cidr_identity, dir, protocol, port_be));
+    }
+    if best.action == 0 && !best.enforced {
+        best.action = action::ALLOW;
+    }
+    best
+}

@@ -1,0 +1,13 @@
+//! Palisade's policy language and compiler. Pure: plain functions over plain data, no I/O.
+//!
+//! - `labels`: labels, selectors and their Kubernetes semantics;
+//! - `model`: the internal policy form every manifest kind becomes;
+//! - `manifest`: parsing and validating manifests (Kubernetes NetworkPolicy, palisade.io/v1,
+//!   cilium.io/v2) into the model;
+//! - `identity`: security identities and their allocation;
+//! - `compile`: endpoints + identities + policies -> the datapath's map state;
+//! - `mapstate`: that map state, its datapath-equivalent lookup, and diffs between two states.
+
+pub mod labels;
+pub mod manifest;
+pub mod model;
