@@ -11,3 +11,7 @@
 pub mod labels;
 pub mod manifest;
 pub mod model;
+pub mod identity;
+pub mod endpoint;
+pub mod mapstate;
+pub mod compile;

@@ -1,0 +1,994 @@
+//! The policy compiler: endpoints + identities + policies -> map state.
+//!
+//! For each endpoint and direction, every rule of every policy spec that selects the endpoint
+//! becomes policy-map entries keyed by peer identity, protocol and port block. Peers are
+//! resolved to identities once per distinct selector (the selector cache). Afterwards, within
+//! each (endpoint, direction, identity), an entry covered by a less specific entry of higher
+//! precedence takes that entry's action ("deny is pushed down"), so the datapath's longest-prefix
+//! match is always the right answer.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::Ipv4Addr;
+
+use ipnetwork::Ipv4Network;
+use serde::{Deserialize, Serialize};
+
+use crate::endpoint::{Endpoint, EndpointId};
+use crate::identity::{Identity, IdentitySource, IdentityTable};
+use crate::labels::Labels;
+use crate::mapstate::{
+    Action, EndpointEntry, IpcacheEntry, MapState, PolicyEntry, PolicyKey, PortPrefix, RuleId,
+    port_range_prefixes,
+};
+use crate::model::{Direction, Entity, Peer, Peers, Policy, PolicyRef, PolicySpec, Port, PortSpec, Protocol, Rule};
+
+/// Agent-wide policy enforcement mode (Cilium's `enable-policy`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EnforcementMode {
+    /// An endpoint enforces a direction once a policy selecting it asks for default deny.
+    #[default]
+    Default,
+    /// Every endpoint enforces both directions, selected or not.
+    Always,
+    /// Nothing is enforced, whatever the policies say.
+    Never,
+}
+
+impl EnforcementMode {
+    pub fn parse(s: &str) -> Option<EnforcementMode> {
+        Some(match s {
+            "default" => EnforcementMode::Default,
+            "always" => EnforcementMode::Always,
+            "never" => EnforcementMode::Never,
+            _ => return None,
+        })
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Settings {
+    pub enforcement: EnforcementMode,
+    /// Traffic from the node itself may always reach its endpoints (health checks, probes),
+    /// as Cilium's `allow-localhost` default.
+    pub allow_host_ingress: bool,
+    /// Audit mode: policy drops are reported but traffic is forwarded.
+    pub audit: bool,
+    /// Port of the L7 proxy; None while no proxy runs (redirects then drop, failing closed).
+    pub proxy_port: Option<u16>,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            enforcement: EnforcementMode::Default,
+            allow_host_ingress: true,
+            audit: false,
+            proxy_port: None,
+        }
+    }
+}
+
+/// Where a policy map entry came from.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "kebab-case")]
+pub enum RuleOrigin {
+    Policy {
+        policy: PolicyRef,
+        spec: usize,
+        direction: Direction,
+        deny: bool,
+        rule: usize,
+    },
+    /// The agent's allow-from-host setting.
+    HostAccess,
+}
+
+impl RuleOrigin {
+    pub fn policy(&self) -> Option<&PolicyRef> {
+        match self {
+            RuleOrigin::Policy { policy, .. } => Some(policy),
+            RuleOrigin::HostAccess => None,
+        }
+    }
+
+    /// Human-readable: `demo/allow-frontend ingress rule 0` or `host access (agent setting)`.
+    pub fn describe(&self) -> String {
+        match self {
+            RuleOrigin::Policy {
+                policy,
+                spec,
+                direction,
+                deny,
+                rule,
+            } => {
+                let spec = if *spec > 0 { format!(" spec {spec}") } else { String::new() };
+                let kind = if *deny { "deny rule" } else { "rule" };
+                format!("{policy}{spec} {direction} {kind} {rule}")
+            }
+            RuleOrigin::HostAccess => "host access (agent setting)".to_string(),
+        }
+    }
+}
+
+/// Stable numbers for rule origins, so an unchanged rule keeps its id across recompiles and
+/// its map entries are not rewritten.
+#[derive(Clone, Debug, Default)]
+pub struct RuleTable {
+    by_origin: BTreeMap<RuleOrigin, RuleId>,
+    by_id: BTreeMap<RuleId, RuleOrigin>,
+    next: u32,
+}
+
+impl RuleTable {
+    pub fn intern(&mut self, origin: &RuleOrigin) -> RuleId {
+        if let Some(id) = self.by_origin.get(origin) {
+            return *id;
+        }
+        self.next += 1;
+        let id = RuleId(self.next);
+        self.by_origin.insert(origin.clone(), id);
+        self.by_id.insert(id, origin.clone());
+        id
+    }
+
+    pub fn get(&self, id: RuleId) -> Option<&RuleOrigin> {
+        self.by_id.get(&id)
+    }
+
+    /// Forgets origins no map entry refers to any more.
+    pub fn retain_used(&mut self, state: &MapState) {
+        let used: BTreeSet<RuleId> = state.policy.values().map(|e| e.rule).collect();
+        self.by_id.retain(|id, _| used.contains(id));
+        self.by_origin.retain(|_, id| used.contains(id));
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_id.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_id.is_empty()
+    }
+}
+
+pub struct CompileInput<'a> {
+    pub endpoints: &'a BTreeMap<EndpointId, Endpoint>,
+    pub identities: &'a IdentityTable,
+    pub policies: &'a BTreeMap<PolicyRef, Policy>,
+    /// The node's own addresses (identity `host`).
+    pub host_addresses: &'a [Ipv4Addr],
+    pub settings: Settings,
+}
+
+/// Every prefix a policy names (CIDRs and their exceptions): each gets a CIDR identity.
+pub fn policy_cidrs<'a>(policies: impl IntoIterator<Item = &'a Policy>) -> BTreeSet<Ipv4Network> {
+    let mut out = BTreeSet::new();
+    for p in policies {
+        for spec in &p.specs {
+            for d in Direction::BOTH {
+                let dp = spec.direction(d);
+                for rule in dp.allow.iter().chain(&dp.deny) {
+                    if let Peers::Some(peers) = &rule.peers {
+                        for peer in peers {
+                            if let Peer::Cidr { cidr, except } = peer {
+                                out.insert(*cidr);
+                                out.extend(except.iter().copied());
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+fn contains(outer: &Ipv4Network, inner: &Ipv4Network) -> bool {
+    outer.prefix() <= inner.prefix() && outer.contains(inner.network())
+}
+
+/// The workload labels of an endpoint's identity (empty if the identity is not a workload's).
+fn endpoint_labels<'a>(identities: &'a IdentityTable, ep: &Endpoint) -> Option<&'a Labels> {
+    identities.get(&ep.identity).and_then(IdentitySource::workload_labels)
+}
+
+/// Policy specs selecting an endpoint, in policy order.
+pub fn selecting_specs<'a>(
+    policies: &'a BTreeMap<PolicyRef, Policy>,
+    identities: &IdentityTable,
+    ep: &Endpoint,
+) -> Vec<(&'a Policy, usize, &'a PolicySpec)> {
+    let Some(labels) = endpoint_labels(identities, ep) else {
+        return Vec::new();
+    };
+    policies
+        .values()
+        .flat_map(|p| p.specs.iter().enumerate().map(move |(i, s)| (p, i, s)))
+        .filter(|(_, _, s)| s.subject.0.matches(labels))
+        .collect()
+}
+
+/// Whether an endpoint enforces a direction, given the specs that select it.
+pub fn enforced(settings: &Settings, specs: &[(&Policy, usize, &PolicySpec)], d: Direction) -> bool {
+    match settings.enforcement {
+        EnforcementMode::Never => false,
+        EnforcementMode::Always => true,
+        EnforcementMode::Default => specs.iter().any(|(_, _, s)| s.direction(d).default_deny),
+    }
+}
+
+/// Resolves each distinct peer clause to identities once per compile.
+struct SelectorCache<'a> {
+    identities: &'a IdentityTable,
+    cache: HashMap<&'a Peer, BTreeSet<Identity>>,
+}
+
+impl<'a> SelectorCache<'a> {
+    fn new(identities: &'a IdentityTable) -> Self {
+        Self {
+            identities,
+            cache: HashMap::new(),
+        }
+    }
+
+    fn select(&mut self, peer: &'a Peer) -> &BTreeSet<Identity> {
+        let identities = self.identities;
+        self.cache
+            .entry(peer)
+            .or_insert_with(|| select_uncached(identities, peer))
+    }
+}
+
+const CLUSTER_RESERVED: [Identity; 7] = [
+    Identity::HOST,
+    Identity::REMOTE_NODE,
+    Identity::HEALTH,
+    Identity::INIT,
+    Identity::UNMANAGED,
+    Identity::KUBE_APISERVER,
+    Identity::INGRESS,
+];
+
+fn select_uncached(identities: &IdentityTable, peer: &Peer) -> BTreeSet<Identity> {
+    match peer {
+        Peer::Endpoints(sel) => identities
+            .iter()
+            .filter(|(_, src)| src.workload_labels().is_some_and(|l| sel.0.matches(l)))
+            .map(|(id, _)| *id)
+            .collect(),
+        Peer::Cidr { cidr, except } => {
+            let selected = |p: &Ipv4Network| contains(cidr, p) && !except.iter().any(|e| contains(e, p));
+            let mut out: BTreeSet<Identity> = identities
+                .iter()
+                .filter(|(_, src)| match src {
+                    IdentitySource::Cidr { prefix } | IdentitySource::CidrEndpointAlias { prefix } => {
+                        selected(prefix)
+                    }
+                    _ => false,
+                })
+                .map(|(id, _)| *id)
+                .collect();
+            // Unknown addresses resolve to `world`, which stands for 0.0.0.0/0.
+            if cidr.prefix() == 0 {
+                out.insert(Identity::WORLD);
+            }
+            out
+        }
+        Peer::Entity(entity) => match entity {
+            Entity::All => [Identity::ANY].into(),
+            Entity::World => identities
+                .iter()
+                .filter(|(_, src)| matches!(src, IdentitySource::Cidr { .. }))
+                .map(|(id, _)| *id)
+                .chain([Identity::WORLD])
+                .collect(),
+            Entity::Cluster => identities
+                .iter()
+                .filter(|(_, src)| matches!(src, IdentitySource::Workload { .. }))
+                .map(|(id, _)| *id)
+                .chain(CLUSTER_RESERVED)
+                .collect(),
+            Entity::Host => [Identity::HOST].into(),
+            Entity::RemoteNode => [Identity::REMOTE_NODE].into(),
+            Entity::Init => [Identity::INIT].into(),
+            Entity::Health => [Identity::HEALTH].into(),
+            Entity::Unmanaged => [Identity::UNMANAGED].into(),
+            Entity::KubeApiserver => [Identity::KUBE_APISERVER].into(),
+            Entity::Ingress => [Identity::INGRESS].into(),
+        },
+    }
+}
+
+/// (protocol, port block) pairs for one port clause, with named ports resolved by `resolve`.
+fn port_blocks(spec: &PortSpec, named: &[(Protocol, u16)]) -> Vec<(Option<u8>, PortPrefix)> {
+    let protocols: Vec<Protocol> = match spec.protocol {
+        Protocol::Any => vec![Protocol::Tcp, Protocol::Udp, Protocol::Sctp],
+        p => vec![p],
+    };
+    match &spec.port {
+        Port::Any if spec.protocol == Protocol::Any => vec![(None, PortPrefix::ANY)],
+        Port::Any => protocols.iter().map(|p| (p.number(), PortPrefix::ANY)).collect(),
+        Port::Range { port, end } => {
+            let blocks = port_range_prefixes(*port, *end);
+            protocols
+                .iter()
+                .flat_map(|p| blocks.iter().map(move |b| (p.number(), *b)))
+                .collect()
+        }
+        Port::Named(_) => named
+            .iter()
+            .filter(|(p, _)| spec.protocol == Protocol::Any || *p == spec.protocol)
+            .map(|(p, n)| (p.number(), PortPrefix::exact(*n)))
+            .collect(),
+    }
+}
+
+fn named_ports_of(ep: &Endpoint, name: &str) -> Vec<(Protocol, u16)> {
+    ep.named_ports
+        .iter()
+        .filter(|np| np.name == name)
+        .map(|np| (np.protocol, np.port))
+        .collect()
+}
+
+/// Entries of one endpoint and direction, before push-down.
+type DirectionEntries = BTreeMap<PolicyKey, PolicyEntry>;
+
+fn insert(entries: &mut DirectionEntries, key: PolicyKey, entry: PolicyEntry) {
+    match entries.get(&key) {
+        Some(existing) if existing.action.rank() >= entry.action.rank() => {}
+        _ => {
+            entries.insert(key, entry);
+        }
+    }
+}
+
+struct RuleContext<'a, 'b> {
+    input: &'b CompileInput<'a>,
+    ep: &'b Endpoint,
+    direction: Direction,
+}
+
+fn add_rule<'a>(
+    ctx: &RuleContext<'a, '_>,
+    cache: &mut SelectorCache<'a>,
+    rule: &'a Rule,
+    entry: PolicyEntry,
+    out: &mut DirectionEntries,
+) {
+    let peers: BTreeSet<Identity> = match &rule.peers {
+        Peers::All => [Identity::ANY].into(),
+        Peers::Some(list) => {
+            let mut ids = BTreeSet::new();
+            for p in list {
+                ids.extend(cache.select(p).iter().copied());
+            }
+            ids
+        }
+    };
+    let key = |identity, protocol, port| PolicyKey {
+        endpoint: ctx.ep.id,
+        identity,
+        direction: ctx.direction,
+        protocol,
+        port,
+    };
+    if rule.ports.is_empty() {
+        for id in &peers {
+            insert(out, key(*id, None, PortPrefix::ANY), entry);
+        }
+        return;
+    }
+    for spec in &rule.ports {
+        match (&spec.port, ctx.direction) {
+            // Egress to a named port: the number is the destination's, so it is resolved per
+            // destination endpoint and keyed by that endpoint's identity.
+            (Port::Named(name), Direction::Egress) => {
+                for dst in ctx.input.endpoints.values() {
+                    if !(peers.contains(&Identity::ANY) || peers.contains(&dst.identity)) {
+                        continue;
+                    }
+                    for (proto, block) in port_blocks(spec, &named_ports_of(dst, name)) {
+                        insert(out, key(dst.identity, proto, block), entry);
+                    }
+                }
+            }
+            (Port::Named(name), Direction::Ingress) => {
+                let named = named_ports_of(ctx.ep, name);
+                for (proto, block) in port_blocks(spec, &named) {
+                    for id in &peers {
+                        insert(out, key(*id, proto, block), entry);
+                    }
+                }
+            }
+            _ => {
+                for (proto, block) in port_blocks(spec, &[]) {
+                    for id in &peers {
+                        insert(out, key(*id, proto, block), entry);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Gives every entry the action of its highest-precedence less specific entry, when that
+/// outranks its own (e.g. a deny on all ports covers an allow on port 80).
+fn push_down(entries: &mut DirectionEntries) {
+    let updates: Vec<(PolicyKey, PolicyEntry)> = entries
+        .iter()
+        .filter_map(|(k, e)| {
+            let mut best = *e;
+            let mut cur = k.parent();
+            while let Some(p) = cur {
+                if let Some(pe) = entries.get(&p)
+                    && pe.action.rank() > best.action.rank()
+                {
+                    best = *pe;
+                }
+                cur = p.parent();
+            }
+            (best != *e).then_some((*k, best))
+        })
+        .collect();
+    entries.extend(updates);
+}
+
+fn build_ipcache(input: &CompileInput<'_>) -> BTreeMap<Ipv4Network, IpcacheEntry> {
+    let mut ipcache = BTreeMap::new();
+    let world = Ipv4Network::new(Ipv4Addr::UNSPECIFIED, 0).expect("/0 is a valid prefix");
+    ipcache.insert(
+        world,
+        IpcacheEntry {
+            identity: Identity::WORLD,
+            endpoint: None,
+            cidr_identity: None,
+        },
+    );
+    let cidrs: Vec<(Ipv4Network, Identity)> = input
+        .identities
+        .iter()
+        .filter_map(|(id, src)| match src {
+            IdentitySource::Cidr { prefix } => Some((*prefix, *id)),
+            _ => None,
+        })
+        .collect();
+    for (prefix, id) in &cidrs {
+        if prefix.prefix() > 0 {
+            ipcache.insert(
+                *prefix,
+                IpcacheEntry {
+                    identity: *id,
+                    endpoint: None,
+                    cidr_identity: None,
+                },
+            );
+        }
+    }
+    for addr in input.host_addresses {
+        ipcache.insert(
+            Ipv4Network::from(*addr),
+            IpcacheEntry {
+                identity: Identity::HOST,
+                endpoint: None,
+                cidr_identity: None,
+            },
+        );
+    }
+    for ep in input.endpoints.values() {
+        let most_specific = cidrs
+            .iter()
+            .filter(|(p, _)| p.contains(ep.ip))
+            .max_by_key(|(p, _)| p.prefix())
+            .map(|(_, id)| id.cidr_endpoint_alias());
+        ipcache.insert(
+            Ipv4Network::from(ep.ip),
+            IpcacheEntry {
+                identity: ep.identity,
+                endpoint: Some(ep.id),
+                cidr_identity: most_specific,
+            },
+        );
+    }
+    ipcache
+}
+
+/// Compiles the whole map state. `rules` keeps rule ids stable between compiles; call
+/// `RuleTable::retain_used` on the result afterwards.
+pub fn compile(input: &CompileInput<'_>, rules: &mut RuleTable) -> MapState {
+    let mut state = MapState {
+        ipcache: build_ipcache(input),
+        ..MapState::default()
+    };
+    let mut cache = SelectorCache::new(input.identities);
+    for ep in input.endpoints.values() {
+        let specs = selecting_specs(input.policies, input.identities, ep);
+        let mut flags = [false; 2];
+        for (di, direction) in Direction::BOTH.into_iter().enumerate() {
+            let is_enforced = enforced(&input.settings, &specs, direction);
+            flags[di] = is_enforced;
+            if input.settings.enforcement == EnforcementMode::Never {
+                continue;
+            }
+            let ctx = RuleContext {
+                input,
+                ep,
+                direction,
+            };
+            let mut entries = DirectionEntries::new();
+            for (policy, spec_index, spec) in &specs {
+                let dp = spec.direction(direction);
+                for (deny, list) in [(false, &dp.allow), (true, &dp.deny)] {
+                    for (rule_index, rule) in list.iter().enumerate() {
+                        let origin = RuleOrigin::Policy {
+                            policy: policy.id.clone(),
+                            spec: *spec_index,
+                            direction,
+                            deny,
+                            rule: rule_index,
+                        };
+                        let action = if deny {
+                            Action::Deny
+                        } else if rule.http.is_some() {
+                            Action::Redirect {
+                                proxy_port: input.settings.proxy_port.unwrap_or(0),
+                            }
+                        } else {
+                            Action::Allow
+                        };
+                        let entry = PolicyEntry {
+                            action,
+                            rule: rules.intern(&origin),
+                        };
+                        add_rule(&ctx, &mut cache, rule, entry, &mut entries);
+                    }
+                }
+            }
+            if direction == Direction::Ingress && is_enforced && input.settings.allow_host_ingress {
+                let entry = PolicyEntry {
+                    action: Action::Allow,
+                    rule: rules.intern(&RuleOrigin::HostAccess),
+                };
+                let key = PolicyKey {
+                    endpoint: ep.id,
+                    identity: Identity::HOST,
+                    direction,
+                    protocol: None,
+                    port: PortPrefix::ANY,
+                };
+                insert(&mut entries, key, entry);
+            }
+            push_down(&mut entries);
+            state.policy.extend(entries);
+        }
+        state.endpoints.insert(
+            ep.id,
+            EndpointEntry {
+                ifindex: ep.ifindex,
+                identity: ep.identity,
+                ip: ep.ip,
+                ingress_enforced: flags[0],
+                egress_enforced: flags[1],
+                audit: input.settings.audit,
+            },
+        );
+    }
+    state
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::endpoint::NamedPort;
+    use crate::identity::{IdentityAllocator, workload_identity_labels};
+    use crate::labels::{LabelSelector, NAMESPACE_LABEL, NAMESPACE_LABELS_PREFIX, Operator, Requirement};
+    use crate::mapstate::{Verdict, diff};
+    use crate::model::{DirectionPolicy, EndpointSelector, PolicyKind};
+
+    const TCP: u8 = 6;
+    const UDP: u8 = 17;
+
+    /// A little cluster: namespaces with labels, endpoints, policies.
+    struct Cluster {
+        alloc: IdentityAllocator,
+        namespaces: BTreeMap<String, Labels>,
+        endpoints: BTreeMap<EndpointId, Endpoint>,
+        policies: BTreeMap<PolicyRef, Policy>,
+        settings: Settings,
+        rules: RuleTable,
+    }
+
+    fn labels(pairs: &[(&str, &str)]) -> Labels {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    impl Cluster {
+        fn new() -> Self {
+            let mut namespaces = BTreeMap::new();
+            namespaces.insert("x".to_string(), labels(&[("kubernetes.io/metadata.name", "x"), ("team", "blue")]));
+            namespaces.insert("y".to_string(), labels(&[("kubernetes.io/metadata.name", "y"), ("team", "red")]));
+            Self {
+                alloc: IdentityAllocator::default(),
+                namespaces,
+                endpoints: BTreeMap::new(),
+                policies: BTreeMap::new(),
+                settings: Settings::default(),
+                rules: RuleTable::default(),
+            }
+        }
+
+        fn pod(&mut self, id: u32, ns: &str, pod_labels: &[(&str, &str)], ip: [u8; 4]) -> EndpointId {
+            self.pod_with_ports(id, ns, pod_labels, ip, vec![])
+        }
+
+        fn pod_with_ports(
+            &mut self,
+            id: u32,
+            ns: &str,
+            pod_labels: &[(&str, &str)],
+            ip: [u8; 4],
+            named_ports: Vec<NamedPort>,
+        ) -> EndpointId {
+            let l = workload_identity_labels(ns, &self.namespaces[ns], &labels(pod_labels));
+            let identity = self.alloc.acquire(&l).unwrap();
+            let eid = EndpointId(id);
+            self.endpoints.insert(
+                eid,
+                Endpoint {
+                    id: eid,
+                    name: format!("pod{id}"),
+                    namespace: ns.to_string(),
+                    identity,
+                    ip: Ipv4Addr::from(ip),
+                    ifindex: 100 + id,
+                    named_ports,
+                },
+            );
+            eid
+        }
+
+        fn apply(&mut self, p: Policy) {
+            self.policies.insert(p.id.clone(), p);
+        }
+
+        fn compile(&mut self) -> MapState {
+            let cidrs = policy_cidrs(self.policies.values());
+            self.alloc.sync_cidrs(&cidrs).unwrap();
+            let table = self.alloc.table();
+            let host = [Ipv4Addr::new(10, 0, 0, 254)];
+            let input = CompileInput {
+                endpoints: &self.endpoints,
+                identities: &table,
+                policies: &self.policies,
+                host_addresses: &host,
+                settings: self.settings,
+            };
+            let state = compile(&input, &mut self.rules);
+            self.rules.retain_used(&state);
+            state
+        }
+    }
+
+    fn ip(a: [u8; 4]) -> Ipv4Addr {
+        Ipv4Addr::from(a)
+    }
+
+    fn in_ns(ns: &str, sel: LabelSelector) -> EndpointSelector {
+        EndpointSelector(sel.with_label(NAMESPACE_LABEL, ns))
+    }
+
+    fn pods(pairs: &[(&str, &str)]) -> LabelSelector {
+        let mut s = LabelSelector::everything();
+        for (k, v) in pairs {
+            s = s.with_label(*k, *v);
+        }
+        s
+    }
+
+    fn rule(peers: Peers, ports: Vec<PortSpec>) -> Rule {
+        Rule { peers, ports, http: None }
+    }
+
+    fn tcp(port: u16) -> PortSpec {
+        PortSpec { protocol: Protocol::Tcp, port: Port::Range { port, end: port } }
+    }
+
+    fn policy(ns: &str, name: &str, subject: EndpointSelector, ingress: Option<Vec<Rule>>, egress: Option<Vec<Rule>>) -> Policy {
+        let dir = |rules: Option<Vec<Rule>>| match rules {
+            Some(allow) => DirectionPolicy { default_deny: true, allow, deny: vec![] },
+            None => DirectionPolicy::default(),
+        };
+        Policy {
+            id: PolicyRef { kind: PolicyKind::KubernetesNetworkPolicy, namespace: Some(ns.into()), name: name.into() },
+            specs: vec![PolicySpec { subject, ingress: dir(ingress), egress: dir(egress), description: None }],
+        }
+    }
+
+    fn verdict(s: &MapState, ep: EndpointId, d: Direction, peer: [u8; 4], proto: u8, port: u16) -> Verdict {
+        s.decide(ep, d, ip(peer), proto, port).unwrap().verdict
+    }
+
+    fn allowed(s: &MapState, ep: EndpointId, d: Direction, peer: [u8; 4], proto: u8, port: u16) -> bool {
+        matches!(verdict(s, ep, d, peer, proto, port), Verdict::Allowed)
+    }
+
+    #[test]
+    fn endpoints_without_policy_allow_everything() {
+        let mut c = Cluster::new();
+        let a = c.pod(1, "x", &[("app", "a")], [10, 0, 0, 1]);
+        let s = c.compile();
+        assert!(!s.endpoints[&a].ingress_enforced && !s.endpoints[&a].egress_enforced);
+        assert!(s.policy.is_empty());
+        assert!(allowed(&s, a, Direction::Ingress, [192, 0, 2, 1], TCP, 80));
+    }
+
+    #[test]
+    fn selected_endpoint_denies_what_is_not_allowed_but_host_may_reach_it() {
+        let mut c = Cluster::new();
+        let a = c.pod(1, "x", &[("app", "a")], [10, 0, 0, 1]);
+        let b = c.pod(2, "x", &[("app", "b")], [10, 0, 0, 2]);
+        c.apply(policy("x", "deny-all", in_ns("x", pods(&[("app", "a")])), Some(vec![]), None));
+        let s = c.compile();
+        assert!(s.endpoints[&a].ingress_enforced);
+        assert!(!s.endpoints[&a].egress_enforced);
+        assert!(!s.endpoints[&b].ingress_enforced);
+        assert_eq!(verdict(&s, a, Direction::Ingress, [10, 0, 0, 2], TCP, 80), Verdict::DeniedByDefault);
+        assert!(allowed(&s, a, Direction::Ingress, [10, 0, 0, 254], TCP, 80), "host access");
+        assert!(allowed(&s, b, Direction::Ingress, [10, 0, 0, 1], TCP, 80));
+        assert!(allowed(&s, a, Direction::Egress, [10, 0, 0, 2], TCP, 80));
+    }
+
+    #[test]
+    fn pod_selector_allows_matching_pods_of_the_policy_namespace_only() {
+        let mut c = Cluster::new();
+        let server = c.pod(1, "x", &[("app", "server")], [10, 0, 0, 1]);
+        let _ = c.pod(2, "x", &[("app", "client")], [10, 0, 0, 2]);
+        let _ = c.pod(3, "x", &[("app", "other")], [10, 0, 0, 3]);
+        let _ = c.pod(4, "y", &[("app", "client")], [10, 0, 0, 4]);
+        c.apply(policy(
+            "x",
+            "allow-client",
+            in_ns("x", pods(&[("app", "server")])),
+            Some(vec![rule(Peers::Some(vec![Peer::Endpoints(in_ns("x", pods(&[("app", "client")])))]), vec![])]),
+            None,
+        ));
+        let s = c.compile();
+        assert!(allowed(&s, server, Direction::Ingress, [10, 0, 0, 2], TCP, 80));
+        assert!(allowed(&s, server, Direction::Ingress, [10, 0, 0, 2], UDP, 53));
+        assert!(!allowed(&s, server, Direction::Ingress, [10, 0, 0, 3], TCP, 80));
+        assert!(!allowed(&s, server, Direction::Ingress, [10, 0, 0, 4], TCP, 80), "other namespace");
+        assert!(!allowed(&s, server, Direction::Ingress, [192, 0, 2, 9], TCP, 80), "world");
+    }
+
+    #[test]
+    fn namespace_selector_and_both_in_one_peer() {
+        let mut c = Cluster::new();
+        let server = c.pod(1, "x", &[("app", "server")], [10, 0, 0, 1]);
+        let _ = c.pod(2, "y", &[("app", "client")], [10, 0, 0, 2]);
+        let _ = c.pod(3, "y", &[("app", "other")], [10, 0, 0, 3]);
+        let _ = c.pod(4, "x", &[("app", "client")], [10, 0, 0, 4]);
+        let red = LabelSelector::everything()
+            .with_label("team", "red")
+            .prefixed(NAMESPACE_LABELS_PREFIX)
+            .with_requirement(Requirement { key: NAMESPACE_LABEL.into(), operator: Operator::Exists, values: Default::default() });
+        c.apply(policy(
+            "x",
+            "from-red",
+            in_ns("x", pods(&[("app", "server")])),
+            Some(vec![rule(Peers::Some(vec![Peer::Endpoints(EndpointSelector(red.clone()))]), vec![])]),
+            None,
+        ));
+        let s = c.compile();
+        assert!(allowed(&s, server, Direction::Ingress, [10, 0, 0, 2], TCP, 80));
+        assert!(allowed(&s, server, Direction::Ingress, [10, 0, 0, 3], TCP, 80));
+        assert!(!allowed(&s, server, Direction::Ingress, [10, 0, 0, 4], TCP, 80));
+
+        let mut both = red;
+        both.match_labels.insert("app".into(), "client".into());
+        c.apply(policy(
+            "x",
+            "from-red",
+            in_ns("x", pods(&[("app", "server")])),
+            Some(vec![rule(Peers::Some(vec![Peer::Endpoints(EndpointSelector(both))]), vec![])]),
+            None,
+        ));
+        let s = c.compile();
+        assert!(allowed(&s, server, Direction::Ingress, [10, 0, 0, 2], TCP, 80));
+        assert!(!allowed(&s, server, Direction::Ingress, [10, 0, 0, 3], TCP, 80));
+        assert!(!allowed(&s, server, Direction::Ingress, [10, 0, 0, 4], TCP, 80));
+    }
+
+    #[test]
+    fn ip_block_with_except_applies_to_external_and_endpoint_addresses() {
+        let mut c = Cluster::new();
+        let server = c.pod(1, "x", &[("app", "server")], [10, 0, 0, 1]);
+        let _ = c.pod(2, "x", &[("app", "c")], [10, 0, 1, 2]);
+        let _ = c.pod(3, "x", &[("app", "c")], [10, 0, 2, 3]);
+        c.apply(policy(
+            "x",
+            "cidr",
+            in_ns("x", pods(&[("app", "server")])),
+            Some(vec![rule(
+                Peers::Some(vec![Peer::Cidr {
+                    cidr: "10.0.0.0/16".parse().unwrap(),
+                    except: vec!["10.0.2.0/24".parse().unwrap()],
+                }]),
+                vec![tcp(80)],
+            )]),
+            None,
+        ));
+        let s = c.compile();
+        // Endpoint addresses: same identity, different verdicts by address.
+        assert!(allowed(&s, server, Direction::Ingress, [10, 0, 1, 2], TCP, 80));
+        assert!(!allowed(&s, server, Direction::Ingress, [10, 0, 2, 3], TCP, 80));
+        // External addresses.
+        assert!(allowed(&s, server, Direction::Ingress, [10, 0, 9, 9], TCP, 80));
+        assert!(!allowed(&s, server, Direction::Ingress, [10, 0, 2, 9], TCP, 80));
+        assert!(!allowed(&s, server, Direction::Ingress, [10, 1, 0, 1], TCP, 80));
+        assert!(!allowed(&s, server, Direction::Ingress, [10, 0, 1, 2], TCP, 81));
+    }
+
+    #[test]
+    fn deny_beats_allow_even_when_the_allow_is_more_specific() {
+        let mut c = Cluster::new();
+        let server = c.pod(1, "x", &[("app", "server")], [10, 0, 0, 1]);
+        let _ = c.pod(2, "x", &[("app", "client")], [10, 0, 0, 2]);
+        c.apply(policy(
+            "x",
+            "allow-80",
+            in_ns("x", pods(&[("app", "server")])),
+            Some(vec![rule(Peers::Some(vec![Peer::Endpoints(in_ns("x", pods(&[("app", "client")])))]), vec![tcp(80)])]),
+            None,
+        ));
+        let mut deny = policy("x", "deny-client", in_ns("x", pods(&[("app", "server")])), None, None);
+        deny.id.kind = PolicyKind::NetworkPolicy;
+        deny.specs[0].ingress.deny = vec![rule(Peers::Some(vec![Peer::Endpoints(in_ns("x", pods(&[("app", "client")])))]), vec![])];
+        c.apply(deny);
+        let s = c.compile();
+        assert_eq!(verdict(&s, server, Direction::Ingress, [10, 0, 0, 2], TCP, 80), Verdict::DeniedByRule);
+        let d = s.decide(server, Direction::Ingress, ip([10, 0, 0, 2]), TCP, 80).unwrap();
+        let origin = c.rules.get(d.matched.unwrap().1.rule).unwrap();
+        assert_eq!(origin.policy().unwrap().name, "deny-client");
+    }
+
+    #[test]
+    fn deny_only_policy_does_not_switch_on_default_deny() {
+        let mut c = Cluster::new();
+        let server = c.pod(1, "x", &[("app", "server")], [10, 0, 0, 1]);
+        let _ = c.pod(2, "x", &[("app", "client")], [10, 0, 0, 2]);
+        let mut deny = policy("x", "deny-22", in_ns("x", pods(&[("app", "server")])), None, None);
+        deny.id.kind = PolicyKind::NetworkPolicy;
+        deny.specs[0].ingress.deny = vec![rule(Peers::All, vec![tcp(22)])];
+        c.apply(deny);
+        let s = c.compile();
+        assert!(!s.endpoints[&server].ingress_enforced);
+        assert!(allowed(&s, server, Direction::Ingress, [10, 0, 0, 2], TCP, 80));
+        assert_eq!(verdict(&s, server, Direction::Ingress, [10, 0, 0, 2], TCP, 22), Verdict::DeniedByRule);
+    }
+
+    #[test]
+    fn port_ranges_cover_exactly_their_ports() {
+        let mut c = Cluster::new();
+        let server = c.pod(1, "x", &[("app", "server")], [10, 0, 0, 1]);
+        c.apply(policy(
+            "x",
+            "range",
+            in_ns("x", pods(&[("app", "server")])),
+            Some(vec![rule(Peers::All, vec![PortSpec { protocol: Protocol::Udp, port: Port::Range { port: 1000, end: 2000 } }])]),
+            None,
+        ));
+        let s = c.compile();
+        for (port, ok) in [(999, false), (1000, true), (1500, true), (2000, true), (2001, false)] {
+            assert_eq!(allowed(&s, server, Direction::Ingress, [192, 0, 2, 1], UDP, port), ok, "port {port}");
+        }
+        assert!(!allowed(&s, server, Direction::Ingress, [192, 0, 2, 1], TCP, 1500));
+    }
+
+    #[test]
+    fn named_ports_resolve_on_the_destination() {
+        let mut c = Cluster::new();
+        let http = |n| vec![NamedPort { name: "http".into(), protocol: Protocol::Tcp, port: n }];
+        let s1 = c.pod_with_ports(1, "x", &[("app", "server")], [10, 0, 0, 1], http(8080));
+        let _ = c.pod_with_ports(2, "x", &[("app", "server2")], [10, 0, 0, 2], http(9090));
+        let client = c.pod(3, "x", &[("app", "client")], [10, 0, 0, 3]);
+        let named = PortSpec { protocol: Protocol::Tcp, port: Port::Named("http".into()) };
+        c.apply(policy("x", "in", in_ns("x", pods(&[("app", "server")])), Some(vec![rule(Peers::All, vec![named.clone()])]), None));
+        c.apply(policy("x", "out", in_ns("x", pods(&[("app", "client")])), None, Some(vec![rule(Peers::All, vec![named])])));
+        let s = c.compile();
+        assert!(allowed(&s, s1, Direction::Ingress, [10, 0, 0, 3], TCP, 8080));
+        assert!(!allowed(&s, s1, Direction::Ingress, [10, 0, 0, 3], TCP, 9090));
+        assert!(allowed(&s, client, Direction::Egress, [10, 0, 0, 1], TCP, 8080));
+        assert!(allowed(&s, client, Direction::Egress, [10, 0, 0, 2], TCP, 9090));
+        assert!(!allowed(&s, client, Direction::Egress, [10, 0, 0, 2], TCP, 8080));
+        assert!(!allowed(&s, client, Direction::Egress, [192, 0, 2, 1], TCP, 8080));
+    }
+
+    #[test]
+    fn entities_select_reserved_and_cidr_identities() {
+        let mut c = Cluster::new();
+        let a = c.pod(1, "x", &[("app", "a")], [10, 0, 0, 1]);
+        let _ = c.pod(2, "x", &[("app", "b")], [10, 0, 0, 2]);
+        let mut p = policy("x", "world", in_ns("x", pods(&[("app", "a")])), None, None);
+        p.specs[0].egress = DirectionPolicy {
+            default_deny: true,
+            allow: vec![rule(Peers::Some(vec![Peer::Entity(Entity::World)]), vec![])],
+            deny: vec![],
+        };
+        c.apply(p.clone());
+        let s = c.compile();
+        assert!(allowed(&s, a, Direction::Egress, [192, 0, 2, 1], TCP, 80));
+        assert!(!allowed(&s, a, Direction::Egress, [10, 0, 0, 2], TCP, 80), "world is not pods");
+        assert!(!allowed(&s, a, Direction::Egress, [10, 0, 0, 254], TCP, 80), "world is not host");
+
+        p.specs[0].egress.allow = vec![rule(Peers::Some(vec![Peer::Entity(Entity::Cluster)]), vec![])];
+        c.apply(p.clone());
+        let s = c.compile();
+        assert!(!allowed(&s, a, Direction::Egress, [192, 0, 2, 1], TCP, 80));
+        assert!(allowed(&s, a, Direction::Egress, [10, 0, 0, 2], TCP, 80));
+        assert!(allowed(&s, a, Direction::Egress, [10, 0, 0, 254], TCP, 80));
+
+        p.specs[0].egress.allow = vec![rule(Peers::Some(vec![Peer::Entity(Entity::All)]), vec![])];
+        c.apply(p);
+        let s = c.compile();
+        assert!(allowed(&s, a, Direction::Egress, [192, 0, 2, 1], TCP, 80));
+    }
+
+    #[test]
+    fn enforcement_modes_override_selection() {
+        let mut c = Cluster::new();
+        let a = c.pod(1, "x", &[("app", "a")], [10, 0, 0, 1]);
+        c.settings.enforcement = EnforcementMode::Always;
+        let s = c.compile();
+        assert!(s.endpoints[&a].ingress_enforced && s.endpoints[&a].egress_enforced);
+        assert_eq!(verdict(&s, a, Direction::Egress, [192, 0, 2, 1], TCP, 80), Verdict::DeniedByDefault);
+
+        c.settings.enforcement = EnforcementMode::Never;
+        c.apply(policy("x", "deny-all", in_ns("x", pods(&[])), Some(vec![]), Some(vec![])));
+        let s = c.compile();
+        assert!(!s.endpoints[&a].ingress_enforced && !s.endpoints[&a].egress_enforced);
+        assert!(s.policy.is_empty());
+    }
+
+    #[test]
+    fn unrelated_policy_change_rewrites_no_existing_entry() {
+        let mut c = Cluster::new();
+        let _ = c.pod(1, "x", &[("app", "a")], [10, 0, 0, 1]);
+        let _ = c.pod(2, "x", &[("app", "b")], [10, 0, 0, 2]);
+        c.apply(policy("x", "zz-a", in_ns("x", pods(&[("app", "a")])), Some(vec![rule(Peers::All, vec![tcp(80)])]), None));
+        let before = c.compile();
+        c.apply(policy("x", "aa-b", in_ns("x", pods(&[("app", "b")])), Some(vec![rule(Peers::All, vec![tcp(81)])]), None));
+        let after = c.compile();
+        let d = diff(&before, &after);
+        assert!(d.policy_removals.is_empty());
+        assert!(d.policy_upserts.iter().all(|(k, _)| k.endpoint == EndpointId(2)), "{d:?}");
+    }
+
+    #[test]
+    fn label_change_moves_endpoint_between_identities_and_policies() {
+        let mut c = Cluster::new();
+        let server = c.pod(1, "x", &[("app", "server")], [10, 0, 0, 1]);
+        let client = c.pod(2, "x", &[("app", "client")], [10, 0, 0, 2]);
+        c.apply(policy(
+            "x",
+            "allow-client",
+            in_ns("x", pods(&[("app", "server")])),
+            Some(vec![rule(Peers::Some(vec![Peer::Endpoints(in_ns("x", pods(&[("app", "client")])))]), vec![])]),
+            None,
+        ));
+        let before = c.compile();
+        assert!(allowed(&before, server, Direction::Ingress, [10, 0, 0, 2], TCP, 80));
+
+        // Relabel the client: new identity, the ipcache moves and the allow no longer applies.
+        let old = c.endpoints[&client].identity;
+        c.alloc.release(old).unwrap();
+        let l = workload_identity_labels("x", &c.namespaces["x"], &labels(&[("app", "intruder")]));
+        let new = c.alloc.acquire(&l).unwrap();
+        c.endpoints.get_mut(&client).unwrap().identity = new;
+        let after = c.compile();
+        assert!(!allowed(&after, server, Direction::Ingress, [10, 0, 0, 2], TCP, 80));
+        let d = diff(&before, &after);
+        assert_eq!(d.ipcache_upserts.len(), 1);
+        assert_eq!(d.ipcache_upserts[0].1.identity, new);
+    }
+}

@@ -1,0 +1,477 @@
+//! Map state: exactly what the datapath's maps should contain, as plain data. The compiler
+//! produces it, `diff` turns two of them into ordered map operations, and `decide` answers a
+//! policy question the way the BPF program does (used by `policy trace` and by tests).
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+
+use ipnetwork::Ipv4Network;
+use serde::{Deserialize, Serialize};
+
+use crate::endpoint::EndpointId;
+use crate::identity::Identity;
+use crate::model::Direction;
+
+/// Rule provenance id stored in each policy entry (see `compile::RuleTable`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct RuleId(pub u32);
+
+impl RuleId {
+    /// No rule: default verdicts.
+    pub const NONE: RuleId = RuleId(0);
+}
+
+/// An aligned block of ports: the top `bits` bits of `port` are matched.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct PortPrefix {
+    pub port: u16,
+    pub bits: u8,
+}
+
+impl PortPrefix {
+    pub const ANY: PortPrefix = PortPrefix { port: 0, bits: 0 };
+
+    pub fn exact(port: u16) -> PortPrefix {
+        PortPrefix { port, bits: 16 }
+    }
+
+    fn mask(bits: u8) -> u16 {
+        if bits == 0 { 0 } else { u16::MAX << (16 - bits as u32) }
+    }
+
+    /// The same block's first port with the prefix applied (canonical form).
+    pub fn canonical(self) -> PortPrefix {
+        PortPrefix {
+            port: self.port & Self::mask(self.bits),
+            bits: self.bits,
+        }
+    }
+
+    pub fn contains(self, port: u16) -> bool {
+        port & Self::mask(self.bits) == self.port & Self::mask(self.bits)
+    }
+
+    /// First and last port of the block.
+    pub fn range(self) -> (u16, u16) {
+        let first = self.port & Self::mask(self.bits);
+        (first, first | !Self::mask(self.bits))
+    }
+
+    /// The enclosing block one bit shorter, None for `ANY`.
+    pub fn parent(self) -> Option<PortPrefix> {
+        (self.bits > 0).then(|| {
+            PortPrefix {
+                port: self.port,
+                bits: self.bits - 1,
+            }
+            .canonical()
+        })
+    }
+}
+
+/// Splits an inclusive port range into the fewest aligned blocks.
+pub fn port_range_prefixes(start: u16, end: u16) -> Vec<PortPrefix> {
+    let mut out = Vec::new();
+    let (mut s, e) = (start as u32, end as u32);
+    while s <= e {
+        let mut size: u32 = if s == 0 { 1 << 16 } else { s & s.wrapping_neg() };
+        while s + size - 1 > e {
+            size >>= 1;
+        }
+        out.push(PortPrefix {
+            port: s as u16,
+            bits: (16 - size.trailing_zeros()) as u8,
+        });
+        s += size;
+    }
+    out
+}
+
+/// Key of a policy map entry. `protocol: None` means any protocol (and then `port` is ANY).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct PolicyKey {
+    pub endpoint: EndpointId,
+    pub identity: Identity,
+    pub direction: Direction,
+    pub protocol: Option<u8>,
+    pub port: PortPrefix,
+}
+
+impl PolicyKey {
+    /// The next less specific key of the same endpoint, identity and direction.
+    pub fn parent(self) -> Option<PolicyKey> {
+        self.protocol?;
+        Some(match self.port.parent() {
+            Some(port) => PolicyKey { port, ..self },
+            None => PolicyKey {
+                protocol: None,
+                port: PortPrefix::ANY,
+                ..self
+            },
+        })
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Action {
+    Allow,
+    /// Allow through the L7 proxy listening on this port.
+    Redirect { proxy_port: u16 },
+    Deny,
+}
+
+impl Action {
+    /// Precedence: deny beats redirect beats allow.
+    pub fn rank(self) -> u8 {
+        match self {
+            Action::Allow => 1,
+            Action::Redirect { .. } => 2,
+            Action::Deny => 3,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Allow => "allow",
+            Action::Redirect { .. } => "redirect",
+            Action::Deny => "deny",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct PolicyEntry {
+    pub action: Action,
+    pub rule: RuleId,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct EndpointEntry {
+    pub ifindex: u32,
+    pub identity: Identity,
+    pub ip: Ipv4Addr,
+    pub ingress_enforced: bool,
+    pub egress_enforced: bool,
+    pub audit: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct IpcacheEntry {
+    pub identity: Identity,
+    pub endpoint: Option<EndpointId>,
+    /// For endpoint addresses: alias identity of the most specific policy CIDR containing it.
+    pub cidr_identity: Option<Identity>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MapState {
+    pub endpoints: BTreeMap<EndpointId, EndpointEntry>,
+    pub ipcache: BTreeMap<Ipv4Network, IpcacheEntry>,
+    pub policy: BTreeMap<PolicyKey, PolicyEntry>,
+}
+
+/// What the datapath would decide for a new connection, and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Decision {
+    /// None: no entry matched.
+    pub verdict: Verdict,
+    pub enforced: bool,
+    pub peer: IpcacheEntry,
+    /// The entry that decided it (when one did).
+    pub matched: Option<(PolicyKey, PolicyEntry)>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Allowed,
+    Redirected { proxy_port: u16 },
+    /// Denied by an explicit deny rule.
+    DeniedByRule,
+    /// Enforced and nothing allows it.
+    DeniedByDefault,
+}
+
+impl MapState {
+    /// The ipcache answer for an address: longest prefix, `world` when nothing matches.
+    pub fn ipcache_lookup(&self, addr: Ipv4Addr) -> IpcacheEntry {
+        (0..=32u8)
+            .rev()
+            .find_map(|len| {
+                let net = Ipv4Network::new(addr, len).ok()?;
+                let net = Ipv4Network::new(net.network(), len).ok()?;
+                self.ipcache.get(&net).copied()
+            })
+            .unwrap_or(IpcacheEntry {
+                identity: Identity::WORLD,
+                endpoint: None,
+                cidr_identity: None,
+            })
+    }
+
+    /// Longest-prefix match in the policy map for one identity, as the LPM trie answers.
+    pub fn policy_lookup(
+        &self,
+        endpoint: EndpointId,
+        identity: Identity,
+        direction: Direction,
+        protocol: u8,
+        port: u16,
+    ) -> Option<(PolicyKey, PolicyEntry)> {
+        let mut key = Some(PolicyKey {
+            endpoint,
+            identity,
+            direction,
+            protocol: Some(protocol),
+            port: PortPrefix::exact(port),
+        });
+        while let Some(k) = key {
+            if let Some(e) = self.policy.get(&k) {
+                return Some((k, *e));
+            }
+            key = k.parent();
+        }
+        None
+    }
+
+    /// The datapath's policy decision (see datapath-bpf/src/policy.rs) for a new connection
+    /// of `endpoint` in `direction` with the peer at `peer_addr`.
+    pub fn decide(
+        &self,
+        endpoint: EndpointId,
+        direction: Direction,
+        peer_addr: Ipv4Addr,
+        protocol: u8,
+        port: u16,
+    ) -> Option<Decision> {
+        let ep = self.endpoints.get(&endpoint)?;
+        let peer = self.ipcache_lookup(peer_addr);
+        let enforced = match direction {
+            Direction::Ingress => ep.ingress_enforced,
+            Direction::Egress => ep.egress_enforced,
+        };
+        let mut candidates = vec![peer.identity, Identity::ANY];
+        candidates.extend(peer.cidr_identity);
+        let mut best: Option<(PolicyKey, PolicyEntry)> = None;
+        for id in candidates {
+            if let Some(found) = self.policy_lookup(endpoint, id, direction, protocol, port)
+                && best.is_none_or(|(_, b)| found.1.action.rank() > b.action.rank())
+            {
+                best = Some(found);
+            }
+        }
+        let verdict = match best.map(|(_, e)| e.action) {
+            Some(Action::Deny) => Verdict::DeniedByRule,
+            Some(Action::Redirect { proxy_port }) => Verdict::Redirected { proxy_port },
+            Some(Action::Allow) => Verdict::Allowed,
+            None if enforced => Verdict::DeniedByDefault,
+            None => Verdict::Allowed,
+        };
+        Some(Decision {
+            verdict,
+            enforced,
+            peer,
+            matched: best,
+        })
+    }
+}
+
+/// Map operations taking one state to another, in the order they must be applied so that a
+/// connection allowed before and after is never dropped in between: everything that adds or
+/// widens goes in first, then endpoint flags, then what narrows or removes.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MapDiff {
+    pub policy_upserts: Vec<(PolicyKey, PolicyEntry)>,
+    pub ipcache_upserts: Vec<(Ipv4Network, IpcacheEntry)>,
+    pub endpoint_upserts: Vec<(EndpointId, EndpointEntry)>,
+    pub endpoint_removals: Vec<(EndpointId, EndpointEntry)>,
+    pub ipcache_removals: Vec<Ipv4Network>,
+    pub policy_removals: Vec<PolicyKey>,
+}
+
+impl MapDiff {
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Number of map operations.
+    pub fn len(&self) -> usize {
+        self.policy_upserts.len()
+            + self.ipcache_upserts.len()
+            + self.endpoint_upserts.len()
+            + self.endpoint_removals.len()
+            + self.ipcache_removals.len()
+            + self.policy_removals.len()
+    }
+}
+
+fn upserts<K: Ord + Copy, V: PartialEq + Copy>(old: &BTreeMap<K, V>, new: &BTreeMap<K, V>) -> Vec<(K, V)> {
+    new.iter()
+        .filter(|(k, v)| old.get(k) != Some(v))
+        .map(|(k, v)| (*k, *v))
+        .collect()
+}
+
+fn removals<K: Ord + Copy, V: Copy>(old: &BTreeMap<K, V>, new: &BTreeMap<K, V>) -> Vec<(K, V)> {
+    old.iter()
+        .filter(|(k, _)| !new.contains_key(k))
+        .map(|(k, v)| (*k, *v))
+        .collect()
+}
+
+/// What to write to take the maps from `old` to `new`.
+pub fn diff(old: &MapState, new: &MapState) -> MapDiff {
+    MapDiff {
+        policy_upserts: upserts(&old.policy, &new.policy),
+        ipcache_upserts: upserts(&old.ipcache, &new.ipcache),
+        endpoint_upserts: upserts(&old.endpoints, &new.endpoints),
+        endpoint_removals: removals(&old.endpoints, &new.endpoints),
+        ipcache_removals: removals(&old.ipcache, &new.ipcache)
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect(),
+        policy_removals: removals(&old.policy, &new.policy)
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn port_ranges_split_into_aligned_blocks() {
+        assert_eq!(port_range_prefixes(80, 80), vec![PortPrefix::exact(80)]);
+        assert_eq!(port_range_prefixes(0, 65535), vec![PortPrefix::ANY]);
+        let blocks = port_range_prefixes(1000, 2000);
+        let covered: u32 = blocks
+            .iter()
+            .map(|b| {
+                let (f, l) = b.range();
+                (l - f) as u32 + 1
+            })
+            .sum();
+        assert_eq!(covered, 1001);
+        for p in [999u16, 2001] {
+            assert!(!blocks.iter().any(|b| b.contains(p)));
+        }
+        for p in [1000u16, 1024, 1999, 2000] {
+            assert_eq!(blocks.iter().filter(|b| b.contains(p)).count(), 1);
+        }
+        assert_eq!(port_range_prefixes(8080, 8081), vec![PortPrefix { port: 8080, bits: 15 }]);
+        assert_eq!(port_range_prefixes(1, 65535).len(), 16);
+    }
+
+    fn key(identity: u32, protocol: Option<u8>, port: PortPrefix) -> PolicyKey {
+        PolicyKey {
+            endpoint: EndpointId(1),
+            identity: Identity(identity),
+            direction: Direction::Ingress,
+            protocol,
+            port,
+        }
+    }
+
+    #[test]
+    fn key_parents_walk_from_port_to_any_protocol() {
+        let mut k = Some(key(300, Some(6), PortPrefix::exact(80)));
+        let mut n = 0;
+        while let Some(cur) = k {
+            n += 1;
+            k = cur.parent();
+        }
+        // 16..=0 port bits for TCP, then any-protocol.
+        assert_eq!(n, 18);
+    }
+
+    fn state_with(entries: &[(PolicyKey, Action)], enforced: bool) -> MapState {
+        let mut s = MapState::default();
+        s.endpoints.insert(
+            EndpointId(1),
+            EndpointEntry {
+                ifindex: 10,
+                identity: Identity(256),
+                ip: Ipv4Addr::new(10, 0, 0, 1),
+                ingress_enforced: enforced,
+                egress_enforced: false,
+                audit: false,
+            },
+        );
+        s.ipcache.insert(
+            "10.0.0.2/32".parse().unwrap(),
+            IpcacheEntry {
+                identity: Identity(300),
+                endpoint: Some(EndpointId(2)),
+                cidr_identity: None,
+            },
+        );
+        for (i, (k, a)) in entries.iter().enumerate() {
+            s.policy.insert(
+                *k,
+                PolicyEntry {
+                    action: *a,
+                    rule: RuleId(i as u32 + 1),
+                },
+            );
+        }
+        s
+    }
+
+    #[test]
+    fn longest_port_match_wins_within_an_identity() {
+        let s = state_with(
+            &[
+                (key(300, Some(6), PortPrefix::ANY), Action::Allow),
+                (key(300, Some(6), PortPrefix::exact(22)), Action::Deny),
+            ],
+            true,
+        );
+        let peer = Ipv4Addr::new(10, 0, 0, 2);
+        let d = s.decide(EndpointId(1), Direction::Ingress, peer, 6, 22).unwrap();
+        assert_eq!(d.verdict, Verdict::DeniedByRule);
+        let d = s.decide(EndpointId(1), Direction::Ingress, peer, 6, 80).unwrap();
+        assert_eq!(d.verdict, Verdict::Allowed);
+        let d = s.decide(EndpointId(1), Direction::Ingress, peer, 17, 80).unwrap();
+        assert_eq!(d.verdict, Verdict::DeniedByDefault);
+    }
+
+    #[test]
+    fn deny_for_any_identity_beats_allow_for_the_peer() {
+        let s = state_with(
+            &[
+                (key(300, None, PortPrefix::ANY), Action::Allow),
+                (key(0, Some(6), PortPrefix::exact(80)), Action::Deny),
+            ],
+            true,
+        );
+        let peer = Ipv4Addr::new(10, 0, 0, 2);
+        let d = s.decide(EndpointId(1), Direction::Ingress, peer, 6, 80).unwrap();
+        assert_eq!(d.verdict, Verdict::DeniedByRule);
+        assert_eq!(d.matched.unwrap().1.rule, RuleId(2));
+    }
+
+    #[test]
+    fn unenforced_direction_allows_what_no_entry_matches() {
+        let s = state_with(&[], false);
+        let d = s
+            .decide(EndpointId(1), Direction::Ingress, Ipv4Addr::new(192, 0, 2, 1), 6, 80)
+            .unwrap();
+        assert_eq!(d.verdict, Verdict::Allowed);
+        assert_eq!(d.peer.identity, Identity::WORLD);
+    }
+
+    #[test]
+    fn diff_orders_additions_before_removals() {
+        let a = state_with(&[(key(300, None, PortPrefix::ANY), Action::Allow)], true);
+        let b = state_with(&[(key(301, None, PortPrefix::ANY), Action::Allow)], false);
+        let d = diff(&a, &b);
+        assert_eq!(d.policy_upserts.len(), 1);
+        assert_eq!(d.policy_upserts[0].0.identity, Identity(301));
+        assert_eq!(d.policy_removals, vec![key(300, None, PortPrefix::ANY)]);
+        assert_eq!(d.endpoint_upserts.len(), 1);
+        assert!(d.ipcache_upserts.is_empty() && d.ipcache_removals.is_empty());
+        assert!(diff(&b, &b).is_empty());
+    }
+}
