@@ -4,6 +4,8 @@ use which::which;
 fn main() {
     match which("bpf-linker") {
         Ok(path) => println!("cargo:rerun-if-changed={}", path.display()),
-        Err(err) => println!("cargo:warning=bpf-linker not found ({err}); run `cargo xtask install`"),
+        Err(err) => {
+            println!("cargo:warning=bpf-linker not found ({err}); run `cargo xtask install`")
+        }
     }
 }

@@ -1,1 +1,18 @@
+//! Palisade's agent and its edges.
+//!
+//! - `engine`: owns all state; the only writer of BPF maps (through `datapath::Datapath`);
+//! - `datapath`: the BPF loader, map writer and flow-event reader (aya);
+//! - `plumbing` / `netns`: endpoint namespaces and veths (rtnetlink);
+//! - `flows`: flow records, their store and filters;
+//! - `api`: the agent's unix-socket API, server and client;
+//! - `cli`: the `palisade` command line;
+//! - `agent`: `palisade-agent`, wiring it together.
 
+pub mod agent;
+pub mod api;
+pub mod cli;
+pub mod datapath;
+pub mod engine;
+pub mod flows;
+pub mod netns;
+pub mod plumbing;

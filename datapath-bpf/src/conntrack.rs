@@ -5,9 +5,7 @@
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use palisade_common::{
     config::Config,
-    conntrack::{
-        CT_FLAG_FIN_FORWARD, CT_FLAG_FIN_REPLY, CT_FLAG_SEEN_REPLY, CtEntry, CtKey,
-    },
+    conntrack::{CT_FLAG_FIN_FORWARD, CT_FLAG_FIN_REPLY, CT_FLAG_SEEN_REPLY, CtEntry, CtKey},
     direction, family, proto,
 };
 
@@ -121,7 +119,14 @@ pub fn create(
 /// Accounts a packet of a tracked connection and advances TCP state. Returns true when the
 /// connection is over (RST), in which case the caller removes the entry after forwarding.
 #[inline(always)]
-pub fn update(entry: *mut CtEntry, cfg: &Config, pkt: &Packet, is_reply: bool, now: u64, len: u32) -> bool {
+pub fn update(
+    entry: *mut CtEntry,
+    cfg: &Config,
+    pkt: &Packet,
+    is_reply: bool,
+    now: u64,
+    len: u32,
+) -> bool {
     // SAFETY: `entry` comes from a map lookup in this program run; concurrent updates from
     // other CPUs can only lose counter increments, never corrupt control flow.
     let e = unsafe { &mut *entry };
@@ -135,7 +140,11 @@ pub fn update(entry: *mut CtEntry, cfg: &Config, pkt: &Packet, is_reply: bool, n
             e.flags |= CT_FLAG_SEEN_REPLY;
         }
         if pkt.tcp_flags & TCP_FIN != 0 {
-            e.flags |= if is_reply { CT_FLAG_FIN_REPLY } else { CT_FLAG_FIN_FORWARD };
+            e.flags |= if is_reply {
+                CT_FLAG_FIN_REPLY
+            } else {
+                CT_FLAG_FIN_FORWARD
+            };
         }
     }
     e.expires_ns = now + timeout_ns(cfg, pkt.protocol, e.flags);

@@ -43,7 +43,11 @@ fn rate_allows(cfg: &Config, endpoint_id: u32, now: u64) -> bool {
     if refill > 0 {
         let tokens = state.tokens as u64 + refill;
         let burst = cfg.events_burst.max(1) as u64;
-        state.tokens = if tokens > burst { burst as u32 } else { tokens as u32 };
+        state.tokens = if tokens > burst {
+            burst as u32
+        } else {
+            tokens as u32
+        };
         state.last_refill_ns = now;
     }
     if state.tokens == 0 {

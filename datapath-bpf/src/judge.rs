@@ -69,7 +69,9 @@ pub fn run(ctx: &TcContext, dir: u8) -> i32 {
 /// meaningful to report beyond the counter, which `run` already bumped.
 fn report_drop(ctx: &TcContext, dir: u8, ifindex: u32, len: u32, d: &Drop) {
     let Some(cfg) = CONFIG.get(0) else { return };
-    let Some(ep) = (unsafe { ENDPOINTS.get(&ifindex) }) else { return };
+    let Some(ep) = (unsafe { ENDPOINTS.get(&ifindex) }) else {
+        return;
+    };
     let pkt = match packet::parse(ctx) {
         Ok(Parsed::Ipv4(p)) => p,
         _ => Packet {
@@ -176,9 +178,20 @@ fn peer_of(addr: &[u8; 16]) -> IpcacheValue {
 #[inline(always)]
 fn check_policy(ep: &EndpointInfo, scope: u8, key: &CtKey, policy_port_be: u16) -> (Decision, u32) {
     // The peer is the far end of the connection as the scope saw it open.
-    let peer_addr = if scope == direction::EGRESS { &key.daddr } else { &key.saddr };
+    let peer_addr = if scope == direction::EGRESS {
+        &key.daddr
+    } else {
+        &key.saddr
+    };
     let peer = peer_of(peer_addr);
-    let decision = policy::decide(ep, scope, peer.identity, peer.cidr_identity, key.protocol, policy_port_be);
+    let decision = policy::decide(
+        ep,
+        scope,
+        peer.identity,
+        peer.cidr_identity,
+        key.protocol,
+        policy_port_be,
+    );
     (decision, peer.identity)
 }
 
@@ -223,7 +236,11 @@ fn established(
     if conntrack::update(entry, cfg, pkt, is_reply, now, len) {
         conntrack::remove(key);
     }
-    Ok(if audit { OUTCOME_AUDIT } else { OUTCOME_FORWARDED })
+    Ok(if audit {
+        OUTCOME_AUDIT
+    } else {
+        OUTCOME_FORWARDED
+    })
 }
 
 #[inline(always)]

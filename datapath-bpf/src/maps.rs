@@ -20,8 +20,7 @@ pub static IPCACHE: LpmTrie<IpcacheKey, IpcacheValue> =
     LpmTrie::pinned(names::IPCACHE_MAX_ENTRIES, 0);
 
 #[map(name = "ENDPOINTS_V1")]
-pub static ENDPOINTS: HashMap<u32, EndpointInfo> =
-    HashMap::pinned(names::ENDPOINTS_MAX_ENTRIES, 0);
+pub static ENDPOINTS: HashMap<u32, EndpointInfo> = HashMap::pinned(names::ENDPOINTS_MAX_ENTRIES, 0);
 
 #[map(name = "POLICY_V1")]
 pub static POLICY: LpmTrie<PolicyKey, PolicyValue> = LpmTrie::pinned(names::POLICY_MAX_ENTRIES, 0);

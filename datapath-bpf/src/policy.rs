@@ -5,8 +5,9 @@
 
 use aya_ebpf::maps::lpm_trie::Key;
 use palisade_common::{
+    direction,
     endpoint::{EndpointInfo, FLAG_EGRESS_ENFORCED, FLAG_INGRESS_ENFORCED},
-    direction, identity,
+    identity,
     policy::{POLICY_PREFIX_FULL, PolicyKey, PolicyValue, action},
 };
 
@@ -24,13 +25,7 @@ pub struct Decision {
 }
 
 #[inline(always)]
-fn lookup(
-    endpoint_id: u32,
-    peer: u32,
-    dir: u8,
-    protocol: u8,
-    port_be: u16,
-) -> Option<PolicyValue> {
+fn lookup(endpoint_id: u32, peer: u32, dir: u8, protocol: u8, port_be: u16) -> Option<PolicyValue> {
     let key = Key::new(
         POLICY_PREFIX_FULL,
         PolicyKey {
@@ -87,10 +82,19 @@ pub fn decide(
     };
     // Deny rules and L7 redirects can apply even where no allow-policy selects the endpoint,
     // so the map is consulted in both cases; only the default differs.
-    merge(&mut best, lookup(ep.endpoint_id, peer_identity, dir, protocol, port_be));
-    merge(&mut best, lookup(ep.endpoint_id, identity::ANY, dir, protocol, port_be));
+    merge(
+        &mut best,
+        lookup(ep.endpoint_id, peer_identity, dir, protocol, port_be),
+    );
+    merge(
+        &mut best,
+        lookup(ep.endpoint_id, identity::ANY, dir, protocol, port_be),
+    );
     if peer_cidr_identity != 0 {
-        merge(&mut best, lookup(ep.endpoint_id, peer_cidr_identity, dir, protocol, port_be));
+        merge(
+            &mut best,
+            lookup(ep.endpoint_id, peer_cidr_identity, dir, protocol, port_be),
+        );
     }
     if best.action == 0 && !best.enforced {
         best.action = action::ALLOW;

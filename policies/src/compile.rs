@@ -20,7 +20,9 @@ use crate::mapstate::{
     Action, EndpointEntry, IpcacheEntry, MapState, PolicyEntry, PolicyKey, PortPrefix, RuleId,
     port_range_prefixes,
 };
-use crate::model::{Direction, Entity, Peer, Peers, Policy, PolicyRef, PolicySpec, Port, PortSpec, Protocol, Rule};
+use crate::model::{
+    Direction, Entity, Peer, Peers, Policy, PolicyRef, PolicySpec, Port, PortSpec, Protocol, Rule,
+};
 
 /// Agent-wide policy enforcement mode (Cilium's `enable-policy`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -102,7 +104,11 @@ impl RuleOrigin {
                 deny,
                 rule,
             } => {
-                let spec = if *spec > 0 { format!(" spec {spec}") } else { String::new() };
+                let spec = if *spec > 0 {
+                    format!(" spec {spec}")
+                } else {
+                    String::new()
+                };
                 let kind = if *deny { "deny rule" } else { "rule" };
                 format!("{policy}{spec} {direction} {kind} {rule}")
             }
@@ -190,7 +196,9 @@ fn contains(outer: &Ipv4Network, inner: &Ipv4Network) -> bool {
 
 /// The workload labels of an endpoint's identity (empty if the identity is not a workload's).
 fn endpoint_labels<'a>(identities: &'a IdentityTable, ep: &Endpoint) -> Option<&'a Labels> {
-    identities.get(&ep.identity).and_then(IdentitySource::workload_labels)
+    identities
+        .get(&ep.identity)
+        .and_then(IdentitySource::workload_labels)
 }
 
 /// Policy specs selecting an endpoint, in policy order.
@@ -210,7 +218,11 @@ pub fn selecting_specs<'a>(
 }
 
 /// Whether an endpoint enforces a direction, given the specs that select it.
-pub fn enforced(settings: &Settings, specs: &[(&Policy, usize, &PolicySpec)], d: Direction) -> bool {
+pub fn enforced(
+    settings: &Settings,
+    specs: &[(&Policy, usize, &PolicySpec)],
+    d: Direction,
+) -> bool {
     match settings.enforcement {
         EnforcementMode::Never => false,
         EnforcementMode::Always => true,
@@ -258,13 +270,13 @@ fn select_uncached(identities: &IdentityTable, peer: &Peer) -> BTreeSet<Identity
             .map(|(id, _)| *id)
             .collect(),
         Peer::Cidr { cidr, except } => {
-            let selected = |p: &Ipv4Network| contains(cidr, p) && !except.iter().any(|e| contains(e, p));
+            let selected =
+                |p: &Ipv4Network| contains(cidr, p) && !except.iter().any(|e| contains(e, p));
             let mut out: BTreeSet<Identity> = identities
                 .iter()
                 .filter(|(_, src)| match src {
-                    IdentitySource::Cidr { prefix } | IdentitySource::CidrEndpointAlias { prefix } => {
-                        selected(prefix)
-                    }
+                    IdentitySource::Cidr { prefix }
+                    | IdentitySource::CidrEndpointAlias { prefix } => selected(prefix),
                     _ => false,
                 })
                 .map(|(id, _)| *id)
@@ -308,7 +320,10 @@ fn port_blocks(spec: &PortSpec, named: &[(Protocol, u16)]) -> Vec<(Option<u8>, P
     };
     match &spec.port {
         Port::Any if spec.protocol == Protocol::Any => vec![(None, PortPrefix::ANY)],
-        Port::Any => protocols.iter().map(|p| (p.number(), PortPrefix::ANY)).collect(),
+        Port::Any => protocols
+            .iter()
+            .map(|p| (p.number(), PortPrefix::ANY))
+            .collect(),
         Port::Range { port, end } => {
             let blocks = port_range_prefixes(*port, *end);
             protocols
@@ -582,7 +597,9 @@ mod tests {
     use super::*;
     use crate::endpoint::NamedPort;
     use crate::identity::{IdentityAllocator, workload_identity_labels};
-    use crate::labels::{LabelSelector, NAMESPACE_LABEL, NAMESPACE_LABELS_PREFIX, Operator, Requirement};
+    use crate::labels::{
+        LabelSelector, NAMESPACE_LABEL, NAMESPACE_LABELS_PREFIX, Operator, Requirement,
+    };
     use crate::mapstate::{Verdict, diff};
     use crate::model::{DirectionPolicy, EndpointSelector, PolicyKind};
 
@@ -600,14 +617,23 @@ mod tests {
     }
 
     fn labels(pairs: &[(&str, &str)]) -> Labels {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     impl Cluster {
         fn new() -> Self {
             let mut namespaces = BTreeMap::new();
-            namespaces.insert("x".to_string(), labels(&[("kubernetes.io/metadata.name", "x"), ("team", "blue")]));
-            namespaces.insert("y".to_string(), labels(&[("kubernetes.io/metadata.name", "y"), ("team", "red")]));
+            namespaces.insert(
+                "x".to_string(),
+                labels(&[("kubernetes.io/metadata.name", "x"), ("team", "blue")]),
+            );
+            namespaces.insert(
+                "y".to_string(),
+                labels(&[("kubernetes.io/metadata.name", "y"), ("team", "red")]),
+            );
             Self {
                 alloc: IdentityAllocator::default(),
                 namespaces,
@@ -618,7 +644,13 @@ mod tests {
             }
         }
 
-        fn pod(&mut self, id: u32, ns: &str, pod_labels: &[(&str, &str)], ip: [u8; 4]) -> EndpointId {
+        fn pod(
+            &mut self,
+            id: u32,
+            ns: &str,
+            pod_labels: &[(&str, &str)],
+            ip: [u8; 4],
+        ) -> EndpointId {
             self.pod_with_ports(id, ns, pod_labels, ip, vec![])
         }
 
@@ -687,29 +719,69 @@ mod tests {
     }
 
     fn rule(peers: Peers, ports: Vec<PortSpec>) -> Rule {
-        Rule { peers, ports, http: None }
-    }
-
-    fn tcp(port: u16) -> PortSpec {
-        PortSpec { protocol: Protocol::Tcp, port: Port::Range { port, end: port } }
-    }
-
-    fn policy(ns: &str, name: &str, subject: EndpointSelector, ingress: Option<Vec<Rule>>, egress: Option<Vec<Rule>>) -> Policy {
-        let dir = |rules: Option<Vec<Rule>>| match rules {
-            Some(allow) => DirectionPolicy { default_deny: true, allow, deny: vec![] },
-            None => DirectionPolicy::default(),
-        };
-        Policy {
-            id: PolicyRef { kind: PolicyKind::KubernetesNetworkPolicy, namespace: Some(ns.into()), name: name.into() },
-            specs: vec![PolicySpec { subject, ingress: dir(ingress), egress: dir(egress), description: None }],
+        Rule {
+            peers,
+            ports,
+            http: None,
         }
     }
 
-    fn verdict(s: &MapState, ep: EndpointId, d: Direction, peer: [u8; 4], proto: u8, port: u16) -> Verdict {
+    fn tcp(port: u16) -> PortSpec {
+        PortSpec {
+            protocol: Protocol::Tcp,
+            port: Port::Range { port, end: port },
+        }
+    }
+
+    fn policy(
+        ns: &str,
+        name: &str,
+        subject: EndpointSelector,
+        ingress: Option<Vec<Rule>>,
+        egress: Option<Vec<Rule>>,
+    ) -> Policy {
+        let dir = |rules: Option<Vec<Rule>>| match rules {
+            Some(allow) => DirectionPolicy {
+                default_deny: true,
+                allow,
+                deny: vec![],
+            },
+            None => DirectionPolicy::default(),
+        };
+        Policy {
+            id: PolicyRef {
+                kind: PolicyKind::KubernetesNetworkPolicy,
+                namespace: Some(ns.into()),
+                name: name.into(),
+            },
+            specs: vec![PolicySpec {
+                subject,
+                ingress: dir(ingress),
+                egress: dir(egress),
+                description: None,
+            }],
+        }
+    }
+
+    fn verdict(
+        s: &MapState,
+        ep: EndpointId,
+        d: Direction,
+        peer: [u8; 4],
+        proto: u8,
+        port: u16,
+    ) -> Verdict {
         s.decide(ep, d, ip(peer), proto, port).unwrap().verdict
     }
 
-    fn allowed(s: &MapState, ep: EndpointId, d: Direction, peer: [u8; 4], proto: u8, port: u16) -> bool {
+    fn allowed(
+        s: &MapState,
+        ep: EndpointId,
+        d: Direction,
+        peer: [u8; 4],
+        proto: u8,
+        port: u16,
+    ) -> bool {
         matches!(verdict(s, ep, d, peer, proto, port), Verdict::Allowed)
     }
 
@@ -728,13 +800,25 @@ mod tests {
         let mut c = Cluster::new();
         let a = c.pod(1, "x", &[("app", "a")], [10, 0, 0, 1]);
         let b = c.pod(2, "x", &[("app", "b")], [10, 0, 0, 2]);
-        c.apply(policy("x", "deny-all", in_ns("x", pods(&[("app", "a")])), Some(vec![]), None));
+        c.apply(policy(
+            "x",
+            "deny-all",
+            in_ns("x", pods(&[("app", "a")])),
+            Some(vec![]),
+            None,
+        ));
         let s = c.compile();
         assert!(s.endpoints[&a].ingress_enforced);
         assert!(!s.endpoints[&a].egress_enforced);
         assert!(!s.endpoints[&b].ingress_enforced);
-        assert_eq!(verdict(&s, a, Direction::Ingress, [10, 0, 0, 2], TCP, 80), Verdict::DeniedByDefault);
-        assert!(allowed(&s, a, Direction::Ingress, [10, 0, 0, 254], TCP, 80), "host access");
+        assert_eq!(
+            verdict(&s, a, Direction::Ingress, [10, 0, 0, 2], TCP, 80),
+            Verdict::DeniedByDefault
+        );
+        assert!(
+            allowed(&s, a, Direction::Ingress, [10, 0, 0, 254], TCP, 80),
+            "host access"
+        );
         assert!(allowed(&s, b, Direction::Ingress, [10, 0, 0, 1], TCP, 80));
         assert!(allowed(&s, a, Direction::Egress, [10, 0, 0, 2], TCP, 80));
     }
@@ -750,15 +834,48 @@ mod tests {
             "x",
             "allow-client",
             in_ns("x", pods(&[("app", "server")])),
-            Some(vec![rule(Peers::Some(vec![Peer::Endpoints(in_ns("x", pods(&[("app", "client")])))]), vec![])]),
+            Some(vec![rule(
+                Peers::Some(vec![Peer::Endpoints(in_ns(
+                    "x",
+                    pods(&[("app", "client")]),
+                ))]),
+                vec![],
+            )]),
             None,
         ));
         let s = c.compile();
-        assert!(allowed(&s, server, Direction::Ingress, [10, 0, 0, 2], TCP, 80));
-        assert!(allowed(&s, server, Direction::Ingress, [10, 0, 0, 2], UDP, 53));
-        assert!(!allowed(&s, server, Direction::Ingress, [10, 0, 0, 3], TCP, 80));
-        assert!(!allowed(&s, server, Direction::Ingress, [10, 0, 0, 4], TCP, 80), "other namespace");
-        assert!(!allowed(&s, server, Direction::Ingress, [192, 0, 2, 9], TCP, 80), "world");
+        assert!(allowed(
+            &s,
+            server,
+            Direction::Ingress,
+            [10, 0, 0, 2],
+            TCP,
+            80
+        ));
+        assert!(allowed(
+            &s,
+            server,
+            Direction::Ingress,
+            [10, 0, 0, 2],
+            UDP,
+            53
+        ));
+        assert!(!allowed(
+            &s,
+            server,
+            Direction::Ingress,
+            [10, 0, 0, 3],
+            TCP,
+            80
+        ));
+        assert!(
+            !allowed(&s, server, Direction::Ingress, [10, 0, 0, 4], TCP, 80),
+            "other namespace"
+        );
+        assert!(
+            !allowed(&s, server, Direction::Ingress, [192, 0, 2, 9], TCP, 80),
+            "world"
+        );
     }
 
     #[test]
@@ -771,18 +888,46 @@ mod tests {
         let red = LabelSelector::everything()
             .with_label("team", "red")
             .prefixed(NAMESPACE_LABELS_PREFIX)
-            .with_requirement(Requirement { key: NAMESPACE_LABEL.into(), operator: Operator::Exists, values: Default::default() });
+            .with_requirement(Requirement {
+                key: NAMESPACE_LABEL.into(),
+                operator: Operator::Exists,
+                values: Default::default(),
+            });
         c.apply(policy(
             "x",
             "from-red",
             in_ns("x", pods(&[("app", "server")])),
-            Some(vec![rule(Peers::Some(vec![Peer::Endpoints(EndpointSelector(red.clone()))]), vec![])]),
+            Some(vec![rule(
+                Peers::Some(vec![Peer::Endpoints(EndpointSelector(red.clone()))]),
+                vec![],
+            )]),
             None,
         ));
         let s = c.compile();
-        assert!(allowed(&s, server, Direction::Ingress, [10, 0, 0, 2], TCP, 80));
-        assert!(allowed(&s, server, Direction::Ingress, [10, 0, 0, 3], TCP, 80));
-        assert!(!allowed(&s, server, Direction::Ingress, [10, 0, 0, 4], TCP, 80));
+        assert!(allowed(
+            &s,
+            server,
+            Direction::Ingress,
+            [10, 0, 0, 2],
+            TCP,
+            80
+        ));
+        assert!(allowed(
+            &s,
+            server,
+            Direction::Ingress,
+            [10, 0, 0, 3],
+            TCP,
+            80
+        ));
+        assert!(!allowed(
+            &s,
+            server,
+            Direction::Ingress,
+            [10, 0, 0, 4],
+            TCP,
+            80
+        ));
 
         let mut both = red;
         both.match_labels.insert("app".into(), "client".into());
@@ -790,13 +935,37 @@ mod tests {
             "x",
             "from-red",
             in_ns("x", pods(&[("app", "server")])),
-            Some(vec![rule(Peers::Some(vec![Peer::Endpoints(EndpointSelector(both))]), vec![])]),
+            Some(vec![rule(
+                Peers::Some(vec![Peer::Endpoints(EndpointSelector(both))]),
+                vec![],
+            )]),
             None,
         ));
         let s = c.compile();
-        assert!(allowed(&s, server, Direction::Ingress, [10, 0, 0, 2], TCP, 80));
-        assert!(!allowed(&s, server, Direction::Ingress, [10, 0, 0, 3], TCP, 80));
-        assert!(!allowed(&s, server, Direction::Ingress, [10, 0, 0, 4], TCP, 80));
+        assert!(allowed(
+            &s,
+            server,
+            Direction::Ingress,
+            [10, 0, 0, 2],
+            TCP,
+            80
+        ));
+        assert!(!allowed(
+            &s,
+            server,
+            Direction::Ingress,
+            [10, 0, 0, 3],
+            TCP,
+            80
+        ));
+        assert!(!allowed(
+            &s,
+            server,
+            Direction::Ingress,
+            [10, 0, 0, 4],
+            TCP,
+            80
+        ));
     }
 
     #[test]
@@ -820,13 +989,55 @@ mod tests {
         ));
         let s = c.compile();
         // Endpoint addresses: same identity, different verdicts by address.
-        assert!(allowed(&s, server, Direction::Ingress, [10, 0, 1, 2], TCP, 80));
-        assert!(!allowed(&s, server, Direction::Ingress, [10, 0, 2, 3], TCP, 80));
+        assert!(allowed(
+            &s,
+            server,
+            Direction::Ingress,
+            [10, 0, 1, 2],
+            TCP,
+            80
+        ));
+        assert!(!allowed(
+            &s,
+            server,
+            Direction::Ingress,
+            [10, 0, 2, 3],
+            TCP,
+            80
+        ));
         // External addresses.
-        assert!(allowed(&s, server, Direction::Ingress, [10, 0, 9, 9], TCP, 80));
-        assert!(!allowed(&s, server, Direction::Ingress, [10, 0, 2, 9], TCP, 80));
-        assert!(!allowed(&s, server, Direction::Ingress, [10, 1, 0, 1], TCP, 80));
-        assert!(!allowed(&s, server, Direction::Ingress, [10, 0, 1, 2], TCP, 81));
+        assert!(allowed(
+            &s,
+            server,
+            Direction::Ingress,
+            [10, 0, 9, 9],
+            TCP,
+            80
+        ));
+        assert!(!allowed(
+            &s,
+            server,
+            Direction::Ingress,
+            [10, 0, 2, 9],
+            TCP,
+            80
+        ));
+        assert!(!allowed(
+            &s,
+            server,
+            Direction::Ingress,
+            [10, 1, 0, 1],
+            TCP,
+            80
+        ));
+        assert!(!allowed(
+            &s,
+            server,
+            Direction::Ingress,
+            [10, 0, 1, 2],
+            TCP,
+            81
+        ));
     }
 
     #[test]
@@ -838,16 +1049,39 @@ mod tests {
             "x",
             "allow-80",
             in_ns("x", pods(&[("app", "server")])),
-            Some(vec![rule(Peers::Some(vec![Peer::Endpoints(in_ns("x", pods(&[("app", "client")])))]), vec![tcp(80)])]),
+            Some(vec![rule(
+                Peers::Some(vec![Peer::Endpoints(in_ns(
+                    "x",
+                    pods(&[("app", "client")]),
+                ))]),
+                vec![tcp(80)],
+            )]),
             None,
         ));
-        let mut deny = policy("x", "deny-client", in_ns("x", pods(&[("app", "server")])), None, None);
+        let mut deny = policy(
+            "x",
+            "deny-client",
+            in_ns("x", pods(&[("app", "server")])),
+            None,
+            None,
+        );
         deny.id.kind = PolicyKind::NetworkPolicy;
-        deny.specs[0].ingress.deny = vec![rule(Peers::Some(vec![Peer::Endpoints(in_ns("x", pods(&[("app", "client")])))]), vec![])];
+        deny.specs[0].ingress.deny = vec![rule(
+            Peers::Some(vec![Peer::Endpoints(in_ns(
+                "x",
+                pods(&[("app", "client")]),
+            ))]),
+            vec![],
+        )];
         c.apply(deny);
         let s = c.compile();
-        assert_eq!(verdict(&s, server, Direction::Ingress, [10, 0, 0, 2], TCP, 80), Verdict::DeniedByRule);
-        let d = s.decide(server, Direction::Ingress, ip([10, 0, 0, 2]), TCP, 80).unwrap();
+        assert_eq!(
+            verdict(&s, server, Direction::Ingress, [10, 0, 0, 2], TCP, 80),
+            Verdict::DeniedByRule
+        );
+        let d = s
+            .decide(server, Direction::Ingress, ip([10, 0, 0, 2]), TCP, 80)
+            .unwrap();
         let origin = c.rules.get(d.matched.unwrap().1.rule).unwrap();
         assert_eq!(origin.policy().unwrap().name, "deny-client");
     }
@@ -857,14 +1091,30 @@ mod tests {
         let mut c = Cluster::new();
         let server = c.pod(1, "x", &[("app", "server")], [10, 0, 0, 1]);
         let _ = c.pod(2, "x", &[("app", "client")], [10, 0, 0, 2]);
-        let mut deny = policy("x", "deny-22", in_ns("x", pods(&[("app", "server")])), None, None);
+        let mut deny = policy(
+            "x",
+            "deny-22",
+            in_ns("x", pods(&[("app", "server")])),
+            None,
+            None,
+        );
         deny.id.kind = PolicyKind::NetworkPolicy;
         deny.specs[0].ingress.deny = vec![rule(Peers::All, vec![tcp(22)])];
         c.apply(deny);
         let s = c.compile();
         assert!(!s.endpoints[&server].ingress_enforced);
-        assert!(allowed(&s, server, Direction::Ingress, [10, 0, 0, 2], TCP, 80));
-        assert_eq!(verdict(&s, server, Direction::Ingress, [10, 0, 0, 2], TCP, 22), Verdict::DeniedByRule);
+        assert!(allowed(
+            &s,
+            server,
+            Direction::Ingress,
+            [10, 0, 0, 2],
+            TCP,
+            80
+        ));
+        assert_eq!(
+            verdict(&s, server, Direction::Ingress, [10, 0, 0, 2], TCP, 22),
+            Verdict::DeniedByRule
+        );
     }
 
     #[test]
@@ -875,33 +1125,122 @@ mod tests {
             "x",
             "range",
             in_ns("x", pods(&[("app", "server")])),
-            Some(vec![rule(Peers::All, vec![PortSpec { protocol: Protocol::Udp, port: Port::Range { port: 1000, end: 2000 } }])]),
+            Some(vec![rule(
+                Peers::All,
+                vec![PortSpec {
+                    protocol: Protocol::Udp,
+                    port: Port::Range {
+                        port: 1000,
+                        end: 2000,
+                    },
+                }],
+            )]),
             None,
         ));
         let s = c.compile();
-        for (port, ok) in [(999, false), (1000, true), (1500, true), (2000, true), (2001, false)] {
-            assert_eq!(allowed(&s, server, Direction::Ingress, [192, 0, 2, 1], UDP, port), ok, "port {port}");
+        for (port, ok) in [
+            (999, false),
+            (1000, true),
+            (1500, true),
+            (2000, true),
+            (2001, false),
+        ] {
+            assert_eq!(
+                allowed(&s, server, Direction::Ingress, [192, 0, 2, 1], UDP, port),
+                ok,
+                "port {port}"
+            );
         }
-        assert!(!allowed(&s, server, Direction::Ingress, [192, 0, 2, 1], TCP, 1500));
+        assert!(!allowed(
+            &s,
+            server,
+            Direction::Ingress,
+            [192, 0, 2, 1],
+            TCP,
+            1500
+        ));
     }
 
     #[test]
     fn named_ports_resolve_on_the_destination() {
         let mut c = Cluster::new();
-        let http = |n| vec![NamedPort { name: "http".into(), protocol: Protocol::Tcp, port: n }];
+        let http = |n| {
+            vec![NamedPort {
+                name: "http".into(),
+                protocol: Protocol::Tcp,
+                port: n,
+            }]
+        };
         let s1 = c.pod_with_ports(1, "x", &[("app", "server")], [10, 0, 0, 1], http(8080));
         let _ = c.pod_with_ports(2, "x", &[("app", "server2")], [10, 0, 0, 2], http(9090));
         let client = c.pod(3, "x", &[("app", "client")], [10, 0, 0, 3]);
-        let named = PortSpec { protocol: Protocol::Tcp, port: Port::Named("http".into()) };
-        c.apply(policy("x", "in", in_ns("x", pods(&[("app", "server")])), Some(vec![rule(Peers::All, vec![named.clone()])]), None));
-        c.apply(policy("x", "out", in_ns("x", pods(&[("app", "client")])), None, Some(vec![rule(Peers::All, vec![named])])));
+        let named = PortSpec {
+            protocol: Protocol::Tcp,
+            port: Port::Named("http".into()),
+        };
+        c.apply(policy(
+            "x",
+            "in",
+            in_ns("x", pods(&[("app", "server")])),
+            Some(vec![rule(Peers::All, vec![named.clone()])]),
+            None,
+        ));
+        c.apply(policy(
+            "x",
+            "out",
+            in_ns("x", pods(&[("app", "client")])),
+            None,
+            Some(vec![rule(Peers::All, vec![named])]),
+        ));
         let s = c.compile();
-        assert!(allowed(&s, s1, Direction::Ingress, [10, 0, 0, 3], TCP, 8080));
-        assert!(!allowed(&s, s1, Direction::Ingress, [10, 0, 0, 3], TCP, 9090));
-        assert!(allowed(&s, client, Direction::Egress, [10, 0, 0, 1], TCP, 8080));
-        assert!(allowed(&s, client, Direction::Egress, [10, 0, 0, 2], TCP, 9090));
-        assert!(!allowed(&s, client, Direction::Egress, [10, 0, 0, 2], TCP, 8080));
-        assert!(!allowed(&s, client, Direction::Egress, [192, 0, 2, 1], TCP, 8080));
+        assert!(allowed(
+            &s,
+            s1,
+            Direction::Ingress,
+            [10, 0, 0, 3],
+            TCP,
+            8080
+        ));
+        assert!(!allowed(
+            &s,
+            s1,
+            Direction::Ingress,
+            [10, 0, 0, 3],
+            TCP,
+            9090
+        ));
+        assert!(allowed(
+            &s,
+            client,
+            Direction::Egress,
+            [10, 0, 0, 1],
+            TCP,
+            8080
+        ));
+        assert!(allowed(
+            &s,
+            client,
+            Direction::Egress,
+            [10, 0, 0, 2],
+            TCP,
+            9090
+        ));
+        assert!(!allowed(
+            &s,
+            client,
+            Direction::Egress,
+            [10, 0, 0, 2],
+            TCP,
+            8080
+        ));
+        assert!(!allowed(
+            &s,
+            client,
+            Direction::Egress,
+            [192, 0, 2, 1],
+            TCP,
+            8080
+        ));
     }
 
     #[test]
@@ -918,10 +1257,19 @@ mod tests {
         c.apply(p.clone());
         let s = c.compile();
         assert!(allowed(&s, a, Direction::Egress, [192, 0, 2, 1], TCP, 80));
-        assert!(!allowed(&s, a, Direction::Egress, [10, 0, 0, 2], TCP, 80), "world is not pods");
-        assert!(!allowed(&s, a, Direction::Egress, [10, 0, 0, 254], TCP, 80), "world is not host");
+        assert!(
+            !allowed(&s, a, Direction::Egress, [10, 0, 0, 2], TCP, 80),
+            "world is not pods"
+        );
+        assert!(
+            !allowed(&s, a, Direction::Egress, [10, 0, 0, 254], TCP, 80),
+            "world is not host"
+        );
 
-        p.specs[0].egress.allow = vec![rule(Peers::Some(vec![Peer::Entity(Entity::Cluster)]), vec![])];
+        p.specs[0].egress.allow = vec![rule(
+            Peers::Some(vec![Peer::Entity(Entity::Cluster)]),
+            vec![],
+        )];
         c.apply(p.clone());
         let s = c.compile();
         assert!(!allowed(&s, a, Direction::Egress, [192, 0, 2, 1], TCP, 80));
@@ -941,10 +1289,19 @@ mod tests {
         c.settings.enforcement = EnforcementMode::Always;
         let s = c.compile();
         assert!(s.endpoints[&a].ingress_enforced && s.endpoints[&a].egress_enforced);
-        assert_eq!(verdict(&s, a, Direction::Egress, [192, 0, 2, 1], TCP, 80), Verdict::DeniedByDefault);
+        assert_eq!(
+            verdict(&s, a, Direction::Egress, [192, 0, 2, 1], TCP, 80),
+            Verdict::DeniedByDefault
+        );
 
         c.settings.enforcement = EnforcementMode::Never;
-        c.apply(policy("x", "deny-all", in_ns("x", pods(&[])), Some(vec![]), Some(vec![])));
+        c.apply(policy(
+            "x",
+            "deny-all",
+            in_ns("x", pods(&[])),
+            Some(vec![]),
+            Some(vec![]),
+        ));
         let s = c.compile();
         assert!(!s.endpoints[&a].ingress_enforced && !s.endpoints[&a].egress_enforced);
         assert!(s.policy.is_empty());
@@ -955,13 +1312,30 @@ mod tests {
         let mut c = Cluster::new();
         let _ = c.pod(1, "x", &[("app", "a")], [10, 0, 0, 1]);
         let _ = c.pod(2, "x", &[("app", "b")], [10, 0, 0, 2]);
-        c.apply(policy("x", "zz-a", in_ns("x", pods(&[("app", "a")])), Some(vec![rule(Peers::All, vec![tcp(80)])]), None));
+        c.apply(policy(
+            "x",
+            "zz-a",
+            in_ns("x", pods(&[("app", "a")])),
+            Some(vec![rule(Peers::All, vec![tcp(80)])]),
+            None,
+        ));
         let before = c.compile();
-        c.apply(policy("x", "aa-b", in_ns("x", pods(&[("app", "b")])), Some(vec![rule(Peers::All, vec![tcp(81)])]), None));
+        c.apply(policy(
+            "x",
+            "aa-b",
+            in_ns("x", pods(&[("app", "b")])),
+            Some(vec![rule(Peers::All, vec![tcp(81)])]),
+            None,
+        ));
         let after = c.compile();
         let d = diff(&before, &after);
         assert!(d.policy_removals.is_empty());
-        assert!(d.policy_upserts.iter().all(|(k, _)| k.endpoint == EndpointId(2)), "{d:?}");
+        assert!(
+            d.policy_upserts
+                .iter()
+                .all(|(k, _)| k.endpoint == EndpointId(2)),
+            "{d:?}"
+        );
     }
 
     #[test]
@@ -973,11 +1347,24 @@ mod tests {
             "x",
             "allow-client",
             in_ns("x", pods(&[("app", "server")])),
-            Some(vec![rule(Peers::Some(vec![Peer::Endpoints(in_ns("x", pods(&[("app", "client")])))]), vec![])]),
+            Some(vec![rule(
+                Peers::Some(vec![Peer::Endpoints(in_ns(
+                    "x",
+                    pods(&[("app", "client")]),
+                ))]),
+                vec![],
+            )]),
             None,
         ));
         let before = c.compile();
-        assert!(allowed(&before, server, Direction::Ingress, [10, 0, 0, 2], TCP, 80));
+        assert!(allowed(
+            &before,
+            server,
+            Direction::Ingress,
+            [10, 0, 0, 2],
+            TCP,
+            80
+        ));
 
         // Relabel the client: new identity, the ipcache moves and the allow no longer applies.
         let old = c.endpoints[&client].identity;
@@ -986,7 +1373,14 @@ mod tests {
         let new = c.alloc.acquire(&l).unwrap();
         c.endpoints.get_mut(&client).unwrap().identity = new;
         let after = c.compile();
-        assert!(!allowed(&after, server, Direction::Ingress, [10, 0, 0, 2], TCP, 80));
+        assert!(!allowed(
+            &after,
+            server,
+            Direction::Ingress,
+            [10, 0, 0, 2],
+            TCP,
+            80
+        ));
         let d = diff(&before, &after);
         assert_eq!(d.ipcache_upserts.len(), 1);
         assert_eq!(d.ipcache_upserts[0].1.identity, new);

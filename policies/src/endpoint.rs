@@ -41,7 +41,11 @@ impl NamedPort {
             .ok_or_else(|| format!("port {s:?}: {number:?} is not a port number (1-65535)"))?;
         let protocol = match Protocol::parse(proto) {
             Some(p @ (Protocol::Tcp | Protocol::Udp | Protocol::Sctp)) => p,
-            _ => return Err(format!("port {s:?}: protocol {proto:?} is not TCP, UDP or SCTP")),
+            _ => {
+                return Err(format!(
+                    "port {s:?}: protocol {proto:?} is not TCP, UDP or SCTP"
+                ));
+            }
         };
         if !is_iana_svc_name(name) {
             return Err(format!(
@@ -60,7 +64,8 @@ impl NamedPort {
 pub fn is_iana_svc_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 15
-        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && s.bytes().any(|b| b.is_ascii_lowercase())
         && !s.starts_with('-')
         && !s.ends_with('-')
@@ -87,7 +92,10 @@ mod tests {
     #[test]
     fn named_port_parses_with_default_protocol() {
         let p = NamedPort::parse("http=8080").unwrap();
-        assert_eq!((p.name.as_str(), p.port, p.protocol), ("http", 8080, Protocol::Tcp));
+        assert_eq!(
+            (p.name.as_str(), p.port, p.protocol),
+            ("http", 8080, Protocol::Tcp)
+        );
         let p = NamedPort::parse("dns=53/udp").unwrap();
         assert_eq!(p.protocol, Protocol::Udp);
     }

@@ -63,14 +63,22 @@ pub const RESERVED: [(Identity, &str); 8] = [
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "kebab-case")]
 pub enum IdentitySource {
-    Reserved { name: String },
+    Reserved {
+        name: String,
+    },
     /// Workloads with exactly these identity labels.
-    Workload { labels: Labels },
+    Workload {
+        labels: Labels,
+    },
     /// Addresses outside the cluster whose most specific policy CIDR is `prefix`.
-    Cidr { prefix: Ipv4Network },
+    Cidr {
+        prefix: Ipv4Network,
+    },
     /// Endpoint addresses whose most specific policy CIDR is `prefix` (looked up besides the
     /// endpoint's own identity so ipBlock rules apply to endpoint addresses).
-    CidrEndpointAlias { prefix: Ipv4Network },
+    CidrEndpointAlias {
+        prefix: Ipv4Network,
+    },
 }
 
 impl IdentitySource {
@@ -86,15 +94,17 @@ impl IdentitySource {
     pub fn label_strings(&self) -> Vec<String> {
         match self {
             IdentitySource::Reserved { name } => vec![format!("reserved:{name}")],
-            IdentitySource::Workload { labels } => labels
-                .iter()
-                .map(|(k, v)| format!("k8s:{k}={v}"))
-                .collect(),
+            IdentitySource::Workload { labels } => {
+                labels.iter().map(|(k, v)| format!("k8s:{k}={v}")).collect()
+            }
             IdentitySource::Cidr { prefix } => {
                 vec![format!("cidr:{prefix}"), "reserved:world".to_string()]
             }
             IdentitySource::CidrEndpointAlias { prefix } => {
-                vec![format!("cidr:{prefix}"), "reserved:endpoint-address".to_string()]
+                vec![
+                    format!("cidr:{prefix}"),
+                    "reserved:endpoint-address".to_string(),
+                ]
             }
         }
     }
@@ -114,7 +124,11 @@ const IGNORED_POD_LABELS: [&str; 5] = [
 
 /// The flat identity labels of a workload: its pod labels (minus rollout noise), its
 /// namespace, and its namespace's labels (see `labels`).
-pub fn workload_identity_labels(namespace: &str, namespace_labels: &Labels, pod_labels: &Labels) -> Labels {
+pub fn workload_identity_labels(
+    namespace: &str,
+    namespace_labels: &Labels,
+    pod_labels: &Labels,
+) -> Labels {
     let mut out: Labels = pod_labels
         .iter()
         .filter(|(k, _)| !IGNORED_POD_LABELS.contains(&k.as_str()))
@@ -185,7 +199,8 @@ impl IdentityAllocator {
         let mut a = Self::default();
         let mut seen = BTreeSet::new();
         for (id, labels) in &snapshot.workloads {
-            if id.0 < reserved_ids::FIRST_LABEL_IDENTITY || id.0 >= reserved_ids::LABEL_IDENTITY_END {
+            if id.0 < reserved_ids::FIRST_LABEL_IDENTITY || id.0 >= reserved_ids::LABEL_IDENTITY_END
+            {
                 return Err(IdentityError::OutOfScope { id: *id });
             }
             if !seen.insert(*id) {
@@ -193,9 +208,10 @@ impl IdentityAllocator {
             }
             a.reserved.insert(labels.clone(), *id);
         }
-        a.next_workload = snapshot
-            .next_workload
-            .clamp(reserved_ids::FIRST_LABEL_IDENTITY, reserved_ids::LABEL_IDENTITY_END - 1);
+        a.next_workload = snapshot.next_workload.clamp(
+            reserved_ids::FIRST_LABEL_IDENTITY,
+            reserved_ids::LABEL_IDENTITY_END - 1,
+        );
         Ok(a)
     }
 
@@ -232,7 +248,8 @@ impl IdentityAllocator {
             Some(id) => id,
             None => self.next_free_workload()?,
         };
-        self.workloads.insert(labels.clone(), Allocation { id, refs: 1 });
+        self.workloads
+            .insert(labels.clone(), Allocation { id, refs: 1 });
         self.workload_by_id.insert(id, labels.clone());
         Ok(id)
     }
@@ -290,7 +307,11 @@ impl IdentityAllocator {
             let mut found = None;
             for _ in 1..reserved_ids::CIDR_SCOPE {
                 let n = self.next_cidr;
-                self.next_cidr = if n + 1 >= reserved_ids::CIDR_SCOPE { 1 } else { n + 1 };
+                self.next_cidr = if n + 1 >= reserved_ids::CIDR_SCOPE {
+                    1
+                } else {
+                    n + 1
+                };
                 let candidate = Identity(reserved_ids::CIDR_SCOPE | n);
                 if !self.cidrs.values().any(|v| *v == candidate) {
                     found = Some(candidate);
@@ -429,7 +450,10 @@ mod tests {
             t.get(&id1.cidr_endpoint_alias()),
             Some(IdentitySource::CidrEndpointAlias { .. })
         ));
-        assert!(matches!(t.get(&Identity::HOST), Some(IdentitySource::Reserved { .. })));
+        assert!(matches!(
+            t.get(&Identity::HOST),
+            Some(IdentitySource::Reserved { .. })
+        ));
     }
 
     #[test]
@@ -442,7 +466,8 @@ mod tests {
         assert_eq!(l.get("app").map(String::as_str), Some("web"));
         assert_eq!(l.get(NAMESPACE_LABEL).map(String::as_str), Some("prod"));
         assert_eq!(
-            l.get("io.cilium.k8s.namespace.labels.team").map(String::as_str),
+            l.get("io.cilium.k8s.namespace.labels.team")
+                .map(String::as_str),
             Some("a")
         );
         assert!(!l.contains_key("pod-template-hash"));

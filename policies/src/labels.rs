@@ -184,7 +184,9 @@ fn valid_dns_subdomain(s: &str) -> Result<(), &'static str> {
         if b.is_empty()
             || !b[0].is_ascii_alphanumeric()
             || !b[b.len() - 1].is_ascii_alphanumeric()
-            || !b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+            || !b
+                .iter()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
         {
             return Err("prefix must be a lowercase DNS subdomain");
         }

@@ -8,10 +8,10 @@
 //! - `compile`: endpoints + identities + policies -> the datapath's map state;
 //! - `mapstate`: that map state, its datapath-equivalent lookup, and diffs between two states.
 
+pub mod compile;
+pub mod endpoint;
+pub mod identity;
 pub mod labels;
 pub mod manifest;
-pub mod model;
-pub mod identity;
-pub mod endpoint;
 pub mod mapstate;
-pub mod compile;
+pub mod model;

@@ -37,7 +37,11 @@ impl PortPrefix {
     }
 
     fn mask(bits: u8) -> u16 {
-        if bits == 0 { 0 } else { u16::MAX << (16 - bits as u32) }
+        if bits == 0 {
+            0
+        } else {
+            u16::MAX << (16 - bits as u32)
+        }
     }
 
     /// The same block's first port with the prefix applied (canonical form).
@@ -75,7 +79,11 @@ pub fn port_range_prefixes(start: u16, end: u16) -> Vec<PortPrefix> {
     let mut out = Vec::new();
     let (mut s, e) = (start as u32, end as u32);
     while s <= e {
-        let mut size: u32 = if s == 0 { 1 << 16 } else { s & s.wrapping_neg() };
+        let mut size: u32 = if s == 0 {
+            1 << 16
+        } else {
+            s & s.wrapping_neg()
+        };
         while s + size - 1 > e {
             size >>= 1;
         }
@@ -117,7 +125,9 @@ impl PolicyKey {
 pub enum Action {
     Allow,
     /// Allow through the L7 proxy listening on this port.
-    Redirect { proxy_port: u16 },
+    Redirect {
+        proxy_port: u16,
+    },
     Deny,
 }
 
@@ -185,7 +195,9 @@ pub struct Decision {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Verdict {
     Allowed,
-    Redirected { proxy_port: u16 },
+    Redirected {
+        proxy_port: u16,
+    },
     /// Denied by an explicit deny rule.
     DeniedByRule,
     /// Enforced and nothing allows it.
@@ -305,7 +317,62 @@ impl MapDiff {
     }
 }
 
-fn upserts<K: Ord + Copy, V: PartialEq + Copy>(old: &BTreeMap<K, V>, new: &BTreeMap<K, V>) -> Vec<(K, V)> {
+impl MapState {
+    /// Applies the first `limit` operations of `diff`, in diff order: the state the maps are
+    /// in when a diff fails part way (so the agent can roll back exactly what it wrote).
+    pub fn apply_prefix(&mut self, diff: &MapDiff, limit: usize) {
+        let mut left = limit;
+        let mut take = || {
+            if left == 0 {
+                false
+            } else {
+                left -= 1;
+                true
+            }
+        };
+        for (k, v) in &diff.policy_upserts {
+            if !take() {
+                return;
+            }
+            self.policy.insert(*k, *v);
+        }
+        for (k, v) in &diff.ipcache_upserts {
+            if !take() {
+                return;
+            }
+            self.ipcache.insert(*k, *v);
+        }
+        for (k, v) in &diff.endpoint_upserts {
+            if !take() {
+                return;
+            }
+            self.endpoints.insert(*k, *v);
+        }
+        for (k, _) in &diff.endpoint_removals {
+            if !take() {
+                return;
+            }
+            self.endpoints.remove(k);
+        }
+        for k in &diff.ipcache_removals {
+            if !take() {
+                return;
+            }
+            self.ipcache.remove(k);
+        }
+        for k in &diff.policy_removals {
+            if !take() {
+                return;
+            }
+            self.policy.remove(k);
+        }
+    }
+}
+
+fn upserts<K: Ord + Copy, V: PartialEq + Copy>(
+    old: &BTreeMap<K, V>,
+    new: &BTreeMap<K, V>,
+) -> Vec<(K, V)> {
     new.iter()
         .filter(|(k, v)| old.get(k) != Some(v))
         .map(|(k, v)| (*k, *v))
@@ -360,7 +427,13 @@ mod tests {
         for p in [1000u16, 1024, 1999, 2000] {
             assert_eq!(blocks.iter().filter(|b| b.contains(p)).count(), 1);
         }
-        assert_eq!(port_range_prefixes(8080, 8081), vec![PortPrefix { port: 8080, bits: 15 }]);
+        assert_eq!(
+            port_range_prefixes(8080, 8081),
+            vec![PortPrefix {
+                port: 8080,
+                bits: 15
+            }]
+        );
         assert_eq!(port_range_prefixes(1, 65535).len(), 16);
     }
 
@@ -429,11 +502,17 @@ mod tests {
             true,
         );
         let peer = Ipv4Addr::new(10, 0, 0, 2);
-        let d = s.decide(EndpointId(1), Direction::Ingress, peer, 6, 22).unwrap();
+        let d = s
+            .decide(EndpointId(1), Direction::Ingress, peer, 6, 22)
+            .unwrap();
         assert_eq!(d.verdict, Verdict::DeniedByRule);
-        let d = s.decide(EndpointId(1), Direction::Ingress, peer, 6, 80).unwrap();
+        let d = s
+            .decide(EndpointId(1), Direction::Ingress, peer, 6, 80)
+            .unwrap();
         assert_eq!(d.verdict, Verdict::Allowed);
-        let d = s.decide(EndpointId(1), Direction::Ingress, peer, 17, 80).unwrap();
+        let d = s
+            .decide(EndpointId(1), Direction::Ingress, peer, 17, 80)
+            .unwrap();
         assert_eq!(d.verdict, Verdict::DeniedByDefault);
     }
 
@@ -447,7 +526,9 @@ mod tests {
             true,
         );
         let peer = Ipv4Addr::new(10, 0, 0, 2);
-        let d = s.decide(EndpointId(1), Direction::Ingress, peer, 6, 80).unwrap();
+        let d = s
+            .decide(EndpointId(1), Direction::Ingress, peer, 6, 80)
+            .unwrap();
         assert_eq!(d.verdict, Verdict::DeniedByRule);
         assert_eq!(d.matched.unwrap().1.rule, RuleId(2));
     }
@@ -456,7 +537,13 @@ mod tests {
     fn unenforced_direction_allows_what_no_entry_matches() {
         let s = state_with(&[], false);
         let d = s
-            .decide(EndpointId(1), Direction::Ingress, Ipv4Addr::new(192, 0, 2, 1), 6, 80)
+            .decide(
+                EndpointId(1),
+                Direction::Ingress,
+                Ipv4Addr::new(192, 0, 2, 1),
+                6,
+                80,
+            )
             .unwrap();
         assert_eq!(d.verdict, Verdict::Allowed);
         assert_eq!(d.peer.identity, Identity::WORLD);
@@ -473,5 +560,23 @@ mod tests {
         assert_eq!(d.endpoint_upserts.len(), 1);
         assert!(d.ipcache_upserts.is_empty() && d.ipcache_removals.is_empty());
         assert!(diff(&b, &b).is_empty());
+    }
+
+    #[test]
+    fn applying_a_whole_diff_reaches_the_target_and_a_prefix_stops_part_way() {
+        let a = state_with(&[(key(300, None, PortPrefix::ANY), Action::Allow)], true);
+        let b = state_with(&[(key(301, None, PortPrefix::ANY), Action::Allow)], false);
+        let d = diff(&a, &b);
+        let mut full = a.clone();
+        full.apply_prefix(&d, d.len());
+        assert_eq!(full, b);
+        let mut part = a.clone();
+        part.apply_prefix(&d, 1);
+        assert_eq!(part.policy.len(), 2);
+        assert!(part.endpoints[&EndpointId(1)].ingress_enforced);
+        // Rolling back from the partial state restores the original exactly.
+        let back = diff(&part, &a);
+        part.apply_prefix(&back, back.len());
+        assert_eq!(part, a);
     }
 }

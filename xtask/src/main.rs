@@ -1,1 +1,131 @@
-fn main() {}
+//! `cargo xtask <task>`: what a build script cannot do.
+//!
+//! - `install`: prerequisites (nightly rust-src, bpf-linker, Debian packages), with messages;
+//! - `build`: the agent, CLI and BPF object;
+//! - `demo`: the product in one run, in a throwaway node namespace;
+//! - `test`: unit tests and the root-only integration tests (what CI runs);
+//! - `bench`: benchmarks.
+
+mod demo;
+mod install;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what the build needs: rust-src for nightly, bpf-linker, Debian packages.
+    Install,
+    /// Build the BPF object only (via the controller's build script).
+    BuildEbpf,
+    /// Build palisade-agent and palisade.
+    Build {
+        #[arg(long)]
+        release: bool,
+    },
+    /// Run the demo: a node namespace, three workloads, policies, traffic, and why.
+    Demo,
+    /// Unit tests, then the integration tests (needs root).
+    Test {
+        /// Only the unit tests (no root needed).
+        #[arg(long)]
+        unit_only: bool,
+        /// Arguments for the integration test binaries (e.g. a test name filter).
+        #[arg(last = true)]
+        filter: Vec<String>,
+    },
+    /// Only the integration tests (needs root).
+    Integration {
+        #[arg(last = true)]
+        filter: Vec<String>,
+    },
+}
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+pub fn cargo() -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(workspace_root());
+    c
+}
+
+pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
+    let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed ({status})");
+    }
+    Ok(())
+}
+
+pub fn build_binaries(release: bool) -> anyhow::Result<PathBuf> {
+    install::ensure()?;
+    let mut c = cargo();
+    c.args(["build", "--package", "palisade-controller", "--bins"]);
+    if release {
+        c.arg("--release");
+    }
+    run(&mut c)?;
+    Ok(workspace_root()
+        .join("target")
+        .join(if release { "release" } else { "debug" }))
+}
+
+fn integration(filter: &[String]) -> anyhow::Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!(
+            "the integration tests need root (BPF programs, network namespaces); run `sudo cargo xtask test`"
+        );
+    }
+    let bin_dir = build_binaries(false)?;
+    let mut c = cargo();
+    c.args(["test", "--package", "palisade-integration", "--"])
+        .args(["--test-threads", "3"])
+        .args(filter)
+        .env("PALISADE_BIN_DIR", &bin_dir);
+    run(&mut c)
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().task {
+        Task::Install => install::ensure(),
+        Task::BuildEbpf => {
+            install::ensure()?;
+            run(cargo().args(["build", "--package", "palisade-controller", "--lib"]))
+        }
+        Task::Build { release } => {
+            build_binaries(release).map(|d| println!("binaries in {}", d.display()))
+        }
+        Task::Demo => demo::run(),
+        Task::Test { unit_only, filter } => {
+            install::ensure()?;
+            run(cargo().args([
+                "test",
+                "--workspace",
+                "--exclude",
+                "palisade-integration",
+                "--exclude",
+                "palisade-datapath-bpf",
+            ]))?;
+            if unit_only {
+                return Ok(());
+            }
+            integration(&filter)
+        }
+        Task::Integration { filter } => integration(&filter),
+    }
+}

@@ -1,0 +1,465 @@
+//! Engine behaviour without root: an in-memory datapath and fake plumbing.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+
+use palisade_policies::compile::Settings;
+use palisade_policies::endpoint::EndpointId;
+use palisade_policies::mapstate::Verdict;
+use palisade_policies::model::Direction;
+use tokio::sync::watch;
+
+use super::*;
+use crate::datapath::memory::MemoryDatapath;
+use crate::plumbing::PlumbedEndpoint;
+
+#[derive(Default)]
+struct FakePlumbing {
+    netns: BTreeSet<String>,
+    links: BTreeMap<String, u32>,
+    up: BTreeSet<u32>,
+    next_ifindex: u32,
+}
+
+impl Plumbing for FakePlumbing {
+    async fn create_endpoint(
+        &mut self,
+        netns_name: &str,
+        host_ifname: &str,
+        _ip: Ipv4Addr,
+    ) -> Result<PlumbedEndpoint, PlumbingError> {
+        self.netns.insert(netns_name.to_string());
+        self.next_ifindex += 1;
+        let ifindex = 100 + self.next_ifindex;
+        self.links.insert(host_ifname.to_string(), ifindex);
+        Ok(PlumbedEndpoint {
+            host_ifname: host_ifname.to_string(),
+            host_ifindex: ifindex,
+        })
+    }
+
+    async fn activate(&mut self, host_ifindex: u32) -> Result<(), PlumbingError> {
+        self.up.insert(host_ifindex);
+        Ok(())
+    }
+
+    async fn delete_endpoint(
+        &mut self,
+        netns_name: &str,
+        host_ifname: &str,
+    ) -> Result<(), PlumbingError> {
+        self.netns.remove(netns_name);
+        if let Some(i) = self.links.remove(host_ifname) {
+            self.up.remove(&i);
+        }
+        Ok(())
+    }
+
+    async fn ifindex(&mut self, ifname: &str) -> Result<Option<u32>, PlumbingError> {
+        Ok(self.links.get(ifname).copied())
+    }
+
+    async fn node_addresses(&mut self) -> Result<Vec<Ipv4Addr>, PlumbingError> {
+        Ok(vec![Ipv4Addr::new(10, 200, 0, 1)])
+    }
+
+    fn netns_exists(&self, name: &str) -> bool {
+        self.netns.contains(name)
+    }
+}
+
+type TestEngine = Engine<MemoryDatapath, FakePlumbing>;
+
+fn config() -> EngineConfig {
+    EngineConfig {
+        pod_cidr: "10.200.0.0/16".parse().unwrap(),
+        node_ip: Ipv4Addr::new(10, 200, 0, 1),
+        settings: Settings::default(),
+        policy_dir: None,
+    }
+}
+
+async fn engine_with(
+    datapath: MemoryDatapath,
+    plumbing: FakePlumbing,
+    dir: Option<&std::path::Path>,
+) -> TestEngine {
+    let (tx, _rx) = watch::channel(Arc::new(Catalog::default()));
+    let state_dir = dir.map(|d| StateDir::new(d).unwrap());
+    Engine::start(config(), datapath, plumbing, state_dir, tx)
+        .await
+        .unwrap()
+}
+
+async fn engine() -> TestEngine {
+    engine_with(MemoryDatapath::default(), FakePlumbing::default(), None).await
+}
+
+fn labels(s: &str) -> Labels {
+    labels::parse_label_list(s).unwrap()
+}
+
+async fn add(e: &mut TestEngine, name: &str, ns: &str, l: &str) -> crate::api::types::EndpointView {
+    e.endpoint_add(EndpointAddRequest {
+        name: name.into(),
+        namespace: ns.into(),
+        labels: labels(l),
+        ip: None,
+        named_ports: vec![],
+    })
+    .await
+    .unwrap()
+}
+
+fn verdict(e: &TestEngine, from: &str, to: &str, port: u16) -> Verdict {
+    let s = &e.model.endpoints[from];
+    let d = &e.model.endpoints[to];
+    let out = e
+        .applied
+        .decide(s.id, Direction::Egress, d.ip, 6, port)
+        .unwrap()
+        .verdict;
+    let inn = e
+        .applied
+        .decide(d.id, Direction::Ingress, s.ip, 6, port)
+        .unwrap()
+        .verdict;
+    match (out, inn) {
+        (Verdict::Allowed, Verdict::Allowed) => Verdict::Allowed,
+        (Verdict::Allowed, other) => other,
+        (other, _) => other,
+    }
+}
+
+const ALLOW_FRONTEND_TO_BACKEND: &str = r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata:
+  name: backend
+  namespace: demo
+spec:
+  podSelector:
+    matchLabels:
+      app: backend
+  ingress:
+  - from:
+    - podSelector:
+        matchLabels:
+          app: frontend
+    ports:
+    - port: 8080
+"#;
+
+#[tokio::test]
+async fn endpoint_add_plumbs_attaches_and_writes_maps() {
+    let mut e = engine().await;
+    let v = add(&mut e, "frontend", "demo", "app=frontend").await;
+    assert_eq!(v.ip, Ipv4Addr::new(10, 200, 0, 2));
+    assert_eq!(v.identity, 256);
+    assert!(e.datapath.attached.contains(&("pal1".to_string(), 101)));
+    assert!(e.plumbing.up.contains(&101));
+    assert_eq!(e.datapath.state, e.applied);
+    assert!(e.applied.endpoints.contains_key(&EndpointId(1)));
+}
+
+#[tokio::test]
+async fn bad_endpoint_requests_are_rejected_before_anything_is_made() {
+    let mut e = engine().await;
+    let _ = add(&mut e, "frontend", "demo", "app=frontend").await;
+    let req = |name: &str, ns: &str, l: &str, ip: Option<Ipv4Addr>| EndpointAddRequest {
+        name: name.into(),
+        namespace: ns.into(),
+        labels: labels::parse_label_list(l).unwrap_or_default(),
+        ip,
+        named_ports: vec![],
+    };
+    let dup = e
+        .endpoint_add(req("frontend", "demo", "", None))
+        .await
+        .unwrap_err();
+    assert!(matches!(dup, EngineError::EndpointExists(_)), "{dup}");
+    let bad = e
+        .endpoint_add(req("Bad_Name", "demo", "", None))
+        .await
+        .unwrap_err();
+    assert!(bad.to_string().contains("endpoint name"), "{bad}");
+    let taken = e
+        .endpoint_add(req("x", "demo", "", Some(Ipv4Addr::new(10, 200, 0, 2))))
+        .await
+        .unwrap_err();
+    assert!(
+        taken
+            .to_string()
+            .contains("already used by endpoint demo/frontend"),
+        "{taken}"
+    );
+    let node = e
+        .endpoint_add(req("y", "demo", "", Some(Ipv4Addr::new(10, 200, 0, 1))))
+        .await
+        .unwrap_err();
+    assert!(node.to_string().contains("the node"), "{node}");
+    assert_eq!(e.model.endpoints.len(), 1);
+    assert_eq!(e.plumbing.netns.len(), 1);
+}
+
+#[tokio::test]
+async fn policy_apply_enforces_and_delete_restores() {
+    let mut e = engine().await;
+    add(&mut e, "frontend", "demo", "app=frontend").await;
+    add(&mut e, "backend", "demo", "app=backend").await;
+    add(&mut e, "other", "demo", "app=other").await;
+    assert_eq!(verdict(&e, "other", "backend", 8080), Verdict::Allowed);
+
+    let r = e.policy_apply(ALLOW_FRONTEND_TO_BACKEND).unwrap();
+    assert_eq!(r.policies[0].action, "created");
+    assert!(r.map_operations > 0);
+    assert_eq!(verdict(&e, "frontend", "backend", 8080), Verdict::Allowed);
+    assert_eq!(
+        verdict(&e, "frontend", "backend", 9090),
+        Verdict::DeniedByDefault
+    );
+    assert_eq!(
+        verdict(&e, "other", "backend", 8080),
+        Verdict::DeniedByDefault
+    );
+    assert_eq!(e.datapath.state, e.applied);
+
+    let again = e.policy_apply(ALLOW_FRONTEND_TO_BACKEND).unwrap();
+    assert_eq!(again.policies[0].action, "unchanged");
+    assert_eq!(again.map_operations, 0);
+
+    e.policy_delete(Some("demo"), "backend").unwrap();
+    assert_eq!(verdict(&e, "other", "backend", 8080), Verdict::Allowed);
+    assert!(e.datapath.state.policy.is_empty());
+    assert!(matches!(
+        e.policy_delete(Some("demo"), "backend"),
+        Err(EngineError::NoSuchPolicy { .. })
+    ));
+}
+
+#[tokio::test]
+async fn rejected_manifest_changes_nothing() {
+    let mut e = engine().await;
+    add(&mut e, "backend", "demo", "app=backend").await;
+    e.policy_apply(ALLOW_FRONTEND_TO_BACKEND).unwrap();
+    let before = e.applied.clone();
+    let bad = format!(
+        "{ALLOW_FRONTEND_TO_BACKEND}---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: x}}\nspec: {{podSelector: {{}}, bogus: 1}}\n"
+    );
+    let err = e.policy_apply(&bad).unwrap_err();
+    assert!(err.to_string().contains("bogus"), "{err}");
+    assert_eq!(e.applied, before);
+    assert_eq!(e.model.policies.len(), 1);
+}
+
+#[tokio::test]
+async fn failed_map_write_rolls_back_maps_and_model() {
+    let mut e = engine().await;
+    add(&mut e, "frontend", "demo", "app=frontend").await;
+    add(&mut e, "backend", "demo", "app=backend").await;
+    let before_maps = e.datapath.state.clone();
+    e.datapath.fail_after = Some(1);
+    let err = e.policy_apply(ALLOW_FRONTEND_TO_BACKEND).unwrap_err();
+    assert!(matches!(err, EngineError::RolledBack(_)), "{err}");
+    assert!(err.to_string().contains("full"), "{err}");
+    assert_eq!(e.datapath.state, before_maps);
+    assert_eq!(e.applied, before_maps);
+    assert!(e.model.policies.is_empty());
+    e.datapath.fail_after = None;
+    e.policy_apply(ALLOW_FRONTEND_TO_BACKEND).unwrap();
+    assert_eq!(verdict(&e, "frontend", "backend", 8080), Verdict::Allowed);
+}
+
+#[tokio::test]
+async fn label_change_moves_endpoint_in_and_out_of_a_policy() {
+    let mut e = engine().await;
+    add(&mut e, "client", "demo", "app=other").await;
+    add(&mut e, "backend", "demo", "app=backend").await;
+    e.policy_apply(ALLOW_FRONTEND_TO_BACKEND).unwrap();
+    assert_eq!(
+        verdict(&e, "client", "backend", 8080),
+        Verdict::DeniedByDefault
+    );
+    let v = e
+        .endpoint_label(
+            "client",
+            LabelChange {
+                set: labels("app=frontend"),
+                remove: vec![],
+            },
+        )
+        .unwrap();
+    assert_eq!(verdict(&e, "client", "backend", 8080), Verdict::Allowed);
+    let old_identity = v.identity;
+    e.endpoint_label(
+        "client",
+        LabelChange {
+            set: Labels::new(),
+            remove: vec!["app".into()],
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        verdict(&e, "client", "backend", 8080),
+        Verdict::DeniedByDefault
+    );
+    assert_eq!(e.model.identities.refs(Identity(old_identity)), 0);
+}
+
+#[tokio::test]
+async fn namespace_labels_feed_namespace_selectors() {
+    let mut e = engine().await;
+    add(&mut e, "client", "team-a", "app=client").await;
+    add(&mut e, "server", "demo", "app=server").await;
+    e.policy_apply(
+        r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: from-trusted, namespace: demo}
+spec:
+  podSelector: {matchLabels: {app: server}}
+  ingress:
+  - from:
+    - namespaceSelector: {matchLabels: {trust: "yes"}}
+"#,
+    )
+    .unwrap();
+    assert_eq!(
+        verdict(&e, "client", "server", 80),
+        Verdict::DeniedByDefault
+    );
+    e.namespace_label(
+        "team-a",
+        LabelChange {
+            set: labels("trust=yes"),
+            remove: vec![],
+        },
+    )
+    .unwrap();
+    assert_eq!(verdict(&e, "client", "server", 80), Verdict::Allowed);
+    let err = e
+        .namespace_label(
+            "team-a",
+            LabelChange {
+                set: labels("kubernetes.io/metadata.name=x"),
+                remove: vec![],
+            },
+        )
+        .unwrap_err();
+    assert!(err.is_client_error());
+}
+
+#[tokio::test]
+async fn endpoint_delete_removes_everything_it_had() {
+    let mut e = engine().await;
+    add(&mut e, "frontend", "demo", "app=frontend").await;
+    e.endpoint_delete("frontend").await.unwrap();
+    assert!(e.applied.endpoints.is_empty());
+    assert!(
+        e.datapath
+            .state
+            .ipcache
+            .keys()
+            .all(|k| k.prefix() != 32 || k.ip() == Ipv4Addr::new(10, 200, 0, 1))
+    );
+    assert!(e.datapath.attached.is_empty());
+    assert!(e.plumbing.netns.is_empty());
+    assert!(matches!(
+        e.endpoint_delete("frontend").await,
+        Err(EngineError::NoSuchEndpoint(_))
+    ));
+}
+
+#[tokio::test]
+async fn restart_keeps_identities_endpoints_and_policies_and_rewrites_nothing() {
+    let dir = std::env::temp_dir().join(format!("palisade-engine-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut e = engine_with(
+        MemoryDatapath::default(),
+        FakePlumbing::default(),
+        Some(&dir),
+    )
+    .await;
+    add(&mut e, "frontend", "demo", "app=frontend").await;
+    let backend = add(&mut e, "backend", "demo", "app=backend").await;
+    e.policy_apply(ALLOW_FRONTEND_TO_BACKEND).unwrap();
+    let maps = e.datapath.state.clone();
+    let Engine {
+        datapath, plumbing, ..
+    } = e;
+
+    // The new agent finds the pinned maps as the old one left them.
+    let restarted = engine_with(
+        MemoryDatapath {
+            state: datapath.state,
+            ..MemoryDatapath::default()
+        },
+        plumbing,
+        Some(&dir),
+    )
+    .await;
+    assert_eq!(
+        restarted.model.endpoints["backend"].identity.0,
+        backend.identity
+    );
+    assert_eq!(restarted.model.policies.len(), 1);
+    assert_eq!(restarted.datapath.state, maps, "no map entry rewritten");
+    assert_eq!(restarted.datapath.revision, 0, "nothing to revalidate");
+    assert_eq!(
+        verdict(&restarted, "frontend", "backend", 8080),
+        Verdict::Allowed
+    );
+    assert_eq!(restarted.datapath.attached.len(), 2);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn trace_names_the_allowing_rule_and_the_default_deny() {
+    let mut e = engine().await;
+    add(&mut e, "frontend", "demo", "app=frontend").await;
+    add(&mut e, "backend", "demo", "app=backend").await;
+    e.policy_apply(ALLOW_FRONTEND_TO_BACKEND).unwrap();
+    let ok = e
+        .trace(&crate::api::types::TraceRequest {
+            from: "demo/frontend".into(),
+            to: "demo/backend".into(),
+            port: 8080,
+            protocol: None,
+        })
+        .unwrap();
+    assert_eq!(ok.verdict, "ALLOWED");
+    assert_eq!(ok.ingress.policy.as_deref(), Some("demo/backend"));
+    assert!(
+        ok.ingress.reason.contains("demo/backend ingress rule 0"),
+        "{}",
+        ok.ingress.reason
+    );
+    let denied = e
+        .trace(&crate::api::types::TraceRequest {
+            from: "demo/frontend".into(),
+            to: "demo/backend".into(),
+            port: 22,
+            protocol: Some("tcp".into()),
+        })
+        .unwrap();
+    assert_eq!(denied.verdict, "DENIED");
+    assert!(
+        denied.ingress.reason.contains("default deny"),
+        "{}",
+        denied.ingress.reason
+    );
+    assert_eq!(
+        denied.ingress.enforcing_policies,
+        vec!["demo/backend".to_string()]
+    );
+    assert!(
+        e.trace(&crate::api::types::TraceRequest {
+            from: "other/frontend".into(),
+            to: "demo/backend".into(),
+            port: 1,
+            protocol: None,
+        })
+        .is_err()
+    );
+}

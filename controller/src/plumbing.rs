@@ -1,0 +1,384 @@
+//! Endpoint network plumbing over rtnetlink: the namespace, the veth pair, addresses, routes
+//! and static neighbours that join a workload to the node.
+//!
+//! Layout (as Calico/Cilium): the endpoint has `eth0` with its /32 address and a default route
+//! via the link-local gateway 169.254.1.1, whose MAC is pinned to the host-side veth; the
+//! node has a /32 route to the endpoint over the host-side veth and a static neighbour for it.
+//! No ARP and no IPv6 cross the veth, so everything on it is IPv4 the datapath judges.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::os::fd::AsRawFd as _;
+use std::path::Path;
+
+use futures::TryStreamExt as _;
+use netlink_packet_route::link::{LinkAttribute, LinkMessage};
+use netlink_packet_route::neighbour::NeighbourState;
+use netlink_packet_route::route::RouteScope;
+use rtnetlink::{Handle, LinkDummy, LinkUnspec, LinkVeth, RouteMessageBuilder};
+use tracing::debug;
+
+use crate::netns;
+
+/// The endpoint's default gateway: link-local, answered by the host-side veth's MAC.
+pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
+/// Name of the node interface carrying the node's address in local mode.
+pub const NODE_INTERFACE: &str = "palisade0";
+
+#[derive(Debug, thiserror::Error)]
+pub enum PlumbingError {
+    #[error("netlink: {op}: {source}")]
+    Netlink {
+        op: String,
+        #[source]
+        source: rtnetlink::Error,
+    },
+    #[error("interface {0} not found")]
+    NoSuchInterface(String),
+    #[error(transparent)]
+    Netns(#[from] netns::NetnsError),
+    #[error("{op}: {source}")]
+    Io {
+        op: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn nl(op: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> PlumbingError {
+    let op = op.into();
+    move |source| PlumbingError::Netlink { op, source }
+}
+
+fn io(op: impl Into<String>) -> impl FnOnce(std::io::Error) -> PlumbingError {
+    let op = op.into();
+    move |source| PlumbingError::Io { op, source }
+}
+
+/// What plumbing an endpoint produced.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PlumbedEndpoint {
+    pub host_ifname: String,
+    pub host_ifindex: u32,
+}
+
+/// What the engine asks of the network. Async because netlink is.
+#[allow(async_fn_in_trait)]
+pub trait Plumbing: Send {
+    /// Creates namespace `netns_name` joined to the node by a veth (host side down) with `ip`.
+    async fn create_endpoint(
+        &mut self,
+        netns_name: &str,
+        host_ifname: &str,
+        ip: Ipv4Addr,
+    ) -> Result<PlumbedEndpoint, PlumbingError>;
+    /// Brings the host side up: called once the datapath judges the interface.
+    async fn activate(&mut self, host_ifindex: u32) -> Result<(), PlumbingError>;
+    /// Removes the veth and the namespace (idempotent).
+    async fn delete_endpoint(
+        &mut self,
+        netns_name: &str,
+        host_ifname: &str,
+    ) -> Result<(), PlumbingError>;
+    /// The current ifindex of a host-side interface, if it exists.
+    async fn ifindex(&mut self, ifname: &str) -> Result<Option<u32>, PlumbingError>;
+    /// The node's IPv4 addresses (identity `host`).
+    async fn node_addresses(&mut self) -> Result<Vec<Ipv4Addr>, PlumbingError>;
+    /// Whether a network namespace of this name exists on the node.
+    fn netns_exists(&self, name: &str) -> bool;
+}
+
+/// rtnetlink-backed plumbing in the agent's (node) namespace.
+pub struct NetlinkPlumbing {
+    node: Handle,
+}
+
+async fn link_by_name(h: &Handle, name: &str) -> Result<Option<LinkMessage>, PlumbingError> {
+    let mut links = h.link().get().match_name(name.to_string()).execute();
+    match links.try_next().await {
+        Ok(link) => Ok(link),
+        // ENODEV: no such interface.
+        Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(None),
+        Err(e) => Err(nl(format!("get link {name}"))(e)),
+    }
+}
+
+fn mac_of(link: &LinkMessage) -> Option<Vec<u8>> {
+    link.attributes.iter().find_map(|a| match a {
+        LinkAttribute::Address(mac) => Some(mac.clone()),
+        _ => None,
+    })
+}
+
+/// Opens a netlink connection whose socket lives in the namespace at `path`.
+fn handle_in(path: &Path) -> Result<Handle, PlumbingError> {
+    let rt = tokio::runtime::Handle::current();
+    let (conn, handle) = netns::run_in(path, move || {
+        let _guard = rt.enter();
+        let (conn, handle, _) = rtnetlink::new_connection()?;
+        // No IPv6 inside the endpoint: the datapath judges IPv4 only for now, and router
+        // solicitations would otherwise be dropped as noise.
+        for key in [
+            "net.ipv6.conf.all.disable_ipv6",
+            "net.ipv6.conf.default.disable_ipv6",
+        ] {
+            let _ = netns::write_sysctl(key, "1");
+        }
+        Ok((conn, handle))
+    })
+    .map_err(io(format!("netlink socket in {}", path.display())))?;
+    tokio::spawn(conn);
+    Ok(handle)
+}
+
+impl NetlinkPlumbing {
+    pub fn new() -> Result<Self, PlumbingError> {
+        let (conn, node, _) = rtnetlink::new_connection().map_err(io("netlink socket"))?;
+        tokio::spawn(conn);
+        Ok(Self { node })
+    }
+
+    /// Prepares the node namespace: forwarding on, and `palisade0` carrying `node_ip`.
+    pub async fn setup_node(&mut self, node_ip: Ipv4Addr) -> Result<(), PlumbingError> {
+        netns::write_sysctl("net.ipv4.ip_forward", "1").map_err(io("enable IPv4 forwarding"))?;
+        if link_by_name(&self.node, NODE_INTERFACE).await?.is_none() {
+            self.node
+                .link()
+                .add(LinkDummy::new(NODE_INTERFACE).build())
+                .execute()
+                .await
+                .map_err(nl(format!("add {NODE_INTERFACE}")))?;
+        }
+        let link = link_by_name(&self.node, NODE_INTERFACE)
+            .await?
+            .ok_or_else(|| PlumbingError::NoSuchInterface(NODE_INTERFACE.into()))?;
+        let index = link.header.index;
+        let has_ip = self.node_addresses().await?.contains(&node_ip);
+        if !has_ip {
+            self.node
+                .address()
+                .add(index, IpAddr::V4(node_ip), 32)
+                .execute()
+                .await
+                .map_err(nl(format!("add {node_ip}/32 to {NODE_INTERFACE}")))?;
+        }
+        self.node
+            .link()
+            .set(LinkUnspec::new_with_index(index).up().build())
+            .execute()
+            .await
+            .map_err(nl(format!("set {NODE_INTERFACE} up")))?;
+        // Loopback may be down in a fresh node namespace.
+        if let Some(lo) = link_by_name(&self.node, "lo").await? {
+            self.node
+                .link()
+                .set(LinkUnspec::new_with_index(lo.header.index).up().build())
+                .execute()
+                .await
+                .map_err(nl("set lo up"))?;
+        }
+        Ok(())
+    }
+
+    async fn plumb(
+        &mut self,
+        netns_path: &Path,
+        host_ifname: &str,
+        ip: Ipv4Addr,
+    ) -> Result<PlumbedEndpoint, PlumbingError> {
+        let peer_tmp = format!("{host_ifname}p");
+        self.node
+            .link()
+            .add(LinkVeth::new(host_ifname, &peer_tmp).build())
+            .execute()
+            .await
+            .map_err(nl(format!("add veth {host_ifname}")))?;
+        let host = link_by_name(&self.node, host_ifname)
+            .await?
+            .ok_or_else(|| PlumbingError::NoSuchInterface(host_ifname.into()))?;
+        let host_mac = mac_of(&host)
+            .ok_or_else(|| PlumbingError::NoSuchInterface(format!("{host_ifname} (no MAC)")))?;
+        let host_index = host.header.index;
+        let _ = netns::write_sysctl(&format!("net.ipv6.conf.{host_ifname}.disable_ipv6"), "1");
+
+        let peer = link_by_name(&self.node, &peer_tmp)
+            .await?
+            .ok_or_else(|| PlumbingError::NoSuchInterface(peer_tmp.clone()))?;
+        let ns_file = std::fs::File::open(netns_path)
+            .map_err(io(format!("open {}", netns_path.display())))?;
+        self.node
+            .link()
+            .set(
+                LinkUnspec::new_with_index(peer.header.index)
+                    .setns_by_fd(ns_file.as_raw_fd())
+                    .build(),
+            )
+            .execute()
+            .await
+            .map_err(nl(format!("move {peer_tmp} into {}", netns_path.display())))?;
+
+        // Inside the endpoint.
+        let pod = handle_in(netns_path)?;
+        let eth = link_by_name(&pod, &peer_tmp)
+            .await?
+            .ok_or_else(|| PlumbingError::NoSuchInterface(peer_tmp.clone()))?;
+        let eth_index = eth.header.index;
+        let eth_mac =
+            mac_of(&eth).ok_or_else(|| PlumbingError::NoSuchInterface("eth0 (no MAC)".into()))?;
+        pod.link()
+            .set(
+                LinkUnspec::new_with_index(eth_index)
+                    .name("eth0".to_string())
+                    .build(),
+            )
+            .execute()
+            .await
+            .map_err(nl("rename to eth0"))?;
+        pod.address()
+            .add(eth_index, IpAddr::V4(ip), 32)
+            .execute()
+            .await
+            .map_err(nl(format!("add {ip}/32 to eth0")))?;
+        for index in [eth_index] {
+            pod.link()
+                .set(LinkUnspec::new_with_index(index).up().build())
+                .execute()
+                .await
+                .map_err(nl("set eth0 up"))?;
+        }
+        if let Some(lo) = link_by_name(&pod, "lo").await? {
+            pod.link()
+                .set(LinkUnspec::new_with_index(lo.header.index).up().build())
+                .execute()
+                .await
+                .map_err(nl("set lo up"))?;
+        }
+        pod.route()
+            .add(
+                RouteMessageBuilder::<Ipv4Addr>::new()
+                    .destination_prefix(GATEWAY, 32)
+                    .output_interface(eth_index)
+                    .scope(RouteScope::Link)
+                    .build(),
+            )
+            .execute()
+            .await
+            .map_err(nl("add gateway route"))?;
+        pod.route()
+            .add(
+                RouteMessageBuilder::<Ipv4Addr>::new()
+                    .gateway(GATEWAY)
+                    .output_interface(eth_index)
+                    .build(),
+            )
+            .execute()
+            .await
+            .map_err(nl("add default route"))?;
+        pod.neighbours()
+            .add(eth_index, IpAddr::V4(GATEWAY))
+            .link_layer_address(&host_mac)
+            .state(NeighbourState::Permanent)
+            .execute()
+            .await
+            .map_err(nl("add gateway neighbour"))?;
+
+        // Node side.
+        self.node
+            .route()
+            .add(
+                RouteMessageBuilder::<Ipv4Addr>::new()
+                    .destination_prefix(ip, 32)
+                    .output_interface(host_index)
+                    .scope(RouteScope::Link)
+                    .build(),
+            )
+            .execute()
+            .await
+            .map_err(nl(format!("add route to {ip}")))?;
+        self.node
+            .neighbours()
+            .add(host_index, IpAddr::V4(ip))
+            .link_layer_address(&eth_mac)
+            .state(NeighbourState::Permanent)
+            .execute()
+            .await
+            .map_err(nl(format!("add neighbour {ip}")))?;
+        debug!(host_ifname, host_index, %ip, "endpoint plumbed");
+        Ok(PlumbedEndpoint {
+            host_ifname: host_ifname.to_string(),
+            host_ifindex: host_index,
+        })
+    }
+}
+
+impl Plumbing for NetlinkPlumbing {
+    async fn create_endpoint(
+        &mut self,
+        netns_name: &str,
+        host_ifname: &str,
+        ip: Ipv4Addr,
+    ) -> Result<PlumbedEndpoint, PlumbingError> {
+        let path = netns::create(netns_name)?;
+        match self.plumb(&path, host_ifname, ip).await {
+            Ok(p) => Ok(p),
+            Err(e) => {
+                // Leave nothing half-made behind.
+                let _ = self.delete_endpoint(netns_name, host_ifname).await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn activate(&mut self, host_ifindex: u32) -> Result<(), PlumbingError> {
+        self.node
+            .link()
+            .set(LinkUnspec::new_with_index(host_ifindex).up().build())
+            .execute()
+            .await
+            .map_err(nl(format!("set ifindex {host_ifindex} up")))
+    }
+
+    async fn delete_endpoint(
+        &mut self,
+        netns_name: &str,
+        host_ifname: &str,
+    ) -> Result<(), PlumbingError> {
+        if let Some(link) = link_by_name(&self.node, host_ifname).await? {
+            self.node
+                .link()
+                .del(link.header.index)
+                .execute()
+                .await
+                .map_err(nl(format!("delete {host_ifname}")))?;
+        }
+        netns::delete(netns_name)?;
+        Ok(())
+    }
+
+    async fn ifindex(&mut self, ifname: &str) -> Result<Option<u32>, PlumbingError> {
+        Ok(link_by_name(&self.node, ifname)
+            .await?
+            .map(|l| l.header.index))
+    }
+
+    fn netns_exists(&self, name: &str) -> bool {
+        netns::exists(name)
+    }
+
+    async fn node_addresses(&mut self) -> Result<Vec<Ipv4Addr>, PlumbingError> {
+        use netlink_packet_route::address::AddressAttribute;
+        let mut out = Vec::new();
+        let mut addrs = self.node.address().get().execute();
+        while let Some(msg) = addrs.try_next().await.map_err(nl("list addresses"))? {
+            for attr in &msg.attributes {
+                if let AddressAttribute::Address(IpAddr::V4(a)) = attr
+                    && !a.is_loopback()
+                {
+                    out.push(*a);
+                }
+            }
+        }
+        out.sort();
+        out.dedup();
+        Ok(out)
+    }
+}

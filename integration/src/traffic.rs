@@ -1,0 +1,259 @@
+//! Real traffic from inside endpoint namespaces: a thread enters the namespace, and the
+//! sockets it opens live there.
+
+use std::fs::File;
+use std::io::{Read as _, Write as _};
+use std::mem::MaybeUninit;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
+use std::os::fd::AsFd as _;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use nix::sched::{CloneFlags, setns};
+use socket2::{Domain, Protocol, Socket, Type};
+
+/// How long a probe waits before calling the path blocked.
+pub const PROBE_TIMEOUT: Duration = Duration::from_millis(1500);
+
+fn enter(netns: &str) {
+    let f = File::open(format!("/run/netns/{netns}"))
+        .unwrap_or_else(|e| panic!("open netns {netns}: {e}"));
+    setns(f.as_fd(), CloneFlags::CLONE_NEWNET).unwrap_or_else(|e| panic!("setns {netns}: {e}"));
+}
+
+/// Runs `f` on a thread inside `netns`.
+pub fn in_netns<T: Send + 'static>(netns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let netns = netns.to_string();
+    std::thread::spawn(move || {
+        enter(&netns);
+        f()
+    })
+    .join()
+    .expect("netns thread panicked")
+}
+
+/// A TCP or UDP server answering `pong` to anything, until dropped.
+pub struct Server {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn spawn_server(netns: &str, port: u16, udp: bool) -> Server {
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let netns = netns.to_string();
+    let flag = Arc::clone(&stop);
+    let thread = std::thread::spawn(move || {
+        enter(&netns);
+        let addr = SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port);
+        if udp {
+            let sock =
+                UdpSocket::bind(addr).unwrap_or_else(|e| panic!("udp bind {port} in {netns}: {e}"));
+            sock.set_read_timeout(Some(Duration::from_millis(50)))
+                .expect("timeout");
+            ready_tx.send(()).expect("ready");
+            let mut buf = [0u8; 2048];
+            while !flag.load(Ordering::SeqCst) {
+                if let Ok((_, from)) = sock.recv_from(&mut buf) {
+                    let _ = sock.send_to(b"pong", from);
+                }
+            }
+        } else {
+            let listener = TcpListener::bind(addr)
+                .unwrap_or_else(|e| panic!("tcp bind {port} in {netns}: {e}"));
+            listener.set_nonblocking(true).expect("nonblocking");
+            ready_tx.send(()).expect("ready");
+            while !flag.load(Ordering::SeqCst) {
+                match listener.accept() {
+                    Ok((mut s, _)) => {
+                        let _ = s.set_nonblocking(false);
+                        let _ = s.set_read_timeout(Some(PROBE_TIMEOUT));
+                        std::thread::spawn(move || {
+                            let mut buf = [0u8; 64];
+                            while let Ok(n) = s.read(&mut buf) {
+                                if n == 0 || s.write_all(b"pong").is_err() {
+                                    break;
+                                }
+                            }
+                        });
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                }
+            }
+        }
+    });
+    ready_rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("server did not start");
+    Server {
+        stop,
+        thread: Some(thread),
+    }
+}
+
+pub fn tcp_server(netns: &str, port: u16) -> Server {
+    spawn_server(netns, port, false)
+}
+
+pub fn udp_server(netns: &str, port: u16) -> Server {
+    spawn_server(netns, port, true)
+}
+
+/// TCP connect, send, and read the answer: proves both directions.
+pub fn tcp_connects(netns: &str, dst: Ipv4Addr, port: u16) -> bool {
+    in_netns(netns, move || {
+        let addr = SocketAddr::from((dst, port));
+        let Ok(mut s) = TcpStream::connect_timeout(&addr, PROBE_TIMEOUT) else {
+            return false;
+        };
+        let _ = s.set_read_timeout(Some(PROBE_TIMEOUT));
+        let mut buf = [0u8; 4];
+        s.write_all(b"ping").is_ok() && s.read_exact(&mut buf).is_ok() && &buf == b"pong"
+    })
+}
+
+/// An open TCP connection held inside a namespace, to test what happens to it over time.
+pub struct OpenConnection {
+    stream: TcpStream,
+}
+
+impl OpenConnection {
+    pub fn open(netns: &str, dst: Ipv4Addr, port: u16) -> Option<OpenConnection> {
+        in_netns(netns, move || {
+            let s =
+                TcpStream::connect_timeout(&SocketAddr::from((dst, port)), PROBE_TIMEOUT).ok()?;
+            s.set_read_timeout(Some(PROBE_TIMEOUT)).ok()?;
+            Some(OpenConnection { stream: s })
+        })
+    }
+
+    /// One request/answer round trip on the existing connection.
+    pub fn round_trip(&mut self) -> bool {
+        let mut buf = [0u8; 4];
+        self.stream.write_all(b"ping").is_ok()
+            && self.stream.read_exact(&mut buf).is_ok()
+            && &buf == b"pong"
+    }
+
+    /// Closes with RST (SO_LINGER 0) instead of FIN.
+    pub fn reset(self) {
+        let sock = Socket::from(self.stream);
+        let _ = sock.set_linger(Some(Duration::ZERO));
+        drop(sock);
+    }
+}
+
+/// UDP datagram to `dst:port` and wait for the answer.
+pub fn udp_reaches(netns: &str, dst: Ipv4Addr, port: u16) -> bool {
+    in_netns(netns, move || {
+        let Ok(s) = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)) else {
+            return false;
+        };
+        let _ = s.set_read_timeout(Some(PROBE_TIMEOUT));
+        if s.send_to(b"ping", (dst, port)).is_err() {
+            return false;
+        }
+        let mut buf = [0u8; 16];
+        matches!(s.recv_from(&mut buf), Ok((4, _)))
+    })
+}
+
+/// UDP from a fixed local port, so a test can then send to that port from the other side.
+pub fn udp_send_from(netns: &str, local_port: u16, dst: Ipv4Addr, port: u16) -> bool {
+    in_netns(netns, move || {
+        let Ok(s) = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, local_port)) else {
+            return false;
+        };
+        let _ = s.set_read_timeout(Some(PROBE_TIMEOUT));
+        if s.send_to(b"ping", (dst, port)).is_err() {
+            return false;
+        }
+        let mut buf = [0u8; 16];
+        matches!(s.recv_from(&mut buf), Ok((4, _)))
+    })
+}
+
+fn checksum(data: &[u8]) -> u16 {
+    let mut sum: u32 = 0;
+    for chunk in data.chunks(2) {
+        let word = if chunk.len() == 2 {
+            u16::from_be_bytes([chunk[0], chunk[1]])
+        } else {
+            u16::from(chunk[0]) << 8
+        };
+        sum += u32::from(word);
+    }
+    while sum >> 16 != 0 {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// ICMP echo request, waiting for the matching reply.
+pub fn ping(netns: &str, dst: Ipv4Addr) -> bool {
+    in_netns(netns, move || {
+        let Ok(sock) = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::ICMPV4)) else {
+            return false;
+        };
+        let id: u16 = (std::process::id() as u16) ^ 0x5a5a;
+        let mut pkt = vec![8u8, 0, 0, 0, (id >> 8) as u8, id as u8, 0, 1];
+        pkt.extend_from_slice(b"palisade");
+        let c = checksum(&pkt);
+        pkt[2] = (c >> 8) as u8;
+        pkt[3] = c as u8;
+        if sock
+            .send_to(&pkt, &SocketAddr::from((dst, 0)).into())
+            .is_err()
+        {
+            return false;
+        }
+        let deadline = Instant::now() + PROBE_TIMEOUT;
+        let mut buf = [MaybeUninit::<u8>::uninit(); 1500];
+        while Instant::now() < deadline {
+            let _ = sock.set_read_timeout(Some(
+                deadline
+                    .saturating_duration_since(Instant::now())
+                    .max(Duration::from_millis(1)),
+            ));
+            let Ok((n, _)) = sock.recv_from(&mut buf) else {
+                return false;
+            };
+            // SAFETY: recv_from initialised the first n bytes.
+            let data: Vec<u8> = buf[..n]
+                .iter()
+                .map(|b| unsafe { b.assume_init() })
+                .collect();
+            let ihl = usize::from(data.first().copied().unwrap_or(0) & 0x0f) * 4;
+            if data.len() >= ihl + 8
+                && data[ihl] == 0
+                && u16::from_be_bytes([data[ihl + 4], data[ihl + 5]]) == id
+            {
+                return true;
+            }
+        }
+        false
+    })
+}
+
+/// Runs probes concurrently (blocked paths cost a timeout each) and returns their results.
+pub fn all<F>(probes: Vec<F>) -> Vec<bool>
+where
+    F: FnOnce() -> bool + Send + 'static,
+{
+    let handles: Vec<_> = probes.into_iter().map(std::thread::spawn).collect();
+    handles
+        .into_iter()
+        .map(|h| h.join().expect("probe panicked"))
+        .collect()
+}
