@@ -117,6 +117,7 @@ async fn handle<D: Datapath, P: Plumbing>(
         Command::PolicyList(r) => drop(r.send(Ok(engine.policy_list()))),
         Command::Trace(req, r) => drop(r.send(engine.trace(&req))),
         Command::Status(r) => drop(r.send(Ok(engine.status(flows.len())))),
+        Command::Conntrack(r) => drop(r.send(engine.conntrack())),
     }
 }
 

@@ -2,9 +2,9 @@
 //! and static neighbours that join a workload to the node.
 //!
 //! Layout (as Calico/Cilium): the endpoint has `eth0` with its /32 address and a default route
-//! via the link-local gateway 169.254.1.1, whose MAC is pinned to the host-side veth; the
-//! node has a /32 route to the endpoint over the host-side veth and a static neighbour for it.
-//! No ARP and no IPv6 cross the veth, so everything on it is IPv4 the datapath judges.
+//! via the link-local gateway 169.254.1.1, whose MAC is pinned to the host-side veth by a
+//! static neighbour entry; the node has a /32 route to the endpoint over the host-side veth.
+//! IPv6 is disabled on both ends, so what crosses the veth is IPv4 and ARP.
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::os::fd::AsRawFd as _;
@@ -14,15 +14,13 @@ use futures::TryStreamExt as _;
 use netlink_packet_route::link::{LinkAttribute, LinkMessage};
 use netlink_packet_route::neighbour::NeighbourState;
 use netlink_packet_route::route::RouteScope;
-use rtnetlink::{Handle, LinkDummy, LinkUnspec, LinkVeth, RouteMessageBuilder};
+use rtnetlink::{Handle, LinkUnspec, LinkVeth, RouteMessageBuilder};
 use tracing::debug;
 
 use crate::netns;
 
 /// The endpoint's default gateway: link-local, answered by the host-side veth's MAC.
 pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
-/// Name of the node interface carrying the node's address in local mode.
-pub const NODE_INTERFACE: &str = "palisade0";
 
 #[derive(Debug, thiserror::Error)]
 pub enum PlumbingError {
@@ -71,8 +69,9 @@ pub trait Plumbing: Send {
         host_ifname: &str,
         ip: Ipv4Addr,
     ) -> Result<PlumbedEndpoint, PlumbingError>;
-    /// Brings the host side up: called once the datapath judges the interface.
-    async fn activate(&mut self, host_ifindex: u32) -> Result<(), PlumbingError>;
+    /// Brings the host side up and routes `ip` to it: called once the datapath judges the
+    /// interface. Idempotent (also used after an agent restart).
+    async fn activate(&mut self, host_ifindex: u32, ip: Ipv4Addr) -> Result<(), PlumbingError>;
     /// Removes the veth and the namespace (idempotent).
     async fn delete_endpoint(
         &mut self,
@@ -137,44 +136,28 @@ impl NetlinkPlumbing {
         Ok(Self { node })
     }
 
-    /// Prepares the node namespace: forwarding on, and `palisade0` carrying `node_ip`.
+    /// Prepares the node namespace: forwarding on, loopback up and carrying `node_ip` (the
+    /// address the node uses towards endpoints; on loopback because it needs no device of
+    /// its own and cannot go down).
     pub async fn setup_node(&mut self, node_ip: Ipv4Addr) -> Result<(), PlumbingError> {
         netns::write_sysctl("net.ipv4.ip_forward", "1").map_err(io("enable IPv4 forwarding"))?;
-        if link_by_name(&self.node, NODE_INTERFACE).await?.is_none() {
-            self.node
-                .link()
-                .add(LinkDummy::new(NODE_INTERFACE).build())
-                .execute()
-                .await
-                .map_err(nl(format!("add {NODE_INTERFACE}")))?;
-        }
-        let link = link_by_name(&self.node, NODE_INTERFACE)
+        let lo = link_by_name(&self.node, "lo")
             .await?
-            .ok_or_else(|| PlumbingError::NoSuchInterface(NODE_INTERFACE.into()))?;
-        let index = link.header.index;
-        let has_ip = self.node_addresses().await?.contains(&node_ip);
-        if !has_ip {
-            self.node
-                .address()
-                .add(index, IpAddr::V4(node_ip), 32)
-                .execute()
-                .await
-                .map_err(nl(format!("add {node_ip}/32 to {NODE_INTERFACE}")))?;
-        }
+            .ok_or_else(|| PlumbingError::NoSuchInterface("lo".into()))?;
+        let index = lo.header.index;
         self.node
             .link()
             .set(LinkUnspec::new_with_index(index).up().build())
             .execute()
             .await
-            .map_err(nl(format!("set {NODE_INTERFACE} up")))?;
-        // Loopback may be down in a fresh node namespace.
-        if let Some(lo) = link_by_name(&self.node, "lo").await? {
+            .map_err(nl("set lo up"))?;
+        if !self.node_addresses().await?.contains(&node_ip) {
             self.node
-                .link()
-                .set(LinkUnspec::new_with_index(lo.header.index).up().build())
+                .address()
+                .add(index, IpAddr::V4(node_ip), 32)
                 .execute()
                 .await
-                .map_err(nl("set lo up"))?;
+                .map_err(nl(format!("add {node_ip}/32 to lo")))?;
         }
         Ok(())
     }
@@ -222,8 +205,6 @@ impl NetlinkPlumbing {
             .await?
             .ok_or_else(|| PlumbingError::NoSuchInterface(peer_tmp.clone()))?;
         let eth_index = eth.header.index;
-        let eth_mac =
-            mac_of(&eth).ok_or_else(|| PlumbingError::NoSuchInterface("eth0 (no MAC)".into()))?;
         pod.link()
             .set(
                 LinkUnspec::new_with_index(eth_index)
@@ -281,27 +262,6 @@ impl NetlinkPlumbing {
             .await
             .map_err(nl("add gateway neighbour"))?;
 
-        // Node side.
-        self.node
-            .route()
-            .add(
-                RouteMessageBuilder::<Ipv4Addr>::new()
-                    .destination_prefix(ip, 32)
-                    .output_interface(host_index)
-                    .scope(RouteScope::Link)
-                    .build(),
-            )
-            .execute()
-            .await
-            .map_err(nl(format!("add route to {ip}")))?;
-        self.node
-            .neighbours()
-            .add(host_index, IpAddr::V4(ip))
-            .link_layer_address(&eth_mac)
-            .state(NeighbourState::Permanent)
-            .execute()
-            .await
-            .map_err(nl(format!("add neighbour {ip}")))?;
         debug!(host_ifname, host_index, %ip, "endpoint plumbed");
         Ok(PlumbedEndpoint {
             host_ifname: host_ifname.to_string(),
@@ -328,13 +288,26 @@ impl Plumbing for NetlinkPlumbing {
         }
     }
 
-    async fn activate(&mut self, host_ifindex: u32) -> Result<(), PlumbingError> {
+    async fn activate(&mut self, host_ifindex: u32, ip: Ipv4Addr) -> Result<(), PlumbingError> {
         self.node
             .link()
             .set(LinkUnspec::new_with_index(host_ifindex).up().build())
             .execute()
             .await
-            .map_err(nl(format!("set ifindex {host_ifindex} up")))
+            .map_err(nl(format!("set ifindex {host_ifindex} up")))?;
+        self.node
+            .route()
+            .add(
+                RouteMessageBuilder::<Ipv4Addr>::new()
+                    .destination_prefix(ip, 32)
+                    .output_interface(host_ifindex)
+                    .scope(RouteScope::Link)
+                    .build(),
+            )
+            .replace()
+            .execute()
+            .await
+            .map_err(nl(format!("add route to {ip}")))
     }
 
     async fn delete_endpoint(

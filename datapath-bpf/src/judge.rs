@@ -18,6 +18,7 @@ use palisade_common::{
     ipcache::{IPCACHE_PREFIX_OFFSET_BITS, IpcacheKey, IpcacheValue},
     metrics::{OUTCOME_AUDIT, OUTCOME_FORWARDED},
     policy::action,
+    proto,
     reason::{drop, verdict},
 };
 
@@ -25,7 +26,7 @@ use crate::{
     conntrack::{self, now_ns, opposite},
     events::{self, EventMeta},
     maps::{CONFIG, ENDPOINTS, IPCACHE},
-    packet::{self, Packet, Parsed},
+    packet::{self, Packet, Parsed, TCP_ACK, TCP_SYN},
     policy::{self, Decision},
 };
 
@@ -212,7 +213,7 @@ fn established(
     if e.policy_revision != cfg.policy_revision {
         // Policy changed since this connection was last checked: check it again, so that a
         // connection the new policy denies stops instead of living on in conntrack.
-        let port_be = if key.protocol == palisade_common::proto::ICMP {
+        let port_be = if key.protocol == proto::ICMP {
             (8u16).to_be()
         } else {
             key.dport_be
@@ -289,6 +290,12 @@ fn new_connection(
             (OUTCOME_AUDIT, verdict::AUDIT, CT_FLAG_AUDIT)
         }
     };
+    // Only a SYN opens a TCP connection. A mid-stream segment that policy allows is forwarded
+    // but tracks nothing: otherwise a peer could turn the other side's packets into "replies"
+    // of a connection that never passed policy in that direction.
+    if pkt.protocol == proto::TCP && pkt.tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
+        return Ok(outcome);
+    }
     if conntrack::create(
         key,
         cfg,

@@ -78,7 +78,8 @@ fn spawn_server(netns: &str, port: u16, udp: bool) -> Server {
                 match listener.accept() {
                     Ok((mut s, _)) => {
                         let _ = s.set_nonblocking(false);
-                        let _ = s.set_read_timeout(Some(PROBE_TIMEOUT));
+                        // Serve until the client closes: tests hold connections open across
+                        // policy changes, and a server-side close would change what they test.
                         std::thread::spawn(move || {
                             let mut buf = [0u8; 64];
                             while let Ok(n) = s.read(&mut buf) {

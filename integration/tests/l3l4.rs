@@ -9,9 +9,15 @@ use palisade_integration::traffic::{
     self, OpenConnection, ping, tcp_connects, tcp_server, udp_reaches, udp_server,
 };
 
+/// A policy on `app=server` pods; `ingress` is the YAML list of rules (`[]` for none).
 fn server_policy(name: &str, ns: &str, ingress: &str) -> String {
+    let ingress = if ingress.trim() == "[]" {
+        " []\n".to_string()
+    } else {
+        format!("\n{ingress}")
+    };
     format!(
-        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata:\n  name: {name}\n  namespace: {ns}\nspec:\n  podSelector:\n    matchLabels:\n      app: server\n  policyTypes: [Ingress]\n  ingress:\n{ingress}"
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata:\n  name: {name}\n  namespace: {ns}\nspec:\n  podSelector:\n    matchLabels:\n      app: server\n  policyTypes: [Ingress]\n  ingress:{ingress}"
     )
 }
 
@@ -295,7 +301,12 @@ fn deleting_a_policy_restores_traffic_and_keeps_allowed_connections_alive_during
         "the allow policy still applies alongside"
     );
     node.palisade_ok(&["policy", "delete", "allow", "--namespace", "x"]);
-    assert!(!conn.round_trip(), "only deny-all left");
+    assert!(
+        !conn.round_trip(),
+        "only deny-all left: {:?}\n{}",
+        node.flows(&["--last", "20"]),
+        node.palisade_ok(&["status"])
+    );
     node.palisade_ok(&["policy", "delete", "deny", "--namespace", "x"]);
     let other = node.add_endpoint("other", "x", "app=other");
     assert!(
@@ -429,7 +440,7 @@ fn bad_input_is_rejected_with_a_clear_error_and_changes_nothing() {
             "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: a, namespace: x}\nspec:\n  podSelector:\n    matchExpressions: [{key: app, operator: Near, values: [a]}]\n",
             "Near",
         ),
-        ("this: is: not: yaml: [", "document 1"),
+        ("this: is: not: yaml: [", "invalid YAML"),
     ];
     for (yaml, needle) in cases {
         // A valid document first: the whole apply must still be refused.

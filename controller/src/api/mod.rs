@@ -10,7 +10,7 @@ use tokio::sync::oneshot;
 
 use crate::engine::EngineError;
 use types::{
-    EndpointAddRequest, EndpointView, IdentityView, LabelChange, PolicyApplyResult,
+    ConntrackView, EndpointAddRequest, EndpointView, IdentityView, LabelChange, PolicyApplyResult,
     PolicyDeleteResult, PolicyView, StatusView, TraceRequest, TraceResult,
 };
 
@@ -29,4 +29,5 @@ pub enum Command {
     PolicyList(Reply<Vec<PolicyView>>),
     Trace(TraceRequest, Reply<TraceResult>),
     Status(Reply<StatusView>),
+    Conntrack(Reply<Vec<ConntrackView>>),
 }

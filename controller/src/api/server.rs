@@ -113,6 +113,10 @@ async fn namespace_label(
     ))
 }
 
+async fn conntrack(State(s): State<ApiState>) -> Result<impl IntoResponse, ApiError> {
+    Ok(Json(ask(&s, super::Command::Conntrack).await?))
+}
+
 async fn identity_list(State(s): State<ApiState>) -> Result<impl IntoResponse, ApiError> {
     Ok(Json(ask(&s, super::Command::IdentityList).await?))
 }
@@ -236,6 +240,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/endpoints/{name}/labels", post(endpoint_label))
         .route("/v1/namespaces/{ns}/labels", post(namespace_label))
         .route("/v1/identities", get(identity_list))
+        .route("/v1/conntrack", get(conntrack))
         .route("/v1/policies", get(policy_list).post(policy_apply))
         .route("/v1/policies/{name}", delete(policy_delete))
         .route("/v1/trace", post(trace))

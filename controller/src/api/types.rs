@@ -192,3 +192,26 @@ pub struct StatusView {
     pub counters: Vec<CounterView>,
     pub namespaces: BTreeMap<String, Labels>,
 }
+
+/// One conntrack entry (`palisade conntrack list`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConntrackView {
+    pub source: Ipv4Addr,
+    pub destination: Ipv4Addr,
+    pub source_port: u16,
+    pub destination_port: u16,
+    pub protocol: String,
+    /// Which check created it: `egress` of the source endpoint or `ingress` of the
+    /// destination endpoint.
+    pub scope: String,
+    /// `ns/name` of the endpoint whose check created it.
+    pub endpoint: String,
+    pub peer_identity: u32,
+    /// The rule that allowed the connection, in words (empty when no policy applied).
+    pub rule: String,
+    pub packets: u64,
+    pub bytes: u64,
+    pub expires_in_seconds: u64,
+    /// `established`, `fin-forward`, `fin-reply`, `proxy`, `audit`.
+    pub flags: Vec<String>,
+}

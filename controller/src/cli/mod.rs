@@ -16,7 +16,7 @@ use serde::Serialize;
 use crate::api::client::Client;
 use crate::api::server::FlowQuery;
 use crate::api::types::{
-    EndpointAddRequest, EndpointView, IdentityView, LabelChange, PolicyApplyRequest,
+    ConntrackView, EndpointAddRequest, EndpointView, IdentityView, LabelChange, PolicyApplyRequest,
     PolicyApplyResult, PolicyDeleteResult, PolicyView, StatusView, TraceRequest, TraceResult,
 };
 use crate::flows::Flow;
@@ -78,6 +78,17 @@ pub enum Command {
     Policy(PolicyCmd),
     /// Watch flows: what the datapath forwarded and dropped, and why.
     Observe(ObserveArgs),
+    /// Connection tracking entries in the datapath.
+    #[command(subcommand)]
+    Conntrack(ConntrackCmd),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConntrackCmd {
+    List {
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Output,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -678,6 +689,45 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             print_trace(&t);
         }
         Command::Observe(args) => observe(&client, args).await?,
+        Command::Conntrack(ConntrackCmd::List { output }) => {
+            let entries: Vec<ConntrackView> = client.get("/v1/conntrack").await?;
+            if output == Output::Json {
+                return print_json(&entries);
+            }
+            let rows: Vec<Vec<String>> = entries
+                .iter()
+                .map(|c| {
+                    vec![
+                        c.endpoint.clone(),
+                        c.scope.clone(),
+                        c.protocol.clone(),
+                        format!("{}:{}", c.source, c.source_port),
+                        format!("{}:{}", c.destination, c.destination_port),
+                        c.flags.join(","),
+                        format!("{}s", c.expires_in_seconds),
+                        c.packets.to_string(),
+                        c.rule.clone(),
+                    ]
+                })
+                .collect();
+            println!(
+                "{}",
+                table(
+                    &[
+                        "ENDPOINT",
+                        "SCOPE",
+                        "PROTO",
+                        "SOURCE",
+                        "DESTINATION",
+                        "STATE",
+                        "EXPIRES",
+                        "PACKETS",
+                        "RULE"
+                    ],
+                    &rows
+                )
+            );
+        }
     }
     Ok(())
 }

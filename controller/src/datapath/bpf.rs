@@ -442,8 +442,11 @@ impl Datapath for BpfDatapath {
         self.prune_stale_links(live);
     }
 
-    fn conntrack_len(&self) -> usize {
-        self.conntrack.keys().filter(Result::is_ok).count()
+    fn conntrack_dump(&self) -> Result<Vec<(CtKey, CtEntry)>, DatapathError> {
+        self.conntrack
+            .iter()
+            .map(|item| item.map_err(map_err(names::CONNTRACK, "iterate")))
+            .collect()
     }
 
     fn counters(&self) -> Result<Vec<CounterSample>, DatapathError> {

@@ -2,6 +2,7 @@
 
 use std::collections::BTreeSet;
 
+use palisade_common::conntrack::{CtEntry, CtKey};
 use palisade_policies::{
     endpoint::EndpointId,
     mapstate::{MapDiff, MapState},
@@ -70,7 +71,7 @@ impl Datapath for MemoryDatapath {
         self.attached.retain(|a| live.contains(a));
     }
 
-    fn conntrack_len(&self) -> usize {
-        0
+    fn conntrack_dump(&self) -> Result<Vec<(CtKey, CtEntry)>, DatapathError> {
+        Ok(Vec::new())
     }
 }

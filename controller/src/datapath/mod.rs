@@ -9,6 +9,7 @@ pub mod memory;
 
 use std::path::PathBuf;
 
+use palisade_common::conntrack::{CtEntry, CtKey};
 use palisade_policies::{
     endpoint::EndpointId,
     mapstate::{MapDiff, MapState},
@@ -81,8 +82,8 @@ pub trait Datapath: Send {
     fn counters(&self) -> Result<Vec<CounterSample>, DatapathError>;
     /// Forgets attachments of interfaces not in `live` (gone while the agent was down).
     fn prune_links(&mut self, live: &[(String, u32)]);
-    /// Conntrack entries currently held.
-    fn conntrack_len(&self) -> usize;
+    /// Every conntrack entry, as the datapath holds it.
+    fn conntrack_dump(&self) -> Result<Vec<(CtKey, CtEntry)>, DatapathError>;
 }
 
 /// CLOCK_MONOTONIC in nanoseconds: the clock `bpf_ktime_get_ns` reads.

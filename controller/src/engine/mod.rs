@@ -277,7 +277,7 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
                         &ns_labels,
                         &rec.labels,
                     ))?;
-                    live.push((rec.host_ifname.clone(), ifindex));
+                    live.push((rec.host_ifname.clone(), ifindex, rec.ip));
                     engine.model.endpoints.insert(rec.name.clone(), rec);
                 }
                 _ => {
@@ -294,11 +294,12 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
             warn!(error = %e, "policy directory not loaded");
         }
         let ops = engine.sync()?;
-        for (ifname, ifindex) in &live {
+        for (ifname, ifindex, ip) in &live {
             engine.datapath.attach(ifname, *ifindex)?;
-            engine.plumbing.activate(*ifindex).await?;
+            engine.plumbing.activate(*ifindex, *ip).await?;
         }
-        engine.datapath.prune_links(&live);
+        let links: Vec<(String, u32)> = live.into_iter().map(|(n, i, _)| (n, i)).collect();
+        engine.datapath.prune_links(&links);
         engine.persist()?;
         info!(
             endpoints = engine.model.endpoints.len(),
@@ -537,7 +538,7 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
         let attached = match self.datapath.attach(&host_ifname, plumbed.host_ifindex) {
             Ok(()) => self
                 .plumbing
-                .activate(plumbed.host_ifindex)
+                .activate(plumbed.host_ifindex, ip)
                 .await
                 .map_err(EngineError::from),
             Err(e) => Err(e.into()),

@@ -39,7 +39,7 @@ impl Plumbing for FakePlumbing {
         })
     }
 
-    async fn activate(&mut self, host_ifindex: u32) -> Result<(), PlumbingError> {
+    async fn activate(&mut self, host_ifindex: u32, _ip: Ipv4Addr) -> Result<(), PlumbingError> {
         self.up.insert(host_ifindex);
         Ok(())
     }

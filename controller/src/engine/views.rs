@@ -1,7 +1,7 @@
 //! Read-only views of the engine's state for the API: endpoints, identities, policies,
 //! status, and `policy trace`, which answers from the very map state the datapath holds.
 
-use palisade_common::{direction as dir_code, metrics, reason};
+use palisade_common::{conntrack as ct, direction as dir_code, metrics, reason};
 use palisade_policies::{
     compile::{self, RuleOrigin},
     endpoint::Endpoint,
@@ -12,8 +12,8 @@ use palisade_policies::{
 
 use super::{EndpointRecord, Engine, EngineError};
 use crate::api::types::{
-    CounterView, EndpointView, IdentityView, PolicyView, SelectingPolicies, StatusView,
-    TraceRequest, TraceResult, TraceSide,
+    ConntrackView, CounterView, EndpointView, IdentityView, PolicyView, SelectingPolicies,
+    StatusView, TraceRequest, TraceResult, TraceSide,
 };
 use crate::datapath::Datapath;
 use crate::plumbing::Plumbing;
@@ -292,6 +292,68 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
         })
     }
 
+    pub fn conntrack(&self) -> Result<Vec<ConntrackView>, EngineError> {
+        let now = crate::datapath::monotonic_now_ns();
+        let by_id: std::collections::BTreeMap<u32, String> = self
+            .model
+            .endpoints
+            .values()
+            .map(|e| (e.id.0, format!("{}/{}", e.namespace, e.name)))
+            .collect();
+        let v4 = |a: &[u8; 16]| std::net::Ipv4Addr::new(a[0], a[1], a[2], a[3]);
+        let mut out: Vec<ConntrackView> = self
+            .datapath
+            .conntrack_dump()?
+            .into_iter()
+            .map(|(k, e)| {
+                let mut flags = Vec::new();
+                for (bit, word) in [
+                    (ct::CT_FLAG_SEEN_REPLY, "established"),
+                    (ct::CT_FLAG_FIN_FORWARD, "fin-forward"),
+                    (ct::CT_FLAG_FIN_REPLY, "fin-reply"),
+                    (ct::CT_FLAG_PROXY_REDIRECT, "proxy"),
+                    (ct::CT_FLAG_AUDIT, "audit"),
+                ] {
+                    if e.flags & bit != 0 {
+                        flags.push(word.to_string());
+                    }
+                }
+                let icmp = k.protocol == palisade_common::proto::ICMP;
+                ConntrackView {
+                    source: v4(&k.saddr),
+                    destination: v4(&k.daddr),
+                    source_port: if icmp { 0 } else { u16::from_be(k.sport_be) },
+                    destination_port: if icmp { 0 } else { u16::from_be(k.dport_be) },
+                    protocol: crate::flows::protocol_name(k.protocol),
+                    scope: if k.scope == dir_code::INGRESS {
+                        "ingress"
+                    } else {
+                        "egress"
+                    }
+                    .to_string(),
+                    endpoint: by_id
+                        .get(&e.endpoint_id)
+                        .cloned()
+                        .unwrap_or_else(|| format!("#{}", e.endpoint_id)),
+                    peer_identity: e.peer_identity,
+                    rule: self
+                        .rules
+                        .get(palisade_policies::mapstate::RuleId(e.rule_id))
+                        .map(RuleOrigin::describe)
+                        .unwrap_or_default(),
+                    packets: e.packets,
+                    bytes: e.bytes,
+                    expires_in_seconds: e.expires_ns.saturating_sub(now) / 1_000_000_000,
+                    flags,
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| {
+            (&a.endpoint, a.source, a.source_port).cmp(&(&b.endpoint, b.source, b.source_port))
+        });
+        Ok(out)
+    }
+
     pub fn status(&self, flows_stored: usize) -> StatusView {
         let counters = self
             .datapath
@@ -336,7 +398,7 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
             policy_map_entries: self.applied.policy.len(),
             ipcache_entries: self.applied.ipcache.len(),
             maps_in_sync: self.datapath.read_state().is_ok_and(|s| s == self.applied),
-            conntrack_entries: self.datapath.conntrack_len(),
+            conntrack_entries: self.datapath.conntrack_dump().map_or(0, |d| d.len()),
             flows_stored,
             counters,
             namespaces,
