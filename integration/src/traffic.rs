@@ -139,6 +139,10 @@ impl OpenConnection {
         })
     }
 
+    pub fn local_port(&self) -> u16 {
+        self.stream.local_addr().map(|a| a.port()).unwrap_or(0)
+    }
+
     /// One request/answer round trip on the existing connection.
     pub fn round_trip(&mut self) -> bool {
         let mut buf = [0u8; 4];

@@ -397,6 +397,25 @@ fn conntrack_entries_expire_and_close() {
         "late datagram after expiry is dropped: {flows_after:?}"
     );
 
+    // FIN in both directions puts both entries on the short close timeout.
+    let conn = OpenConnection::open(&client.name, server.ip, 80).expect("connect");
+    let port = conn.local_port();
+    drop(conn);
+    sleep(Duration::from_millis(300));
+    let entries = node.json(&["conntrack", "list"]);
+    let closing: Vec<&serde_json::Value> = entries
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["source_port"] == port && e["protocol"] == "TCP")
+        .collect();
+    assert_eq!(closing.len(), 2, "client egress and server ingress entries: {entries}");
+    for e in closing {
+        let flags: Vec<&str> = e["flags"].as_array().unwrap().iter().filter_map(|f| f.as_str()).collect();
+        assert!(flags.contains(&"fin-forward") && flags.contains(&"fin-reply"), "{e}");
+        assert!(e["expires_in_seconds"].as_u64().unwrap() <= 10, "{e}");
+    }
+
     // TCP RST removes the entries at once.
     let conn = OpenConnection::open(&client.name, server.ip, 80).expect("connect");
     let with_conn = node.json(&["status"])["conntrack_entries"]

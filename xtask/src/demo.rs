@@ -83,7 +83,11 @@ fn rss_kib(pid: u32) -> (u64, u64) {
 }
 
 fn section(title: &str) {
-    println!("\n\x1b[1m== {title}\x1b[0m");
+    if std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+        println!("\n\x1b[1m== {title}\x1b[0m");
+    } else {
+        println!("\n== {title}");
+    }
 }
 
 fn show(node: &Node, args: &[&str]) -> String {
