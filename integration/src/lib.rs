@@ -3,6 +3,7 @@
 //! traffic sent from inside endpoint namespaces. Everything a fixture makes is removed in
 //! `Drop`, also when the test fails.
 
+pub mod conformance;
 pub mod node;
 pub mod traffic;
 

@@ -409,10 +409,22 @@ fn conntrack_entries_expire_and_close() {
         .iter()
         .filter(|e| e["source_port"] == port && e["protocol"] == "TCP")
         .collect();
-    assert_eq!(closing.len(), 2, "client egress and server ingress entries: {entries}");
+    assert_eq!(
+        closing.len(),
+        2,
+        "client egress and server ingress entries: {entries}"
+    );
     for e in closing {
-        let flags: Vec<&str> = e["flags"].as_array().unwrap().iter().filter_map(|f| f.as_str()).collect();
-        assert!(flags.contains(&"fin-forward") && flags.contains(&"fin-reply"), "{e}");
+        let flags: Vec<&str> = e["flags"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|f| f.as_str())
+            .collect();
+        assert!(
+            flags.contains(&"fin-forward") && flags.contains(&"fin-reply"),
+            "{e}"
+        );
         assert!(e["expires_in_seconds"].as_u64().unwrap() <= 10, "{e}");
     }
 
