@@ -22,6 +22,7 @@ use crate::engine::persist::StateDir;
 use crate::engine::{Engine, EngineConfig, ipam};
 use crate::flows::store::FlowStore;
 use crate::flows::{Catalog, Clock, enrich};
+use crate::metrics::Telemetry;
 use crate::plumbing::{NetlinkPlumbing, Plumbing};
 
 fn parse_enforcement(s: &str) -> Result<EnforcementMode, String> {
@@ -73,6 +74,9 @@ pub struct AgentArgs {
     /// Conntrack lifetime of established TCP connections.
     #[arg(long, default_value = "6h", value_parser = parse_seconds)]
     pub ct_tcp_timeout: u32,
+    /// Serve Prometheus metrics and /healthz here (e.g. 127.0.0.1:9962); off when absent.
+    #[arg(long)]
+    pub metrics_addr: Option<std::net::SocketAddr>,
     /// Conntrack lifetime of UDP/ICMP flows and of TCP connections before the handshake ends.
     #[arg(long, default_value = "60s", value_parser = parse_seconds)]
     pub ct_other_timeout: u32,
@@ -183,6 +187,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         .await
         .context("preparing the node namespace")?;
     let (catalog_tx, catalog_rx) = watch::channel(Arc::new(Catalog::default()));
+    let telemetry = Arc::new(Telemetry::default());
     let engine = Engine::start(
         EngineConfig {
             pod_cidr: args.pod_cidr,
@@ -194,6 +199,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
                 proxy_port: None,
             },
             policy_dir: args.policy_dir.clone(),
+            compile_seconds: Some(telemetry.compile_seconds.clone()),
         },
         datapath,
         plumbing,
@@ -207,6 +213,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     let (ev_tx, mut ev_rx) = mpsc::channel(8_192);
     tokio::spawn(read_events(ring, ev_tx));
     let store = Arc::clone(&flows);
+    let counted = Arc::clone(&telemetry);
     tokio::spawn(async move {
         let clock = Clock::now();
         let mut seq = 0u64;
@@ -214,12 +221,29 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
             seq += 1;
             let catalog = Arc::clone(&catalog_rx.borrow());
             let flow = enrich(&ev, &catalog, &clock, seq);
+            counted.count_flow(&flow);
             store.push(clock.wall(ev.timestamp_ns), flow);
         }
     });
 
     let (cmd_tx, cmd_rx) = mpsc::channel(64);
     let engine_task = tokio::spawn(run_engine(engine, cmd_rx, Arc::clone(&flows)));
+    let metrics_task = match args.metrics_addr {
+        Some(addr) => {
+            let (engine_tx, telemetry) = (cmd_tx.clone(), Arc::clone(&telemetry));
+            let listener = std::net::TcpListener::bind(addr)
+                .with_context(|| format!("--metrics-addr {addr}"))?;
+            Some(tokio::spawn(async move {
+                if let Err(e) =
+                    crate::metrics::serve(listener, engine_tx, telemetry, std::future::pending())
+                        .await
+                {
+                    error!(%addr, error = %e, "metrics server stopped");
+                }
+            }))
+        }
+        None => None,
+    };
     info!(node_ip = %node_ip, pod_cidr = %args.pod_cidr, "palisade agent ready");
     let served = serve(
         &args.api,
@@ -231,6 +255,9 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     )
     .await;
     let _ = std::fs::remove_file(&args.api);
+    if let Some(t) = metrics_task {
+        t.abort();
+    }
     served.with_context(|| format!("serving the API on {}", args.api.display()))?;
     engine_task.await.context("engine task")?;
     Ok(())

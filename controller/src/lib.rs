@@ -6,6 +6,7 @@
 //! - `flows`: flow records, their store and filters;
 //! - `api`: the agent's unix-socket API, server and client;
 //! - `cli`: the `palisade` command line;
+//! - `metrics`: Prometheus metrics and the health check;
 //! - `agent`: `palisade-agent`, wiring it together.
 
 pub mod agent;
@@ -14,5 +15,6 @@ pub mod cli;
 pub mod datapath;
 pub mod engine;
 pub mod flows;
+pub mod metrics;
 pub mod netns;
 pub mod plumbing;

@@ -230,7 +230,7 @@ pub struct ObserveArgs {
     /// Drop reason (words or code).
     #[arg(long)]
     drop_reason: Vec<String>,
-    /// Negate the filters that follow (until the next --not toggles back), as hubble does.
+    /// Negate the filter flag that follows, as hubble does (`--not --pod shop/db`).
     #[arg(long, action = clap::ArgAction::Count)]
     not: u8,
     /// Keep streaming new flows.
@@ -332,42 +332,78 @@ fn print_trace(t: &TraceResult) {
     }
 }
 
-fn observe_filter(a: &ObserveArgs) -> FlowFilter {
-    let groups: [(Field, &Vec<String>); 19] = [
-        (Field::FromPod, &a.from_pod),
-        (Field::ToPod, &a.to_pod),
-        (Field::Pod, &a.pod),
-        (Field::FromLabel, &a.from_label),
-        (Field::ToLabel, &a.to_label),
-        (Field::Label, &a.label),
-        (Field::FromIdentity, &a.from_identity),
-        (Field::ToIdentity, &a.to_identity),
-        (Field::Identity, &a.identity),
-        (Field::FromIp, &a.from_ip),
-        (Field::ToIp, &a.to_ip),
-        (Field::Ip, &a.ip),
-        (Field::FromPort, &a.from_port),
-        (Field::ToPort, &a.to_port),
-        (Field::Port, &a.port),
-        (Field::Protocol, &a.protocol),
-        (Field::Verdict, &a.verdict),
-        (Field::Namespace, &a.namespace),
-        (Field::DropReason, &a.drop_reason),
-    ];
-    FlowFilter {
-        criteria: groups
-            .into_iter()
-            .filter(|(_, v)| !v.is_empty())
-            .map(|(field, values)| Criterion {
+/// Filter flags of `observe`, by clap argument id.
+const FILTER_FLAGS: [(&str, Field); 19] = [
+    ("from_pod", Field::FromPod),
+    ("to_pod", Field::ToPod),
+    ("pod", Field::Pod),
+    ("from_label", Field::FromLabel),
+    ("to_label", Field::ToLabel),
+    ("label", Field::Label),
+    ("from_identity", Field::FromIdentity),
+    ("to_identity", Field::ToIdentity),
+    ("identity", Field::Identity),
+    ("from_ip", Field::FromIp),
+    ("to_ip", Field::ToIp),
+    ("ip", Field::Ip),
+    ("from_port", Field::FromPort),
+    ("to_port", Field::ToPort),
+    ("port", Field::Port),
+    ("protocol", Field::Protocol),
+    ("verdict", Field::Verdict),
+    ("namespace", Field::Namespace),
+    ("drop_reason", Field::DropReason),
+];
+
+/// Hubble's semantics: values of the same flag are alternatives; different flags must all
+/// hold; `--not` negates the one filter flag that follows it.
+pub fn build_filter(mut occurrences: Vec<(usize, Field, String)>, nots: &[usize]) -> FlowFilter {
+    occurrences.sort_by_key(|(i, _, _)| *i);
+    let negated: Vec<bool> = occurrences
+        .iter()
+        .enumerate()
+        .map(|(k, (i, _, _))| {
+            let prev = if k == 0 { 0 } else { occurrences[k - 1].0 };
+            nots.iter().any(|n| *n < *i && (k == 0 || *n > prev))
+        })
+        .collect();
+    let mut criteria: Vec<Criterion> = Vec::new();
+    for ((_, field, value), negate) in occurrences.into_iter().zip(negated) {
+        if negate {
+            // Each negated value excludes on its own.
+            criteria.push(Criterion {
                 field,
-                values: values.clone(),
-                negate: a.not % 2 == 1,
-            })
-            .collect(),
+                values: vec![value],
+                negate,
+            });
+        } else if let Some(c) = criteria.iter_mut().find(|c| c.field == field && !c.negate) {
+            c.values.push(value);
+        } else {
+            criteria.push(Criterion {
+                field,
+                values: vec![value],
+                negate,
+            });
+        }
     }
+    FlowFilter { criteria }
 }
 
-async fn observe(client: &Client, a: ObserveArgs) -> anyhow::Result<()> {
+fn observe_filter(m: &clap::ArgMatches) -> FlowFilter {
+    let mut occurrences = Vec::new();
+    for (id, field) in FILTER_FLAGS {
+        if let (Some(values), Some(indices)) = (m.get_many::<String>(id), m.indices_of(id)) {
+            occurrences.extend(indices.zip(values).map(|(i, v)| (i, field, v.clone())));
+        }
+    }
+    let nots: Vec<usize> = m
+        .indices_of("not")
+        .map(Iterator::collect)
+        .unwrap_or_default();
+    build_filter(occurrences, &nots)
+}
+
+async fn observe(client: &Client, a: ObserveArgs, m: &clap::ArgMatches) -> anyhow::Result<()> {
     let since_seconds = match &a.since {
         Some(s) => Some(
             humantime::parse_duration(s)
@@ -377,7 +413,7 @@ async fn observe(client: &Client, a: ObserveArgs) -> anyhow::Result<()> {
         None => None,
     };
     let query = FlowQuery {
-        filter: observe_filter(&a),
+        filter: observe_filter(m),
         last: a.last,
         since_seconds,
         follow: a.follow,
@@ -435,7 +471,8 @@ async fn observe(client: &Client, a: ObserveArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub async fn run(cli: Cli) -> anyhow::Result<()> {
+/// Runs a parsed command line; `matches` keeps the order of flags (for `observe --not`).
+pub async fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<()> {
     let client = Client::new(&cli.api);
     match cli.command {
         Command::Status { output } => {
@@ -688,7 +725,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             print_trace(&t);
         }
-        Command::Observe(args) => observe(&client, args).await?,
+        Command::Observe(args) => {
+            let sub = matches.subcommand_matches("observe").unwrap_or(matches);
+            observe(&client, args, sub).await?
+        }
         Command::Conntrack(ConntrackCmd::List { output }) => {
             let entries: Vec<ConntrackView> = client.get("/v1/conntrack").await?;
             if output == Output::Json {
@@ -730,4 +770,71 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn not_negates_only_the_next_filter() {
+        // observe --pod a/x --not --verdict DROPPED --verdict AUDIT
+        let f = build_filter(
+            vec![
+                (2, Field::Pod, "a/x".into()),
+                (5, Field::Verdict, "DROPPED".into()),
+                (7, Field::Verdict, "AUDIT".into()),
+            ],
+            &[3],
+        );
+        assert_eq!(f.criteria.len(), 3);
+        assert!(!f.criteria[0].negate && f.criteria[0].field == Field::Pod);
+        assert!(f.criteria[1].negate && f.criteria[1].values == vec!["DROPPED".to_string()]);
+        assert!(!f.criteria[2].negate && f.criteria[2].values == vec!["AUDIT".to_string()]);
+    }
+
+    #[test]
+    fn repeated_flags_are_alternatives() {
+        let f = build_filter(
+            vec![
+                (2, Field::ToPod, "a/x".into()),
+                (4, Field::ToPod, "a/y".into()),
+            ],
+            &[],
+        );
+        assert_eq!(f.criteria.len(), 1);
+        assert_eq!(f.criteria[0].values.len(), 2);
+    }
+
+    #[test]
+    fn cli_indices_reach_the_filter() {
+        use clap::{CommandFactory as _, FromArgMatches as _};
+        let m = Cli::command()
+            .try_get_matches_from([
+                "palisade",
+                "observe",
+                "--not",
+                "--verdict",
+                "DROPPED",
+                "--to-port",
+                "80",
+            ])
+            .unwrap();
+        let sub = m.subcommand_matches("observe").unwrap();
+        let f = observe_filter(sub);
+        assert!(Cli::from_arg_matches(&m).is_ok());
+        assert_eq!(f.criteria.len(), 2);
+        let verdict = f
+            .criteria
+            .iter()
+            .find(|c| c.field == Field::Verdict)
+            .unwrap();
+        assert!(verdict.negate);
+        let port = f
+            .criteria
+            .iter()
+            .find(|c| c.field == Field::ToPort)
+            .unwrap();
+        assert!(!port.negate);
+    }
 }

@@ -160,6 +160,8 @@ pub struct EngineConfig {
     pub node_ip: Ipv4Addr,
     pub settings: Settings,
     pub policy_dir: Option<PathBuf>,
+    /// Where to record how long each compile-and-diff takes.
+    pub compile_seconds: Option<prometheus_client::metrics::histogram::Histogram>,
 }
 
 pub struct Engine<D: Datapath, P: Plumbing> {
@@ -348,6 +350,7 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
     /// Compiles the model and writes the difference to the maps. On a failed write, rolls
     /// the maps back to what they held and reports the error.
     fn sync(&mut self) -> Result<usize, EngineError> {
+        let started = std::time::Instant::now();
         let policies = self.policies();
         let cidrs = compile::policy_cidrs(policies.values());
         self.model.identities.sync_cidrs(&cidrs)?;
@@ -362,6 +365,9 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
         };
         let desired = compile::compile(&input, &mut self.rules);
         let diff = mapstate::diff(&self.applied, &desired);
+        if let Some(h) = &self.cfg.compile_seconds {
+            h.observe(started.elapsed().as_secs_f64());
+        }
         let ops = diff.len();
         if ops > 0 {
             if let Err(e) = self.datapath.apply(&diff) {

@@ -77,6 +77,7 @@ fn config() -> EngineConfig {
         node_ip: Ipv4Addr::new(10, 200, 0, 1),
         settings: Settings::default(),
         policy_dir: None,
+        compile_seconds: None,
     }
 }
 
