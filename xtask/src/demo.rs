@@ -166,7 +166,7 @@ pub fn run() -> anyhow::Result<()> {
     unsafe { std::env::set_var("PALISADE_BIN_DIR", &bin_dir) };
     if !nix::unistd::geteuid().is_root() {
         bail!(
-            "the demo needs root (it loads BPF programs and creates network namespaces); run `sudo cargo xtask demo`"
+            "the demo needs root (it loads BPF programs and creates network namespaces); run `cargo xtask demo` as root"
         );
     }
     // Leftovers of an interrupted run.
