@@ -6,6 +6,7 @@
 //! - `test`: unit tests and the root-only integration tests (what CI runs);
 //! - `bench`: benchmarks.
 
+mod bench;
 mod demo;
 mod install;
 
@@ -44,6 +45,9 @@ enum Task {
         #[arg(last = true)]
         filter: Vec<String>,
     },
+    /// Benchmarks (needs root): policy-scale, flow-ingest (default: all). Results go to
+    /// docs/benchmarks/.
+    Bench { which: Option<String> },
     /// Only the integration tests (needs root).
     Integration {
         #[arg(last = true)]
@@ -147,5 +151,6 @@ fn main() -> anyhow::Result<()> {
             integration(&filter)
         }
         Task::Integration { filter } => integration(&filter),
+        Task::Bench { which } => bench::run(which),
     }
 }

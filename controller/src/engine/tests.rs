@@ -1,6 +1,5 @@
 //! Engine behaviour without root: an in-memory datapath and fake plumbing.
 
-use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 
@@ -12,64 +11,9 @@ use tokio::sync::watch;
 
 use super::*;
 use crate::datapath::memory::MemoryDatapath;
-use crate::plumbing::PlumbedEndpoint;
+use crate::plumbing::memory::MemoryPlumbing;
 
-#[derive(Default)]
-struct FakePlumbing {
-    netns: BTreeSet<String>,
-    links: BTreeMap<String, u32>,
-    up: BTreeSet<u32>,
-    next_ifindex: u32,
-}
-
-impl Plumbing for FakePlumbing {
-    async fn create_endpoint(
-        &mut self,
-        netns_name: &str,
-        host_ifname: &str,
-        _ip: Ipv4Addr,
-    ) -> Result<PlumbedEndpoint, PlumbingError> {
-        self.netns.insert(netns_name.to_string());
-        self.next_ifindex += 1;
-        let ifindex = 100 + self.next_ifindex;
-        self.links.insert(host_ifname.to_string(), ifindex);
-        Ok(PlumbedEndpoint {
-            host_ifname: host_ifname.to_string(),
-            host_ifindex: ifindex,
-        })
-    }
-
-    async fn activate(&mut self, host_ifindex: u32, _ip: Ipv4Addr) -> Result<(), PlumbingError> {
-        self.up.insert(host_ifindex);
-        Ok(())
-    }
-
-    async fn delete_endpoint(
-        &mut self,
-        netns_name: &str,
-        host_ifname: &str,
-    ) -> Result<(), PlumbingError> {
-        self.netns.remove(netns_name);
-        if let Some(i) = self.links.remove(host_ifname) {
-            self.up.remove(&i);
-        }
-        Ok(())
-    }
-
-    async fn ifindex(&mut self, ifname: &str) -> Result<Option<u32>, PlumbingError> {
-        Ok(self.links.get(ifname).copied())
-    }
-
-    async fn node_addresses(&mut self) -> Result<Vec<Ipv4Addr>, PlumbingError> {
-        Ok(vec![Ipv4Addr::new(10, 200, 0, 1)])
-    }
-
-    fn netns_exists(&self, name: &str) -> bool {
-        self.netns.contains(name)
-    }
-}
-
-type TestEngine = Engine<MemoryDatapath, FakePlumbing>;
+type TestEngine = Engine<MemoryDatapath, MemoryPlumbing>;
 
 fn config() -> EngineConfig {
     EngineConfig {
@@ -83,7 +27,7 @@ fn config() -> EngineConfig {
 
 async fn engine_with(
     datapath: MemoryDatapath,
-    plumbing: FakePlumbing,
+    plumbing: MemoryPlumbing,
     dir: Option<&std::path::Path>,
 ) -> TestEngine {
     let (tx, _rx) = watch::channel(Arc::new(Catalog::default()));
@@ -94,7 +38,7 @@ async fn engine_with(
 }
 
 async fn engine() -> TestEngine {
-    engine_with(MemoryDatapath::default(), FakePlumbing::default(), None).await
+    engine_with(MemoryDatapath::default(), MemoryPlumbing::default(), None).await
 }
 
 fn labels(s: &str) -> Labels {
@@ -378,7 +322,7 @@ async fn restart_keeps_identities_endpoints_and_policies_and_rewrites_nothing() 
     let _ = std::fs::remove_dir_all(&dir);
     let mut e = engine_with(
         MemoryDatapath::default(),
-        FakePlumbing::default(),
+        MemoryPlumbing::default(),
         Some(&dir),
     )
     .await;

@@ -19,6 +19,8 @@ use tracing::debug;
 
 use crate::netns;
 
+pub mod memory;
+
 /// The endpoint's default gateway: link-local, answered by the host-side veth's MAC.
 pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
 

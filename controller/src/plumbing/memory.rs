@@ -1,0 +1,61 @@
+//! Plumbing without a kernel: namespaces and links are sets. For engine tests and benchmarks.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+
+use super::{PlumbedEndpoint, Plumbing, PlumbingError};
+
+#[derive(Debug, Default)]
+pub struct MemoryPlumbing {
+    pub netns: BTreeSet<String>,
+    pub links: BTreeMap<String, u32>,
+    pub up: BTreeSet<u32>,
+    next_ifindex: u32,
+}
+
+impl Plumbing for MemoryPlumbing {
+    async fn create_endpoint(
+        &mut self,
+        netns_name: &str,
+        host_ifname: &str,
+        _ip: Ipv4Addr,
+    ) -> Result<PlumbedEndpoint, PlumbingError> {
+        self.netns.insert(netns_name.to_string());
+        self.next_ifindex += 1;
+        let ifindex = 100 + self.next_ifindex;
+        self.links.insert(host_ifname.to_string(), ifindex);
+        Ok(PlumbedEndpoint {
+            host_ifname: host_ifname.to_string(),
+            host_ifindex: ifindex,
+        })
+    }
+
+    async fn activate(&mut self, host_ifindex: u32, _ip: Ipv4Addr) -> Result<(), PlumbingError> {
+        self.up.insert(host_ifindex);
+        Ok(())
+    }
+
+    async fn delete_endpoint(
+        &mut self,
+        netns_name: &str,
+        host_ifname: &str,
+    ) -> Result<(), PlumbingError> {
+        self.netns.remove(netns_name);
+        if let Some(i) = self.links.remove(host_ifname) {
+            self.up.remove(&i);
+        }
+        Ok(())
+    }
+
+    async fn ifindex(&mut self, ifname: &str) -> Result<Option<u32>, PlumbingError> {
+        Ok(self.links.get(ifname).copied())
+    }
+
+    async fn node_addresses(&mut self) -> Result<Vec<Ipv4Addr>, PlumbingError> {
+        Ok(vec![Ipv4Addr::new(10, 200, 0, 1)])
+    }
+
+    fn netns_exists(&self, name: &str) -> bool {
+        self.netns.contains(name)
+    }
+}
