@@ -365,13 +365,12 @@ struct RuleContext<'a, 'b> {
     direction: Direction,
 }
 
-fn add_rule<'a>(
+/// Every policy-map key a rule covers for the endpoint and direction in `ctx`.
+fn rule_keys<'a>(
     ctx: &RuleContext<'a, '_>,
     cache: &mut SelectorCache<'a>,
     rule: &'a Rule,
-    entry: PolicyEntry,
-    out: &mut DirectionEntries,
-) {
+) -> Vec<PolicyKey> {
     let peers: BTreeSet<Identity> = match &rule.peers {
         Peers::All => [Identity::ANY].into(),
         Peers::Some(list) => {
@@ -389,11 +388,10 @@ fn add_rule<'a>(
         protocol,
         port,
     };
+    let mut keys = Vec::new();
     if rule.ports.is_empty() {
-        for id in &peers {
-            insert(out, key(*id, None, PortPrefix::ANY), entry);
-        }
-        return;
+        keys.extend(peers.iter().map(|id| key(*id, None, PortPrefix::ANY)));
+        return keys;
     }
     for spec in &rule.ports {
         match (&spec.port, ctx.direction) {
@@ -405,27 +403,24 @@ fn add_rule<'a>(
                         continue;
                     }
                     for (proto, block) in port_blocks(spec, &named_ports_of(dst, name)) {
-                        insert(out, key(dst.identity, proto, block), entry);
+                        keys.push(key(dst.identity, proto, block));
                     }
                 }
             }
             (Port::Named(name), Direction::Ingress) => {
                 let named = named_ports_of(ctx.ep, name);
                 for (proto, block) in port_blocks(spec, &named) {
-                    for id in &peers {
-                        insert(out, key(*id, proto, block), entry);
-                    }
+                    keys.extend(peers.iter().map(|id| key(*id, proto, block)));
                 }
             }
             _ => {
                 for (proto, block) in port_blocks(spec, &[]) {
-                    for id in &peers {
-                        insert(out, key(*id, proto, block), entry);
-                    }
+                    keys.extend(peers.iter().map(|id| key(*id, proto, block)));
                 }
             }
         }
     }
+    keys
 }
 
 /// Gives every entry the action of its highest-precedence less specific entry, when that
@@ -512,6 +507,29 @@ fn build_ipcache(input: &CompileInput<'_>) -> BTreeMap<Ipv4Network, IpcacheEntry
 /// Compiles the whole map state. `rules` keeps rule ids stable between compiles; call
 /// `RuleTable::retain_used` on the result afterwards.
 pub fn compile(input: &CompileInput<'_>, rules: &mut RuleTable) -> MapState {
+    compile_with_l7(input, rules).0
+}
+
+/// One allow rule as the L7 proxy sees it: the (peer identity, TCP port block) pairs it
+/// covers, and its HTTP rules (`None`: every request).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct L7Rule {
+    pub keys: Vec<(Identity, PortPrefix)>,
+    pub http: Option<Vec<crate::model::HttpRule>>,
+    pub rule: RuleId,
+}
+
+/// The allow rules of every (endpoint, direction) that has HTTP rules.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct L7Policy {
+    pub rules: BTreeMap<(EndpointId, Direction), Vec<L7Rule>>,
+}
+
+const TCP: u8 = 6;
+
+/// Compiles map state and the L7 policy the proxy enforces, from the same rules.
+pub fn compile_with_l7(input: &CompileInput<'_>, rules: &mut RuleTable) -> (MapState, L7Policy) {
+    let mut l7 = L7Policy::default();
     let mut state = MapState {
         ipcache: build_ipcache(input),
         ..MapState::default()
@@ -532,6 +550,7 @@ pub fn compile(input: &CompileInput<'_>, rules: &mut RuleTable) -> MapState {
                 direction,
             };
             let mut entries = DirectionEntries::new();
+            let mut l7_candidates: Vec<L7Rule> = Vec::new();
             for (policy, spec_index, spec) in &specs {
                 let dp = spec.direction(direction);
                 for (deny, list) in [(false, &dp.allow), (true, &dp.deny)] {
@@ -556,9 +575,29 @@ pub fn compile(input: &CompileInput<'_>, rules: &mut RuleTable) -> MapState {
                             action,
                             rule: rules.intern(&origin),
                         };
-                        add_rule(&ctx, &mut cache, rule, entry, &mut entries);
+                        let keys = rule_keys(&ctx, &mut cache, rule);
+                        for k in &keys {
+                            insert(&mut entries, *k, entry);
+                        }
+                        if !deny {
+                            l7_candidates.push(L7Rule {
+                                keys: keys
+                                    .iter()
+                                    .filter(|k| matches!(k.protocol, None | Some(TCP)))
+                                    .map(|k| (k.identity, k.port))
+                                    .collect(),
+                                http: rule.http.clone(),
+                                rule: entry.rule,
+                            });
+                        }
                     }
                 }
+            }
+            // Where any rule of this endpoint and direction has HTTP rules, the proxy needs
+            // every allow rule: one without HTTP rules allows all requests of its peers and
+            // ports (Cilium's L4 wildcard).
+            if l7_candidates.iter().any(|c| c.http.is_some()) {
+                l7.rules.insert((ep.id, direction), l7_candidates);
             }
             if direction == Direction::Ingress && is_enforced && input.settings.allow_host_ingress {
                 let entry = PolicyEntry {
@@ -589,7 +628,7 @@ pub fn compile(input: &CompileInput<'_>, rules: &mut RuleTable) -> MapState {
             },
         );
     }
-    state
+    (state, l7)
 }
 
 #[cfg(test)]
@@ -1336,6 +1375,68 @@ mod tests {
                 .all(|(k, _)| k.endpoint == EndpointId(2)),
             "{d:?}"
         );
+    }
+
+    #[test]
+    fn http_rules_redirect_their_ports_and_feed_the_proxy_every_allow_rule() {
+        let mut c = Cluster::new();
+        c.settings.proxy_port = Some(15001);
+        let server = c.pod(1, "x", &[("app", "server")], [10, 0, 0, 1]);
+        let client = c.pod(2, "x", &[("app", "client")], [10, 0, 0, 2]);
+        let mut p = policy(
+            "x",
+            "l7",
+            in_ns("x", pods(&[("app", "server")])),
+            Some(vec![
+                Rule {
+                    peers: Peers::Some(vec![Peer::Endpoints(in_ns(
+                        "x",
+                        pods(&[("app", "client")]),
+                    ))]),
+                    ports: vec![tcp(80)],
+                    http: Some(vec![crate::model::HttpRule {
+                        method: Some("GET".into()),
+                        ..Default::default()
+                    }]),
+                },
+                rule(Peers::All, vec![tcp(9090)]),
+            ]),
+            None,
+        );
+        p.id.kind = PolicyKind::NetworkPolicy;
+        c.apply(p);
+        let cidrs = policy_cidrs(c.policies.values());
+        c.alloc.sync_cidrs(&cidrs).unwrap();
+        let table = c.alloc.table();
+        let host = [Ipv4Addr::new(10, 0, 0, 254)];
+        let input = CompileInput {
+            endpoints: &c.endpoints,
+            identities: &table,
+            policies: &c.policies,
+            host_addresses: &host,
+            settings: c.settings,
+        };
+        let (state, l7) = compile_with_l7(&input, &mut c.rules);
+        assert_eq!(
+            state
+                .decide(server, Direction::Ingress, ip([10, 0, 0, 2]), TCP, 80)
+                .unwrap()
+                .verdict,
+            Verdict::Redirected { proxy_port: 15001 }
+        );
+        assert_eq!(
+            verdict(&state, server, Direction::Ingress, [10, 0, 0, 2], TCP, 9090),
+            Verdict::Allowed
+        );
+        let rules = &l7.rules[&(server, Direction::Ingress)];
+        assert_eq!(rules.len(), 2);
+        assert!(rules[0].http.is_some() && rules[1].http.is_none());
+        assert!(
+            rules[0]
+                .keys
+                .contains(&(c.endpoints[&client].identity, PortPrefix::exact(80)))
+        );
+        assert!(!l7.rules.contains_key(&(client, Direction::Egress)));
     }
 
     #[test]

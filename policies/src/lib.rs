@@ -9,6 +9,7 @@
 //! - `mapstate`: that map state, its datapath-equivalent lookup, and diffs between two states.
 
 pub mod compile;
+pub mod l7;
 pub mod endpoint;
 pub mod identity;
 pub mod labels;
