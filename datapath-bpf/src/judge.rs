@@ -9,14 +9,14 @@ use aya_ebpf::{
 };
 use palisade_common::{
     config::Config,
-    conntrack::{CT_FLAG_AUDIT, CtEntry, CtKey},
+    conntrack::{CT_FLAG_AUDIT, CT_FLAG_FROM_PROXY, CT_FLAG_PROXY_REDIRECT, CtEntry, CtKey},
     direction,
     endpoint::{EndpointInfo, FLAG_AUDIT},
     family,
     flow::{EVENT_DROP, EVENT_NEW_CONNECTION, EVENT_REVALIDATION_DROP},
     identity,
     ipcache::{IPCACHE_PREFIX_OFFSET_BITS, IpcacheKey, IpcacheValue},
-    metrics::{OUTCOME_AUDIT, OUTCOME_FORWARDED},
+    metrics::{OUTCOME_AUDIT, OUTCOME_FORWARDED, OUTCOME_REDIRECTED},
     policy::action,
     proto,
     reason::{drop, verdict},
@@ -28,6 +28,7 @@ use crate::{
     maps::{CONFIG, ENDPOINTS, IPCACHE},
     packet::{self, Packet, Parsed, TCP_ACK, TCP_SYN},
     policy::{self, Decision},
+    proxy,
 };
 
 /// Why a packet is dropped, with what the flow event needs to explain it.
@@ -130,6 +131,12 @@ fn judge(ctx: &TcContext, dir: u8, ifindex: u32, len: u32) -> Result<u8, Drop> {
         return Err(Drop::plain(drop::INVALID_SOURCE_IP));
     }
     let now = now_ns();
+    // The proxy's upstream connections carry the original client's identity in their mark.
+    let proxied_from = if dir == direction::INGRESS {
+        proxy::from_proxy_identity(ctx)
+    } else {
+        None
+    };
 
     if pkt.related {
         // An ICMP error about a connection: forwarded only if that connection is tracked by
@@ -144,14 +151,21 @@ fn judge(ctx: &TcContext, dir: u8, ifindex: u32, len: u32) -> Result<u8, Drop> {
     // Original direction of a connection this direction opened.
     let fwd = conntrack::key_forward(&pkt, dir);
     if let Some(entry) = conntrack::lookup(&fwd, now) {
-        return established(cfg, &ep, &fwd, entry, &pkt, false, now, len);
+        let outcome = established(cfg, &ep, &fwd, entry, &pkt, false, now, len)?;
+        // SAFETY: valid map value pointer for this program run.
+        let e = unsafe { &*entry };
+        if dir == direction::EGRESS && e.flags & CT_FLAG_PROXY_REDIRECT != 0 {
+            proxy::redirect(ctx, &pkt, e.proxy_port_be).map_err(Drop::plain)?;
+            return Ok(OUTCOME_REDIRECTED);
+        }
+        return Ok(outcome);
     }
     // Reply to a connection the opposite direction let in or out.
     let rev = conntrack::key_reverse(&pkt, opposite(dir));
     if let Some(entry) = conntrack::lookup(&rev, now) {
         return established(cfg, &ep, &rev, entry, &pkt, true, now, len);
     }
-    new_connection(cfg, &ep, dir, &fwd, &pkt, now, ifindex, len)
+    new_connection(ctx, cfg, &ep, dir, &fwd, &pkt, now, ifindex, len, proxied_from)
 }
 
 /// Identity (and CIDR alias) of the peer address; an address nobody claims is `world`.
@@ -176,24 +190,25 @@ fn peer_of(addr: &[u8; 16]) -> IpcacheValue {
     }
 }
 
+/// The policy decision for a connection as `scope` saw it open. `known_peer` is the peer's
+/// identity when the address does not tell it (connections from the proxy).
 #[inline(always)]
-fn check_policy(ep: &EndpointInfo, scope: u8, key: &CtKey, policy_port_be: u16) -> (Decision, u32) {
-    // The peer is the far end of the connection as the scope saw it open.
-    let peer_addr = if scope == direction::EGRESS {
-        &key.daddr
-    } else {
-        &key.saddr
+fn check_policy(ep: &EndpointInfo, scope: u8, key: &CtKey, policy_port_be: u16, known_peer: Option<u32>) -> (Decision, u32) {
+    let (identity, cidr_identity) = match known_peer {
+        Some(id) => (id, 0),
+        None => {
+            // The peer is the far end of the connection.
+            let peer_addr = if scope == direction::EGRESS { &key.daddr } else { &key.saddr };
+            let peer = peer_of(peer_addr);
+            (peer.identity, peer.cidr_identity)
+        }
     };
-    let peer = peer_of(peer_addr);
-    let decision = policy::decide(
-        ep,
-        scope,
-        peer.identity,
-        peer.cidr_identity,
-        key.protocol,
-        policy_port_be,
-    );
-    (decision, peer.identity)
+    let mut decision = policy::decide(ep, scope, identity, cidr_identity, key.protocol, policy_port_be);
+    if known_peer.is_some() && decision.action == action::REDIRECT {
+        // The proxy is the one sending: it enforced the HTTP rules already.
+        decision.action = action::ALLOW;
+    }
+    (decision, identity)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -218,7 +233,8 @@ fn established(
         } else {
             key.dport_be
         };
-        let (decision, peer_identity) = check_policy(ep, key.scope, key, port_be);
+        let known_peer = (e.flags & CT_FLAG_FROM_PROXY != 0).then_some(e.peer_identity);
+        let (decision, peer_identity) = check_policy(ep, key.scope, key, port_be, known_peer);
         let allowed = matches!(decision.action, action::ALLOW | action::REDIRECT);
         if !allowed && ep.flags & FLAG_AUDIT == 0 {
             conntrack::remove(key);
@@ -253,9 +269,30 @@ fn deny_reason(action_code: u8) -> u8 {
     }
 }
 
+/// Where a new connection goes when policy allows it.
+#[inline(always)]
+fn proxy_port_for(ep: &EndpointInfo, dir: u8, decision: &Decision, pkt: &Packet) -> Result<u16, Drop> {
+    if decision.action == action::REDIRECT {
+        return Ok(decision.proxy_port_be);
+    }
+    if dir != direction::EGRESS || pkt.protocol != proto::TCP {
+        return Ok(0);
+    }
+    // A local destination whose ingress has HTTP rules for us needs the proxy too; the
+    // redirect can only happen here, at TC ingress on the client's side.
+    let dst = peer_of(&pkt.daddr);
+    if dst.endpoint_id == 0 {
+        return Ok(0);
+    }
+    let me = peer_of(&pkt.saddr);
+    let theirs = policy::best_match(dst.endpoint_id, direction::INGRESS, ep.identity, me.cidr_identity, proto::TCP, pkt.policy_port_be);
+    Ok(if theirs.action == action::REDIRECT { theirs.proxy_port_be } else { 0 })
+}
+
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn new_connection(
+    ctx: &TcContext,
     cfg: &Config,
     ep: &EndpointInfo,
     dir: u8,
@@ -264,57 +301,53 @@ fn new_connection(
     now: u64,
     ifindex: u32,
     len: u32,
+    proxied_from: Option<u32>,
 ) -> Result<u8, Drop> {
-    let (decision, peer_identity) = check_policy(ep, dir, key, pkt.policy_port_be);
-    let (outcome, verdict_code, ct_flags) = match decision.action {
-        action::ALLOW => (OUTCOME_FORWARDED, verdict::FORWARDED, 0),
-        // The L7 proxy is not attached to this datapath version: a redirect that cannot be
-        // honoured is a drop, never a silent allow.
-        action::REDIRECT => {
-            return Err(Drop {
-                reason: drop::PROXY_UNAVAILABLE,
-                kind: EVENT_DROP,
-                peer_identity,
-                rule_id: decision.rule_id,
-            });
-        }
+    let (decision, peer_identity) = check_policy(ep, dir, key, pkt.policy_port_be, proxied_from);
+    let deny = |reason| Drop {
+        reason,
+        kind: EVENT_DROP,
+        peer_identity,
+        rule_id: decision.rule_id,
+    };
+    let (mut outcome, mut verdict_code, mut ct_flags) = match decision.action {
+        action::ALLOW | action::REDIRECT => (OUTCOME_FORWARDED, verdict::FORWARDED, 0),
         denied => {
             if ep.flags & FLAG_AUDIT == 0 {
-                return Err(Drop {
-                    reason: deny_reason(denied),
-                    kind: EVENT_DROP,
-                    peer_identity,
-                    rule_id: decision.rule_id,
-                });
+                return Err(deny(deny_reason(denied)));
             }
             (OUTCOME_AUDIT, verdict::AUDIT, CT_FLAG_AUDIT)
         }
     };
+    let proxy_port_be = if outcome == OUTCOME_AUDIT { 0 } else { proxy_port_for(ep, dir, &decision, pkt)? };
+    let is_syn = pkt.protocol == proto::TCP && pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    if proxy_port_be != 0 || decision.action == action::REDIRECT {
+        // Only a TCP connection opened on an endpoint's egress can be handed to the proxy;
+        // anything else that policy sends there fails closed.
+        if dir != direction::EGRESS || !is_syn {
+            return Err(deny(drop::PROXY_UNAVAILABLE));
+        }
+        outcome = OUTCOME_REDIRECTED;
+        verdict_code = verdict::REDIRECTED;
+        ct_flags |= CT_FLAG_PROXY_REDIRECT;
+    }
+    if proxied_from.is_some() {
+        ct_flags |= CT_FLAG_FROM_PROXY;
+    }
     // Only a SYN opens a TCP connection. A mid-stream segment that policy allows is forwarded
     // but tracks nothing: otherwise a peer could turn the other side's packets into "replies"
     // of a connection that never passed policy in that direction.
-    if pkt.protocol == proto::TCP && pkt.tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
+    if pkt.protocol == proto::TCP && !is_syn {
         return Ok(outcome);
     }
-    if conntrack::create(
-        key,
-        cfg,
-        now,
-        len,
-        ep.endpoint_id,
-        peer_identity,
-        decision.rule_id,
-        ct_flags,
-        0,
-    )
-    .is_err()
+    if conntrack::create(key, cfg, now, len, ep.endpoint_id, peer_identity, decision.rule_id, ct_flags, proxy_port_be).is_err() {
+        return Err(deny(drop::CT_MAP_FULL));
+    }
+    if ct_flags & CT_FLAG_PROXY_REDIRECT != 0
+        && let Err(reason) = proxy::redirect(ctx, pkt, proxy_port_be)
     {
-        return Err(Drop {
-            reason: drop::CT_MAP_FULL,
-            kind: EVENT_DROP,
-            peer_identity,
-            rule_id: decision.rule_id,
-        });
+        conntrack::remove(key);
+        return Err(deny(reason));
     }
     let (src_identity, dst_identity) = if dir == direction::EGRESS {
         (ep.identity, peer_identity)

@@ -12,6 +12,7 @@ mod judge;
 mod maps;
 mod packet;
 mod policy;
+mod proxy;
 
 use aya_ebpf::{macros::classifier, programs::TcContext};
 use palisade_common::direction;

@@ -230,6 +230,15 @@ pub struct ObserveArgs {
     /// Drop reason (words or code).
     #[arg(long)]
     drop_reason: Vec<String>,
+    /// HTTP method of L7 flows.
+    #[arg(long)]
+    http_method: Vec<String>,
+    /// HTTP status of L7 flows: 403, or a class such as 4xx.
+    #[arg(long)]
+    http_status: Vec<String>,
+    /// Regular expression over the (normalized) HTTP path of L7 flows.
+    #[arg(long)]
+    http_path: Vec<String>,
     /// Negate the filter flag that follows, as hubble does (`--not --pod shop/db`).
     #[arg(long, action = clap::ArgAction::Count)]
     not: u8,
@@ -333,7 +342,7 @@ fn print_trace(t: &TraceResult) {
 }
 
 /// Filter flags of `observe`, by clap argument id.
-const FILTER_FLAGS: [(&str, Field); 19] = [
+const FILTER_FLAGS: [(&str, Field); 22] = [
     ("from_pod", Field::FromPod),
     ("to_pod", Field::ToPod),
     ("pod", Field::Pod),
@@ -353,6 +362,9 @@ const FILTER_FLAGS: [(&str, Field); 19] = [
     ("verdict", Field::Verdict),
     ("namespace", Field::Namespace),
     ("drop_reason", Field::DropReason),
+    ("http_method", Field::HttpMethod),
+    ("http_status", Field::HttpStatus),
+    ("http_path", Field::HttpPath),
 ];
 
 /// Hubble's semantics: values of the same flag are alternatives; different flags must all

@@ -34,6 +34,12 @@ pub enum Field {
     Namespace,
     /// Drop reason words or code.
     DropReason,
+    /// HTTP method (L7 flows).
+    HttpMethod,
+    /// HTTP status: exact (`403`) or class (`4xx`, `4+`).
+    HttpStatus,
+    /// Regular expression over the normalized HTTP path (anchored).
+    HttpPath,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -55,6 +61,14 @@ pub struct FilterError {
     pub field: String,
     pub value: String,
     pub why: &'static str,
+}
+
+/// `403`, or a class: `4xx` / `4+`.
+fn status_matches(status: u16, want: &str) -> bool {
+    match want.strip_suffix("xx").or_else(|| want.strip_suffix('+')) {
+        Some(class) => class.parse::<u16>().is_ok_and(|c| status / 100 == c),
+        None => want.parse::<u16>().is_ok_and(|s| s == status),
+    }
 }
 
 fn pod_name(p: &FlowPeer) -> Option<String> {
@@ -97,7 +111,13 @@ impl Criterion {
             Field::FromPort => src_port == v,
             Field::ToPort => dst_port == v,
             Field::Port => src_port == v || dst_port == v,
+            Field::Protocol if v.eq_ignore_ascii_case("http") => flow.http.is_some(),
             Field::Protocol => flow.l4.protocol.eq_ignore_ascii_case(v),
+            Field::HttpMethod => flow.http.as_ref().is_some_and(|h| h.method.eq_ignore_ascii_case(v)),
+            Field::HttpStatus => flow.http.as_ref().is_some_and(|h| status_matches(h.status, v)),
+            Field::HttpPath => flow.http.as_ref().is_some_and(|h| {
+                regex::Regex::new(&format!("^(?:{v})$")).is_ok_and(|r| r.is_match(&h.path))
+            }),
             Field::Verdict => flow.verdict.eq_ignore_ascii_case(v),
             Field::Namespace => flow.source.namespace == v || flow.destination.namespace == v,
             Field::DropReason => {
@@ -149,6 +169,15 @@ impl Criterion {
                         .contains(&v.to_ascii_uppercase().as_str()) =>
                 {
                     return Err(bad("expected FORWARDED, DROPPED, AUDIT or REDIRECTED"));
+                }
+                Field::HttpStatus
+                    if !(v.parse::<u16>().is_ok()
+                        || v.strip_suffix("xx").or_else(|| v.strip_suffix('+')).is_some_and(|c| c.parse::<u16>().is_ok())) =>
+                {
+                    return Err(bad("expected a status (403) or a class (4xx)"));
+                }
+                Field::HttpPath if regex::Regex::new(v).is_err() => {
+                    return Err(bad("expected a regular expression"));
                 }
                 _ => {}
             }
@@ -203,6 +232,7 @@ mod tests {
             },
             policy: None,
             packet_bytes: 60,
+            http: None,
         }
     }
 
@@ -260,6 +290,29 @@ mod tests {
         assert!(crit(Field::Ip, &["10.200.0.3"], false).matches(&f));
         assert!(crit(Field::DropReason, &["policy denied"], false).matches(&f));
         assert!(crit(Field::Namespace, &["demo"], false).matches(&f));
+    }
+
+    #[test]
+    fn http_filters_match_l7_flows_only() {
+        let mut f = flow("DROPPED", ("demo", "frontend"), ("demo", "backend"), 8080);
+        assert!(!crit(Field::Protocol, &["http"], false).matches(&f));
+        f.http = Some(crate::flows::FlowHttp {
+            method: "POST".into(),
+            path: "/admin/users".into(),
+            host: Some("backend".into()),
+            status: 403,
+            latency_us: 120,
+        });
+        assert!(crit(Field::Protocol, &["http"], false).matches(&f));
+        assert!(crit(Field::HttpMethod, &["post"], false).matches(&f));
+        assert!(crit(Field::HttpStatus, &["403"], false).matches(&f));
+        assert!(crit(Field::HttpStatus, &["4xx"], false).matches(&f));
+        assert!(crit(Field::HttpStatus, &["4+"], false).matches(&f));
+        assert!(!crit(Field::HttpStatus, &["2xx"], false).matches(&f));
+        assert!(crit(Field::HttpPath, &["/admin/.*"], false).matches(&f));
+        assert!(!crit(Field::HttpPath, &["/admin"], false).matches(&f), "anchored");
+        assert!(crit(Field::HttpStatus, &["abc"], false).validate().is_err());
+        assert!(crit(Field::HttpPath, &["(x"], false).validate().is_err());
     }
 
     #[test]

@@ -55,6 +55,20 @@ pub struct FlowPolicy {
     pub rule: String,
 }
 
+/// The HTTP request behind an L7 flow.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlowHttp {
+    pub method: String,
+    /// Normalized path (what policy matched), without the query.
+    pub path: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// Status sent to the client (403 when policy denied, 400 for malformed requests).
+    pub status: u16,
+    /// From the complete request head to the response head, in microseconds.
+    pub latency_us: u64,
+}
+
 /// A flow record (`palisade observe -o json` prints one per line; schema in docs/flows.md).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Flow {
@@ -82,6 +96,9 @@ pub struct Flow {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub policy: Option<FlowPolicy>,
     pub packet_bytes: u32,
+    /// Present for requests the L7 proxy handled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<FlowHttp>,
 }
 
 /// What the flow reader needs to turn numbers into names; the engine publishes a fresh one
@@ -238,6 +255,7 @@ pub fn enrich(event: &FlowEvent, catalog: &Catalog, clock: &Clock, seq: u64) -> 
                 rule: rule.clone(),
             }),
         packet_bytes: event.packet_len,
+        http: None,
     }
 }
 
@@ -269,7 +287,16 @@ impl Flow {
             ),
             self.l4.protocol
         );
-        if !self.l4.tcp_flags.is_empty() {
+        if let Some(h) = &self.http {
+            line = format!(
+                "{time} {} -> {} HTTP {} {} -> {}",
+                Self::side(&self.source, self.ip.source, 0),
+                Self::side(&self.destination, self.ip.destination, self.l4.destination_port),
+                h.method,
+                h.path,
+                h.status
+            );
+        } else if !self.l4.tcp_flags.is_empty() {
             line.push(' ');
             line.push_str(&self.l4.tcp_flags.join(","));
         }

@@ -109,6 +109,7 @@ mod tests {
             },
             policy: None,
             packet_bytes: 0,
+            http: None,
         }
     }
 

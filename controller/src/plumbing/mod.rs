@@ -164,6 +164,49 @@ impl NetlinkPlumbing {
         Ok(())
     }
 
+    /// Routes packets the datapath marked for the proxy to the local stack, where their
+    /// assigned proxy socket takes them: `ip rule add fwmark TO_PROXY/MASK lookup 2005` and
+    /// `ip route add local 0.0.0.0/0 dev lo table 2005`. Idempotent.
+    pub async fn setup_proxy_routing(&mut self) -> Result<(), PlumbingError> {
+        use netlink_packet_route::route::RouteType;
+        use netlink_packet_route::rule::{RuleAction, RuleAttribute};
+        use palisade_common::mark;
+        let exists = |e: &rtnetlink::Error| matches!(e, rtnetlink::Error::NetlinkError(m) if m.raw_code() == -libc::EEXIST);
+        let mut rule = self
+            .node
+            .rule()
+            .add()
+            .v4()
+            .fw_mark(mark::TO_PROXY)
+            .table_id(mark::PROXY_ROUTE_TABLE)
+            .priority(90)
+            .action(RuleAction::ToTable);
+        rule.message_mut().attributes.push(RuleAttribute::FwMask(mark::MAGIC_MASK));
+        if let Err(e) = rule.execute().await
+            && !exists(&e)
+        {
+            return Err(nl("add the proxy fwmark rule")(e));
+        }
+        let lo = link_by_name(&self.node, "lo")
+            .await?
+            .ok_or_else(|| PlumbingError::NoSuchInterface("lo".into()))?;
+        self.node
+            .route()
+            .add(
+                RouteMessageBuilder::<Ipv4Addr>::new()
+                    .destination_prefix(Ipv4Addr::UNSPECIFIED, 0)
+                    .output_interface(lo.header.index)
+                    .kind(RouteType::Local)
+                    .scope(RouteScope::Host)
+                    .table_id(mark::PROXY_ROUTE_TABLE)
+                    .build(),
+            )
+            .replace()
+            .execute()
+            .await
+            .map_err(nl("add the proxy's local route"))
+    }
+
     async fn plumb(
         &mut self,
         netns_path: &Path,

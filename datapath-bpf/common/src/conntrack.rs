@@ -30,6 +30,9 @@ pub const CT_FLAG_FIN_REPLY: u16 = 1 << 2;
 pub const CT_FLAG_PROXY_REDIRECT: u16 = 1 << 3;
 /// The connection was let through by audit mode, not by policy.
 pub const CT_FLAG_AUDIT: u16 = 1 << 4;
+/// The connection is the proxy's upstream leg: `peer_identity` is the original client's
+/// (carried in the packet mark), not the identity of the source address (the node).
+pub const CT_FLAG_FROM_PROXY: u16 = 1 << 5;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]

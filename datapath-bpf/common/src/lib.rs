@@ -15,6 +15,7 @@ pub mod flow;
 pub mod identity;
 pub mod ipcache;
 pub mod maps;
+pub mod mark;
 pub mod metrics;
 pub mod policy;
 pub mod reason;

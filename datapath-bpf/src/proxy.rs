@@ -1,0 +1,83 @@
+//! Transparent redirect to the L7 proxy, at TC ingress of the client's host-side veth: the
+//! packet is assigned to a proxy socket in the node namespace with bpf_sk_assign and marked
+//! so the node routes it to its local stack. The connection's own (accepted) socket is found
+//! by its tuple; a new connection goes to the proxy's transparent listener, whose accepted
+//! socket then has the original destination as its local address.
+
+use core::ffi::c_void;
+
+use aya_ebpf::{
+    bindings::{BPF_F_CURRENT_NETNS, bpf_sock, bpf_sock_tuple, bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1},
+    helpers::{bpf_sk_assign, bpf_sk_release, bpf_skc_lookup_tcp},
+    programs::TcContext,
+};
+use palisade_common::{mark, reason::drop};
+
+use crate::packet::Packet;
+
+#[inline(always)]
+fn v4(addr: &[u8; 16]) -> u32 {
+    u32::from_ne_bytes([addr[0], addr[1], addr[2], addr[3]])
+}
+
+/// Looks up a TCP socket (of any state, listeners included) in the node namespace.
+#[inline(always)]
+fn lookup(ctx: &TcContext, saddr: u32, daddr: u32, sport_be: u16, dport_be: u16) -> *mut bpf_sock {
+    let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
+    tuple.__bindgen_anon_1.ipv4 = bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1 {
+        saddr,
+        daddr,
+        sport: sport_be,
+        dport: dport_be,
+    };
+    // SAFETY: valid context and tuple; the size is that of the IPv4 member, as the helper
+    // requires for an IPv4 lookup.
+    unsafe {
+        bpf_skc_lookup_tcp(
+            ctx.skb.skb as *mut c_void,
+            &mut tuple,
+            size_of::<bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1>() as u32,
+            BPF_F_CURRENT_NETNS as u64,
+            0,
+        )
+    }
+}
+
+#[inline(always)]
+fn assign(ctx: &TcContext, sk: *mut bpf_sock) -> Result<(), u8> {
+    // SAFETY: `sk` came from a successful lookup and is released exactly once.
+    let rc = unsafe { bpf_sk_assign(ctx.skb.skb as *mut c_void, sk as *mut c_void, 0) };
+    unsafe { bpf_sk_release(sk as *mut c_void) };
+    if rc != 0 {
+        return Err(drop::PROXY_UNAVAILABLE);
+    }
+    ctx.set_mark(mark::TO_PROXY);
+    Ok(())
+}
+
+/// Hands a packet of a proxied connection to the proxy: to the connection's own socket when
+/// the proxy has one for it, else (a new or retransmitted SYN) to the listener.
+#[inline(always)]
+pub fn redirect(ctx: &TcContext, pkt: &Packet, proxy_port_be: u16) -> Result<(), u8> {
+    if proxy_port_be == 0 {
+        return Err(drop::PROXY_UNAVAILABLE);
+    }
+    let (saddr, daddr) = (v4(&pkt.saddr), v4(&pkt.daddr));
+    let sk = lookup(ctx, saddr, daddr, pkt.sport_be, pkt.dport_be);
+    if !sk.is_null() {
+        return assign(ctx, sk);
+    }
+    let listener = lookup(ctx, saddr, daddr, pkt.sport_be, proxy_port_be);
+    if listener.is_null() {
+        return Err(drop::PROXY_UNAVAILABLE);
+    }
+    assign(ctx, listener)
+}
+
+/// The client identity carried by a packet the proxy sent upstream, if it is one.
+#[inline(always)]
+pub fn from_proxy_identity(ctx: &TcContext) -> Option<u32> {
+    // SAFETY: reading a field of the context the kernel handed us.
+    let m = unsafe { (*ctx.skb.skb).mark };
+    (m & mark::MAGIC_MASK == mark::FROM_PROXY).then_some(m & mark::IDENTITY_MASK)
+}
