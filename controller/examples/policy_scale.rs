@@ -77,6 +77,7 @@ async fn main() -> anyhow::Result<()> {
         MemoryPlumbing::default(),
         None,
         catalog,
+        None,
     )
     .await?;
 

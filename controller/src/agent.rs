@@ -24,6 +24,7 @@ use crate::flows::store::FlowStore;
 use crate::flows::{Catalog, Clock, enrich};
 use crate::metrics::Telemetry;
 use crate::plumbing::{NetlinkPlumbing, Plumbing};
+use crate::proxy::{self, listener::ProxyContext, policy::ProxyPolicy};
 
 fn parse_enforcement(s: &str) -> Result<EnforcementMode, String> {
     EnforcementMode::parse(s).ok_or_else(|| format!("{s:?} is not default, always or never"))
@@ -74,6 +75,9 @@ pub struct AgentArgs {
     /// Conntrack lifetime of established TCP connections.
     #[arg(long, default_value = "6h", value_parser = parse_seconds)]
     pub ct_tcp_timeout: u32,
+    /// Port of the transparent L7 proxy in the node namespace (HTTP rules redirect to it).
+    #[arg(long, default_value_t = 15_001)]
+    pub proxy_port: u16,
     /// Serve Prometheus metrics and /healthz here (e.g. 127.0.0.1:9962); off when absent.
     #[arg(long)]
     pub metrics_addr: Option<std::net::SocketAddr>,
@@ -186,6 +190,22 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         .setup_node(node_ip)
         .await
         .context("preparing the node namespace")?;
+    // Without its listener and routing the proxy cannot take connections; policy with HTTP
+    // rules then fails closed (redirected traffic is dropped) instead of the agent failing.
+    let proxy_listener = match proxy::listener::bind_transparent(args.proxy_port) {
+        Ok(l) => match plumbing.setup_proxy_routing().await {
+            Ok(()) => Some(l),
+            Err(e) => {
+                error!(error = %e, "L7 proxy routing not set up; HTTP rules will drop their traffic");
+                None
+            }
+        },
+        Err(e) => {
+            error!(port = args.proxy_port, error = %e, "L7 proxy listener not bound; HTTP rules will drop their traffic");
+            None
+        }
+    };
+    let (proxy_tx, proxy_rx) = watch::channel(Arc::new(ProxyPolicy::default()));
     let (catalog_tx, catalog_rx) = watch::channel(Arc::new(Catalog::default()));
     let telemetry = Arc::new(Telemetry::default());
     let engine = Engine::start(
@@ -196,7 +216,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
                 enforcement: args.enforcement,
                 allow_host_ingress: args.allow_host_ingress,
                 audit: args.audit,
-                proxy_port: None,
+                proxy_port: proxy_listener.as_ref().map(|_| args.proxy_port),
             },
             policy_dir: args.policy_dir.clone(),
             compile_seconds: Some(telemetry.compile_seconds.clone()),
@@ -205,6 +225,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         plumbing,
         Some(StateDir::new(&args.state_dir)?),
         catalog_tx,
+        Some(proxy_tx),
     )
     .await
     .context("starting the engine")?;
@@ -214,17 +235,30 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     tokio::spawn(read_events(ring, ev_tx));
     let store = Arc::clone(&flows);
     let counted = Arc::clone(&telemetry);
+    let events_catalog = catalog_rx.clone();
     tokio::spawn(async move {
         let clock = Clock::now();
-        let mut seq = 0u64;
         while let Some(ev) = ev_rx.recv().await {
-            seq += 1;
-            let catalog = Arc::clone(&catalog_rx.borrow());
-            let flow = enrich(&ev, &catalog, &clock, seq);
+            let catalog = Arc::clone(&events_catalog.borrow());
+            // The store numbers it.
+            let flow = enrich(&ev, &catalog, &clock, 0);
             counted.count_flow(&flow);
             store.push(clock.wall(ev.timestamp_ns), flow);
         }
     });
+
+    if let Some(listener) = proxy_listener {
+        let listener = tokio::net::TcpListener::from_std(listener).context("proxy listener")?;
+        let ctx = ProxyContext {
+            policy: proxy_rx,
+            catalog: catalog_rx.clone(),
+            flows: Arc::clone(&flows),
+            telemetry: Arc::clone(&telemetry),
+            limits: Arc::new(proxy::http::Limits::default()),
+        };
+        info!(port = args.proxy_port, "L7 proxy listening");
+        tokio::spawn(proxy::listener::run(listener, ctx));
+    }
 
     let (cmd_tx, cmd_rx) = mpsc::channel(64);
     let engine_task = tokio::spawn(run_engine(engine, cmd_rx, Arc::clone(&flows)));

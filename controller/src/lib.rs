@@ -5,6 +5,7 @@
 //! - `plumbing` / `netns`: endpoint namespaces and veths (rtnetlink);
 //! - `flows`: flow records, their store and filters;
 //! - `api`: the agent's unix-socket API, server and client;
+//! - `proxy`: the L7 proxy: HTTP/1.1 enforcement, transparent listener, its policy view;
 //! - `cli`: the `palisade` command line;
 //! - `metrics`: Prometheus metrics and the health check;
 //! - `agent`: `palisade-agent`, wiring it together.
@@ -18,3 +19,4 @@ pub mod flows;
 pub mod metrics;
 pub mod netns;
 pub mod plumbing;
+pub mod proxy;

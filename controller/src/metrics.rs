@@ -31,6 +31,8 @@ pub struct Telemetry {
     pub flows: Family<Labels, Counter>,
     /// Time to compile policy into map state and diff it, per change.
     pub compile_seconds: Histogram,
+    /// Requests the L7 proxy handled, by verdict and status class.
+    pub proxy_requests: Family<Labels, Counter>,
 }
 
 impl Default for Telemetry {
@@ -41,11 +43,24 @@ impl Default for Telemetry {
             compile_seconds: Histogram::new(
                 prometheus_client::metrics::histogram::exponential_buckets(0.0001, 2.0, 15),
             ),
+            proxy_requests: Family::default(),
         }
     }
 }
 
 impl Telemetry {
+    pub fn count_request(&self, r: &crate::proxy::http::RequestRecord) {
+        self.proxy_requests
+            .get_or_create(&vec![
+                (
+                    "verdict".to_string(),
+                    if r.allowed { "FORWARDED" } else { "DROPPED" }.to_string(),
+                ),
+                ("status".to_string(), format!("{}xx", r.status / 100)),
+            ])
+            .inc();
+    }
+
     pub fn count_flow(&self, f: &Flow) {
         self.flows
             .get_or_create(&vec![
@@ -167,6 +182,11 @@ pub fn render(s: &StatusView, t: &Telemetry) -> String {
         "flows",
         "Flows recorded, by verdict, direction and drop reason",
         t.flows.clone(),
+    );
+    reg.register(
+        "proxy_requests",
+        "HTTP requests the L7 proxy handled, by verdict and status class",
+        t.proxy_requests.clone(),
     );
     reg.register(
         "policy_compile_seconds",

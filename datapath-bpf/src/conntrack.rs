@@ -45,18 +45,12 @@ pub fn key_forward(pkt: &Packet, scope: u8) -> CtKey {
     }
 }
 
+/// Turns a key around (source and destination swapped) and sets its scope.
 #[inline(always)]
-pub fn key_reverse(pkt: &Packet, scope: u8) -> CtKey {
-    CtKey {
-        saddr: pkt.daddr,
-        daddr: pkt.saddr,
-        sport_be: pkt.dport_be,
-        dport_be: pkt.sport_be,
-        protocol: pkt.protocol,
-        family: family::IPV4,
-        scope,
-        _pad: 0,
-    }
+pub fn reverse_in_place(key: &mut CtKey, scope: u8) {
+    core::mem::swap(&mut key.saddr, &mut key.daddr);
+    core::mem::swap(&mut key.sport_be, &mut key.dport_be);
+    key.scope = scope;
 }
 
 /// A live entry for `key`, or None (an expired entry is removed and reported as absent).

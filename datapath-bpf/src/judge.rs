@@ -68,7 +68,9 @@ pub fn run(ctx: &TcContext, dir: u8) -> i32 {
 }
 
 /// Emits the drop event. Best effort: without config or a parsable packet there is nothing
-/// meaningful to report beyond the counter, which `run` already bumped.
+/// meaningful to report beyond the counter, which `run` already bumped. Kept out of line so
+/// its stack frame is not stacked on top of the judging path's.
+#[inline(never)]
 fn report_drop(ctx: &TcContext, dir: u8, ifindex: u32, len: u32, d: &Drop) {
     let Some(cfg) = CONFIG.get(0) else { return };
     let Some(ep) = (unsafe { ENDPOINTS.get(&ifindex) }) else {
@@ -92,26 +94,21 @@ fn report_drop(ctx: &TcContext, dir: u8, ifindex: u32, len: u32, d: &Drop) {
     } else {
         (d.peer_identity, ep.identity)
     };
-    events::emit(
-        cfg,
-        now_ns(),
-        &pkt,
-        &EventMeta {
-            kind: d.kind,
-            verdict: verdict::DROPPED,
-            drop_reason: d.reason,
-            direction: dir,
-            endpoint_id: ep.endpoint_id,
-            ifindex,
-            src_identity,
-            dst_identity,
-            rule_id: d.rule_id,
-            packet_len: len,
-            family: family::IPV4,
-        },
-    );
+    events::emit(cfg, now_ns(), ep.endpoint_id, &pkt, || EventMeta {
+        kind: d.kind,
+        verdict: verdict::DROPPED,
+        drop_reason: d.reason,
+        direction: dir,
+        endpoint_id: ep.endpoint_id,
+        ifindex,
+        src_identity,
+        dst_identity,
+        rule_id: d.rule_id,
+        packet_len: len,
+    });
 }
 
+#[inline(never)]
 fn judge(ctx: &TcContext, dir: u8, ifindex: u32, len: u32) -> Result<u8, Drop> {
     let Some(cfg) = CONFIG.get(0) else {
         return Err(Drop::plain(drop::NOT_INITIALIZED));
@@ -119,8 +116,8 @@ fn judge(ctx: &TcContext, dir: u8, ifindex: u32, len: u32) -> Result<u8, Drop> {
     if cfg.initialized == 0 {
         return Err(Drop::plain(drop::NOT_INITIALIZED));
     }
-    // SAFETY: the value is copied out before anything else touches the map.
-    let Some(ep) = (unsafe { ENDPOINTS.get(&ifindex) }).copied() else {
+    // SAFETY: map values stay valid for the whole program run; the agent only replaces them.
+    let Some(ep) = (unsafe { ENDPOINTS.get(&ifindex) }) else {
         return Err(Drop::plain(drop::UNKNOWN_ENDPOINT));
     };
     let pkt = match packet::parse(ctx).map_err(Drop::plain)? {
@@ -148,10 +145,11 @@ fn judge(ctx: &TcContext, dir: u8, ifindex: u32, len: u32) -> Result<u8, Drop> {
         };
     }
 
-    // Original direction of a connection this direction opened.
-    let fwd = conntrack::key_forward(&pkt, dir);
-    if let Some(entry) = conntrack::lookup(&fwd, now) {
-        let outcome = established(cfg, &ep, &fwd, entry, &pkt, false, now, len)?;
+    // Original direction of a connection this direction opened. One key is turned around
+    // in place for the reply lookup: the BPF stack has no room for two.
+    let mut key = conntrack::key_forward(&pkt, dir);
+    if let Some(entry) = conntrack::lookup(&key, now) {
+        let outcome = established(cfg, ep, &key, entry, &pkt, false, now, len)?;
         // SAFETY: valid map value pointer for this program run.
         let e = unsafe { &*entry };
         if dir == direction::EGRESS && e.flags & CT_FLAG_PROXY_REDIRECT != 0 {
@@ -161,11 +159,23 @@ fn judge(ctx: &TcContext, dir: u8, ifindex: u32, len: u32) -> Result<u8, Drop> {
         return Ok(outcome);
     }
     // Reply to a connection the opposite direction let in or out.
-    let rev = conntrack::key_reverse(&pkt, opposite(dir));
-    if let Some(entry) = conntrack::lookup(&rev, now) {
-        return established(cfg, &ep, &rev, entry, &pkt, true, now, len);
+    conntrack::reverse_in_place(&mut key, opposite(dir));
+    if let Some(entry) = conntrack::lookup(&key, now) {
+        return established(cfg, ep, &key, entry, &pkt, true, now, len);
     }
-    new_connection(ctx, cfg, &ep, dir, &fwd, &pkt, now, ifindex, len, proxied_from)
+    conntrack::reverse_in_place(&mut key, dir);
+    new_connection(
+        ctx,
+        cfg,
+        ep,
+        dir,
+        &key,
+        &pkt,
+        now,
+        ifindex,
+        len,
+        proxied_from,
+    )
 }
 
 /// Identity (and CIDR alias) of the peer address; an address nobody claims is `world`.
@@ -193,17 +203,34 @@ fn peer_of(addr: &[u8; 16]) -> IpcacheValue {
 /// The policy decision for a connection as `scope` saw it open. `known_peer` is the peer's
 /// identity when the address does not tell it (connections from the proxy).
 #[inline(always)]
-fn check_policy(ep: &EndpointInfo, scope: u8, key: &CtKey, policy_port_be: u16, known_peer: Option<u32>) -> (Decision, u32) {
+fn check_policy(
+    ep: &EndpointInfo,
+    scope: u8,
+    key: &CtKey,
+    policy_port_be: u16,
+    known_peer: Option<u32>,
+) -> (Decision, u32) {
     let (identity, cidr_identity) = match known_peer {
         Some(id) => (id, 0),
         None => {
             // The peer is the far end of the connection.
-            let peer_addr = if scope == direction::EGRESS { &key.daddr } else { &key.saddr };
+            let peer_addr = if scope == direction::EGRESS {
+                &key.daddr
+            } else {
+                &key.saddr
+            };
             let peer = peer_of(peer_addr);
             (peer.identity, peer.cidr_identity)
         }
     };
-    let mut decision = policy::decide(ep, scope, identity, cidr_identity, key.protocol, policy_port_be);
+    let mut decision = policy::decide(
+        ep,
+        scope,
+        identity,
+        cidr_identity,
+        key.protocol,
+        policy_port_be,
+    );
     if known_peer.is_some() && decision.action == action::REDIRECT {
         // The proxy is the one sending: it enforced the HTTP rules already.
         decision.action = action::ALLOW;
@@ -271,7 +298,12 @@ fn deny_reason(action_code: u8) -> u8 {
 
 /// Where a new connection goes when policy allows it.
 #[inline(always)]
-fn proxy_port_for(ep: &EndpointInfo, dir: u8, decision: &Decision, pkt: &Packet) -> Result<u16, Drop> {
+fn proxy_port_for(
+    ep: &EndpointInfo,
+    dir: u8,
+    decision: &Decision,
+    pkt: &Packet,
+) -> Result<u16, Drop> {
     if decision.action == action::REDIRECT {
         return Ok(decision.proxy_port_be);
     }
@@ -285,8 +317,19 @@ fn proxy_port_for(ep: &EndpointInfo, dir: u8, decision: &Decision, pkt: &Packet)
         return Ok(0);
     }
     let me = peer_of(&pkt.saddr);
-    let theirs = policy::best_match(dst.endpoint_id, direction::INGRESS, ep.identity, me.cidr_identity, proto::TCP, pkt.policy_port_be);
-    Ok(if theirs.action == action::REDIRECT { theirs.proxy_port_be } else { 0 })
+    let theirs = policy::best_match(
+        dst.endpoint_id,
+        direction::INGRESS,
+        ep.identity,
+        me.cidr_identity,
+        proto::TCP,
+        pkt.policy_port_be,
+    );
+    Ok(if theirs.action == action::REDIRECT {
+        theirs.proxy_port_be
+    } else {
+        0
+    })
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -319,7 +362,11 @@ fn new_connection(
             (OUTCOME_AUDIT, verdict::AUDIT, CT_FLAG_AUDIT)
         }
     };
-    let proxy_port_be = if outcome == OUTCOME_AUDIT { 0 } else { proxy_port_for(ep, dir, &decision, pkt)? };
+    let proxy_port_be = if outcome == OUTCOME_AUDIT {
+        0
+    } else {
+        proxy_port_for(ep, dir, &decision, pkt)?
+    };
     let is_syn = pkt.protocol == proto::TCP && pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
     if proxy_port_be != 0 || decision.action == action::REDIRECT {
         // Only a TCP connection opened on an endpoint's egress can be handed to the proxy;
@@ -340,7 +387,19 @@ fn new_connection(
     if pkt.protocol == proto::TCP && !is_syn {
         return Ok(outcome);
     }
-    if conntrack::create(key, cfg, now, len, ep.endpoint_id, peer_identity, decision.rule_id, ct_flags, proxy_port_be).is_err() {
+    if conntrack::create(
+        key,
+        cfg,
+        now,
+        len,
+        ep.endpoint_id,
+        peer_identity,
+        decision.rule_id,
+        ct_flags,
+        proxy_port_be,
+    )
+    .is_err()
+    {
         return Err(deny(drop::CT_MAP_FULL));
     }
     if ct_flags & CT_FLAG_PROXY_REDIRECT != 0
@@ -354,23 +413,17 @@ fn new_connection(
     } else {
         (peer_identity, ep.identity)
     };
-    events::emit(
-        cfg,
-        now,
-        pkt,
-        &EventMeta {
-            kind: EVENT_NEW_CONNECTION,
-            verdict: verdict_code,
-            drop_reason: drop::NONE,
-            direction: dir,
-            endpoint_id: ep.endpoint_id,
-            ifindex,
-            src_identity,
-            dst_identity,
-            rule_id: decision.rule_id,
-            packet_len: len,
-            family: family::IPV4,
-        },
-    );
+    events::emit(cfg, now, ep.endpoint_id, pkt, || EventMeta {
+        kind: EVENT_NEW_CONNECTION,
+        verdict: verdict_code,
+        drop_reason: drop::NONE,
+        direction: dir,
+        endpoint_id: ep.endpoint_id,
+        ifindex,
+        src_identity,
+        dst_identity,
+        rule_id: decision.rule_id,
+        packet_len: len,
+    });
     Ok(outcome)
 }

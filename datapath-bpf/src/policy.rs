@@ -63,17 +63,33 @@ fn merge(best: &mut Decision, found: Option<PolicyValue>) {
 /// The highest-precedence entry across the peer's identity, its CIDR alias and the
 /// wildcard, without any default (`action` 0 when nothing matched).
 #[inline(always)]
-pub fn best_match(endpoint_id: u32, dir: u8, peer_identity: u32, peer_cidr_identity: u32, protocol: u8, port_be: u16) -> Decision {
+pub fn best_match(
+    endpoint_id: u32,
+    dir: u8,
+    peer_identity: u32,
+    peer_cidr_identity: u32,
+    protocol: u8,
+    port_be: u16,
+) -> Decision {
     let mut best = Decision {
         action: 0,
         rule_id: 0,
         proxy_port_be: 0,
         enforced: false,
     };
-    merge(&mut best, lookup(endpoint_id, peer_identity, dir, protocol, port_be));
-    merge(&mut best, lookup(endpoint_id, identity::ANY, dir, protocol, port_be));
+    merge(
+        &mut best,
+        lookup(endpoint_id, peer_identity, dir, protocol, port_be),
+    );
+    merge(
+        &mut best,
+        lookup(endpoint_id, identity::ANY, dir, protocol, port_be),
+    );
     if peer_cidr_identity != 0 {
-        merge(&mut best, lookup(endpoint_id, peer_cidr_identity, dir, protocol, port_be));
+        merge(
+            &mut best,
+            lookup(endpoint_id, peer_cidr_identity, dir, protocol, port_be),
+        );
     }
     best
 }
@@ -96,7 +112,14 @@ pub fn decide(
     };
     // Deny rules and L7 redirects can apply even where no allow-policy selects the endpoint,
     // so the map is consulted in both cases; only the default differs.
-    let mut best = best_match(ep.endpoint_id, dir, peer_identity, peer_cidr_identity, protocol, port_be);
+    let mut best = best_match(
+        ep.endpoint_id,
+        dir,
+        peer_identity,
+        peer_cidr_identity,
+        protocol,
+        port_be,
+    );
     best.enforced = ep.flags & enforced_flag != 0;
     if best.action == 0 && !best.enforced {
         best.action = action::ALLOW;

@@ -4,6 +4,7 @@
 //! `Drop`, also when the test fails.
 
 pub mod conformance;
+pub mod http;
 pub mod node;
 pub mod traffic;
 

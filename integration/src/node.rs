@@ -135,19 +135,20 @@ impl Node {
         let child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("starting the agent: {e}"));
-        *self.agent.lock().unwrap() = Some(child);
+        *self.agent.lock().unwrap_or_else(|p| p.into_inner()) = Some(child);
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if self.palisade(&["status"]).status.success() {
                 return;
             }
-            if let Some(status) = self
+            // Take the answer out before panicking: the lock must not be held by a panic.
+            let exited = self
                 .agent
                 .lock()
-                .unwrap()
+                .unwrap_or_else(|p| p.into_inner())
                 .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-            {
+                .and_then(|c| c.try_wait().ok().flatten());
+            if let Some(status) = exited {
                 panic!(
                     "the agent exited ({status}) during start:\n{}",
                     self.agent_log()
@@ -164,12 +165,16 @@ impl Node {
 
     /// The agent's process id, while it runs.
     pub fn agent_pid(&self) -> Option<u32> {
-        self.agent.lock().unwrap().as_ref().map(Child::id)
+        self.agent
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(Child::id)
     }
 
     /// Stops the agent with SIGTERM (as an operator or systemd would).
     pub fn stop_agent(&self) {
-        if let Some(mut child) = self.agent.lock().unwrap().take() {
+        if let Some(mut child) = self.agent.lock().unwrap_or_else(|p| p.into_inner()).take() {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(child.id() as i32),
                 nix::sys::signal::Signal::SIGTERM,
@@ -236,7 +241,10 @@ impl Node {
         extra: &[&str],
     ) -> Endpoint {
         let name = self.name(short);
-        self.endpoints.lock().unwrap().push(name.clone());
+        self.endpoints
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(name.clone());
         let mut args = vec![
             "endpoint",
             "add",
@@ -295,7 +303,12 @@ impl Node {
 
     fn cleanup(&self) {
         self.stop_agent();
-        let mut names: Vec<String> = self.endpoints.lock().unwrap().drain(..).collect();
+        let mut names: Vec<String> = self
+            .endpoints
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+            .collect();
         // Also anything carrying our tag that a failed step left behind.
         if let Ok(rd) = fs::read_dir("/run/netns") {
             for e in rd.flatten() {

@@ -144,7 +144,17 @@ impl RuleTable {
 
     /// Forgets origins no map entry refers to any more.
     pub fn retain_used(&mut self, state: &MapState) {
-        let used: BTreeSet<RuleId> = state.policy.values().map(|e| e.rule).collect();
+        self.retain_used_with(state, &L7Policy::default());
+    }
+
+    /// Forgets origins neither a map entry nor an L7 rule refers to any more.
+    pub fn retain_used_with(&mut self, state: &MapState, l7: &L7Policy) {
+        let used: BTreeSet<RuleId> = state
+            .policy
+            .values()
+            .map(|e| e.rule)
+            .chain(l7.rules.values().flatten().map(|r| r.rule))
+            .collect();
         self.by_id.retain(|id, _| used.contains(id));
         self.by_origin.retain(|_, id| used.contains(id));
     }

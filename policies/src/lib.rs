@@ -9,9 +9,9 @@
 //! - `mapstate`: that map state, its datapath-equivalent lookup, and diffs between two states.
 
 pub mod compile;
-pub mod l7;
 pub mod endpoint;
 pub mod identity;
+pub mod l7;
 pub mod labels;
 pub mod manifest;
 pub mod mapstate;

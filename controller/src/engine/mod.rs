@@ -36,6 +36,7 @@ use crate::api::types::{
 use crate::datapath::{Datapath, DatapathError};
 use crate::flows::Catalog;
 use crate::plumbing::{Plumbing, PlumbingError};
+use crate::proxy::policy::ProxyPolicy;
 use persist::{PersistError, STATE_VERSION, StateDir, StateFile};
 
 #[derive(Debug, thiserror::Error)]
@@ -175,6 +176,8 @@ pub struct Engine<D: Datapath, P: Plumbing> {
     plumbing: P,
     state_dir: Option<StateDir>,
     catalog: watch::Sender<Arc<Catalog>>,
+    /// The L7 proxy's view of policy, when a proxy runs.
+    proxy: Option<watch::Sender<Arc<ProxyPolicy>>>,
     policy_dir_stamp: Option<Vec<(PathBuf, SystemTime, u64)>>,
 }
 
@@ -228,6 +231,7 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
         plumbing: P,
         state_dir: Option<StateDir>,
         catalog: watch::Sender<Arc<Catalog>>,
+        proxy: Option<watch::Sender<Arc<ProxyPolicy>>>,
     ) -> Result<Self, EngineError> {
         let saved = match &state_dir {
             Some(d) => d.load()?,
@@ -260,6 +264,7 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
             plumbing,
             state_dir,
             catalog,
+            proxy,
             policy_dir_stamp: None,
         };
         engine.host_addresses = engine.plumbing.node_addresses().await?;
@@ -363,7 +368,10 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
             host_addresses: &self.host_addresses,
             settings: self.cfg.settings,
         };
-        let desired = compile::compile(&input, &mut self.rules);
+        let (desired, l7) = compile::compile_with_l7(&input, &mut self.rules);
+        // Built before any map changes, so a policy the proxy cannot enforce changes nothing.
+        let proxy_policy =
+            ProxyPolicy::new(&l7, &desired).map_err(|e| EngineError::BadRequest(e.to_string()))?;
         let diff = mapstate::diff(&self.applied, &desired);
         if let Some(h) = &self.cfg.compile_seconds {
             h.observe(started.elapsed().as_secs_f64());
@@ -384,8 +392,11 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
             self.applied = desired;
             self.datapath.bump_revision()?;
         }
-        self.rules.retain_used(&self.applied);
+        self.rules.retain_used_with(&self.applied, &l7);
         self.publish_catalog(&table);
+        if let Some(tx) = &self.proxy {
+            tx.send_replace(Arc::new(proxy_policy));
+        }
         Ok(ops)
     }
 

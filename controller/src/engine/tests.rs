@@ -32,7 +32,7 @@ async fn engine_with(
 ) -> TestEngine {
     let (tx, _rx) = watch::channel(Arc::new(Catalog::default()));
     let state_dir = dir.map(|d| StateDir::new(d).unwrap());
-    Engine::start(config(), datapath, plumbing, state_dir, tx)
+    Engine::start(config(), datapath, plumbing, state_dir, tx, None)
         .await
         .unwrap()
 }

@@ -113,8 +113,14 @@ impl Criterion {
             Field::Port => src_port == v || dst_port == v,
             Field::Protocol if v.eq_ignore_ascii_case("http") => flow.http.is_some(),
             Field::Protocol => flow.l4.protocol.eq_ignore_ascii_case(v),
-            Field::HttpMethod => flow.http.as_ref().is_some_and(|h| h.method.eq_ignore_ascii_case(v)),
-            Field::HttpStatus => flow.http.as_ref().is_some_and(|h| status_matches(h.status, v)),
+            Field::HttpMethod => flow
+                .http
+                .as_ref()
+                .is_some_and(|h| h.method.eq_ignore_ascii_case(v)),
+            Field::HttpStatus => flow
+                .http
+                .as_ref()
+                .is_some_and(|h| status_matches(h.status, v)),
             Field::HttpPath => flow.http.as_ref().is_some_and(|h| {
                 regex::Regex::new(&format!("^(?:{v})$")).is_ok_and(|r| r.is_match(&h.path))
             }),
@@ -172,7 +178,9 @@ impl Criterion {
                 }
                 Field::HttpStatus
                     if !(v.parse::<u16>().is_ok()
-                        || v.strip_suffix("xx").or_else(|| v.strip_suffix('+')).is_some_and(|c| c.parse::<u16>().is_ok())) =>
+                        || v.strip_suffix("xx")
+                            .or_else(|| v.strip_suffix('+'))
+                            .is_some_and(|c| c.parse::<u16>().is_ok())) =>
                 {
                     return Err(bad("expected a status (403) or a class (4xx)"));
                 }
@@ -310,7 +318,10 @@ mod tests {
         assert!(crit(Field::HttpStatus, &["4+"], false).matches(&f));
         assert!(!crit(Field::HttpStatus, &["2xx"], false).matches(&f));
         assert!(crit(Field::HttpPath, &["/admin/.*"], false).matches(&f));
-        assert!(!crit(Field::HttpPath, &["/admin"], false).matches(&f), "anchored");
+        assert!(
+            !crit(Field::HttpPath, &["/admin"], false).matches(&f),
+            "anchored"
+        );
         assert!(crit(Field::HttpStatus, &["abc"], false).validate().is_err());
         assert!(crit(Field::HttpPath, &["(x"], false).validate().is_err());
     }

@@ -291,7 +291,11 @@ impl Flow {
             line = format!(
                 "{time} {} -> {} HTTP {} {} -> {}",
                 Self::side(&self.source, self.ip.source, 0),
-                Self::side(&self.destination, self.ip.destination, self.l4.destination_port),
+                Self::side(
+                    &self.destination,
+                    self.ip.destination,
+                    self.l4.destination_port
+                ),
                 h.method,
                 h.path,
                 h.status

@@ -14,7 +14,8 @@ pub struct StoredFlow {
 }
 
 pub struct FlowStore {
-    inner: Mutex<VecDeque<StoredFlow>>,
+    /// The buffer and the next sequence number.
+    inner: Mutex<(VecDeque<StoredFlow>, u64)>,
     capacity: usize,
     live: broadcast::Sender<Arc<Flow>>,
 }
@@ -23,16 +24,20 @@ impl FlowStore {
     pub fn new(capacity: usize) -> Self {
         let (live, _) = broadcast::channel(4096);
         Self {
-            inner: Mutex::new(VecDeque::with_capacity(capacity.min(1 << 16))),
+            inner: Mutex::new((VecDeque::with_capacity(capacity.min(1 << 16)), 1)),
             capacity: capacity.max(1),
             live,
         }
     }
 
-    pub fn push(&self, wall: SystemTime, flow: Flow) {
-        let flow = Arc::new(flow);
-        {
-            let mut q = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+    /// Stores a flow, numbering it (datapath and proxy flows share one sequence).
+    pub fn push(&self, wall: SystemTime, mut flow: Flow) {
+        let flow = {
+            let mut guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+            let (q, next) = &mut *guard;
+            flow.seq = *next;
+            *next += 1;
+            let flow = Arc::new(flow);
             if q.len() == self.capacity {
                 q.pop_front();
             }
@@ -40,13 +45,14 @@ impl FlowStore {
                 wall,
                 flow: Arc::clone(&flow),
             });
-        }
+            flow
+        };
         // No followers is fine.
         let _ = self.live.send(flow);
     }
 
     pub fn len(&self) -> usize {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner()).len()
+        self.inner.lock().unwrap_or_else(|p| p.into_inner()).0.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -60,8 +66,9 @@ impl FlowStore {
         since: Option<SystemTime>,
         keep: impl Fn(&Flow) -> bool,
     ) -> Vec<Arc<Flow>> {
-        let q = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        let mut out: Vec<Arc<Flow>> = q
+        let guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out: Vec<Arc<Flow>> = guard
+            .0
             .iter()
             .rev()
             .filter(|s| since.is_none_or(|t| s.wall >= t))
@@ -126,7 +133,7 @@ mod tests {
             .iter()
             .map(|f| f.seq)
             .collect();
-        assert_eq!(seqs, vec![2, 3, 4]);
+        assert_eq!(seqs, vec![3, 4, 5]);
     }
 
     #[test]
@@ -141,13 +148,13 @@ mod tests {
             .iter()
             .map(|f| f.seq)
             .collect();
-        assert_eq!(seqs, vec![6, 8]);
+        assert_eq!(seqs, vec![7, 9]);
         let seqs: Vec<u64> = s
             .snapshot(None, Some(t0 + Duration::from_secs(7)), |_| true)
             .iter()
             .map(|f| f.seq)
             .collect();
-        assert_eq!(seqs, vec![7, 8, 9]);
+        assert_eq!(seqs, vec![8, 9, 10]);
     }
 
     #[tokio::test]
@@ -155,6 +162,6 @@ mod tests {
         let s = FlowStore::new(10);
         let mut rx = s.subscribe();
         s.push(SystemTime::now(), flow(42));
-        assert_eq!(rx.recv().await.unwrap().seq, 42);
+        assert_eq!(rx.recv().await.unwrap().seq, 1);
     }
 }

@@ -181,7 +181,9 @@ impl NetlinkPlumbing {
             .table_id(mark::PROXY_ROUTE_TABLE)
             .priority(90)
             .action(RuleAction::ToTable);
-        rule.message_mut().attributes.push(RuleAttribute::FwMask(mark::MAGIC_MASK));
+        rule.message_mut()
+            .attributes
+            .push(RuleAttribute::FwMask(mark::MAGIC_MASK));
         if let Err(e) = rule.execute().await
             && !exists(&e)
         {

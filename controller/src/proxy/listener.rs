@@ -1,0 +1,212 @@
+//! The proxy's edge: a transparent listener in the node namespace that the datapath assigns
+//! redirected connections to, the upstream leg (marked with the client's identity so the
+//! destination's own policy still judges the client), and a flow per request.
+
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use palisade_common::mark;
+use palisade_policies::l7::RequestView;
+use socket2::{Domain, SockRef, Socket, Type};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::watch;
+use tracing::{debug, warn};
+
+use super::http::{self, Decision, RequestHead, RequestRecord};
+use super::policy::ProxyPolicy;
+use crate::flows::store::FlowStore;
+use crate::flows::{Catalog, Flow, FlowHttp, FlowIp, FlowL4, FlowPeer, FlowPolicy};
+use crate::metrics::Telemetry;
+
+/// Binds the transparent listener: IP_TRANSPARENT lets it accept connections addressed to
+/// other hosts (the original destinations), which the datapath steers to it.
+pub fn bind_transparent(port: u16) -> std::io::Result<std::net::TcpListener> {
+    let sock = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+    sock.set_reuse_address(true)?;
+    sock.set_ip_transparent_v4(true)?;
+    sock.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)).into())?;
+    sock.listen(1024)?;
+    sock.set_nonblocking(true)?;
+    Ok(sock.into())
+}
+
+struct HeadView<'a>(&'a RequestHead);
+
+impl RequestView for HeadView<'_> {
+    fn method(&self) -> &str {
+        &self.0.method
+    }
+    fn path(&self) -> &str {
+        &self.0.path
+    }
+    fn host(&self) -> Option<&str> {
+        self.0.host.as_deref()
+    }
+    fn header(&self, name: &str) -> Option<&[u8]> {
+        self.0.header(name)
+    }
+}
+
+/// What a connection needs beyond its socket.
+#[derive(Clone)]
+pub struct ProxyContext {
+    pub policy: watch::Receiver<Arc<ProxyPolicy>>,
+    pub catalog: watch::Receiver<Arc<Catalog>>,
+    pub flows: Arc<FlowStore>,
+    pub telemetry: Arc<Telemetry>,
+    pub limits: Arc<http::Limits>,
+}
+
+fn v4(addr: SocketAddr) -> Option<SocketAddrV4> {
+    match addr {
+        SocketAddr::V4(a) => Some(a),
+        SocketAddr::V6(_) => None,
+    }
+}
+
+/// Accepts redirected connections until the listener fails.
+pub async fn run(listener: TcpListener, ctx: ProxyContext) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                let ctx = ctx.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = handle(stream, ctx).await {
+                        debug!(error = %e, "proxied connection ended with an error");
+                    }
+                });
+            }
+            Err(e) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                warn!(error = %e, "proxy accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+fn peer_view(catalog: &Catalog, identity: u32, addr: Ipv4Addr) -> FlowPeer {
+    let (namespace, name) = catalog
+        .endpoints_by_ip
+        .get(&addr)
+        .cloned()
+        .unwrap_or_default();
+    FlowPeer {
+        identity,
+        namespace,
+        name,
+        labels: catalog
+            .identities
+            .get(&identity)
+            .cloned()
+            .unwrap_or_default(),
+    }
+}
+
+fn flow_of(
+    r: &RequestRecord,
+    client: SocketAddrV4,
+    dst: SocketAddrV4,
+    policy: &ProxyPolicy,
+    catalog: &Catalog,
+) -> Flow {
+    let (c, d) = (policy.peer(*client.ip()), policy.peer(*dst.ip()));
+    let source = peer_view(catalog, c.identity.0, *client.ip());
+    let destination = peer_view(catalog, d.identity.0, *dst.ip());
+    // The check belongs to the destination's ingress when it is a local endpoint.
+    let (endpoint, direction) = if d.endpoint.is_some() {
+        (destination.clone(), "ingress")
+    } else {
+        (source.clone(), "egress")
+    };
+    let drop_reason = (!r.allowed).then(|| match &r.error {
+        Some(e) => format!("Invalid HTTP request: {e}"),
+        None => "Policy denied (L7)".to_string(),
+    });
+    Flow {
+        seq: 0,
+        time: humantime::format_rfc3339_micros(SystemTime::now()).to_string(),
+        verdict: if r.allowed { "FORWARDED" } else { "DROPPED" }.to_string(),
+        drop_reason,
+        drop_reason_code: None,
+        event: "http-request".to_string(),
+        direction: direction.to_string(),
+        endpoint,
+        source,
+        destination,
+        ip: FlowIp {
+            source: *client.ip(),
+            destination: *dst.ip(),
+        },
+        l4: FlowL4 {
+            protocol: "TCP".to_string(),
+            source_port: client.port(),
+            destination_port: dst.port(),
+            tcp_flags: Vec::new(),
+        },
+        policy: catalog
+            .rules
+            .get(&r.rule)
+            .map(|(name, kind, rule)| FlowPolicy {
+                name: name.clone(),
+                kind: kind.clone(),
+                rule: rule.clone(),
+            }),
+        packet_bytes: 0,
+        http: Some(FlowHttp {
+            method: r.method.clone(),
+            path: r.path.clone(),
+            host: r.host.clone(),
+            status: r.status,
+            latency_us: u64::try_from(r.latency.as_micros()).unwrap_or(u64::MAX),
+        }),
+    }
+}
+
+async fn handle(client: TcpStream, ctx: ProxyContext) -> Result<(), http::ProxyError> {
+    let (Some(peer), Some(dst)) = (
+        client.peer_addr().ok().and_then(v4),
+        // Transparently accepted: the local address is where the client was going.
+        client.local_addr().ok().and_then(v4),
+    ) else {
+        return Ok(());
+    };
+    let _ = client.set_nodelay(true);
+    let client_identity = ctx.policy.borrow().peer(*peer.ip()).identity.0;
+    let upstream_mark = mark::from_proxy(client_identity);
+    let connect = move || async move {
+        let sock = TcpSocket::new_v4()?;
+        // The destination's datapath reads the client's identity from this mark.
+        SockRef::from(&sock).set_mark(upstream_mark)?;
+        let stream = sock.connect(SocketAddr::V4(dst)).await?;
+        stream.set_nodelay(true)?;
+        Ok(stream)
+    };
+    let policy_rx = ctx.policy.clone();
+    let judge = move |head: &RequestHead| {
+        let verdict = policy_rx.borrow().judge(peer, dst, &HeadView(head));
+        if verdict.allowed {
+            Decision::Allow {
+                rule: verdict.rule.0,
+            }
+        } else {
+            Decision::Deny {
+                rule: verdict.rule.0,
+            }
+        }
+    };
+    let (flows, telemetry, catalog, policy) = (
+        ctx.flows.clone(),
+        ctx.telemetry.clone(),
+        ctx.catalog.clone(),
+        ctx.policy.clone(),
+    );
+    let record = move |r: RequestRecord| {
+        let flow = flow_of(&r, peer, dst, &policy.borrow(), &catalog.borrow());
+        telemetry.count_flow(&flow);
+        telemetry.count_request(&r);
+        flows.push(SystemTime::now(), flow);
+    };
+    http::serve_connection(client, connect, judge, record, &ctx.limits).await
+}

@@ -1,0 +1,260 @@
+//! L7 HTTP policy end to end: the datapath redirects to the agent's proxy transparently, the
+//! proxy enforces HTTP rules per request, and the server's own L3/L4 policy still applies.
+
+use std::time::Duration;
+
+use palisade_integration::Node;
+use palisade_integration::http::{Client, backend, get};
+
+const API_L7: &str = r#"apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: api-l7, namespace: x}
+spec:
+  endpointSelector: {matchLabels: {app: api}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {app: client}}]
+    toPorts:
+    - ports: [{port: "80", protocol: TCP}]
+      rules:
+        http:
+        - {method: GET, path: "/public/.*"}
+        - {method: POST, path: "/upload"}
+        - method: GET
+          path: "/admin/.*"
+          headers: ["X-Token: secret"]
+"#;
+
+struct L7Scene {
+    node: Node,
+    client: palisade_integration::Endpoint,
+    api: palisade_integration::Endpoint,
+    seen: palisade_integration::http::Seen,
+}
+
+fn scene(test: &str) -> L7Scene {
+    let node = Node::start(test);
+    let client = node.add_endpoint("client", "x", "app=client");
+    let api = node.add_endpoint("api", "x", "app=api");
+    let seen = backend(&api.name, 80);
+    node.apply(API_L7);
+    L7Scene {
+        node,
+        client,
+        api,
+        seen,
+    }
+}
+
+fn status(s: &L7Scene, path: &str, headers: &str) -> u16 {
+    get(&s.client.name, s.api.ip, 80, path, headers).map_or(0, |r| r.status)
+}
+
+#[test]
+fn http_rules_allow_and_deny_requests_by_method_path_and_header() {
+    let s = scene("l7-rules");
+    assert_eq!(status(&s, "/public/index.html", ""), 200);
+    let reply = get(&s.client.name, s.api.ip, 80, "/public/a?x=1", "").unwrap();
+    assert_eq!(
+        reply.body, "GET /public/a?x=1 0",
+        "the backend sees the request, query kept"
+    );
+    assert_eq!(status(&s, "/private", ""), 403, "path not allowed");
+    assert_eq!(status(&s, "/admin/users", ""), 403, "header missing");
+    assert_eq!(
+        status(&s, "/admin/users", "X-Token: wrong\r\n"),
+        403,
+        "header wrong"
+    );
+    assert_eq!(status(&s, "/admin/users", "X-Token: secret\r\n"), 200);
+    let mut c = Client::connect(&s.client.name, s.api.ip, 80).unwrap();
+    c.send(b"POST /public/x HTTP/1.1\r\nHost: api\r\nContent-Length: 2\r\n\r\nhi")
+        .unwrap();
+    let r = c.read_reply().unwrap();
+    assert_eq!(r.status, 403, "POST only on /upload");
+    assert!(
+        r.body.contains("denied") || r.body.contains("Denied"),
+        "{r:?}"
+    );
+    let seen = s.seen.lock().unwrap().clone();
+    assert!(
+        !seen
+            .iter()
+            .any(|l| l.starts_with("GET /private") || l.starts_with("POST /public")),
+        "{seen:?}"
+    );
+
+    let flows = s.node.flows(&["--protocol", "http"]);
+    let denied = flows
+        .iter()
+        .find(|f| f["http"]["path"] == "/private")
+        .unwrap_or_else(|| panic!("no flow for /private: {flows:?}"));
+    assert_eq!(denied["verdict"], "DROPPED");
+    assert_eq!(denied["http"]["status"], 403);
+    assert_eq!(denied["http"]["method"], "GET");
+    assert_eq!(denied["policy"]["name"], "x/api-l7");
+    assert_eq!(denied["source"]["name"], s.client.name.as_str());
+    let allowed = flows
+        .iter()
+        .find(|f| f["http"]["path"] == "/public/index.html")
+        .unwrap();
+    assert_eq!(allowed["verdict"], "FORWARDED");
+    assert_eq!(allowed["http"]["status"], 200);
+    assert!(allowed["http"]["latency_us"].as_u64().is_some());
+    let only_403 = s.node.flows(&["--http-status", "403"]);
+    assert!(!only_403.is_empty() && only_403.iter().all(|f| f["http"]["status"] == 403));
+    let by_method = s.node.flows(&["--http-method", "POST"]);
+    assert!(by_method.iter().all(|f| f["http"]["method"] == "POST") && !by_method.is_empty());
+    let by_path = s.node.flows(&["--http-path", "/admin/.*"]);
+    assert_eq!(by_path.len(), 3, "{by_path:?}");
+}
+
+#[test]
+fn keep_alive_and_pipelined_requests_are_judged_one_by_one_in_order() {
+    let s = scene("l7-keepalive");
+    let mut c = Client::connect(&s.client.name, s.api.ip, 80).unwrap();
+    for (path, want) in [("/public/1", 200), ("/nope", 403), ("/public/2", 200)] {
+        c.send(format!("GET {path} HTTP/1.1\r\nHost: api\r\n\r\n").as_bytes())
+            .unwrap();
+        assert_eq!(c.read_reply().unwrap().status, want, "{path}");
+    }
+    // Pipelined: three requests in one write, answered in order.
+    c.send(b"GET /public/a HTTP/1.1\r\nHost: api\r\n\r\nGET /secret HTTP/1.1\r\nHost: api\r\n\r\nGET /public/b HTTP/1.1\r\nHost: api\r\n\r\n")
+        .unwrap();
+    let replies: Vec<(u16, String)> = (0..3)
+        .map(|_| c.read_reply().unwrap())
+        .map(|r| (r.status, r.body))
+        .collect();
+    assert_eq!(replies[0], (200, "GET /public/a 0".to_string()));
+    assert_eq!(replies[1].0, 403);
+    assert_eq!(replies[2], (200, "GET /public/b 0".to_string()));
+}
+
+#[test]
+fn chunked_uploads_stream_through() {
+    let s = scene("l7-chunked");
+    let mut c = Client::connect(&s.client.name, s.api.ip, 80).unwrap();
+    c.send(b"POST /upload HTTP/1.1\r\nHost: api\r\nTransfer-Encoding: chunked\r\n\r\n")
+        .unwrap();
+    let chunk = vec![b'x'; 64 * 1024];
+    for _ in 0..64 {
+        c.send(format!("{:x}\r\n", chunk.len()).as_bytes()).unwrap();
+        c.send(&chunk).unwrap();
+        c.send(b"\r\n").unwrap();
+    }
+    c.send(b"0\r\n\r\n").unwrap();
+    let r = c.read_reply().unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body, format!("POST /upload {}", 64 * 64 * 1024));
+}
+
+#[test]
+fn smuggling_attempts_get_400_and_never_reach_the_server() {
+    let s = scene("l7-smuggling");
+    let attempts: [&[u8]; 6] = [
+        b"POST /upload HTTP/1.1\r\nHost: api\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /secret HTTP/1.1\r\nHost: api\r\n\r\n",
+        b"POST /upload HTTP/1.1\r\nHost: api\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\nabc",
+        b"POST /upload HTTP/1.1\r\nHost: api\r\nContent-Length: +3\r\n\r\nabc",
+        b"POST /upload HTTP/1.1\r\nHost: api\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
+        b"GET /public/a HTTP/1.1\r\nHost: api\r\nX-Folded: a\r\n b\r\n\r\n",
+        b"GET /public/\x01a HTTP/1.1\r\nHost: api\r\n\r\n",
+    ];
+    for raw in attempts {
+        let mut c = Client::connect(&s.client.name, s.api.ip, 80).unwrap();
+        c.send(raw).unwrap();
+        let r = c
+            .read_reply()
+            .unwrap_or_else(|e| panic!("no reply to {:?}: {e}", String::from_utf8_lossy(raw)));
+        assert!(
+            r.status == 400 || r.status == 501,
+            "{:?} -> {}",
+            String::from_utf8_lossy(raw),
+            r.status
+        );
+        assert!(
+            c.closed(),
+            "connection closed after {:?}",
+            String::from_utf8_lossy(raw)
+        );
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let seen = s.seen.lock().unwrap().clone();
+    assert!(seen.is_empty(), "nothing reached the backend: {seen:?}");
+}
+
+#[test]
+fn path_normalization_closes_bypasses() {
+    let s = scene("l7-paths");
+    for path in [
+        "/public/../admin/x",
+        "//admin/x",
+        "/%2e%2e/admin/x",
+        "/public/%2E%2E/admin/x",
+        "/public/./../admin/x",
+    ] {
+        assert_eq!(
+            status(&s, path, ""),
+            403,
+            "{path} must be judged as /admin/x"
+        );
+    }
+    // Equivalent spellings of an allowed path are allowed, and the server sees the normal form.
+    let r = get(&s.client.name, s.api.ip, 80, "/public//./%61", "").unwrap();
+    assert_eq!((r.status, r.body.as_str()), (200, "GET /public/a 0"));
+}
+
+#[test]
+fn policy_updates_apply_to_open_connections() {
+    let s = scene("l7-update");
+    let mut c = Client::connect(&s.client.name, s.api.ip, 80).unwrap();
+    c.send(b"GET /public/a HTTP/1.1\r\nHost: api\r\n\r\n")
+        .unwrap();
+    assert_eq!(c.read_reply().unwrap().status, 200);
+    s.node
+        .apply(&API_L7.replace("path: \"/public/.*\"", "path: \"/public/only-this\""));
+    c.send(b"GET /public/a HTTP/1.1\r\nHost: api\r\n\r\n")
+        .unwrap();
+    assert_eq!(
+        c.read_reply().unwrap().status,
+        403,
+        "same connection, new policy"
+    );
+    c.send(b"GET /public/only-this HTTP/1.1\r\nHost: api\r\n\r\n")
+        .unwrap();
+    assert_eq!(c.read_reply().unwrap().status, 200);
+}
+
+#[test]
+fn the_servers_l3_policy_still_judges_the_client_through_the_proxy() {
+    let node = Node::start("l7-l3");
+    let client = node.add_endpoint("client", "x", "app=client");
+    let intruder = node.add_endpoint("intruder", "x", "app=intruder");
+    let api = node.add_endpoint("api", "x", "app=api");
+    let seen = backend(&api.name, 80);
+    // Egress HTTP rules on the callers send their connections through the proxy ...
+    node.apply(
+        "apiVersion: palisade.io/v1\nkind: ClusterwideNetworkPolicy\nmetadata: {name: callers-l7}\nspec:\n  endpointSelector: {matchExpressions: [{key: app, operator: In, values: [client, intruder]}]}\n  egress:\n  - toEndpoints: [{matchLabels: {app: api}}]\n    toPorts:\n    - ports: [{port: \"80\"}]\n      rules:\n        http: [{method: GET}]\n",
+    );
+    // ... and the server admits only the client at L3/L4.
+    node.apply(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: api-in, namespace: x}\nspec:\n  podSelector: {matchLabels: {app: api}}\n  ingress:\n  - from: [{podSelector: {matchLabels: {app: client}}}]\n",
+    );
+    let ok = get(&client.name, api.ip, 80, "/x", "").map(|r| r.status);
+    assert_eq!(ok, Some(200), "client passes both checks");
+    let denied = get(&intruder.name, api.ip, 80, "/x", "").map(|r| r.status);
+    assert!(
+        matches!(denied, None | Some(502) | Some(504)),
+        "intruder's upstream leg must be dropped, got {denied:?}"
+    );
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    let drops = node.flows(&["--to-pod", &api.qualified(), "--verdict", "DROPPED"]);
+    assert!(
+        drops
+            .iter()
+            .any(|f| f["source"]["identity"] == intruder.identity
+                && f["drop_reason"] == "Policy denied"),
+        "dropped as the intruder's identity, not the node's: {drops:?}"
+    );
+    let redirected = node.flows(&["--verdict", "REDIRECTED"]);
+    assert!(!redirected.is_empty(), "the datapath reports the redirect");
+}
