@@ -256,8 +256,10 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
             telemetry: Arc::clone(&telemetry),
             limits: Arc::new(proxy::http::Limits::default()),
         };
-        info!(port = args.proxy_port, "L7 proxy listening");
-        tokio::spawn(proxy::listener::run(listener, ctx));
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let workers = proxy::listener::Workers::start(cpus).context("proxy worker threads")?;
+        info!(port = args.proxy_port, workers = cpus, "L7 proxy listening");
+        tokio::spawn(proxy::listener::run(listener, ctx, workers));
     }
 
     let (cmd_tx, cmd_rx) = mpsc::channel(64);

@@ -10,6 +10,7 @@ use std::time::Duration;
 use axum::{
     Router, extract::State, http::StatusCode, http::header, response::IntoResponse, routing::get,
 };
+use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::{
     counter::Counter, family::Family, gauge::Gauge, histogram::Histogram,
@@ -24,15 +25,28 @@ use crate::flows::Flow;
 
 type Labels = Vec<(String, String)>;
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FlowLabels {
+    verdict: &'static str,
+    direction: &'static str,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    verdict: &'static str,
+    status: &'static str,
+}
+
 /// What accumulates between scrapes.
 #[derive(Clone, Debug)]
 pub struct Telemetry {
     /// Flows the agent stored, by verdict, direction and drop reason.
-    pub flows: Family<Labels, Counter>,
+    pub flows: Family<FlowLabels, Counter>,
     /// Time to compile policy into map state and diff it, per change.
     pub compile_seconds: Histogram,
     /// Requests the L7 proxy handled, by verdict and status class.
-    pub proxy_requests: Family<Labels, Counter>,
+    pub proxy_requests: Family<RequestLabels, Counter>,
 }
 
 impl Default for Telemetry {
@@ -50,27 +64,42 @@ impl Default for Telemetry {
 
 impl Telemetry {
     pub fn count_request(&self, r: &crate::proxy::http::RequestRecord) {
+        const CLASSES: [&str; 6] = ["0xx", "1xx", "2xx", "3xx", "4xx", "5xx"];
         self.proxy_requests
-            .get_or_create(&vec![
-                (
-                    "verdict".to_string(),
-                    if r.allowed { "FORWARDED" } else { "DROPPED" }.to_string(),
-                ),
-                ("status".to_string(), format!("{}xx", r.status / 100)),
-            ])
+            .get_or_create(&RequestLabels {
+                verdict: if r.allowed { "FORWARDED" } else { "DROPPED" },
+                status: CLASSES[usize::from(r.status / 100).min(5)],
+            })
             .inc();
     }
 
     pub fn count_flow(&self, f: &Flow) {
+        // Static label values: bounded cardinality and no allocation per flow.
+        let verdict = match f.verdict.as_str() {
+            "FORWARDED" => "FORWARDED",
+            "DROPPED" => "DROPPED",
+            "AUDIT" => "AUDIT",
+            "REDIRECTED" => "REDIRECTED",
+            _ => "UNKNOWN",
+        };
+        let reason = match (f.drop_reason_code, &f.drop_reason, &f.http) {
+            (Some(code), _, _) => palisade_common::reason::drop_reason_name(code),
+            (None, Some(r), Some(_)) if r.starts_with("Invalid HTTP request") => {
+                "Invalid HTTP request"
+            }
+            (None, Some(_), Some(_)) => "Policy denied (L7)",
+            _ => "",
+        };
         self.flows
-            .get_or_create(&vec![
-                ("verdict".to_string(), f.verdict.clone()),
-                ("direction".to_string(), f.direction.clone()),
-                (
-                    "reason".to_string(),
-                    f.drop_reason.clone().unwrap_or_default(),
-                ),
-            ])
+            .get_or_create(&FlowLabels {
+                verdict,
+                direction: if f.direction == "ingress" {
+                    "ingress"
+                } else {
+                    "egress"
+                },
+                reason,
+            })
             .inc();
     }
 }

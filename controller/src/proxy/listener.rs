@@ -14,7 +14,7 @@ use tokio::sync::watch;
 use tracing::{debug, warn};
 
 use super::http::{self, Decision, RequestHead, RequestRecord};
-use super::policy::ProxyPolicy;
+use super::policy::{Ends, ProxyPolicy};
 use crate::flows::store::FlowStore;
 use crate::flows::{Catalog, Flow, FlowHttp, FlowIp, FlowL4, FlowPeer, FlowPolicy};
 use crate::metrics::Telemetry;
@@ -65,13 +65,46 @@ fn v4(addr: SocketAddr) -> Option<SocketAddrV4> {
     }
 }
 
+/// Single-threaded runtimes, one per CPU, that own proxied connections. A connection and its
+/// upstream leg live on one thread, so their wakeups never cross threads (nginx's worker
+/// model); connections are dealt out round-robin.
+pub struct Workers {
+    handles: Vec<tokio::runtime::Handle>,
+}
+
+impl Workers {
+    pub fn start(count: usize) -> std::io::Result<Workers> {
+        let mut handles = Vec::new();
+        for i in 0..count.max(1) {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            handles.push(rt.handle().clone());
+            std::thread::Builder::new()
+                .name(format!("proxy-{i}"))
+                .spawn(move || rt.block_on(std::future::pending::<()>()))?;
+        }
+        Ok(Workers { handles })
+    }
+}
+
 /// Accepts redirected connections until the listener fails.
-pub async fn run(listener: TcpListener, ctx: ProxyContext) {
+pub async fn run(listener: TcpListener, ctx: ProxyContext, workers: Workers) {
+    let mut next = 0usize;
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
                 let ctx = ctx.clone();
-                tokio::spawn(async move {
+                // Re-registered with the worker's own reactor.
+                let Ok(stream) = stream.into_std() else {
+                    continue;
+                };
+                let worker = &workers.handles[next % workers.handles.len()];
+                next = next.wrapping_add(1);
+                worker.spawn(async move {
+                    let Ok(stream) = TcpStream::from_std(stream) else {
+                        return;
+                    };
                     if let Err(e) = handle(stream, ctx).await {
                         debug!(error = %e, "proxied connection ended with an error");
                     }
@@ -104,63 +137,87 @@ fn peer_view(catalog: &Catalog, identity: u32, addr: Ipv4Addr) -> FlowPeer {
     }
 }
 
-fn flow_of(
-    r: &RequestRecord,
-    client: SocketAddrV4,
-    dst: SocketAddrV4,
-    policy: &ProxyPolicy,
-    catalog: &Catalog,
-) -> Flow {
-    let (c, d) = (policy.peer(*client.ip()), policy.peer(*dst.ip()));
-    let source = peer_view(catalog, c.identity.0, *client.ip());
-    let destination = peer_view(catalog, d.identity.0, *dst.ip());
-    // The check belongs to the destination's ingress when it is a local endpoint.
-    let (endpoint, direction) = if d.endpoint.is_some() {
-        (destination.clone(), "ingress")
-    } else {
-        (source.clone(), "egress")
-    };
-    let drop_reason = (!r.allowed).then(|| match &r.error {
-        Some(e) => format!("Invalid HTTP request: {e}"),
-        None => "Policy denied (L7)".to_string(),
-    });
-    Flow {
-        seq: 0,
-        time: humantime::format_rfc3339_micros(SystemTime::now()).to_string(),
-        verdict: if r.allowed { "FORWARDED" } else { "DROPPED" }.to_string(),
-        drop_reason,
-        drop_reason_code: None,
-        event: "http-request".to_string(),
-        direction: direction.to_string(),
-        endpoint,
-        source,
-        destination,
-        ip: FlowIp {
-            source: *client.ip(),
-            destination: *dst.ip(),
-        },
-        l4: FlowL4 {
-            protocol: "TCP".to_string(),
-            source_port: client.port(),
-            destination_port: dst.port(),
-            tcp_flags: Vec::new(),
-        },
-        policy: catalog
+/// What every flow of one connection shares, built once per connection (and again only when
+/// the policy or the names change).
+struct FlowBase {
+    policy: Arc<ProxyPolicy>,
+    catalog: Arc<Catalog>,
+    flow: Flow,
+}
+
+impl FlowBase {
+    fn new(
+        client: SocketAddrV4,
+        dst: SocketAddrV4,
+        policy: Arc<ProxyPolicy>,
+        catalog: Arc<Catalog>,
+    ) -> Self {
+        let ends = policy.ends(client, dst);
+        let source = peer_view(&catalog, ends.client.identity.0, *client.ip());
+        let destination = peer_view(&catalog, ends.destination.identity.0, *dst.ip());
+        // The check belongs to the destination's ingress when it is a local endpoint.
+        let (endpoint, direction) = if ends.destination.endpoint.is_some() {
+            (destination.clone(), "ingress")
+        } else {
+            (source.clone(), "egress")
+        };
+        let flow = Flow {
+            seq: 0,
+            time: String::new(),
+            verdict: String::new(),
+            drop_reason: None,
+            drop_reason_code: None,
+            event: "http-request".to_string(),
+            direction: direction.to_string(),
+            endpoint,
+            source,
+            destination,
+            ip: FlowIp {
+                source: *client.ip(),
+                destination: *dst.ip(),
+            },
+            l4: FlowL4 {
+                protocol: "TCP".to_string(),
+                source_port: client.port(),
+                destination_port: dst.port(),
+                tcp_flags: Vec::new(),
+            },
+            policy: None,
+            packet_bytes: 0,
+            http: None,
+        };
+        Self {
+            policy,
+            catalog,
+            flow,
+        }
+    }
+
+    fn flow(&self, r: &RequestRecord) -> Flow {
+        let mut flow = self.flow.clone();
+        flow.time = humantime::format_rfc3339_micros(SystemTime::now()).to_string();
+        flow.verdict = if r.allowed { "FORWARDED" } else { "DROPPED" }.to_string();
+        flow.drop_reason = (!r.allowed).then(|| match &r.error {
+            Some(e) => format!("Invalid HTTP request: {e}"),
+            None => "Policy denied (L7)".to_string(),
+        });
+        flow.policy = self
+            .catalog
             .rules
             .get(&r.rule)
             .map(|(name, kind, rule)| FlowPolicy {
                 name: name.clone(),
                 kind: kind.clone(),
                 rule: rule.clone(),
-            }),
-        packet_bytes: 0,
-        http: Some(FlowHttp {
+            });
+        flow.http = Some(FlowHttp {
             method: r.method.clone(),
             path: r.path.clone(),
             host: r.host.clone(),
             status: r.status,
             latency_us: u64::try_from(r.latency.as_micros()).unwrap_or(u64::MAX),
-        }),
+        });
+        flow
     }
 }
 
@@ -183,9 +240,23 @@ async fn handle(client: TcpStream, ctx: ProxyContext) -> Result<(), http::ProxyE
         stream.set_nodelay(true)?;
         Ok(stream)
     };
+    // Every request is judged by the policy current when it arrives; who the two ends are is
+    // looked up again only when a new policy was published.
     let policy_rx = ctx.policy.clone();
+    let ends_cache: std::sync::Mutex<Option<(Arc<ProxyPolicy>, Ends)>> =
+        std::sync::Mutex::new(None);
     let judge = move |head: &RequestHead| {
-        let verdict = policy_rx.borrow().judge(peer, dst, &HeadView(head));
+        let policy = Arc::clone(&policy_rx.borrow());
+        let mut cache = ends_cache.lock().unwrap_or_else(|p| p.into_inner());
+        let ends = match &*cache {
+            Some((p, ends)) if Arc::ptr_eq(p, &policy) => *ends,
+            _ => {
+                let ends = policy.ends(peer, dst);
+                *cache = Some((Arc::clone(&policy), ends));
+                ends
+            }
+        };
+        let verdict = policy.judge_ends(&ends, &HeadView(head));
         if verdict.allowed {
             Decision::Allow {
                 rule: verdict.rule.0,
@@ -196,14 +267,26 @@ async fn handle(client: TcpStream, ctx: ProxyContext) -> Result<(), http::ProxyE
             }
         }
     };
-    let (flows, telemetry, catalog, policy) = (
+    let (flows, telemetry, catalog_rx, policy_rx) = (
         ctx.flows.clone(),
         ctx.telemetry.clone(),
         ctx.catalog.clone(),
         ctx.policy.clone(),
     );
+    let mut base: Option<FlowBase> = None;
     let record = move |r: RequestRecord| {
-        let flow = flow_of(&r, peer, dst, &policy.borrow(), &catalog.borrow());
+        let (policy, catalog) = (
+            Arc::clone(&policy_rx.borrow()),
+            Arc::clone(&catalog_rx.borrow()),
+        );
+        let fresh = base
+            .as_ref()
+            .is_some_and(|b| Arc::ptr_eq(&b.policy, &policy) && Arc::ptr_eq(&b.catalog, &catalog));
+        if !fresh {
+            base = Some(FlowBase::new(peer, dst, policy, catalog));
+        }
+        let Some(b) = &base else { return };
+        let flow = b.flow(&r);
         telemetry.count_flow(&flow);
         telemetry.count_request(&r);
         flows.push(SystemTime::now(), flow);

@@ -43,6 +43,15 @@ impl ProxyPolicy {
         std::iter::once(e.identity).chain(e.cidr_identity).collect()
     }
 
+    /// Who is at both ends of a connection (looked up once per connection and policy).
+    pub fn ends(&self, client: SocketAddrV4, destination: SocketAddrV4) -> Ends {
+        Ends {
+            client: self.peer(*client.ip()),
+            destination: self.peer(*destination.ip()),
+            port: destination.port(),
+        }
+    }
+
     /// Both ends may have HTTP rules: the destination's ingress and the client's egress; a
     /// request passes only if every side that has rules for this peer and port allows it.
     pub fn judge(
@@ -51,15 +60,18 @@ impl ProxyPolicy {
         destination: SocketAddrV4,
         req: &impl RequestView,
     ) -> RequestVerdict {
-        let (c, d) = (self.peer(*client.ip()), self.peer(*destination.ip()));
-        let port = destination.port();
+        self.judge_ends(&self.ends(client, destination), req)
+    }
+
+    pub fn judge_ends(&self, ends: &Ends, req: &impl RequestView) -> RequestVerdict {
+        let (c, d, port) = (&ends.client, &ends.destination, ends.port);
         let egress: Option<L7Verdict> = c.endpoint.and_then(|ep| {
             self.matcher
-                .decide(ep, Direction::Egress, &Self::identities(&d), port, req)
+                .decide(ep, Direction::Egress, &Self::identities(d), port, req)
         });
         let ingress: Option<L7Verdict> = d.endpoint.and_then(|ep| {
             self.matcher
-                .decide(ep, Direction::Ingress, &Self::identities(&c), port, req)
+                .decide(ep, Direction::Ingress, &Self::identities(c), port, req)
         });
         if let Some(denied) = [egress, ingress].into_iter().flatten().find(|v| !v.allowed) {
             return RequestVerdict {
@@ -72,6 +84,14 @@ impl ProxyPolicy {
             rule: ingress.or(egress).map_or(RuleId::NONE, |v| v.rule),
         }
     }
+}
+
+/// The two ends of a proxied connection, as the ipcache saw them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ends {
+    pub client: IpcacheEntry,
+    pub destination: IpcacheEntry,
+    pub port: u16,
 }
 
 #[cfg(test)]

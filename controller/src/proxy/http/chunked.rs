@@ -170,8 +170,9 @@ impl ChunkedDecoder {
             }
             _ => {}
         }
-        let mut slots = vec![httparse::EMPTY_HEADER; self.max_trailers];
-        let (consumed, fields) = match httparse::parse_headers(buf, &mut slots) {
+        let mut slots = [httparse::EMPTY_HEADER; super::MAX_HEADERS_CAP];
+        let slots = &mut slots[..self.max_trailers.min(super::MAX_HEADERS_CAP)];
+        let (consumed, fields) = match httparse::parse_headers(buf, slots) {
             Ok(httparse::Status::Complete((consumed, fields))) => (consumed, fields),
             Ok(httparse::Status::Partial) if buf.len() >= self.max_trailer_bytes => {
                 return Err(ChunkedError::TrailersTooLarge {

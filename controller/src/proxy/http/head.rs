@@ -107,9 +107,14 @@ pub fn parse_request_head(
     limits: &Limits,
 ) -> Result<Option<(RequestHead, usize)>, HeadError> {
     let window = &buf[..buf.len().min(limits.max_head_bytes)];
-    let mut slots = vec![httparse::EMPTY_HEADER; limits.max_headers];
-    let mut request = httparse::Request::new(&mut slots);
-    let len = match request.parse(window) {
+    // Parse slots live on the stack, uninitialised: no allocation and no zeroing per request.
+    let mut slots =
+        [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; super::MAX_HEADERS_CAP];
+    let mut request = httparse::Request::new(&mut []);
+    let len = match request.parse_with_uninit_headers(
+        window,
+        &mut slots[..limits.max_headers.min(super::MAX_HEADERS_CAP)],
+    ) {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) if buf.len() >= limits.max_head_bytes => {
             return Err(HeadError::TooLarge {

@@ -83,12 +83,16 @@ pub use path::{PathError, Target, normalize_path, parse_target};
 pub use response::{ResponseBody, ResponseHead, ResponseHeadError, parse_response_head};
 pub use serve::{ProxyError, serve_connection};
 
+/// Ceiling on [`Limits::max_headers`]: parse slots live on the stack (no allocation per
+/// request), so their number is fixed at build time.
+pub const MAX_HEADERS_CAP: usize = 128;
+
 /// Bounds on what one client connection may make the proxy hold or wait for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Limits {
     /// Largest request or response head, and largest trailer section.
     pub max_head_bytes: usize,
-    /// Most fields in a head or trailer section.
+    /// Most fields in a head or trailer section (at most [`MAX_HEADERS_CAP`]).
     pub max_headers: usize,
     /// Time to receive a whole request head once its first byte arrived.
     pub head_timeout: Duration,

@@ -80,8 +80,10 @@ pub fn parse_response_head(
     limits: &Limits,
 ) -> Result<Option<(ResponseHead, usize)>, ResponseHeadError> {
     let window = &buf[..buf.len().min(limits.max_head_bytes)];
-    let mut slots = vec![httparse::EMPTY_HEADER; limits.max_headers];
-    let mut response = httparse::Response::new(&mut slots);
+    // On the stack: no allocation per response.
+    let mut slots = [httparse::EMPTY_HEADER; super::MAX_HEADERS_CAP];
+    let mut response =
+        httparse::Response::new(&mut slots[..limits.max_headers.min(super::MAX_HEADERS_CAP)]);
     let len = match response.parse(window) {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) if buf.len() >= limits.max_head_bytes => {

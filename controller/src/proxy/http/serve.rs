@@ -713,6 +713,9 @@ where
     }
 }
 
+/// Most body bytes sent together with a response head.
+const INLINE_BODY_MAX: usize = 64 * 1024;
+
 async fn relay_final<R, W>(
     upstream: &mut Inbound<R>,
     client: &mut W,
@@ -747,13 +750,31 @@ where
     } else {
         Persistence::Close
     };
-    let bytes = wire::response_head(response, client_body, persistence, request.version);
+    let mut bytes = wire::response_head(response, client_body, persistence, request.version);
+    // A Content-Length body already read along with the head goes out in the same write: one
+    // syscall and one segment instead of two for the common small response.
+    let mut len_left = match body {
+        ResponseBody::ContentLength(len) => len,
+        _ => 0,
+    };
+    if len_left > 0 {
+        let inline = upstream
+            .buffered()
+            .len()
+            .min(usize::try_from(len_left).unwrap_or(usize::MAX))
+            .min(INLINE_BODY_MAX);
+        bytes.extend_from_slice(&upstream.buffered()[..inline]);
+        upstream.consume(inline);
+        len_left -= inline as u64;
+    }
     progress.mark_sent(response.status);
     write(client, &bytes, idle).await?;
     let head_sent = Instant::now();
     let copied = match body {
         ResponseBody::None => Ok(()),
-        ResponseBody::ContentLength(len) => stream::copy_exact(upstream, client, len, idle).await,
+        ResponseBody::ContentLength(_) => {
+            stream::copy_exact(upstream, client, len_left, idle).await
+        }
         ResponseBody::Chunked => {
             let output = if dechunk {
                 ChunkedOutput::Dechunk
