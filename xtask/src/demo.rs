@@ -14,25 +14,70 @@ use crate::{build_binaries, workspace_root};
 
 const TAG: &str = "pal-demo";
 
+/// What a probe sends.
+#[derive(Clone, Copy)]
+enum What {
+    Tcp(u16),
+    Ping,
+    /// An HTTP request (method, path) to port 8080; allowed means a 200 answer.
+    Http(&'static str, &'static str),
+}
+
 struct Probe {
     from: &'static str,
     to: &'static str,
-    port: u16,
-    /// TCP, or ICMP echo when port is 0.
+    what: What,
     expect: bool,
     note: &'static str,
+}
+
+const HTTP_PORT: u16 = 8080;
+
+fn http_status(src: &Endpoint, dst: &Endpoint, method: &str, path: &str) -> Option<u16> {
+    let mut c = palisade_integration::http::Client::connect(&src.name, dst.ip, HTTP_PORT).ok()?;
+    c.send(
+        format!("{method} {path} HTTP/1.1\r\nHost: backend\r\nContent-Length: 0\r\n\r\n")
+            .as_bytes(),
+    )
+    .ok()?;
+    c.read_reply().ok().map(|r| r.status)
 }
 
 fn short(name: &str) -> &str {
     name.strip_prefix(&format!("{TAG}-")).unwrap_or(name)
 }
 
-fn why(flows: &[Value], src: &Endpoint, dst: &Endpoint, port: u16, allowed: bool) -> String {
-    let proto = if port == 0 { "ICMP" } else { "TCP" };
+fn why(flows: &[Value], src: &Endpoint, dst: &Endpoint, what: What, allowed: bool) -> String {
+    if let What::Http(method, path) = what {
+        let f = flows.iter().rev().find(|f| {
+            f["ip"]["source"] == src.ip.to_string()
+                && f["http"]["method"] == method
+                && f["http"]["path"] == path
+        });
+        return match f {
+            Some(f) => {
+                let status = f["http"]["status"].as_u64().unwrap_or(0);
+                let rule = f["policy"]["rule"].as_str().unwrap_or("no rule");
+                if allowed {
+                    format!("HTTP {status}, allowed by {rule}")
+                } else {
+                    format!(
+                        "HTTP {status} from the L7 proxy: no HTTP rule of {rule} matches {method} {path}"
+                    )
+                }
+            }
+            None => "no HTTP flow recorded".to_string(),
+        };
+    }
+    let (proto, port) = match what {
+        What::Tcp(p) => ("TCP", p),
+        _ => ("ICMP", 0),
+    };
     let matching = |f: &&Value| {
         f["ip"]["source"] == src.ip.to_string()
             && f["ip"]["destination"] == dst.ip.to_string()
             && f["l4"]["protocol"] == proto
+            && f.get("http").is_none()
             && (port == 0 || f["l4"]["destination_port"] == port)
     };
     if allowed {
@@ -107,13 +152,11 @@ fn run_probes(node: &Node, eps: &[Endpoint], probes: &[Probe]) -> Vec<bool> {
     let jobs: Vec<Box<dyn FnOnce() -> bool + Send>> = probes
         .iter()
         .map(|p| {
-            let (src, dst, port) = (find(p.from), find(p.to), p.port);
-            Box::new(move || {
-                if port == 0 {
-                    ping(&src.name, dst.ip)
-                } else {
-                    tcp_connects(&src.name, dst.ip, port)
-                }
+            let (src, dst, what) = (find(p.from), find(p.to), p.what);
+            Box::new(move || match what {
+                What::Ping => ping(&src.name, dst.ip),
+                What::Tcp(port) => tcp_connects(&src.name, dst.ip, port),
+                What::Http(method, path) => http_status(&src, &dst, method, path) == Some(200),
             }) as Box<dyn FnOnce() -> bool + Send>
         })
         .collect();
@@ -124,10 +167,10 @@ fn run_probes(node: &Node, eps: &[Endpoint], probes: &[Probe]) -> Vec<bool> {
     let mut rows = Vec::new();
     for (p, ok) in probes.iter().zip(&results) {
         let (src, dst) = (find(p.from), find(p.to));
-        let what = if p.port == 0 {
-            "ping".to_string()
-        } else {
-            format!("tcp/{}", p.port)
+        let what = match p.what {
+            What::Ping => "ping".to_string(),
+            What::Tcp(port) => format!("tcp/{port}"),
+            What::Http(method, path) => format!("{method} {path}"),
         };
         let mark = if *ok == p.expect {
             ""
@@ -135,21 +178,21 @@ fn run_probes(node: &Node, eps: &[Endpoint], probes: &[Probe]) -> Vec<bool> {
             "  <-- UNEXPECTED"
         };
         rows.push(format!(
-            "{:<10} {:<10} {:<9} {:<9} {:<9} {}{}",
+            "{:<10} {:<10} {:<22} {:<9} {:<9} {}{}",
             p.from,
             p.to,
             what,
             if p.expect { "allow" } else { "deny" },
             if *ok { "ALLOWED" } else { "DENIED" },
-            why(&flows, &src, &dst, p.port, *ok),
+            why(&flows, &src, &dst, p.what, *ok),
             mark
         ));
         if !p.note.is_empty() {
-            rows.push(format!("{:>41}  ({})", "", p.note));
+            rows.push(format!("{:>54}  ({})", "", p.note));
         }
     }
     println!(
-        "{:<10} {:<10} {:<9} {:<9} {:<9} WHY",
+        "{:<10} {:<10} {:<22} {:<9} {:<9} WHY",
         "FROM", "TO", "WHAT", "EXPECTED", "RESULT"
     );
     for r in rows {
@@ -212,11 +255,11 @@ pub fn run() -> anyhow::Result<()> {
     };
     let _servers = [
         tcp_server(&ep("frontend").name, 80),
-        tcp_server(&ep("backend").name, 8080),
         tcp_server(&ep("backend").name, 9090),
         tcp_server(&ep("db").name, 5432),
     ];
-    println!("servers: frontend tcp/80, backend tcp/8080 and tcp/9090, db tcp/5432");
+    let _api = palisade_integration::http::backend(&ep("backend").name, HTTP_PORT);
+    println!("servers: frontend tcp/80, backend HTTP on 8080 and tcp/9090, db tcp/5432");
 
     section("Before any policy: everything may talk to everything (Kubernetes default)");
     let open = run_probes(
@@ -225,7 +268,7 @@ pub fn run() -> anyhow::Result<()> {
         &[Probe {
             from: "frontend",
             to: "db",
-            port: 5432,
+            what: What::Tcp(5432),
             expect: true,
             note: "",
         }],
@@ -252,63 +295,53 @@ pub fn run() -> anyhow::Result<()> {
     }
 
     section("Traffic with the policies in force");
+    let probe = |from, to, what, expect, note| Probe {
+        from,
+        to,
+        what,
+        expect,
+        note,
+    };
     let probes = [
-        Probe {
-            from: "frontend",
-            to: "backend",
-            port: 8080,
-            expect: true,
-            note: "",
-        },
-        Probe {
-            from: "frontend",
-            to: "backend",
-            port: 9090,
-            expect: false,
-            note: "only the API port is open",
-        },
-        Probe {
-            from: "backend",
-            to: "db",
-            port: 5432,
-            expect: true,
-            note: "",
-        },
-        Probe {
-            from: "frontend",
-            to: "db",
-            port: 5432,
-            expect: false,
-            note: "tier=web is allowed, but the deny rule wins",
-        },
-        Probe {
-            from: "db",
-            to: "backend",
-            port: 8080,
-            expect: false,
-            note: "",
-        },
-        Probe {
-            from: "backend",
-            to: "frontend",
-            port: 80,
-            expect: false,
-            note: "",
-        },
-        Probe {
-            from: "newcomer",
-            to: "backend",
-            port: 8080,
-            expect: false,
-            note: "",
-        },
-        Probe {
-            from: "frontend",
-            to: "backend",
-            port: 0,
-            expect: false,
-            note: "ICMP echo is not TCP/8080",
-        },
+        probe(
+            "frontend",
+            "backend",
+            What::Http("GET", "/api/products/42"),
+            true,
+            "",
+        ),
+        probe(
+            "frontend",
+            "backend",
+            What::Http("DELETE", "/api/products/42"),
+            false,
+            "the L7 proxy judges each request",
+        ),
+        probe(
+            "frontend",
+            "backend",
+            What::Tcp(9090),
+            false,
+            "only the API port is open",
+        ),
+        probe("backend", "db", What::Tcp(5432), true, ""),
+        probe(
+            "frontend",
+            "db",
+            What::Tcp(5432),
+            false,
+            "tier=web is allowed, but the deny rule wins",
+        ),
+        probe("db", "backend", What::Tcp(8080), false, ""),
+        probe("backend", "frontend", What::Tcp(80), false, ""),
+        probe("newcomer", "backend", What::Tcp(8080), false, ""),
+        probe(
+            "frontend",
+            "backend",
+            What::Ping,
+            false,
+            "ICMP echo is not TCP/8080",
+        ),
     ];
     let enforced = run_probes(&node, &eps, &probes);
 
@@ -326,20 +359,14 @@ pub fn run() -> anyhow::Result<()> {
         ],
     );
     let relabeled_probes = [
-        Probe {
-            from: "newcomer",
-            to: "backend",
-            port: 8080,
-            expect: true,
-            note: "same identity as frontend now",
-        },
-        Probe {
-            from: "newcomer",
-            to: "db",
-            port: 5432,
-            expect: false,
-            note: "",
-        },
+        probe(
+            "newcomer",
+            "backend",
+            What::Http("POST", "/api/cart"),
+            true,
+            "same identity as frontend now",
+        ),
+        probe("newcomer", "db", What::Tcp(5432), false, ""),
     ];
     let relabeled = run_probes(&node, &eps, &relabeled_probes);
 
@@ -354,6 +381,19 @@ pub fn run() -> anyhow::Result<()> {
             "shop",
             "--last",
             "6",
+        ],
+    );
+
+    show(
+        &node,
+        &[
+            "observe",
+            "--protocol",
+            "http",
+            "--namespace",
+            "shop",
+            "--last",
+            "3",
         ],
     );
 
