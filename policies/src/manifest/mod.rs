@@ -466,11 +466,10 @@ status: {anything: [goes]}
         assert!(policy.specs[0].ingress.default_deny);
     }
 
-    #[test]
-    fn every_example_manifest_parses() {
-        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/examples");
+    /// Parses every manifest in a directory of this crate; returns how many there were.
+    fn parse_all_in(dir: &str) -> usize {
         let mut checked = 0;
-        for entry in std::fs::read_dir(dir).expect("policies/examples exists") {
+        for entry in std::fs::read_dir(dir).unwrap_or_else(|e| panic!("{dir}: {e}")) {
             let path = entry.expect("readable directory entry").path();
             if !matches!(
                 path.extension().and_then(|e| e.to_str()),
@@ -484,6 +483,20 @@ status: {anything: [goes]}
             assert!(!policies.is_empty(), "{} defines no policy", path.display());
             checked += 1;
         }
+        checked
+    }
+
+    #[test]
+    fn every_example_manifest_parses() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/examples");
+        let checked = parse_all_in(dir);
         assert!(checked >= 7, "only {checked} examples found in {dir}");
+    }
+
+    #[test]
+    fn every_demo_manifest_parses() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/demo");
+        let checked = parse_all_in(dir);
+        assert!(checked >= 4, "only {checked} demo manifests found in {dir}");
     }
 }
