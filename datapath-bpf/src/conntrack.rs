@@ -82,6 +82,10 @@ fn timeout_ns(cfg: &Config, protocol: u8, flags: u16) -> u64 {
 }
 
 /// Creates the entry for a new, allowed connection. Fails closed: an insert error is a drop.
+#[allow(
+    clippy::too_many_arguments,
+    reason = "always inlined: a struct would only add stack"
+)]
 #[inline(always)]
 pub fn create(
     key: &CtKey,
@@ -107,7 +111,7 @@ pub fn create(
         proxy_port_be,
         _pad: [0; 4],
     };
-    CONNTRACK.insert(key, &entry, 0).map_err(|_| ())
+    CONNTRACK.insert(key, entry, 0).map_err(|_| ())
 }
 
 /// Accounts a packet of a tracked connection and advances TCP state. Returns true when the

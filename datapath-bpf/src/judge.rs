@@ -57,12 +57,12 @@ pub fn run(ctx: &TcContext, dir: u8) -> i32 {
     match judge(ctx, dir, ifindex, len) {
         Ok(outcome) => {
             events::count(dir, outcome, len);
-            TC_ACT_OK as i32
+            TC_ACT_OK
         }
         Err(d) => {
             events::count(dir, d.reason, len);
             report_drop(ctx, dir, ifindex, len, &d);
-            TC_ACT_SHOT as i32
+            TC_ACT_SHOT
         }
     }
 }
@@ -73,7 +73,7 @@ pub fn run(ctx: &TcContext, dir: u8) -> i32 {
 #[inline(never)]
 fn report_drop(ctx: &TcContext, dir: u8, ifindex: u32, len: u32, d: &Drop) {
     let Some(cfg) = CONFIG.get(0) else { return };
-    let Some(ep) = (unsafe { ENDPOINTS.get(&ifindex) }) else {
+    let Some(ep) = (unsafe { ENDPOINTS.get(ifindex) }) else {
         return;
     };
     let pkt = match packet::parse(ctx) {
@@ -117,7 +117,7 @@ fn judge(ctx: &TcContext, dir: u8, ifindex: u32, len: u32) -> Result<u8, Drop> {
         return Err(Drop::plain(drop::NOT_INITIALIZED));
     }
     // SAFETY: map values stay valid for the whole program run; the agent only replaces them.
-    let Some(ep) = (unsafe { ENDPOINTS.get(&ifindex) }) else {
+    let Some(ep) = (unsafe { ENDPOINTS.get(ifindex) }) else {
         return Err(Drop::plain(drop::UNKNOWN_ENDPOINT));
     };
     let pkt = match packet::parse(ctx).map_err(Drop::plain)? {

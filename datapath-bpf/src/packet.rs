@@ -69,9 +69,20 @@ pub fn parse(ctx: &TcContext) -> Result<Parsed, u8> {
     }
 }
 
-/// IPv4 header at `off`: returns its protocol, addresses and the offset of the L4 header.
+/// The fields of an IPv4 header the datapath uses.
+struct Ipv4Header {
+    protocol: u8,
+    saddr: [u8; 4],
+    daddr: [u8; 4],
+    /// Offset of the L4 header.
+    l4: usize,
+    /// Flags and fragment offset, host order.
+    frag: u16,
+}
+
+/// IPv4 header at `off`.
 #[inline(always)]
-fn ipv4_header(ctx: &TcContext, off: usize) -> Result<(u8, [u8; 4], [u8; 4], usize, u16), u8> {
+fn ipv4_header(ctx: &TcContext, off: usize) -> Result<Ipv4Header, u8> {
     let version_ihl = load::<u8>(ctx, off)?;
     if version_ihl >> 4 != 4 {
         return Err(drop::INVALID_PACKET);
@@ -84,11 +95,23 @@ fn ipv4_header(ctx: &TcContext, off: usize) -> Result<(u8, [u8; 4], [u8; 4], usi
     let protocol = load::<u8>(ctx, off + 9)?;
     let saddr = load::<[u8; 4]>(ctx, off + 12)?;
     let daddr = load::<[u8; 4]>(ctx, off + 16)?;
-    Ok((protocol, saddr, daddr, off + ihl, frag))
+    Ok(Ipv4Header {
+        protocol,
+        saddr,
+        daddr,
+        l4: off + ihl,
+        frag,
+    })
 }
 
 fn parse_ipv4(ctx: &TcContext, off: usize) -> Result<Packet, u8> {
-    let (protocol, saddr, daddr, l4, frag) = ipv4_header(ctx, off)?;
+    let Ipv4Header {
+        protocol,
+        saddr,
+        daddr,
+        l4,
+        frag,
+    } = ipv4_header(ctx, off)?;
     // Fragments carry no (or partial) L4 headers; judging them by port is impossible without
     // reassembly state, so they are dropped and counted rather than guessed at.
     if frag & (IP_MF | IP_OFFSET_MASK) != 0 {
@@ -143,7 +166,13 @@ fn parse_ipv4(ctx: &TcContext, off: usize) -> Result<Packet, u8> {
 /// An ICMP error embeds the IP header and first 8 bytes of the packet it reports on; its tuple
 /// is what conntrack must already know.
 fn parse_icmp_error(ctx: &TcContext, inner: usize) -> Result<Packet, u8> {
-    let (protocol, saddr, daddr, l4, _frag) = ipv4_header(ctx, inner)?;
+    let Ipv4Header {
+        protocol,
+        saddr,
+        daddr,
+        l4,
+        ..
+    } = ipv4_header(ctx, inner)?;
     let mut pkt = Packet {
         saddr: ipv4_addr(saddr),
         daddr: ipv4_addr(daddr),

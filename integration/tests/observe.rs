@@ -232,9 +232,11 @@ fn every_observe_filter_selects_what_it_names() {
     let fp = s.node.flows(&["--from-port", &from_port]);
     assert!(
         !fp.is_empty()
-            && fp
-                .iter()
-                .all(|f| f["l4"]["source_port"].to_string() == from_port)
+            && fp.iter().all(|f| f["l4"]["source_port"]
+                .as_u64()
+                .map(|p| p.to_string())
+                .as_deref()
+                == Some(from_port.as_str()))
     );
     // Different flags must all hold.
     only(

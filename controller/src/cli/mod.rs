@@ -58,6 +58,10 @@ pub enum FlowOutput {
 }
 
 #[derive(Debug, Subcommand)]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "parsed once per process; boxing buys nothing"
+)]
 pub enum Command {
     /// Agent and datapath status.
     Status {

@@ -96,7 +96,12 @@ mod tests {
         Flow {
             seq,
             time: String::new(),
-            verdict: if seq % 2 == 0 { "DROPPED" } else { "FORWARDED" }.into(),
+            verdict: if seq.is_multiple_of(2) {
+                "DROPPED"
+            } else {
+                "FORWARDED"
+            }
+            .into(),
             drop_reason: None,
             drop_reason_code: None,
             event: "drop".into(),
