@@ -174,9 +174,11 @@ pub struct FlowQuery {
 
 /// Streams matching flows as JSON lines: stored ones first, then (with `follow`) live ones.
 async fn flows(State(s): State<ApiState>, Json(q): Json<FlowQuery>) -> Result<Response, ApiError> {
-    q.filter
-        .validate()
-        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.to_string()))?;
+    let filter = std::sync::Arc::new(
+        q.filter
+            .prepare()
+            .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.to_string()))?,
+    );
     // Subscribe before the snapshot so no flow falls in between; dedupe by sequence number.
     let live = q.follow.then(|| s.flows.subscribe());
     let since = q
@@ -187,7 +189,6 @@ async fn flows(State(s): State<ApiState>, Json(q): Json<FlowQuery>) -> Result<Re
         (None, true) => Some(0),
         (None, false) => None,
     };
-    let filter = q.filter.clone();
     let stored = s.flows.snapshot(last, since, |f| filter.matches(f));
     let last_seq = stored.last().map(|f| f.seq);
     let line = |f: &crate::flows::Flow| {
@@ -199,7 +200,6 @@ async fn flows(State(s): State<ApiState>, Json(q): Json<FlowQuery>) -> Result<Re
     let body = match live {
         None => Body::from_stream(head),
         Some(rx) => {
-            let filter = q.filter;
             let tail = futures::stream::unfold(
                 (rx, filter, last_seq),
                 move |(mut rx, filter, last_seq)| async move {

@@ -87,7 +87,8 @@ fn label_matches(p: &FlowPeer, want: &str) -> bool {
 }
 
 impl Criterion {
-    fn value_matches(&self, flow: &Flow, v: &str) -> bool {
+    /// `path_re` is the compiled `--http-path` value (for `Field::HttpPath` only).
+    fn value_matches(&self, flow: &Flow, v: &str, path_re: Option<&regex::Regex>) -> bool {
         let src_port = flow.l4.source_port.to_string();
         let dst_port = flow.l4.destination_port.to_string();
         match self.field {
@@ -121,9 +122,10 @@ impl Criterion {
                 .http
                 .as_ref()
                 .is_some_and(|h| status_matches(h.status, v)),
-            Field::HttpPath => flow.http.as_ref().is_some_and(|h| {
-                regex::Regex::new(&format!("^(?:{v})$")).is_ok_and(|r| r.is_match(&h.path))
-            }),
+            Field::HttpPath => flow
+                .http
+                .as_ref()
+                .is_some_and(|h| path_re.is_some_and(|r| r.is_match(&h.path))),
             Field::Verdict => flow.verdict.eq_ignore_ascii_case(v),
             Field::Namespace => flow.source.namespace == v || flow.destination.namespace == v,
             Field::DropReason => {
@@ -135,8 +137,24 @@ impl Criterion {
         }
     }
 
+    /// Anchored regular expressions for `--http-path` values (none for other fields).
+    fn compile_paths(&self) -> Vec<Option<regex::Regex>> {
+        self.values
+            .iter()
+            .map(|v| (self.field == Field::HttpPath).then(|| regex::Regex::new(&format!("^(?:{v})$")).ok()).flatten())
+            .collect()
+    }
+
+    fn matches_compiled(&self, flow: &Flow, paths: &[Option<regex::Regex>]) -> bool {
+        self.values
+            .iter()
+            .enumerate()
+            .any(|(i, v)| self.value_matches(flow, v, paths.get(i).and_then(Option::as_ref)))
+            != self.negate
+    }
+
     pub fn matches(&self, flow: &Flow) -> bool {
-        self.values.iter().any(|v| self.value_matches(flow, v)) != self.negate
+        self.matches_compiled(flow, &self.compile_paths())
     }
 
     /// Checks values that have a fixed syntax, so a typo is an error, not an empty result.
@@ -201,6 +219,30 @@ impl FlowFilter {
 
     pub fn validate(&self) -> Result<(), FilterError> {
         self.criteria.iter().try_for_each(Criterion::validate)
+    }
+
+    /// Validates and compiles once, for matching many flows (a `--follow` stream).
+    pub fn prepare(self) -> Result<PreparedFilter, FilterError> {
+        self.validate()?;
+        let paths = self.criteria.iter().map(Criterion::compile_paths).collect();
+        Ok(PreparedFilter { filter: self, paths })
+    }
+}
+
+/// A validated filter with its regular expressions compiled.
+#[derive(Debug)]
+pub struct PreparedFilter {
+    filter: FlowFilter,
+    paths: Vec<Vec<Option<regex::Regex>>>,
+}
+
+impl PreparedFilter {
+    pub fn matches(&self, flow: &Flow) -> bool {
+        self.filter
+            .criteria
+            .iter()
+            .zip(&self.paths)
+            .all(|(c, paths)| c.matches_compiled(flow, paths))
     }
 }
 
@@ -322,6 +364,13 @@ mod tests {
             !crit(Field::HttpPath, &["/admin"], false).matches(&f),
             "anchored"
         );
+        let prepared = FlowFilter {
+            criteria: vec![crit(Field::HttpPath, &["/admin/.*"], false), crit(Field::HttpMethod, &["POST"], false)],
+        }
+        .prepare()
+        .unwrap();
+        assert!(prepared.matches(&f));
+        assert!(FlowFilter { criteria: vec![crit(Field::HttpPath, &["(x"], false)] }.prepare().is_err());
         assert!(crit(Field::HttpStatus, &["abc"], false).validate().is_err());
         assert!(crit(Field::HttpPath, &["(x"], false).validate().is_err());
     }
