@@ -544,3 +544,52 @@ fn enforcement_survives_an_agent_restart_and_identities_stay() {
     let status = node.json(&["status"]);
     assert_eq!(status["maps_in_sync"], true);
 }
+
+#[test]
+fn enforcement_always_denies_even_endpoints_no_policy_selects() {
+    let node = Node::start_with("always", &["--enforcement", "always"]);
+    let server = node.add_endpoint("server", "x", "app=server");
+    let client = node.add_endpoint("client", "x", "app=client");
+    let _srv = tcp_server(&server.name, 80);
+    assert!(
+        !tcp_connects(&client.name, server.ip, 80),
+        "no policy, but enforcement is always"
+    );
+    let eps = node.json(&["endpoint", "list"]);
+    assert!(
+        eps.as_array()
+            .unwrap()
+            .iter()
+            .all(|e| e["ingress_enforced"] == true && e["egress_enforced"] == true)
+    );
+    // Allowing both directions explicitly opens the path.
+    node.apply(&server_policy(
+        "in",
+        "x",
+        "  - from:\n    - podSelector: {matchLabels: {app: client}}\n",
+    ));
+    node.apply(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: out, namespace: x}\nspec:\n  podSelector: {matchLabels: {app: client}}\n  policyTypes: [Egress]\n  egress:\n  - to: [{podSelector: {matchLabels: {app: server}}}]\n",
+    );
+    assert!(tcp_connects(&client.name, server.ip, 80));
+}
+
+#[test]
+fn audit_mode_forwards_what_policy_would_drop_and_says_so() {
+    let node = Node::start_with("audit", &["--audit"]);
+    let server = node.add_endpoint("server", "x", "app=server");
+    let client = node.add_endpoint("client", "x", "app=client");
+    let _srv = tcp_server(&server.name, 80);
+    node.apply(&server_policy("deny-all", "x", "  []\n"));
+    assert!(
+        tcp_connects(&client.name, server.ip, 80),
+        "audit mode never drops"
+    );
+    let audited = node.flows(&["--verdict", "AUDIT"]);
+    assert!(
+        audited.iter().any(
+            |f| f["destination"]["name"] == server.name.as_str() && f["direction"] == "ingress"
+        ),
+        "the would-be drop is reported as AUDIT: {audited:?}"
+    );
+}

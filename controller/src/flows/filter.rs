@@ -141,7 +141,11 @@ impl Criterion {
     fn compile_paths(&self) -> Vec<Option<regex::Regex>> {
         self.values
             .iter()
-            .map(|v| (self.field == Field::HttpPath).then(|| regex::Regex::new(&format!("^(?:{v})$")).ok()).flatten())
+            .map(|v| {
+                (self.field == Field::HttpPath)
+                    .then(|| regex::Regex::new(&format!("^(?:{v})$")).ok())
+                    .flatten()
+            })
             .collect()
     }
 
@@ -225,7 +229,10 @@ impl FlowFilter {
     pub fn prepare(self) -> Result<PreparedFilter, FilterError> {
         self.validate()?;
         let paths = self.criteria.iter().map(Criterion::compile_paths).collect();
-        Ok(PreparedFilter { filter: self, paths })
+        Ok(PreparedFilter {
+            filter: self,
+            paths,
+        })
     }
 }
 
@@ -365,12 +372,21 @@ mod tests {
             "anchored"
         );
         let prepared = FlowFilter {
-            criteria: vec![crit(Field::HttpPath, &["/admin/.*"], false), crit(Field::HttpMethod, &["POST"], false)],
+            criteria: vec![
+                crit(Field::HttpPath, &["/admin/.*"], false),
+                crit(Field::HttpMethod, &["POST"], false),
+            ],
         }
         .prepare()
         .unwrap();
         assert!(prepared.matches(&f));
-        assert!(FlowFilter { criteria: vec![crit(Field::HttpPath, &["(x"], false)] }.prepare().is_err());
+        assert!(
+            FlowFilter {
+                criteria: vec![crit(Field::HttpPath, &["(x"], false)]
+            }
+            .prepare()
+            .is_err()
+        );
         assert!(crit(Field::HttpStatus, &["abc"], false).validate().is_err());
         assert!(crit(Field::HttpPath, &["(x"], false).validate().is_err());
     }
