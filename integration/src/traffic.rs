@@ -161,20 +161,11 @@ impl OpenConnection {
 
 /// UDP datagram to `dst:port` and wait for the answer.
 pub fn udp_reaches(netns: &str, dst: Ipv4Addr, port: u16) -> bool {
-    in_netns(netns, move || {
-        let Ok(s) = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)) else {
-            return false;
-        };
-        let _ = s.set_read_timeout(Some(PROBE_TIMEOUT));
-        if s.send_to(b"ping", (dst, port)).is_err() {
-            return false;
-        }
-        let mut buf = [0u8; 16];
-        matches!(s.recv_from(&mut buf), Ok((4, _)))
-    })
+    udp_send_from(netns, 0, dst, port)
 }
 
-/// UDP from a fixed local port, so a test can then send to that port from the other side.
+/// UDP from a given local port (0: any), so a test can then send to that port from the other
+/// side; true when the answer came back.
 pub fn udp_send_from(netns: &str, local_port: u16, dst: Ipv4Addr, port: u16) -> bool {
     in_netns(netns, move || {
         let Ok(s) = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, local_port)) else {

@@ -734,6 +734,10 @@ mod tests {
         }
 
         fn compile(&mut self) -> MapState {
+            self.compile_with_l7().0
+        }
+
+        fn compile_with_l7(&mut self) -> (MapState, L7Policy) {
             let cidrs = policy_cidrs(self.policies.values());
             self.alloc.sync_cidrs(&cidrs).unwrap();
             let table = self.alloc.table();
@@ -745,9 +749,9 @@ mod tests {
                 host_addresses: &host,
                 settings: self.settings,
             };
-            let state = compile(&input, &mut self.rules);
-            self.rules.retain_used(&state);
-            state
+            let (state, l7) = compile_with_l7(&input, &mut self.rules);
+            self.rules.retain_used_with(&state, &l7);
+            (state, l7)
         }
     }
 
@@ -1415,18 +1419,7 @@ mod tests {
         );
         p.id.kind = PolicyKind::NetworkPolicy;
         c.apply(p);
-        let cidrs = policy_cidrs(c.policies.values());
-        c.alloc.sync_cidrs(&cidrs).unwrap();
-        let table = c.alloc.table();
-        let host = [Ipv4Addr::new(10, 0, 0, 254)];
-        let input = CompileInput {
-            endpoints: &c.endpoints,
-            identities: &table,
-            policies: &c.policies,
-            host_addresses: &host,
-            settings: c.settings,
-        };
-        let (state, l7) = compile_with_l7(&input, &mut c.rules);
+        let (state, l7) = c.compile_with_l7();
         assert_eq!(
             state
                 .decide(server, Direction::Ingress, ip([10, 0, 0, 2]), TCP, 80)

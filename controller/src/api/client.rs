@@ -34,6 +34,15 @@ pub enum ClientError {
     Decode(#[from] serde_json::Error),
 }
 
+async fn body_bytes(resp: hyper::Response<hyper::body::Incoming>) -> Result<Bytes, ClientError> {
+    Ok(resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| ClientError::Http(e.to_string()))?
+        .to_bytes())
+}
+
 pub struct Client {
     socket: PathBuf,
 }
@@ -84,12 +93,7 @@ impl Client {
             return Ok(resp);
         }
         let status = resp.status();
-        let bytes = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| ClientError::Http(e.to_string()))?
-            .to_bytes();
+        let bytes = body_bytes(resp).await?;
         let message = serde_json::from_slice::<ErrorBody>(&bytes)
             .map(|b| b.error)
             .unwrap_or_else(|_| format!("HTTP {status}: {}", String::from_utf8_lossy(&bytes)));
@@ -102,13 +106,7 @@ impl Client {
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<T, ClientError> {
-        let resp = self.send(method, path, body).await?;
-        let bytes = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| ClientError::Http(e.to_string()))?
-            .to_bytes();
+        let bytes = body_bytes(self.send(method, path, body).await?).await?;
         let bytes = if bytes.is_empty() {
             Bytes::from_static(b"null")
         } else {

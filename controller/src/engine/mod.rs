@@ -129,6 +129,21 @@ pub struct EndpointRecord {
     pub ifindex: u32,
 }
 
+impl EndpointRecord {
+    /// The endpoint as the compiler sees it.
+    pub fn to_endpoint(&self) -> Endpoint {
+        Endpoint {
+            id: self.id,
+            name: self.name.clone(),
+            namespace: self.namespace.clone(),
+            identity: self.identity,
+            ip: self.ip,
+            ifindex: self.ifindex,
+            named_ports: self.named_ports.clone(),
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum PolicySource {
     Api,
@@ -327,20 +342,7 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
         self.model
             .endpoints
             .values()
-            .map(|r| {
-                (
-                    r.id,
-                    Endpoint {
-                        id: r.id,
-                        name: r.name.clone(),
-                        namespace: r.namespace.clone(),
-                        identity: r.identity,
-                        ip: r.ip,
-                        ifindex: r.ifindex,
-                        named_ports: r.named_ports.clone(),
-                    },
-                )
-            })
+            .map(|r| (r.id, r.to_endpoint()))
             .collect()
     }
 

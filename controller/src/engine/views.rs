@@ -4,7 +4,6 @@
 use palisade_common::{conntrack as ct, direction as dir_code, metrics, reason};
 use palisade_policies::{
     compile::{self, RuleOrigin},
-    endpoint::Endpoint,
     identity::{IdentitySource, IdentityTable},
     mapstate::{Decision, Verdict},
     model::{Direction, Protocol},
@@ -18,18 +17,6 @@ use crate::api::types::{
 use crate::datapath::Datapath;
 use crate::plumbing::Plumbing;
 
-fn as_endpoint(r: &EndpointRecord) -> Endpoint {
-    Endpoint {
-        id: r.id,
-        name: r.name.clone(),
-        namespace: r.namespace.clone(),
-        identity: r.identity,
-        ip: r.ip,
-        ifindex: r.ifindex,
-        named_ports: r.named_ports.clone(),
-    }
-}
-
 fn kind_name(src: &IdentitySource) -> &'static str {
     match src {
         IdentitySource::Reserved { .. } => "reserved",
@@ -42,7 +29,7 @@ fn kind_name(src: &IdentitySource) -> &'static str {
 impl<D: Datapath, P: Plumbing> Engine<D, P> {
     fn selecting(&self, rec: &EndpointRecord, table: &IdentityTable) -> SelectingPolicies {
         let policies = self.policies();
-        let specs = compile::selecting_specs(&policies, table, &as_endpoint(rec));
+        let specs = compile::selecting_specs(&policies, table, &rec.to_endpoint());
         let mut out = SelectingPolicies::default();
         for (p, _, spec) in specs {
             let name = p.id.to_string();
@@ -187,7 +174,7 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
         what: &str,
     ) -> TraceSide {
         let policies = self.policies();
-        let enforcing: Vec<String> = compile::selecting_specs(&policies, table, &as_endpoint(rec))
+        let enforcing: Vec<String> = compile::selecting_specs(&policies, table, &rec.to_endpoint())
             .into_iter()
             .filter(|(_, _, s)| s.direction(direction).default_deny)
             .map(|(p, _, _)| p.id.to_string())

@@ -161,7 +161,8 @@ fn v4(addr: &[u8; 16]) -> Ipv4Addr {
     Ipv4Addr::new(addr[0], addr[1], addr[2], addr[3])
 }
 
-fn peer(catalog: &Catalog, identity: u32, addr: Ipv4Addr) -> FlowPeer {
+/// A flow end: the endpoint at `addr` (if any) with the labels of `identity`.
+pub fn peer(catalog: &Catalog, identity: u32, addr: Ipv4Addr) -> FlowPeer {
     let (namespace, name) = catalog
         .endpoints_by_ip
         .get(&addr)

@@ -16,7 +16,7 @@ use tracing::{debug, warn};
 use super::http::{self, Decision, RequestHead, RequestRecord};
 use super::policy::{Ends, ProxyPolicy};
 use crate::flows::store::FlowStore;
-use crate::flows::{Catalog, Flow, FlowHttp, FlowIp, FlowL4, FlowPeer, FlowPolicy};
+use crate::flows::{self, Catalog, Flow, FlowHttp, FlowIp, FlowL4, FlowPolicy};
 use crate::metrics::Telemetry;
 
 /// Binds the transparent listener: IP_TRANSPARENT lets it accept connections addressed to
@@ -119,24 +119,6 @@ pub async fn run(listener: TcpListener, ctx: ProxyContext, workers: Workers) {
     }
 }
 
-fn peer_view(catalog: &Catalog, identity: u32, addr: Ipv4Addr) -> FlowPeer {
-    let (namespace, name) = catalog
-        .endpoints_by_ip
-        .get(&addr)
-        .cloned()
-        .unwrap_or_default();
-    FlowPeer {
-        identity,
-        namespace,
-        name,
-        labels: catalog
-            .identities
-            .get(&identity)
-            .cloned()
-            .unwrap_or_default(),
-    }
-}
-
 /// What every flow of one connection shares, built once per connection (and again only when
 /// the policy or the names change).
 struct FlowBase {
@@ -153,8 +135,8 @@ impl FlowBase {
         catalog: Arc<Catalog>,
     ) -> Self {
         let ends = policy.ends(client, dst);
-        let source = peer_view(&catalog, ends.client.identity.0, *client.ip());
-        let destination = peer_view(&catalog, ends.destination.identity.0, *dst.ip());
+        let source = flows::peer(&catalog, ends.client.identity.0, *client.ip());
+        let destination = flows::peer(&catalog, ends.destination.identity.0, *dst.ip());
         // The check belongs to the destination's ingress when it is a local endpoint.
         let (endpoint, direction) = if ends.destination.endpoint.is_some() {
             (destination.clone(), "ingress")
