@@ -405,7 +405,7 @@ pub fn run(which: Option<String>) -> anyhow::Result<()> {
     if all || which == "flow-ingest" {
         flow_ingest()?;
     }
-    if all || which == "l7" {
+    if all || which == "l7-proxy" {
         l7()?;
     }
     Ok(())

@@ -45,7 +45,7 @@ enum Task {
         #[arg(last = true)]
         filter: Vec<String>,
     },
-    /// Benchmarks (needs root): policy-scale, flow-ingest, l7 (default: all). Results go to
+    /// Benchmarks (needs root): policy-scale, flow-ingest, l7-proxy (default: all). Results go to
     /// docs/benchmarks/.
     Bench { which: Option<String> },
     /// Only the integration tests (needs root).

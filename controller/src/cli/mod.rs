@@ -192,6 +192,7 @@ pub struct ObserveArgs {
     /// Flows from this pod (NS/NAME).
     #[arg(long)]
     from_pod: Vec<String>,
+    /// Flows to this pod (NS/NAME).
     #[arg(long)]
     to_pod: Vec<String>,
     /// Flows from or to this pod.
@@ -200,29 +201,40 @@ pub struct ObserveArgs {
     /// Source identity label (`key=value` or `key`).
     #[arg(long)]
     from_label: Vec<String>,
+    /// Destination identity label.
     #[arg(long)]
     to_label: Vec<String>,
+    /// Identity label on either side.
     #[arg(long)]
     label: Vec<String>,
+    /// Source security identity (number).
     #[arg(long)]
     from_identity: Vec<String>,
+    /// Destination security identity.
     #[arg(long)]
     to_identity: Vec<String>,
+    /// Security identity on either side.
     #[arg(long)]
     identity: Vec<String>,
+    /// Source IPv4 address.
     #[arg(long)]
     from_ip: Vec<String>,
+    /// Destination IPv4 address.
     #[arg(long)]
     to_ip: Vec<String>,
+    /// Address on either side.
     #[arg(long)]
     ip: Vec<String>,
+    /// Source port.
     #[arg(long)]
     from_port: Vec<String>,
+    /// Destination port.
     #[arg(long)]
     to_port: Vec<String>,
+    /// Port on either side.
     #[arg(long)]
     port: Vec<String>,
-    /// tcp, udp, icmp, sctp.
+    /// tcp, udp, icmp, sctp, or http (flows of the L7 proxy).
     #[arg(long)]
     protocol: Vec<String>,
     /// FORWARDED, DROPPED, AUDIT, REDIRECTED.
