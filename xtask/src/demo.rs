@@ -398,32 +398,19 @@ pub fn run() -> anyhow::Result<()> {
     );
 
     section("Why? `palisade policy trace` answers from the datapath's own map state");
-    show(
-        &node,
-        &[
-            "policy",
-            "trace",
-            "--from",
-            &ep("frontend").qualified(),
-            "--to",
-            &ep("backend").qualified(),
-            "--port",
-            "8080",
-        ],
-    );
-    show(
-        &node,
-        &[
-            "policy",
-            "trace",
-            "--from",
-            &ep("frontend").qualified(),
-            "--to",
-            &ep("db").qualified(),
-            "--port",
-            "5432",
-        ],
-    );
+    for (from, to, port) in [
+        ("backend", "db", "5432"),
+        ("frontend", "db", "5432"),
+        ("frontend", "backend", "8080"),
+    ] {
+        let (from, to) = (ep(from).qualified(), ep(to).qualified());
+        show(
+            &node,
+            &[
+                "policy", "trace", "--from", &from, "--to", &to, "--port", port,
+            ],
+        );
+    }
 
     section("Agent status");
     show(&node, &["status"]);

@@ -134,6 +134,8 @@ impl BpfDatapath {
             })?;
         }
         let mut bpf = EbpfLoader::new()
+            // The programs use no CO-RE relocations: skip parsing the kernel's BTF at start.
+            .btf(None)
             .default_map_pin_directory(&maps_dir)
             .load(OBJECT)
             .map_err(|e| DatapathError::Load(e.to_string()))?;
