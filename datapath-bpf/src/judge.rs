@@ -69,7 +69,8 @@ pub fn run(ctx: &TcContext, dir: u8) -> i32 {
 
 /// Emits the drop event. Best effort: without config or a parsable packet there is nothing
 /// meaningful to report beyond the counter, which `run` already bumped. Kept out of line so
-/// its stack frame is not stacked on top of the judging path's.
+/// its stack frame is not stacked on top of the judging path's; it parses the packet again
+/// because carrying it out of `judge` would not fit the 512-byte stack.
 #[inline(never)]
 fn report_drop(ctx: &TcContext, dir: u8, ifindex: u32, len: u32, d: &Drop) {
     let Some(cfg) = CONFIG.get(0) else { return };

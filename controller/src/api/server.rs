@@ -172,6 +172,13 @@ pub struct FlowQuery {
     pub follow: bool,
 }
 
+/// One flow as a JSON line. A Flow always serializes; an empty line would be skipped.
+fn ndjson_line(f: &crate::flows::Flow) -> Result<Bytes, std::io::Error> {
+    let mut v = serde_json::to_vec(f).unwrap_or_default();
+    v.push(b'\n');
+    Ok(Bytes::from(v))
+}
+
 /// Streams matching flows as JSON lines: stored ones first, then (with `follow`) live ones.
 async fn flows(State(s): State<ApiState>, Json(q): Json<FlowQuery>) -> Result<Response, ApiError> {
     let filter = std::sync::Arc::new(
@@ -191,12 +198,7 @@ async fn flows(State(s): State<ApiState>, Json(q): Json<FlowQuery>) -> Result<Re
     };
     let stored = s.flows.snapshot(last, since, |f| filter.matches(f));
     let last_seq = stored.last().map(|f| f.seq);
-    let line = |f: &crate::flows::Flow| {
-        let mut v = serde_json::to_vec(f).unwrap_or_default();
-        v.push(b'\n');
-        Ok::<_, std::io::Error>(Bytes::from(v))
-    };
-    let head = futures::stream::iter(stored.iter().map(|f| line(f)).collect::<Vec<_>>());
+    let head = futures::stream::iter(stored.iter().map(|f| ndjson_line(f)).collect::<Vec<_>>());
     let body = match live {
         None => Body::from_stream(head),
         Some(rx) => {
@@ -209,12 +211,7 @@ async fn flows(State(s): State<ApiState>, Json(q): Json<FlowQuery>) -> Result<Re
                                 if last_seq.is_some_and(|l| f.seq <= l) || !filter.matches(&f) {
                                     continue;
                                 }
-                                let mut v = serde_json::to_vec(&*f).unwrap_or_default();
-                                v.push(b'\n');
-                                return Some((
-                                    Ok::<_, std::io::Error>(Bytes::from(v)),
-                                    (rx, filter, last_seq),
-                                ));
+                                return Some((ndjson_line(&f), (rx, filter, last_seq)));
                             }
                             // A slow follower misses flows rather than stalling the agent; say so.
                             Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {

@@ -451,6 +451,10 @@ impl Datapath for BpfDatapath {
             .collect()
     }
 
+    fn conntrack_count(&self) -> usize {
+        self.conntrack.keys().filter(Result::is_ok).count()
+    }
+
     fn counters(&self) -> Result<Vec<CounterSample>, DatapathError> {
         let mut out = Vec::new();
         for index in 0..METRICS_MAX_ENTRIES {

@@ -74,4 +74,8 @@ impl Datapath for MemoryDatapath {
     fn conntrack_dump(&self) -> Result<Vec<(CtKey, CtEntry)>, DatapathError> {
         Ok(Vec::new())
     }
+
+    fn conntrack_count(&self) -> usize {
+        0
+    }
 }

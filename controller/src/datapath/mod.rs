@@ -84,6 +84,8 @@ pub trait Datapath: Send {
     fn prune_links(&mut self, live: &[(String, u32)]);
     /// Every conntrack entry, as the datapath holds it.
     fn conntrack_dump(&self) -> Result<Vec<(CtKey, CtEntry)>, DatapathError>;
+    /// How many conntrack entries there are (without copying them out).
+    fn conntrack_count(&self) -> usize;
 }
 
 /// CLOCK_MONOTONIC in nanoseconds: the clock `bpf_ktime_get_ns` reads.

@@ -165,7 +165,9 @@ struct Model {
     endpoints: BTreeMap<String, EndpointRecord>,
     /// Labels set on namespaces by users (the name label is implicit).
     namespaces: BTreeMap<String, Labels>,
-    policies: BTreeMap<PolicyRef, (Policy, PolicySource)>,
+    /// Kept apart from their sources so compiling borrows them rather than copying them.
+    policies: BTreeMap<PolicyRef, Policy>,
+    policy_sources: BTreeMap<PolicyRef, PolicySource>,
     identities: IdentityAllocator,
     next_endpoint_id: u32,
 }
@@ -267,7 +269,12 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
                 policies: saved
                     .policies
                     .iter()
-                    .map(|p| (p.id.clone(), (p.clone(), PolicySource::Api)))
+                    .map(|p| (p.id.clone(), p.clone()))
+                    .collect(),
+                policy_sources: saved
+                    .policies
+                    .iter()
+                    .map(|p| (p.id.clone(), PolicySource::Api))
                     .collect(),
                 identities,
                 next_endpoint_id: saved.next_endpoint_id.max(1),
@@ -346,27 +353,22 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
             .collect()
     }
 
-    fn policies(&self) -> BTreeMap<PolicyRef, Policy> {
-        self.model
-            .policies
-            .iter()
-            .map(|(k, (p, _))| (k.clone(), p.clone()))
-            .collect()
+    fn policies(&self) -> &BTreeMap<PolicyRef, Policy> {
+        &self.model.policies
     }
 
     /// Compiles the model and writes the difference to the maps. On a failed write, rolls
     /// the maps back to what they held and reports the error.
     fn sync(&mut self) -> Result<usize, EngineError> {
         let started = std::time::Instant::now();
-        let policies = self.policies();
-        let cidrs = compile::policy_cidrs(policies.values());
+        let cidrs = compile::policy_cidrs(self.model.policies.values());
         self.model.identities.sync_cidrs(&cidrs)?;
         let table = self.model.identities.table();
         let endpoints = self.compile_endpoints();
         let input = CompileInput {
             endpoints: &endpoints,
             identities: &table,
-            policies: &policies,
+            policies: &self.model.policies,
             host_addresses: &self.host_addresses,
             settings: self.cfg.settings,
         };
@@ -433,8 +435,8 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
                 .model
                 .policies
                 .values()
-                .filter(|(_, src)| *src == PolicySource::Api)
-                .map(|(p, _)| p.clone())
+                .filter(|p| self.model.policy_sources.get(&p.id) == Some(&PolicySource::Api))
+                .cloned()
                 .collect(),
             identities: self.model.identities.snapshot(),
             next_endpoint_id: self.model.next_endpoint_id,
@@ -683,7 +685,7 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
             .map(|p| {
                 let action = match self.model.policies.get(&p.id) {
                     None => "created",
-                    Some((old, _)) if old == p => "unchanged",
+                    Some(old) if old == p => "unchanged",
                     Some(_) => "configured",
                 };
                 applied_entry(p, action)
@@ -691,7 +693,8 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
             .collect();
         let ((), ops) = self.transact(|m| {
             for p in parsed {
-                m.policies.insert(p.id.clone(), (p, PolicySource::Api));
+                m.policy_sources.insert(p.id.clone(), PolicySource::Api);
+                m.policies.insert(p.id.clone(), p);
             }
             Ok(())
         })?;
@@ -727,11 +730,12 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
         let deleted: Vec<PolicyApplied> = doomed
             .iter()
             .filter_map(|r| self.model.policies.get(r))
-            .map(|(p, _)| applied_entry(p, "deleted"))
+            .map(|p| applied_entry(p, "deleted"))
             .collect();
         let ((), ops) = self.transact(|m| {
             for r in &doomed {
                 m.policies.remove(r);
+                m.policy_sources.remove(r);
             }
             Ok(())
         })?;
@@ -780,10 +784,13 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
             loaded.extend(parsed.into_iter().map(|p| (p, path.clone())));
         }
         let ((), ops) = self.transact(|m| {
-            m.policies.retain(|_, (_, src)| *src == PolicySource::Api);
+            m.policy_sources.retain(|_, src| *src == PolicySource::Api);
+            let sources = &m.policy_sources;
+            m.policies.retain(|id, _| sources.contains_key(id));
             for (p, path) in loaded {
-                m.policies
-                    .insert(p.id.clone(), (p, PolicySource::File(path)));
+                m.policy_sources
+                    .insert(p.id.clone(), PolicySource::File(path));
+                m.policies.insert(p.id.clone(), p);
             }
             Ok(())
         })?;

@@ -9,7 +9,7 @@ use palisade_policies::{
     model::{Direction, Protocol},
 };
 
-use super::{EndpointRecord, Engine, EngineError};
+use super::{EndpointRecord, Engine, EngineError, PolicySource};
 use crate::api::types::{
     ConntrackView, CounterView, EndpointView, IdentityView, PolicyView, SelectingPolicies,
     StatusView, TraceRequest, TraceResult, TraceSide,
@@ -29,7 +29,7 @@ fn kind_name(src: &IdentitySource) -> &'static str {
 impl<D: Datapath, P: Plumbing> Engine<D, P> {
     fn selecting(&self, rec: &EndpointRecord, table: &IdentityTable) -> SelectingPolicies {
         let policies = self.policies();
-        let specs = compile::selecting_specs(&policies, table, &rec.to_endpoint());
+        let specs = compile::selecting_specs(policies, table, &rec.to_endpoint());
         let mut out = SelectingPolicies::default();
         for (p, _, spec) in specs {
             let name = p.id.to_string();
@@ -113,7 +113,12 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
         self.model
             .policies
             .values()
-            .map(|(p, src)| {
+            .map(|p| {
+                let source = self
+                    .model
+                    .policy_sources
+                    .get(&p.id)
+                    .map_or_else(String::new, PolicySource::describe);
                 let selects = self
                     .model
                     .endpoints
@@ -133,7 +138,7 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
                     kind: p.id.kind.short_name().to_string(),
                     namespace: p.id.namespace.clone(),
                     name: p.id.name.clone(),
-                    source: src.describe(),
+                    source,
                     selects,
                     ingress_rules: count(|s| s.ingress.allow.len()),
                     ingress_deny_rules: count(|s| s.ingress.deny.len()),
@@ -174,7 +179,7 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
         what: &str,
     ) -> TraceSide {
         let policies = self.policies();
-        let enforcing: Vec<String> = compile::selecting_specs(&policies, table, &rec.to_endpoint())
+        let enforcing: Vec<String> = compile::selecting_specs(policies, table, &rec.to_endpoint())
             .into_iter()
             .filter(|(_, _, s)| s.direction(direction).default_deny)
             .map(|(p, _, _)| p.id.to_string())
@@ -385,7 +390,7 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
             policy_map_entries: self.applied.policy.len(),
             ipcache_entries: self.applied.ipcache.len(),
             maps_in_sync: self.datapath.read_state().is_ok_and(|s| s == self.applied),
-            conntrack_entries: self.datapath.conntrack_dump().map_or(0, |d| d.len()),
+            conntrack_entries: self.datapath.conntrack_count(),
             flows_stored,
             counters,
             namespaces,
