@@ -46,6 +46,15 @@ impl EnforcementMode {
             _ => return None,
         })
     }
+
+    /// The word `parse` reads.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EnforcementMode::Default => "default",
+            EnforcementMode::Always => "always",
+            EnforcementMode::Never => "never",
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

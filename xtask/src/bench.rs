@@ -38,7 +38,7 @@ fn policy_scale() -> anyhow::Result<()> {
             "--release",
             "--quiet",
             "--package",
-            "palisade-controller",
+            "palisade-engine",
             "--example",
             "policy_scale",
         ])

@@ -27,7 +27,7 @@ struct Cli {
 enum Task {
     /// Install what the build needs: rust-src for nightly, bpf-linker, Debian packages.
     Install,
-    /// Build the BPF object only (via the controller's build script).
+    /// Build the BPF object only (via the agent's build script).
     BuildEbpf,
     /// Build palisade-agent and palisade.
     Build {
@@ -79,7 +79,14 @@ pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
 pub fn build_binaries(release: bool) -> anyhow::Result<PathBuf> {
     install::ensure()?;
     let mut c = cargo();
-    c.args(["build", "--package", "palisade-controller", "--bins"]);
+    c.args([
+        "build",
+        "--package",
+        "palisade-agent",
+        "--package",
+        "palisade-cli",
+        "--bins",
+    ]);
     if release {
         c.arg("--release");
     }
@@ -129,7 +136,7 @@ fn main() -> anyhow::Result<()> {
         Task::Install => install::ensure(),
         Task::BuildEbpf => {
             install::ensure()?;
-            run(cargo().args(["build", "--package", "palisade-controller", "--lib"]))
+            run(cargo().args(["check", "--package", "palisade-agent"]))
         }
         Task::Build { release } => {
             build_binaries(release).map(|d| println!("binaries in {}", d.display()))

@@ -9,8 +9,9 @@ use crate::labels::{LabelError, Operator};
 use crate::model::Protocol;
 
 /// Error for a document: which document (1-based index, and kind/namespace/name when known),
-/// which field path (e.g. `spec.ingress[0].from[1].ipBlock.cidr`), and why.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+/// which field path (e.g. `spec.ingress[0].from[1].ipBlock.cidr`), and why. Plain data, so it
+/// travels whole from the agent to the CLI (the API's error body carries it).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, serde::Serialize, serde::Deserialize)]
 #[error("document {document}{}{}: {reason}", object_part(.object), field_part(.field))]
 pub struct ManifestError {
     pub document: usize,

@@ -1,0 +1,614 @@
+//! The real datapath: loads the embedded BPF object with its maps pinned under the agent's
+//! bpffs directory, attaches the classifiers to endpoint veths through pinned TCX links, and
+//! writes map diffs. Pinning maps and links means a restarted agent takes over the same state
+//! and replaces programs atomically; enforcement never lapses while the agent is down.
+
+pub mod convert;
+pub mod events;
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use aya::{
+    Ebpf, EbpfError, EbpfLoader,
+    maps::{Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, RingBuf, lpm_trie::Key},
+    pin::PinError,
+    programs::{
+        LinkOrder, ProgramError, SchedClassifier, TcAttachType,
+        links::{FdLink, LinkError, PinnedLink},
+        tc::{SchedClassifierLink, TcAttachOptions},
+    },
+};
+use palisade_common::{
+    config::Config,
+    conntrack::{CtEntry, CtKey},
+    endpoint::EndpointInfo,
+    ipcache::{IpcacheKey, IpcacheValue},
+    maps as names,
+    metrics::{METRICS_MAX_ENTRIES, MetricValue},
+    policy::{PolicyKey as RawPolicyKey, PolicyValue},
+};
+use palisade_engine::datapath::{ApplyError, Datapath, DatapathError};
+use palisade_policies::{
+    endpoint::EndpointId,
+    mapstate::{MapDiff, MapState},
+};
+use tracing::{debug, info, warn};
+
+/// What can fail in the aya datapath, with the map, program or interface it failed on.
+#[derive(Debug, thiserror::Error)]
+pub enum BpfError {
+    #[error("bpffs at {}: {source}", path.display())]
+    Bpffs {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("loading the BPF object failed: {0}")]
+    Load(#[source] EbpfError),
+    #[error("the BPF object has no program {name}")]
+    MissingProgram { name: &'static str },
+    #[error("the BPF object has no map {name}")]
+    MissingMap { name: &'static str },
+    #[error("BPF program {name}: {source}")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    /// The verifier refused a program; `log_tail` is the end of its log, which says why.
+    #[error("BPF program {name}: {source}: {log_tail}")]
+    Verifier {
+        name: &'static str,
+        #[source]
+        source: ProgramError,
+        log_tail: String,
+    },
+    #[error("attaching to {ifname}: {source}")]
+    Attach {
+        ifname: String,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("attaching to {ifname}: link {}: {source}", pin.display())]
+    Link {
+        ifname: String,
+        pin: PathBuf,
+        #[source]
+        source: LinkError,
+    },
+    #[error("attaching to {ifname}: pin {}: {source}", pin.display())]
+    Pin {
+        ifname: String,
+        pin: PathBuf,
+        #[source]
+        source: PinError,
+    },
+    #[error("map {map} is full")]
+    MapFull { map: &'static str },
+    #[error("map {map}: {op} failed: {source}")]
+    Map {
+        map: &'static str,
+        op: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error("reading map state back: {0}")]
+    Decode(#[from] convert::DecodeError),
+}
+
+impl From<BpfError> for DatapathError {
+    fn from(e: BpfError) -> Self {
+        DatapathError::new(e)
+    }
+}
+
+/// One non-zero datapath counter, summed over CPUs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CounterSample {
+    /// 0 for datapath-wide counters, else `palisade_common::direction`.
+    pub direction: u8,
+    /// `palisade_common::metrics::OUTCOME_*` or a drop reason.
+    pub outcome: u8,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock `bpf_ktime_get_ns` reads.
+pub fn monotonic_now_ns() -> u64 {
+    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .expect("CLOCK_MONOTONIC is always available");
+    u64::try_from(ts.tv_sec()).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec()).unwrap_or(0)
+}
+
+/// The BPF object built by build.rs from datapath-bpf.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/palisade-datapath"));
+
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// Makes `dir` a bpffs mount (mounting a fresh instance if it is not one already).
+fn ensure_bpffs(dir: &Path) -> Result<(), BpfError> {
+    let bpffs_err = |source: io::Error| BpfError::Bpffs {
+        path: dir.to_path_buf(),
+        source,
+    };
+    fs::create_dir_all(dir).map_err(bpffs_err)?;
+    let st = nix::sys::statfs::statfs(dir).map_err(|e| bpffs_err(e.into()))?;
+    if st.filesystem_type().0 as i64 == BPF_FS_MAGIC {
+        return Ok(());
+    }
+    nix::mount::mount(
+        Some("bpf"),
+        dir,
+        Some("bpf"),
+        nix::mount::MsFlags::empty(),
+        Some("mode=0700"),
+    )
+    .map_err(|e| bpffs_err(e.into()))?;
+    info!(path = %dir.display(), "mounted bpffs");
+    Ok(())
+}
+
+fn map_err(map: &'static str, op: &'static str) -> impl Fn(MapError) -> BpfError {
+    move |source| {
+        // A full map is a capacity problem the operator must see named as such.
+        if let MapError::SyscallError(e) = &source
+            && matches!(
+                e.io_error.raw_os_error(),
+                Some(libc::E2BIG) | Some(libc::ENOSPC)
+            )
+        {
+            return BpfError::MapFull { map };
+        }
+        BpfError::Map { map, op, source }
+    }
+}
+
+pub struct BpfDatapath {
+    bpf: Ebpf,
+    links_dir: PathBuf,
+    policy: LpmTrie<MapData, RawPolicyKey, PolicyValue>,
+    ipcache: LpmTrie<MapData, IpcacheKey, IpcacheValue>,
+    endpoints: HashMap<MapData, u32, EndpointInfo>,
+    conntrack: HashMap<MapData, CtKey, CtEntry>,
+    config: Array<MapData, Config>,
+}
+
+/// Datapath tunables the agent writes into the config map.
+#[derive(Clone, Copy, Debug)]
+pub struct DatapathConfig {
+    pub ct_tcp_syn_timeout_s: u32,
+    pub ct_tcp_established_timeout_s: u32,
+    pub ct_tcp_close_timeout_s: u32,
+    pub ct_other_timeout_s: u32,
+    pub events_per_second: u32,
+    pub events_burst: u32,
+}
+
+impl Default for DatapathConfig {
+    fn default() -> Self {
+        // Cilium's defaults: 6h established TCP, 60s SYN and non-TCP, 10s after close.
+        Self {
+            ct_tcp_syn_timeout_s: 60,
+            ct_tcp_established_timeout_s: 21_600,
+            ct_tcp_close_timeout_s: 10,
+            ct_other_timeout_s: 60,
+            events_per_second: 1_000,
+            events_burst: 2_000,
+        }
+    }
+}
+
+fn take_map(bpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, BpfError> {
+    bpf.take_map(name).ok_or(BpfError::MissingMap { name })
+}
+
+impl BpfDatapath {
+    /// Loads the object, reusing maps already pinned under `bpffs` (agent restart). Returns
+    /// the datapath, a reader for the maps others may read without the engine, and the
+    /// flow-event ring buffer for the event reader.
+    pub fn load(
+        bpffs: &Path,
+        cfg: DatapathConfig,
+    ) -> Result<(Self, MapReader, RingBuf<MapData>), BpfError> {
+        ensure_bpffs(bpffs)?;
+        let maps_dir = bpffs.join("maps");
+        let links_dir = bpffs.join("links");
+        for d in [&maps_dir, &links_dir] {
+            fs::create_dir_all(d).map_err(|source| BpfError::Bpffs {
+                path: d.clone(),
+                source,
+            })?;
+        }
+        let mut bpf = EbpfLoader::new()
+            // The programs use no CO-RE relocations: skip parsing the kernel's BTF at start.
+            .btf(None)
+            .default_map_pin_directory(&maps_dir)
+            .load(OBJECT)
+            .map_err(BpfError::Load)?;
+        for name in [names::PROG_FROM_ENDPOINT, names::PROG_TO_ENDPOINT] {
+            let prog: &mut SchedClassifier = bpf
+                .program_mut(name)
+                .ok_or(BpfError::MissingProgram { name })?
+                .try_into()
+                .map_err(|source| BpfError::Program { name, source })?;
+            prog.load().map_err(|source| BpfError::Verifier {
+                name,
+                log_tail: verifier_log(&source),
+                source,
+            })?;
+        }
+        let policy = LpmTrie::try_from(take_map(&mut bpf, names::POLICY)?)
+            .map_err(map_err(names::POLICY, "open"))?;
+        let ipcache = LpmTrie::try_from(take_map(&mut bpf, names::IPCACHE)?)
+            .map_err(map_err(names::IPCACHE, "open"))?;
+        let endpoints = HashMap::try_from(take_map(&mut bpf, names::ENDPOINTS)?)
+            .map_err(map_err(names::ENDPOINTS, "open"))?;
+        let conntrack = HashMap::try_from(take_map(&mut bpf, names::CONNTRACK)?)
+            .map_err(map_err(names::CONNTRACK, "open"))?;
+        let reader = MapReader::open(&maps_dir)?;
+        let mut config: Array<MapData, Config> =
+            Array::try_from(take_map(&mut bpf, names::CONFIG)?)
+                .map_err(map_err(names::CONFIG, "open"))?;
+        let events = RingBuf::try_from(take_map(&mut bpf, names::FLOW_EVENTS)?)
+            .map_err(map_err(names::FLOW_EVENTS, "open"))?;
+
+        // Keep counting revisions from where a previous agent left off, so conntrack entries
+        // validated under its revisions are re-checked once against ours.
+        let previous = config.get(&0, 0).map_err(map_err(names::CONFIG, "read"))?;
+        let next = Config {
+            policy_revision: previous.policy_revision.wrapping_add(1),
+            initialized: 1,
+            ct_tcp_syn_timeout_s: cfg.ct_tcp_syn_timeout_s,
+            ct_tcp_established_timeout_s: cfg.ct_tcp_established_timeout_s,
+            ct_tcp_close_timeout_s: cfg.ct_tcp_close_timeout_s,
+            ct_other_timeout_s: cfg.ct_other_timeout_s,
+            events_per_second: cfg.events_per_second,
+            events_burst: cfg.events_burst,
+        };
+        config
+            .set(0, next, 0)
+            .map_err(map_err(names::CONFIG, "write"))?;
+        info!(
+            bpffs = %bpffs.display(),
+            revision = next.policy_revision,
+            restarted = previous.initialized != 0,
+            "datapath loaded"
+        );
+        Ok((
+            Self {
+                bpf,
+                links_dir,
+                policy,
+                ipcache,
+                endpoints,
+                conntrack,
+                config,
+            },
+            reader,
+            events,
+        ))
+    }
+
+    fn link_pin(&self, ifname: &str, ifindex: u32, attach: &str) -> PathBuf {
+        // The ifindex is part of the name: a re-created interface with the same name must get
+        // a fresh attachment, never a stale pinned link that no longer filters anything.
+        self.links_dir.join(format!("{ifname}-{ifindex}-{attach}"))
+    }
+
+    fn attach_one(
+        &mut self,
+        prog_name: &'static str,
+        ifname: &str,
+        pin: &Path,
+        attach_type: TcAttachType,
+    ) -> Result<(), BpfError> {
+        let attach_err = |source: ProgramError| BpfError::Attach {
+            ifname: ifname.to_string(),
+            source,
+        };
+        let link_err = |source: LinkError| BpfError::Link {
+            ifname: ifname.to_string(),
+            pin: pin.to_path_buf(),
+            source,
+        };
+        let prog: &mut SchedClassifier = self
+            .bpf
+            .program_mut(prog_name)
+            .ok_or(BpfError::MissingProgram { name: prog_name })?
+            .try_into()
+            .map_err(attach_err)?;
+        let link_id = match PinnedLink::from_pin(pin) {
+            // Already attached by us (or a previous agent): swap the program in atomically.
+            Ok(pinned) => {
+                let link = SchedClassifierLink::try_from(FdLink::from(pinned)).map_err(link_err)?;
+                prog.attach_to_link(link).map_err(attach_err)?
+            }
+            Err(LinkError::SyscallError(e)) if e.io_error.kind() == io::ErrorKind::NotFound => prog
+                .attach_with_options(
+                    ifname,
+                    attach_type,
+                    TcAttachOptions::TcxOrder(LinkOrder::default()),
+                )
+                .map_err(attach_err)?,
+            Err(e) => return Err(link_err(e)),
+        };
+        let link = prog.take_link(link_id).map_err(attach_err)?;
+        let fd_link: FdLink = link.try_into().map_err(link_err)?;
+        match fd_link.pin(pin) {
+            Ok(pinned) => drop(pinned),
+            // attach_to_link on an existing pin: the pin is already there.
+            Err(PinError::SyscallError(e)) if e.io_error.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(source) => {
+                return Err(BpfError::Pin {
+                    ifname: ifname.to_string(),
+                    pin: pin.to_path_buf(),
+                    source,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes pinned links whose interface is gone (deleted while the agent was down).
+    fn prune_stale_links(&self, live: &[(String, u32)]) {
+        let Ok(dir) = fs::read_dir(&self.links_dir) else {
+            return;
+        };
+        for entry in dir.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let keep = live
+                .iter()
+                .any(|(ifname, ifindex)| name.starts_with(&format!("{ifname}-{ifindex}-")));
+            if !keep {
+                debug!(link = %name, "removing stale pinned link");
+                let _ = fs::remove_file(entry.path());
+            }
+        }
+    }
+}
+
+fn verifier_log(e: &ProgramError) -> String {
+    match e {
+        ProgramError::LoadError { verifier_log, .. } => {
+            let log = verifier_log.to_string();
+            // The tail says why the verifier refused.
+            let tail: Vec<&str> = log.lines().rev().take(20).collect();
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        }
+        _ => String::new(),
+    }
+}
+
+impl Datapath for BpfDatapath {
+    fn apply(&mut self, diff: &MapDiff) -> Result<(), ApplyError> {
+        let mut applied = 0usize;
+        let fail = |applied: usize| {
+            move |source: BpfError| ApplyError {
+                applied,
+                source: source.into(),
+            }
+        };
+        for (k, v) in &diff.policy_upserts {
+            let (prefix, raw) = convert::policy_key(k);
+            self.policy
+                .insert(&Key::new(prefix, raw), convert::policy_value(v), 0)
+                .map_err(map_err(names::POLICY, "insert"))
+                .map_err(fail(applied))?;
+            applied += 1;
+        }
+        for (net, v) in &diff.ipcache_upserts {
+            let (prefix, raw) = convert::ipcache_key(net);
+            self.ipcache
+                .insert(&Key::new(prefix, raw), convert::ipcache_value(v), 0)
+                .map_err(map_err(names::IPCACHE, "insert"))
+                .map_err(fail(applied))?;
+            applied += 1;
+        }
+        for (id, e) in &diff.endpoint_upserts {
+            self.endpoints
+                .insert(e.ifindex, convert::endpoint_info(*id, e), 0)
+                .map_err(map_err(names::ENDPOINTS, "insert"))
+                .map_err(fail(applied))?;
+            applied += 1;
+        }
+        for (_, e) in &diff.endpoint_removals {
+            match self.endpoints.remove(&e.ifindex) {
+                Ok(()) | Err(MapError::KeyNotFound) | Err(MapError::ElementNotFound) => {}
+                Err(err) => return Err(fail(applied)(map_err(names::ENDPOINTS, "remove")(err))),
+            }
+            applied += 1;
+        }
+        for net in &diff.ipcache_removals {
+            let (prefix, raw) = convert::ipcache_key(net);
+            match self.ipcache.remove(&Key::new(prefix, raw)) {
+                Ok(()) | Err(MapError::KeyNotFound) | Err(MapError::ElementNotFound) => {}
+                Err(err) => return Err(fail(applied)(map_err(names::IPCACHE, "remove")(err))),
+            }
+            applied += 1;
+        }
+        for k in &diff.policy_removals {
+            let (prefix, raw) = convert::policy_key(k);
+            match self.policy.remove(&Key::new(prefix, raw)) {
+                Ok(()) | Err(MapError::KeyNotFound) | Err(MapError::ElementNotFound) => {}
+                Err(err) => return Err(fail(applied)(map_err(names::POLICY, "remove")(err))),
+            }
+            applied += 1;
+        }
+        Ok(())
+    }
+
+    fn read_state(&self) -> Result<MapState, DatapathError> {
+        Ok(self.read_maps()?)
+    }
+
+    fn bump_revision(&mut self) -> Result<u32, DatapathError> {
+        Ok(self.next_revision()?)
+    }
+
+    fn attach(&mut self, ifname: &str, ifindex: u32) -> Result<(), DatapathError> {
+        Ok(self.attach_both(ifname, ifindex)?)
+    }
+
+    fn detach(&mut self, ifname: &str, ifindex: u32) -> Result<(), DatapathError> {
+        for attach in ["ingress", "egress"] {
+            let pin = self.link_pin(ifname, ifindex, attach);
+            match fs::remove_file(&pin) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => warn!(pin = %pin.display(), error = %e, "cannot remove pinned link"),
+            }
+        }
+        Ok(())
+    }
+
+    fn flush_conntrack(&mut self, endpoint: EndpointId) -> Result<usize, DatapathError> {
+        let keys: Vec<CtKey> = self
+            .conntrack
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, v)| v.endpoint_id == endpoint.0)
+            .map(|(k, _)| k)
+            .collect();
+        for k in &keys {
+            let _ = self.conntrack.remove(k);
+        }
+        Ok(keys.len())
+    }
+
+    fn gc_conntrack(&mut self) -> Result<(usize, usize), DatapathError> {
+        Ok(self.sweep_conntrack()?)
+    }
+
+    fn prune_links(&mut self, live: &[(String, u32)]) {
+        self.prune_stale_links(live);
+    }
+}
+
+impl BpfDatapath {
+    fn read_maps(&self) -> Result<MapState, BpfError> {
+        let mut state = MapState::default();
+        for item in self.policy.iter() {
+            let (k, v) = item.map_err(map_err(names::POLICY, "iterate"))?;
+            let key = convert::policy_key_from(k.prefix_len(), &k.data())?;
+            state.policy.insert(key, convert::policy_entry_from(&v)?);
+        }
+        for item in self.ipcache.iter() {
+            let (k, v) = item.map_err(map_err(names::IPCACHE, "iterate"))?;
+            let net = convert::ipcache_key_from(k.prefix_len(), &k.data())?;
+            state.ipcache.insert(net, convert::ipcache_entry_from(&v));
+        }
+        for item in self.endpoints.iter() {
+            let (ifindex, v) = item.map_err(map_err(names::ENDPOINTS, "iterate"))?;
+            let (id, e) = convert::endpoint_entry_from(ifindex, &v);
+            state.endpoints.insert(id, e);
+        }
+        Ok(state)
+    }
+
+    fn next_revision(&mut self) -> Result<u32, BpfError> {
+        let mut cfg = self
+            .config
+            .get(&0, 0)
+            .map_err(map_err(names::CONFIG, "read"))?;
+        cfg.policy_revision = cfg.policy_revision.wrapping_add(1);
+        self.config
+            .set(0, cfg, 0)
+            .map_err(map_err(names::CONFIG, "write"))?;
+        Ok(cfg.policy_revision)
+    }
+
+    fn attach_both(&mut self, ifname: &str, ifindex: u32) -> Result<(), BpfError> {
+        let ingress = self.link_pin(ifname, ifindex, "ingress");
+        let egress = self.link_pin(ifname, ifindex, "egress");
+        self.attach_one(
+            names::PROG_FROM_ENDPOINT,
+            ifname,
+            &ingress,
+            TcAttachType::Ingress,
+        )?;
+        self.attach_one(
+            names::PROG_TO_ENDPOINT,
+            ifname,
+            &egress,
+            TcAttachType::Egress,
+        )?;
+        debug!(ifname, ifindex, "classifiers attached");
+        Ok(())
+    }
+
+    fn sweep_conntrack(&mut self) -> Result<(usize, usize), BpfError> {
+        let now = monotonic_now_ns();
+        let mut live = 0;
+        let mut dead = Vec::new();
+        for item in self.conntrack.iter() {
+            let (k, v) = item.map_err(map_err(names::CONNTRACK, "iterate"))?;
+            if v.expires_ns < now {
+                dead.push(k);
+            } else {
+                live += 1;
+            }
+        }
+        for k in &dead {
+            let _ = self.conntrack.remove(k);
+        }
+        Ok((dead.len(), live))
+    }
+}
+
+/// Read-only handles on the maps that the API, metrics and status read without the engine:
+/// conntrack and counters, opened from their pins, so a slow dump never stalls the engine.
+pub struct MapReader {
+    conntrack: HashMap<MapData, CtKey, CtEntry>,
+    metrics: PerCpuArray<MapData, MetricValue>,
+}
+
+impl MapReader {
+    fn open(maps_dir: &Path) -> Result<Self, BpfError> {
+        let pinned = |name: &'static str| {
+            MapData::from_pin(maps_dir.join(name)).map_err(map_err(name, "open pinned"))
+        };
+        let conntrack = HashMap::try_from(aya::maps::Map::LruHashMap(pinned(names::CONNTRACK)?))
+            .map_err(map_err(names::CONNTRACK, "open"))?;
+        let metrics = PerCpuArray::try_from(aya::maps::Map::PerCpuArray(pinned(names::METRICS)?))
+            .map_err(map_err(names::METRICS, "open"))?;
+        Ok(Self { conntrack, metrics })
+    }
+
+    /// Every conntrack entry, as the datapath holds it.
+    pub fn conntrack(&self) -> Result<Vec<(CtKey, CtEntry)>, BpfError> {
+        self.conntrack
+            .iter()
+            .map(|item| item.map_err(map_err(names::CONNTRACK, "iterate")))
+            .collect()
+    }
+
+    /// How many conntrack entries there are (without copying them out).
+    pub fn conntrack_count(&self) -> usize {
+        self.conntrack.keys().filter(Result::is_ok).count()
+    }
+
+    /// The non-zero counters.
+    pub fn counters(&self) -> Result<Vec<CounterSample>, BpfError> {
+        let mut out = Vec::new();
+        for index in 0..METRICS_MAX_ENTRIES {
+            let values = self
+                .metrics
+                .get(&index, 0)
+                .map_err(map_err(names::METRICS, "read"))?;
+            let (packets, bytes) = values
+                .iter()
+                .fold((0u64, 0u64), |(p, b), v| (p + v.packets, b + v.bytes));
+            if packets > 0 {
+                out.push(CounterSample {
+                    direction: u8::try_from(index / 256).unwrap_or(u8::MAX),
+                    outcome: u8::try_from(index % 256).unwrap_or(u8::MAX),
+                    packets,
+                    bytes,
+                });
+            }
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,272 @@
+//! Flows: datapath events and the proxy's requests turned into named flow records, and the
+//! bounded store that keeps them for `palisade observe`.
+
+pub mod proxy;
+pub mod store;
+
+use std::net::Ipv4Addr;
+use std::time::{Duration, SystemTime};
+
+use palisade_api::flow::{Flow, FlowIp, FlowL4, FlowPeer, FlowPolicy};
+use palisade_common::{
+    direction, flow as ev,
+    flow::FlowEvent,
+    proto,
+    reason::{drop_reason_name, verdict_name},
+};
+use palisade_engine::catalog::{Catalog, CatalogEndpoint, CatalogRule};
+
+/// Converts the datapath's monotonic timestamps to wall-clock time.
+#[derive(Clone, Copy, Debug)]
+pub struct Clock {
+    boot_wall: SystemTime,
+}
+
+impl Clock {
+    pub fn now() -> Self {
+        let mono = crate::datapath::monotonic_now_ns();
+        Self {
+            boot_wall: SystemTime::now() - Duration::from_nanos(mono),
+        }
+    }
+
+    pub fn wall(&self, mono_ns: u64) -> SystemTime {
+        self.boot_wall + Duration::from_nanos(mono_ns)
+    }
+}
+
+pub fn protocol_name(p: u8) -> String {
+    match p {
+        proto::TCP => "TCP".into(),
+        proto::UDP => "UDP".into(),
+        proto::ICMP => "ICMP".into(),
+        proto::SCTP => "SCTP".into(),
+        other => other.to_string(),
+    }
+}
+
+fn tcp_flag_words(flags: u8) -> Vec<String> {
+    const NAMES: [(u8, &str); 6] = [
+        (0x02, "SYN"),
+        (0x10, "ACK"),
+        (0x01, "FIN"),
+        (0x04, "RST"),
+        (0x08, "PSH"),
+        (0x20, "URG"),
+    ];
+    NAMES
+        .iter()
+        .filter(|(bit, _)| flags & bit != 0)
+        .map(|(_, n)| n.to_string())
+        .collect()
+}
+
+fn v4(addr: &[u8; 16]) -> Ipv4Addr {
+    Ipv4Addr::new(addr[0], addr[1], addr[2], addr[3])
+}
+
+/// The policy behind a flow, as the catalog names its rule.
+pub fn flow_policy(r: &CatalogRule) -> FlowPolicy {
+    FlowPolicy {
+        name: r.policy.clone(),
+        kind: r.kind.clone(),
+        rule: r.rule.clone(),
+    }
+}
+
+/// A flow end: the endpoint at `addr` (if any) with the labels of `identity`.
+pub fn peer(catalog: &Catalog, identity: u32, addr: Ipv4Addr) -> FlowPeer {
+    let (namespace, name) = catalog
+        .endpoints_by_ip
+        .get(&addr)
+        .cloned()
+        .unwrap_or_default();
+    FlowPeer {
+        identity,
+        namespace,
+        name,
+        labels: catalog
+            .identities
+            .get(&identity)
+            .cloned()
+            .unwrap_or_default(),
+    }
+}
+
+/// Turns a raw datapath event into a flow record.
+pub fn enrich(event: &FlowEvent, catalog: &Catalog, clock: &Clock, seq: u64) -> Flow {
+    let src = v4(&event.src_addr);
+    let dst = v4(&event.dst_addr);
+    let CatalogEndpoint {
+        namespace: ep_ns,
+        name: ep_name,
+        labels: ep_labels,
+    } = catalog
+        .endpoints_by_id
+        .get(&event.endpoint_id)
+        .cloned()
+        .unwrap_or_default();
+    let ep_identity = if event.direction == direction::EGRESS {
+        event.src_identity
+    } else {
+        event.dst_identity
+    };
+    let is_drop = event.verdict == palisade_common::reason::verdict::DROPPED;
+    let (sport, dport) = (
+        u16::from_be(event.src_port_be),
+        u16::from_be(event.dst_port_be),
+    );
+    Flow {
+        seq,
+        time: humantime::format_rfc3339_micros(clock.wall(event.timestamp_ns)).to_string(),
+        verdict: verdict_name(event.verdict).to_string(),
+        drop_reason: is_drop.then(|| drop_reason_name(event.drop_reason).to_string()),
+        drop_reason_code: is_drop.then_some(event.drop_reason),
+        event: match event.kind {
+            ev::EVENT_NEW_CONNECTION => "new-connection",
+            ev::EVENT_REVALIDATION_DROP => "revalidation-drop",
+            _ => "drop",
+        }
+        .to_string(),
+        direction: if event.direction == direction::INGRESS {
+            "ingress"
+        } else {
+            "egress"
+        }
+        .to_string(),
+        endpoint: FlowPeer {
+            identity: ep_identity,
+            namespace: ep_ns,
+            name: ep_name,
+            labels: ep_labels,
+        },
+        source: peer(catalog, event.src_identity, src),
+        destination: peer(catalog, event.dst_identity, dst),
+        ip: FlowIp {
+            source: src,
+            destination: dst,
+        },
+        l4: FlowL4 {
+            protocol: protocol_name(event.protocol),
+            source_port: if event.protocol == proto::ICMP {
+                0
+            } else {
+                sport
+            },
+            destination_port: if event.protocol == proto::ICMP {
+                0
+            } else {
+                dport
+            },
+            tcp_flags: if event.protocol == proto::TCP {
+                tcp_flag_words(event.tcp_flags)
+            } else {
+                Vec::new()
+            },
+        },
+        policy: catalog.rules.get(&event.rule_id).map(flow_policy),
+        packet_bytes: event.packet_len,
+        http: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use palisade_common::reason::{drop, verdict};
+
+    fn event() -> FlowEvent {
+        FlowEvent {
+            timestamp_ns: 1_000,
+            endpoint_id: 2,
+            src_identity: 256,
+            dst_identity: 257,
+            rule_id: 0,
+            packet_len: 60,
+            ifindex: 5,
+            src_addr: [10, 200, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            dst_addr: [10, 200, 0, 3, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            src_port_be: 40000u16.to_be(),
+            dst_port_be: 5432u16.to_be(),
+            family: 4,
+            protocol: proto::TCP,
+            direction: direction::INGRESS,
+            verdict: verdict::DROPPED,
+            drop_reason: drop::POLICY_DENIED,
+            tcp_flags: 0x02,
+            kind: ev::EVENT_DROP,
+            _pad: [0; 5],
+        }
+    }
+
+    fn catalog() -> Catalog {
+        let mut c = Catalog::default();
+        c.endpoints_by_id.insert(
+            2,
+            CatalogEndpoint {
+                namespace: "demo".into(),
+                name: "db".into(),
+                labels: vec!["k8s:app=db".into()],
+            },
+        );
+        c.endpoints_by_ip.insert(
+            Ipv4Addr::new(10, 200, 0, 2),
+            ("demo".into(), "frontend".into()),
+        );
+        c.endpoints_by_ip
+            .insert(Ipv4Addr::new(10, 200, 0, 3), ("demo".into(), "db".into()));
+        c.identities.insert(256, vec!["k8s:app=frontend".into()]);
+        c.identities.insert(257, vec!["k8s:app=db".into()]);
+        c.rules.insert(
+            9,
+            CatalogRule {
+                policy: "demo/deny-db".into(),
+                kind: "palisade".into(),
+                rule: "demo/deny-db ingress deny rule 0".into(),
+            },
+        );
+        c
+    }
+
+    #[test]
+    fn drop_event_becomes_a_named_flow() {
+        let f = enrich(&event(), &catalog(), &Clock::now(), 7);
+        assert_eq!(f.seq, 7);
+        assert_eq!(f.verdict, "DROPPED");
+        assert_eq!(f.drop_reason.as_deref(), Some("Policy denied"));
+        assert_eq!(
+            (f.source.name.as_str(), f.destination.name.as_str()),
+            ("frontend", "db")
+        );
+        assert_eq!(f.endpoint.name, "db");
+        assert_eq!(f.l4.destination_port, 5432);
+        assert_eq!(f.l4.tcp_flags, vec!["SYN"]);
+        assert!(f.policy.is_none());
+        let line = f.compact();
+        assert!(
+            line.contains("demo/frontend:40000 -> demo/db:5432 TCP SYN DROPPED (Policy denied)"),
+            "{line}"
+        );
+        assert!(line.contains("default deny on demo/db ingress"), "{line}");
+    }
+
+    #[test]
+    fn deny_rule_flows_name_the_policy() {
+        let mut e = event();
+        e.rule_id = 9;
+        e.drop_reason = drop::POLICY_DENY_RULE;
+        let f = enrich(&e, &catalog(), &Clock::now(), 1);
+        assert_eq!(f.policy.as_ref().unwrap().name, "demo/deny-db");
+        assert!(f.compact().ends_with("by demo/deny-db ingress deny rule 0"));
+    }
+
+    #[test]
+    fn unknown_peers_show_their_address() {
+        let mut e = event();
+        e.src_addr[0] = 192;
+        e.src_identity = 2;
+        let f = enrich(&e, &catalog(), &Clock::now(), 1);
+        assert!(f.source.name.is_empty());
+        assert!(f.compact().contains("192.200.0.2:40000 -> demo/db:5432"));
+    }
+}

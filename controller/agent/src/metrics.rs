@@ -1,0 +1,357 @@
+//! Prometheus metrics and a health check on `--metrics-addr` (off by default).
+//!
+//! Gauges and datapath counters are read when scraped (the node's status: the engine's view
+//! and the BPF maps); flow counts and policy compile durations accumulate in `Telemetry` as
+//! they happen, fed by the flow reader, the proxy's observer and the engine.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::{
+    Router, extract::State, http::StatusCode, http::header, response::IntoResponse, routing::get,
+};
+use palisade_common::{direction, flow::FlowEvent, metrics as outcome, reason};
+use palisade_engine::EngineMetrics;
+use palisade_proxy::http::RequestRecord;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::{
+    counter::Counter, family::Family, gauge::Gauge, histogram::Histogram,
+};
+use prometheus_client::registry::Registry;
+use tracing::info;
+
+use crate::status::{NodeStatus, StatusSource};
+
+type Labels = Vec<(String, String)>;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FlowLabels {
+    verdict: &'static str,
+    direction: &'static str,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    verdict: &'static str,
+    status: &'static str,
+}
+
+/// What accumulates between scrapes.
+#[derive(Clone, Debug)]
+pub struct Telemetry {
+    /// Flows the agent stored, by verdict, direction and drop reason.
+    pub flows: Family<FlowLabels, Counter>,
+    /// Time to compile policy into map state and diff it, per change.
+    pub compile_seconds: Histogram,
+    /// Requests the L7 proxy handled, by verdict and status class.
+    pub proxy_requests: Family<RequestLabels, Counter>,
+}
+
+impl Default for Telemetry {
+    fn default() -> Self {
+        Self {
+            flows: Family::default(),
+            // 100µs .. ~1.6s
+            compile_seconds: Histogram::new(
+                prometheus_client::metrics::histogram::exponential_buckets(0.0001, 2.0, 15),
+            ),
+            proxy_requests: Family::default(),
+        }
+    }
+}
+
+impl EngineMetrics for Telemetry {
+    fn policy_compiled(&self, took: Duration) {
+        self.compile_seconds.observe(took.as_secs_f64());
+    }
+}
+
+impl Telemetry {
+    /// A flow of the L7 proxy: one request, judged at `direction` (`ingress` or `egress`).
+    pub fn count_request(&self, direction: &'static str, r: &RequestRecord) {
+        const CLASSES: [&str; 6] = ["0xx", "1xx", "2xx", "3xx", "4xx", "5xx"];
+        let verdict = if r.allowed { "FORWARDED" } else { "DROPPED" };
+        self.proxy_requests
+            .get_or_create(&RequestLabels {
+                verdict,
+                status: CLASSES[usize::from(r.status / 100).min(5)],
+            })
+            .inc();
+        let reason = match (r.allowed, &r.error) {
+            (true, _) => "",
+            (false, Some(_)) => "Invalid HTTP request",
+            (false, None) => "Policy denied (L7)",
+        };
+        self.flows
+            .get_or_create(&FlowLabels {
+                verdict,
+                direction,
+                reason,
+            })
+            .inc();
+    }
+
+    /// A flow the datapath reported.
+    pub fn count_event(&self, ev: &FlowEvent) {
+        // Static label values: bounded cardinality and no allocation per flow.
+        let dropped = ev.verdict == reason::verdict::DROPPED;
+        self.flows
+            .get_or_create(&FlowLabels {
+                verdict: reason::verdict_name(ev.verdict),
+                direction: if ev.direction == direction::INGRESS {
+                    "ingress"
+                } else {
+                    "egress"
+                },
+                reason: if dropped {
+                    reason::drop_reason_name(ev.drop_reason)
+                } else {
+                    ""
+                },
+            })
+            .inc();
+    }
+}
+
+#[derive(Clone)]
+struct MetricsState {
+    status: StatusSource,
+    telemetry: Arc<Telemetry>,
+}
+
+async fn status(source: &StatusSource) -> Option<NodeStatus> {
+    tokio::time::timeout(Duration::from_secs(2), source.gather())
+        .await
+        .ok()?
+        .ok()
+}
+
+fn gauge(reg: &mut Registry, name: &str, help: &str, value: usize) {
+    let g = Gauge::<i64>::default();
+    g.set(i64::try_from(value).unwrap_or(i64::MAX));
+    reg.register(name, help, g);
+}
+
+/// The exposition text for one scrape.
+pub fn render(s: &NodeStatus, t: &Telemetry) -> String {
+    let mut reg = Registry::with_prefix("palisade");
+    let e = &s.engine;
+    gauge(&mut reg, "endpoints", "Endpoints on this node", e.endpoints);
+    gauge(
+        &mut reg,
+        "identities",
+        "Security identities in use (reserved, workload, CIDR)",
+        e.identities,
+    );
+    gauge(&mut reg, "policies", "Policies in force", e.policies);
+    gauge(
+        &mut reg,
+        "policy_map_entries",
+        "Entries in the BPF policy map",
+        e.policy_map_entries,
+    );
+    gauge(
+        &mut reg,
+        "ipcache_entries",
+        "Entries in the BPF ipcache",
+        e.ipcache_entries,
+    );
+    gauge(
+        &mut reg,
+        "conntrack_entries",
+        "Entries in the BPF conntrack map",
+        s.conntrack_entries,
+    );
+    gauge(
+        &mut reg,
+        "flows_stored",
+        "Flows held in the agent's flow buffer",
+        s.flows_stored,
+    );
+    let maps_in_sync = Gauge::<i64>::default();
+    maps_in_sync.set(i64::from(e.maps_in_sync));
+    reg.register(
+        "maps_in_sync",
+        "1 when the BPF maps hold exactly what the agent compiled",
+        maps_in_sync,
+    );
+
+    let packets = Family::<Labels, Counter>::default();
+    let bytes = Family::<Labels, Counter>::default();
+    let lost = Family::<Labels, Counter>::default();
+    for c in &s.counters {
+        match c.outcome {
+            outcome::OUTCOME_EVENTS_LOST => {
+                lost.get_or_create(&vec![("reason".into(), "ring_buffer_full".into())])
+                    .inc_by(c.packets);
+            }
+            outcome::OUTCOME_EVENTS_RATE_LIMITED => {
+                lost.get_or_create(&vec![("reason".into(), "rate_limited".into())])
+                    .inc_by(c.packets);
+            }
+            code => {
+                let labels = vec![
+                    (
+                        "direction".to_string(),
+                        crate::status::counter_direction(c.direction).to_string(),
+                    ),
+                    (
+                        "outcome".to_string(),
+                        crate::status::counter_outcome(code).to_string(),
+                    ),
+                ];
+                packets.get_or_create(&labels).inc_by(c.packets);
+                bytes.get_or_create(&labels).inc_by(c.bytes);
+            }
+        }
+    }
+    reg.register(
+        "datapath_packets",
+        "Packets judged by the datapath, by direction and outcome (verdict or drop reason)",
+        packets,
+    );
+    reg.register(
+        "datapath_bytes",
+        "Bytes judged by the datapath, by direction and outcome",
+        bytes,
+    );
+    reg.register(
+        "flow_events_lost",
+        "Flow events the datapath could not deliver",
+        lost,
+    );
+    reg.register(
+        "flows",
+        "Flows recorded, by verdict, direction and drop reason",
+        t.flows.clone(),
+    );
+    reg.register(
+        "proxy_requests",
+        "HTTP requests the L7 proxy handled, by verdict and status class",
+        t.proxy_requests.clone(),
+    );
+    reg.register(
+        "policy_compile_seconds",
+        "Time to compile policy into map state and diff it",
+        t.compile_seconds.clone(),
+    );
+    let mut out = String::new();
+    // Writing to a String cannot fail.
+    let _ = encode(&mut out, &reg);
+    out
+}
+
+async fn metrics(State(s): State<MetricsState>) -> impl IntoResponse {
+    match status(&s.status).await {
+        Some(st) => (
+            StatusCode::OK,
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            render(&st, &s.telemetry),
+        ),
+        None => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [(header::CONTENT_TYPE, "text/plain")],
+            "engine not responding\n".to_string(),
+        ),
+    }
+}
+
+/// 200 when the engine answers within two seconds and the maps hold what it compiled.
+async fn healthz(State(s): State<MetricsState>) -> impl IntoResponse {
+    match status(&s.status).await {
+        Some(st) if st.engine.maps_in_sync => (StatusCode::OK, "ok\n"),
+        Some(_) => (StatusCode::SERVICE_UNAVAILABLE, "maps out of sync\n"),
+        None => (StatusCode::SERVICE_UNAVAILABLE, "engine not responding\n"),
+    }
+}
+
+/// Serves on an already bound listener (bound by the caller, so a bad address fails the
+/// agent's start rather than a background task).
+pub async fn serve(
+    listener: std::net::TcpListener,
+    status: StatusSource,
+    telemetry: Arc<Telemetry>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    listener.set_nonblocking(true)?;
+    let listener = tokio::net::TcpListener::from_std(listener)?;
+    let addr: SocketAddr = listener.local_addr()?;
+    info!(%addr, "metrics listening");
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .with_state(MetricsState { status, telemetry });
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::datapath::CounterSample;
+    use palisade_engine::views::EngineStatus;
+
+    fn status() -> NodeStatus {
+        NodeStatus {
+            engine: EngineStatus {
+                node_ip: std::net::Ipv4Addr::new(10, 200, 0, 1),
+                pod_cidr: "10.200.0.0/16".parse().unwrap(),
+                enforcement: palisade_policies::compile::EnforcementMode::Default,
+                endpoints: 3,
+                identities: 11,
+                policies: 2,
+                policy_map_entries: 7,
+                ipcache_entries: 5,
+                maps_in_sync: true,
+                namespaces: Default::default(),
+            },
+            conntrack_entries: 4,
+            flows_stored: 9,
+            counters: vec![
+                CounterSample {
+                    direction: direction::INGRESS,
+                    outcome: reason::drop::POLICY_DENIED,
+                    packets: 5,
+                    bytes: 300,
+                },
+                CounterSample {
+                    direction: 0,
+                    outcome: outcome::OUTCOME_EVENTS_LOST,
+                    packets: 2,
+                    bytes: 0,
+                },
+            ],
+        }
+    }
+
+    #[test]
+    fn scrape_reports_gauges_counters_and_losses() {
+        let t = Telemetry::default();
+        t.compile_seconds.observe(0.002);
+        let text = render(&status(), &t);
+        assert!(text.contains("palisade_endpoints 3"), "{text}");
+        assert!(text.contains("palisade_policy_map_entries 7"));
+        assert!(
+            text.contains(
+                "palisade_datapath_packets_total{direction=\"ingress\",outcome=\"Policy denied\"} 5"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("palisade_flow_events_lost_total{reason=\"ring_buffer_full\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("palisade_policy_compile_seconds_count 1"),
+            "{text}"
+        );
+        assert!(text.ends_with("# EOF\n"));
+    }
+}

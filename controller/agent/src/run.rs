@@ -1,0 +1,278 @@
+//! `palisade-agent`: wires the edges to the engine and runs until SIGINT/SIGTERM. The
+//! datapath stays attached and enforcing when the agent stops; a restarted agent takes over
+//! the pinned maps and links.
+
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context as _, bail};
+use clap::{ArgAction, Parser};
+use ipnetwork::Ipv4Network;
+use palisade_engine::catalog::Catalog;
+use palisade_engine::store::StateStore;
+use palisade_engine::{Engine, EngineConfig, Outputs, ipam};
+use palisade_policies::compile::{EnforcementMode, Settings};
+use palisade_policies::l7::ProxyPolicy;
+use palisade_proxy::listener::{self as proxy_listener, ProxyContext};
+use tokio::sync::{mpsc, watch};
+use tracing::{error, info, warn};
+
+use crate::datapath::{BpfDatapath, DatapathConfig, events::read_events};
+use crate::flows::proxy::ProxyFlows;
+use crate::flows::store::FlowStore;
+use crate::flows::{Clock, enrich};
+use crate::metrics::Telemetry;
+use crate::plumbing::NetlinkPlumbing;
+use crate::policy_dir::PolicyDir;
+use crate::server::{ApiState, serve};
+use crate::state_file::{FileStore, StateDir};
+use crate::status::StatusSource;
+
+fn parse_enforcement(s: &str) -> Result<EnforcementMode, String> {
+    EnforcementMode::parse(s).ok_or_else(|| format!("{s:?} is not default, always or never"))
+}
+
+fn parse_seconds(s: &str) -> Result<u32, String> {
+    let d = humantime::parse_duration(s).map_err(|e| format!("{s:?}: {e}"))?;
+    u32::try_from(d.as_secs().max(1)).map_err(|_| format!("{s:?} is too long"))
+}
+
+/// Palisade agent: identity-aware network policy for workloads on this node.
+#[derive(Debug, Parser)]
+#[command(name = "palisade-agent", version)]
+pub struct AgentArgs {
+    /// Local mode: workloads and policies come from this agent's API and --policy-dir.
+    #[arg(long)]
+    pub local: bool,
+    /// Unix socket of the agent API.
+    #[arg(long, default_value = "/run/palisade/agent.sock")]
+    pub api: PathBuf,
+    /// Where identities, endpoints and policies are kept across restarts.
+    #[arg(long, default_value = "/var/lib/palisade")]
+    pub state_dir: PathBuf,
+    /// bpffs directory for pinned maps and links (mounted if it is not bpffs yet).
+    #[arg(long, default_value = "/sys/fs/bpf/palisade")]
+    pub bpffs: PathBuf,
+    /// Directory of policy manifests (*.yaml), applied at start and whenever they change.
+    #[arg(long)]
+    pub policy_dir: Option<PathBuf>,
+    /// Address pool for endpoints; its first address is the node's.
+    #[arg(long, default_value = "10.200.0.0/16")]
+    pub pod_cidr: Ipv4Network,
+    /// Policy enforcement mode: default, always or never.
+    #[arg(long, default_value = "default", value_parser = parse_enforcement)]
+    pub enforcement: EnforcementMode,
+    /// Report what policy would drop, but forward it (verdict AUDIT).
+    #[arg(long)]
+    pub audit: bool,
+    /// Let the node itself reach every endpoint (health checks), as Cilium does by default.
+    #[arg(long, default_value_t = true, action = ArgAction::Set)]
+    pub allow_host_ingress: bool,
+    /// Flows kept in memory for `palisade observe`.
+    #[arg(long, default_value_t = 65_536)]
+    pub flow_buffer: usize,
+    /// Flow events each endpoint may emit per second (per CPU); 0 = unlimited.
+    #[arg(long, default_value_t = 1_000)]
+    pub events_per_second: u32,
+    /// Conntrack lifetime of established TCP connections.
+    #[arg(long, default_value = "6h", value_parser = parse_seconds)]
+    pub ct_tcp_timeout: u32,
+    /// Port of the transparent L7 proxy in the node namespace (HTTP rules redirect to it).
+    #[arg(long, default_value_t = 15_001)]
+    pub proxy_port: u16,
+    /// Serve Prometheus metrics and /healthz here (e.g. 127.0.0.1:9962); off when absent.
+    #[arg(long)]
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Conntrack lifetime of UDP/ICMP flows and of TCP connections before the handshake ends.
+    #[arg(long, default_value = "60s", value_parser = parse_seconds)]
+    pub ct_other_timeout: u32,
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        // Without signal handlers the agent still stops when killed.
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    info!("shutting down; the datapath keeps enforcing");
+}
+
+pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
+    if !args.local {
+        bail!("only local mode is available in this build: run `palisade-agent --local`");
+    }
+    if !nix::unistd::geteuid().is_root() {
+        bail!(
+            "palisade-agent must run as root (it loads BPF programs and manages network namespaces)"
+        );
+    }
+    let node_ip: Ipv4Addr = ipam::node_ip(&args.pod_cidr);
+    let (datapath, maps, ring) = BpfDatapath::load(
+        &args.bpffs,
+        DatapathConfig {
+            ct_tcp_established_timeout_s: args.ct_tcp_timeout,
+            ct_tcp_syn_timeout_s: args.ct_other_timeout,
+            ct_other_timeout_s: args.ct_other_timeout,
+            events_per_second: args.events_per_second,
+            events_burst: args.events_per_second.saturating_mul(2),
+            ..DatapathConfig::default()
+        },
+    )
+    .context("cannot load the BPF datapath (is this kernel BPF-capable and are we root?)")?;
+    let maps = Arc::new(maps);
+    let mut plumbing = NetlinkPlumbing::new().context("netlink")?;
+    plumbing
+        .setup_node(node_ip)
+        .await
+        .context("preparing the node namespace")?;
+    // Without its listener and routing the proxy cannot take connections; policy with HTTP
+    // rules then fails closed (redirected traffic is dropped) instead of the agent failing.
+    let proxy_socket = match proxy_listener::bind_transparent(args.proxy_port) {
+        Ok(l) => match plumbing.setup_proxy_routing().await {
+            Ok(()) => Some(l),
+            Err(e) => {
+                error!(error = %e, "L7 proxy routing not set up; HTTP rules will drop their traffic");
+                None
+            }
+        },
+        Err(e) => {
+            error!(port = args.proxy_port, error = %e, "L7 proxy listener not bound; HTTP rules will drop their traffic");
+            None
+        }
+    };
+    let (proxy_tx, proxy_rx) = watch::channel(Arc::new(ProxyPolicy::default()));
+    let (catalog_tx, catalog_rx) = watch::channel(Arc::new(Catalog::default()));
+    let telemetry = Arc::new(Telemetry::default());
+
+    // The policy directory is read before the start, so the first sync includes it; the
+    // watcher then reads it again and keeps the engine up to date.
+    let policy_dir = args.policy_dir.as_deref().map(PolicyDir::new);
+    let file_policies = match policy_dir.as_ref().map(PolicyDir::read_if_changed) {
+        Some(Ok(Some((_, loaded)))) => loaded,
+        Some(Err(e)) => {
+            warn!(error = %e, "policy directory not loaded");
+            Vec::new()
+        }
+        Some(Ok(None)) | None => Vec::new(),
+    };
+    let (store, store_flusher) =
+        FileStore::start(StateDir::new(&args.state_dir)?).context("state writer thread")?;
+    let engine = Engine::start(
+        EngineConfig {
+            pod_cidr: args.pod_cidr,
+            node_ip,
+            settings: Settings {
+                enforcement: args.enforcement,
+                allow_host_ingress: args.allow_host_ingress,
+                audit: args.audit,
+                proxy_port: proxy_socket.as_ref().map(|_| args.proxy_port),
+            },
+            file_policies,
+        },
+        datapath,
+        plumbing,
+        Some(Box::new(store) as Box<dyn StateStore>),
+        Outputs {
+            catalog: Some(catalog_tx),
+            proxy: Some(proxy_tx),
+            metrics: Some(Arc::clone(&telemetry) as Arc<dyn palisade_engine::EngineMetrics>),
+        },
+    )
+    .await
+    .context("starting the engine")?;
+
+    let flows = Arc::new(FlowStore::new(args.flow_buffer));
+    let (ev_tx, mut ev_rx) = mpsc::channel(8_192);
+    tokio::spawn(read_events(ring, ev_tx));
+    let store = Arc::clone(&flows);
+    let counted = Arc::clone(&telemetry);
+    let events_catalog = catalog_rx.clone();
+    tokio::spawn(async move {
+        let clock = Clock::now();
+        while let Some(ev) = ev_rx.recv().await {
+            let catalog = Arc::clone(&events_catalog.borrow());
+            // The store numbers it.
+            let flow = enrich(&ev, &catalog, &clock, 0);
+            counted.count_event(&ev);
+            store.push(clock.wall(ev.timestamp_ns), flow);
+        }
+    });
+
+    if let Some(socket) = proxy_socket {
+        let listener = tokio::net::TcpListener::from_std(socket).context("proxy listener")?;
+        let ctx = ProxyContext {
+            policy: proxy_rx.clone(),
+            observer: ProxyFlows {
+                policy: proxy_rx,
+                catalog: catalog_rx.clone(),
+                flows: Arc::clone(&flows),
+                telemetry: Arc::clone(&telemetry),
+            },
+            limits: Arc::new(palisade_proxy::http::Limits::default()),
+        };
+        let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+        let workers = proxy_listener::Workers::start(cpus).context("proxy worker threads")?;
+        info!(port = args.proxy_port, workers = cpus, "L7 proxy listening");
+        tokio::spawn(proxy_listener::run(listener, ctx, workers));
+    }
+
+    let (cmd_tx, cmd_rx) = mpsc::channel(64);
+    let engine_task = tokio::spawn(engine.run(cmd_rx));
+    if let Some(dir) = policy_dir {
+        tokio::spawn(crate::policy_dir::watch(dir, cmd_tx.clone()));
+    }
+    let status = StatusSource {
+        engine: cmd_tx.clone(),
+        maps,
+        flows: Arc::clone(&flows),
+    };
+    let metrics_task = match args.metrics_addr {
+        Some(addr) => {
+            let (status, telemetry) = (status.clone(), Arc::clone(&telemetry));
+            let listener = std::net::TcpListener::bind(addr)
+                .with_context(|| format!("--metrics-addr {addr}"))?;
+            Some(tokio::spawn(async move {
+                if let Err(e) =
+                    crate::metrics::serve(listener, status, telemetry, std::future::pending())
+                        .await
+                {
+                    error!(%addr, error = %e, "metrics server stopped");
+                }
+            }))
+        }
+        None => None,
+    };
+    info!(node_ip = %node_ip, pod_cidr = %args.pod_cidr, "palisade agent ready");
+    let served = serve(
+        &args.api,
+        ApiState {
+            engine: cmd_tx,
+            flows,
+            status,
+            catalog: catalog_rx,
+            mode: "local",
+        },
+        shutdown_signal(),
+    )
+    .await;
+    let _ = std::fs::remove_file(&args.api);
+    if let Some(t) = metrics_task {
+        t.abort();
+    }
+    served.with_context(|| format!("serving the API on {}", args.api.display()))?;
+    engine_task.await.context("engine task")?;
+    // What the engine handed the store last is on disk before the agent exits.
+    tokio::task::spawn_blocking(move || store_flusher.flush_and_stop())
+        .await
+        .context("state writer")?;
+    Ok(())
+}

@@ -1,0 +1,250 @@
+//! The agent's state directory: one JSON file, read at start so identities, endpoints and
+//! policies survive restarts, and written atomically after every change by a thread of its own,
+//! so the engine never waits on the disk.
+
+use std::fs;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex};
+
+use palisade_engine::store::{PersistError, STATE_VERSION, StateFile, StateStore};
+use tracing::{error, info};
+
+const FILE: &str = "state.json";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateFileError {
+    #[error("state file {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("state file {path} is corrupt: {source}")]
+    Corrupt {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("state file {path} has version {found}, this agent reads version {STATE_VERSION}")]
+    Version { path: PathBuf, found: u32 },
+}
+
+/// The state file in its directory.
+#[derive(Clone, Debug)]
+pub struct StateDir {
+    dir: PathBuf,
+}
+
+impl StateDir {
+    pub fn new(dir: &Path) -> Result<Self, StateFileError> {
+        fs::create_dir_all(dir).map_err(|source| StateFileError::Io {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    fn path(&self) -> PathBuf {
+        self.dir.join(FILE)
+    }
+
+    pub fn load(&self) -> Result<Option<StateFile>, StateFileError> {
+        let path = self.path();
+        let bytes = match fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => return Err(StateFileError::Io { path, source }),
+        };
+        let state: StateFile =
+            serde_json::from_slice(&bytes).map_err(|source| StateFileError::Corrupt {
+                path: path.clone(),
+                source,
+            })?;
+        if state.version != STATE_VERSION {
+            return Err(StateFileError::Version {
+                path,
+                found: state.version,
+            });
+        }
+        Ok(Some(state))
+    }
+
+    /// Writes to a temporary file, syncs, then renames: a crash leaves the old or the new
+    /// state, never half of one.
+    pub fn save(&self, state: &StateFile) -> Result<(), StateFileError> {
+        let path = self.path();
+        let tmp = self.dir.join(format!("{FILE}.tmp"));
+        let io_err = |source| StateFileError::Io {
+            path: tmp.clone(),
+            source,
+        };
+        let json = serde_json::to_vec_pretty(state).map_err(|source| StateFileError::Corrupt {
+            path: path.clone(),
+            source,
+        })?;
+        let mut f = fs::File::create(&tmp).map_err(io_err)?;
+        f.write_all(&json).map_err(io_err)?;
+        f.sync_all().map_err(io_err)?;
+        fs::rename(&tmp, &path).map_err(|source| StateFileError::Io { path, source })
+    }
+}
+
+/// What waits to be written: the newest state only (an older one is never worth writing once
+/// a newer exists), and whether the writer is busy.
+#[derive(Default)]
+struct Queue {
+    pending: Option<StateFile>,
+    writing: bool,
+    closed: bool,
+}
+
+#[derive(Default)]
+struct Shared {
+    queue: Mutex<Queue>,
+    changed: Condvar,
+}
+
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The engine's store: hands each state to the writer thread and returns at once.
+pub struct FileStore {
+    dir: StateDir,
+    shared: Arc<Shared>,
+}
+
+/// Waits for the writer: the agent flushes before it exits, so a clean stop loses nothing.
+#[derive(Clone)]
+pub struct FileStoreFlusher {
+    shared: Arc<Shared>,
+}
+
+impl FileStore {
+    pub fn start(dir: StateDir) -> std::io::Result<(Self, FileStoreFlusher)> {
+        let shared = Arc::new(Shared::default());
+        let writer_shared = Arc::clone(&shared);
+        let writer_dir = dir.clone();
+        std::thread::Builder::new()
+            .name("state-writer".into())
+            .spawn(move || write_loop(&writer_dir, &writer_shared))?;
+        Ok((
+            Self {
+                dir,
+                shared: Arc::clone(&shared),
+            },
+            FileStoreFlusher { shared },
+        ))
+    }
+}
+
+fn write_loop(dir: &StateDir, shared: &Shared) {
+    let mut last_error: Option<String> = None;
+    loop {
+        let state = {
+            let mut q = shared.lock();
+            loop {
+                if let Some(s) = q.pending.take() {
+                    q.writing = true;
+                    break s;
+                }
+                if q.closed {
+                    return;
+                }
+                q = shared.changed.wait(q).unwrap_or_else(|p| p.into_inner());
+            }
+        };
+        match dir.save(&state) {
+            Ok(()) => {
+                if last_error.take().is_some() {
+                    info!(dir = %dir.dir.display(), "state saved again");
+                }
+            }
+            Err(e) => {
+                // Said once per distinct problem; the next change tries again.
+                let msg = e.to_string();
+                if last_error.as_deref() != Some(msg.as_str()) {
+                    error!(error = %msg, "state not saved; the running agent enforces it, a restart would not know it");
+                    last_error = Some(msg);
+                }
+            }
+        }
+        shared.lock().writing = false;
+        shared.changed.notify_all();
+    }
+}
+
+impl StateStore for FileStore {
+    fn load(&mut self) -> Result<Option<StateFile>, PersistError> {
+        self.dir.load().map_err(PersistError::new)
+    }
+
+    fn save(&mut self, state: StateFile) -> Result<(), PersistError> {
+        self.shared.lock().pending = Some(state);
+        self.shared.changed.notify_all();
+        Ok(())
+    }
+}
+
+impl FileStoreFlusher {
+    /// Blocks until everything handed to the store is written (or failed to be), then stops
+    /// the writer.
+    pub fn flush_and_stop(&self) {
+        let mut q = self.shared.lock();
+        while q.pending.is_some() || q.writing {
+            q = self.shared.changed.wait(q).unwrap_or_else(|p| p.into_inner());
+        }
+        q.closed = true;
+        drop(q);
+        self.shared.changed.notify_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dir(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("palisade-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&d);
+        d
+    }
+
+    #[test]
+    fn saved_state_is_read_back_after_a_flush() {
+        let d = dir("state-roundtrip");
+        let (mut store, flusher) = FileStore::start(StateDir::new(&d).unwrap()).unwrap();
+        assert_eq!(store.load().unwrap(), None);
+        for n in 1..=3 {
+            store
+                .save(StateFile {
+                    version: STATE_VERSION,
+                    next_endpoint_id: n,
+                    ..StateFile::default()
+                })
+                .unwrap();
+        }
+        flusher.flush_and_stop();
+        let back = StateDir::new(&d).unwrap().load().unwrap().unwrap();
+        assert_eq!(back.next_endpoint_id, 3, "the newest state wins");
+        let _ = fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn a_corrupt_or_foreign_file_is_refused_by_name() {
+        let d = dir("state-corrupt");
+        let sd = StateDir::new(&d).unwrap();
+        fs::write(d.join(FILE), b"{not json").unwrap();
+        let e = sd.load().unwrap_err();
+        assert!(e.to_string().contains("is corrupt"), "{e}");
+        fs::write(d.join(FILE), br#"{"version": 99, "endpoints": [], "namespaces": {}, "policies": [], "identities": {"workloads": [], "next_workload": 256}, "next_endpoint_id": 1}"#).unwrap();
+        let e = sd.load().unwrap_err();
+        assert!(e.to_string().contains("has version 99"), "{e}");
+        let _ = fs::remove_dir_all(&d);
+    }
+}

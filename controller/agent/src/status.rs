@@ -1,0 +1,71 @@
+//! The node's status: the engine's view of its state, joined with what only the maps know
+//! (counters, conntrack entries) and how many flows the agent holds. The maps are read on a
+//! blocking thread, never on the engine's task.
+
+use std::sync::Arc;
+
+use palisade_common::{direction, metrics as outcome, reason};
+use palisade_engine::views::EngineStatus;
+use palisade_engine::{AskError, Command, ask};
+use tokio::sync::mpsc;
+
+use crate::datapath::{CounterSample, MapReader};
+use crate::flows::store::FlowStore;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeStatus {
+    pub engine: EngineStatus,
+    pub conntrack_entries: usize,
+    pub flows_stored: usize,
+    pub counters: Vec<CounterSample>,
+}
+
+/// Where the status comes from; cheap to clone.
+#[derive(Clone)]
+pub struct StatusSource {
+    pub engine: mpsc::Sender<Command>,
+    pub maps: Arc<MapReader>,
+    pub flows: Arc<FlowStore>,
+}
+
+impl StatusSource {
+    pub async fn gather(&self) -> Result<NodeStatus, AskError> {
+        let engine = ask(&self.engine, Command::Status).await?;
+        let maps = Arc::clone(&self.maps);
+        let (conntrack_entries, counters) = tokio::task::spawn_blocking(move || {
+            (
+                maps.conntrack_count(),
+                maps.counters().unwrap_or_default(),
+            )
+        })
+        .await
+        .unwrap_or_default();
+        Ok(NodeStatus {
+            engine,
+            conntrack_entries,
+            flows_stored: self.flows.len(),
+            counters,
+        })
+    }
+}
+
+/// `ingress`, `egress` or `datapath` (counters of the datapath as a whole).
+pub fn counter_direction(code: u8) -> &'static str {
+    match code {
+        direction::INGRESS => "ingress",
+        direction::EGRESS => "egress",
+        _ => "datapath",
+    }
+}
+
+/// A counter's outcome in words: the verdict, the lost-event kind, or the drop reason.
+pub fn counter_outcome(code: u8) -> &'static str {
+    match code {
+        outcome::OUTCOME_FORWARDED => "FORWARDED",
+        outcome::OUTCOME_REDIRECTED => "REDIRECTED",
+        outcome::OUTCOME_AUDIT => "AUDIT",
+        outcome::OUTCOME_EVENTS_LOST => "EVENTS_LOST",
+        outcome::OUTCOME_EVENTS_RATE_LIMITED => "EVENTS_RATE_LIMITED",
+        other => reason::drop_reason_name(other),
+    }
+}

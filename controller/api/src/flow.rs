@@ -1,0 +1,160 @@
+//! Flow records: what `palisade observe -o json` prints, one per line (schema in
+//! docs/flows.md), and the one-line form `palisade observe` shows by default.
+
+use std::net::Ipv4Addr;
+
+use palisade_common::reason::drop::POLICY_DENIED;
+use serde::{Deserialize, Serialize};
+
+/// One side of a flow.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlowPeer {
+    pub identity: u32,
+    /// Empty for peers that are not endpoints.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub namespace: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub name: String,
+    pub labels: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlowIp {
+    pub source: Ipv4Addr,
+    pub destination: Ipv4Addr,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlowL4 {
+    /// TCP, UDP, ICMP, SCTP or the protocol number.
+    pub protocol: String,
+    pub source_port: u16,
+    pub destination_port: u16,
+    /// TCP flags as words (`SYN`, `ACK`...), empty otherwise.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tcp_flags: Vec<String>,
+}
+
+/// The policy rule behind a verdict.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlowPolicy {
+    /// `ns/name` or `name` (clusterwide); empty for agent settings such as host access.
+    pub name: String,
+    pub kind: String,
+    /// The rule in words, e.g. `demo/allow-frontend ingress rule 0`.
+    pub rule: String,
+}
+
+/// The HTTP request behind an L7 flow.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlowHttp {
+    pub method: String,
+    /// Normalized path (what policy matched), without the query.
+    pub path: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// Status sent to the client (403 when policy denied, 400 for malformed requests).
+    pub status: u16,
+    /// From the complete request head to the response head, in microseconds.
+    pub latency_us: u64,
+}
+
+/// A flow record (`palisade observe -o json` prints one per line; schema in docs/flows.md).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Flow {
+    /// Position in the agent's flow buffer (monotonic).
+    pub seq: u64,
+    /// RFC 3339, microseconds, UTC.
+    pub time: String,
+    /// FORWARDED, DROPPED, AUDIT or REDIRECTED.
+    pub verdict: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drop_reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drop_reason_code: Option<u8>,
+    /// `new-connection`, `drop` or `revalidation-drop` (an established connection stopped
+    /// because a policy change no longer allows it).
+    pub event: String,
+    /// Relative to `endpoint`: `ingress` (to it) or `egress` (from it).
+    pub direction: String,
+    /// The endpoint whose datapath judged the packet.
+    pub endpoint: FlowPeer,
+    pub source: FlowPeer,
+    pub destination: FlowPeer,
+    pub ip: FlowIp,
+    pub l4: FlowL4,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<FlowPolicy>,
+    pub packet_bytes: u32,
+    /// Present for requests the L7 proxy handled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<FlowHttp>,
+}
+
+impl Flow {
+    fn side(p: &FlowPeer, ip: Ipv4Addr, port: u16) -> String {
+        let who = if p.name.is_empty() {
+            ip.to_string()
+        } else {
+            format!("{}/{}", p.namespace, p.name)
+        };
+        if port == 0 {
+            who
+        } else {
+            format!("{who}:{port}")
+        }
+    }
+
+    /// One readable line, like `hubble observe`:
+    /// `16:04:05.123 demo/frontend:41234 -> demo/db:5432 TCP SYN DROPPED (Policy denied)`.
+    pub fn compact(&self) -> String {
+        let time = self.time.get(11..23).unwrap_or(&self.time);
+        let mut line = format!(
+            "{time} {} -> {} {}",
+            Self::side(&self.source, self.ip.source, self.l4.source_port),
+            Self::side(
+                &self.destination,
+                self.ip.destination,
+                self.l4.destination_port
+            ),
+            self.l4.protocol
+        );
+        if let Some(h) = &self.http {
+            line = format!(
+                "{time} {} -> {} HTTP {} {} -> {}",
+                Self::side(&self.source, self.ip.source, 0),
+                Self::side(
+                    &self.destination,
+                    self.ip.destination,
+                    self.l4.destination_port
+                ),
+                h.method,
+                h.path,
+                h.status
+            );
+        } else if !self.l4.tcp_flags.is_empty() {
+            line.push(' ');
+            line.push_str(&self.l4.tcp_flags.join(","));
+        }
+        line.push(' ');
+        line.push_str(&self.verdict);
+        if let Some(reason) = &self.drop_reason {
+            line.push_str(&format!(" ({reason})"));
+        }
+        match &self.policy {
+            Some(p) => line.push_str(&format!(" by {}", p.rule)),
+            None if self.verdict == "DROPPED"
+                && self.drop_reason_code == Some(POLICY_DENIED) =>
+            {
+                line.push_str(&format!(
+                    " by default deny on {} {}",
+                    Self::side(&self.endpoint, Ipv4Addr::UNSPECIFIED, 0),
+                    self.direction
+                ));
+            }
+            None => {}
+        }
+        line
+    }
+}
+

@@ -1,0 +1,241 @@
+//! The agent API's JSON shapes. These are what `-o json` prints, so they are a stable,
+//! documented contract (docs/api.md); add fields, never rename them.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+
+use palisade_policies::endpoint::NamedPort;
+use palisade_policies::labels::Labels;
+use palisade_policies::manifest::ManifestError;
+use serde::{Deserialize, Serialize};
+
+use crate::filter::FlowFilter;
+
+/// The body of every error answer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// One line, naming what failed and with which input.
+    pub error: String,
+    /// For a rejected manifest: which document, object and field, and why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub manifest: Option<ManifestError>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointAddRequest {
+    pub name: String,
+    pub namespace: String,
+    #[serde(default)]
+    pub labels: Labels,
+    #[serde(default)]
+    pub ip: Option<Ipv4Addr>,
+    #[serde(default)]
+    pub named_ports: Vec<NamedPort>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LabelChange {
+    #[serde(default)]
+    pub set: Labels,
+    #[serde(default)]
+    pub remove: Vec<String>,
+}
+
+/// Policies selecting an endpoint, per direction, as `ns/name` (or `name` if clusterwide).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SelectingPolicies {
+    pub ingress: Vec<String>,
+    pub egress: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EndpointView {
+    pub id: u32,
+    pub name: String,
+    pub namespace: String,
+    pub labels: Labels,
+    pub ip: Ipv4Addr,
+    pub identity: u32,
+    /// Host-side interface in the node namespace.
+    pub interface: String,
+    pub ifindex: u32,
+    /// `ip netns` name of the endpoint's namespace.
+    pub netns: String,
+    pub named_ports: Vec<NamedPort>,
+    pub ingress_enforced: bool,
+    pub egress_enforced: bool,
+    pub policies: SelectingPolicies,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdentityView {
+    pub id: u32,
+    /// `reserved`, `workload`, `cidr` or `cidr-endpoint-alias`.
+    pub kind: String,
+    /// Cilium-style labels: `k8s:app=web`, `reserved:host`, `cidr:10.0.0.0/8`.
+    pub labels: Vec<String>,
+    /// Endpoints (`ns/name`) holding this identity.
+    pub endpoints: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyApplyRequest {
+    /// Multi-document YAML, as `kubectl apply -f` takes.
+    pub manifest: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyApplied {
+    pub kind: String,
+    pub namespace: Option<String>,
+    pub name: String,
+    /// `created`, `configured` or `unchanged`.
+    pub action: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyApplyResult {
+    pub policies: Vec<PolicyApplied>,
+    /// Map writes it took; the datapath enforces the result when this returns.
+    pub map_operations: usize,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyDeleteResult {
+    pub deleted: Vec<PolicyApplied>,
+    pub map_operations: usize,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyView {
+    pub kind: String,
+    pub namespace: Option<String>,
+    pub name: String,
+    /// `api` or the file it was read from (`--policy-dir`).
+    pub source: String,
+    /// Endpoints (`ns/name`) the policy selects.
+    pub selects: Vec<String>,
+    pub ingress_rules: usize,
+    pub ingress_deny_rules: usize,
+    pub egress_rules: usize,
+    pub egress_deny_rules: usize,
+    pub ingress_default_deny: bool,
+    pub egress_default_deny: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TraceRequest {
+    /// `NS/NAME` of the source endpoint.
+    pub from: String,
+    /// `NS/NAME` of the destination endpoint.
+    pub to: String,
+    pub port: u16,
+    /// TCP (default), UDP, SCTP or ICMP.
+    #[serde(default)]
+    pub protocol: Option<String>,
+}
+
+/// One side's check (source egress or destination ingress).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TraceSide {
+    pub endpoint: String,
+    pub direction: String,
+    pub enforced: bool,
+    /// Policies selecting this endpoint that put this direction in default deny.
+    pub enforcing_policies: Vec<String>,
+    pub peer_identity: u32,
+    pub peer_labels: Vec<String>,
+    /// `ALLOWED` or `DENIED`.
+    pub verdict: String,
+    /// Why, in words.
+    pub reason: String,
+    /// The rule that decided it, when one did.
+    pub rule: Option<String>,
+    pub policy: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TraceResult {
+    /// `ALLOWED` or `DENIED`.
+    pub verdict: String,
+    pub protocol: String,
+    pub port: u16,
+    pub source_identity: u32,
+    pub destination_identity: u32,
+    pub egress: TraceSide,
+    pub ingress: TraceSide,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CounterView {
+    /// `ingress`, `egress` or `datapath`.
+    pub direction: String,
+    /// `FORWARDED`, `REDIRECTED`, `AUDIT`, `EVENTS_LOST`, `EVENTS_RATE_LIMITED`, or a drop
+    /// reason in words.
+    pub outcome: String,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusView {
+    pub version: String,
+    pub mode: String,
+    pub node_ip: Ipv4Addr,
+    pub pod_cidr: String,
+    pub enforcement: String,
+    pub endpoints: usize,
+    pub identities: usize,
+    pub policies: usize,
+    pub policy_map_entries: usize,
+    pub ipcache_entries: usize,
+    /// True when the maps hold exactly what the agent compiled.
+    pub maps_in_sync: bool,
+    pub conntrack_entries: usize,
+    pub flows_stored: usize,
+    pub counters: Vec<CounterView>,
+    pub namespaces: BTreeMap<String, Labels>,
+}
+
+/// One conntrack entry (`palisade conntrack list`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConntrackView {
+    pub source: Ipv4Addr,
+    pub destination: Ipv4Addr,
+    pub source_port: u16,
+    pub destination_port: u16,
+    pub protocol: String,
+    /// Which check created it: `egress` of the source endpoint or `ingress` of the
+    /// destination endpoint.
+    pub scope: String,
+    /// `ns/name` of the endpoint whose check created it.
+    pub endpoint: String,
+    pub peer_identity: u32,
+    /// The rule that allowed the connection, in words (empty when no policy applied).
+    pub rule: String,
+    pub packets: u64,
+    pub bytes: u64,
+    pub expires_in_seconds: u64,
+    /// `established`, `fin-forward`, `fin-reply`, `proxy`, `audit`.
+    pub flags: Vec<String>,
+}
+
+/// Body of `POST /v1/flows`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FlowQuery {
+    #[serde(default)]
+    pub filter: FlowFilter,
+    /// Newest N stored flows (default: all stored when not following, none when following).
+    #[serde(default)]
+    pub last: Option<usize>,
+    /// Only flows newer than this many seconds.
+    #[serde(default)]
+    pub since_seconds: Option<u64>,
+    #[serde(default)]
+    pub follow: bool,
+}

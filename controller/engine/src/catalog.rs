@@ -1,0 +1,35 @@
+//! Names for the numbers the datapath reports: endpoints, identities and rules. The engine
+//! publishes a fresh catalog after every change; flows, the proxy's records and conntrack
+//! listings are named from it without asking the engine.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+
+/// An endpoint as flows name it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CatalogEndpoint {
+    pub namespace: String,
+    pub name: String,
+    /// The labels of its identity, Cilium style (`k8s:app=web`).
+    pub labels: Vec<String>,
+}
+
+/// A rule as flows name it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CatalogRule {
+    /// `ns/name` or `name` (clusterwide); empty for agent settings such as host access.
+    pub policy: String,
+    /// The policy's kind (`k8s`, `palisade`...) or `agent`.
+    pub kind: String,
+    /// The rule in words, e.g. `demo/allow-frontend ingress rule 0`.
+    pub rule: String,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Catalog {
+    pub endpoints_by_id: BTreeMap<u32, CatalogEndpoint>,
+    /// Address -> (namespace, name).
+    pub endpoints_by_ip: BTreeMap<Ipv4Addr, (String, String)>,
+    pub identities: BTreeMap<u32, Vec<String>>,
+    pub rules: BTreeMap<u32, CatalogRule>,
+}

@@ -1,0 +1,112 @@
+//! The engine's task: commands in, one at a time, each answered on its own reply channel;
+//! conntrack housekeeping in between. Whatever parses untrusted input does it before sending.
+
+use std::time::Duration;
+
+use palisade_policies::labels::Labels;
+use palisade_policies::model::Policy;
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, warn};
+
+use crate::datapath::Datapath;
+use crate::engine::Engine;
+use crate::error::EngineError;
+use crate::model::{EndpointSpec, FilePolicies, LabelChange};
+use crate::plumbing::Plumbing;
+use crate::policies::PolicyUpdate;
+use crate::views::{EndpointView, EngineStatus, IdentityView, PolicyView, TraceQuery, TraceResult};
+
+pub type Reply<T> = oneshot::Sender<Result<T, EngineError>>;
+
+/// Requests the engine task serves, one at a time.
+#[derive(Debug)]
+pub enum Command {
+    EndpointAdd(EndpointSpec, Reply<EndpointView>),
+    EndpointLabel(String, LabelChange, Reply<EndpointView>),
+    EndpointDelete(String, Reply<()>),
+    EndpointList(Reply<Vec<EndpointView>>),
+    NamespaceLabel(String, LabelChange, Reply<Labels>),
+    IdentityList(Reply<Vec<IdentityView>>),
+    /// The policies of one manifest, parsed and validated by the sender.
+    PolicyApply(Vec<Policy>, Reply<PolicyUpdate>),
+    /// Namespace (None: clusterwide) and name.
+    PolicyDelete(Option<String>, String, Reply<PolicyUpdate>),
+    PolicyList(Reply<Vec<PolicyView>>),
+    /// Everything the policy directory holds now, replacing what it held.
+    ReplaceFilePolicies(Vec<FilePolicies>, Reply<usize>),
+    Trace(TraceQuery, Reply<TraceResult>),
+    Status(Reply<EngineStatus>),
+}
+
+/// How often expired conntrack entries are swept.
+const CONNTRACK_GC_EVERY: Duration = Duration::from_secs(30);
+
+impl<D: Datapath, P: Plumbing> Engine<D, P> {
+    /// Serves one command. A closed reply channel means the caller went away; the change
+    /// (if any) still stands.
+    pub async fn handle(&mut self, cmd: Command) {
+        match cmd {
+            Command::EndpointAdd(spec, r) => drop(r.send(self.endpoint_add(spec).await)),
+            Command::EndpointLabel(name, change, r) => {
+                drop(r.send(self.endpoint_label(&name, &change)));
+            }
+            Command::EndpointDelete(name, r) => drop(r.send(self.endpoint_delete(&name).await)),
+            Command::EndpointList(r) => drop(r.send(Ok(self.endpoint_list()))),
+            Command::NamespaceLabel(ns, change, r) => {
+                drop(r.send(self.namespace_label(&ns, change)));
+            }
+            Command::IdentityList(r) => drop(r.send(Ok(self.identity_list()))),
+            Command::PolicyApply(policies, r) => drop(r.send(self.policy_apply(policies))),
+            Command::PolicyDelete(ns, name, r) => {
+                drop(r.send(self.policy_delete(ns.as_deref(), &name)));
+            }
+            Command::PolicyList(r) => drop(r.send(Ok(self.policy_list()))),
+            Command::ReplaceFilePolicies(loaded, r) => {
+                drop(r.send(self.replace_file_policies(loaded)));
+            }
+            Command::Trace(q, r) => drop(r.send(self.trace(&q))),
+            Command::Status(r) => drop(r.send(Ok(self.status()))),
+        }
+    }
+
+    /// Runs until every sender of `rx` is gone.
+    pub async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
+        let mut gc = tokio::time::interval(CONNTRACK_GC_EVERY);
+        loop {
+            tokio::select! {
+                cmd = rx.recv() => match cmd {
+                    Some(cmd) => self.handle(cmd).await,
+                    None => break,
+                },
+                _ = gc.tick() => match self.gc() {
+                    Ok((deleted, live)) if deleted > 0 => debug!(deleted, live, "conntrack gc"),
+                    Ok(_) => {}
+                    Err(e) => warn!(error = %e, "conntrack gc failed"),
+                },
+            }
+        }
+    }
+}
+
+/// Why a command got no result.
+#[derive(Debug, thiserror::Error)]
+pub enum AskError {
+    /// The engine task has stopped: the agent is shutting down.
+    #[error("the agent is shutting down")]
+    EngineGone,
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+}
+
+/// Sends `make(reply)` to the engine task and waits for its answer.
+pub async fn ask<T>(
+    engine: &mpsc::Sender<Command>,
+    make: impl FnOnce(Reply<T>) -> Command,
+) -> Result<T, AskError> {
+    let (tx, rx) = oneshot::channel();
+    engine
+        .send(make(tx))
+        .await
+        .map_err(|_| AskError::EngineGone)?;
+    Ok(rx.await.map_err(|_| AskError::EngineGone)??)
+}

@@ -1,0 +1,53 @@
+//! The datapath edge: the engine writes BPF maps and attaches programs only through the
+//! `Datapath` trait. The agent's aya implementation is the real one; `memory::MemoryDatapath`
+//! backs the engine's tests and benchmarks without root.
+
+pub mod memory;
+
+use palisade_policies::{
+    endpoint::EndpointId,
+    mapstate::{MapDiff, MapState},
+};
+
+/// A failure of the datapath edge. The edge's own typed error (aya's, with the map and the
+/// operation) is kept whole as the source; the engine needs no more than that it failed.
+#[derive(Debug, thiserror::Error)]
+#[error(transparent)]
+pub struct DatapathError(Box<dyn std::error::Error + Send + Sync + 'static>);
+
+impl DatapathError {
+    pub fn new(source: impl std::error::Error + Send + Sync + 'static) -> Self {
+        Self(Box::new(source))
+    }
+
+    /// The edge's own error, for callers that know the edge.
+    pub fn source_ref(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+        self.0.as_ref()
+    }
+}
+
+/// A diff that failed part way: `applied` operations (in diff order) reached the maps.
+#[derive(Debug, thiserror::Error)]
+#[error("{source} (after {applied} map operations)")]
+pub struct ApplyError {
+    pub applied: usize,
+    #[source]
+    pub source: DatapathError,
+}
+
+pub trait Datapath: Send {
+    /// Applies the diff in its order. On failure reports how much was applied.
+    fn apply(&mut self, diff: &MapDiff) -> Result<(), ApplyError>;
+    /// What the maps hold now.
+    fn read_state(&self) -> Result<MapState, DatapathError>;
+    /// Marks a policy change: established connections are re-checked on their next packet.
+    fn bump_revision(&mut self) -> Result<u32, DatapathError>;
+    fn attach(&mut self, ifname: &str, ifindex: u32) -> Result<(), DatapathError>;
+    fn detach(&mut self, ifname: &str, ifindex: u32) -> Result<(), DatapathError>;
+    /// Drops the conntrack entries of one endpoint; returns how many.
+    fn flush_conntrack(&mut self, endpoint: EndpointId) -> Result<usize, DatapathError>;
+    /// Deletes expired conntrack entries; returns (deleted, still live).
+    fn gc_conntrack(&mut self) -> Result<(usize, usize), DatapathError>;
+    /// Forgets attachments of interfaces not in `live` (gone while the agent was down).
+    fn prune_links(&mut self, live: &[(String, u32)]);
+}

@@ -1,0 +1,212 @@
+//! Endpoints and namespaces: joining a workload to the node, relabelling it (it moves to the
+//! identity of its new labels), and removing it.
+
+use std::collections::BTreeSet;
+use std::net::Ipv4Addr;
+
+use palisade_policies::{
+    endpoint::EndpointId,
+    identity::workload_identity_labels,
+    labels::{Labels, NAMESPACE_NAME_LABEL},
+};
+use tracing::{info, warn};
+
+use crate::datapath::Datapath;
+use crate::engine::Engine;
+use crate::error::{AddressOwner, EngineError};
+use crate::ipam;
+use crate::model::{
+    EndpointRecord, EndpointSpec, LabelChange, validate_dns_label, validate_labels,
+};
+use crate::plumbing::Plumbing;
+use crate::views::EndpointView;
+
+impl<D: Datapath, P: Plumbing> Engine<D, P> {
+    fn choose_address(&self, asked: Option<Ipv4Addr>) -> Result<Ipv4Addr, EngineError> {
+        let Some(ip) = asked else {
+            let used: BTreeSet<Ipv4Addr> = self.model.endpoints.values().map(|e| e.ip).collect();
+            return ipam::allocate(&self.cfg.pod_cidr, &used).ok_or(
+                EngineError::AddressPoolExhausted {
+                    pool: self.cfg.pod_cidr,
+                },
+            );
+        };
+        if let Some(owner) = self.model.endpoints.values().find(|e| e.ip == ip) {
+            return Err(EngineError::AddressInUse {
+                ip,
+                owner: AddressOwner::Endpoint {
+                    namespace: owner.namespace.clone(),
+                    name: owner.name.clone(),
+                },
+            });
+        }
+        if self.host_addresses.contains(&ip) {
+            return Err(EngineError::AddressInUse {
+                ip,
+                owner: AddressOwner::Node,
+            });
+        }
+        Ok(ip)
+    }
+
+    pub async fn endpoint_add(&mut self, req: EndpointSpec) -> Result<EndpointView, EngineError> {
+        validate_dns_label("endpoint name", &req.name)?;
+        validate_dns_label("namespace", &req.namespace)?;
+        validate_labels(&req.labels)?;
+        let mut seen = BTreeSet::new();
+        for p in &req.named_ports {
+            if !seen.insert(p.name.clone()) {
+                return Err(EngineError::DuplicateNamedPort {
+                    name: p.name.clone(),
+                });
+            }
+        }
+        if self.model.endpoints.contains_key(&req.name) {
+            return Err(EngineError::EndpointExists { name: req.name });
+        }
+        if self.plumbing.netns_exists(&req.name) {
+            return Err(EngineError::NetnsExists { name: req.name });
+        }
+        let ip = self.choose_address(req.ip)?;
+        let id = EndpointId(self.model.next_endpoint_id);
+        let host_ifname = format!("pal{}", id.0);
+        let plumbed = self
+            .plumbing
+            .create_endpoint(&req.name, &host_ifname, ip)
+            .await?;
+
+        let ns_labels = self.namespace_labels(&req.namespace);
+        let record_result = self.transact(|m| {
+            let identity = m.identities.acquire(&workload_identity_labels(
+                &req.namespace,
+                &ns_labels,
+                &req.labels,
+            ))?;
+            m.next_endpoint_id += 1;
+            m.namespaces.entry(req.namespace.clone()).or_default();
+            m.endpoints.insert(
+                req.name.clone(),
+                EndpointRecord {
+                    id,
+                    name: req.name.clone(),
+                    namespace: req.namespace.clone(),
+                    labels: req.labels.clone(),
+                    ip,
+                    named_ports: req.named_ports.clone(),
+                    identity,
+                    host_ifname: host_ifname.clone(),
+                    ifindex: plumbed.host_ifindex,
+                },
+            );
+            Ok(())
+        });
+        if let Err(e) = record_result {
+            let _ = self.plumbing.delete_endpoint(&req.name, &host_ifname).await;
+            return Err(e);
+        }
+        // Judge before carrying: the host side comes up only once the classifiers run.
+        let attached = match self.datapath.attach(&host_ifname, plumbed.host_ifindex) {
+            Ok(()) => self
+                .plumbing
+                .activate(plumbed.host_ifindex, ip)
+                .await
+                .map_err(EngineError::from),
+            Err(e) => Err(e.into()),
+        };
+        if let Err(e) = attached {
+            warn!(endpoint = %req.name, error = %e, "attach failed; removing the endpoint");
+            let _ = self.endpoint_delete(&req.name).await;
+            return Err(e);
+        }
+        info!(endpoint = %req.name, namespace = %req.namespace, %ip, id = id.0, "endpoint added");
+        self.endpoint_view(&req.name)
+    }
+
+    pub async fn endpoint_delete(&mut self, name: &str) -> Result<(), EngineError> {
+        let rec = self.record(name)?.clone();
+        self.transact(|m| {
+            m.endpoints.remove(name);
+            m.identities.release(rec.identity)?;
+            Ok(())
+        })?;
+        self.datapath.detach(&rec.host_ifname, rec.ifindex)?;
+        self.plumbing
+            .delete_endpoint(&rec.name, &rec.host_ifname)
+            .await?;
+        let flushed = self.datapath.flush_conntrack(rec.id)?;
+        info!(endpoint = %name, conntrack_flushed = flushed, "endpoint deleted");
+        Ok(())
+    }
+
+    pub fn endpoint_label(
+        &mut self,
+        name: &str,
+        change: &LabelChange,
+    ) -> Result<EndpointView, EngineError> {
+        validate_labels(&change.set)?;
+        let rec = self.record(name)?.clone();
+        let new_labels = change.applied_to(&rec.labels);
+        let ns_labels = self.namespace_labels(&rec.namespace);
+        self.transact(|m| {
+            // Acquire before release: an identity shared with others must not be freed and
+            // renumbered in between.
+            let identity = m.identities.acquire(&workload_identity_labels(
+                &rec.namespace,
+                &ns_labels,
+                &new_labels,
+            ))?;
+            m.identities.release(rec.identity)?;
+            if let Some(r) = m.endpoints.get_mut(name) {
+                r.labels = new_labels;
+                r.identity = identity;
+            }
+            Ok(())
+        })?;
+        self.endpoint_view(name)
+    }
+
+    pub fn namespace_label(&mut self, ns: &str, change: LabelChange) -> Result<Labels, EngineError> {
+        validate_dns_label("namespace", ns)?;
+        validate_labels(&change.set)?;
+        if change.set.contains_key(NAMESPACE_NAME_LABEL)
+            || change.remove.iter().any(|k| k == NAMESPACE_NAME_LABEL)
+        {
+            return Err(EngineError::ReservedNamespaceLabel {
+                key: NAMESPACE_NAME_LABEL,
+            });
+        }
+        let members: Vec<EndpointRecord> = self
+            .model
+            .endpoints
+            .values()
+            .filter(|e| e.namespace == ns)
+            .cloned()
+            .collect();
+        let user = change.applied_to(&self.model.namespaces.get(ns).cloned().unwrap_or_default());
+        let mut effective = user.clone();
+        effective.insert(NAMESPACE_NAME_LABEL.to_string(), ns.to_string());
+        self.transact(|m| {
+            m.namespaces.insert(ns.to_string(), user);
+            for rec in &members {
+                let identity =
+                    m.identities
+                        .acquire(&workload_identity_labels(ns, &effective, &rec.labels))?;
+                m.identities.release(rec.identity)?;
+                if let Some(r) = m.endpoints.get_mut(&rec.name) {
+                    r.identity = identity;
+                }
+            }
+            Ok(())
+        })?;
+        Ok(self.namespace_labels(ns))
+    }
+
+    pub(crate) fn record(&self, name: &str) -> Result<&EndpointRecord, EngineError> {
+        self.model
+            .endpoints
+            .get(name)
+            .ok_or_else(|| EngineError::NoSuchEndpoint {
+                name: name.to_string(),
+            })
+    }
+}

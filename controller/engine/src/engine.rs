@@ -1,0 +1,339 @@
+//! The engine's core: start-up reconciliation, and the transaction every change runs in
+//! (change a copy of the model, compile, diff against what the maps hold, write the diff, and
+//! only then publish and persist).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ipnetwork::Ipv4Network;
+use palisade_policies::{
+    compile::{self, CompileInput, RuleTable, Settings},
+    endpoint::{Endpoint, EndpointId},
+    identity::{IdentityAllocator, IdentityTable, workload_identity_labels},
+    l7::ProxyPolicy,
+    labels::{Labels, NAMESPACE_NAME_LABEL},
+    mapstate::{self, MapState},
+    model::{Policy, PolicyRef},
+};
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::catalog::{Catalog, CatalogEndpoint, CatalogRule};
+use crate::datapath::Datapath;
+use crate::error::EngineError;
+use crate::model::{FilePolicies, Model, PolicySource};
+use crate::plumbing::Plumbing;
+use crate::store::{STATE_VERSION, StateFile, StateStore};
+
+/// What the engine measures about itself, for whoever exports metrics.
+pub trait EngineMetrics: Send + Sync {
+    /// One compile of the model into map state and its diff took `took`.
+    fn policy_compiled(&self, took: Duration);
+}
+
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    pub pod_cidr: Ipv4Network,
+    pub node_ip: Ipv4Addr,
+    pub settings: Settings,
+    /// Policies of `--policy-dir`, read before the start so the first sync includes them.
+    pub file_policies: Vec<FilePolicies>,
+}
+
+/// What the engine tells the rest of the agent after every change.
+#[derive(Default)]
+pub struct Outputs {
+    pub catalog: Option<watch::Sender<Arc<Catalog>>>,
+    /// The L7 proxy's policy, when a proxy runs.
+    pub proxy: Option<watch::Sender<Arc<ProxyPolicy>>>,
+    pub metrics: Option<Arc<dyn EngineMetrics>>,
+}
+
+pub struct Engine<D: Datapath, P: Plumbing> {
+    pub(crate) cfg: EngineConfig,
+    pub(crate) model: Model,
+    pub(crate) rules: RuleTable,
+    /// What the datapath maps hold.
+    pub(crate) applied: MapState,
+    pub(crate) host_addresses: Vec<Ipv4Addr>,
+    pub(crate) datapath: D,
+    pub(crate) plumbing: P,
+    store: Option<Box<dyn StateStore>>,
+    outputs: Outputs,
+}
+
+impl<D: Datapath, P: Plumbing> Engine<D, P> {
+    /// Starts the engine: restores the kept state, reconciles the maps with it (diffing
+    /// against what the pinned maps actually hold), and re-attaches every endpoint.
+    pub async fn start(
+        mut cfg: EngineConfig,
+        datapath: D,
+        plumbing: P,
+        mut store: Option<Box<dyn StateStore>>,
+        outputs: Outputs,
+    ) -> Result<Self, EngineError> {
+        let saved = match &mut store {
+            Some(s) => s.load()?,
+            None => None,
+        };
+        let saved = saved.unwrap_or(StateFile {
+            version: STATE_VERSION,
+            next_endpoint_id: 1,
+            ..StateFile::default()
+        });
+        let identities = IdentityAllocator::restore(&saved.identities)?;
+        let applied = datapath.read_state()?;
+        let file_policies = std::mem::take(&mut cfg.file_policies);
+        let mut engine = Self {
+            cfg,
+            model: Model {
+                endpoints: BTreeMap::new(),
+                namespaces: saved.namespaces.clone(),
+                policies: saved
+                    .policies
+                    .iter()
+                    .map(|p| (p.id.clone(), p.clone()))
+                    .collect(),
+                policy_sources: saved
+                    .policies
+                    .iter()
+                    .map(|p| (p.id.clone(), PolicySource::Api))
+                    .collect(),
+                identities,
+                next_endpoint_id: saved.next_endpoint_id.max(1),
+            },
+            rules: RuleTable::default(),
+            applied,
+            host_addresses: Vec::new(),
+            datapath,
+            plumbing,
+            store,
+            outputs,
+        };
+        engine.host_addresses = engine.plumbing.node_addresses().await?;
+        if !engine.host_addresses.contains(&engine.cfg.node_ip) {
+            engine.host_addresses.push(engine.cfg.node_ip);
+        }
+
+        let mut live = Vec::new();
+        for mut rec in saved.endpoints {
+            let netns_ok = engine.plumbing.netns_exists(&rec.name);
+            match engine.plumbing.ifindex(&rec.host_ifname).await? {
+                Some(ifindex) if netns_ok => {
+                    rec.ifindex = ifindex;
+                    let ns_labels = engine.namespace_labels(&rec.namespace);
+                    rec.identity = engine.model.identities.acquire(&workload_identity_labels(
+                        &rec.namespace,
+                        &ns_labels,
+                        &rec.labels,
+                    ))?;
+                    live.push((rec.host_ifname.clone(), ifindex, rec.ip));
+                    engine.model.endpoints.insert(rec.name.clone(), rec);
+                }
+                _ => {
+                    warn!(endpoint = %rec.name, "endpoint's namespace or interface vanished while the agent was down; removing it");
+                    let _ = engine
+                        .plumbing
+                        .delete_endpoint(&rec.name, &rec.host_ifname)
+                        .await;
+                }
+            }
+        }
+        engine.model.identities.drop_unreferenced();
+        // In the first sync, so a restart never drops what the directory's policies allow.
+        let without_files = engine.model.clone();
+        for (path, policies) in file_policies {
+            for p in policies {
+                engine
+                    .model
+                    .policy_sources
+                    .insert(p.id.clone(), PolicySource::File(path.clone()));
+                engine.model.policies.insert(p.id.clone(), p);
+            }
+        }
+        let ops = match engine.sync() {
+            Ok(ops) => ops,
+            Err(e) if engine.model.policies.len() != without_files.policies.len() => {
+                warn!(error = %e, "the policy directory's policies cannot be enforced; starting without them");
+                engine.model = without_files;
+                engine.sync()?
+            }
+            Err(e) => return Err(e),
+        };
+        for (ifname, ifindex, ip) in &live {
+            engine.datapath.attach(ifname, *ifindex)?;
+            engine.plumbing.activate(*ifindex, *ip).await?;
+        }
+        let links: Vec<(String, u32)> = live.into_iter().map(|(n, i, _)| (n, i)).collect();
+        engine.datapath.prune_links(&links);
+        engine.persist()?;
+        info!(
+            endpoints = engine.model.endpoints.len(),
+            policies = engine.model.policies.len(),
+            map_operations = ops,
+            "engine started"
+        );
+        Ok(engine)
+    }
+
+    pub(crate) fn namespace_labels(&self, ns: &str) -> Labels {
+        let mut l = self.model.namespaces.get(ns).cloned().unwrap_or_default();
+        l.insert(NAMESPACE_NAME_LABEL.to_string(), ns.to_string());
+        l
+    }
+
+    fn compile_endpoints(&self) -> BTreeMap<EndpointId, Endpoint> {
+        self.model
+            .endpoints
+            .values()
+            .map(|r| (r.id, r.to_endpoint()))
+            .collect()
+    }
+
+    pub(crate) fn policies(&self) -> &BTreeMap<PolicyRef, Policy> {
+        &self.model.policies
+    }
+
+    /// Compiles the model and writes the difference to the maps. On a failed write, rolls
+    /// the maps back to what they held and reports the error.
+    pub(crate) fn sync(&mut self) -> Result<usize, EngineError> {
+        let started = Instant::now();
+        let cidrs = compile::policy_cidrs(self.model.policies.values());
+        self.model.identities.sync_cidrs(&cidrs)?;
+        let table = self.model.identities.table();
+        let endpoints = self.compile_endpoints();
+        let input = CompileInput {
+            endpoints: &endpoints,
+            identities: &table,
+            policies: &self.model.policies,
+            host_addresses: &self.host_addresses,
+            settings: self.cfg.settings,
+        };
+        let (desired, l7) = compile::compile_with_l7(&input, &mut self.rules);
+        // Built before any map changes, so a policy the proxy cannot enforce changes nothing.
+        let proxy_policy = ProxyPolicy::new(&l7, &desired)?;
+        let diff = mapstate::diff(&self.applied, &desired);
+        if let Some(m) = &self.outputs.metrics {
+            m.policy_compiled(started.elapsed());
+        }
+        let ops = diff.len();
+        if ops > 0 {
+            if let Err(e) = self.datapath.apply(&diff) {
+                let mut partial = self.applied.clone();
+                partial.apply_prefix(&diff, e.applied);
+                let back = mapstate::diff(&partial, &self.applied);
+                if let Err(rollback) = self.datapath.apply(&back) {
+                    // The maps are in an unknown mix: believe them, so the next sync repairs.
+                    warn!(error = %rollback, "rolling back a failed map update failed too");
+                    self.applied = self.datapath.read_state().unwrap_or(partial);
+                }
+                return Err(EngineError::RolledBack(e));
+            }
+            self.applied = desired;
+            self.datapath.bump_revision()?;
+        }
+        self.rules.retain_used_with(&self.applied, &l7);
+        self.publish_catalog(&table);
+        if let Some(tx) = &self.outputs.proxy {
+            tx.send_replace(Arc::new(proxy_policy));
+        }
+        Ok(ops)
+    }
+
+    /// Runs `change` on the model and syncs; on any error the model is restored.
+    pub(crate) fn transact<T>(
+        &mut self,
+        change: impl FnOnce(&mut Model) -> Result<T, EngineError>,
+    ) -> Result<(T, usize), EngineError> {
+        let backup = self.model.clone();
+        let result = change(&mut self.model).and_then(|t| self.sync().map(|ops| (t, ops)));
+        match result {
+            Ok(r) => {
+                self.persist()?;
+                Ok(r)
+            }
+            Err(e) => {
+                self.model = backup;
+                Err(e)
+            }
+        }
+    }
+
+    fn persist(&mut self) -> Result<(), EngineError> {
+        let Some(store) = &mut self.store else {
+            return Ok(());
+        };
+        let state = StateFile {
+            version: STATE_VERSION,
+            endpoints: self.model.endpoints.values().cloned().collect(),
+            namespaces: self.model.namespaces.clone(),
+            policies: self
+                .model
+                .policies
+                .values()
+                .filter(|p| self.model.policy_sources.get(&p.id) == Some(&PolicySource::Api))
+                .cloned()
+                .collect(),
+            identities: self.model.identities.snapshot(),
+            next_endpoint_id: self.model.next_endpoint_id,
+        };
+        store.save(state)?;
+        Ok(())
+    }
+
+    fn publish_catalog(&self, table: &IdentityTable) {
+        let Some(tx) = &self.outputs.catalog else {
+            return;
+        };
+        let mut c = Catalog::default();
+        for r in self.model.endpoints.values() {
+            let labels = table
+                .get(&r.identity)
+                .map(|s| s.label_strings())
+                .unwrap_or_default();
+            c.endpoints_by_id.insert(
+                r.id.0,
+                CatalogEndpoint {
+                    namespace: r.namespace.clone(),
+                    name: r.name.clone(),
+                    labels,
+                },
+            );
+            c.endpoints_by_ip
+                .insert(r.ip, (r.namespace.clone(), r.name.clone()));
+        }
+        for (id, src) in table {
+            c.identities.insert(id.0, src.label_strings());
+        }
+        for id in self
+            .applied
+            .policy
+            .values()
+            .map(|e| e.rule)
+            .collect::<BTreeSet<_>>()
+        {
+            if let Some(origin) = self.rules.get(id) {
+                let (policy, kind) = match origin.policy() {
+                    Some(p) => (p.to_string(), p.kind.short_name().to_string()),
+                    None => (String::new(), "agent".to_string()),
+                };
+                c.rules.insert(
+                    id.0,
+                    CatalogRule {
+                        policy,
+                        kind,
+                        rule: origin.describe(),
+                    },
+                );
+            }
+        }
+        tx.send_replace(Arc::new(c));
+    }
+
+    /// Periodic housekeeping: expired conntrack entries. Returns (deleted, still live).
+    pub fn gc(&mut self) -> Result<(usize, usize), EngineError> {
+        Ok(self.datapath.gc_conntrack()?)
+    }
+}

@@ -1,0 +1,39 @@
+//! Palisade's engine: the one owner of the agent's state and the only writer of the BPF maps.
+//!
+//! Commands come in (endpoint added, labels changed, policy applied); the engine recompiles the
+//! whole model with `palisade_policies`, diffs the result against what the maps hold, writes
+//! the diff through the [`Datapath`](datapath::Datapath), and only then answers. Every change
+//! runs as a transaction: if any step fails, the model is restored and the maps are rolled
+//! back to exactly what they held, so a rejected change never weakens enforcement in place.
+//!
+//! The engine knows nothing of HTTP, JSON, aya or netlink: the kernel sits behind
+//! [`Datapath`](datapath::Datapath) and [`Plumbing`](plumbing::Plumbing), persistence behind
+//! [`StateStore`](store::StateStore), and each has an in-memory implementation here for tests.
+//!
+//! - `engine`: start-up reconciliation and the transaction every change runs in;
+//! - `endpoints`, `policies`: the changes; `views`: read-only answers and `policy trace`;
+//! - `command`: the engine's task and the commands it serves;
+//! - `model`: the state as plain data; `catalog`: names for the numbers flows carry;
+//! - `datapath`, `plumbing`, `store`: the edges' traits and their in-memory fakes;
+//! - `ipam`: endpoint addresses; `error`: what can fail, and whose fault it is.
+
+pub mod catalog;
+pub mod command;
+pub mod datapath;
+mod endpoints;
+mod engine;
+pub mod error;
+pub mod ipam;
+pub mod model;
+pub mod plumbing;
+mod policies;
+pub mod store;
+pub mod views;
+
+pub use command::{AskError, Command, Reply, ask};
+pub use engine::{Engine, EngineConfig, EngineMetrics, Outputs};
+pub use error::{EngineError, ErrorClass};
+pub use policies::{PolicyAction, PolicyChange, PolicyUpdate};
+
+#[cfg(test)]
+mod tests;

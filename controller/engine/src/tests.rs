@@ -1,0 +1,424 @@
+//! Engine behaviour without root: an in-memory datapath and fake plumbing.
+
+use std::net::Ipv4Addr;
+
+use palisade_policies::compile::Settings;
+use palisade_policies::endpoint::EndpointId;
+use palisade_policies::identity::Identity;
+use palisade_policies::labels::{self, Labels};
+use palisade_policies::manifest;
+use palisade_policies::mapstate::Verdict;
+use palisade_policies::model::Direction;
+
+use crate::datapath::memory::MemoryDatapath;
+use crate::model::{EndpointSpec, LabelChange};
+use crate::plumbing::memory::MemoryPlumbing;
+use crate::store::{MemoryStore, StateStore};
+use crate::views::{EndpointView, TraceQuery};
+use crate::{Engine, EngineConfig, EngineError, ErrorClass, Outputs, PolicyAction, PolicyUpdate};
+
+type TestEngine = Engine<MemoryDatapath, MemoryPlumbing>;
+
+fn config() -> EngineConfig {
+    EngineConfig {
+        pod_cidr: "10.200.0.0/16".parse().unwrap(),
+        node_ip: Ipv4Addr::new(10, 200, 0, 1),
+        settings: Settings::default(),
+        file_policies: Vec::new(),
+    }
+}
+
+async fn engine_with(
+    datapath: MemoryDatapath,
+    plumbing: MemoryPlumbing,
+    store: Option<MemoryStore>,
+) -> TestEngine {
+    let store = store.map(|s| Box::new(s) as Box<dyn StateStore>);
+    Engine::start(config(), datapath, plumbing, store, Outputs::default())
+        .await
+        .unwrap()
+}
+
+async fn engine() -> TestEngine {
+    engine_with(MemoryDatapath::default(), MemoryPlumbing::default(), None).await
+}
+
+fn labels(s: &str) -> Labels {
+    labels::parse_label_list(s).unwrap()
+}
+
+/// What the API does with a manifest: parse it (off the engine task), then apply.
+fn apply(e: &mut TestEngine, text: &str) -> Result<PolicyUpdate, EngineError> {
+    let parsed = manifest::parse_manifests(text)?;
+    e.policy_apply(parsed)
+}
+
+async fn add(e: &mut TestEngine, name: &str, ns: &str, l: &str) -> EndpointView {
+    e.endpoint_add(EndpointSpec {
+        name: name.into(),
+        namespace: ns.into(),
+        labels: labels(l),
+        ip: None,
+        named_ports: vec![],
+    })
+    .await
+    .unwrap()
+}
+
+fn verdict(e: &TestEngine, from: &str, to: &str, port: u16) -> Verdict {
+    let s = &e.model.endpoints[from];
+    let d = &e.model.endpoints[to];
+    let out = e
+        .applied
+        .decide(s.id, Direction::Egress, d.ip, 6, port)
+        .unwrap()
+        .verdict;
+    let inn = e
+        .applied
+        .decide(d.id, Direction::Ingress, s.ip, 6, port)
+        .unwrap()
+        .verdict;
+    match (out, inn) {
+        (Verdict::Allowed, Verdict::Allowed) => Verdict::Allowed,
+        (Verdict::Allowed, other) => other,
+        (other, _) => other,
+    }
+}
+
+const ALLOW_FRONTEND_TO_BACKEND: &str = r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata:
+  name: backend
+  namespace: demo
+spec:
+  podSelector:
+    matchLabels:
+      app: backend
+  ingress:
+  - from:
+    - podSelector:
+        matchLabels:
+          app: frontend
+    ports:
+    - port: 8080
+"#;
+
+#[tokio::test]
+async fn endpoint_add_plumbs_attaches_and_writes_maps() {
+    let mut e = engine().await;
+    let v = add(&mut e, "frontend", "demo", "app=frontend").await;
+    assert_eq!(v.ip, Ipv4Addr::new(10, 200, 0, 2));
+    assert_eq!(v.identity, Identity(256));
+    assert!(e.datapath.attached.contains(&("pal1".to_string(), 101)));
+    assert!(e.plumbing.up.contains(&101));
+    assert_eq!(e.datapath.state, e.applied);
+    assert!(e.applied.endpoints.contains_key(&EndpointId(1)));
+}
+
+#[tokio::test]
+async fn bad_endpoint_requests_are_rejected_before_anything_is_made() {
+    let mut e = engine().await;
+    let _ = add(&mut e, "frontend", "demo", "app=frontend").await;
+    let req = |name: &str, ns: &str, l: &str, ip: Option<Ipv4Addr>| EndpointSpec {
+        name: name.into(),
+        namespace: ns.into(),
+        labels: labels::parse_label_list(l).unwrap_or_default(),
+        ip,
+        named_ports: vec![],
+    };
+    let dup = e
+        .endpoint_add(req("frontend", "demo", "", None))
+        .await
+        .unwrap_err();
+    assert!(matches!(dup, EngineError::EndpointExists { .. }), "{dup}");
+    let bad = e
+        .endpoint_add(req("Bad_Name", "demo", "", None))
+        .await
+        .unwrap_err();
+    assert!(bad.to_string().contains("endpoint name"), "{bad}");
+    let taken = e
+        .endpoint_add(req("x", "demo", "", Some(Ipv4Addr::new(10, 200, 0, 2))))
+        .await
+        .unwrap_err();
+    assert!(
+        taken
+            .to_string()
+            .contains("already used by endpoint demo/frontend"),
+        "{taken}"
+    );
+    let node = e
+        .endpoint_add(req("y", "demo", "", Some(Ipv4Addr::new(10, 200, 0, 1))))
+        .await
+        .unwrap_err();
+    assert!(node.to_string().contains("the node"), "{node}");
+    assert_eq!(e.model.endpoints.len(), 1);
+    assert_eq!(e.plumbing.netns.len(), 1);
+}
+
+#[tokio::test]
+async fn policy_apply_enforces_and_delete_restores() {
+    let mut e = engine().await;
+    add(&mut e, "frontend", "demo", "app=frontend").await;
+    add(&mut e, "backend", "demo", "app=backend").await;
+    add(&mut e, "other", "demo", "app=other").await;
+    assert_eq!(verdict(&e, "other", "backend", 8080), Verdict::Allowed);
+
+    let r = apply(&mut e, ALLOW_FRONTEND_TO_BACKEND).unwrap();
+    assert_eq!(r.policies[0].action, PolicyAction::Created);
+    assert!(r.map_operations > 0);
+    assert_eq!(verdict(&e, "frontend", "backend", 8080), Verdict::Allowed);
+    assert_eq!(
+        verdict(&e, "frontend", "backend", 9090),
+        Verdict::DeniedByDefault
+    );
+    assert_eq!(
+        verdict(&e, "other", "backend", 8080),
+        Verdict::DeniedByDefault
+    );
+    assert_eq!(e.datapath.state, e.applied);
+
+    let again = apply(&mut e, ALLOW_FRONTEND_TO_BACKEND).unwrap();
+    assert_eq!(again.policies[0].action, PolicyAction::Unchanged);
+    assert_eq!(again.map_operations, 0);
+
+    e.policy_delete(Some("demo"), "backend").unwrap();
+    assert_eq!(verdict(&e, "other", "backend", 8080), Verdict::Allowed);
+    assert!(e.datapath.state.policy.is_empty());
+    assert!(matches!(
+        e.policy_delete(Some("demo"), "backend"),
+        Err(EngineError::NoSuchPolicy { .. })
+    ));
+}
+
+#[tokio::test]
+async fn rejected_manifest_changes_nothing() {
+    let mut e = engine().await;
+    add(&mut e, "backend", "demo", "app=backend").await;
+    apply(&mut e, ALLOW_FRONTEND_TO_BACKEND).unwrap();
+    let before = e.applied.clone();
+    let bad = format!(
+        "{ALLOW_FRONTEND_TO_BACKEND}---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: x}}\nspec: {{podSelector: {{}}, bogus: 1}}\n"
+    );
+    let err = apply(&mut e, &bad).unwrap_err();
+    assert!(err.to_string().contains("bogus"), "{err}");
+    assert_eq!(e.applied, before);
+    assert_eq!(e.model.policies.len(), 1);
+}
+
+#[tokio::test]
+async fn failed_map_write_rolls_back_maps_and_model() {
+    let mut e = engine().await;
+    add(&mut e, "frontend", "demo", "app=frontend").await;
+    add(&mut e, "backend", "demo", "app=backend").await;
+    let before_maps = e.datapath.state.clone();
+    e.datapath.fail_after = Some(1);
+    let err = apply(&mut e, ALLOW_FRONTEND_TO_BACKEND).unwrap_err();
+    assert!(matches!(err, EngineError::RolledBack(_)), "{err}");
+    assert!(err.to_string().contains("full"), "{err}");
+    assert_eq!(e.datapath.state, before_maps);
+    assert_eq!(e.applied, before_maps);
+    assert!(e.model.policies.is_empty());
+    e.datapath.fail_after = None;
+    apply(&mut e, ALLOW_FRONTEND_TO_BACKEND).unwrap();
+    assert_eq!(verdict(&e, "frontend", "backend", 8080), Verdict::Allowed);
+}
+
+#[tokio::test]
+async fn label_change_moves_endpoint_in_and_out_of_a_policy() {
+    let mut e = engine().await;
+    add(&mut e, "client", "demo", "app=other").await;
+    add(&mut e, "backend", "demo", "app=backend").await;
+    apply(&mut e, ALLOW_FRONTEND_TO_BACKEND).unwrap();
+    assert_eq!(
+        verdict(&e, "client", "backend", 8080),
+        Verdict::DeniedByDefault
+    );
+    let v = e
+        .endpoint_label(
+            "client",
+            &LabelChange {
+                set: labels("app=frontend"),
+                remove: vec![],
+            },
+        )
+        .unwrap();
+    assert_eq!(verdict(&e, "client", "backend", 8080), Verdict::Allowed);
+    let old_identity = v.identity;
+    e.endpoint_label(
+        "client",
+        &LabelChange {
+            set: Labels::new(),
+            remove: vec!["app".into()],
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        verdict(&e, "client", "backend", 8080),
+        Verdict::DeniedByDefault
+    );
+    assert_eq!(e.model.identities.refs(old_identity), 0);
+}
+
+#[tokio::test]
+async fn namespace_labels_feed_namespace_selectors() {
+    let mut e = engine().await;
+    add(&mut e, "client", "team-a", "app=client").await;
+    add(&mut e, "server", "demo", "app=server").await;
+    apply(&mut e, 
+        r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: from-trusted, namespace: demo}
+spec:
+  podSelector: {matchLabels: {app: server}}
+  ingress:
+  - from:
+    - namespaceSelector: {matchLabels: {trust: "yes"}}
+"#,
+    )
+    .unwrap();
+    assert_eq!(
+        verdict(&e, "client", "server", 80),
+        Verdict::DeniedByDefault
+    );
+    e.namespace_label(
+        "team-a",
+        LabelChange {
+            set: labels("trust=yes"),
+            remove: vec![],
+        },
+    )
+    .unwrap();
+    assert_eq!(verdict(&e, "client", "server", 80), Verdict::Allowed);
+    let err = e
+        .namespace_label(
+            "team-a",
+            LabelChange {
+                set: labels("kubernetes.io/metadata.name=x"),
+                remove: vec![],
+            },
+        )
+        .unwrap_err();
+    assert_eq!(err.class(), ErrorClass::Invalid);
+}
+
+#[tokio::test]
+async fn endpoint_delete_removes_everything_it_had() {
+    let mut e = engine().await;
+    add(&mut e, "frontend", "demo", "app=frontend").await;
+    e.endpoint_delete("frontend").await.unwrap();
+    assert!(e.applied.endpoints.is_empty());
+    assert!(
+        e.datapath
+            .state
+            .ipcache
+            .keys()
+            .all(|k| k.prefix() != 32 || k.ip() == Ipv4Addr::new(10, 200, 0, 1))
+    );
+    assert!(e.datapath.attached.is_empty());
+    assert!(e.plumbing.netns.is_empty());
+    assert!(matches!(
+        e.endpoint_delete("frontend").await,
+        Err(EngineError::NoSuchEndpoint { .. })
+    ));
+}
+
+#[tokio::test]
+async fn restart_keeps_identities_endpoints_and_policies_and_rewrites_nothing() {
+    let store = MemoryStore::default();
+    let mut e = engine_with(
+        MemoryDatapath::default(),
+        MemoryPlumbing::default(),
+        Some(store.clone()),
+    )
+    .await;
+    add(&mut e, "frontend", "demo", "app=frontend").await;
+    let backend = add(&mut e, "backend", "demo", "app=backend").await;
+    apply(&mut e, ALLOW_FRONTEND_TO_BACKEND).unwrap();
+    let maps = e.datapath.state.clone();
+    let Engine {
+        datapath, plumbing, ..
+    } = e;
+
+    // The new agent finds the pinned maps as the old one left them.
+    let restarted = engine_with(
+        MemoryDatapath {
+            state: datapath.state,
+            ..MemoryDatapath::default()
+        },
+        plumbing,
+        Some(store),
+    )
+    .await;
+    assert_eq!(
+        restarted.model.endpoints["backend"].identity,
+        backend.identity
+    );
+    assert_eq!(restarted.model.policies.len(), 1);
+    assert_eq!(restarted.datapath.state, maps, "no map entry rewritten");
+    assert_eq!(restarted.datapath.revision, 0, "nothing to revalidate");
+    assert_eq!(
+        verdict(&restarted, "frontend", "backend", 8080),
+        Verdict::Allowed
+    );
+    assert_eq!(restarted.datapath.attached.len(), 2);
+}
+
+#[tokio::test]
+async fn trace_names_the_allowing_rule_and_the_default_deny() {
+    let mut e = engine().await;
+    add(&mut e, "frontend", "demo", "app=frontend").await;
+    add(&mut e, "backend", "demo", "app=backend").await;
+    apply(&mut e, ALLOW_FRONTEND_TO_BACKEND).unwrap();
+    let ok = e
+        .trace(&TraceQuery {
+            from: "demo/frontend".into(),
+            to: "demo/backend".into(),
+            port: 8080,
+            protocol: None,
+        })
+        .unwrap();
+    assert!(ok.allowed);
+    assert_eq!(
+        ok.ingress.policy.as_ref().map(ToString::to_string).as_deref(),
+        Some("demo/backend")
+    );
+    assert!(
+        ok.ingress.reason.contains("demo/backend ingress rule 0"),
+        "{}",
+        ok.ingress.reason
+    );
+    let denied = e
+        .trace(&TraceQuery {
+            from: "demo/frontend".into(),
+            to: "demo/backend".into(),
+            port: 22,
+            protocol: Some("tcp".into()),
+        })
+        .unwrap();
+    assert!(!denied.allowed);
+    assert!(
+        denied.ingress.reason.contains("default deny"),
+        "{}",
+        denied.ingress.reason
+    );
+    assert_eq!(
+        denied
+            .ingress
+            .enforcing_policies
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>(),
+        vec!["demo/backend".to_string()]
+    );
+    assert!(
+        e.trace(&TraceQuery {
+            from: "other/frontend".into(),
+            to: "demo/backend".into(),
+            port: 1,
+            protocol: None,
+        })
+        .is_err()
+    );
+}

@@ -1,0 +1,429 @@
+//! Read-only views of the engine's state: endpoints, identities, policies, status, and
+//! `policy trace`, which answers from the very map state the datapath holds. Typed: the API
+//! server turns them into its wire shapes.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+
+use ipnetwork::Ipv4Network;
+use palisade_policies::{
+    compile::{self, EnforcementMode, RuleOrigin},
+    endpoint::{EndpointId, NamedPort},
+    identity::{Identity, IdentitySource, IdentityTable},
+    labels::Labels,
+    mapstate::{Decision, Verdict},
+    model::{Direction, PolicyRef, PolicySpec, Protocol},
+};
+
+use crate::datapath::Datapath;
+use crate::engine::Engine;
+use crate::error::EngineError;
+use crate::model::{EndpointRecord, PolicySource};
+use crate::plumbing::Plumbing;
+
+/// Policies selecting an endpoint, per direction.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SelectingPolicies {
+    pub ingress: Vec<PolicyRef>,
+    pub egress: Vec<PolicyRef>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EndpointView {
+    pub id: EndpointId,
+    pub name: String,
+    pub namespace: String,
+    pub labels: Labels,
+    pub ip: Ipv4Addr,
+    pub identity: Identity,
+    /// Host-side interface in the node namespace.
+    pub interface: String,
+    pub ifindex: u32,
+    /// `ip netns` name of the endpoint's namespace.
+    pub netns: String,
+    pub named_ports: Vec<NamedPort>,
+    pub ingress_enforced: bool,
+    pub egress_enforced: bool,
+    pub policies: SelectingPolicies,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IdentityKind {
+    Reserved,
+    Workload,
+    Cidr,
+    CidrEndpointAlias,
+}
+
+impl IdentityKind {
+    fn of(src: &IdentitySource) -> Self {
+        match src {
+            IdentitySource::Reserved { .. } => IdentityKind::Reserved,
+            IdentitySource::Workload { .. } => IdentityKind::Workload,
+            IdentitySource::Cidr { .. } => IdentityKind::Cidr,
+            IdentitySource::CidrEndpointAlias { .. } => IdentityKind::CidrEndpointAlias,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IdentityKind::Reserved => "reserved",
+            IdentityKind::Workload => "workload",
+            IdentityKind::Cidr => "cidr",
+            IdentityKind::CidrEndpointAlias => "cidr-endpoint-alias",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IdentityView {
+    pub id: Identity,
+    pub kind: IdentityKind,
+    /// Cilium-style labels: `k8s:app=web`, `reserved:host`, `cidr:10.0.0.0/8`.
+    pub labels: Vec<String>,
+    /// Endpoints (`ns/name`) holding this identity.
+    pub endpoints: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PolicyView {
+    pub id: PolicyRef,
+    pub source: Option<PolicySource>,
+    /// Endpoints (`ns/name`) the policy selects.
+    pub selects: Vec<String>,
+    pub ingress_rules: usize,
+    pub ingress_deny_rules: usize,
+    pub egress_rules: usize,
+    pub egress_deny_rules: usize,
+    pub ingress_default_deny: bool,
+    pub egress_default_deny: bool,
+}
+
+/// What `policy trace` is asked.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TraceQuery {
+    /// `NS/NAME` of the source endpoint.
+    pub from: String,
+    /// `NS/NAME` of the destination endpoint.
+    pub to: String,
+    pub port: u16,
+    /// TCP (default), UDP, SCTP or ICMP.
+    pub protocol: Option<String>,
+}
+
+/// One side's check (source egress or destination ingress).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TraceSide {
+    /// `ns/name`.
+    pub endpoint: String,
+    pub direction: Direction,
+    pub enforced: bool,
+    /// Policies selecting this endpoint that put this direction in default deny.
+    pub enforcing_policies: Vec<PolicyRef>,
+    pub peer_identity: Identity,
+    pub peer_labels: Vec<String>,
+    pub allowed: bool,
+    /// Why, in words.
+    pub reason: String,
+    /// The rule that decided it, in words, when one did.
+    pub rule: Option<String>,
+    pub policy: Option<PolicyRef>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TraceResult {
+    pub allowed: bool,
+    pub protocol: Protocol,
+    pub port: u16,
+    pub source_identity: Identity,
+    pub destination_identity: Identity,
+    pub egress: TraceSide,
+    pub ingress: TraceSide,
+}
+
+/// The engine's part of the agent's status.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EngineStatus {
+    pub node_ip: Ipv4Addr,
+    pub pod_cidr: Ipv4Network,
+    pub enforcement: EnforcementMode,
+    pub endpoints: usize,
+    pub identities: usize,
+    pub policies: usize,
+    pub policy_map_entries: usize,
+    pub ipcache_entries: usize,
+    /// True when the maps hold exactly what the engine compiled.
+    pub maps_in_sync: bool,
+    /// Every namespace known, with its effective labels.
+    pub namespaces: BTreeMap<String, Labels>,
+}
+
+impl<D: Datapath, P: Plumbing> Engine<D, P> {
+    fn selecting(&self, rec: &EndpointRecord, table: &IdentityTable) -> SelectingPolicies {
+        let policies = self.policies();
+        let specs = compile::selecting_specs(policies, table, &rec.to_endpoint());
+        let mut out = SelectingPolicies::default();
+        for (p, _, spec) in specs {
+            for (d, list) in [
+                (Direction::Ingress, &mut out.ingress),
+                (Direction::Egress, &mut out.egress),
+            ] {
+                let dp = spec.direction(d);
+                if (dp.default_deny || !dp.allow.is_empty() || !dp.deny.is_empty())
+                    && !list.contains(&p.id)
+                {
+                    list.push(p.id.clone());
+                }
+            }
+        }
+        out
+    }
+
+    fn view_of(&self, rec: &EndpointRecord, table: &IdentityTable) -> EndpointView {
+        let entry = self.applied.endpoints.get(&rec.id);
+        EndpointView {
+            id: rec.id,
+            name: rec.name.clone(),
+            namespace: rec.namespace.clone(),
+            labels: rec.labels.clone(),
+            ip: rec.ip,
+            identity: rec.identity,
+            interface: rec.host_ifname.clone(),
+            ifindex: rec.ifindex,
+            netns: rec.name.clone(),
+            named_ports: rec.named_ports.clone(),
+            ingress_enforced: entry.is_some_and(|e| e.ingress_enforced),
+            egress_enforced: entry.is_some_and(|e| e.egress_enforced),
+            policies: self.selecting(rec, table),
+        }
+    }
+
+    pub fn endpoint_view(&self, name: &str) -> Result<EndpointView, EngineError> {
+        let rec = self.record(name)?;
+        Ok(self.view_of(rec, &self.model.identities.table()))
+    }
+
+    pub fn endpoint_list(&self) -> Vec<EndpointView> {
+        let table = self.model.identities.table();
+        let mut v: Vec<EndpointView> = self
+            .model
+            .endpoints
+            .values()
+            .map(|r| self.view_of(r, &table))
+            .collect();
+        v.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        v
+    }
+
+    pub fn identity_list(&self) -> Vec<IdentityView> {
+        self.model
+            .identities
+            .table()
+            .iter()
+            .map(|(id, src)| IdentityView {
+                id: *id,
+                kind: IdentityKind::of(src),
+                labels: src.label_strings(),
+                endpoints: self
+                    .model
+                    .endpoints
+                    .values()
+                    .filter(|e| e.identity == *id)
+                    .map(EndpointRecord::qualified_name)
+                    .collect(),
+            })
+            .collect()
+    }
+
+    pub fn policy_list(&self) -> Vec<PolicyView> {
+        let table = self.model.identities.table();
+        self.model
+            .policies
+            .values()
+            .map(|p| {
+                let selects = self
+                    .model
+                    .endpoints
+                    .values()
+                    .filter(|e| {
+                        table
+                            .get(&e.identity)
+                            .and_then(IdentitySource::workload_labels)
+                            .is_some_and(|l| p.specs.iter().any(|s| s.subject.0.matches(l)))
+                    })
+                    .map(EndpointRecord::qualified_name)
+                    .collect();
+                let count = |f: fn(&PolicySpec) -> usize| p.specs.iter().map(f).sum();
+                PolicyView {
+                    id: p.id.clone(),
+                    source: self.model.policy_sources.get(&p.id).cloned(),
+                    selects,
+                    ingress_rules: count(|s| s.ingress.allow.len()),
+                    ingress_deny_rules: count(|s| s.ingress.deny.len()),
+                    egress_rules: count(|s| s.egress.allow.len()),
+                    egress_deny_rules: count(|s| s.egress.deny.len()),
+                    ingress_default_deny: p.specs.iter().any(|s| s.ingress.default_deny),
+                    egress_default_deny: p.specs.iter().any(|s| s.egress.default_deny),
+                }
+            })
+            .collect()
+    }
+
+    fn find(&self, ns_name: &str) -> Result<&EndpointRecord, EngineError> {
+        let (ns, name) =
+            ns_name
+                .split_once('/')
+                .ok_or_else(|| EngineError::NotNamespacedName {
+                    value: ns_name.to_string(),
+                })?;
+        let rec = self.record(name)?;
+        if rec.namespace != ns {
+            return Err(EngineError::WrongNamespace {
+                name: name.to_string(),
+                actual: rec.namespace.clone(),
+                asked: ns.to_string(),
+            });
+        }
+        Ok(rec)
+    }
+
+    fn trace_side(
+        &self,
+        rec: &EndpointRecord,
+        direction: Direction,
+        decision: &Decision,
+        table: &IdentityTable,
+        what: &str,
+    ) -> TraceSide {
+        let policies = self.policies();
+        let enforcing: Vec<PolicyRef> =
+            compile::selecting_specs(policies, table, &rec.to_endpoint())
+                .into_iter()
+                .filter(|(_, _, s)| s.direction(direction).default_deny)
+                .map(|(p, _, _)| p.id.clone())
+                .collect();
+        let origin: Option<&RuleOrigin> =
+            decision.matched.and_then(|(_, e)| self.rules.get(e.rule));
+        let rule = origin.map(RuleOrigin::describe);
+        let policy = origin.and_then(|o| o.policy()).cloned();
+        let peer = decision.peer.identity;
+        let ep = rec.qualified_name();
+        let (allowed, reason) = match decision.verdict {
+            Verdict::Allowed if decision.matched.is_some() => (
+                true,
+                format!(
+                    "allowed by {}",
+                    rule.clone().unwrap_or_else(|| "an unknown rule".into())
+                ),
+            ),
+            Verdict::Allowed => (
+                true,
+                format!("no policy puts {ep} in default deny for {direction}: allowed"),
+            ),
+            Verdict::Redirected { proxy_port } => (
+                true,
+                format!(
+                    "redirected to the L7 proxy (port {proxy_port}) by {}; HTTP rules decide per request",
+                    rule.clone().unwrap_or_default()
+                ),
+            ),
+            Verdict::DeniedByRule => (
+                false,
+                format!("denied by {}", rule.clone().unwrap_or_default()),
+            ),
+            Verdict::DeniedByDefault => (
+                false,
+                format!(
+                    "default deny: {ep} is selected for {direction} by {} and no rule allows identity {peer} on {what}",
+                    enforcing
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            ),
+        };
+        TraceSide {
+            endpoint: ep,
+            direction,
+            enforced: decision.enforced,
+            enforcing_policies: enforcing,
+            peer_identity: peer,
+            peer_labels: table
+                .get(&peer)
+                .map(IdentitySource::label_strings)
+                .unwrap_or_default(),
+            allowed,
+            reason,
+            rule,
+            policy,
+        }
+    }
+
+    pub fn trace(&self, req: &TraceQuery) -> Result<TraceResult, EngineError> {
+        let src = self.find(&req.from)?;
+        let dst = self.find(&req.to)?;
+        let protocol = match req.protocol.as_deref() {
+            None => Protocol::Tcp,
+            Some(p) => match Protocol::parse(p) {
+                Some(Protocol::Any) | None => {
+                    return Err(EngineError::UnsupportedTraceProtocol {
+                        value: p.to_string(),
+                    });
+                }
+                Some(p) => p,
+            },
+        };
+        let Some(proto_num) = protocol.number() else {
+            return Err(EngineError::UnsupportedTraceProtocol {
+                value: protocol.to_string(),
+            });
+        };
+        let what = format!("{}/{}", req.port, protocol);
+        let table = self.model.identities.table();
+        let missing = |r: &EndpointRecord| EngineError::EndpointNotInDatapath {
+            name: r.name.clone(),
+        };
+        let egress = self
+            .applied
+            .decide(src.id, Direction::Egress, dst.ip, proto_num, req.port)
+            .ok_or_else(|| missing(src))?;
+        let ingress = self
+            .applied
+            .decide(dst.id, Direction::Ingress, src.ip, proto_num, req.port)
+            .ok_or_else(|| missing(dst))?;
+        let egress = self.trace_side(src, Direction::Egress, &egress, &table, &what);
+        let ingress = self.trace_side(dst, Direction::Ingress, &ingress, &table, &what);
+        Ok(TraceResult {
+            allowed: egress.allowed && ingress.allowed,
+            protocol,
+            port: req.port,
+            source_identity: src.identity,
+            destination_identity: dst.identity,
+            egress,
+            ingress,
+        })
+    }
+
+    pub fn status(&self) -> EngineStatus {
+        let namespaces = self
+            .model
+            .namespaces
+            .keys()
+            .chain(self.model.endpoints.values().map(|e| &e.namespace))
+            .map(|ns| (ns.clone(), self.namespace_labels(ns)))
+            .collect();
+        EngineStatus {
+            node_ip: self.cfg.node_ip,
+            pod_cidr: self.cfg.pod_cidr,
+            enforcement: self.cfg.settings.enforcement,
+            endpoints: self.model.endpoints.len(),
+            identities: self.model.identities.table().len(),
+            policies: self.model.policies.len(),
+            policy_map_entries: self.applied.policy.len(),
+            ipcache_entries: self.applied.ipcache.len(),
+            maps_in_sync: self.datapath.read_state().is_ok_and(|s| s == self.applied),
+            namespaces,
+        }
+    }
+}

@@ -1,0 +1,387 @@
+//! HTTP rule matching for the L7 proxy. Pure: the proxy hands in the request (with the path
+//! already normalized) and the peer's identities; this decides with the rules the compiler
+//! produced (`compile::L7Policy`), the same rules that made the datapath redirect.
+//!
+//! Semantics (Cilium's): a request is allowed if any allow rule covering the peer and port
+//! allows it; a covering rule without HTTP rules allows every request (the L4 wildcard); a
+//! rule with HTTP rules allows a request matching any one of them, where every field given
+//! must match: method, path and host as anchored regular expressions, headers present (or
+//! equal to the value given, exactly).
+
+mod proxy_policy;
+
+use std::collections::BTreeMap;
+
+use regex::Regex;
+
+pub use proxy_policy::{Ends, ProxyPolicy, RequestVerdict};
+
+use crate::compile::{L7Policy, L7Rule};
+use crate::endpoint::EndpointId;
+use crate::identity::Identity;
+use crate::mapstate::RuleId;
+use crate::model::{Direction, HttpRule};
+
+/// What the matcher needs to know about a request.
+pub trait RequestView {
+    fn method(&self) -> &str;
+    /// The normalized path, without query.
+    fn path(&self) -> &str;
+    fn host(&self) -> Option<&str>;
+    /// First value of a header, by case-insensitive name.
+    fn header(&self, name: &str) -> Option<&[u8]>;
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("HTTP rule field {field} has an invalid regular expression {pattern:?}: {source}")]
+pub struct L7Error {
+    pub field: &'static str,
+    pub pattern: String,
+    #[source]
+    pub source: regex::Error,
+}
+
+fn anchored(field: &'static str, pattern: &Option<String>) -> Result<Option<Regex>, L7Error> {
+    pattern
+        .as_ref()
+        .map(|p| {
+            Regex::new(&format!("^(?:{p})$")).map_err(|source| L7Error {
+                field,
+                pattern: p.clone(),
+                source,
+            })
+        })
+        .transpose()
+}
+
+#[derive(Debug)]
+struct CompiledHttp {
+    method: Option<Regex>,
+    path: Option<Regex>,
+    host: Option<Regex>,
+    /// Lowercase name, required value.
+    headers: Vec<(String, Option<String>)>,
+}
+
+impl CompiledHttp {
+    fn new(r: &HttpRule) -> Result<Self, L7Error> {
+        Ok(Self {
+            method: anchored("method", &r.method)?,
+            path: anchored("path", &r.path)?,
+            host: anchored("host", &r.host)?,
+            headers: r
+                .headers
+                .iter()
+                .map(|h| (h.name.to_ascii_lowercase(), h.value.clone()))
+                .collect(),
+        })
+    }
+
+    fn matches(&self, req: &impl RequestView) -> bool {
+        let re = |r: &Option<Regex>, v: &str| r.as_ref().is_none_or(|r| r.is_match(v));
+        let host_ok = match (&self.host, req.host()) {
+            (None, _) => true,
+            (Some(_), None) => false,
+            // With or without the port: `api.example.com` matches `api.example.com:8080`.
+            (Some(r), Some(h)) => {
+                r.is_match(h) || h.rsplit_once(':').is_some_and(|(name, _)| r.is_match(name))
+            }
+        };
+        re(&self.method, req.method())
+            && re(&self.path, req.path())
+            && host_ok
+            && self
+                .headers
+                .iter()
+                .all(|(name, value)| match (req.header(name), value) {
+                    (None, _) => false,
+                    (Some(_), None) => true,
+                    (Some(got), Some(want)) => got == want.as_bytes(),
+                })
+    }
+}
+
+#[derive(Debug)]
+struct CompiledRule {
+    keys: Vec<(Identity, crate::mapstate::PortPrefix)>,
+    /// None: every request.
+    http: Option<Vec<CompiledHttp>>,
+    rule: RuleId,
+}
+
+impl CompiledRule {
+    fn covers(&self, peers: &[Identity], port: u16) -> bool {
+        self.keys
+            .iter()
+            .any(|(id, block)| (*id == Identity::ANY || peers.contains(id)) && block.contains(port))
+    }
+}
+
+/// A side's verdict on a request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct L7Verdict {
+    pub allowed: bool,
+    /// The rule that allowed it, or (when denied) the rule whose HTTP rules did not match.
+    pub rule: RuleId,
+}
+
+/// The L7 policy with its regular expressions compiled, ready for the proxy.
+#[derive(Debug, Default)]
+pub struct L7Matcher {
+    sides: BTreeMap<(EndpointId, Direction), Vec<CompiledRule>>,
+}
+
+impl L7Matcher {
+    pub fn new(policy: &L7Policy) -> Result<Self, L7Error> {
+        let mut sides = BTreeMap::new();
+        for (side, rules) in &policy.rules {
+            let compiled = rules
+                .iter()
+                .map(|r: &L7Rule| {
+                    Ok(CompiledRule {
+                        keys: r.keys.clone(),
+                        http: r
+                            .http
+                            .as_ref()
+                            .map(|hs| {
+                                hs.iter()
+                                    .map(CompiledHttp::new)
+                                    .collect::<Result<Vec<_>, _>>()
+                            })
+                            .transpose()?,
+                        rule: r.rule,
+                    })
+                })
+                .collect::<Result<Vec<_>, L7Error>>()?;
+            sides.insert(*side, compiled);
+        }
+        Ok(Self { sides })
+    }
+
+    /// One side's verdict (the destination's ingress or the source's egress), or None when
+    /// that side has no rule for this peer and port (its L3/L4 verdict stands).
+    /// `peers` are the peer's identity and, for endpoint addresses, its CIDR alias.
+    pub fn decide(
+        &self,
+        endpoint: EndpointId,
+        direction: Direction,
+        peers: &[Identity],
+        port: u16,
+        req: &impl RequestView,
+    ) -> Option<L7Verdict> {
+        let rules = self.sides.get(&(endpoint, direction))?;
+        let covering: Vec<&CompiledRule> = rules.iter().filter(|r| r.covers(peers, port)).collect();
+        let first = covering.first()?;
+        for r in &covering {
+            let allowed = match &r.http {
+                None => true,
+                Some(hs) => hs.iter().any(|h| h.matches(req)),
+            };
+            if allowed {
+                return Some(L7Verdict {
+                    allowed: true,
+                    rule: r.rule,
+                });
+            }
+        }
+        Some(L7Verdict {
+            allowed: false,
+            rule: first.rule,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mapstate::PortPrefix;
+    use crate::model::HeaderMatch;
+
+    struct Req {
+        method: &'static str,
+        path: &'static str,
+        host: Option<&'static str>,
+        headers: Vec<(&'static str, &'static str)>,
+    }
+
+    impl RequestView for Req {
+        fn method(&self) -> &str {
+            self.method
+        }
+        fn path(&self) -> &str {
+            self.path
+        }
+        fn host(&self) -> Option<&str> {
+            self.host
+        }
+        fn header(&self, name: &str) -> Option<&[u8]> {
+            self.headers
+                .iter()
+                .find(|(n, _)| n.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v.as_bytes())
+        }
+    }
+
+    fn get(path: &'static str) -> Req {
+        Req {
+            method: "GET",
+            path,
+            host: Some("api.shop:8080"),
+            headers: vec![],
+        }
+    }
+
+    const EP: EndpointId = EndpointId(1);
+    const CLIENT: Identity = Identity(300);
+
+    fn matcher(rules: Vec<L7Rule>) -> L7Matcher {
+        let mut p = L7Policy::default();
+        p.rules.insert((EP, Direction::Ingress), rules);
+        L7Matcher::new(&p).unwrap()
+    }
+
+    fn http(method: Option<&str>, path: Option<&str>) -> HttpRule {
+        HttpRule {
+            method: method.map(String::from),
+            path: path.map(String::from),
+            ..HttpRule::default()
+        }
+    }
+
+    fn rule(id: u32, peer: Identity, http: Option<Vec<HttpRule>>) -> L7Rule {
+        L7Rule {
+            keys: vec![(peer, PortPrefix::exact(8080))],
+            http,
+            rule: RuleId(id),
+        }
+    }
+
+    fn decide(m: &L7Matcher, req: &Req) -> Option<L7Verdict> {
+        m.decide(EP, Direction::Ingress, &[CLIENT], 8080, req)
+    }
+
+    #[test]
+    fn method_and_path_are_anchored_regular_expressions() {
+        let m = matcher(vec![rule(
+            1,
+            CLIENT,
+            Some(vec![http(Some("GET"), Some("/public/.*"))]),
+        )]);
+        assert!(decide(&m, &get("/public/index.html")).unwrap().allowed);
+        assert!(
+            !decide(&m, &get("/private/public/x")).unwrap().allowed,
+            "anchored at the start"
+        );
+        let post = Req {
+            method: "POST",
+            ..get("/public/x")
+        };
+        assert!(!decide(&m, &post).unwrap().allowed);
+        let getx = Req {
+            method: "GETX",
+            ..get("/public/x")
+        };
+        assert!(!decide(&m, &getx).unwrap().allowed, "anchored at the end");
+    }
+
+    #[test]
+    fn headers_must_be_present_or_equal() {
+        let mut h = http(None, None);
+        h.headers = vec![
+            HeaderMatch {
+                name: "X-Token".into(),
+                value: Some("secret".into()),
+            },
+            HeaderMatch {
+                name: "x-trace".into(),
+                value: None,
+            },
+        ];
+        let m = matcher(vec![rule(1, CLIENT, Some(vec![h]))]);
+        let mut req = get("/");
+        assert!(!decide(&m, &req).unwrap().allowed);
+        req.headers = vec![("x-token", "secret"), ("X-Trace", "1")];
+        assert!(decide(&m, &req).unwrap().allowed);
+        req.headers = vec![("x-token", "Secret"), ("X-Trace", "1")];
+        assert!(!decide(&m, &req).unwrap().allowed);
+    }
+
+    #[test]
+    fn host_matches_with_or_without_port() {
+        let h = HttpRule {
+            host: Some("api\\.shop".into()),
+            ..HttpRule::default()
+        };
+        let m = matcher(vec![rule(1, CLIENT, Some(vec![h]))]);
+        assert!(decide(&m, &get("/")).unwrap().allowed);
+        let other = Req {
+            host: Some("evil.shop"),
+            ..get("/")
+        };
+        assert!(!decide(&m, &other).unwrap().allowed);
+        let none = Req {
+            host: None,
+            ..get("/")
+        };
+        assert!(!decide(&m, &none).unwrap().allowed);
+    }
+
+    #[test]
+    fn an_l4_rule_for_the_same_peer_allows_every_request() {
+        let m = matcher(vec![
+            rule(1, CLIENT, Some(vec![http(Some("GET"), None)])),
+            rule(2, Identity::ANY, None),
+        ]);
+        let post = Req {
+            method: "POST",
+            ..get("/")
+        };
+        let v = decide(&m, &post).unwrap();
+        assert!(v.allowed);
+        assert_eq!(v.rule, RuleId(2));
+    }
+
+    #[test]
+    fn denial_names_the_rule_whose_http_rules_did_not_match() {
+        let m = matcher(vec![rule(7, CLIENT, Some(vec![http(Some("GET"), None)]))]);
+        let post = Req {
+            method: "POST",
+            ..get("/")
+        };
+        assert_eq!(
+            decide(&m, &post),
+            Some(L7Verdict {
+                allowed: false,
+                rule: RuleId(7)
+            })
+        );
+    }
+
+    #[test]
+    fn sides_and_peers_without_rules_have_no_opinion() {
+        let m = matcher(vec![rule(1, CLIENT, Some(vec![http(Some("GET"), None)]))]);
+        assert_eq!(
+            m.decide(EP, Direction::Egress, &[CLIENT], 8080, &get("/")),
+            None
+        );
+        assert_eq!(
+            m.decide(EP, Direction::Ingress, &[Identity(999)], 8080, &get("/")),
+            None
+        );
+        assert_eq!(
+            m.decide(EP, Direction::Ingress, &[CLIENT], 9090, &get("/")),
+            None
+        );
+    }
+
+    #[test]
+    fn invalid_regex_is_an_error_naming_the_field() {
+        let mut p = L7Policy::default();
+        p.rules.insert(
+            (EP, Direction::Ingress),
+            vec![rule(1, CLIENT, Some(vec![http(None, Some("(unclosed"))]))],
+        );
+        let e = L7Matcher::new(&p).unwrap_err();
+        assert_eq!(e.field, "path");
+    }
+}

@@ -1,0 +1,199 @@
+//! What the L7 proxy enforces: the compiled HTTP rules and who is behind an address, built by
+//! the engine after every change and handed to the proxy (so requests on connections that are
+//! already open are judged by the current policy). Judging a request is a plain function of it.
+
+use std::net::SocketAddrV4;
+
+use super::{L7Error, L7Matcher, L7Verdict, RequestView};
+use crate::compile::L7Policy;
+use crate::identity::Identity;
+use crate::mapstate::{IpcacheEntry, MapState, RuleId};
+use crate::model::Direction;
+
+#[derive(Debug, Default)]
+pub struct ProxyPolicy {
+    matcher: L7Matcher,
+    /// Only the ipcache is filled: the datapath's view of addresses.
+    addresses: MapState,
+}
+
+/// The proxy's verdict on one request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RequestVerdict {
+    pub allowed: bool,
+    pub rule: RuleId,
+}
+
+impl ProxyPolicy {
+    pub fn new(l7: &L7Policy, state: &MapState) -> Result<Self, L7Error> {
+        Ok(Self {
+            matcher: L7Matcher::new(l7)?,
+            addresses: MapState {
+                ipcache: state.ipcache.clone(),
+                ..MapState::default()
+            },
+        })
+    }
+
+    pub fn peer(&self, addr: std::net::Ipv4Addr) -> IpcacheEntry {
+        self.addresses.ipcache_lookup(addr)
+    }
+
+    fn identities(e: &IpcacheEntry) -> Vec<Identity> {
+        std::iter::once(e.identity).chain(e.cidr_identity).collect()
+    }
+
+    /// Who is at both ends of a connection (looked up once per connection and policy).
+    pub fn ends(&self, client: SocketAddrV4, destination: SocketAddrV4) -> Ends {
+        Ends {
+            client: self.peer(*client.ip()),
+            destination: self.peer(*destination.ip()),
+            port: destination.port(),
+        }
+    }
+
+    /// Both ends may have HTTP rules: the destination's ingress and the client's egress; a
+    /// request passes only if every side that has rules for this peer and port allows it.
+    pub fn judge(
+        &self,
+        client: SocketAddrV4,
+        destination: SocketAddrV4,
+        req: &impl RequestView,
+    ) -> RequestVerdict {
+        self.judge_ends(&self.ends(client, destination), req)
+    }
+
+    pub fn judge_ends(&self, ends: &Ends, req: &impl RequestView) -> RequestVerdict {
+        let (c, d, port) = (&ends.client, &ends.destination, ends.port);
+        let egress: Option<L7Verdict> = c.endpoint.and_then(|ep| {
+            self.matcher
+                .decide(ep, Direction::Egress, &Self::identities(d), port, req)
+        });
+        let ingress: Option<L7Verdict> = d.endpoint.and_then(|ep| {
+            self.matcher
+                .decide(ep, Direction::Ingress, &Self::identities(c), port, req)
+        });
+        if let Some(denied) = [egress, ingress].into_iter().flatten().find(|v| !v.allowed) {
+            return RequestVerdict {
+                allowed: false,
+                rule: denied.rule,
+            };
+        }
+        RequestVerdict {
+            allowed: true,
+            rule: ingress.or(egress).map_or(RuleId::NONE, |v| v.rule),
+        }
+    }
+}
+
+/// The two ends of a proxied connection, as the ipcache saw them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ends {
+    pub client: IpcacheEntry,
+    pub destination: IpcacheEntry,
+    pub port: u16,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::compile::L7Rule;
+    use crate::endpoint::EndpointId;
+    use crate::mapstate::PortPrefix;
+    use crate::model::HttpRule;
+
+    struct Get(&'static str);
+
+    impl RequestView for Get {
+        fn method(&self) -> &str {
+            "GET"
+        }
+        fn path(&self) -> &str {
+            self.0
+        }
+        fn host(&self) -> Option<&str> {
+            None
+        }
+        fn header(&self, _: &str) -> Option<&[u8]> {
+            None
+        }
+    }
+
+    fn policy() -> ProxyPolicy {
+        let mut state = MapState::default();
+        for (ip, ep, id) in [("10.0.0.2/32", 1, 300), ("10.0.0.3/32", 2, 301)] {
+            state.ipcache.insert(
+                ip.parse().unwrap(),
+                IpcacheEntry {
+                    identity: Identity(id),
+                    endpoint: Some(EndpointId(ep)),
+                    cidr_identity: None,
+                },
+            );
+        }
+        let mut l7 = L7Policy::default();
+        l7.rules.insert(
+            (EndpointId(2), Direction::Ingress),
+            vec![L7Rule {
+                keys: vec![(Identity(300), PortPrefix::exact(80))],
+                http: Some(vec![HttpRule {
+                    path: Some("/public/.*".into()),
+                    ..HttpRule::default()
+                }]),
+                rule: RuleId(5),
+            }],
+        );
+        l7.rules.insert(
+            (EndpointId(1), Direction::Egress),
+            vec![L7Rule {
+                keys: vec![(Identity::ANY, PortPrefix::exact(80))],
+                http: Some(vec![HttpRule {
+                    path: Some("/public/a.*".into()),
+                    ..HttpRule::default()
+                }]),
+                rule: RuleId(9),
+            }],
+        );
+        ProxyPolicy::new(&l7, &state).unwrap()
+    }
+
+    #[test]
+    fn both_sides_must_allow() {
+        let p = policy();
+        let (c, d) = (
+            "10.0.0.2:40000".parse().unwrap(),
+            "10.0.0.3:80".parse().unwrap(),
+        );
+        assert_eq!(
+            p.judge(c, d, &Get("/public/a1")),
+            RequestVerdict {
+                allowed: true,
+                rule: RuleId(5)
+            }
+        );
+        assert_eq!(
+            p.judge(c, d, &Get("/public/b1")),
+            RequestVerdict {
+                allowed: false,
+                rule: RuleId(9)
+            }
+        );
+        assert_eq!(
+            p.judge(c, d, &Get("/private")),
+            RequestVerdict {
+                allowed: false,
+                rule: RuleId(9)
+            }
+        );
+    }
+
+    #[test]
+    fn a_side_without_rules_for_the_port_has_no_say() {
+        let p = policy();
+        let (c, d) = (
+            "10.0.0.2:40000".parse().unwrap(),
+            "10.0.0.3:8080".parse().unwrap(),
+        );
+        assert!(p.judge(c, d, &Get("/anything")).allowed);
+    }
+}
