@@ -5,7 +5,7 @@ fn main() {
     match which("bpf-linker") {
         Ok(path) => println!("cargo:rerun-if-changed={}", path.display()),
         Err(err) => {
-            println!("cargo:warning=bpf-linker not found ({err}); run `cargo xtask install`")
+            println!("cargo:warning=bpf-linker not found ({err}); run `cargo xtask install`");
         }
     }
 }

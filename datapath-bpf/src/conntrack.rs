@@ -78,11 +78,11 @@ fn timeout_ns(cfg: &Config, protocol: u8, flags: u16) -> u64 {
     } else {
         cfg.ct_other_timeout_s
     };
-    secs as u64 * NS_PER_SEC
+    u64::from(secs) * NS_PER_SEC
 }
 
 /// Creates the entry for a new, allowed connection. Fails closed: an insert error is a drop.
-#[allow(
+#[expect(
     clippy::too_many_arguments,
     reason = "always inlined: a struct would only add stack"
 )]
@@ -102,7 +102,7 @@ pub fn create(
         expires_ns: now + timeout_ns(cfg, key.protocol, flags),
         created_ns: now,
         packets: 1,
-        bytes: len as u64,
+        bytes: u64::from(len),
         endpoint_id,
         peer_identity,
         rule_id,
@@ -129,7 +129,7 @@ pub fn update(
     // other CPUs can only lose counter increments, never corrupt control flow.
     let e = unsafe { &mut *entry };
     e.packets += 1;
-    e.bytes += len as u64;
+    e.bytes += u64::from(len);
     if pkt.protocol == proto::TCP {
         if pkt.tcp_flags & TCP_RST != 0 {
             return true;

@@ -21,7 +21,7 @@ pub fn count(direction: u8, outcome: u8, bytes: u32) {
         // SAFETY: per-CPU slot from a successful lookup; no other writer on this CPU.
         unsafe {
             (*m).packets += 1;
-            (*m).bytes += bytes as u64;
+            (*m).bytes += u64::from(bytes);
         }
     }
 }
@@ -38,16 +38,18 @@ fn rate_allows(cfg: &Config, endpoint_id: u32, now: u64) -> bool {
     // SAFETY: per-CPU slot from a successful lookup.
     let state = unsafe { &mut *state };
     let elapsed = now.saturating_sub(state.last_refill_ns);
-    let refill = elapsed / NS_PER_SEC * cfg.events_per_second as u64
-        + (elapsed % NS_PER_SEC) * cfg.events_per_second as u64 / NS_PER_SEC;
+    let per_second = u64::from(cfg.events_per_second);
+    let refill =
+        elapsed / NS_PER_SEC * per_second + (elapsed % NS_PER_SEC) * per_second / NS_PER_SEC;
     if refill > 0 {
-        let tokens = state.tokens as u64 + refill;
-        let burst = cfg.events_burst.max(1) as u64;
-        state.tokens = if tokens > burst {
-            burst as u32
-        } else {
-            tokens as u32
-        };
+        let tokens = u64::from(state.tokens) + refill;
+        let burst = u64::from(cfg.events_burst.max(1));
+        #[expect(
+            clippy::cast_possible_truncation,
+            reason = "capped at `burst`, a u32; a checked conversion would add a branch"
+        )]
+        let capped = tokens.min(burst) as u32;
+        state.tokens = capped;
         state.last_refill_ns = now;
     }
     if state.tokens == 0 {

@@ -74,6 +74,7 @@ pub fn run(ctx: &TcContext, dir: u8) -> i32 {
 #[inline(never)]
 fn report_drop(ctx: &TcContext, dir: u8, ifindex: u32, len: u32, d: &Drop) {
     let Some(cfg) = CONFIG.get(0) else { return };
+    // SAFETY: map values stay valid for the whole program run; the agent only replaces them.
     let Some(ep) = (unsafe { ENDPOINTS.get(ifindex) }) else {
         return;
     };
@@ -211,9 +212,8 @@ fn check_policy(
     policy_port_be: u16,
     known_peer: Option<u32>,
 ) -> (Decision, u32) {
-    let (identity, cidr_identity) = match known_peer {
-        Some(id) => (id, 0),
-        None => {
+    let (identity, cidr_identity) = known_peer.map_or_else(
+        || {
             // The peer is the far end of the connection.
             let peer_addr = if scope == direction::EGRESS {
                 &key.daddr
@@ -222,8 +222,9 @@ fn check_policy(
             };
             let peer = peer_of(peer_addr);
             (peer.identity, peer.cidr_identity)
-        }
-    };
+        },
+        |id| (id, 0),
+    );
     let mut decision = policy::decide(
         ep,
         scope,
@@ -239,7 +240,10 @@ fn check_policy(
     (decision, identity)
 }
 
-#[allow(clippy::too_many_arguments)]
+#[expect(
+    clippy::too_many_arguments,
+    reason = "always inlined: a struct would only add stack"
+)]
 #[inline(always)]
 fn established(
     cfg: &Config,
@@ -299,23 +303,18 @@ fn deny_reason(action_code: u8) -> u8 {
 
 /// Where a new connection goes when policy allows it.
 #[inline(always)]
-fn proxy_port_for(
-    ep: &EndpointInfo,
-    dir: u8,
-    decision: &Decision,
-    pkt: &Packet,
-) -> Result<u16, Drop> {
+fn proxy_port_for(ep: &EndpointInfo, dir: u8, decision: &Decision, pkt: &Packet) -> u16 {
     if decision.action == action::REDIRECT {
-        return Ok(decision.proxy_port_be);
+        return decision.proxy_port_be;
     }
     if dir != direction::EGRESS || pkt.protocol != proto::TCP {
-        return Ok(0);
+        return 0;
     }
     // A local destination whose ingress has HTTP rules for us needs the proxy too; the
     // redirect can only happen here, at TC ingress on the client's side.
     let dst = peer_of(&pkt.daddr);
     if dst.endpoint_id == 0 {
-        return Ok(0);
+        return 0;
     }
     let me = peer_of(&pkt.saddr);
     let theirs = policy::best_match(
@@ -326,14 +325,17 @@ fn proxy_port_for(
         proto::TCP,
         pkt.policy_port_be,
     );
-    Ok(if theirs.action == action::REDIRECT {
+    if theirs.action == action::REDIRECT {
         theirs.proxy_port_be
     } else {
         0
-    })
+    }
 }
 
-#[allow(clippy::too_many_arguments)]
+#[expect(
+    clippy::too_many_arguments,
+    reason = "always inlined: a struct would only add stack"
+)]
 #[inline(always)]
 fn new_connection(
     ctx: &TcContext,
@@ -366,7 +368,7 @@ fn new_connection(
     let proxy_port_be = if outcome == OUTCOME_AUDIT {
         0
     } else {
-        proxy_port_for(ep, dir, &decision, pkt)?
+        proxy_port_for(ep, dir, &decision, pkt)
     };
     let is_syn = pkt.protocol == proto::TCP && pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
     if proxy_port_be != 0 || decision.action == action::REDIRECT {

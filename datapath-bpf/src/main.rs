@@ -5,6 +5,11 @@
 //! ingress). Both share one pipeline (`judge`): parse, conntrack, policy, account.
 #![no_std]
 #![no_main]
+#![expect(
+    clippy::inline_always,
+    reason = "BPF: what is inlined decides the stack frames and what the verifier walks, so it \
+              is chosen here, not left to the optimizer"
+)]
 
 mod conntrack;
 mod events;
@@ -14,18 +19,14 @@ mod packet;
 mod policy;
 mod proxy;
 
-use aya_ebpf::{macros::classifier, programs::TcContext};
 use palisade_common::direction;
 
-#[classifier]
-pub fn tc_from_endpoint(ctx: TcContext) -> i32 {
-    judge::run(&ctx, direction::EGRESS)
-}
+palisade_common::bpf_classifier!(PROG_FROM_ENDPOINT, |ctx| judge::run(
+    &ctx,
+    direction::EGRESS
+));
 
-#[classifier]
-pub fn tc_to_endpoint(ctx: TcContext) -> i32 {
-    judge::run(&ctx, direction::INGRESS)
-}
+palisade_common::bpf_classifier!(PROG_TO_ENDPOINT, |ctx| judge::run(&ctx, direction::INGRESS));
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -148,13 +148,13 @@ fn parse_ipv4(ctx: &TcContext, off: usize) -> Result<Packet, u8> {
                     pkt.sport_be = id;
                     pkt.dport_be = id;
                     // Policy sees the request type for both, so an allowed echo's reply matches.
-                    pkt.policy_port_be = (ICMP_ECHO as u16).to_be();
+                    pkt.policy_port_be = u16::from(ICMP_ECHO).to_be();
                 }
                 ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAMETER_PROBLEM => {
                     return parse_icmp_error(ctx, l4 + 8);
                 }
                 other => {
-                    pkt.policy_port_be = (other as u16).to_be();
+                    pkt.policy_port_be = u16::from(other).to_be();
                 }
             }
         }

@@ -22,9 +22,17 @@ fn v4(addr: &[u8; 16]) -> u32 {
     u32::from_ne_bytes([addr[0], addr[1], addr[2], addr[3]])
 }
 
+/// The size of the IPv4 member of `bpf_sock_tuple`.
+#[expect(
+    clippy::cast_possible_truncation,
+    reason = "a 12-byte size, in a const where `u32::try_from` cannot be called"
+)]
+const TUPLE_V4_SIZE: u32 = size_of::<bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1>() as u32;
+
 /// Looks up a TCP socket (of any state, listeners included) in the node namespace.
 #[inline(always)]
 fn lookup(ctx: &TcContext, saddr: u32, daddr: u32, sport_be: u16, dport_be: u16) -> *mut bpf_sock {
+    // SAFETY: `bpf_sock_tuple` is a C union of plain integers, for which all zeroes is valid.
     let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
     tuple.__bindgen_anon_1.ipv4 = bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1 {
         saddr,
@@ -36,10 +44,11 @@ fn lookup(ctx: &TcContext, saddr: u32, daddr: u32, sport_be: u16, dport_be: u16)
     // requires for an IPv4 lookup.
     unsafe {
         bpf_skc_lookup_tcp(
-            ctx.skb.skb as *mut c_void,
-            &mut tuple,
-            size_of::<bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1>() as u32,
-            BPF_F_CURRENT_NETNS as u64,
+            ctx.skb.skb.cast::<c_void>(),
+            &raw mut tuple,
+            TUPLE_V4_SIZE,
+            // -1 (all ones), as the helper takes it.
+            i64::from(BPF_F_CURRENT_NETNS).cast_unsigned(),
             0,
         )
     }
@@ -47,9 +56,10 @@ fn lookup(ctx: &TcContext, saddr: u32, daddr: u32, sport_be: u16, dport_be: u16)
 
 #[inline(always)]
 fn assign(ctx: &TcContext, sk: *mut bpf_sock) -> Result<(), u8> {
-    // SAFETY: `sk` came from a successful lookup and is released exactly once.
-    let rc = unsafe { bpf_sk_assign(ctx.skb.skb as *mut c_void, sk as *mut c_void, 0) };
-    unsafe { bpf_sk_release(sk as *mut c_void) };
+    // SAFETY: valid context; `sk` came from a successful lookup and is not released yet.
+    let rc = unsafe { bpf_sk_assign(ctx.skb.skb.cast::<c_void>(), sk.cast::<c_void>(), 0) };
+    // SAFETY: `sk` came from a successful lookup and is released exactly once, here.
+    unsafe { bpf_sk_release(sk.cast::<c_void>()) };
     if rc != 0 {
         return Err(drop::PROXY_UNAVAILABLE);
     }

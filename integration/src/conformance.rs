@@ -212,10 +212,11 @@ impl Model {
                 ["cidr", pod, len] => {
                     let len: u32 = len.parse().expect("prefix length");
                     let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
-                    out.push_str(&format!(
+                    let _ = write!(
+                        out,
                         "{}/{len}",
                         Ipv4Addr::from(u32::from(self.ip(pod)) & mask)
-                    ));
+                    );
                 }
                 other => panic!("unknown placeholder {other:?}"),
             }

@@ -56,8 +56,7 @@ pub fn backend(netns: &str, port: u16) -> Seen {
                                     .into_body()
                                     .collect()
                                     .await
-                                    .map(|b| b.to_bytes().len())
-                                    .unwrap_or(0);
+                                    .map_or(0, |b| b.to_bytes().len());
                                 let line = format!("{method} {path}{query} {body}");
                                 log.lock().unwrap().push(line.clone());
                                 Ok::<_, std::convert::Infallible>(Response::new(Full::new(
@@ -164,7 +163,12 @@ impl Client {
                                 });
                             }
                             Ok(httparse::Status::Complete((used, size))) => {
-                                let size = size as usize;
+                                let size = usize::try_from(size).map_err(|_| {
+                                    std::io::Error::new(
+                                        std::io::ErrorKind::InvalidData,
+                                        "chunk too large",
+                                    )
+                                })?;
                                 while self.buf.len() < pos + used + size + 2 {
                                     self.fill()?;
                                 }
@@ -204,15 +208,18 @@ impl Client {
     }
 
     fn fill(&mut self) -> std::io::Result<()> {
-        let mut chunk = [0u8; 65536];
-        let n = self.stream.read(&mut chunk)?;
+        // Reads straight into the buffer's tail, then keeps only what arrived.
+        let start = self.buf.len();
+        self.buf.resize(start + 65536, 0);
+        let read = self.stream.read(&mut self.buf[start..]);
+        self.buf.truncate(start + read.as_ref().map_or(0, |n| *n));
+        let n = read?;
         if n == 0 {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::UnexpectedEof,
                 "connection closed",
             ));
         }
-        self.buf.extend_from_slice(&chunk[..n]);
         Ok(())
     }
 

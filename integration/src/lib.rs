@@ -2,6 +2,10 @@
 //! `palisade-agent`, endpoints made through the real `palisade` CLI, and real TCP/UDP/ICMP
 //! traffic sent from inside endpoint namespaces. Everything a fixture makes is removed in
 //! `Drop`, also when the test fails.
+#![expect(
+    clippy::print_stderr,
+    reason = "test fixtures: a failing test prints the agent's log for whoever reads it"
+)]
 
 pub mod conformance;
 pub mod http;

@@ -92,7 +92,10 @@ impl Node {
             netns,
             tag,
             dir,
-            agent_args: agent_args.iter().map(|s| s.to_string()).collect(),
+            agent_args: agent_args
+                .iter()
+                .map(std::string::ToString::to_string)
+                .collect(),
             agent: Mutex::new(None),
             endpoints: Mutex::new(Vec::new()),
         };
@@ -135,7 +138,10 @@ impl Node {
         let child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("starting the agent: {e}"));
-        *self.agent.lock().unwrap_or_else(|p| p.into_inner()) = Some(child);
+        *self
+            .agent
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(child);
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if self.palisade(&["status"]).status.success() {
@@ -145,7 +151,7 @@ impl Node {
             let exited = self
                 .agent
                 .lock()
-                .unwrap_or_else(|p| p.into_inner())
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .as_mut()
                 .and_then(|c| c.try_wait().ok().flatten());
             if let Some(status) = exited {
@@ -167,16 +173,21 @@ impl Node {
     pub fn agent_pid(&self) -> Option<u32> {
         self.agent
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .as_ref()
             .map(Child::id)
     }
 
     /// Stops the agent with SIGTERM (as an operator or systemd would).
     pub fn stop_agent(&self) {
-        if let Some(mut child) = self.agent.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        if let Some(mut child) = self
+            .agent
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+        {
             let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(child.id() as i32),
+                nix::unistd::Pid::from_raw(i32::try_from(child.id()).expect("a pid fits in pid_t")),
                 nix::sys::signal::Signal::SIGTERM,
             );
             let deadline = Instant::now() + Duration::from_secs(10);
@@ -243,7 +254,7 @@ impl Node {
         let name = self.name(short);
         self.endpoints
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .push(name.clone());
         let mut args = vec![
             "endpoint",
@@ -263,8 +274,14 @@ impl Node {
                 .as_str()
                 .and_then(|s| s.parse().ok())
                 .expect("ip in endpoint add output"),
-            id: v["id"].as_u64().expect("id") as u32,
-            identity: v["identity"].as_u64().expect("identity") as u32,
+            id: v["id"]
+                .as_u64()
+                .and_then(|n| u32::try_from(n).ok())
+                .expect("id"),
+            identity: v["identity"]
+                .as_u64()
+                .and_then(|n| u32::try_from(n).ok())
+                .expect("identity"),
         }
     }
 
@@ -306,7 +323,7 @@ impl Node {
         let mut names: Vec<String> = self
             .endpoints
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .drain(..)
             .collect();
         // Also anything carrying our tag that a failed step left behind.

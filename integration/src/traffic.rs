@@ -140,7 +140,7 @@ impl OpenConnection {
     }
 
     pub fn local_port(&self) -> u16 {
-        self.stream.local_addr().map(|a| a.port()).unwrap_or(0)
+        self.stream.local_addr().map_or(0, |a| a.port())
     }
 
     /// One request/answer round trip on the existing connection.
@@ -193,7 +193,7 @@ fn checksum(data: &[u8]) -> u16 {
     while sum >> 16 != 0 {
         sum = (sum & 0xffff) + (sum >> 16);
     }
-    !(sum as u16)
+    !u16::try_from(sum).expect("folded into 16 bits")
 }
 
 /// ICMP echo request, waiting for the matching reply.
@@ -202,12 +202,14 @@ pub fn ping(netns: &str, dst: Ipv4Addr) -> bool {
         let Ok(sock) = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::ICMPV4)) else {
             return false;
         };
-        let id: u16 = (std::process::id() as u16) ^ 0x5a5a;
-        let mut pkt = vec![8u8, 0, 0, 0, (id >> 8) as u8, id as u8, 0, 1];
+        // The low 16 bits of the pid.
+        let [.., pid_hi, pid_lo] = std::process::id().to_be_bytes();
+        let id = u16::from_be_bytes([pid_hi, pid_lo]) ^ 0x5a5a;
+        let [id_hi, id_lo] = id.to_be_bytes();
+        let mut pkt = vec![8u8, 0, 0, 0, id_hi, id_lo, 0, 1];
         pkt.extend_from_slice(b"palisade");
         let c = checksum(&pkt);
-        pkt[2] = (c >> 8) as u8;
-        pkt[3] = c as u8;
+        pkt[2..4].copy_from_slice(&c.to_be_bytes());
         if sock
             .send_to(&pkt, &SocketAddr::from((dst, 0)).into())
             .is_err()
@@ -225,10 +227,12 @@ pub fn ping(netns: &str, dst: Ipv4Addr) -> bool {
             let Ok((n, _)) = sock.recv_from(&mut buf) else {
                 return false;
             };
-            // SAFETY: recv_from initialised the first n bytes.
             let data: Vec<u8> = buf[..n]
                 .iter()
-                .map(|b| unsafe { b.assume_init() })
+                .map(|b| {
+                    // SAFETY: recv_from initialised the first n bytes.
+                    unsafe { b.assume_init() }
+                })
                 .collect();
             let ihl = usize::from(data.first().copied().unwrap_or(0) & 0x0f) * 4;
             if data.len() >= ihl + 8

@@ -362,7 +362,7 @@ fn conntrack_entries_expire_and_close() {
     let server = node.add_endpoint("server", "x", "app=server");
     let client = node.add_endpoint("client", "x", "app=client");
     let _srv = tcp_server(&server.name, 80);
-    let _udp = udp_server(&server.name, 53);
+    let udp = udp_server(&server.name, 53);
     // Client ingress locked down: only replies may reach it.
     node.apply(
         "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: lock, namespace: x}\nspec:\n  podSelector: {matchLabels: {app: client}}\n  policyTypes: [Ingress]\n",
@@ -379,7 +379,7 @@ fn conntrack_entries_expire_and_close() {
     assert!(before >= 2, "UDP entries on both sides: {before}");
     // ... until the entry expires: then the same tuple is a new flow into the client, denied.
     sleep(Duration::from_secs(3));
-    drop(_udp);
+    drop(udp);
     let flows_before = node
         .flows(&["--to-pod", &client.qualified(), "--verdict", "DROPPED"])
         .len();

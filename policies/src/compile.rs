@@ -209,7 +209,7 @@ pub fn policy_cidrs<'a>(policies: impl IntoIterator<Item = &'a Policy>) -> BTree
     out
 }
 
-fn contains(outer: &Ipv4Network, inner: &Ipv4Network) -> bool {
+fn contains(outer: Ipv4Network, inner: Ipv4Network) -> bool {
     outer.prefix() <= inner.prefix() && outer.contains(inner.network())
 }
 
@@ -290,7 +290,7 @@ fn select_uncached(identities: &IdentityTable, peer: &Peer) -> BTreeSet<Identity
             .collect(),
         Peer::Cidr { cidr, except } => {
             let selected =
-                |p: &Ipv4Network| contains(cidr, p) && !except.iter().any(|e| contains(e, p));
+                |p: &Ipv4Network| contains(*cidr, *p) && !except.iter().any(|e| contains(*e, *p));
             let mut out: BTreeSet<Identity> = identities
                 .iter()
                 .filter(|(_, src)| match src {
@@ -953,7 +953,7 @@ mod tests {
             .with_requirement(Requirement {
                 key: NAMESPACE_LABEL.into(),
                 operator: Operator::Exists,
-                values: Default::default(),
+                values: BTreeSet::default(),
             });
         c.apply(policy(
             "x",

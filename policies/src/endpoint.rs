@@ -39,13 +39,12 @@ impl NamedPort {
             .ok()
             .filter(|p| *p != 0)
             .ok_or_else(|| format!("port {s:?}: {number:?} is not a port number (1-65535)"))?;
-        let protocol = match Protocol::parse(proto) {
-            Some(p @ (Protocol::Tcp | Protocol::Udp | Protocol::Sctp)) => p,
-            _ => {
-                return Err(format!(
-                    "port {s:?}: protocol {proto:?} is not TCP, UDP or SCTP"
-                ));
-            }
+        let Some(protocol @ (Protocol::Tcp | Protocol::Udp | Protocol::Sctp)) =
+            Protocol::parse(proto)
+        else {
+            return Err(format!(
+                "port {s:?}: protocol {proto:?} is not TCP, UDP or SCTP"
+            ));
         };
         if !is_iana_svc_name(name) {
             return Err(format!(

@@ -40,7 +40,7 @@ impl PortPrefix {
         if bits == 0 {
             0
         } else {
-            u16::MAX << (16 - bits as u32)
+            u16::MAX << (16 - u32::from(bits))
         }
     }
 
@@ -77,7 +77,7 @@ impl PortPrefix {
 /// Splits an inclusive port range into the fewest aligned blocks.
 pub fn port_range_prefixes(start: u16, end: u16) -> Vec<PortPrefix> {
     let mut out = Vec::new();
-    let (mut s, e) = (start as u32, end as u32);
+    let (mut s, e) = (u32::from(start), u32::from(end));
     while s <= e {
         let mut size: u32 = if s == 0 {
             1 << 16
@@ -87,9 +87,10 @@ pub fn port_range_prefixes(start: u16, end: u16) -> Vec<PortPrefix> {
         while s + size - 1 > e {
             size >>= 1;
         }
+        // `s <= e` fits in 16 bits, and the block is at most 2^16 ports wide.
         out.push(PortPrefix {
-            port: s as u16,
-            bits: (16 - size.trailing_zeros()) as u8,
+            port: u16::try_from(s).expect("s <= end"),
+            bits: u8::try_from(16 - size.trailing_zeros()).expect("at most 16 bits"),
         });
         s += size;
     }
@@ -417,7 +418,7 @@ mod tests {
             .iter()
             .map(|b| {
                 let (f, l) = b.range();
-                (l - f) as u32 + 1
+                u32::from(l - f) + 1
             })
             .sum();
         assert_eq!(covered, 1001);
@@ -485,7 +486,7 @@ mod tests {
                 *k,
                 PolicyEntry {
                     action: *a,
-                    rule: RuleId(i as u32 + 1),
+                    rule: RuleId(u32::try_from(i).unwrap() + 1),
                 },
             );
         }

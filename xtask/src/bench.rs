@@ -18,7 +18,7 @@ fn write_result(name: &str, title: &str, body: &str) -> anyhow::Result<()> {
     std::fs::create_dir_all(&dir)?;
     let machine = format!(
         "{} CPUs, kernel {}",
-        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        std::thread::available_parallelism().map_or(0, std::num::NonZero::get),
         std::fs::read_to_string("/proc/sys/kernel/osrelease")
             .unwrap_or_default()
             .trim()
@@ -74,13 +74,12 @@ fn cpu_ticks(pid: u32) -> u64 {
 fn counter(node: &Node, outcome: &str) -> u64 {
     node.json(&["status"])["counters"]
         .as_array()
-        .map(|cs| {
+        .map_or(0, |cs| {
             cs.iter()
                 .filter(|c| c["outcome"] == outcome)
                 .filter_map(|c| c["packets"].as_u64())
                 .sum()
         })
-        .unwrap_or(0)
 }
 
 fn flows_total(node: &Node) -> u64 {
@@ -129,7 +128,7 @@ fn flow_ingest_run(events_per_second: u32, seconds: u64) -> anyhow::Result<Strin
                         }
                     }
                     sent.fetch_add(n, Ordering::Relaxed);
-                })
+                });
             })
         })
         .collect();
@@ -264,7 +263,9 @@ impl Nginx {
 impl Drop for Nginx {
     fn drop(&mut self) {
         let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::unistd::Pid::from_raw(
+                i32::try_from(self.child.id()).expect("a pid fits in pid_t"),
+            ),
             nix::sys::signal::Signal::SIGTERM,
         );
         let _ = self.child.wait();
@@ -319,6 +320,7 @@ fn wrk(netns: &str, url: &str) -> anyhow::Result<(f64, f64, f64)> {
 /// HTTP through Palisade's L7 proxy, directly (L3/L4 only), and through nginx configured as an
 /// equivalent filtering reverse proxy.
 fn l7() -> anyhow::Result<()> {
+    const L7_POLICY: &str = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: l7, namespace: x}\nspec:\n  endpointSelector: {matchLabels: {app: server}}\n  ingress:\n  - fromEndpoints: [{matchLabels: {app: client}}]\n    toPorts:\n    - ports: [{port: \"80\", protocol: TCP}]\n      rules:\n        http: [{method: GET, path: \"/public/.*\"}]\n";
     ensure_bench_packages()?;
     let bin_dir = build_binaries(true)?;
     // SAFETY: single-threaded here; the fixture reads it.
@@ -340,7 +342,6 @@ fn l7() -> anyhow::Result<()> {
     let _gateway = Nginx::start(&gateway.name, &node.dir, "gateway", &proxy_block)?;
     let url = |ip: std::net::Ipv4Addr| format!("http://{ip}/public/index.html");
 
-    const L7_POLICY: &str = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: l7, namespace: x}\nspec:\n  endpointSelector: {matchLabels: {app: server}}\n  ingress:\n  - fromEndpoints: [{matchLabels: {app: client}}]\n    toPorts:\n    - ports: [{port: \"80\", protocol: TCP}]\n      rules:\n        http: [{method: GET, path: \"/public/.*\"}]\n";
     // Interleaved rounds, medians reported: the two CPUs are shared with wrk and the backend,
     // so a single run of each would mostly measure whatever else the machine was doing.
     let (mut direct_runs, mut nginx_runs, mut palisade_runs) = (Vec::new(), Vec::new(), Vec::new());

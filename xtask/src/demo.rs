@@ -286,7 +286,7 @@ pub fn run() -> anyhow::Result<()> {
     for f in &files {
         let text = std::fs::read_to_string(f)?;
         if let Some(comment) = text.lines().find(|l| l.starts_with('#')) {
-            println!("{}", comment);
+            println!("{comment}");
         }
         show(
             &node,
@@ -414,7 +414,7 @@ pub fn run() -> anyhow::Result<()> {
 
     section("Agent status");
     show(&node, &["status"]);
-    let (rss, hwm) = node.agent_pid().map(rss_kib).unwrap_or((0, 0));
+    let (rss, hwm) = node.agent_pid().map_or((0, 0), rss_kib);
 
     let expected: Vec<bool> = probes.iter().map(|p| p.expect).collect();
     let expected_relabel: Vec<bool> = relabeled_probes.iter().map(|p| p.expect).collect();

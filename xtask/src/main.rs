@@ -3,8 +3,14 @@
 //! - `install`: prerequisites (nightly rust-src, bpf-linker, Debian packages), with messages;
 //! - `build`: the agent, CLI and BPF object;
 //! - `demo`: the product in one run, in a throwaway node namespace;
-//! - `test`: unit tests and the root-only integration tests (what CI runs);
+//! - `lint`: clippy with warnings as errors, on the host crates and on the BPF crate;
+//! - `test`: the lint, unit tests and the root-only integration tests (what CI runs);
 //! - `bench`: benchmarks.
+#![expect(
+    clippy::print_stdout,
+    clippy::print_stderr,
+    reason = "a developer's task runner: it reports to the terminal"
+)]
 
 mod bench;
 mod demo;
@@ -36,9 +42,12 @@ enum Task {
     },
     /// Run the demo: a node namespace, three workloads, policies, traffic, and why.
     Demo,
-    /// Unit tests, then the integration tests (needs root).
+    /// Clippy with warnings as errors: the host crates (all targets), then the BPF crate
+    /// (nightly, BPF target).
+    Lint,
+    /// The lint, unit tests, then the integration tests (needs root).
     Test {
-        /// Only the unit tests (no root needed).
+        /// Only the lint and the unit tests (no root needed).
         #[arg(long)]
         unit_only: bool,
         /// Arguments for the integration test binaries (e.g. a test name filter).
@@ -96,6 +105,47 @@ pub fn build_binaries(release: bool) -> anyhow::Result<PathBuf> {
         .join(if release { "release" } else { "debug" }))
 }
 
+/// Both clippy runs, warnings as errors. The BPF crate builds only with nightly for the BPF
+/// target, so it gets its own run; `+nightly` goes through rustup's proxy, and the variables an
+/// outer `cargo xtask` set (the stable toolchain's cargo and rustc) are removed so they cannot
+/// pin that run to stable.
+fn lint() -> anyhow::Result<()> {
+    run(cargo().args([
+        "clippy",
+        "--workspace",
+        "--exclude",
+        "palisade-datapath-bpf",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    let mut bpf = Command::new("cargo");
+    bpf.current_dir(workspace_root()).arg("+nightly").args([
+        "clippy",
+        "-Z",
+        "build-std=core",
+        "--target",
+        "bpfel-unknown-none",
+        "-p",
+        "palisade-datapath-bpf",
+        "--release",
+        "--",
+        "-D",
+        "warnings",
+    ]);
+    for var in [
+        "RUSTC",
+        "RUSTC_WRAPPER",
+        "RUSTC_WORKSPACE_WRAPPER",
+        "CARGO",
+        "RUSTUP_TOOLCHAIN",
+    ] {
+        bpf.env_remove(var);
+    }
+    run(&mut bpf)
+}
+
 fn integration(filter: &[String]) -> anyhow::Result<()> {
     if !nix::unistd::geteuid().is_root() {
         bail!(
@@ -142,8 +192,13 @@ fn main() -> anyhow::Result<()> {
             build_binaries(release).map(|d| println!("binaries in {}", d.display()))
         }
         Task::Demo => demo::run(),
+        Task::Lint => {
+            install::ensure()?;
+            lint()
+        }
         Task::Test { unit_only, filter } => {
             install::ensure()?;
+            lint()?;
             run(cargo().args([
                 "test",
                 "--workspace",

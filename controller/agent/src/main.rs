@@ -60,7 +60,13 @@ async fn main() -> std::process::ExitCode {
         Err(e) => {
             let line = one_line(&e);
             tracing::error!("{line}");
-            eprintln!("palisade-agent: {line}");
+            #[expect(
+                clippy::print_stderr,
+                reason = "the fatal error is shown even when PALISADE_LOG filters the log out"
+            )]
+            {
+                eprintln!("palisade-agent: {line}");
+            }
             std::process::ExitCode::FAILURE
         }
     }

@@ -196,11 +196,11 @@ pub fn render(s: &NodeStatus, t: &Telemetry) -> String {
                 let labels = vec![
                     (
                         "direction".to_string(),
-                        crate::status::counter_direction(c.direction).to_string(),
+                        outcome::direction_name(c.direction).to_string(),
                     ),
                     (
                         "outcome".to_string(),
-                        crate::status::counter_outcome(code).to_string(),
+                        outcome::outcome_name(code).to_string(),
                     ),
                 ];
                 packets.get_or_create(&labels).inc_by(c.packets);
@@ -310,7 +310,7 @@ mod tests {
                 policy_map_entries: 7,
                 ipcache_entries: 5,
                 maps_in_sync: true,
-                namespaces: Default::default(),
+                namespaces: std::collections::BTreeMap::default(),
             },
             conntrack_entries: 4,
             flows_stored: 9,

@@ -81,10 +81,11 @@ impl PolicyDir {
         }
         let mut loaded = Vec::new();
         for (path, _, _) in &stamp {
-            let text = std::fs::read_to_string(path).map_err(|source| PolicyDirError::ReadFile {
-                path: path.clone(),
-                source,
-            })?;
+            let text =
+                std::fs::read_to_string(path).map_err(|source| PolicyDirError::ReadFile {
+                    path: path.clone(),
+                    source,
+                })?;
             let parsed =
                 manifest::parse_manifests(&text).map_err(|source| PolicyDirError::Parse {
                     path: path.clone(),
@@ -110,13 +111,14 @@ pub async fn watch(mut dir: PolicyDir, engine: mpsc::Sender<Command>) {
     let mut last_error = String::new();
     loop {
         tick.tick().await;
-        let (read, back) = match tokio::task::spawn_blocking(move || (dir.read_if_changed(), dir)).await {
-            Ok(r) => r,
-            Err(e) => {
-                error!(error = %e, "policy directory reader failed; no longer watching it");
-                return;
-            }
-        };
+        let (read, back) =
+            match tokio::task::spawn_blocking(move || (dir.read_if_changed(), dir)).await {
+                Ok(r) => r,
+                Err(e) => {
+                    error!(error = %e, "policy directory reader failed; no longer watching it");
+                    return;
+                }
+            };
         dir = back;
         let outcome = match read {
             Ok(None) => Ok(None),

@@ -242,8 +242,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
                 .with_context(|| format!("--metrics-addr {addr}"))?;
             Some(tokio::spawn(async move {
                 if let Err(e) =
-                    crate::metrics::serve(listener, status, telemetry, std::future::pending())
-                        .await
+                    crate::metrics::serve(listener, status, telemetry, std::future::pending()).await
                 {
                     error!(%addr, error = %e, "metrics server stopped");
                 }

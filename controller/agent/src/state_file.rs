@@ -109,7 +109,9 @@ struct Shared {
 
 impl Shared {
     fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
-        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+        self.queue
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
@@ -156,7 +158,10 @@ fn write_loop(dir: &StateDir, shared: &Shared) {
                 if q.closed {
                     return;
                 }
-                q = shared.changed.wait(q).unwrap_or_else(|p| p.into_inner());
+                q = shared
+                    .changed
+                    .wait(q)
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
             }
         };
         match dir.save(&state) {
@@ -197,7 +202,11 @@ impl FileStoreFlusher {
     pub fn flush_and_stop(&self) {
         let mut q = self.shared.lock();
         while q.pending.is_some() || q.writing {
-            q = self.shared.changed.wait(q).unwrap_or_else(|p| p.into_inner());
+            q = self
+                .shared
+                .changed
+                .wait(q)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
         }
         q.closed = true;
         drop(q);

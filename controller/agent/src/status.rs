@@ -4,7 +4,6 @@
 
 use std::sync::Arc;
 
-use palisade_common::{direction, metrics as outcome, reason};
 use palisade_engine::views::EngineStatus;
 use palisade_engine::{AskError, Command, ask};
 use tokio::sync::mpsc;
@@ -33,10 +32,7 @@ impl StatusSource {
         let engine = ask(&self.engine, Command::Status).await?;
         let maps = Arc::clone(&self.maps);
         let (conntrack_entries, counters) = tokio::task::spawn_blocking(move || {
-            (
-                maps.conntrack_count(),
-                maps.counters().unwrap_or_default(),
-            )
+            (maps.conntrack_count(), maps.counters().unwrap_or_default())
         })
         .await
         .unwrap_or_default();
@@ -46,26 +42,5 @@ impl StatusSource {
             flows_stored: self.flows.len(),
             counters,
         })
-    }
-}
-
-/// `ingress`, `egress` or `datapath` (counters of the datapath as a whole).
-pub fn counter_direction(code: u8) -> &'static str {
-    match code {
-        direction::INGRESS => "ingress",
-        direction::EGRESS => "egress",
-        _ => "datapath",
-    }
-}
-
-/// A counter's outcome in words: the verdict, the lost-event kind, or the drop reason.
-pub fn counter_outcome(code: u8) -> &'static str {
-    match code {
-        outcome::OUTCOME_FORWARDED => "FORWARDED",
-        outcome::OUTCOME_REDIRECTED => "REDIRECTED",
-        outcome::OUTCOME_AUDIT => "AUDIT",
-        outcome::OUTCOME_EVENTS_LOST => "EVENTS_LOST",
-        outcome::OUTCOME_EVENTS_RATE_LIMITED => "EVENTS_RATE_LIMITED",
-        other => reason::drop_reason_name(other),
     }
 }

@@ -296,7 +296,10 @@ mod tests {
     fn crit(field: Field, values: &[&str], negate: bool) -> Criterion {
         Criterion {
             field,
-            values: values.iter().map(|v| v.to_string()).collect(),
+            values: values
+                .iter()
+                .map(std::string::ToString::to_string)
+                .collect(),
             negate,
         }
     }

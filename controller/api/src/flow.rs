@@ -1,6 +1,7 @@
 //! Flow records: what `palisade observe -o json` prints, one per line (schema in
 //! docs/flows.md), and the one-line form `palisade observe` shows by default.
 
+use std::fmt::Write as _;
 use std::net::Ipv4Addr;
 
 use palisade_common::reason::drop::POLICY_DENIED;
@@ -138,23 +139,24 @@ impl Flow {
         }
         line.push(' ');
         line.push_str(&self.verdict);
+        // Writing into a String cannot fail.
         if let Some(reason) = &self.drop_reason {
-            line.push_str(&format!(" ({reason})"));
+            let _ = write!(line, " ({reason})");
         }
         match &self.policy {
-            Some(p) => line.push_str(&format!(" by {}", p.rule)),
-            None if self.verdict == "DROPPED"
-                && self.drop_reason_code == Some(POLICY_DENIED) =>
-            {
-                line.push_str(&format!(
+            Some(p) => {
+                let _ = write!(line, " by {}", p.rule);
+            }
+            None if self.verdict == "DROPPED" && self.drop_reason_code == Some(POLICY_DENIED) => {
+                let _ = write!(
+                    line,
                     " by default deny on {} {}",
                     Self::side(&self.endpoint, Ipv4Addr::UNSPECIFIED, 0),
                     self.direction
-                ));
+                );
             }
             None => {}
         }
         line
     }
 }
-

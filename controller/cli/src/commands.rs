@@ -56,7 +56,7 @@ pub enum FlowOutput {
 }
 
 #[derive(Debug, Subcommand)]
-#[allow(
+#[expect(
     clippy::large_enum_variant,
     reason = "parsed once per process; boxing buys nothing"
 )]
@@ -753,7 +753,7 @@ pub async fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<()> {
         }
         Command::Observe(args) => {
             let sub = matches.subcommand_matches("observe").unwrap_or(matches);
-            observe(&client, args, sub).await?
+            observe(&client, args, sub).await?;
         }
         Command::Conntrack(ConntrackCmd::List { output }) => {
             let entries: Vec<ConntrackView> = client.get("/v1/conntrack").await?;

@@ -1,5 +1,10 @@
 //! `palisade`: the command line. Every command is one API call to the agent; errors are one
 //! line on stderr and a non-zero exit.
+#![expect(
+    clippy::print_stdout,
+    clippy::print_stderr,
+    reason = "a command line tool: its output and its errors are what it prints"
+)]
 
 mod commands;
 mod output;

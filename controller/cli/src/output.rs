@@ -1,5 +1,7 @@
 //! Plain-text tables for humans; `-o json` prints the API's own JSON shapes instead.
 
+use std::fmt::Write as _;
+
 /// Left-aligned columns separated by two spaces, header first.
 pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
     let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
@@ -16,7 +18,8 @@ pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
             if i + 1 == cells.len() {
                 s.push_str(c);
             } else {
-                s.push_str(&format!("{c:<w$}  ", w = widths[i]));
+                // Writing into a String cannot fail.
+                let _ = write!(s, "{c:<w$}  ", w = widths[i]);
             }
         }
         s.trim_end().to_string()

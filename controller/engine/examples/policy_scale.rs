@@ -2,6 +2,10 @@
 //! it measures the agent's own work: compiling 500 policies for 1,000 endpoints into map
 //! state, the map entries that produces, the agent's memory, and the time one policy change
 //! takes to recompile and diff. Run with `cargo xtask bench` (release build).
+#![expect(
+    clippy::print_stdout,
+    reason = "a benchmark: its report is what it prints"
+)]
 
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
@@ -55,6 +59,11 @@ fn policy(j: usize, port: u16) -> String {
     }
 }
 
+#[expect(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    reason = "p is a fraction in 0..=1, so the rounded index is non-negative and in bounds"
+)]
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
@@ -86,7 +95,7 @@ async fn main() -> anyhow::Result<()> {
             .map_err(anyhow::Error::msg)?,
             remove: vec![],
         };
-        engine.namespace_label(&format!("ns-{n}"), change)?;
+        engine.namespace_label(&format!("ns-{n}"), &change)?;
     }
     let tiers = ["web", "api", "db"];
     let started = Instant::now();
@@ -110,7 +119,7 @@ async fn main() -> anyhow::Result<()> {
     let endpoints_time = started.elapsed();
 
     let manifest: String = (0..POLICIES)
-        .map(|j| policy(j, 8000 + (j % 100) as u16))
+        .map(|j| policy(j, 8000 + u16::try_from(j % 100).expect("below 100")))
         .collect::<Vec<_>>()
         .join("---\n");
     let started = Instant::now();
@@ -155,8 +164,7 @@ async fn main() -> anyhow::Result<()> {
     writeln!(out, "|---|---|")?;
     writeln!(
         out,
-        "| endpoints / namespaces / policies | {} / {NAMESPACES} / {POLICIES} |",
-        ENDPOINTS
+        "| endpoints / namespaces / policies | {ENDPOINTS} / {NAMESPACES} / {POLICIES} |"
     )?;
     writeln!(out, "| identities | {} |", status.identities)?;
     writeln!(
@@ -196,8 +204,7 @@ async fn main() -> anyhow::Result<()> {
     )?;
     writeln!(
         out,
-        "| agent memory (RSS) at start / at the end | {} / {} KiB |",
-        rss_start, rss_end
+        "| agent memory (RSS) at start / at the end | {rss_start} / {rss_end} KiB |"
     )?;
     print!("{out}");
     Ok(())

@@ -53,7 +53,7 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
             Command::EndpointDelete(name, r) => drop(r.send(self.endpoint_delete(&name).await)),
             Command::EndpointList(r) => drop(r.send(Ok(self.endpoint_list()))),
             Command::NamespaceLabel(ns, change, r) => {
-                drop(r.send(self.namespace_label(&ns, change)));
+                drop(r.send(self.namespace_label(&ns, &change)));
             }
             Command::IdentityList(r) => drop(r.send(Ok(self.identity_list()))),
             Command::PolicyApply(policies, r) => drop(r.send(self.policy_apply(policies))),

@@ -165,7 +165,11 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
         self.endpoint_view(name)
     }
 
-    pub fn namespace_label(&mut self, ns: &str, change: LabelChange) -> Result<Labels, EngineError> {
+    pub fn namespace_label(
+        &mut self,
+        ns: &str,
+        change: &LabelChange,
+    ) -> Result<Labels, EngineError> {
         validate_dns_label("namespace", ns)?;
         validate_labels(&change.set)?;
         if change.set.contains_key(NAMESPACE_NAME_LABEL)

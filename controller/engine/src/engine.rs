@@ -291,7 +291,7 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
         for r in self.model.endpoints.values() {
             let labels = table
                 .get(&r.identity)
-                .map(|s| s.label_strings())
+                .map(palisade_policies::identity::IdentitySource::label_strings)
                 .unwrap_or_default();
             c.endpoints_by_id.insert(
                 r.id.0,

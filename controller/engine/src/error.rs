@@ -28,8 +28,8 @@ impl std::fmt::Display for AddressOwner {
     }
 }
 
-fn scope(namespace: &Option<String>) -> String {
-    namespace.as_ref().map_or_else(
+fn scope(namespace: Option<&str>) -> String {
+    namespace.map_or_else(
         || "the cluster-wide scope".to_string(),
         |n| format!("namespace {n:?}"),
     )
@@ -75,7 +75,7 @@ pub enum EngineError {
     Manifest(#[from] ManifestError),
     #[error("the manifest holds no documents")]
     EmptyManifest,
-    #[error("no policy {name:?} in {}", scope(.namespace))]
+    #[error("no policy {name:?} in {}", scope(.namespace.as_deref()))]
     NoSuchPolicy {
         name: String,
         namespace: Option<String>,
@@ -188,6 +188,9 @@ mod tests {
                 name: "b".into(),
             },
         };
-        assert_eq!(e.to_string(), "address 10.0.0.2 is already used by endpoint a/b");
+        assert_eq!(
+            e.to_string(),
+            "address 10.0.0.2 is already used by endpoint a/b"
+        );
     }
 }

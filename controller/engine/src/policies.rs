@@ -120,7 +120,10 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
 
     /// Replaces every policy read from the policy directory with `loaded` (what its files hold
     /// now), in one transaction. Policies applied through the API are left alone.
-    pub fn replace_file_policies(&mut self, loaded: Vec<FilePolicies>) -> Result<usize, EngineError> {
+    pub fn replace_file_policies(
+        &mut self,
+        loaded: Vec<FilePolicies>,
+    ) -> Result<usize, EngineError> {
         let files: Vec<PathBuf> = loaded.iter().map(|(p, _)| p.clone()).collect();
         let ((), ops) = self.transact(|m| {
             m.policy_sources.retain(|_, src| *src == PolicySource::Api);
@@ -135,7 +138,11 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
             }
             Ok(())
         })?;
-        info!(files = files.len(), map_operations = ops, "policy directory loaded");
+        info!(
+            files = files.len(),
+            map_operations = ops,
+            "policy directory loaded"
+        );
         Ok(ops)
     }
 }

@@ -53,7 +53,10 @@ pub struct MemoryStore {
 impl MemoryStore {
     /// What was saved last.
     pub fn kept(&self) -> Option<StateFile> {
-        self.kept.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.kept
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 }
 
@@ -63,7 +66,10 @@ impl StateStore for MemoryStore {
     }
 
     fn save(&mut self, state: StateFile) -> Result<(), PersistError> {
-        *self.kept.lock().unwrap_or_else(|p| p.into_inner()) = Some(state);
+        *self
+            .kept
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(state);
         Ok(())
     }
 }

@@ -85,7 +85,7 @@ fn verdict(e: &TestEngine, from: &str, to: &str, port: u16) -> Verdict {
     }
 }
 
-const ALLOW_FRONTEND_TO_BACKEND: &str = r#"
+const ALLOW_FRONTEND_TO_BACKEND: &str = r"
 apiVersion: networking.k8s.io/v1
 kind: NetworkPolicy
 metadata:
@@ -102,7 +102,7 @@ spec:
           app: frontend
     ports:
     - port: 8080
-"#;
+";
 
 #[tokio::test]
 async fn endpoint_add_plumbs_attaches_and_writes_maps() {
@@ -265,7 +265,8 @@ async fn namespace_labels_feed_namespace_selectors() {
     let mut e = engine().await;
     add(&mut e, "client", "team-a", "app=client").await;
     add(&mut e, "server", "demo", "app=server").await;
-    apply(&mut e, 
+    apply(
+        &mut e,
         r#"
 apiVersion: networking.k8s.io/v1
 kind: NetworkPolicy
@@ -284,7 +285,7 @@ spec:
     );
     e.namespace_label(
         "team-a",
-        LabelChange {
+        &LabelChange {
             set: labels("trust=yes"),
             remove: vec![],
         },
@@ -294,7 +295,7 @@ spec:
     let err = e
         .namespace_label(
             "team-a",
-            LabelChange {
+            &LabelChange {
                 set: labels("kubernetes.io/metadata.name=x"),
                 remove: vec![],
             },
@@ -381,7 +382,11 @@ async fn trace_names_the_allowing_rule_and_the_default_deny() {
         .unwrap();
     assert!(ok.allowed);
     assert_eq!(
-        ok.ingress.policy.as_ref().map(ToString::to_string).as_deref(),
+        ok.ingress
+            .policy
+            .as_ref()
+            .map(ToString::to_string)
+            .as_deref(),
         Some("demo/backend")
     );
     assert!(

@@ -270,12 +270,11 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
     }
 
     fn find(&self, ns_name: &str) -> Result<&EndpointRecord, EngineError> {
-        let (ns, name) =
-            ns_name
-                .split_once('/')
-                .ok_or_else(|| EngineError::NotNamespacedName {
-                    value: ns_name.to_string(),
-                })?;
+        let (ns, name) = ns_name
+            .split_once('/')
+            .ok_or_else(|| EngineError::NotNamespacedName {
+                value: ns_name.to_string(),
+            })?;
         let rec = self.record(name)?;
         if rec.namespace != ns {
             return Err(EngineError::WrongNamespace {

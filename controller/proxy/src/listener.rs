@@ -110,7 +110,10 @@ pub async fn run<O: Observer>(listener: TcpListener, ctx: ProxyContext<O>, worke
     }
 }
 
-async fn handle<O: Observer>(client: TcpStream, ctx: ProxyContext<O>) -> Result<(), http::ProxyError> {
+async fn handle<O: Observer>(
+    client: TcpStream,
+    ctx: ProxyContext<O>,
+) -> Result<(), http::ProxyError> {
     let (Some(peer), Some(dst)) = (
         client.peer_addr().ok().and_then(v4),
         // Transparently accepted: the local address is where the client was going.

@@ -54,7 +54,10 @@ impl ConnectionJudge {
     /// The verdict of the policy current now.
     pub fn judge(&self, head: &RequestHead) -> Decision {
         let policy = Arc::clone(&self.policy.borrow());
-        let mut cached = self.ends.lock().unwrap_or_else(|p| p.into_inner());
+        let mut cached = self
+            .ends
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let ends = match &*cached {
             Some((p, ends)) if Arc::ptr_eq(p, &policy) => *ends,
             _ => {

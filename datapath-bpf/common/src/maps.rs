@@ -1,14 +1,68 @@
-//! Map names and capacities. The names are the ELF symbols in the BPF object and the file names
-//! under the agent's bpffs directory, so they carry the layout version.
+//! Map and program names, and map capacities. The names are the ELF symbols in the BPF object
+//! and the file names under the agent's bpffs directory, so they carry the layout version.
+//!
+//! Each name is written once, in the table below. Userspace opens maps by the constants; the
+//! BPF programs declare their maps with [`bpf_map!`](crate::bpf_map) and their entry points
+//! with [`bpf_classifier!`](crate::bpf_classifier), which take the name from the same row, so
+//! the two sides cannot disagree: a name missing on either side fails to compile.
 
-pub const IPCACHE: &str = "IPCACHE_V1";
-pub const ENDPOINTS: &str = "ENDPOINTS_V1";
-pub const POLICY: &str = "POLICY_V1";
-pub const CONNTRACK: &str = "CT_V1";
-pub const METRICS: &str = "METRICS_V1";
-pub const FLOW_EVENTS: &str = "FLOW_EVENTS_V1";
-pub const CONFIG: &str = "CONFIG_V1";
-pub const EVENT_RATE: &str = "EVENT_RATE_V1";
+/// The one table of names. `$d` is a literal `$`, so that the macros it defines can take
+/// repetitions of their own.
+macro_rules! abi_names {
+    (
+        $d:tt
+        maps { $( $(#[$mdoc:meta])* $map:ident = $map_name:literal, )* }
+        classifiers { $( $(#[$pdoc:meta])* $prog:ident = $prog_fn:ident, )* }
+    ) => {
+        $( $(#[$mdoc])* pub const $map: &str = $map_name; )*
+        $( $(#[$pdoc])* pub const $prog: &str = stringify!($prog_fn); )*
+
+        /// Declares a BPF map under its ABI name:
+        /// `palisade_common::bpf_map!(IPCACHE, pub static IPCACHE: LpmTrie<K, V> = ...;)`.
+        #[macro_export]
+        macro_rules! bpf_map {
+            $(
+                ($map, $d($d item:tt)*) => {
+                    #[aya_ebpf::macros::map(name = $map_name)]
+                    $d($d item)*
+                };
+            )*
+        }
+
+        /// Declares a TC classifier under its ABI name:
+        /// `palisade_common::bpf_classifier!(PROG_FROM_ENDPOINT, |ctx| body)`.
+        #[macro_export]
+        macro_rules! bpf_classifier {
+            $(
+                ($prog, |$d ctx:ident| $d body:expr) => {
+                    #[aya_ebpf::macros::classifier]
+                    pub fn $prog_fn($d ctx: aya_ebpf::programs::TcContext) -> i32 {
+                        $d body
+                    }
+                };
+            )*
+        }
+    };
+}
+
+abi_names! { $
+    maps {
+        IPCACHE = "IPCACHE_V1",
+        ENDPOINTS = "ENDPOINTS_V1",
+        POLICY = "POLICY_V1",
+        CONNTRACK = "CT_V1",
+        METRICS = "METRICS_V1",
+        FLOW_EVENTS = "FLOW_EVENTS_V1",
+        CONFIG = "CONFIG_V1",
+        EVENT_RATE = "EVENT_RATE_V1",
+    }
+    classifiers {
+        /// TC ingress of an endpoint's host-side veth: what the endpoint sends.
+        PROG_FROM_ENDPOINT = tc_from_endpoint,
+        /// TC egress of an endpoint's host-side veth: what the endpoint receives.
+        PROG_TO_ENDPOINT = tc_to_endpoint,
+    }
+}
 
 pub const IPCACHE_MAX_ENTRIES: u32 = 65_536;
 pub const ENDPOINTS_MAX_ENTRIES: u32 = 16_384;
@@ -18,7 +72,3 @@ pub const CONNTRACK_MAX_ENTRIES: u32 = 262_144;
 pub const FLOW_EVENTS_BYTES: u32 = 4 << 20;
 /// Slots in the per-endpoint event rate limiter (indexed by endpoint id modulo this).
 pub const EVENT_RATE_SLOTS: u32 = 16_384;
-
-/// Program (ELF section function) names.
-pub const PROG_FROM_ENDPOINT: &str = "tc_from_endpoint";
-pub const PROG_TO_ENDPOINT: &str = "tc_to_endpoint";

@@ -15,6 +15,27 @@ pub const OUTCOME_EVENTS_RATE_LIMITED: u8 = 4;
 
 pub const METRICS_MAX_ENTRIES: u32 = 3 * 256;
 
+/// A counter's outcome in words: its verdict, the kind of lost event, or its drop reason.
+pub const fn outcome_name(outcome: u8) -> &'static str {
+    match outcome {
+        OUTCOME_FORWARDED => "FORWARDED",
+        OUTCOME_REDIRECTED => "REDIRECTED",
+        OUTCOME_AUDIT => "AUDIT",
+        OUTCOME_EVENTS_LOST => "EVENTS_LOST",
+        OUTCOME_EVENTS_RATE_LIMITED => "EVENTS_RATE_LIMITED",
+        drop => crate::reason::drop_reason_name(drop),
+    }
+}
+
+/// A counter's direction in words; 0 counts the datapath as a whole.
+pub const fn direction_name(direction: u8) -> &'static str {
+    match direction {
+        crate::direction::INGRESS => "ingress",
+        crate::direction::EGRESS => "egress",
+        _ => "datapath",
+    }
+}
+
 pub const fn metric_index(direction: u8, outcome: u8) -> u32 {
     (direction as u32) * 256 + outcome as u32
 }

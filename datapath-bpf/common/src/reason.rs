@@ -1,77 +1,86 @@
-//! Verdicts and drop reasons, with the words the CLI prints for them.
+//! Verdicts and drop reasons, each code written once beside the words the CLI prints for it.
 
-/// What happened to a packet or connection.
-pub mod verdict {
-    pub const FORWARDED: u8 = 1;
-    pub const DROPPED: u8 = 2;
+/// The one table of a kind of code: its constants, its name function, and the list of all.
+macro_rules! codes {
+    (
+        $(#[$mdoc:meta])* mod $module:ident;
+        $(#[$fdoc:meta])* fn $name_fn:ident, unknown = $unknown:literal;
+        $(#[$adoc:meta])* all $all:ident;
+        $( $(#[$doc:meta])* $konst:ident = $code:literal => $words:literal, )*
+    ) => {
+        $(#[$mdoc])*
+        pub mod $module {
+            $( $(#[$doc])* pub const $konst: u8 = $code; )*
+        }
+
+        $(#[$fdoc])*
+        pub const fn $name_fn(code: u8) -> &'static str {
+            match code {
+                $( $code => $words, )*
+                _ => $unknown,
+            }
+        }
+
+        $(#[$adoc])*
+        pub const $all: &[u8] = &[$( $module::$konst ),*];
+    };
+}
+
+codes! {
+    /// What happened to a packet or connection.
+    mod verdict;
+    /// The verdict in words, as flows show it.
+    fn verdict_name, unknown = "UNKNOWN";
+    /// Every verdict.
+    all ALL_VERDICTS;
+    FORWARDED = 1 => "FORWARDED",
+    DROPPED = 2 => "DROPPED",
     /// Policy would have dropped it; audit mode let it through.
-    pub const AUDIT: u8 = 3;
+    AUDIT = 3 => "AUDIT",
     /// Forwarded to the L7 proxy.
-    pub const REDIRECTED: u8 = 4;
+    REDIRECTED = 4 => "REDIRECTED",
 }
 
-/// Drop reasons. Numbering follows Cilium's style (drops start at 130) so the codes read alike.
-pub mod drop {
-    pub const NONE: u8 = 0;
-    pub const INVALID_SOURCE_IP: u8 = 132;
+codes! {
+    /// Drop reasons. Numbering follows Cilium's style (drops start at 130) so the codes read
+    /// alike.
+    mod drop;
+    /// Words for a drop reason, as `palisade observe` prints them.
+    fn drop_reason_name, unknown = "Unknown drop reason";
+    /// Every drop code (NONE included), each produced by the datapath.
+    all ALL_DROP_REASONS;
+    NONE = 0 => "none",
+    INVALID_SOURCE_IP = 132 => "Invalid source ip",
     /// No rule allows the traffic and the endpoint enforces policy in that direction.
-    pub const POLICY_DENIED: u8 = 133;
-    pub const INVALID_PACKET: u8 = 134;
-    pub const CT_TRUNCATED_OR_INVALID: u8 = 135;
-    pub const UNSUPPORTED_L3: u8 = 139;
-    pub const UNKNOWN_ENDPOINT: u8 = 140;
-    pub const CT_MAP_FULL: u8 = 155;
-    pub const FRAGMENTED: u8 = 157;
-    pub const UNSUPPORTED_L4: u8 = 160;
+    POLICY_DENIED = 133 => "Policy denied",
+    INVALID_PACKET = 134 => "Invalid packet",
+    CT_TRUNCATED_OR_INVALID = 135 => "CT: Truncated or invalid header",
+    UNSUPPORTED_L3 = 139 => "Unsupported L3 protocol",
+    UNKNOWN_ENDPOINT = 140 => "Unknown endpoint",
+    CT_MAP_FULL = 155 => "CT: Map insertion failed",
+    FRAGMENTED = 157 => "Fragmented packet",
     /// An explicit deny rule matched.
-    pub const POLICY_DENY_RULE: u8 = 181;
+    POLICY_DENY_RULE = 181 => "Policy denied by denylist",
     /// The datapath has no configuration yet (agent not initialised): fail closed.
-    pub const NOT_INITIALIZED: u8 = 190;
-    pub const PROXY_UNAVAILABLE: u8 = 191;
+    NOT_INITIALIZED = 190 => "Datapath not initialized",
+    PROXY_UNAVAILABLE = 191 => "Proxy redirection not possible",
 }
 
-/// Words for a drop reason, as `palisade observe` prints them.
-pub const fn drop_reason_name(code: u8) -> &'static str {
-    match code {
-        drop::NONE => "none",
-        drop::INVALID_SOURCE_IP => "Invalid source ip",
-        drop::POLICY_DENIED => "Policy denied",
-        drop::INVALID_PACKET => "Invalid packet",
-        drop::CT_TRUNCATED_OR_INVALID => "CT: Truncated or invalid header",
-        drop::UNSUPPORTED_L3 => "Unsupported L3 protocol",
-        drop::UNKNOWN_ENDPOINT => "Unknown endpoint",
-        drop::CT_MAP_FULL => "CT: Map insertion failed",
-        drop::FRAGMENTED => "Fragmented packet",
-        drop::UNSUPPORTED_L4 => "Unsupported L4 protocol",
-        drop::POLICY_DENY_RULE => "Policy denied by denylist",
-        drop::NOT_INITIALIZED => "Datapath not initialized",
-        drop::PROXY_UNAVAILABLE => "Proxy redirection not possible",
-        _ => "Unknown drop reason",
-    }
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-/// Every drop reason, for metrics export.
-pub const ALL_DROP_REASONS: [u8; 12] = [
-    drop::INVALID_SOURCE_IP,
-    drop::POLICY_DENIED,
-    drop::INVALID_PACKET,
-    drop::CT_TRUNCATED_OR_INVALID,
-    drop::UNSUPPORTED_L3,
-    drop::UNKNOWN_ENDPOINT,
-    drop::CT_MAP_FULL,
-    drop::FRAGMENTED,
-    drop::UNSUPPORTED_L4,
-    drop::POLICY_DENY_RULE,
-    drop::NOT_INITIALIZED,
-    drop::PROXY_UNAVAILABLE,
-];
-
-pub const fn verdict_name(code: u8) -> &'static str {
-    match code {
-        verdict::FORWARDED => "FORWARDED",
-        verdict::DROPPED => "DROPPED",
-        verdict::AUDIT => "AUDIT",
-        verdict::REDIRECTED => "REDIRECTED",
-        _ => "UNKNOWN",
+    #[test]
+    fn every_code_has_its_own_words() {
+        for (i, a) in ALL_DROP_REASONS.iter().enumerate() {
+            assert_ne!(drop_reason_name(*a), "Unknown drop reason");
+            for b in &ALL_DROP_REASONS[i + 1..] {
+                assert_ne!(a, b, "drop code {a} is defined twice");
+                assert_ne!(drop_reason_name(*a), drop_reason_name(*b));
+            }
+        }
+        assert_eq!(drop_reason_name(drop::POLICY_DENIED), "Policy denied");
+        assert_eq!(verdict_name(verdict::AUDIT), "AUDIT");
+        assert_eq!(verdict_name(99), "UNKNOWN");
     }
 }

@@ -41,9 +41,8 @@ pub struct L7Error {
     pub source: regex::Error,
 }
 
-fn anchored(field: &'static str, pattern: &Option<String>) -> Result<Option<Regex>, L7Error> {
+fn anchored(field: &'static str, pattern: Option<&String>) -> Result<Option<Regex>, L7Error> {
     pattern
-        .as_ref()
         .map(|p| {
             Regex::new(&format!("^(?:{p})$")).map_err(|source| L7Error {
                 field,
@@ -66,9 +65,9 @@ struct CompiledHttp {
 impl CompiledHttp {
     fn new(r: &HttpRule) -> Result<Self, L7Error> {
         Ok(Self {
-            method: anchored("method", &r.method)?,
-            path: anchored("path", &r.path)?,
-            host: anchored("host", &r.host)?,
+            method: anchored("method", r.method.as_ref())?,
+            path: anchored("path", r.path.as_ref())?,
+            host: anchored("host", r.host.as_ref())?,
             headers: r
                 .headers
                 .iter()

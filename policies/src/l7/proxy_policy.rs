@@ -105,7 +105,7 @@ mod tests {
     struct Get(&'static str);
 
     impl RequestView for Get {
-        fn method(&self) -> &str {
+        fn method(&self) -> &'static str {
             "GET"
         }
         fn path(&self) -> &str {

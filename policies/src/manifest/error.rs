@@ -12,7 +12,11 @@ use crate::model::Protocol;
 /// which field path (e.g. `spec.ingress[0].from[1].ipBlock.cidr`), and why. Plain data, so it
 /// travels whole from the agent to the CLI (the API's error body carries it).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, serde::Serialize, serde::Deserialize)]
-#[error("document {document}{}{}: {reason}", object_part(.object), field_part(.field))]
+#[error(
+    "document {document}{}{}: {reason}",
+    object_part(.object.as_ref()),
+    field_part(.field.as_ref())
+)]
 pub struct ManifestError {
     pub document: usize,
     /// `<kind> <namespace>/<name>` (or `<kind> <name>` for clusterwide objects).
@@ -21,15 +25,12 @@ pub struct ManifestError {
     pub reason: String,
 }
 
-fn object_part(object: &Option<String>) -> String {
-    object
-        .as_ref()
-        .map(|o| format!(" ({o})"))
-        .unwrap_or_default()
+fn object_part(object: Option<&String>) -> String {
+    object.map(|o| format!(" ({o})")).unwrap_or_default()
 }
 
-fn field_part(field: &Option<String>) -> String {
-    field.as_ref().map(|f| format!(": {f}")).unwrap_or_default()
+fn field_part(field: Option<&String>) -> String {
+    field.map(|f| format!(": {f}")).unwrap_or_default()
 }
 
 pub(crate) const SUPPORTED_OBJECTS: &str = "networking.k8s.io/v1 NetworkPolicy, \

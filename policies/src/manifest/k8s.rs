@@ -332,7 +332,7 @@ mod tests {
         Requirement {
             key: key.into(),
             operator: Operator::Exists,
-            values: Default::default(),
+            values: std::collections::BTreeSet::default(),
         }
     }
 

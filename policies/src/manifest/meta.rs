@@ -137,12 +137,12 @@ fn is_dns_label_syntax(part: &str) -> bool {
 mod tests {
     use super::*;
 
-    fn meta(name: Option<&str>, namespace: Option<&str>) -> Option<ObjectMeta> {
-        Some(ObjectMeta {
+    fn meta(name: Option<&str>, namespace: Option<&str>) -> ObjectMeta {
+        ObjectMeta {
             name: name.map(String::from),
             namespace: namespace.map(String::from),
             ..ObjectMeta::default()
-        })
+        }
     }
 
     #[test]
@@ -176,24 +176,24 @@ mod tests {
 
     #[test]
     fn namespaced_objects_default_to_the_default_namespace() {
-        let id = object_id(meta(Some("p"), None), Scope::Namespaced).unwrap();
+        let id = object_id(Some(meta(Some("p"), None)), Scope::Namespaced).unwrap();
         assert_eq!(id.namespace.as_deref(), Some("default"));
-        let id = object_id(meta(Some("p"), Some("")), Scope::Namespaced).unwrap();
+        let id = object_id(Some(meta(Some("p"), Some(""))), Scope::Namespaced).unwrap();
         assert_eq!(id.namespace.as_deref(), Some("default"));
     }
 
     #[test]
     fn clusterwide_objects_have_no_namespace() {
-        let id = object_id(meta(Some("p"), None), Scope::Clusterwide).unwrap();
+        let id = object_id(Some(meta(Some("p"), None)), Scope::Clusterwide).unwrap();
         assert_eq!(id.namespace, None);
-        let err = object_id(meta(Some("p"), Some("demo")), Scope::Clusterwide).unwrap_err();
+        let err = object_id(Some(meta(Some("p"), Some("demo"))), Scope::Clusterwide).unwrap_err();
         assert_eq!(err.field.as_deref(), Some("metadata.namespace"));
         assert_eq!(err.problem, Problem::NamespaceOnClusterwide("demo".into()));
     }
 
     #[test]
     fn missing_name_or_metadata_is_reported_at_metadata_name() {
-        for m in [None, meta(None, Some("demo"))] {
+        for m in [None, Some(meta(None, Some("demo")))] {
             let err = object_id(m, Scope::Namespaced).unwrap_err();
             assert_eq!(err.field.as_deref(), Some("metadata.name"));
             assert_eq!(err.problem, Problem::Required("name"));

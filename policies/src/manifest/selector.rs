@@ -147,7 +147,7 @@ fn validate_cilium_key(key: &str) -> Result<(), LabelError> {
                 key: key.to_string(),
                 why,
             },
-            other => other,
+            other @ LabelError::InvalidValue { .. } => other,
         }),
         None => validate_key(key),
     }

@@ -54,7 +54,7 @@ pub fn policy_key(k: &PolicyKey) -> (u32, common_policy::PolicyKey) {
         None => (POLICY_PREFIX_ANY_PROTO, 0, 0),
         Some(p) => {
             let port = k.port.canonical();
-            (POLICY_PREFIX_ANY_PORT + port.bits as u32, p, port.port)
+            (POLICY_PREFIX_ANY_PORT + u32::from(port.bits), p, port.port)
         }
     };
     (
@@ -80,7 +80,8 @@ pub fn policy_key_from(
             Some(k.protocol),
             PortPrefix {
                 port: u16::from_be(k.dport_be),
-                bits: (p - POLICY_PREFIX_ANY_PORT) as u8,
+                bits: u8::try_from(p - POLICY_PREFIX_ANY_PORT)
+                    .map_err(|_| DecodeError::PolicyPrefix(p))?,
             }
             .canonical(),
         ),
@@ -95,7 +96,7 @@ pub fn policy_key_from(
     })
 }
 
-pub fn policy_value(e: &PolicyEntry) -> PolicyValue {
+pub fn policy_value(e: PolicyEntry) -> PolicyValue {
     let (action, proxy_port) = match e.action {
         Action::Allow => (common_policy::action::ALLOW, 0),
         Action::Deny => (common_policy::action::DENY, 0),
@@ -109,7 +110,7 @@ pub fn policy_value(e: &PolicyEntry) -> PolicyValue {
     }
 }
 
-pub fn policy_entry_from(v: &PolicyValue) -> Result<PolicyEntry, DecodeError> {
+pub fn policy_entry_from(v: PolicyValue) -> Result<PolicyEntry, DecodeError> {
     let action = match v.action {
         common_policy::action::ALLOW => Action::Allow,
         common_policy::action::DENY => Action::Deny,
@@ -124,9 +125,9 @@ pub fn policy_entry_from(v: &PolicyValue) -> Result<PolicyEntry, DecodeError> {
     })
 }
 
-pub fn ipcache_key(prefix: &Ipv4Network) -> (u32, IpcacheKey) {
+pub fn ipcache_key(prefix: Ipv4Network) -> (u32, IpcacheKey) {
     (
-        IPCACHE_PREFIX_OFFSET_BITS + prefix.prefix() as u32,
+        IPCACHE_PREFIX_OFFSET_BITS + u32::from(prefix.prefix()),
         IpcacheKey::ipv4(prefix.network().octets()),
     )
 }
@@ -142,7 +143,8 @@ pub fn ipcache_key_from(prefix_len: u32, k: &IpcacheKey) -> Result<Ipv4Network, 
         return Err(bad());
     }
     let addr = Ipv4Addr::new(k.addr[0], k.addr[1], k.addr[2], k.addr[3]);
-    Ipv4Network::new(addr, (prefix_len - IPCACHE_PREFIX_OFFSET_BITS) as u8).map_err(|_| bad())
+    let bits = u8::try_from(prefix_len - IPCACHE_PREFIX_OFFSET_BITS).map_err(|_| bad())?;
+    Ipv4Network::new(addr, bits).map_err(|_| bad())
 }
 
 pub fn ipcache_value(e: &IpcacheEntry) -> IpcacheValue {
@@ -243,19 +245,19 @@ mod tests {
                 action,
                 rule: RuleId(42),
             };
-            assert_eq!(policy_entry_from(&policy_value(&e)).unwrap(), e);
+            assert_eq!(policy_entry_from(policy_value(e)).unwrap(), e);
         }
         let bad = PolicyValue {
             action: 9,
             ..PolicyValue::default()
         };
-        assert!(policy_entry_from(&bad).is_err());
+        assert!(policy_entry_from(bad).is_err());
     }
 
     #[test]
     fn ipcache_prefix_length_counts_the_family_header() {
         let net: Ipv4Network = "10.1.0.0/16".parse().unwrap();
-        let (len, key) = ipcache_key(&net);
+        let (len, key) = ipcache_key(net);
         assert_eq!(len, 48);
         assert_eq!(&key.addr[..4], &[10, 1, 0, 0]);
         assert_eq!(ipcache_key_from(len, &key).unwrap(), net);

@@ -119,7 +119,8 @@ pub struct CounterSample {
 pub fn monotonic_now_ns() -> u64 {
     let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
         .expect("CLOCK_MONOTONIC is always available");
-    u64::try_from(ts.tv_sec()).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec()).unwrap_or(0)
+    u64::try_from(ts.tv_sec()).unwrap_or(0) * 1_000_000_000
+        + u64::try_from(ts.tv_nsec()).unwrap_or(0)
 }
 
 /// The BPF object built by build.rs from datapath-bpf.
@@ -154,10 +155,7 @@ fn map_err(map: &'static str, op: &'static str) -> impl Fn(MapError) -> BpfError
     move |source| {
         // A full map is a capacity problem the operator must see named as such.
         if let MapError::SyscallError(e) = &source
-            && matches!(
-                e.io_error.raw_os_error(),
-                Some(libc::E2BIG) | Some(libc::ENOSPC)
-            )
+            && matches!(e.io_error.raw_os_error(), Some(libc::E2BIG | libc::ENOSPC))
         {
             return BpfError::MapFull { map };
         }
@@ -339,7 +337,8 @@ impl BpfDatapath {
         match fd_link.pin(pin) {
             Ok(pinned) => drop(pinned),
             // attach_to_link on an existing pin: the pin is already there.
-            Err(PinError::SyscallError(e)) if e.io_error.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(PinError::SyscallError(e)) if e.io_error.kind() == io::ErrorKind::AlreadyExists => {
+            }
             Err(source) => {
                 return Err(BpfError::Pin {
                     ifname: ifname.to_string(),
@@ -393,13 +392,13 @@ impl Datapath for BpfDatapath {
         for (k, v) in &diff.policy_upserts {
             let (prefix, raw) = convert::policy_key(k);
             self.policy
-                .insert(&Key::new(prefix, raw), convert::policy_value(v), 0)
+                .insert(&Key::new(prefix, raw), convert::policy_value(*v), 0)
                 .map_err(map_err(names::POLICY, "insert"))
                 .map_err(fail(applied))?;
             applied += 1;
         }
         for (net, v) in &diff.ipcache_upserts {
-            let (prefix, raw) = convert::ipcache_key(net);
+            let (prefix, raw) = convert::ipcache_key(*net);
             self.ipcache
                 .insert(&Key::new(prefix, raw), convert::ipcache_value(v), 0)
                 .map_err(map_err(names::IPCACHE, "insert"))
@@ -415,15 +414,15 @@ impl Datapath for BpfDatapath {
         }
         for (_, e) in &diff.endpoint_removals {
             match self.endpoints.remove(&e.ifindex) {
-                Ok(()) | Err(MapError::KeyNotFound) | Err(MapError::ElementNotFound) => {}
+                Ok(()) | Err(MapError::KeyNotFound | MapError::ElementNotFound) => {}
                 Err(err) => return Err(fail(applied)(map_err(names::ENDPOINTS, "remove")(err))),
             }
             applied += 1;
         }
         for net in &diff.ipcache_removals {
-            let (prefix, raw) = convert::ipcache_key(net);
+            let (prefix, raw) = convert::ipcache_key(*net);
             match self.ipcache.remove(&Key::new(prefix, raw)) {
-                Ok(()) | Err(MapError::KeyNotFound) | Err(MapError::ElementNotFound) => {}
+                Ok(()) | Err(MapError::KeyNotFound | MapError::ElementNotFound) => {}
                 Err(err) => return Err(fail(applied)(map_err(names::IPCACHE, "remove")(err))),
             }
             applied += 1;
@@ -431,7 +430,7 @@ impl Datapath for BpfDatapath {
         for k in &diff.policy_removals {
             let (prefix, raw) = convert::policy_key(k);
             match self.policy.remove(&Key::new(prefix, raw)) {
-                Ok(()) | Err(MapError::KeyNotFound) | Err(MapError::ElementNotFound) => {}
+                Ok(()) | Err(MapError::KeyNotFound | MapError::ElementNotFound) => {}
                 Err(err) => return Err(fail(applied)(map_err(names::POLICY, "remove")(err))),
             }
             applied += 1;
@@ -489,17 +488,17 @@ impl Datapath for BpfDatapath {
 impl BpfDatapath {
     fn read_maps(&self) -> Result<MapState, BpfError> {
         let mut state = MapState::default();
-        for item in self.policy.iter() {
+        for item in &self.policy {
             let (k, v) = item.map_err(map_err(names::POLICY, "iterate"))?;
             let key = convert::policy_key_from(k.prefix_len(), &k.data())?;
-            state.policy.insert(key, convert::policy_entry_from(&v)?);
+            state.policy.insert(key, convert::policy_entry_from(v)?);
         }
-        for item in self.ipcache.iter() {
+        for item in &self.ipcache {
             let (k, v) = item.map_err(map_err(names::IPCACHE, "iterate"))?;
             let net = convert::ipcache_key_from(k.prefix_len(), &k.data())?;
             state.ipcache.insert(net, convert::ipcache_entry_from(&v));
         }
-        for item in self.endpoints.iter() {
+        for item in &self.endpoints {
             let (ifindex, v) = item.map_err(map_err(names::ENDPOINTS, "iterate"))?;
             let (id, e) = convert::endpoint_entry_from(ifindex, &v);
             state.endpoints.insert(id, e);
@@ -542,7 +541,7 @@ impl BpfDatapath {
         let now = monotonic_now_ns();
         let mut live = 0;
         let mut dead = Vec::new();
-        for item in self.conntrack.iter() {
+        for item in &self.conntrack {
             let (k, v) = item.map_err(map_err(names::CONNTRACK, "iterate"))?;
             if v.expires_ns < now {
                 dead.push(k);
@@ -586,7 +585,7 @@ impl MapReader {
 
     /// How many conntrack entries there are (without copying them out).
     pub fn conntrack_count(&self) -> usize {
-        self.conntrack.keys().filter(Result::is_ok).count()
+        self.conntrack.keys().flatten().count()
     }
 
     /// The non-zero counters.

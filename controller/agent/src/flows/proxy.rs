@@ -135,7 +135,12 @@ impl ConnectionObserver for ConnectionFlows {
             .as_ref()
             .is_some_and(|b| Arc::ptr_eq(&b.policy, &policy) && Arc::ptr_eq(&b.catalog, &catalog));
         if !fresh {
-            self.base = Some(FlowBase::new(self.client, self.destination, policy, catalog));
+            self.base = Some(FlowBase::new(
+                self.client,
+                self.destination,
+                policy,
+                catalog,
+            ));
         }
         let Some(b) = &self.base else { return };
         let flow = b.flow(&r);

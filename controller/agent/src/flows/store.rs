@@ -32,7 +32,10 @@ impl FlowStore {
     /// Stores a flow, numbering it (datapath and proxy flows share one sequence).
     pub fn push(&self, wall: SystemTime, mut flow: Flow) {
         let flow = {
-            let mut guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+            let mut guard = self
+                .inner
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             let (q, next) = &mut *guard;
             flow.seq = *next;
             *next += 1;
@@ -51,7 +54,11 @@ impl FlowStore {
     }
 
     pub fn len(&self) -> usize {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner()).0.len()
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .0
+            .len()
     }
 
     /// The newest `last` flows (all if None) newer than `since` that satisfy `keep`, oldest first.
@@ -61,7 +68,10 @@ impl FlowStore {
         since: Option<SystemTime>,
         keep: impl Fn(&Flow) -> bool,
     ) -> Vec<Arc<Flow>> {
-        let guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let guard = self
+            .inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut out: Vec<Arc<Flow>> = guard
             .0
             .iter()

@@ -108,7 +108,7 @@ pub fn delete(name: &str) -> Result<(), NetnsError> {
         return Ok(());
     }
     match umount2(&path, MntFlags::MNT_DETACH) {
-        Ok(()) | Err(nix::errno::Errno::EINVAL) | Err(nix::errno::Errno::ENOENT) => {}
+        Ok(()) | Err(nix::errno::Errno::EINVAL | nix::errno::Errno::ENOENT) => {}
         Err(e) => return Err(io_err(name, "unmount")(e.into())),
     }
     fs::remove_file(&path).map_err(io_err(name, "remove"))

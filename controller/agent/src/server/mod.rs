@@ -109,7 +109,9 @@ async fn status(State(s): State<ApiState>) -> Result<impl IntoResponse, ApiError
 
 async fn endpoint_list(State(s): State<ApiState>) -> Result<impl IntoResponse, ApiError> {
     let list = call(&s, Command::EndpointList).await?;
-    Ok(Json(list.into_iter().map(wire::endpoint).collect::<Vec<_>>()))
+    Ok(Json(
+        list.into_iter().map(wire::endpoint).collect::<Vec<_>>(),
+    ))
 }
 
 async fn endpoint_add(
@@ -160,7 +162,9 @@ async fn conntrack(State(s): State<ApiState>) -> Result<impl IntoResponse, ApiEr
 
 async fn identity_list(State(s): State<ApiState>) -> Result<impl IntoResponse, ApiError> {
     let list = call(&s, Command::IdentityList).await?;
-    Ok(Json(list.into_iter().map(wire::identity).collect::<Vec<_>>()))
+    Ok(Json(
+        list.into_iter().map(wire::identity).collect::<Vec<_>>(),
+    ))
 }
 
 async fn policy_list(State(s): State<ApiState>) -> Result<impl IntoResponse, ApiError> {
@@ -205,10 +209,10 @@ async fn trace(
 }
 
 /// One flow as a JSON line. A Flow always serializes; an empty line would be skipped.
-fn ndjson_line(f: &Flow) -> Result<Bytes, std::io::Error> {
+fn ndjson_line(f: &Flow) -> Bytes {
     let mut v = serde_json::to_vec(f).unwrap_or_default();
     v.push(b'\n');
-    Ok(Bytes::from(v))
+    Bytes::from(v)
 }
 
 /// Streams matching flows as JSON lines: stored ones first, then (with `follow`) live ones.
@@ -226,7 +230,12 @@ async fn flows(State(s): State<ApiState>, Json(q): Json<FlowQuery>) -> Result<Re
     };
     let stored = s.flows.snapshot(last, since, |f| filter.matches(f));
     let last_seq = stored.last().map(|f| f.seq);
-    let head = futures::stream::iter(stored.iter().map(|f| ndjson_line(f)).collect::<Vec<_>>());
+    let head = futures::stream::iter(
+        stored
+            .iter()
+            .map(|f| Ok::<_, std::io::Error>(ndjson_line(f)))
+            .collect::<Vec<_>>(),
+    );
     let body = match live {
         None => Body::from_stream(head),
         Some(rx) => {
@@ -239,7 +248,7 @@ async fn flows(State(s): State<ApiState>, Json(q): Json<FlowQuery>) -> Result<Re
                                 if last_seq.is_some_and(|l| f.seq <= l) || !filter.matches(&f) {
                                     continue;
                                 }
-                                return Some((ndjson_line(&f), (rx, filter, last_seq)));
+                                return Some((Ok(ndjson_line(&f)), (rx, filter, last_seq)));
                             }
                             // A slow follower misses flows rather than stalling the agent; say so.
                             Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use palisade_api::types as wire;
-use palisade_common::{conntrack as ct, direction as dir_code, proto};
+use palisade_common::{conntrack as ct, direction as dir_code, metrics, proto};
 use palisade_engine::catalog::Catalog;
 use palisade_engine::model::{EndpointSpec, LabelChange};
 use palisade_engine::views::{
@@ -16,7 +16,7 @@ use palisade_policies::model::PolicyRef;
 
 use crate::datapath::monotonic_now_ns;
 use crate::flows::protocol_name;
-use crate::status::{NodeStatus, counter_direction, counter_outcome};
+use crate::status::NodeStatus;
 
 fn names(ids: &[PolicyRef]) -> Vec<String> {
     ids.iter().map(ToString::to_string).collect()
@@ -168,8 +168,8 @@ pub fn status(s: NodeStatus, mode: &str) -> wire::StatusView {
             .counters
             .into_iter()
             .map(|c| wire::CounterView {
-                direction: counter_direction(c.direction).to_string(),
-                outcome: counter_outcome(c.outcome).to_string(),
+                direction: metrics::direction_name(c.direction).to_string(),
+                outcome: metrics::outcome_name(c.outcome).to_string(),
                 packets: c.packets,
                 bytes: c.bytes,
             })
@@ -179,7 +179,10 @@ pub fn status(s: NodeStatus, mode: &str) -> wire::StatusView {
 }
 
 /// The conntrack table in words, named from the catalog.
-pub fn conntrack(entries: Vec<(ct::CtKey, ct::CtEntry)>, catalog: &Catalog) -> Vec<wire::ConntrackView> {
+pub fn conntrack(
+    entries: Vec<(ct::CtKey, ct::CtEntry)>,
+    catalog: &Catalog,
+) -> Vec<wire::ConntrackView> {
     let now = monotonic_now_ns();
     let by_id: BTreeMap<u32, String> = catalog
         .endpoints_by_id

@@ -114,10 +114,10 @@ impl Default for Limits {
             max_head_bytes: 16 * 1024,
             max_headers: 100,
             head_timeout: Duration::from_secs(10),
-            idle_timeout: Duration::from_secs(60),
+            idle_timeout: Duration::from_mins(1),
             body_timeout: Duration::from_secs(30),
             upstream_connect_timeout: Duration::from_secs(5),
-            upstream_response_timeout: Duration::from_secs(60),
+            upstream_response_timeout: Duration::from_mins(1),
             close_linger: Duration::from_secs(2),
         }
     }

@@ -51,7 +51,7 @@ pub(super) fn request_head(head: &RequestHead) -> Vec<u8> {
     match head.body {
         BodyFraming::None => {}
         BodyFraming::ContentLength(n) => {
-            field(&mut out, "content-length", n.to_string().as_bytes())
+            field(&mut out, "content-length", n.to_string().as_bytes());
         }
         BodyFraming::Chunked => field(&mut out, "transfer-encoding", b"chunked"),
     }
@@ -95,7 +95,7 @@ pub(super) fn response_head(
         }
         Persistence::Close => field(&mut out, "connection", b"close"),
         Persistence::KeepAlive if client_version == 0 => {
-            field(&mut out, "connection", b"keep-alive")
+            field(&mut out, "connection", b"keep-alive");
         }
         Persistence::KeepAlive => {}
     }
@@ -155,7 +155,7 @@ pub(super) fn local_response(
     }
     match persistence {
         Persistence::KeepAlive if client_version == 0 => {
-            field(&mut out, "connection", b"keep-alive")
+            field(&mut out, "connection", b"keep-alive");
         }
         Persistence::KeepAlive | Persistence::Upgrade => {}
         Persistence::Close => field(&mut out, "connection", b"close"),
