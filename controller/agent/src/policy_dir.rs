@@ -147,3 +147,50 @@ pub async fn watch(mut dir: PolicyDir, engine: mpsc::Sender<Command>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const POLICY: &str = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: a, namespace: x}\nspec:\n  podSelector: {}\n";
+
+    fn dir(name: &str) -> PathBuf {
+        let d =
+            std::env::temp_dir().join(format!("palisade-policy-dir-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn reads_yaml_files_once_until_they_change() {
+        let d = dir("change");
+        std::fs::write(d.join("a.yaml"), POLICY).unwrap();
+        std::fs::write(d.join("notes.txt"), "not a manifest").unwrap();
+        let mut pd = PolicyDir::new(&d);
+        let (stamp, loaded) = pd.read_if_changed().unwrap().unwrap();
+        assert_eq!(loaded.len(), 1, "only *.yaml and *.yml are read");
+        assert_eq!(loaded[0].1.len(), 1);
+        pd.accept(stamp);
+        assert!(pd.read_if_changed().unwrap().is_none(), "nothing changed");
+        std::fs::write(d.join("b.yml"), POLICY.replace("name: a", "name: b")).unwrap();
+        let (_, loaded) = pd.read_if_changed().unwrap().unwrap();
+        assert_eq!(loaded.len(), 2);
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn a_file_that_does_not_parse_is_named_and_nothing_is_accepted() {
+        let d = dir("bad");
+        std::fs::write(d.join("a.yaml"), POLICY).unwrap();
+        std::fs::write(d.join("b.yaml"), "kind: [").unwrap();
+        let pd = PolicyDir::new(&d);
+        let err = pd.read_if_changed().unwrap_err();
+        assert!(err.to_string().contains("b.yaml"), "{err}");
+        assert!(err.to_string().contains("invalid YAML"), "{err}");
+        let missing = PolicyDir::new(&d.join("nope"));
+        let err = missing.read_if_changed().unwrap_err();
+        assert!(err.to_string().starts_with("policy directory "), "{err}");
+        let _ = std::fs::remove_dir_all(&d);
+    }
+}

@@ -186,3 +186,98 @@ impl Client {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    use tokio::net::UnixListener;
+
+    use super::*;
+
+    /// Answers one request with `status` and `body`, as the agent would.
+    fn agent_answering(
+        status: &'static str,
+        body: String,
+    ) -> (PathBuf, tokio::task::JoinHandle<()>) {
+        let dir = std::env::temp_dir().join(format!(
+            "palisade-api-client-{}-{}",
+            std::process::id(),
+            body.len()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let socket = dir.join("agent.sock");
+        let listener = UnixListener::bind(&socket).unwrap();
+        let task = tokio::spawn(async move {
+            let (mut conn, _) = listener.accept().await.unwrap();
+            let mut buf = vec![0u8; 4096];
+            let _ = conn.read(&mut buf).await.unwrap();
+            let answer = format!(
+                "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            conn.write_all(answer.as_bytes()).await.unwrap();
+        });
+        (socket, task)
+    }
+
+    #[tokio::test]
+    async fn a_rejected_manifest_arrives_whole() {
+        let m = ManifestError {
+            document: 2,
+            object: Some("NetworkPolicy x/a".into()),
+            field: Some("spec.ingress[0].from[0].ipBlock.cidr".into()),
+            reason: "invalid CIDR \"10.0.0.0/33\"".into(),
+        };
+        let body = serde_json::to_string(&ErrorBody {
+            error: m.to_string(),
+            manifest: Some(m.clone()),
+        })
+        .unwrap();
+        let (socket, server) = agent_answering("400 Bad Request", body);
+        let err = Client::new(&socket)
+            .post::<_, serde_json::Value>("/v1/policies", &serde_json::json!({"manifest": ""}))
+            .await
+            .unwrap_err();
+        server.await.unwrap();
+        match &err {
+            ClientError::Manifest(got) => assert_eq!(got, &m),
+            other => panic!("expected the manifest error, got {other:?}"),
+        }
+        assert_eq!(
+            err.to_string(),
+            "document 2 (NetworkPolicy x/a): spec.ingress[0].from[0].ipBlock.cidr: invalid CIDR \"10.0.0.0/33\""
+        );
+        assert_eq!(err.status(), Some(StatusCode::BAD_REQUEST));
+    }
+
+    #[tokio::test]
+    async fn other_errors_keep_their_message_and_status() {
+        let body = serde_json::to_string(&ErrorBody {
+            error: "no endpoint named \"db\"".into(),
+            manifest: None,
+        })
+        .unwrap();
+        let (socket, server) = agent_answering("404 Not Found", body);
+        let err = Client::new(&socket)
+            .get::<serde_json::Value>("/v1/endpoints/db")
+            .await
+            .unwrap_err();
+        server.await.unwrap();
+        assert_eq!(err.to_string(), "no endpoint named \"db\"");
+        assert_eq!(err.status(), Some(StatusCode::NOT_FOUND));
+    }
+
+    #[tokio::test]
+    async fn a_missing_agent_is_named() {
+        let err = Client::new(Path::new("/nonexistent/palisade.sock"))
+            .get::<serde_json::Value>("/v1/status")
+            .await
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("the palisade agent is not running"),
+            "{err}"
+        );
+    }
+}
