@@ -7,7 +7,7 @@ use std::net::Ipv4Addr;
 use palisade_policies::{
     endpoint::EndpointId,
     identity::workload_identity_labels,
-    labels::{Labels, NAMESPACE_NAME_LABEL},
+    labels::{self, Labels, NAMESPACE_NAME_LABEL},
 };
 use tracing::{info, warn};
 
@@ -15,11 +15,41 @@ use crate::datapath::Datapath;
 use crate::engine::Engine;
 use crate::error::{AddressOwner, EngineError};
 use crate::ipam;
-use crate::model::{
-    EndpointRecord, EndpointSpec, LabelChange, validate_dns_label, validate_labels,
-};
+use crate::model::{EndpointRecord, EndpointSpec, LabelChange};
 use crate::plumbing::Plumbing;
 use crate::views::EndpointView;
+
+/// DNS-1123 label: what Kubernetes requires of namespace names, and what endpoint names must
+/// be to serve as `ip netns` names.
+fn validate_dns_label(what: &'static str, value: &str) -> Result<(), EngineError> {
+    let bad = |why| EngineError::InvalidName {
+        what,
+        value: value.to_string(),
+        why,
+    };
+    if value.is_empty() || value.len() > 63 {
+        return Err(bad("must be 1-63 characters"));
+    }
+    let b = value.as_bytes();
+    if !b
+        .iter()
+        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+    {
+        return Err(bad("may contain only lowercase letters, digits and '-'"));
+    }
+    if !b[0].is_ascii_alphanumeric() || !b[b.len() - 1].is_ascii_alphanumeric() {
+        return Err(bad("must start and end with a letter or digit"));
+    }
+    Ok(())
+}
+
+fn validate_labels(l: &Labels) -> Result<(), EngineError> {
+    for (k, v) in l {
+        labels::validate_key(k)?;
+        labels::validate_value(k, v)?;
+    }
+    Ok(())
+}
 
 impl<D: Datapath, P: Plumbing> Engine<D, P> {
     fn choose_address(&self, asked: Option<Ipv4Addr>) -> Result<Ipv4Addr, EngineError> {

@@ -8,12 +8,10 @@ use std::path::PathBuf;
 use palisade_policies::{
     endpoint::{Endpoint, EndpointId, NamedPort},
     identity::{Identity, IdentityAllocator},
-    labels::{self, Labels},
+    labels::Labels,
     model::{Policy, PolicyRef},
 };
 use serde::{Deserialize, Serialize};
-
-use crate::error::EngineError;
 
 /// An endpoint as the engine keeps it (and persists it).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -109,36 +107,4 @@ pub(crate) struct Model {
     pub policy_sources: BTreeMap<PolicyRef, PolicySource>,
     pub identities: IdentityAllocator,
     pub next_endpoint_id: u32,
-}
-
-/// DNS-1123 label: what Kubernetes requires of namespace names, and what endpoint names must
-/// be to serve as `ip netns` names.
-pub(crate) fn validate_dns_label(what: &'static str, value: &str) -> Result<(), EngineError> {
-    let bad = |why| EngineError::InvalidName {
-        what,
-        value: value.to_string(),
-        why,
-    };
-    if value.is_empty() || value.len() > 63 {
-        return Err(bad("must be 1-63 characters"));
-    }
-    let b = value.as_bytes();
-    if !b
-        .iter()
-        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
-    {
-        return Err(bad("may contain only lowercase letters, digits and '-'"));
-    }
-    if !b[0].is_ascii_alphanumeric() || !b[b.len() - 1].is_ascii_alphanumeric() {
-        return Err(bad("must start and end with a letter or digit"));
-    }
-    Ok(())
-}
-
-pub(crate) fn validate_labels(l: &Labels) -> Result<(), EngineError> {
-    for (k, v) in l {
-        labels::validate_key(k)?;
-        labels::validate_value(k, v)?;
-    }
-    Ok(())
 }
