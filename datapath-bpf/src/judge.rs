@@ -258,28 +258,7 @@ fn established(
     // SAFETY: valid map value pointer for this program run.
     let e = unsafe { &mut *entry };
     if e.policy_revision != cfg.policy_revision {
-        // Policy changed since this connection was last checked: check it again, so that a
-        // connection the new policy denies stops instead of living on in conntrack.
-        let port_be = if key.protocol == proto::ICMP {
-            (8u16).to_be()
-        } else {
-            key.dport_be
-        };
-        let known_peer = (e.flags & CT_FLAG_FROM_PROXY != 0).then_some(e.peer_identity);
-        let (decision, peer_identity) = check_policy(ep, key.scope, key, port_be, known_peer);
-        let allowed = matches!(decision.action, action::ALLOW | action::REDIRECT);
-        if !allowed && ep.flags & FLAG_AUDIT == 0 {
-            conntrack::remove(key);
-            return Err(Drop {
-                reason: deny_reason(decision.action),
-                kind: EVENT_REVALIDATION_DROP,
-                peer_identity,
-                rule_id: decision.rule_id,
-            });
-        }
-        e.policy_revision = cfg.policy_revision;
-        e.rule_id = decision.rule_id;
-        e.peer_identity = peer_identity;
+        revalidate(cfg, ep, key, entry)?;
     }
     let audit = e.flags & CT_FLAG_AUDIT != 0;
     if conntrack::update(entry, cfg, pkt, is_reply, now, len) {
@@ -292,6 +271,53 @@ fn established(
     })
 }
 
+/// Policy changed since this connection was last checked: check it again, so that a
+/// connection the new policy denies stops instead of living on in conntrack, and one the new
+/// policy sends through the L7 proxy stops too (it cannot be moved into the proxy mid-stream;
+/// the agent resets both ends and the client's next connection takes the proxy). A connection
+/// already going through the proxy keeps doing so.
+#[inline(always)]
+fn revalidate(
+    cfg: &Config,
+    ep: &EndpointInfo,
+    key: &CtKey,
+    entry: *mut CtEntry,
+) -> Result<(), Drop> {
+    // SAFETY: valid map value pointer for this program run.
+    let e = unsafe { &mut *entry };
+    let port_be = if key.protocol == proto::ICMP {
+        (8u16).to_be()
+    } else {
+        key.dport_be
+    };
+    let known_peer = (e.flags & CT_FLAG_FROM_PROXY != 0).then_some(e.peer_identity);
+    let (decision, peer_identity) = check_policy(ep, key.scope, key, port_be, known_peer);
+    let allowed = matches!(decision.action, action::ALLOW | action::REDIRECT);
+    let stop = |reason| Drop {
+        reason,
+        kind: EVENT_REVALIDATION_DROP,
+        peer_identity,
+        rule_id: decision.rule_id,
+    };
+    if !allowed && ep.flags & FLAG_AUDIT == 0 {
+        conntrack::remove(key);
+        return Err(stop(deny_reason(decision.action)));
+    }
+    if allowed
+        && known_peer.is_none()
+        && e.flags & CT_FLAG_PROXY_REDIRECT == 0
+        && key.protocol == proto::TCP
+        && proxy_port_needed(ep, decision, key) != 0
+    {
+        conntrack::remove(key);
+        return Err(stop(drop::PROXY_REQUIRED));
+    }
+    e.policy_revision = cfg.policy_revision;
+    e.rule_id = decision.rule_id;
+    e.peer_identity = peer_identity;
+    Ok(())
+}
+
 #[inline(always)]
 fn deny_reason(action_code: u8) -> u8 {
     if action_code == action::DENY {
@@ -301,29 +327,31 @@ fn deny_reason(action_code: u8) -> u8 {
     }
 }
 
-/// Where a new connection goes when policy allows it.
-#[inline(always)]
-fn proxy_port_for(ep: &EndpointInfo, dir: u8, decision: &Decision, pkt: &Packet) -> u16 {
+/// The proxy port a TCP connection must be redirected to, 0 when none: its own side's
+/// redirect, or, on the client's egress, the local destination's ingress HTTP rules (the
+/// redirect can only happen here, at TC ingress on the client's side). `key` is the
+/// connection's original direction, as its scope opened it. Out of line: its lookups need
+/// stack that the paths calling it must not carry, and a BPF subprogram returns a plain number.
+#[inline(never)]
+fn proxy_port_needed(ep: &EndpointInfo, decision: Decision, key: &CtKey) -> u16 {
     if decision.action == action::REDIRECT {
         return decision.proxy_port_be;
     }
-    if dir != direction::EGRESS || pkt.protocol != proto::TCP {
+    if key.scope != direction::EGRESS {
         return 0;
     }
-    // A local destination whose ingress has HTTP rules for us needs the proxy too; the
-    // redirect can only happen here, at TC ingress on the client's side.
-    let dst = peer_of(&pkt.daddr);
+    let dst = peer_of(&key.daddr);
     if dst.endpoint_id == 0 {
         return 0;
     }
-    let me = peer_of(&pkt.saddr);
+    let me = peer_of(&key.saddr);
     let theirs = policy::best_match(
         dst.endpoint_id,
         direction::INGRESS,
         ep.identity,
         me.cidr_identity,
         proto::TCP,
-        pkt.policy_port_be,
+        key.dport_be,
     );
     if theirs.action == action::REDIRECT {
         theirs.proxy_port_be
@@ -368,7 +396,12 @@ fn new_connection(
     let proxy_port_be = if outcome == OUTCOME_AUDIT {
         0
     } else {
-        proxy_port_for(ep, dir, &decision, pkt)
+        // Only TCP can be handed to the proxy; a redirect of anything else fails closed below.
+        if decision.action == action::REDIRECT || pkt.protocol == proto::TCP {
+            proxy_port_needed(ep, decision, key)
+        } else {
+            0
+        }
     };
     let is_syn = pkt.protocol == proto::TCP && pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
     if proxy_port_be != 0 || decision.action == action::REDIRECT {

@@ -56,6 +56,9 @@ pub struct Node {
     pub dir: PathBuf,
     pub api: PathBuf,
     agent_args: Vec<String>,
+    /// Run the agent in a mount namespace of its own where /sys/fs/bpf is not mounted, with
+    /// its default `--bpffs` (what a fresh machine looks like).
+    fresh_bpffs: bool,
     agent: Mutex<Option<Child>>,
     endpoints: Mutex<Vec<String>>,
 }
@@ -73,8 +76,21 @@ impl Node {
         Self::start_tagged(&tag, test, agent_args)
     }
 
+    /// An agent with the default `--bpffs` (/sys/fs/bpf/palisade) in a mount namespace of its
+    /// own in which /sys/fs/bpf is not mounted, as on a fresh machine; nothing it mounts is
+    /// seen outside. Endpoints it creates are not visible to the host's `ip netns`.
+    pub fn start_with_fresh_bpffs(test: &str) -> Node {
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let tag = format!("t{}{n}", std::process::id() % 100_000);
+        Self::make(&tag, test, &[], true)
+    }
+
     /// Like `start_with`, with a chosen prefix for the namespaces it creates.
     pub fn start_tagged(tag: &str, test: &str, agent_args: &[&str]) -> Node {
+        Self::make(tag, test, agent_args, false)
+    }
+
+    fn make(tag: &str, test: &str, agent_args: &[&str], fresh_bpffs: bool) -> Node {
         crate::require_root();
         let tag = tag.to_string();
         let netns = format!("{tag}-node");
@@ -96,6 +112,7 @@ impl Node {
                 .iter()
                 .map(std::string::ToString::to_string)
                 .collect(),
+            fresh_bpffs,
             agent: Mutex::new(None),
             endpoints: Mutex::new(Vec::new()),
         };
@@ -119,7 +136,16 @@ impl Node {
             .append(true)
             .open(self.log_path())
             .expect("agent log");
-        let mut cmd = Command::new("nsenter");
+        let mut cmd;
+        if self.fresh_bpffs {
+            // `exec` keeps the agent's pid that of the child, so stopping it stops the agent.
+            cmd = Command::new("unshare");
+            cmd.args(["--mount", "--propagation", "private", "--", "sh", "-c"])
+                .arg("umount -l /sys/fs/bpf 2>/dev/null; exec \"$0\" \"$@\"")
+                .arg("nsenter");
+        } else {
+            cmd = Command::new("nsenter");
+        }
         cmd.arg(format!("--net=/run/netns/{}", self.netns))
             .arg("--")
             .arg(bin_dir().join("palisade-agent"))
@@ -127,11 +153,15 @@ impl Node {
             .arg("--api")
             .arg(&self.api)
             .arg("--state-dir")
-            .arg(self.dir.join("state"))
-            .arg("--bpffs")
-            .arg(self.dir.join("bpffs"))
-            .args(&self.agent_args)
-            .env("PALISADE_LOG", "info,palisade_controller=debug")
+            .arg(self.dir.join("state"));
+        if !self.fresh_bpffs {
+            cmd.arg("--bpffs").arg(self.dir.join("bpffs"));
+        }
+        cmd.args(&self.agent_args)
+            .env(
+                "PALISADE_LOG",
+                "info,palisade_agent=debug,palisade_engine=debug",
+            )
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log fd"))
             .stderr(log);

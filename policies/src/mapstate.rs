@@ -247,6 +247,30 @@ impl MapState {
         None
     }
 
+    /// The highest-precedence entry (deny > redirect > allow) across the peer's identity, the
+    /// any-identity wildcard and the peer's CIDR alias, without a default: `best_match` in
+    /// datapath-bpf/src/policy.rs.
+    pub fn best_match(
+        &self,
+        endpoint: EndpointId,
+        direction: Direction,
+        peer: &IpcacheEntry,
+        protocol: u8,
+        port: u16,
+    ) -> Option<(PolicyKey, PolicyEntry)> {
+        let mut candidates = vec![peer.identity, Identity::ANY];
+        candidates.extend(peer.cidr_identity);
+        let mut best: Option<(PolicyKey, PolicyEntry)> = None;
+        for id in candidates {
+            if let Some(found) = self.policy_lookup(endpoint, id, direction, protocol, port)
+                && best.is_none_or(|(_, b)| found.1.action.rank() > b.action.rank())
+            {
+                best = Some(found);
+            }
+        }
+        best
+    }
+
     /// The datapath's policy decision (see datapath-bpf/src/policy.rs) for a new connection
     /// of `endpoint` in `direction` with the peer at `peer_addr`.
     pub fn decide(
@@ -263,16 +287,7 @@ impl MapState {
             Direction::Ingress => ep.ingress_enforced,
             Direction::Egress => ep.egress_enforced,
         };
-        let mut candidates = vec![peer.identity, Identity::ANY];
-        candidates.extend(peer.cidr_identity);
-        let mut best: Option<(PolicyKey, PolicyEntry)> = None;
-        for id in candidates {
-            if let Some(found) = self.policy_lookup(endpoint, id, direction, protocol, port)
-                && best.is_none_or(|(_, b)| found.1.action.rank() > b.action.rank())
-            {
-                best = Some(found);
-            }
-        }
+        let best = self.best_match(endpoint, direction, &peer, protocol, port);
         let verdict = match best.map(|(_, e)| e.action) {
             Some(Action::Deny) => Verdict::DeniedByRule,
             Some(Action::Redirect { proxy_port }) => Verdict::Redirected { proxy_port },
@@ -286,6 +301,50 @@ impl MapState {
             peer,
             matched: best,
         })
+    }
+
+    /// The L7 proxy port a TCP connection from `src` to `dst` (original direction) must take,
+    /// as `endpoint`'s side decides it when the connection opens, or when a policy change
+    /// re-checks it (`proxy_port_needed` in datapath-bpf/src/judge.rs): the side's own redirect,
+    /// or, on a client's egress, the HTTP rules of a local destination's ingress; with the
+    /// rule that redirects it. None when the connection goes direct, or when the endpoint is
+    /// unknown.
+    pub fn proxy_port_needed(
+        &self,
+        endpoint: EndpointId,
+        scope: Direction,
+        src: Ipv4Addr,
+        dst: Ipv4Addr,
+        dport: u16,
+    ) -> Option<(u16, RuleId)> {
+        const TCP: u8 = 6;
+        let peer_addr = match scope {
+            Direction::Egress => dst,
+            Direction::Ingress => src,
+        };
+        let own = self.decide(endpoint, scope, peer_addr, TCP, dport)?;
+        if let (Verdict::Redirected { proxy_port }, Some((_, entry))) = (own.verdict, own.matched) {
+            return Some((proxy_port, entry.rule));
+        }
+        if scope != Direction::Egress {
+            return None;
+        }
+        let destination = self.ipcache_lookup(dst).endpoint?;
+        let client = IpcacheEntry {
+            identity: self.endpoints.get(&endpoint)?.identity,
+            endpoint: Some(endpoint),
+            cidr_identity: self.ipcache_lookup(src).cidr_identity,
+        };
+        match self.best_match(destination, Direction::Ingress, &client, TCP, dport) {
+            Some((
+                _,
+                PolicyEntry {
+                    action: Action::Redirect { proxy_port },
+                    rule,
+                },
+            )) => Some((proxy_port, rule)),
+            _ => None,
+        }
     }
 }
 

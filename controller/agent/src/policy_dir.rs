@@ -29,6 +29,11 @@ pub enum PolicyDirError {
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "policy file {path} is {bytes} bytes, more than the {} accepted",
+        manifest::limits::MAX_MANIFEST_BYTES
+    )]
+    TooLarge { path: PathBuf, bytes: u64 },
     #[error("policy file {path}: {source}")]
     Parse {
         path: PathBuf,
@@ -80,7 +85,14 @@ impl PolicyDir {
             return Ok(None);
         }
         let mut loaded = Vec::new();
-        for (path, _, _) in &stamp {
+        for (path, _, len) in &stamp {
+            // Not read at all when larger than the parser would accept.
+            if *len > manifest::limits::MAX_MANIFEST_BYTES as u64 {
+                return Err(PolicyDirError::TooLarge {
+                    path: path.clone(),
+                    bytes: *len,
+                });
+            }
             let text =
                 std::fs::read_to_string(path).map_err(|source| PolicyDirError::ReadFile {
                     path: path.clone(),

@@ -10,6 +10,7 @@ use anyhow::{Context as _, bail};
 use clap::{ArgAction, Parser};
 use ipnetwork::Ipv4Network;
 use palisade_engine::catalog::Catalog;
+use palisade_engine::revalidate::EngineEvent;
 use palisade_engine::store::StateStore;
 use palisade_engine::{Engine, EngineConfig, Outputs, ipam};
 use palisade_policies::compile::{EnforcementMode, Settings};
@@ -152,6 +153,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     let (proxy_tx, proxy_rx) = watch::channel(Arc::new(ProxyPolicy::default()));
     let (catalog_tx, catalog_rx) = watch::channel(Arc::new(Catalog::default()));
     let telemetry = Arc::new(Telemetry::default());
+    let (engine_events_tx, mut engine_events) = mpsc::unbounded_channel();
 
     // The policy directory is read before the start, so the first sync includes it; the
     // watcher then reads it again and keeps the engine up to date.
@@ -185,6 +187,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
             catalog: Some(catalog_tx),
             proxy: Some(proxy_tx),
             metrics: Some(Arc::clone(&telemetry) as Arc<dyn palisade_engine::EngineMetrics>),
+            events: Some(engine_events_tx),
         },
     )
     .await
@@ -204,6 +207,17 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
             let flow = enrich(&ev, &catalog, &clock, 0);
             counted.count_event(&ev);
             store.push(clock.wall(ev.timestamp_ns), flow);
+        }
+    });
+
+    // Connections the engine ended become flows too.
+    let (store, ended_catalog) = (Arc::clone(&flows), catalog_rx.clone());
+    tokio::spawn(async move {
+        while let Some(ev) = engine_events.recv().await {
+            let EngineEvent::ConnectionEnded(ended) = ev;
+            let catalog = Arc::clone(&ended_catalog.borrow());
+            let now = std::time::SystemTime::now();
+            store.push(now, crate::flows::ended_connection(&ended, &catalog, now));
         }
     });
 

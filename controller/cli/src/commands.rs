@@ -269,6 +269,31 @@ pub struct ObserveArgs {
     output: FlowOutput,
 }
 
+/// Reads a manifest file (`-`: stdin), refusing one larger than the agent accepts before it is
+/// read whole.
+fn read_manifest(file: &std::path::Path) -> anyhow::Result<String> {
+    let limit = palisade_policies::manifest::limits::MAX_MANIFEST_BYTES;
+    let what = if file.as_os_str() == "-" {
+        "stdin".to_string()
+    } else {
+        file.display().to_string()
+    };
+    let reader: Box<dyn std::io::Read> = if file.as_os_str() == "-" {
+        Box::new(std::io::stdin())
+    } else {
+        Box::new(std::fs::File::open(file).with_context(|| format!("reading {what}"))?)
+    };
+    let mut text = String::new();
+    reader
+        .take(limit as u64 + 1)
+        .read_to_string(&mut text)
+        .with_context(|| format!("reading {what}"))?;
+    if text.len() > limit {
+        bail!("the manifest in {what} is larger than the {limit} bytes the agent accepts");
+    }
+    Ok(text)
+}
+
 fn print_json<T: Serialize>(v: &T) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(v)?);
     Ok(())
@@ -637,16 +662,7 @@ pub async fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<()> {
             println!("{}", table(&["ID", "KIND", "ENDPOINTS", "LABELS"], &rows));
         }
         Command::Policy(PolicyCmd::Apply { file, output }) => {
-            let manifest = if file.as_os_str() == "-" {
-                let mut s = String::new();
-                std::io::stdin()
-                    .read_to_string(&mut s)
-                    .context("reading stdin")?;
-                s
-            } else {
-                std::fs::read_to_string(&file)
-                    .with_context(|| format!("reading {}", file.display()))?
-            };
+            let manifest = read_manifest(&file)?;
             let r: PolicyApplyResult = client
                 .post("/v1/policies", &PolicyApplyRequest { manifest })
                 .await?;

@@ -45,28 +45,49 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
     /// Serves one command. A closed reply channel means the caller went away; the change
     /// (if any) still stands.
     pub async fn handle(&mut self, cmd: Command) {
+        // Each change settles (connections a new policy sends through the proxy are ended)
+        // before its caller is answered.
         match cmd {
-            Command::EndpointAdd(spec, r) => drop(r.send(self.endpoint_add(spec).await)),
-            Command::EndpointLabel(name, change, r) => {
-                drop(r.send(self.endpoint_label(&name, &change)));
+            Command::EndpointAdd(spec, r) => {
+                let result = self.endpoint_add(spec).await;
+                self.settle(r, result).await;
             }
-            Command::EndpointDelete(name, r) => drop(r.send(self.endpoint_delete(&name).await)),
+            Command::EndpointLabel(name, change, r) => {
+                let result = self.endpoint_label(&name, &change);
+                self.settle(r, result).await;
+            }
+            Command::EndpointDelete(name, r) => {
+                let result = self.endpoint_delete(&name).await;
+                self.settle(r, result).await;
+            }
             Command::EndpointList(r) => drop(r.send(Ok(self.endpoint_list()))),
             Command::NamespaceLabel(ns, change, r) => {
-                drop(r.send(self.namespace_label(&ns, &change)));
+                let result = self.namespace_label(&ns, &change);
+                self.settle(r, result).await;
             }
             Command::IdentityList(r) => drop(r.send(Ok(self.identity_list()))),
-            Command::PolicyApply(policies, r) => drop(r.send(self.policy_apply(policies))),
+            Command::PolicyApply(policies, r) => {
+                let result = self.policy_apply(policies);
+                self.settle(r, result).await;
+            }
             Command::PolicyDelete(ns, name, r) => {
-                drop(r.send(self.policy_delete(ns.as_deref(), &name)));
+                let result = self.policy_delete(ns.as_deref(), &name);
+                self.settle(r, result).await;
             }
             Command::PolicyList(r) => drop(r.send(Ok(self.policy_list()))),
             Command::ReplaceFilePolicies(loaded, r) => {
-                drop(r.send(self.replace_file_policies(loaded)));
+                let result = self.replace_file_policies(loaded);
+                self.settle(r, result).await;
             }
             Command::Trace(q, r) => drop(r.send(self.trace(&q))),
             Command::Status(r) => drop(r.send(Ok(self.status()))),
         }
+    }
+
+    async fn settle<T>(&mut self, reply: Reply<T>, result: Result<T, EngineError>) {
+        self.end_connections_needing_proxy().await;
+        // A closed reply channel means the caller went away; the change still stands.
+        drop(reply.send(result));
     }
 
     /// Runs until every sender of `rx` is gone.

@@ -49,6 +49,8 @@ pub struct Outputs {
     /// The L7 proxy's policy, when a proxy runs.
     pub proxy: Option<watch::Sender<Arc<ProxyPolicy>>>,
     pub metrics: Option<Arc<dyn EngineMetrics>>,
+    /// What the engine did that others report (connections it ended).
+    pub events: Option<tokio::sync::mpsc::UnboundedSender<crate::revalidate::EngineEvent>>,
 }
 
 pub struct Engine<D: Datapath, P: Plumbing> {
@@ -62,6 +64,8 @@ pub struct Engine<D: Datapath, P: Plumbing> {
     pub(crate) plumbing: P,
     store: Option<Box<dyn StateStore>>,
     outputs: Outputs,
+    /// The last sync made established connections subject to re-checking.
+    pub(crate) revalidate: bool,
 }
 
 impl<D: Datapath, P: Plumbing> Engine<D, P> {
@@ -111,6 +115,7 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
             plumbing,
             store,
             outputs,
+            revalidate: false,
         };
         engine.host_addresses = engine.plumbing.node_addresses().await?;
         if !engine.host_addresses.contains(&engine.cfg.node_ip) {
@@ -169,6 +174,7 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
         let links: Vec<(String, u32)> = live.into_iter().map(|(n, i, _)| (n, i)).collect();
         engine.datapath.prune_links(&links);
         engine.persist()?;
+        engine.end_connections_needing_proxy().await;
         info!(
             endpoints = engine.model.endpoints.len(),
             policies = engine.model.policies.len(),
@@ -233,6 +239,7 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
             }
             self.applied = desired;
             self.datapath.bump_revision()?;
+            self.revalidate = true;
         }
         self.rules.retain_used_with(&self.applied, &l7);
         self.publish_catalog(&table);
@@ -330,6 +337,12 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
             }
         }
         tx.send_replace(Arc::new(c));
+    }
+
+    pub(crate) fn outputs_events(
+        &self,
+    ) -> Option<tokio::sync::mpsc::UnboundedSender<crate::revalidate::EngineEvent>> {
+        self.outputs.events.clone()
     }
 
     /// Periodic housekeeping: expired conntrack entries. Returns (deleted, still live).

@@ -12,6 +12,7 @@
 //!
 //! - `engine`: start-up reconciliation and the transaction every change runs in;
 //! - `endpoints`, `policies`: the changes; `views`: read-only answers and `policy trace`;
+//! - `revalidate`: ending the connections a change sends through the L7 proxy;
 //! - `command`: the engine's task and the commands it serves;
 //! - `model`: the state as plain data; `catalog`: names for the numbers flows carry;
 //! - `datapath`, `plumbing`, `store`: the edges' traits and their in-memory fakes;
@@ -27,6 +28,7 @@ pub mod ipam;
 pub mod model;
 pub mod plumbing;
 mod policies;
+pub mod revalidate;
 pub mod store;
 pub mod views;
 

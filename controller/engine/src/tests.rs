@@ -427,3 +427,107 @@ async fn trace_names_the_allowing_rule_and_the_default_deny() {
         .is_err()
     );
 }
+
+const L7_ON_BACKEND: &str = r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: backend-l7, namespace: demo}
+spec:
+  endpointSelector: {matchLabels: {app: backend}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {app: frontend}}]
+    toPorts:
+    - ports: [{port: "8080", protocol: TCP}]
+      rules:
+        http: [{method: GET, path: "/public/.*"}]
+"#;
+
+fn tcp(
+    endpoint: EndpointId,
+    scope: Direction,
+    from: (Ipv4Addr, u16),
+    to: (Ipv4Addr, u16),
+) -> crate::datapath::TrackedConnection {
+    crate::datapath::TrackedConnection {
+        endpoint,
+        scope,
+        protocol: 6,
+        source: std::net::SocketAddrV4::new(from.0, from.1),
+        destination: std::net::SocketAddrV4::new(to.0, to.1),
+        through_proxy: false,
+        from_proxy: false,
+        rule: palisade_policies::mapstate::RuleId::NONE,
+    }
+}
+
+#[tokio::test]
+async fn http_rules_end_open_connections_that_bypass_the_proxy() {
+    let settings = Settings {
+        proxy_port: Some(15001),
+        ..Settings::default()
+    };
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut e = Engine::start(
+        EngineConfig {
+            settings,
+            ..config()
+        },
+        MemoryDatapath::default(),
+        MemoryPlumbing::default(),
+        None,
+        Outputs {
+            events: Some(tx),
+            ..Outputs::default()
+        },
+    )
+    .await
+    .unwrap();
+    let f = add(&mut e, "frontend", "demo", "app=frontend").await;
+    let b = add(&mut e, "backend", "demo", "app=backend").await;
+    let o = add(&mut e, "other", "demo", "app=other").await;
+    let to_backend = (b.ip, 8080);
+    let open = vec![
+        // frontend -> backend:8080, as both sides track it: to be ended.
+        tcp(f.id, Direction::Egress, (f.ip, 40000), to_backend),
+        tcp(b.id, Direction::Ingress, (f.ip, 40000), to_backend),
+        // other -> backend:8080: the new policy denies it; the datapath drops it.
+        tcp(o.id, Direction::Egress, (o.ip, 40001), to_backend),
+        // frontend -> backend:22: not covered by the HTTP rules.
+        tcp(f.id, Direction::Egress, (f.ip, 40002), (b.ip, 22)),
+        // Already through the proxy: it keeps going.
+        crate::datapath::TrackedConnection {
+            through_proxy: true,
+            ..tcp(f.id, Direction::Egress, (f.ip, 40003), to_backend)
+        },
+    ];
+    e.datapath.tracked = open;
+    let update = apply(&mut e, L7_ON_BACKEND).unwrap();
+    assert!(update.map_operations > 0);
+    e.end_connections_needing_proxy().await;
+    let mut ended = e.plumbing.ended.clone();
+    ended.sort();
+    let pair = |ns: &str, local: (Ipv4Addr, u16), remote: (Ipv4Addr, u16)| {
+        (
+            ns.to_string(),
+            crate::plumbing::SocketPair {
+                local: std::net::SocketAddrV4::new(local.0, local.1),
+                remote: std::net::SocketAddrV4::new(remote.0, remote.1),
+            },
+        )
+    };
+    let mut want = vec![
+        pair("backend", to_backend, (f.ip, 40000)),
+        pair("frontend", (f.ip, 40000), to_backend),
+    ];
+    want.sort();
+    assert_eq!(ended, want, "both ends, and nothing else");
+    let mut events = Vec::new();
+    while let Ok(ev) = rx.try_recv() {
+        events.push(ev);
+    }
+    assert_eq!(events.len(), 2, "{events:?}");
+    // Nothing more to end until the next change.
+    e.plumbing.ended.clear();
+    e.end_connections_needing_proxy().await;
+    assert!(e.plumbing.ended.is_empty());
+}

@@ -64,6 +64,9 @@ codes! {
     /// The datapath has no configuration yet (agent not initialised): fail closed.
     NOT_INITIALIZED = 190 => "Datapath not initialized",
     PROXY_UNAVAILABLE = 191 => "Proxy redirection not possible",
+    /// A policy change sends an established connection through the L7 proxy, which cannot
+    /// take it over mid-stream: it is ended, and the client's next connection takes the proxy.
+    PROXY_REQUIRED = 192 => "Policy now requires the L7 proxy",
 }
 
 #[cfg(test)]

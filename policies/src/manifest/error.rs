@@ -49,6 +49,12 @@ pub(crate) const ICMP_TYPE_NAMES: &str = "EchoReply, DestinationUnreachable, Red
 pub(crate) enum Problem {
     #[error("invalid YAML: {0}")]
     Yaml(String),
+    #[error("the manifest is {bytes} bytes, more than the {limit} bytes accepted")]
+    TooLarge { bytes: usize, limit: usize },
+    #[error("collections are nested more than {limit} levels deep (line {line})")]
+    TooDeep { line: usize, limit: usize },
+    #[error("the manifest holds more than {limit} documents")]
+    TooManyDocuments { limit: usize },
     #[error("a manifest must be a mapping, found {0}")]
     NotAMapping(&'static str),
     #[error("{0} is required")]

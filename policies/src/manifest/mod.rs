@@ -5,7 +5,9 @@
 //! - `cilium`: the CiliumNetworkPolicy rule language, as `palisade.io/v1` NetworkPolicy and
 //!   ClusterwideNetworkPolicy and as `cilium.io/v2` CiliumNetworkPolicy and
 //!   CiliumClusterwideNetworkPolicy;
-//! - `meta`, `selector`, `cidr`, `ports`, `http`, `icmp`: the parts they share.
+//! - `meta`, `selector`, `cidr`, `ports`, `http`, `icmp`: the parts they share;
+//! - `limits`: the bounds (size, nesting, documents) checked before any YAML is parsed, so a
+//!   hostile manifest is refused in milliseconds.
 //!
 //! Parsing is all-or-nothing: the first invalid document fails the whole input, so a rejected
 //! apply changes nothing.
@@ -16,6 +18,7 @@ mod error;
 mod http;
 mod icmp;
 mod k8s;
+pub mod limits;
 mod meta;
 mod ports;
 mod selector;
@@ -35,6 +38,8 @@ use crate::model::{Policy, PolicyRef};
 /// Parses every document of `yaml` into policies, in document order. Empty documents are
 /// skipped; any invalid document fails the whole parse.
 pub fn parse_manifests(yaml: &str) -> Result<Vec<Policy>, ManifestError> {
+    limits::check(yaml)
+        .map_err(|e| Invalid::document(e.problem).into_manifest_error(e.document, None))?;
     let mut policies = Vec::new();
     let mut defined: HashMap<PolicyRef, usize> = HashMap::new();
     for (index, document) in serde_norway::Deserializer::from_str(yaml).enumerate() {

@@ -1,10 +1,11 @@
 //! Conversions between the compiler's map state and the shared `#[repr(C)]` map types. Pure,
 //! so the exact bytes the datapath sees are unit-tested without root.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddrV4};
 
 use ipnetwork::Ipv4Network;
 use palisade_common::{
+    conntrack::{CT_FLAG_FROM_PROXY, CT_FLAG_PROXY_REDIRECT, CtEntry, CtKey},
     direction, endpoint as ep_flags,
     endpoint::EndpointInfo,
     family,
@@ -14,6 +15,7 @@ use palisade_common::{
         PolicyValue,
     },
 };
+use palisade_engine::datapath::TrackedConnection;
 use palisade_policies::{
     endpoint::EndpointId,
     identity::Identity,
@@ -198,6 +200,24 @@ pub fn endpoint_entry_from(ifindex: u32, v: &EndpointInfo) -> (EndpointId, Endpo
             audit: v.flags & ep_flags::FLAG_AUDIT != 0,
         },
     )
+}
+
+/// A conntrack entry as the engine sees a connection; None for keys that are not IPv4.
+pub fn tracked_connection(k: &CtKey, e: &CtEntry) -> Option<TrackedConnection> {
+    if k.family != family::IPV4 {
+        return None;
+    }
+    let v4 = |a: &[u8; 16]| Ipv4Addr::new(a[0], a[1], a[2], a[3]);
+    Some(TrackedConnection {
+        endpoint: EndpointId(e.endpoint_id),
+        scope: direction_from_code(k.scope)?,
+        protocol: k.protocol,
+        source: SocketAddrV4::new(v4(&k.saddr), u16::from_be(k.sport_be)),
+        destination: SocketAddrV4::new(v4(&k.daddr), u16::from_be(k.dport_be)),
+        through_proxy: e.flags & CT_FLAG_PROXY_REDIRECT != 0,
+        from_proxy: e.flags & CT_FLAG_FROM_PROXY != 0,
+        rule: RuleId(e.rule_id),
+    })
 }
 
 #[cfg(test)]

@@ -29,7 +29,7 @@ use palisade_common::{
     metrics::{METRICS_MAX_ENTRIES, MetricValue},
     policy::{PolicyKey as RawPolicyKey, PolicyValue},
 };
-use palisade_engine::datapath::{ApplyError, Datapath, DatapathError};
+use palisade_engine::datapath::{ApplyError, Datapath, DatapathError, TrackedConnection};
 use palisade_policies::{
     endpoint::EndpointId,
     mapstate::{MapDiff, MapState},
@@ -39,8 +39,17 @@ use tracing::{debug, info, warn};
 /// What can fail in the aya datapath, with the map, program or interface it failed on.
 #[derive(Debug, thiserror::Error)]
 pub enum BpfError {
-    #[error("bpffs at {}: {source}", path.display())]
+    #[error("bpffs at {path}: {source}")]
     Bpffs {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// Mounting needs CAP_SYS_ADMIN in the agent's mount namespace.
+    #[error(
+        "cannot mount bpffs at {path}: {source} (the agent needs CAP_SYS_ADMIN to mount it, or mount it first: mount -t bpf bpf {path})"
+    )]
+    BpffsMount {
         path: PathBuf,
         #[source]
         source: io::Error,
@@ -71,14 +80,14 @@ pub enum BpfError {
         #[source]
         source: ProgramError,
     },
-    #[error("attaching to {ifname}: link {}: {source}", pin.display())]
+    #[error("attaching to {ifname}: link {pin}: {source}")]
     Link {
         ifname: String,
         pin: PathBuf,
         #[source]
         source: LinkError,
     },
-    #[error("attaching to {ifname}: pin {}: {source}", pin.display())]
+    #[error("attaching to {ifname}: pin {pin}: {source}")]
     Pin {
         ifname: String,
         pin: PathBuf,
@@ -128,26 +137,56 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/pa
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
-/// Makes `dir` a bpffs mount (mounting a fresh instance if it is not one already).
-fn ensure_bpffs(dir: &Path) -> Result<(), BpfError> {
-    let bpffs_err = |source: io::Error| BpfError::Bpffs {
-        path: dir.to_path_buf(),
-        source,
-    };
-    fs::create_dir_all(dir).map_err(bpffs_err)?;
-    let st = nix::sys::statfs::statfs(dir).map_err(|e| bpffs_err(e.into()))?;
-    if st.filesystem_type().0 as i64 == BPF_FS_MAGIC {
-        return Ok(());
-    }
+/// Where the kernel's BPF filesystem is conventionally mounted.
+const SYS_FS_BPF: &str = "/sys/fs/bpf";
+
+fn is_bpffs(dir: &Path) -> Result<bool, nix::Error> {
+    let st = nix::sys::statfs::statfs(dir)?;
+    Ok(st.filesystem_type().0 == BPF_FS_MAGIC)
+}
+
+fn mount_bpffs(at: &Path) -> Result<(), BpfError> {
     nix::mount::mount(
         Some("bpf"),
-        dir,
+        at,
         Some("bpf"),
         nix::mount::MsFlags::empty(),
         Some("mode=0700"),
     )
-    .map_err(|e| bpffs_err(e.into()))?;
-    info!(path = %dir.display(), "mounted bpffs");
+    .map_err(|e| BpfError::BpffsMount {
+        path: at.to_path_buf(),
+        source: e.into(),
+    })?;
+    info!(path = %at.display(), "mounted bpffs");
+    Ok(())
+}
+
+/// Makes `dir` a directory on a bpffs. Under /sys/fs/bpf, the filesystem is mounted there
+/// when it is not (as Cilium does), and `dir` is made inside it; anywhere else, `dir` itself
+/// becomes a bpffs mount unless it already is one.
+fn ensure_bpffs(dir: &Path) -> Result<(), BpfError> {
+    let bpffs_err = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source: io::Error| BpfError::Bpffs { path, source }
+    };
+    let sys = Path::new(SYS_FS_BPF);
+    if dir.starts_with(sys) {
+        if !sys.is_dir() {
+            return Err(bpffs_err(sys)(io::Error::new(
+                io::ErrorKind::NotFound,
+                "no /sys/fs/bpf directory (is sysfs mounted?)",
+            )));
+        }
+        if !is_bpffs(sys).map_err(|e| bpffs_err(sys)(e.into()))? {
+            mount_bpffs(sys)?;
+        }
+        fs::create_dir_all(dir).map_err(bpffs_err(dir))?;
+        return Ok(());
+    }
+    fs::create_dir_all(dir).map_err(bpffs_err(dir))?;
+    if !is_bpffs(dir).map_err(|e| bpffs_err(dir)(e.into()))? {
+        mount_bpffs(dir)?;
+    }
     Ok(())
 }
 
@@ -482,6 +521,17 @@ impl Datapath for BpfDatapath {
 
     fn prune_links(&mut self, live: &[(String, u32)]) {
         self.prune_stale_links(live);
+    }
+
+    fn connections(&self) -> Result<Vec<TrackedConnection>, DatapathError> {
+        let mut out = Vec::new();
+        for item in &self.conntrack {
+            let (k, v) = item.map_err(map_err(names::CONNTRACK, "iterate"))?;
+            if let Some(c) = convert::tracked_connection(&k, &v) {
+                out.push(c);
+            }
+        }
+        Ok(out)
     }
 }
 

@@ -12,9 +12,11 @@ use palisade_common::{
     direction, flow as ev,
     flow::FlowEvent,
     proto,
-    reason::{drop_reason_name, verdict_name},
+    reason::{self, drop_reason_name, verdict_name},
 };
 use palisade_engine::catalog::{Catalog, CatalogEndpoint, CatalogRule};
+use palisade_engine::revalidate::EndedConnection;
+use palisade_policies::model::Direction;
 
 /// Converts the datapath's monotonic timestamps to wall-clock time.
 #[derive(Clone, Copy, Debug)]
@@ -166,6 +168,57 @@ pub fn enrich(event: &FlowEvent, catalog: &Catalog, clock: &Clock, seq: u64) -> 
         },
         policy: catalog.rules.get(&event.rule_id).map(flow_policy),
         packet_bytes: event.packet_len,
+        http: None,
+    }
+}
+
+/// A connection the engine ended because policy now sends it through the L7 proxy: a flow
+/// with event `connection-reset`, verdict DROPPED and the redirecting rule.
+pub fn ended_connection(ended: &EndedConnection, catalog: &Catalog, now: SystemTime) -> Flow {
+    let c = &ended.connection;
+    let CatalogEndpoint {
+        namespace,
+        name,
+        labels,
+    } = catalog
+        .endpoints_by_id
+        .get(&c.endpoint.0)
+        .cloned()
+        .unwrap_or_default();
+    let (src, dst) = (*c.source.ip(), *c.destination.ip());
+    let (src_identity, dst_identity) = (ended.source_identity.0, ended.destination_identity.0);
+    let endpoint_identity = match c.scope {
+        Direction::Egress => src_identity,
+        Direction::Ingress => dst_identity,
+    };
+    Flow {
+        seq: 0,
+        time: humantime::format_rfc3339_micros(now).to_string(),
+        verdict: verdict_name(reason::verdict::DROPPED).to_string(),
+        drop_reason: Some(drop_reason_name(reason::drop::PROXY_REQUIRED).to_string()),
+        drop_reason_code: Some(reason::drop::PROXY_REQUIRED),
+        event: "connection-reset".to_string(),
+        direction: c.scope.to_string(),
+        endpoint: FlowPeer {
+            identity: endpoint_identity,
+            namespace,
+            name,
+            labels,
+        },
+        source: peer(catalog, src_identity, src),
+        destination: peer(catalog, dst_identity, dst),
+        ip: FlowIp {
+            source: src,
+            destination: dst,
+        },
+        l4: FlowL4 {
+            protocol: protocol_name(c.protocol),
+            source_port: c.source.port(),
+            destination_port: c.destination.port(),
+            tcp_flags: Vec::new(),
+        },
+        policy: catalog.rules.get(&ended.rule.0).map(flow_policy),
+        packet_bytes: 0,
         http: None,
     }
 }

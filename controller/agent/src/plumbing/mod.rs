@@ -14,11 +14,12 @@ use futures::TryStreamExt as _;
 use netlink_packet_route::link::{LinkAttribute, LinkMessage};
 use netlink_packet_route::neighbour::NeighbourState;
 use netlink_packet_route::route::RouteScope;
-use palisade_engine::plumbing::{PlumbedEndpoint, Plumbing, PlumbingError};
+use palisade_engine::plumbing::{PlumbedEndpoint, Plumbing, PlumbingError, SocketPair};
 use rtnetlink::{Handle, LinkUnspec, LinkVeth, RouteMessageBuilder};
 use tracing::debug;
 
 pub mod netns;
+pub mod sockets;
 
 /// The endpoint's default gateway: link-local, answered by the host-side veth's MAC.
 pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
@@ -396,5 +397,23 @@ impl Plumbing for NetlinkPlumbing {
 
     fn netns_exists(&self, name: &str) -> bool {
         netns::exists(name)
+    }
+
+    async fn end_connections(
+        &mut self,
+        netns_name: &str,
+        sockets: &[SocketPair],
+    ) -> Result<usize, PlumbingError> {
+        let path = netns::path_of(netns_name);
+        let pairs = sockets.to_vec();
+        let what = format!("end connections in {netns_name}");
+        tokio::task::spawn_blocking(move || sockets::destroy(&path, pairs))
+            .await
+            .map_err(|e| NetlinkError::Io {
+                op: what.clone(),
+                source: std::io::Error::other(e),
+            })?
+            .map_err(io(what))
+            .map_err(PlumbingError::from)
     }
 }

@@ -12,6 +12,7 @@ use std::time::{Duration, SystemTime};
 use axum::{
     Json, Router,
     body::{Body, Bytes},
+    extract::DefaultBodyLimit,
     extract::{Path as UrlPath, Query, State},
     http::{StatusCode, header},
     response::{IntoResponse, Response},
@@ -279,6 +280,11 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/policies/{name}", delete(policy_delete))
         .route("/v1/trace", post(trace))
         .route("/v1/flows", post(flows))
+        // Room for the largest manifest the parser accepts, JSON-escaped; what is bigger is
+        // refused before it is read.
+        .layer(DefaultBodyLimit::max(
+            2 * manifest::limits::MAX_MANIFEST_BYTES,
+        ))
         .with_state(state)
 }
 

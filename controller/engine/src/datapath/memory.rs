@@ -8,7 +8,7 @@ use palisade_policies::{
     mapstate::{MapDiff, MapState},
 };
 
-use super::{ApplyError, Datapath, DatapathError};
+use super::{ApplyError, Datapath, DatapathError, TrackedConnection};
 
 /// The failures the in-memory datapath injects.
 #[derive(Debug, thiserror::Error)]
@@ -31,6 +31,8 @@ pub struct MemoryDatapath {
     pub fail_revision: bool,
     /// Fail `attach`.
     pub fail_attach: bool,
+    /// What `connections` reports: the conntrack table, as a test sets it.
+    pub tracked: Vec<TrackedConnection>,
 }
 
 impl Datapath for MemoryDatapath {
@@ -87,5 +89,9 @@ impl Datapath for MemoryDatapath {
 
     fn prune_links(&mut self, live: &[(String, u32)]) {
         self.attached.retain(|a| live.contains(a));
+    }
+
+    fn connections(&self) -> Result<Vec<TrackedConnection>, DatapathError> {
+        Ok(self.tracked.clone())
     }
 }

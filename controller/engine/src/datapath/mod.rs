@@ -4,9 +4,12 @@
 
 pub mod memory;
 
+use std::net::SocketAddrV4;
+
 use palisade_policies::{
     endpoint::EndpointId,
     mapstate::{MapDiff, MapState},
+    model::Direction,
 };
 
 /// A failure of the datapath edge. The edge's own typed error (aya's, with the map and the
@@ -35,6 +38,26 @@ pub struct ApplyError {
     pub source: DatapathError,
 }
 
+/// A connection the datapath tracks, as one endpoint's side opened it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TrackedConnection {
+    /// The endpoint whose check opened it.
+    pub endpoint: EndpointId,
+    /// Which check: the endpoint's egress (it is the client) or ingress (it is the server).
+    pub scope: Direction,
+    /// IP protocol number.
+    pub protocol: u8,
+    /// Original direction: who opened it, and to where.
+    pub source: SocketAddrV4,
+    pub destination: SocketAddrV4,
+    /// The client's side hands it to the L7 proxy.
+    pub through_proxy: bool,
+    /// It is the proxy's upstream leg.
+    pub from_proxy: bool,
+    /// The rule that allowed it.
+    pub rule: palisade_policies::mapstate::RuleId,
+}
+
 pub trait Datapath: Send {
     /// Applies the diff in its order. On failure reports how much was applied.
     fn apply(&mut self, diff: &MapDiff) -> Result<(), ApplyError>;
@@ -50,4 +73,6 @@ pub trait Datapath: Send {
     fn gc_conntrack(&mut self) -> Result<(usize, usize), DatapathError>;
     /// Forgets attachments of interfaces not in `live` (gone while the agent was down).
     fn prune_links(&mut self, live: &[(String, u32)]);
+    /// Every connection the datapath tracks.
+    fn connections(&self) -> Result<Vec<TrackedConnection>, DatapathError>;
 }

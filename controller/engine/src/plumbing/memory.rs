@@ -3,13 +3,15 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
-use super::{PlumbedEndpoint, Plumbing, PlumbingError};
+use super::{PlumbedEndpoint, Plumbing, PlumbingError, SocketPair};
 
 #[derive(Debug, Default)]
 pub struct MemoryPlumbing {
     pub netns: BTreeSet<String>,
     pub links: BTreeMap<String, u32>,
     pub up: BTreeSet<u32>,
+    /// Connections ended, by namespace.
+    pub ended: Vec<(String, SocketPair)>,
     next_ifindex: u32,
 }
 
@@ -57,5 +59,15 @@ impl Plumbing for MemoryPlumbing {
 
     fn netns_exists(&self, name: &str) -> bool {
         self.netns.contains(name)
+    }
+
+    async fn end_connections(
+        &mut self,
+        netns_name: &str,
+        sockets: &[SocketPair],
+    ) -> Result<usize, PlumbingError> {
+        self.ended
+            .extend(sockets.iter().map(|s| (netns_name.to_string(), *s)));
+        Ok(sockets.len())
     }
 }

@@ -4,7 +4,7 @@
 
 pub mod memory;
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddrV4};
 
 /// A failure of the plumbing edge; the edge's own typed error (netlink's, naming the
 /// operation and the interface) is kept whole as the source.
@@ -23,6 +23,13 @@ impl PlumbingError {
 pub struct PlumbedEndpoint {
     pub host_ifname: String,
     pub host_ifindex: u32,
+}
+
+/// One end of a TCP connection, as a socket inside an endpoint's namespace sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct SocketPair {
+    pub local: SocketAddrV4,
+    pub remote: SocketAddrV4,
 }
 
 /// What the engine asks of the network. Async because netlink is.
@@ -53,4 +60,12 @@ pub trait Plumbing: Send {
     async fn node_addresses(&mut self) -> Result<Vec<Ipv4Addr>, PlumbingError>;
     /// Whether a network namespace of this name exists on the node.
     fn netns_exists(&self, name: &str) -> bool;
+    /// Ends these TCP connections inside namespace `netns_name` at once (the socket is
+    /// aborted: its owner sees the connection reset, and a reset is sent to the peer);
+    /// returns how many sockets there were to end. A socket already gone is not an error.
+    async fn end_connections(
+        &mut self,
+        netns_name: &str,
+        sockets: &[SocketPair],
+    ) -> Result<usize, PlumbingError>;
 }

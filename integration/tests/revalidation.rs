@@ -1,0 +1,237 @@
+//! Policy changes reach connections already open, whatever their verdict becomes: a
+//! connection that the new policy sends through the L7 proxy is ended at once (both ends see
+//! a reset) and the client's next connection is judged by the proxy; one already going through
+//! the proxy keeps going through it when the HTTP rules go away.
+#![expect(
+    clippy::print_stderr,
+    reason = "the tests report how long a client waited for its next answer"
+)]
+
+use std::io::{Read as _, Write as _};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use palisade_integration::http::{Client, Seen, backend, get};
+use palisade_integration::traffic;
+use palisade_integration::{Endpoint, Node};
+
+const HTTP_RULES: &str = r#"apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: api, namespace: x}
+spec:
+  endpointSelector: {matchLabels: {app: api}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {app: client}}]
+    toPorts:
+    - ports: [{port: "80", protocol: TCP}]
+      rules:
+        http:
+        - {method: GET, path: "/public/.*"}
+  - fromEndpoints: [{matchLabels: {app: tool}}]
+    toPorts:
+    - ports: [{port: "80", protocol: TCP}]
+"#;
+
+const PLAIN_ALLOW: &str = r#"apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: api, namespace: x}
+spec:
+  endpointSelector: {matchLabels: {app: api}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {app: client}}]
+    toPorts:
+    - ports: [{port: "80", protocol: TCP}]
+"#;
+
+/// A keep-alive connection from inside a namespace, raw, to see exactly how it ends.
+struct Conn {
+    stream: TcpStream,
+}
+
+impl Conn {
+    fn open(netns: &str, to: &Endpoint) -> Conn {
+        let ip = to.ip;
+        let stream = traffic::in_netns(netns, move || {
+            let s =
+                TcpStream::connect_timeout(&SocketAddr::from((ip, 80)), Duration::from_secs(3))?;
+            s.set_read_timeout(Some(Duration::from_secs(5)))?;
+            Ok::<_, std::io::Error>(s)
+        })
+        .expect("connect");
+        Conn { stream }
+    }
+
+    /// Sends `GET path` and returns the status line's code, or the error that ended the
+    /// connection.
+    fn get(&mut self, path: &str) -> Result<u16, std::io::ErrorKind> {
+        self.stream
+            .write_all(format!("GET {path} HTTP/1.1\r\nHost: api\r\n\r\n").as_bytes())
+            .map_err(|e| e.kind())?;
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            let n = self.stream.read(&mut chunk).map_err(|e| e.kind())?;
+            if n == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof);
+            }
+            buf.extend_from_slice(&chunk[..n]);
+            let text = String::from_utf8_lossy(&buf);
+            if let Some(end) = text.find("\r\n\r\n") {
+                let len: usize = text[..end]
+                    .lines()
+                    .find_map(|l| {
+                        l.to_ascii_lowercase()
+                            .strip_prefix("content-length:")
+                            .and_then(|v| v.trim().parse().ok())
+                    })
+                    .unwrap_or(0);
+                if buf.len() >= end + 4 + len {
+                    return text
+                        .split(' ')
+                        .nth(1)
+                        .and_then(|c| c.parse().ok())
+                        .ok_or(std::io::ErrorKind::InvalidData);
+                }
+            }
+        }
+    }
+
+    /// Waits until the connection is seen to end (reset, abort or close) without sending.
+    fn ended(&mut self) -> Option<std::io::ErrorKind> {
+        let mut chunk = [0u8; 64];
+        match self.stream.read(&mut chunk) {
+            Ok(0) => Some(std::io::ErrorKind::UnexpectedEof),
+            Ok(_) => None,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => None,
+            Err(e) => Some(e.kind()),
+        }
+    }
+}
+
+struct Scene {
+    node: Node,
+    client: Endpoint,
+    api: Endpoint,
+    seen: Seen,
+}
+
+fn scene(test: &str, client_labels: &str) -> Scene {
+    let node = Node::start(test);
+    let client = node.add_endpoint("client", "x", client_labels);
+    let api = node.add_endpoint("api", "x", "app=api");
+    let seen = backend(&api.name, 80);
+    Scene {
+        node,
+        client,
+        api,
+        seen,
+    }
+}
+
+fn admin_requests(seen: &Seen) -> usize {
+    seen.lock()
+        .unwrap()
+        .iter()
+        .filter(|l| l.starts_with("GET /admin"))
+        .count()
+}
+
+/// The old connection is over at once, and the client's next connection gets the proxy's
+/// judgement; returns how long that took from the change.
+fn expect_old_ended_and_new_judged(s: &Scene, old: &mut Conn, changed: Instant) -> Duration {
+    let admin_before = admin_requests(&s.seen);
+    let ended = old.ended();
+    let ended_after = changed.elapsed();
+    assert!(
+        matches!(
+            ended,
+            Some(
+                std::io::ErrorKind::ConnectionAborted
+                    | std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::UnexpectedEof
+            )
+        ),
+        "the old connection should have been ended, read gave {ended:?}"
+    );
+    // Whatever the client tries on it now reaches nothing.
+    assert!(
+        old.get("/admin").is_err(),
+        "the old connection still serves"
+    );
+    let reply = get(&s.client.name, s.api.ip, 80, "/admin", "").expect("an answer");
+    let next_answer = changed.elapsed();
+    assert_eq!(reply.status, 403, "a new connection is judged by the proxy");
+    assert_eq!(
+        get(&s.client.name, s.api.ip, 80, "/public/x", "").map(|r| r.status),
+        Some(200)
+    );
+    assert_eq!(
+        admin_requests(&s.seen),
+        admin_before,
+        "no /admin request reached the server after the change"
+    );
+    eprintln!(
+        "old connection ended {ended_after:?} after the change; next answer after {next_answer:?}"
+    );
+    next_answer
+}
+
+#[test]
+fn http_rules_reach_a_keep_alive_connection_opened_before_them() {
+    let s = scene("reval-http", "app=client");
+    let mut old = Conn::open(&s.client.name, &s.api);
+    assert_eq!(old.get("/admin"), Ok(200), "no policy yet");
+    assert_eq!(old.get("/admin"), Ok(200), "keep-alive");
+
+    s.node.apply(HTTP_RULES);
+    let changed = Instant::now();
+    expect_old_ended_and_new_judged(&s, &mut old, changed);
+
+    let flows = s.node.flows(&["--verdict", "DROPPED"]);
+    let reset = flows
+        .iter()
+        .find(|f| f["event"] == "connection-reset")
+        .unwrap_or_else(|| panic!("no connection-reset flow: {flows:?}"));
+    assert_eq!(reset["drop_reason"], "Policy now requires the L7 proxy");
+    assert_eq!(reset["policy"]["name"], "x/api");
+    assert_eq!(reset["l4"]["destination_port"], 80);
+}
+
+#[test]
+fn a_relabel_that_brings_http_rules_ends_the_direct_connection() {
+    // As a tool, the client may reach the API directly; relabelled a client, only through the
+    // proxy's HTTP rules.
+    let s = scene("reval-relabel", "app=tool");
+    s.node.apply(HTTP_RULES);
+    let mut old = Conn::open(&s.client.name, &s.api);
+    assert_eq!(old.get("/admin"), Ok(200), "L3/L4 allowed, no HTTP rules");
+
+    s.node
+        .palisade_ok(&["endpoint", "label", &s.client.name, "--set", "app=client"]);
+    let changed = Instant::now();
+    expect_old_ended_and_new_judged(&s, &mut old, changed);
+}
+
+#[test]
+fn a_proxied_connection_keeps_working_when_the_http_rules_go() {
+    let s = scene("reval-unproxy", "app=client");
+    s.node.apply(HTTP_RULES);
+    let mut c = Client::connect(&s.client.name, s.api.ip, 80).expect("connect");
+    let ask = |c: &mut Client, path: &str| {
+        c.send(format!("GET {path} HTTP/1.1\r\nHost: api\r\n\r\n").as_bytes())
+            .expect("send");
+        c.read_reply().map(|r| r.status).ok()
+    };
+    assert_eq!(ask(&mut c, "/public/a"), Some(200));
+    assert_eq!(ask(&mut c, "/admin"), Some(403));
+
+    // The same connection, now with plain L3/L4 policy: it stays in the proxy, which no
+    // longer has HTTP rules to apply.
+    s.node.apply(PLAIN_ALLOW);
+    assert_eq!(ask(&mut c, "/admin"), Some(200), "kept through the proxy");
+    assert_eq!(ask(&mut c, "/public/b"), Some(200));
+    // And when L3/L4 policy no longer allows the client, the connection stops.
+    s.node
+        .palisade_ok(&["endpoint", "label", &s.client.name, "--set", "app=stranger"]);
+    assert_eq!(ask(&mut c, "/public/c"), None, "denied now");
+}
