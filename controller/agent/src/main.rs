@@ -1,23 +1,5 @@
-//! `palisade-agent`: the engine wired to its edges — the aya datapath, netlink plumbing, the L7
-//! proxy, the API server and metrics — running until SIGINT/SIGTERM.
-//!
-//! - `run`: the command line and the wiring;
-//! - `datapath`: the BPF object, its pinned maps and links, the flow-event reader;
-//! - `plumbing`: endpoint namespaces and veths over rtnetlink;
-//! - `server`: the API routes and their wire shapes; `status`: the node's status;
-//! - `flows`: datapath events and proxy requests as flows, and their store;
-//! - `metrics`: Prometheus metrics and the health check;
-//! - `policy_dir`: `--policy-dir` read and watched; `state_file`: the state directory.
-
-mod datapath;
-mod flows;
-mod metrics;
-mod plumbing;
-mod policy_dir;
-mod run;
-mod server;
-mod state_file;
-mod status;
+//! `palisade-agent`: the engine wired to its edges (the `palisade_agent` library), running
+//! until SIGINT/SIGTERM.
 
 use clap::Parser as _;
 use mimalloc::MiMalloc;
@@ -47,7 +29,7 @@ fn one_line(e: &anyhow::Error) -> String {
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    let args = run::AgentArgs::parse();
+    let args = palisade_agent::run::AgentArgs::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_env("PALISADE_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
@@ -55,7 +37,7 @@ async fn main() -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    match run::run(args).await {
+    match palisade_agent::run::run(args).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             let line = one_line(&e);
