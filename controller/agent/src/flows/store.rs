@@ -61,6 +61,10 @@ impl FlowStore {
             .len()
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// The newest `last` flows (all if None) newer than `since` that satisfy `keep`, oldest first.
     pub fn snapshot(
         &self,
