@@ -18,4 +18,3 @@ pub mod run;
 pub mod server;
 pub mod state_file;
 pub mod status;
-

@@ -139,6 +139,9 @@ pub async fn watch(mut dir: PolicyDir, engine: mpsc::Sender<Command>) {
                     Ok(ops) => Ok(Some((stamp, ops))),
                     Err(palisade_engine::AskError::EngineGone) => return,
                     Err(palisade_engine::AskError::Engine(e)) => Err(e.to_string()),
+                    // The directory's policies are in force (they are re-read from their
+                    // files at start, never from the state directory); the writer logs why.
+                    Err(palisade_engine::AskError::NotSaved(_)) => Ok(Some((stamp, 0))),
                 }
             }
             Err(e) => Err(e.to_string()),

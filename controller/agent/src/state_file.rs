@@ -7,7 +7,8 @@ use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
 
-use palisade_engine::store::{PersistError, STATE_VERSION, StateFile, StateStore};
+use palisade_engine::store::{PersistError, STATE_VERSION, SaveTicket, StateFile, StateStore};
+use tokio::sync::oneshot;
 use tracing::{error, info};
 
 const FILE: &str = "state.json";
@@ -28,6 +29,8 @@ pub enum StateFileError {
     },
     #[error("state file {path} has version {found}, this agent reads version {STATE_VERSION}")]
     Version { path: PathBuf, found: u32 },
+    #[error("the state writer has stopped")]
+    WriterStopped,
 }
 
 /// The state file in its directory.
@@ -93,10 +96,12 @@ impl StateDir {
 }
 
 /// What waits to be written: the newest state only (an older one is never worth writing once
-/// a newer exists), and whether the writer is busy.
+/// a newer exists), the generation of each save, and who waits to hear of which.
 #[derive(Default)]
 struct Queue {
-    pending: Option<StateFile>,
+    pending: Option<(u64, StateFile)>,
+    next_generation: u64,
+    waiters: Vec<(u64, oneshot::Sender<Result<(), PersistError>>)>,
     writing: bool,
     closed: bool,
 }
@@ -115,7 +120,8 @@ impl Shared {
     }
 }
 
-/// The engine's store: hands each state to the writer thread and returns at once.
+/// The engine's store: hands each state to the writer thread and returns at once, with a
+/// ticket that tells the change's caller when that state (or a newer one) is on disk.
 pub struct FileStore {
     dir: StateDir,
     shared: Arc<Shared>,
@@ -148,12 +154,12 @@ impl FileStore {
 fn write_loop(dir: &StateDir, shared: &Shared) {
     let mut last_error: Option<String> = None;
     loop {
-        let state = {
+        let (generation, state) = {
             let mut q = shared.lock();
             loop {
-                if let Some(s) = q.pending.take() {
+                if let Some(p) = q.pending.take() {
                     q.writing = true;
-                    break s;
+                    break p;
                 }
                 if q.closed {
                     return;
@@ -164,7 +170,8 @@ fn write_loop(dir: &StateDir, shared: &Shared) {
                     .unwrap_or_else(std::sync::PoisonError::into_inner);
             }
         };
-        match dir.save(&state) {
+        let result = dir.save(&state).map_err(Arc::new);
+        match &result {
             Ok(()) => {
                 if last_error.take().is_some() {
                     info!(dir = %dir.dir.display(), "state saved again");
@@ -174,12 +181,22 @@ fn write_loop(dir: &StateDir, shared: &Shared) {
                 // Said once per distinct problem; the next change tries again.
                 let msg = e.to_string();
                 if last_error.as_deref() != Some(msg.as_str()) {
-                    error!(error = %msg, "state not saved; the running agent enforces it, a restart would not know it");
+                    error!(error = %msg, "state not saved; the running agent enforces it, a restarted agent would not know it");
                     last_error = Some(msg);
                 }
             }
         }
-        shared.lock().writing = false;
+        let mut q = shared.lock();
+        q.writing = false;
+        // Everyone waiting on this state or an older one has their answer: a newer state
+        // includes theirs.
+        let (done, waiting): (Vec<_>, Vec<_>) =
+            q.waiters.drain(..).partition(|(g, _)| *g <= generation);
+        q.waiters = waiting;
+        drop(q);
+        for (_, tx) in done {
+            let _ = tx.send(result.clone().map_err(PersistError::new));
+        }
         shared.changed.notify_all();
     }
 }
@@ -189,10 +206,19 @@ impl StateStore for FileStore {
         self.dir.load().map_err(PersistError::new)
     }
 
-    fn save(&mut self, state: StateFile) -> Result<(), PersistError> {
-        self.shared.lock().pending = Some(state);
+    fn save(&mut self, state: StateFile) -> SaveTicket {
+        let (tx, ticket) = SaveTicket::pending();
+        let mut q = self.shared.lock();
+        if q.closed {
+            return SaveTicket::done(Err(PersistError::new(StateFileError::WriterStopped)));
+        }
+        q.next_generation += 1;
+        let generation = q.next_generation;
+        q.pending = Some((generation, state));
+        q.waiters.push((generation, tx));
+        drop(q);
         self.shared.changed.notify_all();
-        Ok(())
+        ticket
     }
 }
 
@@ -229,18 +255,46 @@ mod tests {
         let d = dir("state-roundtrip");
         let (mut store, flusher) = FileStore::start(StateDir::new(&d).unwrap()).unwrap();
         assert_eq!(store.load().unwrap(), None);
+        let mut tickets = Vec::new();
         for n in 1..=3 {
-            store
-                .save(StateFile {
-                    version: STATE_VERSION,
-                    next_endpoint_id: n,
-                    ..StateFile::default()
-                })
-                .unwrap();
+            tickets.push(store.save(StateFile {
+                version: STATE_VERSION,
+                next_endpoint_id: n,
+                ..StateFile::default()
+            }));
+        }
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        for t in tickets {
+            rt.block_on(t.wait())
+                .expect("every save is answered, by its state or a newer one");
         }
         flusher.flush_and_stop();
         let back = StateDir::new(&d).unwrap().load().unwrap().unwrap();
         assert_eq!(back.next_endpoint_id, 3, "the newest state wins");
+        let _ = fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn a_save_that_cannot_be_written_is_answered_with_why() {
+        let d = dir("state-unwritable");
+        let sd = StateDir::new(&d).unwrap();
+        // The temporary file's place is taken by a directory: the write fails.
+        fs::create_dir_all(d.join(format!("{FILE}.tmp"))).unwrap();
+        let (mut store, flusher) = FileStore::start(sd).unwrap();
+        let ticket = store.save(StateFile::default());
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let err = rt.block_on(ticket.wait()).unwrap_err();
+        assert!(err.to_string().contains("state.json.tmp"), "{err}");
+        flusher.flush_and_stop();
+        let late = store.save(StateFile::default());
+        assert!(
+            rt.block_on(late.wait()).is_err(),
+            "a stopped writer says so"
+        );
         let _ = fs::remove_dir_all(&d);
     }
 

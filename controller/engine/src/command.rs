@@ -14,9 +14,26 @@ use crate::error::EngineError;
 use crate::model::{EndpointSpec, FilePolicies, LabelChange};
 use crate::plumbing::Plumbing;
 use crate::policies::PolicyUpdate;
+use crate::store::{PersistError, SaveTicket};
 use crate::views::{EndpointView, EngineStatus, IdentityView, PolicyView, TraceQuery, TraceResult};
 
-pub type Reply<T> = oneshot::Sender<Result<T, EngineError>>;
+/// A command's answer: its result and, for a change, the save of the state it left, which the
+/// caller (not the engine's task) waits on.
+#[derive(Debug)]
+pub struct Outcome<T> {
+    pub result: Result<T, EngineError>,
+    pub saved: Option<SaveTicket>,
+}
+
+pub type Reply<T> = oneshot::Sender<Outcome<T>>;
+
+fn answer<T>(reply: Reply<T>, result: Result<T, EngineError>) {
+    // A closed reply channel means the caller went away; a change still stands.
+    drop(reply.send(Outcome {
+        result,
+        saved: None,
+    }));
+}
 
 /// Requests the engine task serves, one at a time.
 #[derive(Debug)]
@@ -60,12 +77,12 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
                 let result = self.endpoint_delete(&name).await;
                 self.settle(r, result).await;
             }
-            Command::EndpointList(r) => drop(r.send(Ok(self.endpoint_list()))),
+            Command::EndpointList(r) => answer(r, Ok(self.endpoint_list())),
             Command::NamespaceLabel(ns, change, r) => {
                 let result = self.namespace_label(&ns, &change);
                 self.settle(r, result).await;
             }
-            Command::IdentityList(r) => drop(r.send(Ok(self.identity_list()))),
+            Command::IdentityList(r) => answer(r, Ok(self.identity_list())),
             Command::PolicyApply(policies, r) => {
                 let result = self.policy_apply(policies);
                 self.settle(r, result).await;
@@ -74,20 +91,21 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
                 let result = self.policy_delete(ns.as_deref(), &name);
                 self.settle(r, result).await;
             }
-            Command::PolicyList(r) => drop(r.send(Ok(self.policy_list()))),
+            Command::PolicyList(r) => answer(r, Ok(self.policy_list())),
             Command::ReplaceFilePolicies(loaded, r) => {
                 let result = self.replace_file_policies(loaded);
                 self.settle(r, result).await;
             }
-            Command::Trace(q, r) => drop(r.send(self.trace(&q))),
-            Command::Status(r) => drop(r.send(Ok(self.status()))),
+            Command::Trace(q, r) => answer(r, self.trace(&q)),
+            Command::Status(r) => answer(r, Ok(self.status())),
         }
     }
 
     async fn settle<T>(&mut self, reply: Reply<T>, result: Result<T, EngineError>) {
         self.end_connections_needing_proxy().await;
+        let saved = self.saved.take();
         // A closed reply channel means the caller went away; the change still stands.
-        drop(reply.send(result));
+        drop(reply.send(Outcome { result, saved }));
     }
 
     /// Runs until every sender of `rx` is gone.
@@ -117,6 +135,11 @@ pub enum AskError {
     EngineGone,
     #[error(transparent)]
     Engine(#[from] EngineError),
+    /// The change is in force, but the state directory does not have it.
+    #[error(
+        "the change is in force, but it could not be saved, so a restarted agent would not have it: {0}"
+    )]
+    NotSaved(#[source] PersistError),
 }
 
 /// Sends `make(reply)` to the engine task and waits for its answer.
@@ -129,5 +152,10 @@ pub async fn ask<T>(
         .send(make(tx))
         .await
         .map_err(|_| AskError::EngineGone)?;
-    Ok(rx.await.map_err(|_| AskError::EngineGone)??)
+    let outcome = rx.await.map_err(|_| AskError::EngineGone)?;
+    let value = outcome.result?;
+    if let Some(saved) = outcome.saved {
+        saved.wait().await.map_err(AskError::NotSaved)?;
+    }
+    Ok(value)
 }

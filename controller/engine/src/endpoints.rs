@@ -159,12 +159,21 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
             m.identities.release(rec.identity)?;
             Ok(())
         })?;
-        self.datapath.detach(&rec.host_ifname, rec.ifindex)?;
+        // The endpoint is out of the model and the maps; what follows only cleans up, and
+        // says so when it cannot.
+        let left_behind = |source| EngineError::EndpointLeftBehind {
+            name: rec.name.clone(),
+            source,
+        };
+        let flushed = self.datapath.flush_conntrack(rec.id);
+        self.datapath
+            .detach(&rec.host_ifname, rec.ifindex)
+            .map_err(|e| left_behind(crate::plumbing::PlumbingError::new(e)))?;
         self.plumbing
             .delete_endpoint(&rec.name, &rec.host_ifname)
-            .await?;
-        let flushed = self.datapath.flush_conntrack(rec.id)?;
-        info!(endpoint = %name, conntrack_flushed = flushed, "endpoint deleted");
+            .await
+            .map_err(left_behind)?;
+        info!(endpoint = %name, conntrack_flushed = flushed.unwrap_or(0), "endpoint deleted");
         Ok(())
     }
 

@@ -25,7 +25,7 @@ use crate::datapath::Datapath;
 use crate::error::EngineError;
 use crate::model::{FilePolicies, Model, PolicySource};
 use crate::plumbing::Plumbing;
-use crate::store::{STATE_VERSION, StateFile, StateStore};
+use crate::store::{STATE_VERSION, SaveTicket, StateFile, StateStore};
 
 /// What the engine measures about itself, for whoever exports metrics.
 pub trait EngineMetrics: Send + Sync {
@@ -66,6 +66,8 @@ pub struct Engine<D: Datapath, P: Plumbing> {
     outputs: Outputs,
     /// The last sync made established connections subject to re-checking.
     pub(crate) revalidate: bool,
+    /// The save of the last change, for its caller to wait on.
+    pub(crate) saved: Option<SaveTicket>,
 }
 
 impl<D: Datapath, P: Plumbing> Engine<D, P> {
@@ -116,6 +118,7 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
             store,
             outputs,
             revalidate: false,
+            saved: None,
         };
         engine.host_addresses = engine.plumbing.node_addresses().await?;
         if !engine.host_addresses.contains(&engine.cfg.node_ip) {
@@ -173,7 +176,9 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
         }
         let links: Vec<(String, u32)> = live.into_iter().map(|(n, i, _)| (n, i)).collect();
         engine.datapath.prune_links(&links);
-        engine.persist()?;
+        engine.persist();
+        // Nobody waits on the start's save; the store reports a failure itself.
+        engine.saved = None;
         engine.end_connections_needing_proxy().await;
         info!(
             endpoints = engine.model.endpoints.len(),
@@ -237,8 +242,18 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
                 }
                 return Err(EngineError::RolledBack(e));
             }
+            // Established connections are re-checked only once the revision moves; without it
+            // the new policy would hold for new connections alone, so the change is undone.
+            if let Err(e) = self.datapath.bump_revision() {
+                let back = mapstate::diff(&desired, &self.applied);
+                if let Err(rollback) = self.datapath.apply(&back) {
+                    // The maps are in an unknown mix: believe them, so the next sync repairs.
+                    warn!(error = %rollback, "rolling back after a failed revision bump failed too");
+                    self.applied = self.datapath.read_state().unwrap_or(desired);
+                }
+                return Err(EngineError::RevisionNotBumped(e));
+            }
             self.applied = desired;
-            self.datapath.bump_revision()?;
             self.revalidate = true;
         }
         self.rules.retain_used_with(&self.applied, &l7);
@@ -258,7 +273,9 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
         let result = change(&mut self.model).and_then(|t| self.sync().map(|ops| (t, ops)));
         match result {
             Ok(r) => {
-                self.persist()?;
+                // The change stands from here on; whether it is saved, its caller learns from
+                // the ticket.
+                self.persist();
                 Ok(r)
             }
             Err(e) => {
@@ -268,9 +285,9 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
         }
     }
 
-    fn persist(&mut self) -> Result<(), EngineError> {
+    fn persist(&mut self) {
         let Some(store) = &mut self.store else {
-            return Ok(());
+            return;
         };
         let state = StateFile {
             version: STATE_VERSION,
@@ -286,8 +303,7 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
             identities: self.model.identities.snapshot(),
             next_endpoint_id: self.model.next_endpoint_id,
         };
-        store.save(state)?;
-        Ok(())
+        self.saved = Some(store.save(state));
     }
 
     fn publish_catalog(&self, table: &IdentityTable) {

@@ -92,8 +92,24 @@ pub enum EngineError {
     /// A map write failed part way and the maps were restored to what they held.
     #[error("datapath update failed, nothing changed: {0}")]
     RolledBack(#[source] ApplyError),
+    /// The maps were written but the policy revision did not move, so established
+    /// connections would not have been re-checked; the write was undone.
+    #[error(
+        "datapath update failed, nothing changed: the policy revision could not be bumped: {0}"
+    )]
+    RevisionNotBumped(#[source] DatapathError),
     #[error("plumbing: {0}")]
     Plumbing(#[from] PlumbingError),
+    /// The endpoint is out of the datapath and the model, but its namespace or interface
+    /// could not be removed.
+    #[error(
+        "endpoint {name:?} was removed from policy, but its network plumbing was not: {source}"
+    )]
+    EndpointLeftBehind {
+        name: String,
+        #[source]
+        source: PlumbingError,
+    },
     #[error(transparent)]
     Persist(#[from] PersistError),
 }
@@ -134,7 +150,9 @@ impl EngineError {
             EngineError::Identity(_)
             | EngineError::Datapath(_)
             | EngineError::RolledBack(_)
+            | EngineError::RevisionNotBumped(_)
             | EngineError::Plumbing(_)
+            | EngineError::EndpointLeftBehind { .. }
             | EngineError::Persist(_) => ErrorClass::Internal,
         }
     }

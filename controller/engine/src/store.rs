@@ -4,6 +4,8 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
+use tokio::sync::oneshot;
+
 use palisade_policies::identity::AllocatorSnapshot;
 use palisade_policies::labels::Labels;
 use palisade_policies::model::Policy;
@@ -36,21 +38,69 @@ impl PersistError {
     }
 }
 
+/// The outcome of one save, for whoever must know it is durable (the caller of the change,
+/// not the engine's task).
+#[derive(Debug)]
+pub struct SaveTicket(TicketState);
+
+#[derive(Debug)]
+enum TicketState {
+    Done(Result<(), PersistError>),
+    Pending(oneshot::Receiver<Result<(), PersistError>>),
+}
+
+impl SaveTicket {
+    /// A save that has finished already.
+    pub fn done(result: Result<(), PersistError>) -> Self {
+        Self(TicketState::Done(result))
+    }
+
+    /// A save that finishes when the store sends on the other end.
+    pub fn pending() -> (oneshot::Sender<Result<(), PersistError>>, Self) {
+        let (tx, rx) = oneshot::channel();
+        (tx, Self(TicketState::Pending(rx)))
+    }
+
+    /// Waits until the state is durable, or the store says why it is not.
+    pub async fn wait(self) -> Result<(), PersistError> {
+        match self.0 {
+            TicketState::Done(r) => r,
+            TicketState::Pending(rx) => rx.await.unwrap_or_else(|_| {
+                Err(PersistError::new(std::io::Error::other(
+                    "the state writer stopped before writing",
+                )))
+            }),
+        }
+    }
+}
+
 pub trait StateStore: Send {
     /// The state kept by an earlier engine, if any.
     fn load(&mut self) -> Result<Option<StateFile>, PersistError>;
-    /// Keeps `state`, replacing what was kept. May return before the state is durable; it must
-    /// never block on the disk (the engine calls it on its own task).
-    fn save(&mut self, state: StateFile) -> Result<(), PersistError>;
+    /// Keeps `state`, replacing what was kept. Must not block on the disk (the engine calls it
+    /// on its own task); the ticket says when the state is durable, or why it is not.
+    fn save(&mut self, state: StateFile) -> SaveTicket;
 }
 
 /// A store in memory; clones share it, so a test can "restart" an engine on the same state.
 #[derive(Clone, Debug, Default)]
 pub struct MemoryStore {
     kept: Arc<Mutex<Option<StateFile>>>,
+    /// Fail every save from now on (to test what the caller is told).
+    fail: Arc<std::sync::atomic::AtomicBool>,
 }
 
+/// The failure `MemoryStore` injects.
+#[derive(Debug, thiserror::Error)]
+#[error("injected failure of the state store")]
+pub struct InjectedSaveFailure;
+
 impl MemoryStore {
+    /// Makes every later save fail (or succeed again).
+    pub fn fail_saves(&self, fail: bool) {
+        self.fail.store(fail, std::sync::atomic::Ordering::SeqCst);
+    }
+
     /// What was saved last.
     pub fn kept(&self) -> Option<StateFile> {
         self.kept
@@ -65,11 +115,14 @@ impl StateStore for MemoryStore {
         Ok(self.kept())
     }
 
-    fn save(&mut self, state: StateFile) -> Result<(), PersistError> {
+    fn save(&mut self, state: StateFile) -> SaveTicket {
+        if self.fail.load(std::sync::atomic::Ordering::SeqCst) {
+            return SaveTicket::done(Err(PersistError::new(InjectedSaveFailure)));
+        }
         *self
             .kept
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(state);
-        Ok(())
+        SaveTicket::done(Ok(()))
     }
 }

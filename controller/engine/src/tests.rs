@@ -531,3 +531,173 @@ async fn http_rules_end_open_connections_that_bypass_the_proxy() {
     e.end_connections_needing_proxy().await;
     assert!(e.plumbing.ended.is_empty());
 }
+
+// ---- partial failures: whatever step fails, model and maps agree and the caller is told ----
+
+use crate::datapath::memory::DatapathStep;
+use crate::plumbing::memory::PlumbingStep;
+
+#[tokio::test]
+async fn a_failed_revision_bump_undoes_the_map_write() {
+    let mut e = engine().await;
+    add(&mut e, "frontend", "demo", "app=frontend").await;
+    add(&mut e, "backend", "demo", "app=backend").await;
+    let (maps, revision) = (e.datapath.state.clone(), e.datapath.revision);
+    e.datapath.fail.insert(DatapathStep::Revision);
+    let err = apply(&mut e, ALLOW_FRONTEND_TO_BACKEND).unwrap_err();
+    assert!(matches!(err, EngineError::RevisionNotBumped(_)), "{err}");
+    assert!(err.to_string().contains("nothing changed"), "{err}");
+    assert_eq!(
+        e.datapath.state, maps,
+        "the written entries were taken back"
+    );
+    assert_eq!(e.applied, maps);
+    assert_eq!(e.datapath.revision, revision);
+    assert!(e.model.policies.is_empty());
+    e.datapath.fail.clear();
+    apply(&mut e, ALLOW_FRONTEND_TO_BACKEND).unwrap();
+    assert_eq!(verdict(&e, "frontend", "backend", 8080), Verdict::Allowed);
+}
+
+#[tokio::test]
+async fn when_the_undo_fails_too_the_engine_believes_the_maps_and_repairs_next_time() {
+    let mut e = engine().await;
+    add(&mut e, "frontend", "demo", "app=frontend").await;
+    add(&mut e, "backend", "demo", "app=backend").await;
+    e.datapath.fail.insert(DatapathStep::Revision);
+    let before = e.datapath.state.clone();
+    // The write goes through; the undo (the next apply) fails at its first operation.
+    e.datapath.fail_after_applies = Some((e.datapath.applies + 1, 0));
+    let err = apply(&mut e, ALLOW_FRONTEND_TO_BACKEND).unwrap_err();
+    assert!(matches!(err, EngineError::RevisionNotBumped(_)), "{err}");
+    assert_ne!(e.datapath.state, before, "the undo did not happen");
+    assert_eq!(
+        e.applied, e.datapath.state,
+        "the engine knows what the maps hold"
+    );
+    assert!(
+        e.model.policies.is_empty(),
+        "the change is not in the model"
+    );
+    // The next change repairs the maps towards the model.
+    e.datapath.fail.clear();
+    e.datapath.fail_after_applies = None;
+    e.namespace_label(
+        "demo",
+        &LabelChange {
+            set: labels("team=a"),
+            remove: vec![],
+        },
+    )
+    .unwrap();
+    assert_eq!(e.datapath.state, e.applied);
+    assert_eq!(verdict(&e, "frontend", "backend", 9090), Verdict::Allowed);
+}
+
+#[tokio::test]
+async fn a_failed_save_is_told_to_the_caller_while_the_change_stands() {
+    let store = MemoryStore::default();
+    let e = engine_with(
+        MemoryDatapath::default(),
+        MemoryPlumbing::default(),
+        Some(store.clone()),
+    )
+    .await;
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let task = tokio::spawn(e.run(rx));
+    let spec = EndpointSpec {
+        name: "frontend".into(),
+        namespace: "demo".into(),
+        labels: labels("app=frontend"),
+        ip: None,
+        named_ports: vec![],
+    };
+    crate::ask(&tx, |r| crate::Command::EndpointAdd(spec, r))
+        .await
+        .unwrap();
+    store.fail_saves(true);
+    let parsed = manifest::parse_manifests(ALLOW_FRONTEND_TO_BACKEND).unwrap();
+    let err = crate::ask(&tx, |r| crate::Command::PolicyApply(parsed, r))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, crate::AskError::NotSaved(_)), "{err}");
+    assert!(err.to_string().contains("in force"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("restarted agent would not have it"),
+        "{err}"
+    );
+    // The change stands.
+    let policies = crate::ask(&tx, crate::Command::PolicyList).await.unwrap();
+    assert_eq!(policies.len(), 1);
+    assert!(
+        store.kept().unwrap().policies.is_empty(),
+        "the store has the old state"
+    );
+    // Reads are never held by the store.
+    crate::ask(&tx, crate::Command::Status).await.unwrap();
+    store.fail_saves(false);
+    drop(tx);
+    task.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_failed_attach_or_activation_leaves_no_endpoint_behind() {
+    for step in [Some(DatapathStep::Attach), None] {
+        let mut e = engine().await;
+        add(&mut e, "backend", "demo", "app=backend").await;
+        let before = e.datapath.state.clone();
+        match step {
+            Some(s) => {
+                e.datapath.fail.insert(s);
+            }
+            None => {
+                e.plumbing.fail.insert(PlumbingStep::Activate);
+            }
+        }
+        let err = e
+            .endpoint_add(EndpointSpec {
+                name: "frontend".into(),
+                namespace: "demo".into(),
+                labels: labels("app=frontend"),
+                ip: None,
+                named_ports: vec![],
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.class(), ErrorClass::Internal, "{err}");
+        assert_eq!(e.model.endpoints.len(), 1, "{err}");
+        assert_eq!(e.datapath.state, before, "{err}");
+        assert_eq!(e.applied, before, "{err}");
+        assert!(!e.plumbing.netns.contains("frontend"), "{err}");
+    }
+}
+
+#[tokio::test]
+async fn a_delete_whose_cleanup_fails_says_what_is_left() {
+    let mut e = engine().await;
+    add(&mut e, "frontend", "demo", "app=frontend").await;
+    e.plumbing.fail.insert(PlumbingStep::Delete);
+    let err = e.endpoint_delete("frontend").await.unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("was removed from policy, but its network plumbing was not"),
+        "{err}"
+    );
+    assert!(e.model.endpoints.is_empty());
+    assert!(e.applied.endpoints.is_empty());
+    assert_eq!(e.datapath.state, e.applied);
+}
+
+#[tokio::test]
+async fn failing_to_end_connections_never_fails_the_change() {
+    let mut e = engine().await;
+    let f = add(&mut e, "frontend", "demo", "app=frontend").await;
+    let b = add(&mut e, "backend", "demo", "app=backend").await;
+    e.datapath.tracked = vec![tcp(f.id, Direction::Egress, (f.ip, 40000), (b.ip, 8080))];
+    e.plumbing.fail.insert(PlumbingStep::EndConnections);
+    e.datapath.fail.insert(DatapathStep::Connections);
+    apply(&mut e, ALLOW_FRONTEND_TO_BACKEND).unwrap();
+    e.end_connections_needing_proxy().await;
+    assert_eq!(e.datapath.state, e.applied);
+}

@@ -53,6 +53,9 @@ pub enum ApiError {
     Engine(#[from] EngineError),
     #[error("the agent is shutting down")]
     ShuttingDown,
+    /// The change is in force but not saved.
+    #[error(transparent)]
+    NotSaved(AskError),
     #[error(transparent)]
     Filter(#[from] FilterError),
     #[error(transparent)]
@@ -67,6 +70,7 @@ impl From<AskError> for ApiError {
         match e {
             AskError::EngineGone => ApiError::ShuttingDown,
             AskError::Engine(e) => ApiError::Engine(e),
+            e @ AskError::NotSaved(_) => ApiError::NotSaved(e),
         }
     }
 }
@@ -81,7 +85,9 @@ impl ApiError {
             },
             ApiError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Filter(_) => StatusCode::BAD_REQUEST,
-            ApiError::Datapath(_) | ApiError::Task(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::Datapath(_) | ApiError::Task(_) | ApiError::NotSaved(_) => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
         }
     }
 }

@@ -5,14 +5,39 @@ use std::net::Ipv4Addr;
 
 use super::{PlumbedEndpoint, Plumbing, PlumbingError, SocketPair};
 
+/// The steps a test can make fail.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum PlumbingStep {
+    Create,
+    Activate,
+    Delete,
+    EndConnections,
+}
+
+/// The failure the in-memory plumbing injects.
+#[derive(Debug, thiserror::Error)]
+#[error("injected failure of step {0:?}")]
+pub struct InjectedFailure(pub PlumbingStep);
+
 #[derive(Debug, Default)]
 pub struct MemoryPlumbing {
+    /// Steps that fail.
+    pub fail: BTreeSet<PlumbingStep>,
     pub netns: BTreeSet<String>,
     pub links: BTreeMap<String, u32>,
     pub up: BTreeSet<u32>,
     /// Connections ended, by namespace.
     pub ended: Vec<(String, SocketPair)>,
     next_ifindex: u32,
+}
+
+impl MemoryPlumbing {
+    fn step(&self, step: PlumbingStep) -> Result<(), PlumbingError> {
+        if self.fail.contains(&step) {
+            return Err(PlumbingError::new(InjectedFailure(step)));
+        }
+        Ok(())
+    }
 }
 
 impl Plumbing for MemoryPlumbing {
@@ -22,6 +47,7 @@ impl Plumbing for MemoryPlumbing {
         host_ifname: &str,
         _ip: Ipv4Addr,
     ) -> Result<PlumbedEndpoint, PlumbingError> {
+        self.step(PlumbingStep::Create)?;
         self.netns.insert(netns_name.to_string());
         self.next_ifindex += 1;
         let ifindex = 100 + self.next_ifindex;
@@ -33,6 +59,7 @@ impl Plumbing for MemoryPlumbing {
     }
 
     async fn activate(&mut self, host_ifindex: u32, _ip: Ipv4Addr) -> Result<(), PlumbingError> {
+        self.step(PlumbingStep::Activate)?;
         self.up.insert(host_ifindex);
         Ok(())
     }
@@ -42,6 +69,7 @@ impl Plumbing for MemoryPlumbing {
         netns_name: &str,
         host_ifname: &str,
     ) -> Result<(), PlumbingError> {
+        self.step(PlumbingStep::Delete)?;
         self.netns.remove(netns_name);
         if let Some(i) = self.links.remove(host_ifname) {
             self.up.remove(&i);
@@ -66,6 +94,7 @@ impl Plumbing for MemoryPlumbing {
         netns_name: &str,
         sockets: &[SocketPair],
     ) -> Result<usize, PlumbingError> {
+        self.step(PlumbingStep::EndConnections)?;
         self.ended
             .extend(sockets.iter().map(|s| (netns_name.to_string(), *s)));
         Ok(sockets.len())
