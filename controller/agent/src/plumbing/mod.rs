@@ -1,365 +1,37 @@
-//! Endpoint network plumbing over rtnetlink: the namespace, the veth pair, addresses, routes
-//! and static neighbours that join a workload to the node.
-//!
-//! Layout (as Calico/Cilium): the endpoint has `eth0` with its /32 address and a default route
-//! via the link-local gateway 169.254.1.1, whose MAC is pinned to the host-side veth by a
-//! static neighbour entry; the node has a /32 route to the endpoint over the host-side veth.
-//! IPv6 is disabled on both ends, so what crosses the veth is IPv4 and ARP.
+//! The engine's `Plumbing` over rtnetlink (`palisade_netlink`): the namespaces and veths of
+//! the endpoints palisade makes itself, and the host side of those a CNI runtime made.
 
-use std::net::{IpAddr, Ipv4Addr};
-use std::os::fd::AsRawFd as _;
-use std::path::Path;
+use std::net::Ipv4Addr;
 
-use futures::TryStreamExt as _;
-use netlink_packet_route::link::{LinkAttribute, LinkMessage};
-use netlink_packet_route::neighbour::NeighbourState;
-use netlink_packet_route::route::RouteScope;
 use palisade_engine::plumbing::{PlumbedEndpoint, Plumbing, PlumbingError, SocketPair};
-use rtnetlink::{Handle, LinkUnspec, LinkVeth, RouteMessageBuilder};
-use tracing::debug;
+pub use palisade_netlink::NetlinkError;
+use palisade_netlink::{Netlink, netns, sockets};
 
-pub mod netns;
-pub mod sockets;
-
-/// The endpoint's default gateway: link-local, answered by the host-side veth's MAC.
-pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
-
-/// What can fail while plumbing, with the operation and the interface it failed on.
-#[derive(Debug, thiserror::Error)]
-pub enum NetlinkError {
-    #[error("netlink: {op}: {source}")]
-    Netlink {
-        op: String,
-        #[source]
-        source: rtnetlink::Error,
-    },
-    #[error("interface {0} not found")]
-    NoSuchInterface(String),
-    #[error(transparent)]
-    Netns(#[from] netns::NetnsError),
-    #[error("{op}: {source}")]
-    Io {
-        op: String,
-        #[source]
-        source: std::io::Error,
-    },
-}
-
-impl From<NetlinkError> for PlumbingError {
-    fn from(e: NetlinkError) -> Self {
-        PlumbingError::new(e)
-    }
-}
-
-fn nl(op: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> NetlinkError {
-    let op = op.into();
-    move |source| NetlinkError::Netlink { op, source }
-}
-
-fn io(op: impl Into<String>) -> impl FnOnce(std::io::Error) -> NetlinkError {
-    let op = op.into();
-    move |source| NetlinkError::Io { op, source }
+/// Wraps the netlink error as the engine's.
+fn plumbing(e: NetlinkError) -> PlumbingError {
+    PlumbingError::new(e)
 }
 
 /// rtnetlink-backed plumbing in the agent's (node) namespace.
 pub struct NetlinkPlumbing {
-    node: Handle,
-}
-
-async fn link_by_name(h: &Handle, name: &str) -> Result<Option<LinkMessage>, NetlinkError> {
-    let mut links = h.link().get().match_name(name.to_string()).execute();
-    match links.try_next().await {
-        Ok(link) => Ok(link),
-        // ENODEV: no such interface.
-        Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(None),
-        Err(e) => Err(nl(format!("get link {name}"))(e)),
-    }
-}
-
-fn mac_of(link: &LinkMessage) -> Option<Vec<u8>> {
-    link.attributes.iter().find_map(|a| match a {
-        LinkAttribute::Address(mac) => Some(mac.clone()),
-        _ => None,
-    })
-}
-
-/// Opens a netlink connection whose socket lives in the namespace at `path`.
-fn handle_in(path: &Path) -> Result<Handle, NetlinkError> {
-    let rt = tokio::runtime::Handle::current();
-    let (conn, handle) = netns::run_in(path, move || {
-        let _guard = rt.enter();
-        let (conn, handle, _) = rtnetlink::new_connection()?;
-        // No IPv6 inside the endpoint: the datapath judges IPv4 only for now, and router
-        // solicitations would otherwise be dropped as noise.
-        for key in [
-            "net.ipv6.conf.all.disable_ipv6",
-            "net.ipv6.conf.default.disable_ipv6",
-        ] {
-            let _ = netns::write_sysctl(key, "1");
-        }
-        Ok((conn, handle))
-    })
-    .map_err(io(format!("netlink socket in {}", path.display())))?;
-    tokio::spawn(conn);
-    Ok(handle)
+    netlink: Netlink,
 }
 
 impl NetlinkPlumbing {
     pub fn new() -> Result<Self, NetlinkError> {
-        let (conn, node, _) = rtnetlink::new_connection().map_err(io("netlink socket"))?;
-        tokio::spawn(conn);
-        Ok(Self { node })
-    }
-
-    /// Prepares the node namespace: forwarding on, loopback up and carrying `node_ip` (the
-    /// address the node uses towards endpoints; on loopback because it needs no device of
-    /// its own and cannot go down).
-    pub async fn setup_node(&mut self, node_ip: Ipv4Addr) -> Result<(), NetlinkError> {
-        netns::write_sysctl("net.ipv4.ip_forward", "1").map_err(io("enable IPv4 forwarding"))?;
-        let lo = link_by_name(&self.node, "lo")
-            .await?
-            .ok_or_else(|| NetlinkError::NoSuchInterface("lo".into()))?;
-        let index = lo.header.index;
-        self.node
-            .link()
-            .set(LinkUnspec::new_with_index(index).up().build())
-            .execute()
-            .await
-            .map_err(nl("set lo up"))?;
-        if !self.addresses().await?.contains(&node_ip) {
-            self.node
-                .address()
-                .add(index, IpAddr::V4(node_ip), 32)
-                .execute()
-                .await
-                .map_err(nl(format!("add {node_ip}/32 to lo")))?;
-        }
-        Ok(())
-    }
-
-    /// Routes packets the datapath marked for the proxy to the local stack, where their
-    /// assigned proxy socket takes them: `ip rule add fwmark TO_PROXY/MASK lookup 2005` and
-    /// `ip route add local 0.0.0.0/0 dev lo table 2005`. Idempotent.
-    pub async fn setup_proxy_routing(&mut self) -> Result<(), NetlinkError> {
-        use netlink_packet_route::route::RouteType;
-        use netlink_packet_route::rule::{RuleAction, RuleAttribute};
-        use palisade_common::mark;
-        let exists = |e: &rtnetlink::Error| matches!(e, rtnetlink::Error::NetlinkError(m) if m.raw_code() == -libc::EEXIST);
-        let mut rule = self
-            .node
-            .rule()
-            .add()
-            .v4()
-            .fw_mark(mark::TO_PROXY)
-            .table_id(mark::PROXY_ROUTE_TABLE)
-            .priority(90)
-            .action(RuleAction::ToTable);
-        rule.message_mut()
-            .attributes
-            .push(RuleAttribute::FwMask(mark::MAGIC_MASK));
-        if let Err(e) = rule.execute().await
-            && !exists(&e)
-        {
-            return Err(nl("add the proxy fwmark rule")(e));
-        }
-        let lo = link_by_name(&self.node, "lo")
-            .await?
-            .ok_or_else(|| NetlinkError::NoSuchInterface("lo".into()))?;
-        self.node
-            .route()
-            .add(
-                RouteMessageBuilder::<Ipv4Addr>::new()
-                    .destination_prefix(Ipv4Addr::UNSPECIFIED, 0)
-                    .output_interface(lo.header.index)
-                    .kind(RouteType::Local)
-                    .scope(RouteScope::Host)
-                    .table_id(mark::PROXY_ROUTE_TABLE)
-                    .build(),
-            )
-            .replace()
-            .execute()
-            .await
-            .map_err(nl("add the proxy's local route"))
-    }
-
-    async fn plumb(
-        &mut self,
-        netns_path: &Path,
-        host_ifname: &str,
-        ip: Ipv4Addr,
-    ) -> Result<PlumbedEndpoint, NetlinkError> {
-        let peer_tmp = format!("{host_ifname}p");
-        self.node
-            .link()
-            .add(LinkVeth::new(host_ifname, &peer_tmp).build())
-            .execute()
-            .await
-            .map_err(nl(format!("add veth {host_ifname}")))?;
-        let host = link_by_name(&self.node, host_ifname)
-            .await?
-            .ok_or_else(|| NetlinkError::NoSuchInterface(host_ifname.into()))?;
-        let host_mac = mac_of(&host)
-            .ok_or_else(|| NetlinkError::NoSuchInterface(format!("{host_ifname} (no MAC)")))?;
-        let host_index = host.header.index;
-        let _ = netns::write_sysctl(&format!("net.ipv6.conf.{host_ifname}.disable_ipv6"), "1");
-
-        let peer = link_by_name(&self.node, &peer_tmp)
-            .await?
-            .ok_or_else(|| NetlinkError::NoSuchInterface(peer_tmp.clone()))?;
-        let ns_file = std::fs::File::open(netns_path)
-            .map_err(io(format!("open {}", netns_path.display())))?;
-        self.node
-            .link()
-            .set(
-                LinkUnspec::new_with_index(peer.header.index)
-                    .setns_by_fd(ns_file.as_raw_fd())
-                    .build(),
-            )
-            .execute()
-            .await
-            .map_err(nl(format!("move {peer_tmp} into {}", netns_path.display())))?;
-
-        // Inside the endpoint.
-        let pod = handle_in(netns_path)?;
-        let eth = link_by_name(&pod, &peer_tmp)
-            .await?
-            .ok_or_else(|| NetlinkError::NoSuchInterface(peer_tmp.clone()))?;
-        let eth_index = eth.header.index;
-        pod.link()
-            .set(
-                LinkUnspec::new_with_index(eth_index)
-                    .name("eth0".to_string())
-                    .build(),
-            )
-            .execute()
-            .await
-            .map_err(nl("rename to eth0"))?;
-        pod.address()
-            .add(eth_index, IpAddr::V4(ip), 32)
-            .execute()
-            .await
-            .map_err(nl(format!("add {ip}/32 to eth0")))?;
-        for index in [eth_index] {
-            pod.link()
-                .set(LinkUnspec::new_with_index(index).up().build())
-                .execute()
-                .await
-                .map_err(nl("set eth0 up"))?;
-        }
-        if let Some(lo) = link_by_name(&pod, "lo").await? {
-            pod.link()
-                .set(LinkUnspec::new_with_index(lo.header.index).up().build())
-                .execute()
-                .await
-                .map_err(nl("set lo up"))?;
-        }
-        pod.route()
-            .add(
-                RouteMessageBuilder::<Ipv4Addr>::new()
-                    .destination_prefix(GATEWAY, 32)
-                    .output_interface(eth_index)
-                    .scope(RouteScope::Link)
-                    .build(),
-            )
-            .execute()
-            .await
-            .map_err(nl("add gateway route"))?;
-        pod.route()
-            .add(
-                RouteMessageBuilder::<Ipv4Addr>::new()
-                    .gateway(GATEWAY)
-                    .output_interface(eth_index)
-                    .build(),
-            )
-            .execute()
-            .await
-            .map_err(nl("add default route"))?;
-        pod.neighbours()
-            .add(eth_index, IpAddr::V4(GATEWAY))
-            .link_layer_address(&host_mac)
-            .state(NeighbourState::Permanent)
-            .execute()
-            .await
-            .map_err(nl("add gateway neighbour"))?;
-
-        debug!(host_ifname, host_index, %ip, "endpoint plumbed");
-        Ok(PlumbedEndpoint {
-            host_ifname: host_ifname.to_string(),
-            host_ifindex: host_index,
+        Ok(Self {
+            netlink: Netlink::new()?,
         })
     }
-}
 
-impl NetlinkPlumbing {
-    async fn create(
-        &mut self,
-        netns_name: &str,
-        host_ifname: &str,
-        ip: Ipv4Addr,
-    ) -> Result<PlumbedEndpoint, NetlinkError> {
-        let path = netns::create(netns_name)?;
-        match self.plumb(&path, host_ifname, ip).await {
-            Ok(p) => Ok(p),
-            Err(e) => {
-                // Leave nothing half-made behind.
-                let _ = self.delete(netns_name, host_ifname).await;
-                Err(e)
-            }
-        }
+    /// Prepares the node namespace (forwarding, loopback, the node address).
+    pub async fn setup_node(&mut self, node_ip: Ipv4Addr) -> Result<(), NetlinkError> {
+        self.netlink.setup_node(node_ip).await
     }
 
-    async fn up_and_routed(&mut self, host_ifindex: u32, ip: Ipv4Addr) -> Result<(), NetlinkError> {
-        self.node
-            .link()
-            .set(LinkUnspec::new_with_index(host_ifindex).up().build())
-            .execute()
-            .await
-            .map_err(nl(format!("set ifindex {host_ifindex} up")))?;
-        self.node
-            .route()
-            .add(
-                RouteMessageBuilder::<Ipv4Addr>::new()
-                    .destination_prefix(ip, 32)
-                    .output_interface(host_ifindex)
-                    .scope(RouteScope::Link)
-                    .build(),
-            )
-            .replace()
-            .execute()
-            .await
-            .map_err(nl(format!("add route to {ip}")))
-    }
-
-    async fn delete(&mut self, netns_name: &str, host_ifname: &str) -> Result<(), NetlinkError> {
-        if let Some(link) = link_by_name(&self.node, host_ifname).await? {
-            self.node
-                .link()
-                .del(link.header.index)
-                .execute()
-                .await
-                .map_err(nl(format!("delete {host_ifname}")))?;
-        }
-        netns::delete(netns_name)?;
-        Ok(())
-    }
-
-    /// The node's IPv4 addresses, loopback's excepted.
-    async fn addresses(&mut self) -> Result<Vec<Ipv4Addr>, NetlinkError> {
-        use netlink_packet_route::address::AddressAttribute;
-        let mut out = Vec::new();
-        let mut addrs = self.node.address().get().execute();
-        while let Some(msg) = addrs.try_next().await.map_err(nl("list addresses"))? {
-            for attr in &msg.attributes {
-                if let AddressAttribute::Address(IpAddr::V4(a)) = attr
-                    && !a.is_loopback()
-                {
-                    out.push(*a);
-                }
-            }
-        }
-        out.sort();
-        out.dedup();
-        Ok(out)
+    /// Routes what the datapath marks for the proxy to the local stack.
+    pub async fn setup_proxy_routing(&mut self) -> Result<(), NetlinkError> {
+        self.netlink.setup_proxy_routing().await
     }
 }
 
@@ -370,11 +42,22 @@ impl Plumbing for NetlinkPlumbing {
         host_ifname: &str,
         ip: Ipv4Addr,
     ) -> Result<PlumbedEndpoint, PlumbingError> {
-        Ok(self.create(netns_name, host_ifname, ip).await?)
+        let veth = self
+            .netlink
+            .create_named(netns_name, host_ifname, ip)
+            .await
+            .map_err(plumbing)?;
+        Ok(PlumbedEndpoint {
+            host_ifname: veth.host_ifname,
+            host_ifindex: veth.host_ifindex,
+        })
     }
 
     async fn activate(&mut self, host_ifindex: u32, ip: Ipv4Addr) -> Result<(), PlumbingError> {
-        Ok(self.up_and_routed(host_ifindex, ip).await?)
+        self.netlink
+            .up_and_routed(host_ifindex, ip)
+            .await
+            .map_err(plumbing)
     }
 
     async fn delete_endpoint(
@@ -382,17 +65,18 @@ impl Plumbing for NetlinkPlumbing {
         netns_name: &str,
         host_ifname: &str,
     ) -> Result<(), PlumbingError> {
-        Ok(self.delete(netns_name, host_ifname).await?)
+        self.netlink
+            .delete_named(netns_name, host_ifname)
+            .await
+            .map_err(plumbing)
     }
 
     async fn ifindex(&mut self, ifname: &str) -> Result<Option<u32>, PlumbingError> {
-        Ok(link_by_name(&self.node, ifname)
-            .await?
-            .map(|l| l.header.index))
+        self.netlink.ifindex(ifname).await.map_err(plumbing)
     }
 
     async fn node_addresses(&mut self) -> Result<Vec<Ipv4Addr>, PlumbingError> {
-        Ok(self.addresses().await?)
+        self.netlink.addresses().await.map_err(plumbing)
     }
 
     fn netns_exists(&self, name: &str) -> bool {
@@ -402,18 +86,20 @@ impl Plumbing for NetlinkPlumbing {
     async fn end_connections(
         &mut self,
         netns_name: &str,
-        sockets: &[SocketPair],
+        pairs: &[SocketPair],
     ) -> Result<usize, PlumbingError> {
         let path = netns::path_of(netns_name);
-        let pairs = sockets.to_vec();
+        let pairs: Vec<sockets::SocketPair> = pairs
+            .iter()
+            .map(|p| sockets::SocketPair {
+                local: p.local,
+                remote: p.remote,
+            })
+            .collect();
         let what = format!("end connections in {netns_name}");
         tokio::task::spawn_blocking(move || sockets::destroy(&path, pairs))
             .await
-            .map_err(|e| NetlinkError::Io {
-                op: what.clone(),
-                source: std::io::Error::other(e),
-            })?
-            .map_err(io(what))
-            .map_err(PlumbingError::from)
+            .map_err(|e| plumbing(palisade_netlink::io(what.clone())(std::io::Error::other(e))))?
+            .map_err(|e| plumbing(palisade_netlink::io(what)(e)))
     }
 }

@@ -9,9 +9,15 @@ use std::path::Path;
 use nix::sys::socket::{
     AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType, recv, sendto, socket,
 };
-use palisade_engine::plumbing::SocketPair;
 
 use super::netns;
+
+/// One end of a TCP connection, as the socket inside a namespace sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct SocketPair {
+    pub local: std::net::SocketAddrV4,
+    pub remote: std::net::SocketAddrV4,
+}
 
 /// `SOCK_DESTROY`, from linux/sock_diag.h.
 const SOCK_DESTROY: u16 = 21;
