@@ -1,9 +1,11 @@
 //! HTTP for L7 tests: a real HTTP/1.1 server (hyper) inside an endpoint namespace that
-//! records what reached it, and a raw-socket client that sends exact bytes (smuggling tests
-//! need bytes no well-behaved client library would produce) and reads responses.
+//! records what reached it, a raw server that switches protocols whenever asked (h2c
+//! included, as a naive h2c server would), and a raw-socket client that sends exact bytes
+//! (smuggling tests need bytes no well-behaved client library would produce) and reads
+//! responses.
 
 use std::io::{Read as _, Write as _};
-use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -77,6 +79,134 @@ pub fn backend(netns: &str, port: u16) -> Seen {
         .recv_timeout(Duration::from_secs(5))
         .expect("backend did not start");
     seen
+}
+
+/// What [`upgrading_backend`] answers to tunnel bytes after switching to h2c: it would have
+/// served them as HTTP/2 requests, none of which the proxy judged.
+pub const UNJUDGED: &str = "UNJUDGED";
+
+/// A raw HTTP/1.1 server that honours every upgrade it is offered, until the test process
+/// ends. Logs `METHOD PATH` per request, with ` upgrade=VALUE` and ` http2-settings` when the
+/// request carried those fields. A request asking (Connection: upgrade) for `h2c` gets `101`
+/// to h2c, and every later read on that connection is logged as [`UNJUDGED`] and answered
+/// with `UNJUDGED\n`, as requests nobody judged would be. Any other upgrade gets `101` to the
+/// first protocol offered, then an echo (`echo:` + the bytes read; logged as `TUNNEL N`).
+/// Everything else is `200` with `METHOD PATH` as the body, keep-alive.
+pub fn upgrading_backend(netns: &str, port: u16) -> Seen {
+    let listener = traffic::in_netns(netns, move || {
+        TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)).expect("bind upgrading backend")
+    });
+    let seen: Seen = Arc::new(Mutex::new(Vec::new()));
+    let log = Arc::clone(&seen);
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { continue };
+            let log = Arc::clone(&log);
+            std::thread::spawn(move || serve_upgrades(stream, &log));
+        }
+    });
+    seen
+}
+
+fn serve_upgrades(mut stream: TcpStream, log: &Seen) {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 16 * 1024];
+    loop {
+        let mut headers = [httparse::EMPTY_HEADER; 64];
+        let mut req = httparse::Request::new(&mut headers);
+        let Ok(parsed) = req.parse(&buf) else { return };
+        let httparse::Status::Complete(head_len) = parsed else {
+            match stream.read(&mut chunk) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+            continue;
+        };
+        let field = |name: &str| {
+            req.headers
+                .iter()
+                .find(|h| h.name.eq_ignore_ascii_case(name))
+                .map(|h| String::from_utf8_lossy(h.value).into_owned())
+        };
+        let mut line = format!(
+            "{} {}",
+            req.method.unwrap_or_default(),
+            req.path.unwrap_or_default()
+        );
+        let upgrade = field("upgrade");
+        if let Some(u) = &upgrade {
+            line.push_str(" upgrade=");
+            line.push_str(u);
+        }
+        if field("http2-settings").is_some() {
+            line.push_str(" http2-settings");
+        }
+        let switching = field("connection").is_some_and(|c| {
+            c.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+        });
+        let offered: Vec<String> = upgrade
+            .iter()
+            .flat_map(|u| u.split(','))
+            .map(|t| t.trim().to_string())
+            .filter(|t| !t.is_empty())
+            .collect();
+        let body = field("content-length")
+            .and_then(|v| v.parse::<usize>().ok())
+            .unwrap_or(0);
+        while buf.len() < head_len + body {
+            match stream.read(&mut chunk) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+        buf.drain(..head_len + body);
+        log.lock().unwrap().push(line.clone());
+        if switching && let Some(protocol) = offered.first() {
+            let h2c = offered.iter().any(|p| p.eq_ignore_ascii_case("h2c"));
+            let protocol = if h2c { "h2c" } else { protocol.as_str() };
+            let answer = format!(
+                "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: {protocol}\r\n\r\n"
+            );
+            if stream.write_all(answer.as_bytes()).is_err() {
+                return;
+            }
+            tunnel(stream, buf, h2c, log);
+            return;
+        }
+        let answer = format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{line}",
+            line.len()
+        );
+        if stream.write_all(answer.as_bytes()).is_err() {
+            return;
+        }
+    }
+}
+
+/// After a 101: what `early` holds and every later read is tunnel data.
+fn tunnel(mut stream: TcpStream, early: Vec<u8>, h2c: bool, log: &Seen) {
+    let mut data = early;
+    let mut chunk = [0u8; 16 * 1024];
+    loop {
+        if !data.is_empty() {
+            let answer = if h2c {
+                log.lock().unwrap().push(UNJUDGED.to_string());
+                format!("{UNJUDGED}\n").into_bytes()
+            } else {
+                log.lock().unwrap().push(format!("TUNNEL {}", data.len()));
+                [&b"echo:"[..], &data].concat()
+            };
+            if stream.write_all(&answer).is_err() {
+                return;
+            }
+            data.clear();
+        }
+        match stream.read(&mut chunk) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => data.extend_from_slice(&chunk[..n]),
+        }
+    }
 }
 
 /// A parsed response.
@@ -202,6 +332,16 @@ impl Client {
                     headers,
                     body,
                 });
+            }
+            self.fill()?;
+        }
+    }
+
+    /// Raw bytes (a tunnel's, after a 101) up to and including `end`.
+    pub fn read_until(&mut self, end: &[u8]) -> std::io::Result<Vec<u8>> {
+        loop {
+            if let Some(at) = self.buf.windows(end.len()).position(|w| w == end) {
+                return Ok(self.buf.drain(..at + end.len()).collect());
             }
             self.fill()?;
         }

@@ -1,10 +1,10 @@
 //! L7 HTTP policy end to end: the datapath redirects to the agent's proxy transparently, the
 //! proxy enforces HTTP rules per request, and the server's own L3/L4 policy still applies.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use palisade_integration::Node;
-use palisade_integration::http::{Client, backend, get};
+use palisade_integration::http::{Client, UNJUDGED, backend, get, upgrading_backend};
 
 const API_L7: &str = r#"apiVersion: cilium.io/v2
 kind: CiliumNetworkPolicy
@@ -257,4 +257,183 @@ fn the_servers_l3_policy_still_judges_the_client_through_the_proxy() {
     );
     let redirected = node.flows(&["--verdict", "REDIRECTED"]);
     assert!(!redirected.is_empty(), "the datapath reports the redirect");
+}
+
+/// Only `GET /public.*`: what the h2c smuggling route starts from.
+const PUBLIC_ONLY: &str = r#"apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: api-public, namespace: x}
+spec:
+  endpointSelector: {matchLabels: {app: api}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {app: client}}]
+    toPorts:
+    - ports: [{port: "80", protocol: TCP}]
+      rules:
+        http:
+        - {method: GET, path: "/public.*"}
+"#;
+
+/// The client's flows of `event`, once there are `n` of them (within a few seconds).
+fn wait_for_flows(node: &Node, event: &str, n: usize) -> Vec<serde_json::Value> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let flows: Vec<_> = node
+            .flows(&[])
+            .into_iter()
+            .filter(|f| f["event"] == event)
+            .collect();
+        if flows.len() >= n || Instant::now() > deadline {
+            return flows;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn an_h2c_upgrade_is_stripped_and_later_requests_are_still_judged() {
+    let node = Node::start("l7-h2c");
+    let client = node.add_endpoint("client", "x", "app=client");
+    let api = node.add_endpoint("api", "x", "app=api");
+    // This server switches to h2c whenever asked, and answers UNJUDGED to what follows.
+    let seen = upgrading_backend(&api.name, 80);
+    node.apply(PUBLIC_ONLY);
+
+    let mut c = Client::connect(&client.name, api.ip, 80).unwrap();
+    c.send(
+        b"GET /public/x HTTP/1.1\r\nHost: api\r\nUpgrade: h2c\r\n\
+          HTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\nConnection: Upgrade, HTTP2-Settings\r\n\r\n",
+    )
+    .unwrap();
+    let r = c.read_reply().unwrap();
+    assert_eq!(
+        (r.status, r.body.as_str()),
+        (200, "GET /public/x"),
+        "a plain answer, not 101: {r:?}"
+    );
+    // Same connection: still HTTP/1.1 through the proxy, judged request by request.
+    c.send(b"GET /admin HTTP/1.1\r\nHost: api\r\n\r\n").unwrap();
+    let r = c.read_reply().unwrap();
+    assert_eq!(r.status, 403, "{r:?}");
+    assert!(!r.body.contains(UNJUDGED), "{r:?}");
+    c.send(b"GET /public/y HTTP/1.1\r\nHost: api\r\n\r\n")
+        .unwrap();
+    assert_eq!(c.read_reply().unwrap().status, 200);
+    std::thread::sleep(Duration::from_millis(200));
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(
+        seen,
+        ["GET /public/x", "GET /public/y"],
+        "the server saw no h2c offer, no HTTP2-Settings, no /admin and nothing unjudged"
+    );
+
+    let flows = node.flows(&["--protocol", "http"]);
+    let admin = flows
+        .iter()
+        .find(|f| f["http"]["path"] == "/admin")
+        .unwrap_or_else(|| panic!("no flow for /admin: {flows:?}"));
+    assert_eq!(admin["verdict"], "DROPPED");
+    assert_eq!(admin["drop_reason"], "Policy denied (L7)");
+    assert!(
+        node.flows(&[])
+            .iter()
+            .all(|f| f["event"] != "tunnel-opened"),
+        "no tunnel was opened"
+    );
+}
+
+#[test]
+fn websockets_and_listed_upgrades_tunnel_after_a_101_and_others_get_403() {
+    let node = Node::start("l7-upgrades");
+    let client = node.add_endpoint("client", "x", "app=client");
+    let api = node.add_endpoint("api", "x", "app=api");
+    let seen = upgrading_backend(&api.name, 80);
+    // `upgrades` is palisade.io/v1's: Cilium has no such field.
+    let cilium = PUBLIC_ONLY.replace("name: api-public", "name: api-upgrades").replace(
+        "        - {method: GET, path: \"/public.*\"}\n",
+        "        - {method: GET, path: \"/public.*\"}\n        - {method: POST, path: /attach, upgrades: [spdy/3.1]}\n",
+    );
+    let out = node.try_apply(&cilium);
+    assert!(!out.status.success(), "cilium.io/v2 must reject `upgrades`");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("upgrades") && err.contains("unknown field"),
+        "{err}"
+    );
+    node.apply(
+        &cilium
+            .replace("cilium.io/v2", "palisade.io/v1")
+            .replace("CiliumNetworkPolicy", "NetworkPolicy"),
+    );
+
+    // A websocket on an allowed path: tunnelled after the server's 101.
+    let mut ws = Client::connect(&client.name, api.ip, 80).unwrap();
+    ws.send(b"GET /public/ws HTTP/1.1\r\nHost: api\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+        .unwrap();
+    let r = ws.read_reply().unwrap();
+    assert_eq!(r.status, 101, "{r:?}");
+    ws.send(b"ping").unwrap();
+    assert_eq!(ws.read_until(b"ping").unwrap(), b"echo:ping");
+
+    // An upgrade no rule lists: refused before the server hears of it.
+    let mut spdy = Client::connect(&client.name, api.ip, 80).unwrap();
+    spdy.send(
+        b"GET /public/x HTTP/1.1\r\nHost: api\r\nConnection: Upgrade\r\nUpgrade: spdy/3.1\r\n\r\n",
+    )
+    .unwrap();
+    assert_eq!(spdy.read_reply().unwrap().status, 403);
+    // The same protocol where the palisade.io/v1 rule lists it: tunnelled.
+    spdy.send(b"POST /attach HTTP/1.1\r\nHost: api\r\nConnection: Upgrade\r\nUpgrade: SPDY/3.1\r\nContent-Length: 0\r\n\r\n")
+        .unwrap();
+    assert_eq!(spdy.read_reply().unwrap().status, 101);
+    spdy.send(b"frame").unwrap();
+    assert_eq!(spdy.read_until(b"frame").unwrap(), b"echo:frame");
+    drop(ws);
+    drop(spdy);
+
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(
+        seen,
+        [
+            "GET /public/ws upgrade=websocket",
+            "TUNNEL 4",
+            "POST /attach upgrade=SPDY/3.1",
+            "TUNNEL 5"
+        ],
+        "{seen:?}"
+    );
+    let refused = node
+        .flows(&["--http-path", "/public/x"])
+        .into_iter()
+        .next()
+        .expect("a flow for the refused upgrade");
+    assert_eq!(refused["verdict"], "DROPPED");
+    assert_eq!(refused["drop_reason"], "Policy denied (L7)");
+    assert_eq!(refused["http"]["status"], 403);
+
+    let opened = wait_for_flows(&node, "tunnel-opened", 2);
+    let closed = wait_for_flows(&node, "tunnel-closed", 2);
+    assert_eq!(opened.len(), 2, "{opened:?}");
+    assert_eq!(closed.len(), 2, "{closed:?}");
+    let by_protocol = |flows: &[serde_json::Value], p: &str| {
+        flows
+            .iter()
+            .find(|f| f["tunnel"]["protocol"] == p)
+            .cloned()
+            .unwrap_or_else(|| panic!("no {p} tunnel in {flows:?}"))
+    };
+    let ws_closed = by_protocol(&closed, "websocket");
+    assert_eq!(ws_closed["verdict"], "FORWARDED");
+    assert_eq!(ws_closed["tunnel"]["bytes_to_server"], 4);
+    assert_eq!(ws_closed["tunnel"]["bytes_to_client"], 9);
+    assert_eq!(ws_closed["policy"]["name"], "x/api-upgrades");
+    assert_eq!(ws_closed["source"]["name"], client.name.as_str());
+    let spdy_closed = by_protocol(&closed, "SPDY/3.1");
+    assert_eq!(spdy_closed["tunnel"]["bytes_to_server"], 5);
+    assert_eq!(spdy_closed["tunnel"]["bytes_to_client"], 10);
+    assert_eq!(spdy_closed["policy"]["name"], "x/api-upgrades");
+    assert_eq!(
+        by_protocol(&opened, "websocket")["tunnel"]["bytes_to_server"],
+        0
+    );
 }

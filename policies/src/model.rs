@@ -236,6 +236,11 @@ pub struct HttpRule {
     pub host: Option<String>,
     /// Headers that must be present (`name`) or equal (`name: value`).
     pub headers: Vec<HeaderMatch>,
+    /// Upgrade protocols (lower-case, `name` or `name/version`) besides `websocket` that a
+    /// matching request may ask for (palisade.io/v1 `upgrades`). A request asking to upgrade
+    /// to a protocol other than `websocket` that is not listed here does not match the rule.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub upgrades: Vec<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]

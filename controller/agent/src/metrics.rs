@@ -82,6 +82,7 @@ impl Telemetry {
             .inc();
         let reason = match (r.allowed, &r.error) {
             (true, _) => "",
+            _ if r.policy_denied() => "Policy denied (L7)",
             (false, Some(_)) => "Invalid HTTP request",
             (false, None) => "Policy denied (L7)",
         };
@@ -90,6 +91,17 @@ impl Telemetry {
                 verdict,
                 direction,
                 reason,
+            })
+            .inc();
+    }
+
+    /// A flow of the L7 proxy about a tunnel (opened or closed), judged at `direction`.
+    pub fn count_tunnel(&self, direction: &'static str) {
+        self.flows
+            .get_or_create(&FlowLabels {
+                verdict: "FORWARDED",
+                direction,
+                reason: "",
             })
             .inc();
     }

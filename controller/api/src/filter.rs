@@ -290,6 +290,7 @@ mod tests {
             policy: None,
             packet_bytes: 60,
             http: None,
+            tunnel: None,
         }
     }
 

@@ -60,6 +60,20 @@ pub struct FlowHttp {
     pub latency_us: u64,
 }
 
+/// A tunnel the L7 proxy relays after a 101 (`tunnel-opened` and `tunnel-closed` flows).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlowTunnel {
+    /// The protocol the server switched to (its 101's Upgrade), e.g. `websocket`.
+    pub protocol: String,
+    /// Bytes relayed from the client to the server; 0 when the tunnel opens.
+    pub bytes_to_server: u64,
+    /// Bytes relayed from the server to the client; 0 when the tunnel opens.
+    pub bytes_to_client: u64,
+    /// How long the tunnel was open, in microseconds (`tunnel-closed` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration_us: Option<u64>,
+}
+
 /// A flow record (`palisade observe -o json` prints one per line; schema in docs/flows.md).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Flow {
@@ -74,7 +88,8 @@ pub struct Flow {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub drop_reason_code: Option<u8>,
     /// `new-connection`, `drop` or `revalidation-drop` (an established connection stopped
-    /// because a policy change no longer allows it).
+    /// because a policy change no longer allows it); from the L7 proxy `http-request`,
+    /// `tunnel-opened` and `tunnel-closed`.
     pub event: String,
     /// Relative to `endpoint`: `ingress` (to it) or `egress` (from it).
     pub direction: String,
@@ -90,6 +105,9 @@ pub struct Flow {
     /// Present for requests the L7 proxy handled.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub http: Option<FlowHttp>,
+    /// Present for tunnels the L7 proxy relays after a 101.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tunnel: Option<FlowTunnel>,
 }
 
 impl Flow {
@@ -120,7 +138,26 @@ impl Flow {
             ),
             self.l4.protocol
         );
-        if let Some(h) = &self.http {
+        if let Some(t) = &self.tunnel {
+            line = format!(
+                "{time} {} -> {} TUNNEL {} {}",
+                Self::side(&self.source, self.ip.source, self.l4.source_port),
+                Self::side(
+                    &self.destination,
+                    self.ip.destination,
+                    self.l4.destination_port
+                ),
+                t.protocol,
+                self.event.strip_prefix("tunnel-").unwrap_or(&self.event),
+            );
+            if self.event == "tunnel-closed" {
+                let _ = write!(
+                    line,
+                    " ({} B to server, {} B to client)",
+                    t.bytes_to_server, t.bytes_to_client
+                );
+            }
+        } else if let Some(h) = &self.http {
             line = format!(
                 "{time} {} -> {} HTTP {} {} -> {}",
                 Self::side(&self.source, self.ip.source, 0),
@@ -158,5 +195,111 @@ impl Flow {
             None => {}
         }
         line
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tunnel_flow(event: &str, tunnel: FlowTunnel) -> Flow {
+        let peer = |name: &str, identity| FlowPeer {
+            identity,
+            namespace: "x".into(),
+            name: name.into(),
+            labels: vec![],
+        };
+        Flow {
+            seq: 7,
+            time: "2026-11-28T16:00:00.123456Z".into(),
+            verdict: "FORWARDED".into(),
+            drop_reason: None,
+            drop_reason_code: None,
+            event: event.into(),
+            direction: "ingress".into(),
+            endpoint: peer("api", 257),
+            source: peer("client", 256),
+            destination: peer("api", 257),
+            ip: FlowIp {
+                source: Ipv4Addr::new(10, 200, 0, 2),
+                destination: Ipv4Addr::new(10, 200, 0, 3),
+            },
+            l4: FlowL4 {
+                protocol: "TCP".into(),
+                source_port: 40000,
+                destination_port: 80,
+                tcp_flags: vec![],
+            },
+            policy: Some(FlowPolicy {
+                name: "x/api-l7".into(),
+                kind: "palisade".into(),
+                rule: "x/api-l7 ingress rule 0".into(),
+            }),
+            packet_bytes: 0,
+            http: None,
+            tunnel: Some(tunnel),
+        }
+    }
+
+    #[test]
+    fn tunnel_flows_say_what_the_tunnel_carried() {
+        let opened = tunnel_flow(
+            "tunnel-opened",
+            FlowTunnel {
+                protocol: "websocket".into(),
+                bytes_to_server: 0,
+                bytes_to_client: 0,
+                duration_us: None,
+            },
+        );
+        assert_eq!(
+            opened.compact(),
+            "16:00:00.123 x/client:40000 -> x/api:80 TUNNEL websocket opened FORWARDED by x/api-l7 ingress rule 0"
+        );
+        let closed = tunnel_flow(
+            "tunnel-closed",
+            FlowTunnel {
+                protocol: "websocket".into(),
+                bytes_to_server: 12,
+                bytes_to_client: 3456,
+                duration_us: Some(1_500_000),
+            },
+        );
+        assert_eq!(
+            closed.compact(),
+            "16:00:00.123 x/client:40000 -> x/api:80 TUNNEL websocket closed (12 B to server, 3456 B to client) FORWARDED by x/api-l7 ingress rule 0"
+        );
+        let json = serde_json::to_value(&closed).unwrap();
+        assert_eq!(
+            json["tunnel"],
+            serde_json::json!({
+                "protocol": "websocket",
+                "bytes_to_server": 12,
+                "bytes_to_client": 3456,
+                "duration_us": 1_500_000,
+            })
+        );
+        assert!(json.get("http").is_none());
+        let back: Flow = serde_json::from_value(json).unwrap();
+        assert_eq!(back, closed);
+    }
+
+    #[test]
+    fn flows_without_a_tunnel_serialize_as_before() {
+        let mut flow = tunnel_flow(
+            "http-request",
+            FlowTunnel {
+                protocol: String::new(),
+                bytes_to_server: 0,
+                bytes_to_client: 0,
+                duration_us: None,
+            },
+        );
+        flow.tunnel = None;
+        let json = serde_json::to_value(&flow).unwrap();
+        assert!(json.get("tunnel").is_none(), "{json}");
+        // Records written before the field existed still read.
+        let back: Flow = serde_json::from_value(json).unwrap();
+        assert_eq!(back.tunnel, None);
     }
 }

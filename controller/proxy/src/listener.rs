@@ -1,7 +1,7 @@
 //! The proxy's edge: a transparent listener in the node namespace that the datapath assigns
 //! redirected connections to, the upstream leg (marked with the client's identity so the
-//! destination's own policy still judges the client), and a report per request to the
-//! [`Observer`].
+//! destination's own policy still judges the client), and a report per request and per tunnel
+//! to the [`Observer`].
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::Arc;
@@ -13,10 +13,11 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::watch;
 use tracing::{debug, warn};
 
-use crate::http::{self, RequestRecord};
+use crate::http::{self, Record, RequestRecord, TunnelRecord};
 use crate::policy::ConnectionJudge;
 
-/// Who hears what the proxy did: once per connection, then once per request on it.
+/// Who hears what the proxy did: once per connection, then once per request on it and twice
+/// per tunnel.
 pub trait Observer: Clone + Send + Sync + 'static {
     type Connection: ConnectionObserver;
     /// A redirected connection from `client`, originally addressed to `destination`.
@@ -27,6 +28,12 @@ pub trait Observer: Clone + Send + Sync + 'static {
 pub trait ConnectionObserver: Send + 'static {
     /// A request was answered: forwarded, denied or refused as malformed.
     fn request(&mut self, record: RequestRecord);
+    /// A 101 turned the connection into a tunnel ([`TunnelEvent::Opened`]), or that tunnel
+    /// ended ([`TunnelEvent::Closed`], with the bytes it relayed each way).
+    ///
+    /// [`TunnelEvent::Opened`]: http::TunnelEvent::Opened
+    /// [`TunnelEvent::Closed`]: http::TunnelEvent::Closed
+    fn tunnel(&mut self, record: TunnelRecord);
 }
 
 /// Binds the transparent listener: IP_TRANSPARENT lets it accept connections addressed to
@@ -138,7 +145,10 @@ async fn handle<O: Observer>(
         client,
         connect,
         |head| judge.judge(head),
-        |r| observer.request(r),
+        |record| match record {
+            Record::Request(r) => observer.request(r),
+            Record::Tunnel(t) => observer.tunnel(t),
+        },
         &ctx.limits,
     )
     .await

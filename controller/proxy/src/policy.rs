@@ -25,6 +25,9 @@ impl RequestView for HeadView<'_> {
     fn header(&self, name: &str) -> Option<&[u8]> {
         self.0.header(name)
     }
+    fn upgrades(&self) -> &[String] {
+        &self.0.upgrades
+    }
 }
 
 /// Judges the requests of one connection.
@@ -67,14 +70,11 @@ impl ConnectionJudge {
             }
         };
         let verdict = policy.judge_ends(&ends, &HeadView(head));
-        if verdict.allowed {
-            Decision::Allow {
-                rule: verdict.rule.0,
-            }
-        } else {
-            Decision::Deny {
-                rule: verdict.rule.0,
-            }
+        let rule = verdict.rule.0;
+        match (verdict.allowed, verdict.refused_upgrade) {
+            (true, _) => Decision::Allow { rule },
+            (false, Some(protocol)) => Decision::DenyUpgrade { rule, protocol },
+            (false, None) => Decision::Deny { rule },
         }
     }
 }

@@ -7,6 +7,13 @@
 //! rule with HTTP rules allows a request matching any one of them, where every field given
 //! must match: method, path and host as anchored regular expressions, headers present (or
 //! equal to the value given, exactly).
+//!
+//! Upgrades (palisade's addition; Cilium has no say on them): a request asking to switch
+//! protocols matches an HTTP rule only if every protocol it asks for other than `websocket` is
+//! listed in that rule's `upgrades` (case-insensitively, `name` or `name/version` exactly as
+//! offered). A covering rule without HTTP rules (the L4 wildcard) allows websocket upgrades
+//! only, and so does a connection no side has HTTP rules for any more. `h2c` never reaches
+//! the matcher: the proxy strips that offer before judging.
 
 mod proxy_policy;
 
@@ -22,6 +29,10 @@ use crate::identity::Identity;
 use crate::mapstate::RuleId;
 use crate::model::{Direction, HttpRule};
 
+/// The upgrade protocol every rule that allows a request allows it to switch to: Cilium passes
+/// websockets through HTTP rules.
+pub const WEBSOCKET: &str = "websocket";
+
 /// What the matcher needs to know about a request.
 pub trait RequestView {
     fn method(&self) -> &str;
@@ -30,6 +41,21 @@ pub trait RequestView {
     fn host(&self) -> Option<&str>;
     /// First value of a header, by case-insensitive name.
     fn header(&self, name: &str) -> Option<&[u8]>;
+    /// The protocols the request asks to switch to (`name` or `name/version`, as offered),
+    /// when it really asks to switch (an HTTP/1.1 `Upgrade` named in `Connection`); empty for
+    /// an ordinary request. A view of requests that can upgrade must say so here: the default
+    /// is for views of plain requests only.
+    fn upgrades(&self) -> &[String] {
+        &[]
+    }
+}
+
+/// The protocols a request asks to switch to that a rule must list: all but `websocket`.
+pub fn restricted_upgrades(req: &impl RequestView) -> impl Iterator<Item = &str> {
+    req.upgrades()
+        .iter()
+        .map(String::as_str)
+        .filter(|p| !p.eq_ignore_ascii_case(WEBSOCKET))
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -60,6 +86,8 @@ struct CompiledHttp {
     host: Option<Regex>,
     /// Lowercase name, required value.
     headers: Vec<(String, Option<String>)>,
+    /// Upgrade protocols allowed besides websocket, lower-case.
+    upgrades: Vec<String>,
 }
 
 impl CompiledHttp {
@@ -73,10 +101,21 @@ impl CompiledHttp {
                 .iter()
                 .map(|h| (h.name.to_ascii_lowercase(), h.value.clone()))
                 .collect(),
+            upgrades: r.upgrades.iter().map(|u| u.to_ascii_lowercase()).collect(),
         })
     }
 
     fn matches(&self, req: &impl RequestView) -> bool {
+        self.matches_ignoring_upgrades(req) && self.unlisted_upgrade(req).is_none()
+    }
+
+    /// The first protocol the request asks to switch to that this rule does not allow.
+    fn unlisted_upgrade<'r>(&self, req: &'r impl RequestView) -> Option<&'r str> {
+        restricted_upgrades(req).find(|p| !self.upgrades.iter().any(|u| u.eq_ignore_ascii_case(p)))
+    }
+
+    /// Whether every field but `upgrades` matches.
+    fn matches_ignoring_upgrades(&self, req: &impl RequestView) -> bool {
         let re = |r: &Option<Regex>, v: &str| r.as_ref().is_none_or(|r| r.is_match(v));
         let host_ok = match (&self.host, req.host()) {
             (None, _) => true,
@@ -103,12 +142,31 @@ impl CompiledHttp {
 #[derive(Debug)]
 struct CompiledRule {
     keys: Vec<(Identity, crate::mapstate::PortPrefix)>,
-    /// None: every request.
+    /// None: every request (that asks for no upgrade but websocket).
     http: Option<Vec<CompiledHttp>>,
     rule: RuleId,
 }
 
 impl CompiledRule {
+    fn allows(&self, req: &impl RequestView) -> bool {
+        match &self.http {
+            None => restricted_upgrades(req).next().is_none(),
+            Some(hs) => hs.iter().any(|h| h.matches(req)),
+        }
+    }
+
+    /// For a request this rule does not allow: the upgrade to blame, when the rule would allow
+    /// the request if it asked for no upgrade but websocket.
+    fn refused_upgrade<'r>(&self, req: &'r impl RequestView) -> Option<&'r str> {
+        match &self.http {
+            None => restricted_upgrades(req).next(),
+            Some(hs) => hs
+                .iter()
+                .filter(|h| h.matches_ignoring_upgrades(req))
+                .find_map(|h| h.unlisted_upgrade(req)),
+        }
+    }
+
     fn covers(&self, peers: &[Identity], port: u16) -> bool {
         self.keys
             .iter()
@@ -117,11 +175,14 @@ impl CompiledRule {
 }
 
 /// A side's verdict on a request.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct L7Verdict {
     pub allowed: bool,
-    /// The rule that allowed it, or (when denied) the rule whose HTTP rules did not match.
+    /// The rule that allowed it, or (when denied) the rule whose HTTP rules did not match
+    /// (for a refused upgrade, the rule that would have allowed the request without it).
     pub rule: RuleId,
+    /// When denied only because of an upgrade: the protocol no covering rule allows.
+    pub refused_upgrade: Option<String>,
 }
 
 /// The L7 policy with its regular expressions compiled, ready for the proxy.
@@ -171,21 +232,27 @@ impl L7Matcher {
         let rules = self.sides.get(&(endpoint, direction))?;
         let covering: Vec<&CompiledRule> = rules.iter().filter(|r| r.covers(peers, port)).collect();
         let first = covering.first()?;
-        for r in &covering {
-            let allowed = match &r.http {
-                None => true,
-                Some(hs) => hs.iter().any(|h| h.matches(req)),
-            };
-            if allowed {
-                return Some(L7Verdict {
-                    allowed: true,
-                    rule: r.rule,
-                });
-            }
+        if let Some(r) = covering.iter().find(|r| r.allows(req)) {
+            return Some(L7Verdict {
+                allowed: true,
+                rule: r.rule,
+                refused_upgrade: None,
+            });
         }
-        Some(L7Verdict {
-            allowed: false,
-            rule: first.rule,
+        let refused = covering
+            .iter()
+            .find_map(|r| r.refused_upgrade(req).map(|p| (r.rule, p)));
+        Some(match refused {
+            Some((rule, protocol)) => L7Verdict {
+                allowed: false,
+                rule,
+                refused_upgrade: Some(protocol.to_owned()),
+            },
+            None => L7Verdict {
+                allowed: false,
+                rule: first.rule,
+                refused_upgrade: None,
+            },
         })
     }
 }
@@ -201,6 +268,7 @@ mod tests {
         path: &'static str,
         host: Option<&'static str>,
         headers: Vec<(&'static str, &'static str)>,
+        upgrades: Vec<String>,
     }
 
     impl RequestView for Req {
@@ -219,6 +287,9 @@ mod tests {
                 .find(|(n, _)| n.eq_ignore_ascii_case(name))
                 .map(|(_, v)| v.as_bytes())
         }
+        fn upgrades(&self) -> &[String] {
+            &self.upgrades
+        }
     }
 
     fn get(path: &'static str) -> Req {
@@ -227,7 +298,20 @@ mod tests {
             path,
             host: Some("api.shop:8080"),
             headers: vec![],
+            upgrades: vec![],
         }
+    }
+
+    fn upgrade(path: &'static str, protocols: &[&str]) -> Req {
+        Req {
+            upgrades: protocols.iter().map(|p| (*p).to_owned()).collect(),
+            ..get(path)
+        }
+    }
+
+    fn with_upgrades(mut h: HttpRule, upgrades: &[&str]) -> HttpRule {
+        h.upgrades = upgrades.iter().map(|u| (*u).to_owned()).collect();
+        h
     }
 
     const EP: EndpointId = EndpointId(1);
@@ -351,9 +435,103 @@ mod tests {
             decide(&m, &post),
             Some(L7Verdict {
                 allowed: false,
-                rule: RuleId(7)
+                rule: RuleId(7),
+                refused_upgrade: None,
             })
         );
+    }
+
+    #[test]
+    fn websocket_upgrades_need_only_a_matching_rule() {
+        let m = matcher(vec![rule(
+            1,
+            CLIENT,
+            Some(vec![http(Some("GET"), Some("/public.*"))]),
+        )]);
+        for ws in ["websocket", "WebSocket"] {
+            assert!(decide(&m, &upgrade("/public/ws", &[ws])).unwrap().allowed);
+        }
+        assert!(
+            !decide(&m, &upgrade("/admin", &["websocket"]))
+                .unwrap()
+                .allowed
+        );
+    }
+
+    #[test]
+    fn other_upgrades_must_be_listed_by_the_matching_rule() {
+        let m = matcher(vec![rule(
+            4,
+            CLIENT,
+            Some(vec![
+                http(Some("GET"), Some("/public.*")),
+                with_upgrades(http(Some("GET"), Some("/spdy")), &["SPDY/3.1", "foo"]),
+            ]),
+        )]);
+        // Listed by the rule that matches: allowed, whatever the case.
+        assert!(
+            decide(&m, &upgrade("/spdy", &["spdy/3.1"]))
+                .unwrap()
+                .allowed
+        );
+        assert!(
+            decide(&m, &upgrade("/spdy", &["Foo", "websocket", "SPDY/3.1"]))
+                .unwrap()
+                .allowed
+        );
+        // Exactly as listed: another version, or a bare name, is another protocol.
+        assert!(!decide(&m, &upgrade("/spdy", &["spdy/3"])).unwrap().allowed);
+        assert!(!decide(&m, &upgrade("/spdy", &["spdy"])).unwrap().allowed);
+        // Every protocol offered must be listed.
+        let v = decide(&m, &upgrade("/spdy", &["spdy/3.1", "bar"])).unwrap();
+        assert_eq!(
+            v,
+            L7Verdict {
+                allowed: false,
+                rule: RuleId(4),
+                refused_upgrade: Some("bar".into()),
+            }
+        );
+        // Listed by another HTTP rule than the one whose method and path match: refused.
+        let v = decide(&m, &upgrade("/public/x", &["spdy/3.1"])).unwrap();
+        assert!(!v.allowed);
+        assert_eq!(v.refused_upgrade.as_deref(), Some("spdy/3.1"));
+        // Denied for its path: the upgrade is not what is to blame.
+        let v = decide(&m, &upgrade("/admin", &["spdy/3.1"])).unwrap();
+        assert!(!v.allowed);
+        assert_eq!(v.refused_upgrade, None);
+        // The same request without the upgrade is allowed.
+        assert!(decide(&m, &get("/public/x")).unwrap().allowed);
+    }
+
+    #[test]
+    fn the_l4_wildcard_allows_websocket_upgrades_only() {
+        let m = matcher(vec![
+            rule(1, CLIENT, Some(vec![http(Some("GET"), Some("/public.*"))])),
+            rule(2, Identity::ANY, None),
+        ]);
+        let v = decide(&m, &upgrade("/anything", &["websocket"])).unwrap();
+        assert_eq!((v.allowed, v.rule), (true, RuleId(2)));
+        let v = decide(&m, &upgrade("/anything", &["spdy/3.1"])).unwrap();
+        assert_eq!(
+            v,
+            L7Verdict {
+                allowed: false,
+                rule: RuleId(2),
+                refused_upgrade: Some("spdy/3.1".into()),
+            }
+        );
+        // A rule that lists it still allows it next to the wildcard.
+        let m = matcher(vec![
+            rule(
+                1,
+                CLIENT,
+                Some(vec![with_upgrades(http(None, None), &["spdy/3.1"])]),
+            ),
+            rule(2, Identity::ANY, None),
+        ]);
+        let v = decide(&m, &upgrade("/anything", &["spdy/3.1"])).unwrap();
+        assert_eq!((v.allowed, v.rule), (true, RuleId(1)));
     }
 
     #[test]

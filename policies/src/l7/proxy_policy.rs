@@ -4,7 +4,7 @@
 
 use std::net::SocketAddrV4;
 
-use super::{L7Error, L7Matcher, L7Verdict, RequestView};
+use super::{L7Error, L7Matcher, L7Verdict, RequestView, restricted_upgrades};
 use crate::compile::L7Policy;
 use crate::identity::Identity;
 use crate::mapstate::{IpcacheEntry, MapState, RuleId};
@@ -18,10 +18,12 @@ pub struct ProxyPolicy {
 }
 
 /// The proxy's verdict on one request.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RequestVerdict {
     pub allowed: bool,
     pub rule: RuleId,
+    /// When denied only because of an upgrade: the protocol no rule allows.
+    pub refused_upgrade: Option<String>,
 }
 
 impl ProxyPolicy {
@@ -54,6 +56,8 @@ impl ProxyPolicy {
 
     /// Both ends may have HTTP rules: the destination's ingress and the client's egress; a
     /// request passes only if every side that has rules for this peer and port allows it.
+    /// A request asking to upgrade to anything but websocket needs an HTTP rule listing the
+    /// protocol: when no side has rules for the connection (any more), it is denied.
     pub fn judge(
         &self,
         client: SocketAddrV4,
@@ -73,15 +77,31 @@ impl ProxyPolicy {
             self.matcher
                 .decide(ep, Direction::Ingress, &Self::identities(c), port, req)
         });
-        if let Some(denied) = [egress, ingress].into_iter().flatten().find(|v| !v.allowed) {
+        if let Some(denied) = [&egress, &ingress]
+            .into_iter()
+            .flatten()
+            .find(|v| !v.allowed)
+        {
             return RequestVerdict {
                 allowed: false,
                 rule: denied.rule,
+                refused_upgrade: denied.refused_upgrade.clone(),
+            };
+        }
+        let rule = ingress.as_ref().or(egress.as_ref()).map(|v| v.rule);
+        if rule.is_none()
+            && let Some(protocol) = restricted_upgrades(req).next()
+        {
+            return RequestVerdict {
+                allowed: false,
+                rule: RuleId::NONE,
+                refused_upgrade: Some(protocol.to_owned()),
             };
         }
         RequestVerdict {
             allowed: true,
-            rule: ingress.or(egress).map_or(RuleId::NONE, |v| v.rule),
+            rule: rule.unwrap_or(RuleId::NONE),
+            refused_upgrade: None,
         }
     }
 }
@@ -116,6 +136,26 @@ mod tests {
         }
         fn header(&self, _: &str) -> Option<&[u8]> {
             None
+        }
+    }
+
+    struct Upgrade(&'static str, Vec<String>);
+
+    impl RequestView for Upgrade {
+        fn method(&self) -> &'static str {
+            "GET"
+        }
+        fn path(&self) -> &str {
+            self.0
+        }
+        fn host(&self) -> Option<&str> {
+            None
+        }
+        fn header(&self, _: &str) -> Option<&[u8]> {
+            None
+        }
+        fn upgrades(&self) -> &[String] {
+            &self.1
         }
     }
 
@@ -168,21 +208,24 @@ mod tests {
             p.judge(c, d, &Get("/public/a1")),
             RequestVerdict {
                 allowed: true,
-                rule: RuleId(5)
+                rule: RuleId(5),
+                refused_upgrade: None,
             }
         );
         assert_eq!(
             p.judge(c, d, &Get("/public/b1")),
             RequestVerdict {
                 allowed: false,
-                rule: RuleId(9)
+                rule: RuleId(9),
+                refused_upgrade: None,
             }
         );
         assert_eq!(
             p.judge(c, d, &Get("/private")),
             RequestVerdict {
                 allowed: false,
-                rule: RuleId(9)
+                rule: RuleId(9),
+                refused_upgrade: None,
             }
         );
     }
@@ -195,5 +238,37 @@ mod tests {
             "10.0.0.3:8080".parse().unwrap(),
         );
         assert!(p.judge(c, d, &Get("/anything")).allowed);
+    }
+
+    #[test]
+    fn without_any_http_rule_only_websocket_upgrades_pass() {
+        let p = policy();
+        let (c, d) = (
+            "10.0.0.2:40000".parse().unwrap(),
+            "10.0.0.3:8080".parse().unwrap(),
+        );
+        let ws = Upgrade("/x", vec!["websocket".into()]);
+        assert!(p.judge(c, d, &ws).allowed);
+        let spdy = Upgrade("/x", vec!["websocket".into(), "spdy/3.1".into()]);
+        assert_eq!(
+            p.judge(c, d, &spdy),
+            RequestVerdict {
+                allowed: false,
+                rule: RuleId::NONE,
+                refused_upgrade: Some("spdy/3.1".into()),
+            }
+        );
+    }
+
+    #[test]
+    fn a_refused_upgrade_is_named() {
+        let p = policy();
+        let (c, d) = (
+            "10.0.0.2:40000".parse().unwrap(),
+            "10.0.0.3:80".parse().unwrap(),
+        );
+        let v = p.judge(c, d, &Upgrade("/public/a1", vec!["spdy/3.1".into()]));
+        assert!(!v.allowed);
+        assert_eq!(v.refused_upgrade.as_deref(), Some("spdy/3.1"));
     }
 }

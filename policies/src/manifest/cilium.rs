@@ -18,13 +18,31 @@ use crate::model::{
     PolicyRef, PolicySpec, Port, PortSpec, Protocol, Rule,
 };
 
+/// Which API group a document is written in: palisade.io/v1 is the Cilium rule language plus
+/// a few extensions (`rules.http[].upgrades`) that cilium.io/v2 documents must not use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ApiGroup {
+    Palisade,
+    Cilium,
+}
+
+impl ApiGroup {
+    fn of(api_version: &str) -> ApiGroup {
+        if api_version == "palisade.io/v1" {
+            ApiGroup::Palisade
+        } else {
+            ApiGroup::Cilium
+        }
+    }
+}
+
 /// The whole object.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct CiliumPolicyDoc {
-    /// Already dispatched on by the caller.
+    /// Already dispatched on by the caller; decides which extensions are allowed.
     #[serde(rename = "apiVersion")]
-    _api_version: IgnoredAny,
+    api_version: String,
     #[serde(rename = "kind")]
     _kind: IgnoredAny,
     metadata: Option<ObjectMeta>,
@@ -220,16 +238,18 @@ enum Verdict {
 }
 
 pub(crate) fn translate(doc: CiliumPolicyDoc, scope: Scope) -> Result<Policy, Invalid> {
+    let group = ApiGroup::of(&doc.api_version);
     let id = object_id(doc.metadata, scope)?;
     let namespace = id.namespace.as_deref();
+    let ctx = Context { namespace, group };
     let root = FieldPath::root();
     let mut specs = Vec::new();
     if let Some(rule) = &doc.spec {
-        specs.push(translate_rule(rule, namespace, &root.key("spec"))?);
+        specs.push(translate_rule(rule, ctx, &root.key("spec"))?);
     }
     let specs_path = root.key("specs");
     for (i, rule) in doc.specs.iter().flatten().enumerate() {
-        specs.push(translate_rule(rule, namespace, &specs_path.index(i))?);
+        specs.push(translate_rule(rule, ctx, &specs_path.index(i))?);
     }
     if specs.is_empty() {
         return Err(root.key("spec").invalid(Problem::NoSpecs));
@@ -248,11 +268,16 @@ pub(crate) fn translate(doc: CiliumPolicyDoc, scope: Scope) -> Result<Policy, In
     })
 }
 
-fn translate_rule(
-    rule: &RuleDoc,
-    namespace: Option<&str>,
-    path: &FieldPath,
-) -> Result<PolicySpec, Invalid> {
+/// What every rule of a document is translated with.
+#[derive(Clone, Copy)]
+struct Context<'a> {
+    /// The policy's namespace; None for clusterwide policies.
+    namespace: Option<&'a str>,
+    group: ApiGroup,
+}
+
+fn translate_rule(rule: &RuleDoc, ctx: Context, path: &FieldPath) -> Result<PolicySpec, Invalid> {
+    let namespace = ctx.namespace;
     if rule.node_selector.is_some() {
         return Err(path
             .key("nodeSelector")
@@ -299,13 +324,13 @@ fn translate_rule(
             (&ingress, &path.key("ingress")),
             (&ingress_deny, &path.key("ingressDeny")),
             default_deny.and_then(|d| d.ingress),
-            namespace,
+            ctx,
         )?,
         egress: direction(
             (&egress, &path.key("egress")),
             (&egress_deny, &path.key("egressDeny")),
             default_deny.and_then(|d| d.egress),
-            namespace,
+            ctx,
         )?,
         description: rule.description.clone(),
     })
@@ -339,24 +364,24 @@ fn direction(
     (allow, allow_path): (&[PeerRule], &FieldPath),
     (deny, deny_path): (&[PeerRule], &FieldPath),
     enable_default_deny: Option<bool>,
-    namespace: Option<&str>,
+    ctx: Context,
 ) -> Result<DirectionPolicy, Invalid> {
     Ok(DirectionPolicy {
         default_deny: enable_default_deny.unwrap_or(!allow.is_empty() || !deny.is_empty()),
-        allow: rules(allow, Verdict::Allow, namespace, allow_path)?,
-        deny: rules(deny, Verdict::Deny, namespace, deny_path)?,
+        allow: rules(allow, Verdict::Allow, ctx, allow_path)?,
+        deny: rules(deny, Verdict::Deny, ctx, deny_path)?,
     })
 }
 
 fn rules(
     rules: &[PeerRule],
     verdict: Verdict,
-    namespace: Option<&str>,
+    ctx: Context,
     path: &FieldPath,
 ) -> Result<Vec<Rule>, Invalid> {
     let mut out = Vec::new();
     for (i, rule) in rules.iter().enumerate() {
-        out.extend(peer_rule(rule, verdict, namespace, &path.index(i))?);
+        out.extend(peer_rule(rule, verdict, ctx, &path.index(i))?);
     }
     Ok(out)
 }
@@ -366,17 +391,18 @@ fn rules(
 fn peer_rule(
     rule: &PeerRule,
     verdict: Verdict,
-    namespace: Option<&str>,
+    ctx: Context,
     path: &FieldPath,
 ) -> Result<Vec<Rule>, Invalid> {
     if let Some((field, _)) = rule.unsupported.iter().find(|(_, set)| *set) {
         return Err(path.key(field).invalid(Problem::Unsupported(field)));
     }
-    let peers = peers(rule, namespace, path)?;
+    let peers = peers(rule, ctx.namespace, path)?;
     let mut out = Vec::new();
     let to_ports_path = path.key("toPorts");
     for (i, port_rule) in rule.to_ports.iter().enumerate() {
-        let (ports, http) = port_rule_parts(port_rule, verdict, &to_ports_path.index(i))?;
+        let (ports, http) =
+            port_rule_parts(port_rule, verdict, ctx.group, &to_ports_path.index(i))?;
         out.push(Rule {
             peers: peers.clone(),
             ports,
@@ -477,6 +503,7 @@ fn cidr_rule(doc: &CidrRuleDoc, path: &FieldPath) -> Result<Peer, Invalid> {
 fn port_rule_parts(
     doc: &PortRuleDoc,
     verdict: Verdict,
+    group: ApiGroup,
     path: &FieldPath,
 ) -> Result<(Vec<PortSpec>, Option<Vec<HttpRule>>), Invalid> {
     let unsupported = [
@@ -500,7 +527,7 @@ fn port_rule_parts(
     let http = match (&doc.rules, verdict) {
         (None, _) => None,
         (Some(_), Verdict::Deny) => return Err(rules_path.invalid(Problem::RulesInDeny)),
-        (Some(rules), Verdict::Allow) => l7_rules(rules, &rules_path)?,
+        (Some(rules), Verdict::Allow) => l7_rules(rules, group, &rules_path)?,
     };
     if http.is_some() {
         // HTTP runs over TCP only; ANY is fine, the proxy then sees the TCP part.
@@ -518,7 +545,11 @@ fn port_rule_parts(
     Ok((ports, http))
 }
 
-fn l7_rules(doc: &L7RulesDoc, path: &FieldPath) -> Result<Option<Vec<HttpRule>>, Invalid> {
+fn l7_rules(
+    doc: &L7RulesDoc,
+    group: ApiGroup,
+    path: &FieldPath,
+) -> Result<Option<Vec<HttpRule>>, Invalid> {
     let unsupported = [
         ("dns", doc.dns.is_some()),
         ("kafka", doc.kafka.is_some()),
@@ -535,7 +566,7 @@ fn l7_rules(doc: &L7RulesDoc, path: &FieldPath) -> Result<Option<Vec<HttpRule>>,
     let rules = http
         .iter()
         .enumerate()
-        .map(|(i, r)| http_rule(r, &http_path.index(i)))
+        .map(|(i, r)| http_rule(r, group, &http_path.index(i)))
         .collect::<Result<_, _>>()?;
     Ok(Some(rules))
 }
@@ -1284,8 +1315,56 @@ mod tests {
                         value: Some("prod".into())
                     },
                 ],
+                upgrades: vec![],
             }])
         );
+    }
+
+    const UPGRADES: &str = "  ingress:\n  - toPorts:\n    - ports: [{port: '80'}]\n      rules:\n        http:\n        - {path: /attach, upgrades: [SPDY/3.1, websocket]}\n";
+
+    #[test]
+    fn palisade_http_rules_may_list_upgrades() {
+        let spec = spec_with(UPGRADES);
+        assert_eq!(
+            spec.ingress.allow[0].http,
+            Some(vec![HttpRule {
+                path: Some("/attach".into()),
+                upgrades: vec!["spdy/3.1".into(), "websocket".into()],
+                ..HttpRule::default()
+            }])
+        );
+    }
+
+    #[test]
+    fn cilium_http_rules_have_no_upgrades_field() {
+        for (api, kind) in [
+            ("cilium.io/v2", "CiliumNetworkPolicy"),
+            ("cilium.io/v2", "CiliumClusterwideNetworkPolicy"),
+        ] {
+            let yaml = format!(
+                "apiVersion: {api}\nkind: {kind}\nmetadata: {{name: p}}\nspec:\n  endpointSelector: {{}}\n{UPGRADES}"
+            );
+            let err = parse_err(&yaml);
+            assert_eq!(
+                err.field.as_deref(),
+                Some("spec.ingress[0].toPorts[0].rules.http[0].upgrades"),
+                "{err}"
+            );
+            assert!(err.reason.starts_with("unknown field `upgrades`"), "{err}");
+        }
+    }
+
+    #[test]
+    fn a_bad_upgrade_protocol_names_its_field() {
+        let err = err_with(&UPGRADES.replace("SPDY/3.1", "'spdy 3'"));
+        assert_eq!(
+            err.field.as_deref(),
+            Some("spec.ingress[0].toPorts[0].rules.http[0].upgrades[0]"),
+            "{err}"
+        );
+        assert!(err.reason.starts_with("invalid upgrade protocol"), "{err}");
+        let err = err_with(&UPGRADES.replace("SPDY/3.1", "h2c"));
+        assert!(err.reason.contains("never honoured"), "{err}");
     }
 
     #[test]

@@ -138,6 +138,13 @@ pub(crate) enum Problem {
     },
     #[error("invalid header {value:?}: {why}")]
     InvalidHeader { value: String, why: &'static str },
+    #[error("invalid upgrade protocol {value:?}: {why}")]
+    InvalidUpgrade { value: String, why: &'static str },
+    /// A palisade.io/v1 extension used in a cilium.io/v2 manifest.
+    #[error(
+        "unknown field `{0}`: cilium.io/v2 has no such field; it is a palisade.io/v1 extension"
+    )]
+    PalisadeOnlyField(&'static str),
     #[error("HTTP rules apply only to TCP, but this port's protocol is {0}")]
     HttpOnNonTcp(Protocol),
     #[error("L7 rules are not allowed in deny rules")]

@@ -1,8 +1,10 @@
-//! Cilium's `rules.http` entries.
+//! Cilium's `rules.http` entries, and palisade.io/v1's one addition to them: `upgrades`, the
+//! protocols besides websocket a matching request may switch to.
 
 use serde::Deserialize;
 use serde::de::IgnoredAny;
 
+use super::cilium::ApiGroup;
 use super::error::{FieldPath, Invalid, Problem};
 use crate::model::{HeaderMatch, HttpRule};
 
@@ -14,6 +16,8 @@ pub(crate) struct HttpRuleDoc {
     host: Option<String>,
     headers: Option<Vec<String>>,
     header_matches: Option<Vec<HeaderMatchDoc>>,
+    /// palisade.io/v1 only.
+    upgrades: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -25,7 +29,11 @@ struct HeaderMatchDoc {
     secret: Option<IgnoredAny>,
 }
 
-pub(crate) fn http_rule(doc: &HttpRuleDoc, path: &FieldPath) -> Result<HttpRule, Invalid> {
+pub(crate) fn http_rule(
+    doc: &HttpRuleDoc,
+    group: ApiGroup,
+    path: &FieldPath,
+) -> Result<HttpRule, Invalid> {
     let regex_field =
         |field: &'static str, value: &Option<String>| -> Result<Option<String>, Invalid> {
             match value {
@@ -45,12 +53,57 @@ pub(crate) fn http_rule(doc: &HttpRuleDoc, path: &FieldPath) -> Result<HttpRule,
     for (i, m) in doc.header_matches.iter().flatten().enumerate() {
         headers.push(header_match(m, &matches_path.index(i))?);
     }
+    let upgrades_path = path.key("upgrades");
+    let upgrades = match (&doc.upgrades, group) {
+        (None, _) => Vec::new(),
+        // Cilium has no such field: a cilium.io/v2 manifest using it is as wrong as any other
+        // unknown field, and must not mean something else here than in Cilium.
+        (Some(_), ApiGroup::Cilium) => {
+            return Err(upgrades_path.invalid(Problem::PalisadeOnlyField("upgrades")));
+        }
+        (Some(list), ApiGroup::Palisade) => list
+            .iter()
+            .enumerate()
+            .map(|(i, text)| upgrade(text).map_err(|p| upgrades_path.index(i).invalid(p)))
+            .collect::<Result<_, _>>()?,
+    };
     Ok(HttpRule {
         method: regex_field("method", &doc.method)?,
         path: regex_field("path", &doc.path)?,
         host: regex_field("host", &doc.host)?,
         headers,
+        upgrades,
     })
+}
+
+/// An upgrade protocol (RFC 9110 §7.8: `name` or `name/version`, both tokens), lower-cased:
+/// protocol names compare case-insensitively.
+fn upgrade(text: &str) -> Result<String, Problem> {
+    let invalid = |why| Problem::InvalidUpgrade {
+        value: text.to_string(),
+        why,
+    };
+    let (name, version) = match text.split_once('/') {
+        Some((name, version)) => (name, Some(version)),
+        None => (text, None),
+    };
+    if name.is_empty() || !name.bytes().all(is_tchar) {
+        return Err(invalid(
+            "a protocol name is a token: letters, digits and !#$%&'*+-.^_`|~",
+        ));
+    }
+    if version.is_some_and(|v| v.is_empty() || !v.bytes().all(is_tchar)) {
+        return Err(invalid(
+            "a protocol version after `/` is a token: letters, digits and !#$%&'*+-.^_`|~",
+        ));
+    }
+    if name.eq_ignore_ascii_case("h2c") {
+        return Err(invalid(
+            "h2c is never honoured: the proxy strips that offer, since HTTP/2 on the connection \
+             would escape the HTTP rules",
+        ));
+    }
+    Ok(text.to_ascii_lowercase())
 }
 
 /// The matcher anchors these expressions, so they are checked the way it will compile them.
@@ -117,20 +170,68 @@ fn validate_header_name(name: &str) -> Result<(), &'static str> {
     if name.is_empty() {
         return Err("the header name is empty");
     }
-    let tchar = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
-    if !name.bytes().all(tchar) {
+    if !name.bytes().all(is_tchar) {
         return Err("a header name may contain only letters, digits and !#$%&'*+-.^_`|~");
     }
     Ok(())
+}
+
+/// RFC 9110 §5.6.2 tchar.
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn rule(yaml: &str) -> Result<HttpRule, Invalid> {
+    fn rule_in(group: ApiGroup, yaml: &str) -> Result<HttpRule, Invalid> {
         let doc: HttpRuleDoc = serde_norway::from_str(yaml).expect("test YAML");
-        http_rule(&doc, &FieldPath::root().key("http").index(0))
+        http_rule(&doc, group, &FieldPath::root().key("http").index(0))
+    }
+
+    fn rule(yaml: &str) -> Result<HttpRule, Invalid> {
+        rule_in(ApiGroup::Palisade, yaml)
+    }
+
+    #[test]
+    fn upgrades_are_lower_cased_protocol_tokens() {
+        let r = rule("{path: /ws, upgrades: [SPDY/3.1, foo, websocket]}").unwrap();
+        assert_eq!(r.upgrades, ["spdy/3.1", "foo", "websocket"]);
+        assert!(rule("{}").unwrap().upgrades.is_empty());
+        assert!(rule("{upgrades: []}").unwrap().upgrades.is_empty());
+    }
+
+    #[test]
+    fn a_bad_upgrade_token_names_the_field() {
+        for bad in ["", "spdy 3", "spdy/", "/3", "a/b/c", "x,y", "h2c", "H2C/1"] {
+            let err = rule(&format!("upgrades: [websocket, '{bad}']")).unwrap_err();
+            assert_eq!(err.field.as_deref(), Some("http[0].upgrades[1]"), "{bad:?}");
+            assert!(
+                matches!(err.problem, Problem::InvalidUpgrade { .. }),
+                "{bad:?}: {:?}",
+                err.problem
+            );
+        }
+        let err = rule("upgrades: [h2c]").unwrap_err();
+        assert!(
+            err.problem.to_string().contains("never honoured"),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn upgrades_are_unknown_to_cilium() {
+        let err = rule_in(ApiGroup::Cilium, "{path: /ws, upgrades: [spdy/3.1]}").unwrap_err();
+        assert_eq!(err.field.as_deref(), Some("http[0].upgrades"));
+        assert!(
+            err.problem
+                .to_string()
+                .starts_with("unknown field `upgrades`"),
+            "{}",
+            err.problem
+        );
+        assert!(rule_in(ApiGroup::Cilium, "{path: /ws}").is_ok());
     }
 
     #[test]

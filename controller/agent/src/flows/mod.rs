@@ -169,6 +169,7 @@ pub fn enrich(event: &FlowEvent, catalog: &Catalog, clock: &Clock, seq: u64) -> 
         policy: catalog.rules.get(&event.rule_id).map(flow_policy),
         packet_bytes: event.packet_len,
         http: None,
+        tunnel: None,
     }
 }
 
@@ -220,6 +221,7 @@ pub fn ended_connection(ended: &EndedConnection, catalog: &Catalog, now: SystemT
         policy: catalog.rules.get(&ended.rule.0).map(flow_policy),
         packet_bytes: 0,
         http: None,
+        tunnel: None,
     }
 }
 

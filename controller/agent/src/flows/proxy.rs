@@ -1,15 +1,17 @@
 //! The proxy's reports as flows: the agent's [`Observer`] for the L7 proxy. What every flow of
 //! a connection shares is built once per connection, and again only when the policy or the
-//! names change.
+//! names change. A request is an `http-request` flow; a tunnel a 101 opened is a flow of its
+//! own when it opens (`tunnel-opened`) and when it closes (`tunnel-closed`, with the bytes it
+//! relayed each way).
 
 use std::net::SocketAddrV4;
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use palisade_api::flow::{Flow, FlowHttp, FlowIp, FlowL4};
+use palisade_api::flow::{Flow, FlowHttp, FlowIp, FlowL4, FlowTunnel};
 use palisade_engine::catalog::Catalog;
 use palisade_policies::l7::ProxyPolicy;
-use palisade_proxy::http::RequestRecord;
+use palisade_proxy::http::{RequestRecord, TunnelEvent, TunnelRecord};
 use palisade_proxy::listener::{ConnectionObserver, Observer};
 use tokio::sync::watch;
 
@@ -95,6 +97,7 @@ impl FlowBase {
             policy: None,
             packet_bytes: 0,
             http: None,
+            tunnel: None,
         };
         Self {
             policy,
@@ -108,7 +111,10 @@ impl FlowBase {
         let mut flow = self.flow.clone();
         flow.time = humantime::format_rfc3339_micros(SystemTime::now()).to_string();
         flow.verdict = if r.allowed { "FORWARDED" } else { "DROPPED" }.to_string();
+        // A policy denial may carry an explanation (a refused upgrade names its protocol);
+        // it is still a policy denial.
         flow.drop_reason = (!r.allowed).then(|| match &r.error {
+            _ if r.policy_denied() => "Policy denied (L7)".to_string(),
             Some(e) => format!("Invalid HTTP request: {e}"),
             None => "Policy denied (L7)".to_string(),
         });
@@ -122,10 +128,33 @@ impl FlowBase {
         });
         flow
     }
+
+    fn tunnel_flow(&self, t: &TunnelRecord) -> Flow {
+        let mut flow = self.flow.clone();
+        flow.time = humantime::format_rfc3339_micros(SystemTime::now()).to_string();
+        // The tunnel exists because its request was allowed.
+        flow.verdict = "FORWARDED".to_string();
+        let closed = t.event == TunnelEvent::Closed;
+        flow.event = if closed {
+            "tunnel-closed"
+        } else {
+            "tunnel-opened"
+        }
+        .to_string();
+        flow.policy = self.catalog.rules.get(&t.rule).map(flow_policy);
+        flow.tunnel = Some(FlowTunnel {
+            protocol: t.protocol.clone(),
+            bytes_to_server: t.bytes_to_server,
+            bytes_to_client: t.bytes_to_client,
+            duration_us: closed.then(|| u64::try_from(t.duration.as_micros()).unwrap_or(u64::MAX)),
+        });
+        flow
+    }
 }
 
-impl ConnectionObserver for ConnectionFlows {
-    fn request(&mut self, r: RequestRecord) {
+impl ConnectionFlows {
+    /// The connection's shared flow part, rebuilt when the policy or the names changed.
+    fn base(&mut self) -> &FlowBase {
         let (policy, catalog) = (
             Arc::clone(&self.shared.policy.borrow()),
             Arc::clone(&self.shared.catalog.borrow()),
@@ -135,16 +164,141 @@ impl ConnectionObserver for ConnectionFlows {
             .as_ref()
             .is_some_and(|b| Arc::ptr_eq(&b.policy, &policy) && Arc::ptr_eq(&b.catalog, &catalog));
         if !fresh {
-            self.base = Some(FlowBase::new(
-                self.client,
-                self.destination,
-                policy,
-                catalog,
-            ));
+            self.base = None;
         }
-        let Some(b) = &self.base else { return };
-        let flow = b.flow(&r);
-        self.shared.telemetry.count_request(b.direction, &r);
+        let (client, destination) = (self.client, self.destination);
+        self.base
+            .get_or_insert_with(|| FlowBase::new(client, destination, policy, catalog))
+    }
+}
+
+impl ConnectionObserver for ConnectionFlows {
+    fn request(&mut self, r: RequestRecord) {
+        let b = self.base();
+        let (flow, direction) = (b.flow(&r), b.direction);
+        self.shared.telemetry.count_request(direction, &r);
         self.shared.flows.push(SystemTime::now(), flow);
+    }
+
+    fn tunnel(&mut self, t: TunnelRecord) {
+        let b = self.base();
+        let (flow, direction) = (b.tunnel_flow(&t), b.direction);
+        self.shared.telemetry.count_tunnel(direction);
+        self.shared.flows.push(SystemTime::now(), flow);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use palisade_engine::catalog::CatalogRule;
+
+    use super::*;
+
+    fn observer() -> (ConnectionFlows, Arc<FlowStore>) {
+        let mut catalog = Catalog::default();
+        catalog.rules.insert(
+            5,
+            CatalogRule {
+                policy: "x/api-l7".into(),
+                kind: "palisade".into(),
+                rule: "x/api-l7 ingress rule 0".into(),
+            },
+        );
+        let flows = Arc::new(FlowStore::new(16));
+        let shared = ProxyFlows {
+            policy: watch::channel(Arc::new(ProxyPolicy::default())).1,
+            catalog: watch::channel(Arc::new(catalog)).1,
+            flows: Arc::clone(&flows),
+            telemetry: Arc::new(Telemetry::default()),
+        };
+        let connection = shared.connection(
+            "10.200.0.2:40000".parse().unwrap(),
+            "10.200.0.3:80".parse().unwrap(),
+        );
+        (connection, flows)
+    }
+
+    fn stored(flows: &FlowStore) -> Vec<Flow> {
+        flows
+            .snapshot(None, None, |_| true)
+            .iter()
+            .map(|f| (**f).clone())
+            .collect()
+    }
+
+    #[test]
+    fn a_refused_upgrade_is_a_policy_denial() {
+        let (mut connection, flows) = observer();
+        connection.request(RequestRecord {
+            method: "GET".into(),
+            path: "/public/x".into(),
+            host: Some("api".into()),
+            status: 403,
+            allowed: false,
+            rule: 5,
+            latency: Duration::from_micros(3),
+            error: Some("upgrade to \"spdy/3.1\" is not allowed by any HTTP rule".into()),
+        });
+        let flow = &stored(&flows)[0];
+        assert_eq!(flow.event, "http-request");
+        assert_eq!(flow.verdict, "DROPPED");
+        assert_eq!(flow.drop_reason.as_deref(), Some("Policy denied (L7)"));
+        assert_eq!(
+            flow.policy.as_ref().map(|p| p.name.as_str()),
+            Some("x/api-l7")
+        );
+    }
+
+    #[test]
+    fn tunnels_are_flows_of_their_own() {
+        let (mut connection, flows) = observer();
+        let record = |event, bytes_to_server, bytes_to_client, duration| TunnelRecord {
+            event,
+            protocol: "websocket".into(),
+            rule: 5,
+            bytes_to_server,
+            bytes_to_client,
+            duration,
+            error: None,
+        };
+        connection.tunnel(record(TunnelEvent::Opened, 0, 0, Duration::ZERO));
+        connection.tunnel(record(
+            TunnelEvent::Closed,
+            12,
+            3456,
+            Duration::from_millis(7),
+        ));
+        let stored = stored(&flows);
+        let events: Vec<&str> = stored.iter().map(|f| f.event.as_str()).collect();
+        assert_eq!(events, ["tunnel-opened", "tunnel-closed"]);
+        for flow in &stored {
+            assert_eq!(flow.verdict, "FORWARDED");
+            assert_eq!(flow.http, None);
+            assert_eq!(flow.l4.destination_port, 80);
+            assert_eq!(
+                flow.policy.as_ref().map(|p| p.name.as_str()),
+                Some("x/api-l7")
+            );
+        }
+        assert_eq!(
+            stored[0].tunnel,
+            Some(FlowTunnel {
+                protocol: "websocket".into(),
+                bytes_to_server: 0,
+                bytes_to_client: 0,
+                duration_us: None,
+            })
+        );
+        assert_eq!(
+            stored[1].tunnel,
+            Some(FlowTunnel {
+                protocol: "websocket".into(),
+                bytes_to_server: 12,
+                bytes_to_client: 3456,
+                duration_us: Some(7000),
+            })
+        );
     }
 }

@@ -131,6 +131,7 @@ mod tests {
             policy: None,
             packet_bytes: 0,
             http: None,
+            tunnel: None,
         }
     }
 

@@ -136,10 +136,12 @@ pub(super) fn values<'a>(fields: &'a [Field], name: &'a str) -> impl Iterator<It
         .map(|(_, v)| v.as_slice())
 }
 
-/// Fields never forwarded as received: hop-by-hop ones (RFC 9110 §7.6.1) and the framing the
-/// proxy writes itself after reading the body its own way.
+/// Fields never forwarded as received: hop-by-hop ones (RFC 9110 §7.6.1), the framing the
+/// proxy writes itself after reading the body its own way, and `HTTP2-Settings`, which only
+/// goes with an h2c upgrade offer (RFC 7540 §3.2, deprecated by RFC 9113), an offer the proxy
+/// never passes on.
 pub(super) fn is_dropped_when_forwarding(name: &str, connection_tokens: &[String]) -> bool {
-    const HOP_BY_HOP: [&str; 7] = [
+    const HOP_BY_HOP: [&str; 8] = [
         "connection",
         "keep-alive",
         "proxy-connection",
@@ -147,11 +149,32 @@ pub(super) fn is_dropped_when_forwarding(name: &str, connection_tokens: &[String
         "transfer-encoding",
         "upgrade",
         "content-length",
+        "http2-settings",
     ];
     HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h))
         || connection_tokens
             .iter()
             .any(|token| name.eq_ignore_ascii_case(token))
+}
+
+/// An Upgrade protocol (RFC 9110 §7.8): `name` or `name/version`, both tokens.
+pub(super) fn is_protocol(item: &str) -> bool {
+    let is_token = |t: &str| !t.is_empty() && t.bytes().all(is_tchar);
+    match item.split_once('/') {
+        Some((name, version)) => is_token(name) && is_token(version),
+        None => is_token(item),
+    }
+}
+
+/// Whether an Upgrade protocol is HTTP/2 over cleartext, whatever its case or version.
+pub(super) fn is_h2c(protocol: &str) -> bool {
+    let name = protocol.split_once('/').map_or(protocol, |(name, _)| name);
+    name.eq_ignore_ascii_case("h2c")
+}
+
+/// RFC 9110 §5.6.2 tchar.
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 
 /// Comma-separated list items, trimmed and lower-cased; empty items are kept so a caller can
@@ -280,6 +303,7 @@ mod tests {
         assert!(!persists(1, &["close".to_owned()]));
         assert!(is_dropped_when_forwarding("Foo", &tokens));
         assert!(is_dropped_when_forwarding("Transfer-Encoding", &[]));
+        assert!(is_dropped_when_forwarding("HTTP2-Settings", &[]));
         assert!(!is_dropped_when_forwarding("Accept", &tokens));
     }
 }

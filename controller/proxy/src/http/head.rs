@@ -40,8 +40,10 @@ pub struct RequestHead {
     /// Lower-cased authority: from an absolute-form target, else from Host.
     pub host: Option<String>,
     pub body: BodyFraming,
-    /// The Upgrade field of an HTTP/1.1 request whose Connection lists `upgrade`.
-    pub upgrade: Option<String>,
+    /// The protocols an HTTP/1.1 request whose Connection lists `upgrade` asks to switch to
+    /// (its Upgrade fields as one list, items as received), `h2c` removed: that offer is never
+    /// honoured, so the request goes on as plain HTTP/1.1. Empty for an ordinary request.
+    pub upgrades: Vec<String>,
     /// Whether the client wants the connection kept after the response.
     pub keep_alive: bool,
     /// Lower-cased Connection tokens: the fields they name are hop-by-hop.
@@ -81,6 +83,8 @@ pub enum HeadError {
     DuplicateHost,
     #[error("invalid Host {value:?}")]
     InvalidHost { value: String },
+    #[error("invalid Upgrade {value:?}: protocols are `name` or `name/version` tokens")]
+    InvalidUpgrade { value: String },
 }
 
 impl HeadError {
@@ -95,7 +99,8 @@ impl HeadError {
             | HeadError::Target(_)
             | HeadError::MissingHost
             | HeadError::DuplicateHost
-            | HeadError::InvalidHost { .. } => 400,
+            | HeadError::InvalidHost { .. }
+            | HeadError::InvalidUpgrade { .. } => 400,
         }
     }
 }
@@ -162,7 +167,7 @@ fn build_head(
     };
     let host_field = host_field(&headers, version)?;
     let connection = fields::connection_tokens(&headers);
-    let upgrade = upgrade(&headers, version, &connection);
+    let upgrades = upgrades(&headers, version, &connection)?;
     Ok(RequestHead {
         method: method.to_owned(),
         target: target.to_owned(),
@@ -172,7 +177,7 @@ fn build_head(
         // RFC 9112 §3.2.2: an absolute-form target overrides Host.
         host: parsed.authority.or(host_field),
         body,
-        upgrade,
+        upgrades,
         keep_alive: fields::persists(version, &connection),
         connection,
         headers,
@@ -199,15 +204,35 @@ fn host_field(headers: &[Field], version: u8) -> Result<Option<String>, HeadErro
     }
 }
 
-/// The protocol asked for, if the request really asks to switch: HTTP/1.1 with Upgrade named
-/// in Connection (RFC 9110 §7.8 has HTTP/1.0 upgrades ignored).
-fn upgrade(headers: &[Field], version: u8, connection: &[String]) -> Option<String> {
+/// The protocols asked for, if the request really asks to switch: HTTP/1.1 with Upgrade named
+/// in Connection (RFC 9110 §7.8 has HTTP/1.0 upgrades ignored). Every Upgrade field counts,
+/// as one list; empty items are skipped, anything but `name` or `name/version` (tokens) is
+/// refused. `h2c` is dropped: HTTP/2 after a 101 would carry requests no rule ever sees
+/// (h2c smuggling), so that offer is stripped and the request forwarded as plain HTTP/1.1.
+fn upgrades(
+    headers: &[Field],
+    version: u8,
+    connection: &[String],
+) -> Result<Vec<String>, HeadError> {
     if version == 0 || !connection.iter().any(|t| t == "upgrade") {
-        return None;
+        return Ok(Vec::new());
     }
-    let value = fields::values(headers, "upgrade").next()?;
-    let value = std::str::from_utf8(value).ok()?;
-    (!value.is_empty()).then(|| value.to_owned())
+    let mut protocols = Vec::new();
+    for value in fields::values(headers, "upgrade") {
+        let invalid = || HeadError::InvalidUpgrade {
+            value: lossy(value),
+        };
+        let text = std::str::from_utf8(value).map_err(|_| invalid())?;
+        for item in text.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+            if !fields::is_protocol(item) {
+                return Err(invalid());
+            }
+            if !fields::is_h2c(item) {
+                protocols.push(item.to_owned());
+            }
+        }
+    }
+    Ok(protocols)
 }
 
 /// httparse says `Version` both for `HTTP/2.0` (a version we do not speak: 505) and for
@@ -264,7 +289,7 @@ mod tests {
         assert_eq!(h.header("X-a"), Some(&b"1"[..]));
         assert_eq!(h.body, BodyFraming::None);
         assert!(h.keep_alive);
-        assert_eq!(h.upgrade, None);
+        assert!(h.upgrades.is_empty());
     }
 
     #[test]
@@ -398,11 +423,47 @@ mod tests {
     #[test]
     fn upgrade_needs_http11_and_connection_upgrade() {
         let ws = "GET /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n";
-        assert_eq!(head(ws).upgrade.as_deref(), Some("websocket"));
+        assert_eq!(head(ws).upgrades, ["websocket"]);
         let no_token = "GET /ws HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\n\r\n";
-        assert_eq!(head(no_token).upgrade, None);
+        assert!(head(no_token).upgrades.is_empty());
         let old = "GET /ws HTTP/1.0\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n";
-        assert_eq!(head(old).upgrade, None);
+        assert!(head(old).upgrades.is_empty());
+    }
+
+    #[test]
+    fn upgrade_fields_are_one_list_without_h2c() {
+        let many = "GET / HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: SPDY/3.1, , H2C\r\n\
+                    Upgrade: websocket,h2c/1\r\n\r\n";
+        assert_eq!(head(many).upgrades, ["SPDY/3.1", "websocket"]);
+        let h2c = "GET / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade, HTTP2-Settings\r\n\
+                   Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n\r\n";
+        let h = head(h2c);
+        assert!(
+            h.upgrades.is_empty(),
+            "an ordinary request: {:?}",
+            h.upgrades
+        );
+        assert!(h.keep_alive);
+    }
+
+    #[test]
+    fn malformed_upgrade_gets_400() {
+        for value in ["a b", "a/", "/1", "a/b/c", "web[socket"] {
+            let raw = format!(
+                "GET / HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: {value}\r\n\r\n"
+            );
+            assert!(
+                matches!(parse(&raw), Err(HeadError::InvalidUpgrade { .. })),
+                "{value:?}"
+            );
+            assert_eq!(status(&raw), 400);
+        }
+        // Without Connection: upgrade the field is dropped unread.
+        assert!(
+            head("GET / HTTP/1.1\r\nHost: a\r\nUpgrade: a b\r\n\r\n")
+                .upgrades
+                .is_empty()
+        );
     }
 
     #[test]

@@ -11,7 +11,28 @@
 //! the normalized path and the query as received, `Host` carries the judged authority, framing
 //! is written from what was parsed (chunk by chunk for chunked bodies, size lines without
 //! extensions), and hop-by-hop fields (`Connection`, the fields it names, `Keep-Alive`, `TE`,
-//! `Upgrade`, `Proxy-Connection`) are dropped and rewritten for the proxy's own connections.
+//! `Upgrade`, `Proxy-Connection`, and `HTTP2-Settings`) are dropped and rewritten for the
+//! proxy's own connections.
+//!
+//! # Upgrades
+//!
+//! An HTTP/1.1 request whose Connection lists `upgrade` asks to switch to the protocols of its
+//! Upgrade fields (one list; anything but `name` or `name/version` tokens is a 400).
+//!
+//! - `h2c` is never honoured: it is stripped from the list before the request is judged, and
+//!   `HTTP2-Settings` is never forwarded. After a 101 the client would speak HTTP/2 through a
+//!   byte tunnel, every request on it unjudged (h2c smuggling); Envoy never passes h2c either.
+//!   A request left with no protocol is an ordinary request and is forwarded as one, so the
+//!   upstream never sees an h2c offer and never answers 101 to it.
+//! - `judge` sees the rest ([`RequestHead::upgrades`]); policy allows `websocket` with any rule
+//!   that allows the request, and other protocols only when an HTTP rule lists them (the
+//!   answer to a refused one is 403, as for any denied request). What was judged is what the
+//!   upstream is offered.
+//! - The connection becomes a tunnel only when the upstream answers 101 switching to protocols
+//!   the request offered (a 101 to a request that offered none, or to another protocol, is a
+//!   502). Any other answer continues as plain HTTP.
+//! - Each tunnel is reported twice as a [`TunnelRecord`]: when it opens and when it closes,
+//!   with the bytes relayed each way.
 //!
 //! # Path normalization
 //!
@@ -58,6 +79,8 @@
 //! - An allowed upgrade whose upstream answers 101 turns the connection into a tunnel with no
 //!   inactivity timeout (websockets idle legitimately); when one direction ends, the other has
 //!   [`Limits::close_linger`] to finish. Any other answer continues as plain HTTP.
+//! - `CONNECT` gets 405: the destination is already known, and a tunnel to anywhere else is
+//!   not the proxy's to open.
 //! - Closing after an error response shuts down the write side, then drains the client for
 //!   up to [`Limits::close_linger`] so that unread request bytes do not make the kernel reset
 //!   the connection before the client has read the response.
@@ -124,10 +147,27 @@ impl Default for Limits {
 }
 
 /// What policy says about one request; `rule` is an opaque id reported back in the record.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
-    Allow { rule: u32 },
-    Deny { rule: u32 },
+    Allow {
+        rule: u32,
+    },
+    Deny {
+        rule: u32,
+    },
+    /// Denied because no rule allows switching to `protocol` (one of
+    /// [`RequestHead::upgrades`]); the record says so.
+    DenyUpgrade {
+        rule: u32,
+        protocol: String,
+    },
+}
+
+/// What a connection reports, as it happens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Record {
+    Request(RequestRecord),
+    Tunnel(TunnelRecord),
 }
 
 /// One request's outcome, reported once per request (allowed, denied or malformed).
@@ -145,6 +185,41 @@ pub struct RequestRecord {
     pub rule: u32,
     /// From the complete request head to the response head sent.
     pub latency: Duration,
-    /// Why the proxy answered with an error, or why the exchange was cut short.
+    /// Why the proxy answered with an error, why policy denied it when that needs saying (a
+    /// refused upgrade names its protocol), or why the exchange was cut short.
+    pub error: Option<String>,
+}
+
+impl RequestRecord {
+    /// Whether policy denied the request (its answer was the proxy's own 403), rather than
+    /// the proxy refusing it as malformed.
+    pub fn policy_denied(&self) -> bool {
+        !self.allowed && self.status == 403
+    }
+}
+
+/// Whether a tunnel has just opened or has ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TunnelEvent {
+    Opened,
+    Closed,
+}
+
+/// A tunnel a 101 turned the connection into: reported when it opens (counts zero) and again
+/// when it closes, with what it relayed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TunnelRecord {
+    pub event: TunnelEvent,
+    /// The protocol the upstream switched to, as its 101 named it (its Upgrade field).
+    pub protocol: String,
+    /// The deciding rule of the request that opened the tunnel.
+    pub rule: u32,
+    /// Bytes relayed from the client to the upstream, early ones included.
+    pub bytes_to_server: u64,
+    /// Bytes relayed from the upstream to the client, after the 101 head.
+    pub bytes_to_client: u64,
+    /// How long the tunnel was open; zero when it opens.
+    pub duration: Duration,
+    /// Why the tunnel ended abnormally (a failed read or write on either side).
     pub error: Option<String>,
 }

@@ -3,7 +3,7 @@
 use std::future::Future;
 use std::io;
 use std::marker::PhantomData;
-use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures::FutureExt as _;
@@ -16,7 +16,7 @@ use super::path::excerpt;
 use super::response::{ResponseBody, ResponseHead, ResponseHeadError, parse_response_head};
 use super::stream::{self, ChunkedOutput, CopyError, Inbound};
 use super::wire::{self, ClientBody, Persistence};
-use super::{Decision, Limits, RequestRecord};
+use super::{Decision, Limits, Record, RequestRecord, TunnelEvent, TunnelRecord};
 
 /// Most bytes drained from a client while closing after an error.
 const LINGER_MAX_BYTES: usize = 256 * 1024;
@@ -53,6 +53,10 @@ pub enum ProxyError {
     UpstreamHead(#[source] ResponseHeadError),
     #[error("upstream switched protocols on a request that asked for no upgrade")]
     UnexpectedUpgrade,
+    #[error("upstream switched protocols without naming the protocol (no Upgrade field)")]
+    UpgradeWithoutProtocol,
+    #[error("upstream switched to {protocol:?}, which the request did not offer")]
+    UpgradeNotOffered { protocol: String },
     #[error("upstream closed the connection before the response body was complete")]
     UpstreamTruncatedBody,
     #[error("malformed chunked response body")]
@@ -78,6 +82,8 @@ impl ProxyError {
             | ProxyError::UpstreamTruncatedHead
             | ProxyError::UpstreamHead(_)
             | ProxyError::UnexpectedUpgrade
+            | ProxyError::UpgradeWithoutProtocol
+            | ProxyError::UpgradeNotOffered { .. }
             | ProxyError::UpstreamTruncatedBody
             | ProxyError::UpstreamChunked(_)
             | ProxyError::UpstreamBodyTimeout { .. } => 502,
@@ -129,14 +135,14 @@ impl CopyError {
 ///
 /// `connect` opens the upstream: lazily, on the first allowed request, and again when the
 /// previous connection closed. `judge` is consulted for every request, `record` is called
-/// once per request. Returns `Err` only when the connection ended abnormally: a client I/O
-/// failure, or a response cut short. Requests answered with an error status end in `Ok`,
-/// with the error in their record.
+/// once per request and twice per tunnel (opened, closed). Returns `Err` only when the
+/// connection ended abnormally: a client I/O failure, or a response or tunnel cut short.
+/// Requests answered with an error status end in `Ok`, with the error in their record.
 pub async fn serve_connection<C, U, Fut>(
     client: C,
     connect: impl FnMut() -> Fut,
     judge: impl Fn(&RequestHead) -> Decision,
-    record: impl FnMut(RequestRecord),
+    record: impl FnMut(Record),
     limits: &Limits,
 ) -> Result<(), ProxyError>
 where
@@ -246,7 +252,16 @@ struct Relayed {
     client_keep_alive: bool,
     upstream_reusable: bool,
     head_sent: Instant,
-    upgraded: bool,
+    /// After a 101: the protocol the upstream switched to.
+    upgraded: Option<String>,
+}
+
+/// Bytes a tunnel relayed, each way; counted as they go, so a direction cut off after the
+/// grace period still reports what it moved.
+#[derive(Default)]
+struct TunnelBytes {
+    to_server: AtomicU64,
+    to_client: AtomicU64,
 }
 
 struct Connection<'l, C, U, Co, Fut, J, Re> {
@@ -267,7 +282,7 @@ where
     Co: FnMut() -> Fut,
     Fut: Future<Output = io::Result<U>>,
     J: Fn(&RequestHead) -> Decision,
-    Re: FnMut(RequestRecord),
+    Re: FnMut(Record),
 {
     async fn serve(&mut self) -> Result<(), ProxyError> {
         loop {
@@ -342,7 +357,7 @@ where
         let started = Instant::now();
         let response = wire::local_response(status, Persistence::Close, 1, false);
         let written = self.write_client(&response).await;
-        (self.record)(RequestRecord {
+        (self.record)(Record::Request(RequestRecord {
             method,
             path,
             host: None,
@@ -351,7 +366,7 @@ where
             rule: 0,
             latency: started.elapsed(),
             error: Some(why),
-        });
+        }));
         written?;
         self.linger_close().await;
         Ok(())
@@ -360,16 +375,22 @@ where
     async fn handle(&mut self, head: &RequestHead) -> Result<Next, ProxyError> {
         let started = Instant::now();
         match (self.judge)(head) {
-            Decision::Deny { rule } => self.deny(head, rule, started).await,
+            Decision::Deny { rule } => self.deny(head, rule, started, None).await,
+            Decision::DenyUpgrade { rule, protocol } => {
+                let why = format!("upgrade to {protocol:?} is not allowed by any HTTP rule");
+                self.deny(head, rule, started, Some(why)).await
+            }
             Decision::Allow { rule } => self.forward(head, rule, started).await,
         }
     }
 
+    /// Answers 403; `why` explains a denial that needs explaining (a refused upgrade).
     async fn deny(
         &mut self,
         head: &RequestHead,
         rule: u32,
         started: Instant,
+        why: Option<String>,
     ) -> Result<Next, ProxyError> {
         // The body was never read; closing is the only way to stay in step with the client.
         let keep = head.keep_alive && !head.body.has_body();
@@ -380,7 +401,11 @@ where
         };
         let response = wire::local_response(403, persistence, head.version, head.method == "HEAD");
         let written = self.write_client(&response).await;
-        let error = written.as_ref().err().map(|e| error_chain(e));
+        let failed = written.as_ref().err().map(|e| error_chain(e));
+        let error = match (why, failed) {
+            (Some(why), Some(failed)) => Some(format!("{why}; then {failed}")),
+            (why, failed) => why.or(failed),
+        };
         self.record_request(head, 403, false, rule, started.elapsed(), error);
         written?;
         Ok(if keep { Next::KeepAlive } else { Next::Close })
@@ -442,14 +467,12 @@ where
         } = outcome;
         let latency = relayed.head_sent.saturating_duration_since(started);
         self.record_request(head, relayed.status, true, rule, latency, None);
-        if relayed.upgraded && !body_complete {
-            // Tunnelling now would pass the rest of a framed body through as raw bytes.
-            return Ok(Next::Close);
-        }
-        if relayed.upgraded {
-            let grace = self.limits.close_linger;
-            tunnel(&mut self.client, &mut self.client_out, upstream, grace).await?;
-            return Ok(Next::Finished);
+        if let Some(protocol) = relayed.upgraded {
+            if !body_complete {
+                // Tunnelling now would pass the rest of a framed body through as raw bytes.
+                return Ok(Next::Close);
+            }
+            return self.tunnel(protocol, rule, upstream).await;
         }
         if relayed.upstream_reusable && body_complete {
             self.upstream = Some(upstream);
@@ -459,6 +482,41 @@ where
         } else {
             Next::Close
         })
+    }
+
+    /// Relays bytes both ways until the tunnel ends, reporting it when it opens and closes.
+    async fn tunnel(
+        &mut self,
+        protocol: String,
+        rule: u32,
+        upstream: Upstream<U>,
+    ) -> Result<Next, ProxyError> {
+        let report = |event, bytes: &TunnelBytes, duration, error| {
+            Record::Tunnel(TunnelRecord {
+                event,
+                protocol: protocol.clone(),
+                rule,
+                bytes_to_server: bytes.to_server.load(Ordering::Relaxed),
+                bytes_to_client: bytes.to_client.load(Ordering::Relaxed),
+                duration,
+                error,
+            })
+        };
+        let bytes = TunnelBytes::default();
+        (self.record)(report(TunnelEvent::Opened, &bytes, Duration::ZERO, None));
+        let opened = Instant::now();
+        let grace = self.limits.close_linger;
+        let result = tunnel(
+            &mut self.client,
+            &mut self.client_out,
+            upstream,
+            grace,
+            &bytes,
+        )
+        .await;
+        let error = result.as_ref().err().map(|e| error_chain(e));
+        (self.record)(report(TunnelEvent::Closed, &bytes, opened.elapsed(), error));
+        result.map(|()| Next::Finished)
     }
 
     /// Records a failed exchange; answers it if no response started, else cuts the client.
@@ -534,7 +592,7 @@ where
         latency: Duration,
         error: Option<String>,
     ) {
-        (self.record)(RequestRecord {
+        (self.record)(Record::Request(RequestRecord {
             method: head.method.clone(),
             path: head.path.clone(),
             host: head.host.clone(),
@@ -543,7 +601,7 @@ where
             rule,
             latency,
             error,
-        });
+        }));
     }
 
     /// Shuts the write side, then drains what the client still sends for a while: closing a
@@ -686,9 +744,7 @@ where
     loop {
         let response = read_response_head(upstream, limits).await?;
         if response.status == 101 {
-            if request.upgrade.is_none() {
-                return Err(ProxyError::UnexpectedUpgrade);
-            }
+            let protocol = switched_protocol(request, &response)?;
             let bytes = wire::response_head(&response, ClientBody::None, Persistence::Upgrade, 1);
             progress.mark_sent(101);
             write(client, &bytes, idle).await?;
@@ -697,7 +753,7 @@ where
                 client_keep_alive: false,
                 upstream_reusable: false,
                 head_sent: Instant::now(),
-                upgraded: true,
+                upgraded: Some(protocol),
             });
         }
         if response.is_interim() {
@@ -711,6 +767,33 @@ where
         }
         return relay_final(upstream, client, request, &response, limits, progress).await;
     }
+}
+
+/// The protocol a 101 switches to: every protocol its Upgrade field names must be one the
+/// request offered (and so one policy judged), compared case-insensitively (RFC 9110 §7.8).
+fn switched_protocol(request: &RequestHead, response: &ResponseHead) -> Result<String, ProxyError> {
+    if request.upgrades.is_empty() {
+        return Err(ProxyError::UnexpectedUpgrade);
+    }
+    let value = response
+        .header("upgrade")
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+        .unwrap_or_default();
+    let named: Vec<&str> = value
+        .split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .collect();
+    if named.is_empty() {
+        return Err(ProxyError::UpgradeWithoutProtocol);
+    }
+    let offered = |p: &str| request.upgrades.iter().any(|o| o.eq_ignore_ascii_case(p));
+    if let Some(other) = named.iter().find(|p| !offered(p)) {
+        return Err(ProxyError::UpgradeNotOffered {
+            protocol: excerpt(other),
+        });
+    }
+    Ok(named.join(", "))
 }
 
 /// Most body bytes sent together with a response head.
@@ -783,7 +866,9 @@ where
             };
             stream::copy_chunked(upstream, client, limits, output).await
         }
-        ResponseBody::UntilClose => stream::copy_until_close(upstream, client, Some(idle)).await,
+        ResponseBody::UntilClose => {
+            stream::copy_until_close(upstream, client, Some(idle), None).await
+        }
     };
     copied.map_err(|e| e.blame(Direction::ToClient, idle))?;
     Ok(Relayed {
@@ -795,7 +880,7 @@ where
             && body != ResponseBody::UntilClose
             && upstream.buffered().is_empty(),
         head_sent,
-        upgraded: false,
+        upgraded: None,
     })
 }
 
@@ -835,13 +920,15 @@ async fn write<W: AsyncWrite + Unpin>(
         .map_err(|e| e.blame(Direction::ToClient, idle))
 }
 
-/// Copies bytes both ways after a 101, starting with what each side sent early. When one
-/// direction ends (its write side shut down in turn), the other gets `grace` to finish.
+/// Copies bytes both ways after a 101, starting with what each side sent early, counting them
+/// in `bytes`. When one direction ends (its write side shut down in turn), the other gets
+/// `grace` to finish.
 async fn tunnel<C, U>(
     client: &mut Inbound<ReadHalf<C>>,
     client_out: &mut WriteHalf<C>,
     upstream: Upstream<U>,
     grace: Duration,
+    bytes: &TunnelBytes,
 ) -> Result<(), ProxyError>
 where
     C: AsyncRead + AsyncWrite + Unpin,
@@ -851,8 +938,18 @@ where
         input: mut upstream_in,
         output: mut upstream_out,
     } = upstream;
-    let up = pump(client, &mut upstream_out, Direction::ToUpstream);
-    let down = pump(&mut upstream_in, client_out, Direction::ToClient);
+    let up = pump(
+        client,
+        &mut upstream_out,
+        Direction::ToUpstream,
+        &bytes.to_server,
+    );
+    let down = pump(
+        &mut upstream_in,
+        client_out,
+        Direction::ToClient,
+        &bytes.to_client,
+    );
     tokio::pin!(up, down);
     let rest = tokio::select! {
         result = &mut up => { result?; tokio::time::timeout(grace, down).await }
@@ -867,6 +964,7 @@ async fn pump<R, W>(
     src: &mut Inbound<R>,
     dst: &mut W,
     direction: Direction,
+    counted: &AtomicU64,
 ) -> Result<(), ProxyError>
 where
     R: AsyncRead + Unpin,
@@ -874,7 +972,7 @@ where
 {
     // Only used to label errors: there is no inactivity timeout in a tunnel.
     let unbounded = Duration::MAX;
-    stream::copy_until_close(src, dst, None)
+    stream::copy_until_close(src, dst, None, Some(counted))
         .await
         .map_err(|e| e.blame(direction, unbounded))?;
     dst.shutdown().await.map_err(|e| match direction {

@@ -3,6 +3,7 @@
 
 use std::future::Future;
 use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
@@ -214,20 +215,26 @@ fn decode_available(
     }
 }
 
-/// Copies until `src` ends, then returns; `idle` bounds each read and write when set.
+/// Copies until `src` ends, then returns; `idle` bounds each read and write when set, and
+/// `counted`, when given, grows by every byte written.
 pub(super) async fn copy_until_close<R, W>(
     src: &mut Inbound<R>,
     dst: &mut W,
     idle: Option<Duration>,
+    counted: Option<&AtomicU64>,
 ) -> Result<(), CopyError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
     loop {
-        if !src.buffered().is_empty() {
+        let n = src.buffered().len();
+        if n > 0 {
             write_within(dst, src.buffered(), idle).await?;
             src.consume_all();
+            if let Some(counted) = counted {
+                counted.fetch_add(n as u64, Ordering::Relaxed);
+            }
         }
         match read_more(src, idle).await {
             Err(CopyError::Truncated) => return Ok(()),

@@ -8,13 +8,20 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use palisade_policies::compile::{L7Policy, L7Rule};
+use palisade_policies::endpoint::EndpointId;
+use palisade_policies::identity::Identity;
+use palisade_policies::l7::ProxyPolicy;
+use palisade_policies::mapstate::{IpcacheEntry, MapState, PortPrefix, RuleId};
+use palisade_policies::model::{Direction, HttpRule};
 use tokio::io::{
     AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader, DuplexStream,
 };
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use super::*;
+use crate::policy::ConnectionJudge;
 
 /// Pipe capacity unless a test wants a small one.
 const PIPE: usize = 64 * 1024;
@@ -22,6 +29,7 @@ const PIPE: usize = 64 * 1024;
 const STEP: Duration = Duration::from_mins(2);
 
 type Records = Arc<Mutex<Vec<RequestRecord>>>;
+type Tunnels = Arc<Mutex<Vec<TunnelRecord>>>;
 
 /// One end of a pipe, read through a buffer.
 struct Peer {
@@ -133,6 +141,7 @@ struct Proxy {
     client: Peer,
     upstreams: mpsc::UnboundedReceiver<DuplexStream>,
     records: Records,
+    tunnels: Tunnels,
     task: JoinHandle<Result<(), ProxyError>>,
 }
 
@@ -153,6 +162,10 @@ impl Proxy {
 
     fn records(&self) -> Vec<RequestRecord> {
         self.records.lock().expect("records lock").clone()
+    }
+
+    fn tunnels(&self) -> Vec<TunnelRecord> {
+        self.tunnels.lock().expect("tunnels lock").clone()
     }
 
     async fn result(self) -> Result<(), ProxyError> {
@@ -201,11 +214,12 @@ fn start_with(
                 .map_err(|_| io::Error::other("test stopped accepting upstreams"))
         }
     };
-    let (client, records, task) = spawn(judge, limits, pipe, connect);
+    let (client, records, tunnels, task) = spawn(judge, limits, pipe, connect);
     Proxy {
         client,
         upstreams,
         records,
+        tunnels,
         task,
     }
 }
@@ -215,19 +229,73 @@ fn spawn<Co, Fut>(
     limits: Limits,
     pipe: usize,
     connect: Co,
-) -> (Peer, Records, JoinHandle<Result<(), ProxyError>>)
+) -> (Peer, Records, Tunnels, JoinHandle<Result<(), ProxyError>>)
 where
     Co: FnMut() -> Fut + Send + 'static,
     Fut: Future<Output = io::Result<DuplexStream>> + Send + 'static,
 {
     let (client, proxy_side) = tokio::io::duplex(pipe);
     let records = Records::default();
-    let sink = records.clone();
+    let tunnels = Tunnels::default();
+    let (requests, opened) = (records.clone(), tunnels.clone());
     let task = tokio::spawn(async move {
-        let record = move |r| sink.lock().expect("records lock").push(r);
+        let record = move |r| match r {
+            Record::Request(r) => requests.lock().expect("records lock").push(r),
+            Record::Tunnel(t) => opened.lock().expect("tunnels lock").push(t),
+        };
         serve_connection(proxy_side, connect, judge, record, &limits).await
     });
-    (Peer::new(client), records, task)
+    (Peer::new(client), records, tunnels, task)
+}
+
+/// The real policy path, matcher included: client 10.0.0.2 (identity 300) calling
+/// 10.0.0.3:80, whose ingress admits it with `http` as its HTTP rules (rule 5).
+fn policy_judge(http: Vec<HttpRule>) -> impl Fn(&RequestHead) -> Decision + Send + 'static {
+    let mut state = MapState::default();
+    for (net, endpoint, identity) in [("10.0.0.2/32", 1, 300), ("10.0.0.3/32", 2, 301)] {
+        state.ipcache.insert(
+            net.parse().expect("test network"),
+            IpcacheEntry {
+                identity: Identity(identity),
+                endpoint: Some(EndpointId(endpoint)),
+                cidr_identity: None,
+            },
+        );
+    }
+    let mut l7 = L7Policy::default();
+    l7.rules.insert(
+        (EndpointId(2), Direction::Ingress),
+        vec![L7Rule {
+            keys: vec![(Identity(300), PortPrefix::exact(80))],
+            http: Some(http),
+            rule: RuleId(5),
+        }],
+    );
+    let policy = Arc::new(ProxyPolicy::new(&l7, &state).expect("test policy"));
+    // The receiver keeps the last value after the sender is gone.
+    let (_, policy) = watch::channel(policy);
+    let judge = ConnectionJudge::new(
+        policy,
+        "10.0.0.2:40000".parse().expect("client"),
+        "10.0.0.3:80".parse().expect("destination"),
+    );
+    move |head| judge.judge(head)
+}
+
+/// `GET /public.*`, and `/attach` with SPDY/3.1 upgrades.
+fn public_and_attach() -> impl Fn(&RequestHead) -> Decision + Send + 'static {
+    policy_judge(vec![
+        HttpRule {
+            method: Some("GET".into()),
+            path: Some("/public.*".into()),
+            ..HttpRule::default()
+        },
+        HttpRule {
+            path: Some("/attach".into()),
+            upgrades: vec!["spdy/3.1".into()],
+            ..HttpRule::default()
+        },
+    ])
 }
 
 const GET_OK: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
@@ -723,7 +791,7 @@ async fn idle_keep_alive_connection_is_closed_after_idle_timeout() {
 async fn upstream_connect_failure_gets_502() {
     let connect =
         || async { Err::<DuplexStream, _>(io::Error::from(io::ErrorKind::ConnectionRefused)) };
-    let (mut client, records, task) = spawn(allow_all, limits(), PIPE, connect);
+    let (mut client, records, _tunnels, task) = spawn(allow_all, limits(), PIPE, connect);
     client.send(b"GET / HTTP/1.1\r\nHost: svc\r\n\r\n").await;
     let (head, _) = client.message().await;
     assert_eq!(status_of(&head), 502);
@@ -741,7 +809,7 @@ async fn upstream_connect_failure_gets_502() {
 #[tokio::test(start_paused = true)]
 async fn upstream_connect_timeout_gets_504() {
     let connect = || std::future::pending::<io::Result<DuplexStream>>();
-    let (mut client, _records, _task) = spawn(allow_all, limits(), PIPE, connect);
+    let (mut client, _records, _tunnels, _task) = spawn(allow_all, limits(), PIPE, connect);
     client.send(b"GET / HTTP/1.1\r\nHost: svc\r\n\r\n").await;
     let started = tokio::time::Instant::now();
     assert_eq!(status_of(&client.message().await.0), 504);
@@ -824,8 +892,259 @@ async fn websocket_upgrade_becomes_a_tunnel() {
     // The client leaving ends the tunnel: the upstream sees the close.
     let records = proxy.records();
     assert_eq!(records[0].status, 101);
+    let tunnels = proxy.tunnels.clone();
     assert!(proxy.result().await.is_ok());
     upstream.expect_closed().await;
+    let tunnels = tunnels.lock().expect("tunnels lock").clone();
+    assert_eq!(
+        tunnels,
+        [
+            TunnelRecord {
+                event: TunnelEvent::Opened,
+                protocol: "websocket".into(),
+                rule: 1,
+                bytes_to_server: 0,
+                bytes_to_client: 0,
+                duration: Duration::ZERO,
+                error: None,
+            },
+            TunnelRecord {
+                event: TunnelEvent::Closed,
+                protocol: "websocket".into(),
+                rule: 1,
+                // "early" + "from-client"; "from-server" + "more".
+                bytes_to_server: 16,
+                bytes_to_client: 15,
+                duration: tunnels[1].duration,
+                error: None,
+            },
+        ]
+    );
+}
+
+const H2C_OFFER: &[u8] = b"GET /public/x HTTP/1.1\r\nHost: svc\r\nUpgrade: h2c\r\n\
+    HTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\nConnection: Upgrade, HTTP2-Settings\r\n\r\n";
+
+#[tokio::test]
+async fn an_h2c_offer_is_stripped_and_every_later_request_judged() {
+    let mut proxy = start(public_and_attach(), limits());
+    proxy.client.send(H2C_OFFER).await;
+    let mut upstream = proxy.upstream().await;
+    let (request, _) = upstream.message().await;
+    // Neither the offer nor its settings reach the upstream: a plain HTTP/1.1 request.
+    assert_eq!(request, "GET /public/x HTTP/1.1\r\nhost: svc\r\n\r\n");
+    upstream.send(GET_OK).await;
+    let (head, body) = proxy.client.message().await;
+    assert_eq!(head, "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n");
+    assert_eq!(body, b"ok");
+
+    // Still HTTP/1.1 on the same connection, and still judged request by request.
+    proxy
+        .client
+        .send(b"GET /admin HTTP/1.1\r\nHost: svc\r\n\r\n")
+        .await;
+    let (head, body) = proxy.client.message().await;
+    assert_eq!(status_of(&head), 403);
+    assert_eq!(body, b"Access denied\n");
+    upstream.expect_quiet().await;
+    proxy
+        .client
+        .send(b"GET /public/y HTTP/1.1\r\nHost: svc\r\n\r\n")
+        .await;
+    assert!(upstream.message().await.0.starts_with("GET /public/y "));
+    upstream.send(GET_OK).await;
+    assert_eq!(status_of(&proxy.client.message().await.0), 200);
+    proxy.no_more_upstreams();
+
+    let records = proxy.records();
+    let outcomes: Vec<_> = records
+        .iter()
+        .map(|r| (r.path.as_str(), r.status, r.allowed, r.rule))
+        .collect();
+    assert_eq!(
+        outcomes,
+        [
+            ("/public/x", 200, true, 5),
+            ("/admin", 403, false, 5),
+            ("/public/y", 200, true, 5)
+        ]
+    );
+    assert!(records[1].policy_denied());
+    assert!(proxy.tunnels().is_empty());
+}
+
+#[tokio::test]
+async fn a_101_to_a_stripped_h2c_offer_is_a_502() {
+    // An upstream that switches anyway (it was never offered anything) is not followed.
+    let mut proxy = start(public_and_attach(), limits());
+    proxy.client.send(H2C_OFFER).await;
+    let mut upstream = proxy.upstream().await;
+    upstream.message().await;
+    upstream
+        .send(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\nUNJUDGED")
+        .await;
+    let (head, _) = proxy.client.message().await;
+    assert_eq!(status_of(&head), 502);
+    proxy.client.expect_closed().await;
+    assert!(proxy.tunnels().is_empty());
+    let error = proxy.records()[0].error.clone().unwrap_or_default();
+    assert!(error.contains("asked for no upgrade"), "{error}");
+}
+
+#[tokio::test]
+async fn an_upgrade_no_rule_lists_gets_403_without_reaching_the_upstream() {
+    let mut proxy = start(public_and_attach(), limits());
+    proxy
+        .client
+        .send(b"GET /public/x HTTP/1.1\r\nHost: svc\r\nConnection: Upgrade\r\nUpgrade: websocket, spdy/3.1\r\n\r\n")
+        .await;
+    let (head, body) = proxy.client.message().await;
+    assert_eq!(status_of(&head), 403);
+    assert_eq!(body, b"Access denied\n");
+    proxy.no_more_upstreams();
+    let records = proxy.records();
+    assert_eq!((records[0].allowed, records[0].rule), (false, 5));
+    assert!(records[0].policy_denied());
+    let error = records[0].error.clone().unwrap_or_default();
+    assert!(
+        error.contains("\"spdy/3.1\""),
+        "names the protocol: {error}"
+    );
+    // Nothing was read past the head: the connection goes on.
+    proxy
+        .client
+        .send(b"GET /public/y HTTP/1.1\r\nHost: svc\r\n\r\n")
+        .await;
+    let mut upstream = proxy.upstream().await;
+    assert!(upstream.message().await.0.starts_with("GET /public/y "));
+    upstream.send(GET_OK).await;
+    assert_eq!(status_of(&proxy.client.message().await.0), 200);
+}
+
+#[tokio::test]
+async fn an_upgrade_the_rule_lists_tunnels_after_the_101() {
+    let mut proxy = start(public_and_attach(), limits());
+    proxy
+        .client
+        .send(b"POST /attach HTTP/1.1\r\nHost: svc\r\nConnection: Upgrade\r\nUpgrade: SPDY/3.1\r\nContent-Length: 0\r\n\r\n")
+        .await;
+    let mut upstream = proxy.upstream().await;
+    let head = upstream.head().await;
+    assert_eq!(
+        head,
+        "POST /attach HTTP/1.1\r\nhost: svc\r\ncontent-length: 0\r\nconnection: upgrade\r\nupgrade: SPDY/3.1\r\n\r\n"
+    );
+    upstream
+        .send(
+            b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: spdy/3.1\r\n\r\n",
+        )
+        .await;
+    let head = proxy.client.head().await;
+    assert_eq!(status_of(&head), 101);
+    proxy.client.send(b"frames up").await;
+    assert_eq!(upstream.exact(9).await, b"frames up");
+    upstream.send(b"frames down!").await;
+    assert_eq!(proxy.client.exact(12).await, b"frames down!");
+    let opened = proxy.tunnels();
+    assert_eq!(opened.len(), 1);
+    assert_eq!(
+        (opened[0].event, opened[0].protocol.as_str(), opened[0].rule),
+        (TunnelEvent::Opened, "spdy/3.1", 5)
+    );
+    // The upstream ending its side ends the tunnel once the client has finished too.
+    drop(upstream);
+    proxy.client.expect_closed().await;
+    let tunnels = proxy.tunnels.clone();
+    assert!(proxy.result().await.is_ok());
+    let closed = tunnels.lock().expect("tunnels lock")[1].clone();
+    assert_eq!(closed.event, TunnelEvent::Closed);
+    assert_eq!((closed.bytes_to_server, closed.bytes_to_client), (9, 12));
+}
+
+#[tokio::test]
+async fn websockets_need_only_an_allowed_request_and_tunnel_only_after_a_101() {
+    let ws = b"GET /public/ws HTTP/1.1\r\nHost: svc\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n";
+    let mut proxy = start(public_and_attach(), limits());
+    proxy.client.send(ws).await;
+    let mut upstream = proxy.upstream().await;
+    assert!(upstream.head().await.contains("\r\nupgrade: websocket\r\n"));
+    // Not switching: plain HTTP goes on, and no tunnel is reported.
+    upstream.send(GET_OK).await;
+    assert_eq!(status_of(&proxy.client.message().await.0), 200);
+    assert!(proxy.tunnels().is_empty());
+    // A websocket to a path no rule allows is denied like any request to it.
+    proxy
+        .client
+        .send(b"GET /admin HTTP/1.1\r\nHost: svc\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+        .await;
+    assert_eq!(status_of(&proxy.client.message().await.0), 403);
+    proxy.client.send(ws).await;
+    upstream.head().await;
+    upstream
+        .send(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: WebSocket\r\n\r\nhi")
+        .await;
+    assert_eq!(status_of(&proxy.client.head().await), 101);
+    assert_eq!(proxy.client.exact(2).await, b"hi");
+    let tunnels = proxy.tunnels();
+    assert_eq!(tunnels.len(), 1);
+    assert_eq!(tunnels[0].protocol, "WebSocket");
+    proxy.no_more_upstreams();
+    let records = proxy.records();
+    let statuses: Vec<u16> = records.iter().map(|r| r.status).collect();
+    assert_eq!(statuses, [200, 403, 101]);
+    assert!(
+        records[1].error.is_none(),
+        "denied for its path: {records:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_switch_to_a_protocol_not_offered_is_a_502() {
+    for answer in [
+        &b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n"[..],
+        b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n\r\n",
+    ] {
+        let mut proxy = start(allow_all, limits());
+        proxy
+            .client
+            .send(b"GET /ws HTTP/1.1\r\nHost: svc\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+            .await;
+        let mut upstream = proxy.upstream().await;
+        upstream.head().await;
+        upstream.send(answer).await;
+        let (head, _) = proxy.client.message().await;
+        assert_eq!(
+            status_of(&head),
+            502,
+            "{:?}",
+            String::from_utf8_lossy(answer)
+        );
+        proxy.client.expect_closed().await;
+        assert!(proxy.tunnels().is_empty());
+    }
+}
+
+#[tokio::test]
+async fn connect_gets_405_and_a_malformed_upgrade_400_whatever_the_policy() {
+    for (request, status) in [
+        (
+            &b"CONNECT svc:443 HTTP/1.1\r\nHost: svc:443\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"[..],
+            405,
+        ),
+        (
+            b"GET /public/x HTTP/1.1\r\nHost: svc\r\nConnection: Upgrade\r\nUpgrade: web socket\r\n\r\n",
+            400,
+        ),
+    ] {
+        let mut proxy = start(public_and_attach(), limits());
+        proxy.client.send(request).await;
+        let (head, _) = proxy.client.message().await;
+        assert_eq!(status_of(&head), status);
+        proxy.client.expect_closed().await;
+        proxy.no_more_upstreams();
+        let records = proxy.records();
+        assert!(!records[0].allowed && !records[0].policy_denied());
+    }
 }
 
 #[tokio::test]
@@ -848,9 +1167,9 @@ async fn refused_upgrade_continues_as_http() {
 
 #[tokio::test]
 async fn denied_upgrade_gets_403() {
-    let deny_ws = |head: &RequestHead| match head.upgrade {
-        Some(_) => Decision::Deny { rule: 3 },
-        None => Decision::Allow { rule: 1 },
+    let deny_ws = |head: &RequestHead| match head.upgrades.as_slice() {
+        [] => Decision::Allow { rule: 1 },
+        _ => Decision::Deny { rule: 3 },
     };
     let mut proxy = start(deny_ws, limits());
     proxy
@@ -1211,7 +1530,7 @@ fn serve_connection_future_is_send() {
         client,
         || async { Ok::<_, io::Error>(tokio::io::duplex(1).0) },
         allow_all,
-        |_record| {},
+        |_record: Record| {},
         &limits,
     );
     assert_send(&future);

@@ -55,9 +55,10 @@ pub(super) fn request_head(head: &RequestHead) -> Vec<u8> {
         }
         BodyFraming::Chunked => field(&mut out, "transfer-encoding", b"chunked"),
     }
-    if let Some(upgrade) = &head.upgrade {
+    // Only what was judged is offered: `h2c` never is (see `RequestHead::upgrades`).
+    if !head.upgrades.is_empty() {
         field(&mut out, "connection", b"upgrade");
-        field(&mut out, "upgrade", upgrade.as_bytes());
+        field(&mut out, "upgrade", head.upgrades.join(", ").as_bytes());
     } else if head.version == 1 && !head.keep_alive {
         field(&mut out, "connection", b"close");
     } else if head.version == 0 && head.keep_alive {
@@ -243,6 +244,27 @@ mod tests {
         );
         assert_eq!(
             text(&request_head(&ws)),
+            "GET /ws HTTP/1.1\r\nhost: a\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n"
+        );
+    }
+
+    #[test]
+    fn an_h2c_offer_is_never_forwarded() {
+        let h2c = request(
+            "GET /public/x HTTP/1.1\r\nHost: a\r\nConnection: Upgrade, HTTP2-Settings\r\n\
+             Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\nAccept: */*\r\n\r\n",
+        );
+        assert_eq!(
+            text(&request_head(&h2c)),
+            "GET /public/x HTTP/1.1\r\nhost: a\r\nAccept: */*\r\n\r\n"
+        );
+        // Without Connection naming it, HTTP2-Settings still goes: it only serves h2c.
+        let mixed = request(
+            "GET /ws HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: h2c, websocket\r\n\
+             HTTP2-Settings: AAMA\r\n\r\n",
+        );
+        assert_eq!(
+            text(&request_head(&mixed)),
             "GET /ws HTTP/1.1\r\nhost: a\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n"
         );
     }
