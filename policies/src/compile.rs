@@ -151,6 +151,11 @@ impl RuleTable {
         self.by_id.get(&id)
     }
 
+    /// Every rule the table knows, by id.
+    pub fn iter(&self) -> impl Iterator<Item = (RuleId, &RuleOrigin)> {
+        self.by_id.iter().map(|(id, o)| (*id, o))
+    }
+
     /// Forgets origins no map entry refers to any more.
     pub fn retain_used(&mut self, state: &MapState) {
         self.retain_used_with(state, &L7Policy::default());
@@ -558,7 +563,11 @@ pub fn compile_with_l7(input: &CompileInput<'_>, rules: &mut RuleTable) -> (MapS
         let specs = selecting_specs(input.policies, input.identities, ep);
         let mut flags = [false; 2];
         for (di, direction) in Direction::BOTH.into_iter().enumerate() {
-            let is_enforced = enforced(&input.settings, &specs, direction);
+            // An endpoint still holding `init` (its labels not known yet) is enforced both
+            // ways: until it is known, only what policy allows the `init` entity reaches it.
+            let is_enforced = enforced(&input.settings, &specs, direction)
+                || (ep.identity == Identity::INIT
+                    && input.settings.enforcement != EnforcementMode::Never);
             flags[di] = is_enforced;
             if input.settings.enforcement == EnforcementMode::Never {
                 continue;

@@ -7,7 +7,8 @@
 //! - `server`: the API routes and their wire shapes; `status`: the node's status;
 //! - `flows`: datapath events and proxy requests as flows, and their store;
 //! - `metrics`: Prometheus metrics and the health check;
-//! - `policy_dir`: `--policy-dir` read and watched; `state_file`: the state directory.
+//! - `policy_dir`: `--policy-dir` read and watched; `state_file`: the state directory;
+//! - `runtime`: containers' labels from their runtime (podman, containerd).
 
 pub mod datapath;
 pub mod flows;
@@ -15,6 +16,7 @@ pub mod metrics;
 pub mod plumbing;
 pub mod policy_dir;
 pub mod run;
+pub mod runtime;
 pub mod server;
 pub mod state_file;
 pub mod status;

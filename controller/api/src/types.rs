@@ -67,6 +67,12 @@ pub struct EndpointView {
     pub ingress_enforced: bool,
     pub egress_enforced: bool,
     pub policies: SelectingPolicies,
+    /// For a container a runtime attached through the CNI plugin: its container id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container_id: Option<String>,
+    /// Its labels are not known yet: it holds the reserved `init` identity (5).
+    #[serde(default)]
+    pub pending_labels: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -238,4 +244,70 @@ pub struct FlowQuery {
     pub since_seconds: Option<u64>,
     #[serde(default)]
     pub follow: bool,
+}
+
+/// Body of `POST /v1/attachments`: a container the CNI plugin attached.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AttachmentRequest {
+    pub container_id: String,
+    /// The interface inside the container (`CNI_IFNAME`).
+    pub ifname: String,
+    /// The container's network namespace (`CNI_NETNS`).
+    pub netns: String,
+    /// The veth's host side, in the node.
+    pub host_ifname: String,
+    pub ip: Ipv4Addr,
+    /// Another plugin (bridge, ptp) made the veth and routes it.
+    #[serde(default)]
+    pub chained: bool,
+    /// The endpoint's name: the pod's, or the container's.
+    pub name: String,
+    pub namespace: String,
+    /// Absent: not known yet; the agent asks the container's runtime, and the endpoint holds
+    /// the `init` identity until it knows.
+    #[serde(default)]
+    pub labels: Option<Labels>,
+    #[serde(default)]
+    pub named_ports: Vec<NamedPort>,
+}
+
+/// `GET /v1/attachments/{container_id}/{ifname}`: whether the attachment is whole.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttachmentStatusView {
+    pub endpoint: EndpointView,
+    /// The host-side interface exists with the index the datapath knows.
+    pub interface_present: bool,
+    /// Both classifiers are attached to it.
+    pub programs_attached: bool,
+    /// The maps hold its endpoint entry.
+    pub in_datapath: bool,
+}
+
+/// `DELETE /v1/attachments/{container_id}/{ifname}`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttachmentDeleteResult {
+    /// False when there was no such attachment (a repeated DEL).
+    pub deleted: bool,
+}
+
+/// An attachment, as CNI names one.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AttachmentRef {
+    pub container_id: String,
+    pub ifname: String,
+}
+
+/// Body of `POST /v1/attachments/gc`: the attachments the runtime still has.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AttachmentGcRequest {
+    pub valid: Vec<AttachmentRef>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttachmentGcResult {
+    /// Endpoints (`ns/name`) removed.
+    pub removed: Vec<String>,
 }

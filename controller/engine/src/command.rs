@@ -1,6 +1,7 @@
 //! The engine's task: commands in, one at a time, each answered on its own reply channel;
 //! conntrack housekeeping in between. Whatever parses untrusted input does it before sending.
 
+use std::collections::BTreeSet;
 use std::time::Duration;
 
 use palisade_policies::labels::Labels;
@@ -8,10 +9,11 @@ use palisade_policies::model::Policy;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, warn};
 
+use crate::attachments::AttachmentStatus;
 use crate::datapath::Datapath;
 use crate::engine::Engine;
 use crate::error::EngineError;
-use crate::model::{EndpointSpec, FilePolicies, LabelChange};
+use crate::model::{AttachmentSpec, EndpointSpec, FilePolicies, LabelChange};
 use crate::plumbing::Plumbing;
 use crate::policies::PolicyUpdate;
 use crate::store::{PersistError, SaveTicket};
@@ -53,6 +55,15 @@ pub enum Command {
     ReplaceFilePolicies(Vec<FilePolicies>, Reply<usize>),
     Trace(TraceQuery, Reply<TraceResult>),
     Status(Reply<EngineStatus>),
+    /// A container the CNI plugin attached.
+    AttachmentAdd(AttachmentSpec, Reply<EndpointView>),
+    /// Container id and interface; answers whether there was one.
+    AttachmentDelete(String, String, Reply<bool>),
+    AttachmentCheck(String, String, Reply<AttachmentStatus>),
+    /// The attachments still valid; answers the endpoints removed.
+    AttachmentGc(BTreeSet<(String, String)>, Reply<Vec<String>>),
+    /// Endpoint key, namespace and labels, once the runtime told them.
+    EndpointResolve(String, String, Labels, Reply<EndpointView>),
 }
 
 /// How often expired conntrack entries are swept.
@@ -97,6 +108,25 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
                 self.settle(r, result).await;
             }
             Command::Trace(q, r) => answer(r, self.trace(&q)),
+            Command::AttachmentAdd(spec, r) => {
+                let result = self.attachment_add(spec).await;
+                self.settle(r, result).await;
+            }
+            Command::AttachmentDelete(container, ifname, r) => {
+                let result = self.attachment_delete(&container, &ifname).await;
+                self.settle(r, result).await;
+            }
+            Command::AttachmentCheck(container, ifname, r) => {
+                answer(r, self.attachment_check(&container, &ifname));
+            }
+            Command::AttachmentGc(valid, r) => {
+                let result = self.attachment_gc(&valid).await;
+                self.settle(r, result).await;
+            }
+            Command::EndpointResolve(key, namespace, labels, r) => {
+                let result = self.endpoint_resolve(&key, &namespace, labels);
+                self.settle(r, result).await;
+            }
             Command::Status(r) => answer(r, Ok(self.status())),
         }
     }

@@ -1,5 +1,6 @@
 //! Endpoints and namespaces: joining a workload to the node, relabelling it (it moves to the
-//! identity of its new labels), and removing it.
+//! identity of its new labels), and removing it. Endpoints are keyed by `ns/name`; a bare name
+//! finds an endpoint when no other namespace has one of that name.
 
 use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
@@ -15,13 +16,13 @@ use crate::datapath::Datapath;
 use crate::engine::Engine;
 use crate::error::{AddressOwner, EngineError};
 use crate::ipam;
-use crate::model::{EndpointRecord, EndpointSpec, LabelChange};
+use crate::model::{EndpointOrigin, EndpointRecord, EndpointSpec, LabelChange, qualified};
 use crate::plumbing::Plumbing;
 use crate::views::EndpointView;
 
 /// DNS-1123 label: what Kubernetes requires of namespace names, and what endpoint names must
 /// be to serve as `ip netns` names.
-fn validate_dns_label(what: &'static str, value: &str) -> Result<(), EngineError> {
+pub(crate) fn validate_dns_label(what: &'static str, value: &str) -> Result<(), EngineError> {
     let bad = |why| EngineError::InvalidName {
         what,
         value: value.to_string(),
@@ -43,7 +44,7 @@ fn validate_dns_label(what: &'static str, value: &str) -> Result<(), EngineError
     Ok(())
 }
 
-fn validate_labels(l: &Labels) -> Result<(), EngineError> {
+pub(crate) fn validate_labels(l: &Labels) -> Result<(), EngineError> {
     for (k, v) in l {
         labels::validate_key(k)?;
         labels::validate_value(k, v)?;
@@ -52,7 +53,7 @@ fn validate_labels(l: &Labels) -> Result<(), EngineError> {
 }
 
 impl<D: Datapath, P: Plumbing> Engine<D, P> {
-    fn choose_address(&self, asked: Option<Ipv4Addr>) -> Result<Ipv4Addr, EngineError> {
+    pub(crate) fn choose_address(&self, asked: Option<Ipv4Addr>) -> Result<Ipv4Addr, EngineError> {
         let Some(ip) = asked else {
             let used: BTreeSet<Ipv4Addr> = self.model.endpoints.values().map(|e| e.ip).collect();
             return ipam::allocate(&self.cfg.pod_cidr, &used).ok_or(
@@ -91,7 +92,8 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
                 });
             }
         }
-        if self.model.endpoints.contains_key(&req.name) {
+        // Palisade's own endpoints are `ip netns` names: unique on the node.
+        if self.model.endpoints.values().any(|e| e.name == req.name) {
             return Err(EngineError::EndpointExists { name: req.name });
         }
         if self.plumbing.netns_exists(&req.name) {
@@ -115,7 +117,7 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
             m.next_endpoint_id += 1;
             m.namespaces.entry(req.namespace.clone()).or_default();
             m.endpoints.insert(
-                req.name.clone(),
+                qualified(&req.namespace, &req.name),
                 EndpointRecord {
                     id,
                     name: req.name.clone(),
@@ -126,6 +128,8 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
                     identity,
                     host_ifname: host_ifname.clone(),
                     ifindex: plumbed.host_ifindex,
+                    origin: EndpointOrigin::Local,
+                    pending_labels: false,
                 },
             );
             Ok(())
@@ -143,20 +147,24 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
                 .map_err(EngineError::from),
             Err(e) => Err(e.into()),
         };
+        let key = qualified(&req.namespace, &req.name);
         if let Err(e) = attached {
             warn!(endpoint = %req.name, error = %e, "attach failed; removing the endpoint");
-            let _ = self.endpoint_delete(&req.name).await;
+            let _ = self.endpoint_delete(&key).await;
             return Err(e);
         }
         info!(endpoint = %req.name, namespace = %req.namespace, %ip, id = id.0, "endpoint added");
-        self.endpoint_view(&req.name)
+        self.endpoint_view(&key)
     }
 
     pub async fn endpoint_delete(&mut self, name: &str) -> Result<(), EngineError> {
         let rec = self.record(name)?.clone();
+        let key = rec.qualified_name();
         self.transact(|m| {
-            m.endpoints.remove(name);
-            m.identities.release(rec.identity)?;
+            m.endpoints.remove(&key);
+            if !rec.pending_labels {
+                m.identities.release(rec.identity)?;
+            }
             Ok(())
         })?;
         // The endpoint is out of the model and the maps; what follows only cleans up, and
@@ -169,10 +177,13 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
         self.datapath
             .detach(&rec.host_ifname, rec.ifindex)
             .map_err(|e| left_behind(crate::plumbing::PlumbingError::new(e)))?;
-        self.plumbing
-            .delete_endpoint(&rec.name, &rec.host_ifname)
-            .await
-            .map_err(left_behind)?;
+        // A container's veth is its CNI plugin's to remove.
+        if rec.origin == EndpointOrigin::Local {
+            self.plumbing
+                .delete_endpoint(&rec.name, &rec.host_ifname)
+                .await
+                .map_err(left_behind)?;
+        }
         info!(endpoint = %name, conntrack_flushed = flushed.unwrap_or(0), "endpoint deleted");
         Ok(())
     }
@@ -184,24 +195,29 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
     ) -> Result<EndpointView, EngineError> {
         validate_labels(&change.set)?;
         let rec = self.record(name)?.clone();
+        let key = rec.qualified_name();
         let new_labels = change.applied_to(&rec.labels);
         let ns_labels = self.namespace_labels(&rec.namespace);
         self.transact(|m| {
             // Acquire before release: an identity shared with others must not be freed and
-            // renumbered in between.
+            // renumbered in between. An endpoint whose labels were pending held `init`, which
+            // is reserved: labelling it gives it its first workload identity.
             let identity = m.identities.acquire(&workload_identity_labels(
                 &rec.namespace,
                 &ns_labels,
                 &new_labels,
             ))?;
-            m.identities.release(rec.identity)?;
-            if let Some(r) = m.endpoints.get_mut(name) {
+            if !rec.pending_labels {
+                m.identities.release(rec.identity)?;
+            }
+            if let Some(r) = m.endpoints.get_mut(&key) {
                 r.labels = new_labels;
                 r.identity = identity;
+                r.pending_labels = false;
             }
             Ok(())
         })?;
-        self.endpoint_view(name)
+        self.endpoint_view(&key)
     }
 
     pub fn namespace_label(
@@ -222,7 +238,7 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
             .model
             .endpoints
             .values()
-            .filter(|e| e.namespace == ns)
+            .filter(|e| e.namespace == ns && !e.pending_labels)
             .cloned()
             .collect();
         let user = change.applied_to(&self.model.namespaces.get(ns).cloned().unwrap_or_default());
@@ -235,7 +251,7 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
                     m.identities
                         .acquire(&workload_identity_labels(ns, &effective, &rec.labels))?;
                 m.identities.release(rec.identity)?;
-                if let Some(r) = m.endpoints.get_mut(&rec.name) {
+                if let Some(r) = m.endpoints.get_mut(&rec.qualified_name()) {
                     r.identity = identity;
                 }
             }
@@ -244,12 +260,27 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
         Ok(self.namespace_labels(ns))
     }
 
+    /// The endpoint called `ns/name`, or `name` when only one namespace has that name.
     pub(crate) fn record(&self, name: &str) -> Result<&EndpointRecord, EngineError> {
-        self.model
-            .endpoints
-            .get(name)
-            .ok_or_else(|| EngineError::NoSuchEndpoint {
+        if name.contains('/') {
+            return self
+                .model
+                .endpoints
+                .get(name)
+                .ok_or_else(|| EngineError::NoSuchEndpoint {
+                    name: name.to_string(),
+                });
+        }
+        let mut found = self.model.endpoints.values().filter(|e| e.name == name);
+        match (found.next(), found.next()) {
+            (Some(one), None) => Ok(one),
+            (None, _) => Err(EngineError::NoSuchEndpoint {
                 name: name.to_string(),
-            })
+            }),
+            (Some(a), Some(b)) => Err(EngineError::AmbiguousEndpoint {
+                name: name.to_string(),
+                namespaces: vec![a.namespace.clone(), b.namespace.clone()],
+            }),
+        }
     }
 }

@@ -2,7 +2,7 @@
 //! (change a copy of the model, compile, diff against what the maps hold, write the diff, and
 //! only then publish and persist).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -23,7 +23,7 @@ use tracing::{info, warn};
 use crate::catalog::{Catalog, CatalogEndpoint, CatalogRule};
 use crate::datapath::Datapath;
 use crate::error::EngineError;
-use crate::model::{FilePolicies, Model, PolicySource};
+use crate::model::{EndpointOrigin, FilePolicies, Model, PolicySource};
 use crate::plumbing::Plumbing;
 use crate::store::{STATE_VERSION, SaveTicket, StateFile, StateStore};
 
@@ -127,25 +127,29 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
 
         let mut live = Vec::new();
         for mut rec in saved.endpoints {
-            let netns_ok = engine.plumbing.netns_exists(&rec.name);
+            let netns_ok = engine.plumbing.namespace_exists(&rec.netns());
             match engine.plumbing.ifindex(&rec.host_ifname).await? {
                 Some(ifindex) if netns_ok => {
                     rec.ifindex = ifindex;
-                    let ns_labels = engine.namespace_labels(&rec.namespace);
-                    rec.identity = engine.model.identities.acquire(&workload_identity_labels(
-                        &rec.namespace,
-                        &ns_labels,
-                        &rec.labels,
-                    ))?;
-                    live.push((rec.host_ifname.clone(), ifindex, rec.ip));
-                    engine.model.endpoints.insert(rec.name.clone(), rec);
+                    if !rec.pending_labels {
+                        let ns_labels = engine.namespace_labels(&rec.namespace);
+                        rec.identity = engine.model.identities.acquire(
+                            &workload_identity_labels(&rec.namespace, &ns_labels, &rec.labels),
+                        )?;
+                    }
+                    // A chained attachment's routes are the previous plugin's.
+                    let routed = !rec.attachment().is_some_and(|a| a.chained);
+                    live.push((rec.host_ifname.clone(), ifindex, rec.ip, routed));
+                    engine.model.endpoints.insert(rec.qualified_name(), rec);
                 }
                 _ => {
                     warn!(endpoint = %rec.name, "endpoint's namespace or interface vanished while the agent was down; removing it");
-                    let _ = engine
-                        .plumbing
-                        .delete_endpoint(&rec.name, &rec.host_ifname)
-                        .await;
+                    if rec.origin == EndpointOrigin::Local {
+                        let _ = engine
+                            .plumbing
+                            .delete_endpoint(&rec.name, &rec.host_ifname)
+                            .await;
+                    }
                 }
             }
         }
@@ -170,11 +174,13 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
             }
             Err(e) => return Err(e),
         };
-        for (ifname, ifindex, ip) in &live {
+        for (ifname, ifindex, ip, routed) in &live {
             engine.datapath.attach(ifname, *ifindex)?;
-            engine.plumbing.activate(*ifindex, *ip).await?;
+            if *routed {
+                engine.plumbing.activate(*ifindex, *ip).await?;
+            }
         }
-        let links: Vec<(String, u32)> = live.into_iter().map(|(n, i, _)| (n, i)).collect();
+        let links: Vec<(String, u32)> = live.into_iter().map(|(n, i, _, _)| (n, i)).collect();
         engine.datapath.prune_links(&links);
         engine.persist();
         // Nobody waits on the start's save; the store reports a failure itself.
@@ -330,27 +336,21 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
         for (id, src) in table {
             c.identities.insert(id.0, src.label_strings());
         }
-        for id in self
-            .applied
-            .policy
-            .values()
-            .map(|e| e.rule)
-            .collect::<BTreeSet<_>>()
-        {
-            if let Some(origin) = self.rules.get(id) {
-                let (policy, kind) = match origin.policy() {
-                    Some(p) => (p.to_string(), p.kind.short_name().to_string()),
-                    None => (String::new(), "agent".to_string()),
-                };
-                c.rules.insert(
-                    id.0,
-                    CatalogRule {
-                        policy,
-                        kind,
-                        rule: origin.describe(),
-                    },
-                );
-            }
+        // Every rule a map entry or an HTTP rule refers to (the table keeps only those): a
+        // rule that lost its map entry to another one's still decides requests in the proxy.
+        for (id, origin) in self.rules.iter() {
+            let (policy, kind) = match origin.policy() {
+                Some(p) => (p.to_string(), p.kind.short_name().to_string()),
+                None => (String::new(), "agent".to_string()),
+            };
+            c.rules.insert(
+                id.0,
+                CatalogRule {
+                    policy,
+                    kind,
+                    rule: origin.describe(),
+                },
+            );
         }
         tx.send_replace(Arc::new(c));
     }

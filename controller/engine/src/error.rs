@@ -51,6 +51,25 @@ pub enum EngineError {
     NetnsExists { name: String },
     #[error("no endpoint named {name:?}")]
     NoSuchEndpoint { name: String },
+    #[error("more than one endpoint is named {name:?} (in namespaces {}); say NAMESPACE/NAME", namespaces.join(", "))]
+    AmbiguousEndpoint {
+        name: String,
+        namespaces: Vec<String>,
+    },
+    #[error("container {container_id} already has an attachment on {ifname}")]
+    AttachmentExists {
+        container_id: String,
+        ifname: String,
+    },
+    #[error("interface {ifname} not found on the node")]
+    NoSuchInterface { ifname: String },
+    #[error("no attachment of container {container_id} on {ifname}")]
+    NoSuchAttachment {
+        container_id: String,
+        ifname: String,
+    },
+    #[error("endpoint {name:?} has its labels already; change them with `palisade endpoint label`")]
+    LabelsKnown { name: String },
     #[error("endpoint {name:?} is not in the datapath yet")]
     EndpointNotInDatapath { name: String },
     #[error("endpoint {name:?} is in namespace {actual:?}, not {asked:?}")]
@@ -134,6 +153,10 @@ impl EngineError {
             | EngineError::EndpointExists { .. }
             | EngineError::NetnsExists { .. }
             | EngineError::WrongNamespace { .. }
+            | EngineError::AmbiguousEndpoint { .. }
+            | EngineError::AttachmentExists { .. }
+            | EngineError::LabelsKnown { .. }
+            | EngineError::NoSuchInterface { .. }
             | EngineError::NotNamespacedName { .. }
             | EngineError::AddressInUse { .. }
             | EngineError::AddressPoolExhausted { .. }
@@ -145,6 +168,7 @@ impl EngineError {
             | EngineError::UnsupportedTraceProtocol { .. }
             | EngineError::L7Policy(_) => ErrorClass::Invalid,
             EngineError::NoSuchEndpoint { .. }
+            | EngineError::NoSuchAttachment { .. }
             | EngineError::EndpointNotInDatapath { .. }
             | EngineError::NoSuchPolicy { .. } => ErrorClass::NotFound,
             EngineError::Identity(_)

@@ -12,12 +12,14 @@
 //!
 //! - `engine`: start-up reconciliation and the transaction every change runs in;
 //! - `endpoints`, `policies`: the changes; `views`: read-only answers and `policy trace`;
+//! - `attachments`: containers a runtime attached through the CNI plugin;
 //! - `revalidate`: ending the connections a change sends through the L7 proxy;
 //! - `command`: the engine's task and the commands it serves;
 //! - `model`: the state as plain data; `catalog`: names for the numbers flows carry;
 //! - `datapath`, `plumbing`, `store`: the edges' traits and their in-memory fakes;
 //! - `ipam`: endpoint addresses; `error`: what can fail, and whose fault it is.
 
+pub mod attachments;
 pub mod catalog;
 pub mod command;
 pub mod datapath;

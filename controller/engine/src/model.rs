@@ -25,6 +25,63 @@ pub struct EndpointRecord {
     pub identity: Identity,
     pub host_ifname: String,
     pub ifindex: u32,
+    /// Who made its namespace and veth.
+    #[serde(default)]
+    pub origin: EndpointOrigin,
+    /// Its labels are not known yet (a container whose runtime has not told them): it holds
+    /// the reserved `init` identity, and both its directions are enforced.
+    #[serde(default)]
+    pub pending_labels: bool,
+}
+
+/// Who made an endpoint's namespace and veth.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EndpointOrigin {
+    /// Palisade did (`palisade endpoint add`): its namespace is the `ip netns` named after the
+    /// endpoint, and removing the endpoint removes them.
+    #[default]
+    Local,
+    /// A container runtime did, through the CNI plugin, which also removes them.
+    Cni(CniAttachment),
+}
+
+/// A container's attachment, as CNI names it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CniAttachment {
+    pub container_id: String,
+    /// The interface inside the container (`CNI_IFNAME`).
+    pub ifname: String,
+    /// The container's network namespace (`CNI_NETNS`).
+    pub netns: PathBuf,
+    /// Another plugin (bridge, ptp) made the veth and its routes; palisade only judges it.
+    pub chained: bool,
+}
+
+/// Where an endpoint's network namespace is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NetnsRef {
+    /// An `ip netns` name.
+    Named(String),
+    /// A path to a namespace file.
+    Path(PathBuf),
+}
+
+impl EndpointRecord {
+    /// The endpoint's network namespace.
+    pub fn netns(&self) -> NetnsRef {
+        match &self.origin {
+            EndpointOrigin::Local => NetnsRef::Named(self.name.clone()),
+            EndpointOrigin::Cni(c) => NetnsRef::Path(c.netns.clone()),
+        }
+    }
+
+    /// The CNI attachment, for endpoints a runtime made.
+    pub fn attachment(&self) -> Option<&CniAttachment> {
+        match &self.origin {
+            EndpointOrigin::Local => None,
+            EndpointOrigin::Cni(c) => Some(c),
+        }
+    }
 }
 
 impl EndpointRecord {
@@ -41,9 +98,9 @@ impl EndpointRecord {
         }
     }
 
-    /// `ns/name`.
+    /// `ns/name`, which is also its key in the model.
     pub fn qualified_name(&self) -> String {
-        format!("{}/{}", self.namespace, self.name)
+        qualified(&self.namespace, &self.name)
     }
 }
 
@@ -75,6 +132,27 @@ pub struct EndpointSpec {
     pub named_ports: Vec<NamedPort>,
 }
 
+/// An endpoint's key: `ns/name`.
+pub fn qualified(namespace: &str, name: &str) -> String {
+    format!("{namespace}/{name}")
+}
+
+/// A container a runtime attached through the CNI plugin, as the plugin registers it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AttachmentSpec {
+    pub attachment: CniAttachment,
+    /// The veth's host side, in the node's namespace.
+    pub host_ifname: String,
+    pub ip: Ipv4Addr,
+    /// The endpoint's name (the pod's or the container's).
+    pub name: String,
+    pub namespace: String,
+    /// None: not known yet (the runtime tells them later); the endpoint has the `init`
+    /// identity until then.
+    pub labels: Option<Labels>,
+    pub named_ports: Vec<NamedPort>,
+}
+
 /// Labels to set and keys to remove.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct LabelChange {
@@ -99,6 +177,7 @@ pub type FilePolicies = (PathBuf, Vec<Policy>);
 /// Everything a transaction may change.
 #[derive(Clone)]
 pub(crate) struct Model {
+    /// By `ns/name`.
     pub endpoints: BTreeMap<String, EndpointRecord>,
     /// Labels set on namespaces by users (the name label is implicit).
     pub namespaces: BTreeMap<String, Labels>,

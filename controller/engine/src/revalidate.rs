@@ -96,21 +96,21 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
                 .push(SocketPair { local, remote });
         }
         for (endpoint, sockets) in by_endpoint {
-            let Some(netns) = self
+            let Some((name, netns)) = self
                 .model
                 .endpoints
                 .values()
                 .find(|r| r.id == endpoint)
-                .map(|r| r.name.clone())
+                .map(|r| (r.qualified_name(), r.netns()))
             else {
                 continue;
             };
             match self.plumbing.end_connections(&netns, &sockets).await {
                 Ok(n) => {
-                    info!(endpoint = %netns, connections = n, "ended connections that policy now sends through the L7 proxy");
+                    info!(endpoint = %name, connections = n, "ended connections that policy now sends through the L7 proxy");
                 }
                 Err(e) => {
-                    warn!(endpoint = %netns, error = %e, "cannot end connections that now need the L7 proxy; the datapath stops them on their next packet");
+                    warn!(endpoint = %name, error = %e, "cannot end connections that now need the L7 proxy; the datapath stops them on their next packet");
                 }
             }
         }

@@ -66,8 +66,8 @@ async fn add(e: &mut TestEngine, name: &str, ns: &str, l: &str) -> EndpointView 
 }
 
 fn verdict(e: &TestEngine, from: &str, to: &str, port: u16) -> Verdict {
-    let s = &e.model.endpoints[from];
-    let d = &e.model.endpoints[to];
+    let s = e.record(from).unwrap();
+    let d = e.record(to).unwrap();
     let out = e
         .applied
         .decide(s.id, Direction::Egress, d.ip, 6, port)
@@ -353,7 +353,7 @@ async fn restart_keeps_identities_endpoints_and_policies_and_rewrites_nothing() 
     )
     .await;
     assert_eq!(
-        restarted.model.endpoints["backend"].identity,
+        restarted.record("backend").unwrap().identity,
         backend.identity
     );
     assert_eq!(restarted.model.policies.len(), 1);
@@ -700,4 +700,290 @@ async fn failing_to_end_connections_never_fails_the_change() {
     apply(&mut e, ALLOW_FRONTEND_TO_BACKEND).unwrap();
     e.end_connections_needing_proxy().await;
     assert_eq!(e.datapath.state, e.applied);
+}
+
+// ---- containers attached through the CNI plugin ----
+
+use crate::model::{AttachmentSpec, CniAttachment};
+
+/// A veth a CNI plugin made: its host side exists in the node, its container side in `netns`.
+fn cni_veth(e: &mut TestEngine, host_ifname: &str, ifindex: u32, netns: &str) {
+    e.plumbing.links.insert(host_ifname.into(), ifindex);
+    e.plumbing.netns_paths.insert(netns.into());
+}
+
+fn attachment(container: &str, host: &str, ip: Ipv4Addr, labels: Option<&str>) -> AttachmentSpec {
+    AttachmentSpec {
+        attachment: CniAttachment {
+            container_id: container.into(),
+            ifname: "eth0".into(),
+            netns: format!("/run/netns/cni-{container}").into(),
+            chained: false,
+        },
+        host_ifname: host.into(),
+        ip,
+        name: format!("ctr-{container}"),
+        namespace: "shop".into(),
+        labels: labels.map(self::labels),
+        named_ports: vec![],
+    }
+}
+
+#[tokio::test]
+async fn an_attached_container_is_judged_before_it_carries_anything() {
+    let mut e = engine().await;
+    cni_veth(&mut e, "palabc", 500, "/run/netns/cni-abc");
+    let v = e
+        .attachment_add(attachment(
+            "abc",
+            "palabc",
+            Ipv4Addr::new(10, 88, 0, 2),
+            Some("app=web"),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(v.name, "ctr-abc");
+    assert_eq!(v.identity, Identity(256));
+    assert!(!v.pending_labels);
+    assert!(e.datapath.attached.contains(&("palabc".to_string(), 500)));
+    assert!(
+        e.plumbing.up.contains(&500),
+        "standalone: the host side is routed"
+    );
+    assert_eq!(e.applied.endpoints[&v.id].ifindex, 500);
+    let status = e.attachment_check("abc", "eth0").unwrap();
+    assert!(status.programs_attached && status.in_datapath && status.interface_present);
+
+    // Chained: the previous plugin routes it; palisade only judges it.
+    cni_veth(&mut e, "vethdef", 501, "/run/netns/cni-def");
+    let mut chained = attachment(
+        "def",
+        "vethdef",
+        Ipv4Addr::new(10, 88, 0, 3),
+        Some("app=db"),
+    );
+    chained.attachment.chained = true;
+    e.attachment_add(chained).await.unwrap();
+    assert!(e.datapath.attached.contains(&("vethdef".to_string(), 501)));
+    assert!(!e.plumbing.up.contains(&501));
+}
+
+#[tokio::test]
+async fn a_container_without_labels_holds_init_and_is_enforced_until_they_are_known() {
+    let mut e = engine().await;
+    add(&mut e, "client", "shop", "app=client").await;
+    cni_veth(&mut e, "palabc", 500, "/run/netns/cni-abc");
+    let v = e
+        .attachment_add(attachment(
+            "abc",
+            "palabc",
+            Ipv4Addr::new(10, 88, 0, 2),
+            None,
+        ))
+        .await
+        .unwrap();
+    assert_eq!(v.identity, Identity::INIT);
+    assert!(v.pending_labels);
+    assert!(
+        v.ingress_enforced && v.egress_enforced,
+        "never an unenforced window"
+    );
+    assert_eq!(
+        verdict(&e, "client", "ctr-abc", 80),
+        Verdict::DeniedByDefault
+    );
+    // The runtime tells its labels, and its namespace: it moves there.
+    let known = e
+        .endpoint_resolve("shop/ctr-abc", "store", labels("app=web"))
+        .unwrap();
+    assert_eq!(known.namespace, "store");
+    assert_ne!(known.identity, Identity::INIT);
+    assert!(!known.ingress_enforced, "no policy selects it now");
+    assert_eq!(verdict(&e, "client", "store/ctr-abc", 80), Verdict::Allowed);
+    assert!(matches!(
+        e.endpoint_resolve("store/ctr-abc", "store", labels("app=x")),
+        Err(EngineError::LabelsKnown { .. })
+    ));
+}
+
+#[tokio::test]
+async fn bad_attachments_are_refused_and_leave_nothing() {
+    let mut e = engine().await;
+    cni_veth(&mut e, "palabc", 500, "/run/netns/cni-abc");
+    e.attachment_add(attachment(
+        "abc",
+        "palabc",
+        Ipv4Addr::new(10, 88, 0, 2),
+        Some("app=web"),
+    ))
+    .await
+    .unwrap();
+    let before = e.applied.clone();
+    let again = e
+        .attachment_add(attachment(
+            "abc",
+            "palabc",
+            Ipv4Addr::new(10, 88, 0, 9),
+            Some("app=web"),
+        ))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(again, EngineError::AttachmentExists { .. }),
+        "{again}"
+    );
+    let missing = e
+        .attachment_add(attachment(
+            "xyz",
+            "nope0",
+            Ipv4Addr::new(10, 88, 0, 3),
+            Some("app=web"),
+        ))
+        .await
+        .unwrap_err();
+    assert!(
+        missing.to_string().contains("interface nope0 not found"),
+        "{missing}"
+    );
+    let taken = e
+        .attachment_add(attachment(
+            "xy2",
+            "palabc",
+            Ipv4Addr::new(10, 88, 0, 2),
+            Some("app=web"),
+        ))
+        .await
+        .unwrap_err();
+    assert!(
+        taken
+            .to_string()
+            .contains("already used by endpoint shop/ctr-abc"),
+        "{taken}"
+    );
+    let mut bad = attachment(
+        "xy3",
+        "palabc",
+        Ipv4Addr::new(10, 88, 0, 4),
+        Some("app=web"),
+    );
+    bad.name = "-bad".into();
+    assert!(e.attachment_add(bad).await.is_err());
+    assert_eq!(e.applied, before);
+    assert_eq!(e.model.endpoints.len(), 1);
+}
+
+#[tokio::test]
+async fn deleting_an_attachment_is_idempotent_and_leaves_the_veth_to_its_plugin() {
+    let mut e = engine().await;
+    cni_veth(&mut e, "palabc", 500, "/run/netns/cni-abc");
+    e.attachment_add(attachment(
+        "abc",
+        "palabc",
+        Ipv4Addr::new(10, 88, 0, 2),
+        Some("app=web"),
+    ))
+    .await
+    .unwrap();
+    assert!(e.attachment_delete("abc", "eth0").await.unwrap());
+    assert!(
+        !e.attachment_delete("abc", "eth0").await.unwrap(),
+        "twice is fine"
+    );
+    assert!(e.applied.endpoints.is_empty());
+    assert!(e.datapath.attached.is_empty());
+    assert!(
+        e.plumbing.links.contains_key("palabc"),
+        "the CNI plugin removes its veth"
+    );
+    assert!(matches!(
+        e.attachment_check("abc", "eth0"),
+        Err(EngineError::NoSuchAttachment { .. })
+    ));
+}
+
+#[tokio::test]
+async fn gc_removes_attachments_the_runtime_no_longer_has() {
+    let mut e = engine().await;
+    add(&mut e, "own", "shop", "app=own").await;
+    for (i, c) in ["a1", "a2", "a3"].into_iter().enumerate() {
+        let host = format!("pal{c}");
+        let index = 500 + u32::try_from(i).unwrap();
+        cni_veth(&mut e, &host, index, &format!("/run/netns/cni-{c}"));
+        let ip = Ipv4Addr::new(10, 88, 0, 2 + u8::try_from(i).unwrap());
+        e.attachment_add(attachment(c, &host, ip, Some("app=web")))
+            .await
+            .unwrap();
+    }
+    let valid: std::collections::BTreeSet<(String, String)> =
+        [("a2".to_string(), "eth0".to_string())].into();
+    let mut removed = e.attachment_gc(&valid).await.unwrap();
+    removed.sort();
+    assert_eq!(
+        removed,
+        vec!["shop/ctr-a1".to_string(), "shop/ctr-a3".to_string()]
+    );
+    assert_eq!(
+        e.model.endpoints.len(),
+        2,
+        "palisade's own endpoints are not the runtime's"
+    );
+}
+
+#[tokio::test]
+async fn a_restarted_engine_keeps_attachments_whose_container_is_still_there() {
+    let store = MemoryStore::default();
+    let mut e = engine_with(
+        MemoryDatapath::default(),
+        MemoryPlumbing::default(),
+        Some(store.clone()),
+    )
+    .await;
+    cni_veth(&mut e, "palkeep", 500, "/run/netns/cni-keep");
+    cni_veth(&mut e, "palgone", 501, "/run/netns/cni-gone");
+    e.attachment_add(attachment(
+        "keep",
+        "palkeep",
+        Ipv4Addr::new(10, 88, 0, 2),
+        Some("app=web"),
+    ))
+    .await
+    .unwrap();
+    e.attachment_add(attachment(
+        "gone",
+        "palgone",
+        Ipv4Addr::new(10, 88, 0, 3),
+        None,
+    ))
+    .await
+    .unwrap();
+    let Engine {
+        datapath,
+        mut plumbing,
+        ..
+    } = e;
+    // The second container went away while the agent was down.
+    plumbing
+        .netns_paths
+        .remove(std::path::Path::new("/run/netns/cni-gone"));
+    let restarted = engine_with(
+        MemoryDatapath {
+            state: datapath.state,
+            ..MemoryDatapath::default()
+        },
+        plumbing,
+        Some(store),
+    )
+    .await;
+    assert!(restarted.record("shop/ctr-keep").is_ok());
+    assert!(restarted.record("shop/ctr-gone").is_err());
+    assert!(
+        restarted
+            .datapath
+            .attached
+            .contains(&("palkeep".to_string(), 500))
+    );
+    assert!(
+        restarted.plumbing.links.contains_key("palgone"),
+        "a runtime's veth is never palisade's to delete"
+    );
 }

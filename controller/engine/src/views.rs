@@ -18,7 +18,7 @@ use palisade_policies::{
 use crate::datapath::Datapath;
 use crate::engine::Engine;
 use crate::error::EngineError;
-use crate::model::{EndpointRecord, PolicySource};
+use crate::model::{CniAttachment, EndpointRecord, NetnsRef, PolicySource};
 use crate::plumbing::Plumbing;
 
 /// Policies selecting an endpoint, per direction.
@@ -39,12 +39,16 @@ pub struct EndpointView {
     /// Host-side interface in the node namespace.
     pub interface: String,
     pub ifindex: u32,
-    /// `ip netns` name of the endpoint's namespace.
+    /// `ip netns` name of the endpoint's namespace, or the path a container runtime gave.
     pub netns: String,
     pub named_ports: Vec<NamedPort>,
     pub ingress_enforced: bool,
     pub egress_enforced: bool,
     pub policies: SelectingPolicies,
+    /// For a container a runtime attached: its CNI attachment.
+    pub attachment: Option<CniAttachment>,
+    /// Its labels are not known yet; it holds the `init` identity.
+    pub pending_labels: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -190,11 +194,16 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
             identity: rec.identity,
             interface: rec.host_ifname.clone(),
             ifindex: rec.ifindex,
-            netns: rec.name.clone(),
+            netns: match rec.netns() {
+                NetnsRef::Named(n) => n,
+                NetnsRef::Path(p) => p.display().to_string(),
+            },
             named_ports: rec.named_ports.clone(),
             ingress_enforced: entry.is_some_and(|e| e.ingress_enforced),
             egress_enforced: entry.is_some_and(|e| e.egress_enforced),
             policies: self.selecting(rec, table),
+            attachment: rec.attachment().cloned(),
+            pending_labels: rec.pending_labels,
         }
     }
 
@@ -275,15 +284,15 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
             .ok_or_else(|| EngineError::NotNamespacedName {
                 value: ns_name.to_string(),
             })?;
-        let rec = self.record(name)?;
-        if rec.namespace != ns {
-            return Err(EngineError::WrongNamespace {
-                name: name.to_string(),
-                actual: rec.namespace.clone(),
-                asked: ns.to_string(),
-            });
+        if let Some(rec) = self.model.endpoints.get(ns_name) {
+            return Ok(rec);
         }
-        Ok(rec)
+        let rec = self.record(name)?;
+        Err(EngineError::WrongNamespace {
+            name: name.to_string(),
+            actual: rec.namespace.clone(),
+            asked: ns.to_string(),
+        })
     }
 
     fn trace_side(

@@ -210,7 +210,9 @@ impl Netlink {
                 netns: netns_path.to_path_buf(),
             });
         }
-        let peer_tmp = format!("{host_ifname}p");
+        // A temporary name for the peer while it is still in the node: the kernel allows 15
+        // characters, and a name of its own (the host side's, ending differently).
+        let peer_tmp = format!("t{}", &host_ifname[host_ifname.len().saturating_sub(14)..]);
         self.node
             .link()
             .add(LinkVeth::new(host_ifname, &peer_tmp).build())
@@ -412,5 +414,68 @@ impl Netlink {
         out.sort();
         out.dedup();
         Ok(out)
+    }
+
+    /// The host side of the veth whose peer is `ifname` inside the namespace at `netns_path`
+    /// (what a chained plugin needs from a bridge's or ptp's attachment), if it is a veth.
+    pub async fn host_peer(
+        &mut self,
+        netns_path: &Path,
+        ifname: &str,
+    ) -> Result<Option<(String, u32)>, NetlinkError> {
+        let pod = handle_in(netns_path)?;
+        let Some(link) = link_by_name(&pod, ifname).await? else {
+            return Err(NetlinkError::NoSuchInterface(format!(
+                "{ifname} in {}",
+                netns_path.display()
+            )));
+        };
+        let Some(peer_index) = link.attributes.iter().find_map(|a| match a {
+            LinkAttribute::Link(i) => Some(*i),
+            _ => None,
+        }) else {
+            return Ok(None);
+        };
+        let mut links = self.node.link().get().match_index(peer_index).execute();
+        let peer = match links.try_next().await {
+            Ok(l) => l,
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => None,
+            Err(e) => return Err(nl(format!("get link {peer_index}"))(e)),
+        };
+        Ok(peer.and_then(|l| {
+            l.attributes.iter().find_map(|a| match a {
+                LinkAttribute::IfName(n) => Some((n.clone(), peer_index)),
+                _ => None,
+            })
+        }))
+    }
+
+    /// Whether `ifname` inside the namespace at `netns_path` is up with `ip`.
+    pub async fn container_side_ok(
+        &mut self,
+        netns_path: &Path,
+        ifname: &str,
+        ip: Ipv4Addr,
+    ) -> Result<bool, NetlinkError> {
+        use netlink_packet_route::address::AddressAttribute;
+        let pod = handle_in(netns_path)?;
+        let Some(link) = link_by_name(&pod, ifname).await? else {
+            return Ok(false);
+        };
+        let mut addrs = pod
+            .address()
+            .get()
+            .set_link_index_filter(link.header.index)
+            .execute();
+        while let Some(msg) = addrs.try_next().await.map_err(nl("list addresses"))? {
+            if msg
+                .attributes
+                .iter()
+                .any(|a| matches!(a, AddressAttribute::Address(IpAddr::V4(a)) if *a == ip))
+            {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 }

@@ -118,6 +118,14 @@ pub fn exists(name: &str) -> bool {
     path_of(name).exists()
 }
 
+/// `nsfs`, the filesystem of namespace files (`/proc/PID/ns/net`, bind mounts of them).
+const NSFS_MAGIC: i64 = 0x6e73_6673;
+
+/// Whether `path` is a network namespace (a bind mount or a /proc file of one).
+pub fn is_netns(path: &Path) -> bool {
+    nix::sys::statfs::statfs(path).is_ok_and(|s| s.filesystem_type().0 == NSFS_MAGIC)
+}
+
 /// Runs `f` on a thread that has entered the namespace at `path`; sockets `f` opens stay in
 /// that namespace.
 pub fn run_in<T, F>(path: &Path, f: F) -> io::Result<T>

@@ -29,7 +29,9 @@ use palisade_common::{
     metrics::{METRICS_MAX_ENTRIES, MetricValue},
     policy::{PolicyKey as RawPolicyKey, PolicyValue},
 };
-use palisade_engine::datapath::{ApplyError, Datapath, DatapathError, TrackedConnection};
+use palisade_engine::datapath::{
+    ApplyError, Datapath, DatapathError, EndpointHealth, TrackedConnection,
+};
 use palisade_policies::{
     endpoint::EndpointId,
     mapstate::{MapDiff, MapState},
@@ -523,6 +525,28 @@ impl Datapath for BpfDatapath {
         self.prune_stale_links(live);
     }
 
+    fn endpoint_health(
+        &self,
+        endpoint: EndpointId,
+        ifname: &str,
+        ifindex: u32,
+    ) -> Result<EndpointHealth, DatapathError> {
+        let interface_present = nix::net::if_::if_nametoindex(ifname).is_ok_and(|i| i == ifindex);
+        let programs_attached = ["ingress", "egress"]
+            .iter()
+            .all(|attach| self.link_pin(ifname, ifindex, attach).exists());
+        let in_datapath = match self.endpoints.get(&ifindex, 0) {
+            Ok(info) => info.endpoint_id == endpoint.0,
+            Err(MapError::KeyNotFound) => false,
+            Err(e) => return Err(map_err(names::ENDPOINTS, "read")(e).into()),
+        };
+        Ok(EndpointHealth {
+            interface_present,
+            programs_attached,
+            in_datapath,
+        })
+    }
+
     fn connections(&self) -> Result<Vec<TrackedConnection>, DatapathError> {
         let mut out = Vec::new();
         for item in &self.conntrack {
@@ -659,5 +683,110 @@ impl MapReader {
             }
         }
         Ok(out)
+    }
+}
+
+/// What one `BpfDatapath::test_run` of a classifier did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TestRunOutcome {
+    /// The program's return value: `TC_ACT_OK` (0) or `TC_ACT_SHOT` (2).
+    pub return_value: u32,
+    /// The skb mark after the run (the program sets `mark::TO_PROXY` on a redirect).
+    pub mark: u32,
+    /// The counters of the program's direction this run incremented: (outcome, packets),
+    /// outcome being `metrics::OUTCOME_*` or a drop reason. One entry for one packet.
+    pub counted: Vec<(u8, u64)>,
+}
+
+/// `struct __sk_buff` as BPF_PROG_TEST_RUN takes it for a SCHED_CLS program (uapi
+/// linux/bpf.h): 192 bytes, of which the test sets `mark` and `ifindex`.
+const SK_BUFF_SIZE: usize = 192;
+const SK_BUFF_MARK: usize = 8;
+const SK_BUFF_IFINDEX: usize = 40;
+
+impl BpfDatapath {
+    /// Runs one classifier (`names::PROG_FROM_ENDPOINT` or `PROG_TO_ENDPOINT`) once with
+    /// BPF_PROG_TEST_RUN on `frame` (Ethernet header onwards, at least 14 bytes) as if it
+    /// arrived on `ifindex` with skb mark `mark`, against the live maps. For tests (the
+    /// differential test of the datapath against `palisade_policies::datapath_model`): the
+    /// kernel resolves `ifindex` in the calling thread's network namespace.
+    pub fn test_run(
+        &self,
+        program: &'static str,
+        frame: &[u8],
+        ifindex: u32,
+        mark: u32,
+    ) -> Result<TestRunOutcome, BpfError> {
+        use aya::programs::{TestRun as _, TestRunOptions};
+        use palisade_common::{
+            direction,
+            metrics::{OUTCOME_AUDIT, OUTCOME_FORWARDED, OUTCOME_REDIRECTED, metric_index},
+            reason::ALL_DROP_REASONS,
+        };
+
+        let dir = if program == names::PROG_FROM_ENDPOINT {
+            direction::EGRESS
+        } else {
+            direction::INGRESS
+        };
+        let metrics: PerCpuArray<&MapData, MetricValue> =
+            PerCpuArray::try_from(self.bpf.map(names::METRICS).ok_or(BpfError::MissingMap {
+                name: names::METRICS,
+            })?)
+            .map_err(map_err(names::METRICS, "open"))?;
+        let outcomes: Vec<u8> = [OUTCOME_FORWARDED, OUTCOME_REDIRECTED, OUTCOME_AUDIT]
+            .into_iter()
+            .chain(ALL_DROP_REASONS.iter().copied().filter(|r| *r != 0))
+            .collect();
+        let read = || -> Result<Vec<u64>, BpfError> {
+            outcomes
+                .iter()
+                .map(|o| {
+                    let values = metrics
+                        .get(&metric_index(dir, *o), 0)
+                        .map_err(map_err(names::METRICS, "read"))?;
+                    Ok(values.iter().map(|v| v.packets).sum())
+                })
+                .collect()
+        };
+        let prog: &SchedClassifier = self
+            .bpf
+            .program(program)
+            .ok_or(BpfError::MissingProgram { name: program })?
+            .try_into()
+            .map_err(|source| BpfError::Program {
+                name: program,
+                source,
+            })?;
+        let mut ctx_in = [0u8; SK_BUFF_SIZE];
+        ctx_in[SK_BUFF_MARK..SK_BUFF_MARK + 4].copy_from_slice(&mark.to_ne_bytes());
+        ctx_in[SK_BUFF_IFINDEX..SK_BUFF_IFINDEX + 4].copy_from_slice(&ifindex.to_ne_bytes());
+        let mut ctx_out = [0u8; SK_BUFF_SIZE];
+        let before = read()?;
+        let result = prog
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                ctx_in: Some(&ctx_in),
+                ctx_out: Some(&mut ctx_out),
+                ..TestRunOptions::default()
+            })
+            .map_err(|source| BpfError::Program {
+                name: program,
+                source,
+            })?;
+        let after = read()?;
+        let counted = outcomes
+            .iter()
+            .zip(before.iter().zip(&after))
+            .filter(|(_, (b, a))| a != b)
+            .map(|(o, (b, a))| (*o, a.wrapping_sub(*b)))
+            .collect();
+        let mut out_mark = [0u8; 4];
+        out_mark.copy_from_slice(&ctx_out[SK_BUFF_MARK..SK_BUFF_MARK + 4]);
+        Ok(TestRunOutcome {
+            return_value: result.return_value,
+            mark: u32::from_ne_bytes(out_mark),
+            counted,
+        })
     }
 }

@@ -3,6 +3,7 @@
 
 use std::net::Ipv4Addr;
 
+use palisade_engine::model::NetnsRef;
 use palisade_engine::plumbing::{PlumbedEndpoint, Plumbing, PlumbingError, SocketPair};
 pub use palisade_netlink::NetlinkError;
 use palisade_netlink::{Netlink, netns, sockets};
@@ -83,12 +84,22 @@ impl Plumbing for NetlinkPlumbing {
         netns::exists(name)
     }
 
+    fn namespace_exists(&self, netns: &NetnsRef) -> bool {
+        match netns {
+            NetnsRef::Named(n) => netns::exists(n),
+            NetnsRef::Path(p) => netns::is_netns(p),
+        }
+    }
+
     async fn end_connections(
         &mut self,
-        netns_name: &str,
+        netns: &NetnsRef,
         pairs: &[SocketPair],
     ) -> Result<usize, PlumbingError> {
-        let path = netns::path_of(netns_name);
+        let (path, netns_name) = match netns {
+            NetnsRef::Named(n) => (netns::path_of(n), n.clone()),
+            NetnsRef::Path(p) => (p.clone(), p.display().to_string()),
+        };
         let pairs: Vec<sockets::SocketPair> = pairs
             .iter()
             .map(|p| sockets::SocketPair {

@@ -22,6 +22,7 @@ use futures::StreamExt as _;
 use palisade_api::filter::FilterError;
 use palisade_api::flow::Flow;
 use palisade_api::types::{
+    AttachmentDeleteResult, AttachmentGcRequest, AttachmentGcResult, AttachmentRequest,
     EndpointAddRequest, ErrorBody, FlowQuery, LabelChange, PolicyApplyRequest, TraceRequest,
 };
 use palisade_engine::catalog::Catalog;
@@ -206,6 +207,55 @@ async fn policy_delete(
     Ok(Json(wire::delete_result(update)))
 }
 
+async fn attachment_add(
+    State(s): State<ApiState>,
+    Json(req): Json<AttachmentRequest>,
+) -> Result<impl IntoResponse, ApiError> {
+    let (container_id, pending) = (req.container_id.clone(), req.labels.is_none());
+    let spec = wire::attachment_spec(req);
+    let view = call(&s, |r| Command::AttachmentAdd(spec, r)).await?;
+    if pending {
+        // Runtimes tell a container's labels only once it is created (podman holds the
+        // container while its network is set up): ask, off this request.
+        let key = format!("{}/{}", view.namespace, view.name);
+        tokio::spawn(crate::runtime::resolve_labels(
+            s.engine.clone(),
+            key,
+            container_id,
+        ));
+    }
+    Ok((StatusCode::CREATED, Json(wire::endpoint(view))))
+}
+
+async fn attachment_check(
+    State(s): State<ApiState>,
+    UrlPath((container_id, ifname)): UrlPath<(String, String)>,
+) -> Result<impl IntoResponse, ApiError> {
+    let status = call(&s, |r| Command::AttachmentCheck(container_id, ifname, r)).await?;
+    Ok(Json(wire::attachment_status(status)))
+}
+
+async fn attachment_delete(
+    State(s): State<ApiState>,
+    UrlPath((container_id, ifname)): UrlPath<(String, String)>,
+) -> Result<impl IntoResponse, ApiError> {
+    let deleted = call(&s, |r| Command::AttachmentDelete(container_id, ifname, r)).await?;
+    Ok(Json(AttachmentDeleteResult { deleted }))
+}
+
+async fn attachment_gc(
+    State(s): State<ApiState>,
+    Json(req): Json<AttachmentGcRequest>,
+) -> Result<impl IntoResponse, ApiError> {
+    let valid = req
+        .valid
+        .into_iter()
+        .map(|a| (a.container_id, a.ifname))
+        .collect();
+    let removed = call(&s, |r| Command::AttachmentGc(valid, r)).await?;
+    Ok(Json(AttachmentGcResult { removed }))
+}
+
 async fn trace(
     State(s): State<ApiState>,
     Json(req): Json<TraceRequest>,
@@ -285,6 +335,12 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/policies", get(policy_list).post(policy_apply))
         .route("/v1/policies/{name}", delete(policy_delete))
         .route("/v1/trace", post(trace))
+        .route("/v1/attachments", post(attachment_add))
+        .route("/v1/attachments/gc", post(attachment_gc))
+        .route(
+            "/v1/attachments/{container_id}/{ifname}",
+            get(attachment_check).delete(attachment_delete),
+        )
         .route("/v1/flows", post(flows))
         // Room for the largest manifest the parser accepts, JSON-escaped; what is bigger is
         // refused before it is read.

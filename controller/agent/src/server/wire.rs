@@ -6,8 +6,9 @@ use std::collections::BTreeMap;
 
 use palisade_api::types as wire;
 use palisade_common::{conntrack as ct, direction as dir_code, metrics, proto};
+use palisade_engine::attachments::AttachmentStatus;
 use palisade_engine::catalog::Catalog;
-use palisade_engine::model::{EndpointSpec, LabelChange};
+use palisade_engine::model::{AttachmentSpec, CniAttachment, EndpointSpec, LabelChange};
 use palisade_engine::views::{
     EndpointView, IdentityView, PolicyView, TraceQuery, TraceResult, TraceSide,
 };
@@ -70,6 +71,34 @@ pub fn endpoint(v: EndpointView) -> wire::EndpointView {
             ingress: names(&v.policies.ingress),
             egress: names(&v.policies.egress),
         },
+        container_id: v.attachment.map(|a| a.container_id),
+        pending_labels: v.pending_labels,
+    }
+}
+
+pub fn attachment_spec(r: wire::AttachmentRequest) -> AttachmentSpec {
+    AttachmentSpec {
+        attachment: CniAttachment {
+            container_id: r.container_id,
+            ifname: r.ifname,
+            netns: r.netns.into(),
+            chained: r.chained,
+        },
+        host_ifname: r.host_ifname,
+        ip: r.ip,
+        name: r.name,
+        namespace: r.namespace,
+        labels: r.labels,
+        named_ports: r.named_ports,
+    }
+}
+
+pub fn attachment_status(s: AttachmentStatus) -> wire::AttachmentStatusView {
+    wire::AttachmentStatusView {
+        endpoint: endpoint(s.endpoint),
+        interface_present: s.interface_present,
+        programs_attached: s.programs_attached,
+        in_datapath: s.in_datapath,
     }
 }
 

@@ -8,7 +8,7 @@ use palisade_policies::{
     mapstate::{MapDiff, MapState},
 };
 
-use super::{ApplyError, Datapath, DatapathError, TrackedConnection};
+use super::{ApplyError, Datapath, DatapathError, EndpointHealth, TrackedConnection};
 
 /// The steps a test can make fail.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -116,6 +116,24 @@ impl Datapath for MemoryDatapath {
 
     fn prune_links(&mut self, live: &[(String, u32)]) {
         self.attached.retain(|a| live.contains(a));
+    }
+
+    fn endpoint_health(
+        &self,
+        endpoint: EndpointId,
+        ifname: &str,
+        ifindex: u32,
+    ) -> Result<EndpointHealth, DatapathError> {
+        let attached = self.attached.contains(&(ifname.to_string(), ifindex));
+        Ok(EndpointHealth {
+            interface_present: attached,
+            programs_attached: attached,
+            in_datapath: self
+                .state
+                .endpoints
+                .get(&endpoint)
+                .is_some_and(|e| e.ifindex == ifindex),
+        })
     }
 
     fn connections(&self) -> Result<Vec<TrackedConnection>, DatapathError> {

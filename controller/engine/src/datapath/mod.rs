@@ -58,6 +58,17 @@ pub struct TrackedConnection {
     pub rule: palisade_policies::mapstate::RuleId,
 }
 
+/// Whether an endpoint's attachment is whole.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EndpointHealth {
+    /// The host-side interface exists with the index the datapath was given.
+    pub interface_present: bool,
+    /// Both classifiers are attached to it.
+    pub programs_attached: bool,
+    /// The endpoint map holds its entry.
+    pub in_datapath: bool,
+}
+
 pub trait Datapath: Send {
     /// Applies the diff in its order. On failure reports how much was applied.
     fn apply(&mut self, diff: &MapDiff) -> Result<(), ApplyError>;
@@ -75,4 +86,11 @@ pub trait Datapath: Send {
     fn prune_links(&mut self, live: &[(String, u32)]);
     /// Every connection the datapath tracks.
     fn connections(&self) -> Result<Vec<TrackedConnection>, DatapathError>;
+    /// Whether the endpoint's interface, programs and map entry are in place.
+    fn endpoint_health(
+        &self,
+        endpoint: EndpointId,
+        ifname: &str,
+        ifindex: u32,
+    ) -> Result<EndpointHealth, DatapathError>;
 }

@@ -4,6 +4,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
 use super::{PlumbedEndpoint, Plumbing, PlumbingError, SocketPair};
+use crate::model::NetnsRef;
 
 /// The steps a test can make fail.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -26,8 +27,10 @@ pub struct MemoryPlumbing {
     pub netns: BTreeSet<String>,
     pub links: BTreeMap<String, u32>,
     pub up: BTreeSet<u32>,
-    /// Connections ended, by namespace.
+    /// Connections ended, by namespace (its name, or its path).
     pub ended: Vec<(String, SocketPair)>,
+    /// Namespace paths that exist (for containers a runtime made).
+    pub netns_paths: BTreeSet<std::path::PathBuf>,
     next_ifindex: u32,
 }
 
@@ -89,14 +92,25 @@ impl Plumbing for MemoryPlumbing {
         self.netns.contains(name)
     }
 
+    fn namespace_exists(&self, netns: &NetnsRef) -> bool {
+        match netns {
+            NetnsRef::Named(n) => self.netns.contains(n),
+            NetnsRef::Path(p) => self.netns_paths.contains(p),
+        }
+    }
+
     async fn end_connections(
         &mut self,
-        netns_name: &str,
+        netns: &NetnsRef,
         sockets: &[SocketPair],
     ) -> Result<usize, PlumbingError> {
         self.step(PlumbingStep::EndConnections)?;
+        let name = match netns {
+            NetnsRef::Named(n) => n.clone(),
+            NetnsRef::Path(p) => p.display().to_string(),
+        };
         self.ended
-            .extend(sockets.iter().map(|s| (netns_name.to_string(), *s)));
+            .extend(sockets.iter().map(|s| (name.clone(), *s)));
         Ok(sockets.len())
     }
 }

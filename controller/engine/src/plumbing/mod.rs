@@ -6,6 +6,8 @@ pub mod memory;
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 
+use crate::model::NetnsRef;
+
 /// A failure of the plumbing edge; the edge's own typed error (netlink's, naming the
 /// operation and the interface) is kept whole as the source.
 #[derive(Debug, thiserror::Error)]
@@ -60,12 +62,14 @@ pub trait Plumbing: Send {
     async fn node_addresses(&mut self) -> Result<Vec<Ipv4Addr>, PlumbingError>;
     /// Whether a network namespace of this name exists on the node.
     fn netns_exists(&self, name: &str) -> bool;
-    /// Ends these TCP connections inside namespace `netns_name` at once (the socket is
+    /// Whether the namespace exists (a name, or a path a runtime gave).
+    fn namespace_exists(&self, netns: &NetnsRef) -> bool;
+    /// Ends these TCP connections inside namespace `netns` at once (the socket is
     /// aborted: its owner sees the connection reset, and a reset is sent to the peer);
     /// returns how many sockets there were to end. A socket already gone is not an error.
     async fn end_connections(
         &mut self,
-        netns_name: &str,
+        netns: &NetnsRef,
         sockets: &[SocketPair],
     ) -> Result<usize, PlumbingError>;
 }
