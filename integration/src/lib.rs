@@ -7,7 +7,9 @@
     reason = "test fixtures: a failing test prints the agent's log for whoever reads it"
 )]
 
+pub mod cni;
 pub mod conformance;
+pub mod differential;
 pub mod http;
 pub mod node;
 pub mod traffic;

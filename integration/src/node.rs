@@ -265,6 +265,14 @@ impl Node {
             .unwrap_or_else(|e| panic!("palisade {args:?}: not JSON ({e}): {out}"))
     }
 
+    /// Removes network namespace `name` with this node, when the test ends.
+    pub fn track_netns(&self, name: &str) {
+        self.endpoints
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(name.to_string());
+    }
+
     /// The full (netns) name for a short endpoint name.
     pub fn name(&self, short: &str) -> String {
         format!("{}-{short}", self.tag)

@@ -6,9 +6,12 @@
 //!   cilium.io/v2) into the model;
 //! - `identity`: security identities and their allocation;
 //! - `compile`: endpoints + identities + policies -> the datapath's map state;
-//! - `mapstate`: that map state, its datapath-equivalent lookup, and diffs between two states.
+//! - `mapstate`: that map state, its datapath-equivalent lookup, and diffs between two states;
+//! - `datapath_model`: the BPF programs' per-packet verdict (parse, conntrack, policy, proxy
+//!   redirect, audit) again in plain Rust over a map state, to test the programs against.
 
 pub mod compile;
+pub mod datapath_model;
 pub mod endpoint;
 pub mod identity;
 pub mod l7;

@@ -85,6 +85,9 @@ pub struct AgentArgs {
     /// Serve Prometheus metrics and /healthz here (e.g. 127.0.0.1:9962); off when absent.
     #[arg(long)]
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// containerd's socket, where the labels of containers `ctr run --cni` attached are read.
+    #[arg(long, default_value = "/run/containerd/containerd.sock")]
+    pub containerd_socket: PathBuf,
     /// Conntrack lifetime of UDP/ICMP flows and of TCP connections before the handshake ends.
     #[arg(long, default_value = "60s", value_parser = parse_seconds)]
     pub ct_other_timeout: u32,
@@ -273,6 +276,9 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
             status,
             catalog: catalog_rx,
             mode: "local",
+            runtimes: crate::runtime::Runtimes {
+                containerd_socket: args.containerd_socket.clone(),
+            },
         },
         shutdown_signal(),
     )

@@ -53,20 +53,43 @@ async fn podman(id: &str) -> Option<BTreeMap<String, String>> {
     Some(labels.unwrap_or_default())
 }
 
+/// Where the runtimes are asked.
+#[derive(Clone, Debug)]
+pub struct Runtimes {
+    /// containerd's socket (`ctr --address`).
+    pub containerd_socket: std::path::PathBuf,
+}
+
+impl Default for Runtimes {
+    fn default() -> Self {
+        Self {
+            containerd_socket: "/run/containerd/containerd.sock".into(),
+        }
+    }
+}
+
 /// The labels containerd knows for `id`. `ctr run --cni` names attachments
 /// `<namespace>-<container>`.
-async fn containerd(id: &str) -> Option<BTreeMap<String, String>> {
+async fn containerd(socket: &str, id: &str) -> Option<BTreeMap<String, String>> {
     #[derive(serde::Deserialize)]
     struct Info {
         #[serde(rename = "Labels", default)]
         labels: Option<BTreeMap<String, String>>,
     }
-    let namespaces = output("ctr", &["namespaces", "list", "--quiet"]).await?;
+    let namespaces = output(
+        "ctr",
+        &["--address", socket, "namespaces", "list", "--quiet"],
+    )
+    .await?;
     for ns in String::from_utf8_lossy(&namespaces).lines() {
         let candidates = [Some(id), id.strip_prefix(&format!("{ns}-"))];
         for container in candidates.into_iter().flatten() {
             if let Some(out) =
-                output("ctr", &["--namespace", ns, "containers", "info", container]).await
+                output(
+                    "ctr",
+                    &["--address", socket, "--namespace", ns, "containers", "info", container],
+                )
+                .await
                 && let Ok(info) = serde_json::from_slice::<Info>(&out)
             {
                 return Some(info.labels.unwrap_or_default());
@@ -97,12 +120,20 @@ pub fn endpoint_labels(runtime: BTreeMap<String, String>) -> (Option<String>, La
 
 /// Asks the runtimes for the container's labels until one answers, then gives them to the
 /// endpoint. Stops when the endpoint is gone or has labels from elsewhere.
-pub async fn resolve_labels(engine: mpsc::Sender<Command>, key: String, container_id: String) {
+pub async fn resolve_labels(
+    runtimes: Runtimes,
+    engine: mpsc::Sender<Command>,
+    key: String,
+    container_id: String,
+) {
     let started = tokio::time::Instant::now();
+    let socket = runtimes.containerd_socket.display().to_string();
     loop {
         let found = match podman(&container_id).await {
             Some(l) => Some(("podman", l)),
-            None => containerd(&container_id).await.map(|l| ("containerd", l)),
+            None => containerd(&socket, &container_id)
+                .await
+                .map(|l| ("containerd", l)),
         };
         if let Some((runtime, runtime_labels)) = found {
             let (namespace, labels) = endpoint_labels(runtime_labels);

@@ -3,8 +3,9 @@
 use std::path::{Path, PathBuf};
 
 use http_body_util::{BodyExt as _, Full};
+pub use hyper::StatusCode;
 use hyper::body::Bytes;
-use hyper::{Method, Request, StatusCode};
+use hyper::{Method, Request};
 use hyper_util::rt::TokioIo;
 use serde::Serialize;
 use serde::de::DeserializeOwned;

@@ -34,8 +34,53 @@ fn is_executable(p: &Path) -> bool {
     std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
+/// The configuration as the plugin can take it: a delegate may speak older versions than the
+/// runtime (Debian's host-local stops at 1.0.0), so the version is lowered to the highest the
+/// plugin supports that is not above the runtime's; every version's IPAM result reads alike.
+fn for_delegate(env: &CniEnv, plugin: &str, config: &[u8]) -> Vec<u8> {
+    let Ok(mut conf) = serde_json::from_slice::<serde_json::Value>(config) else {
+        return config.to_vec();
+    };
+    let asked = conf["cniVersion"].as_str().unwrap_or_default().to_string();
+    let supported = supported_versions(env, plugin);
+    if supported.contains(&asked) || supported.is_empty() {
+        return config.to_vec();
+    }
+    let ours = crate::config::SUPPORTED_VERSIONS;
+    let Some(best) = ours
+        .iter()
+        .rev()
+        .skip_while(|v| **v != asked)
+        .find(|v| supported.iter().any(|s| s == *v))
+    else {
+        return config.to_vec();
+    };
+    conf["cniVersion"] = serde_json::Value::from(*best);
+    serde_json::to_vec(&conf).unwrap_or_else(|_| config.to_vec())
+}
+
+/// The versions the plugin's VERSION reports (empty when it does not say).
+fn supported_versions(env: &CniEnv, plugin: &str) -> Vec<String> {
+    run_raw(env, plugin, Verb::Version, br#"{"cniVersion":"1.0.0"}"#)
+        .ok()
+        .and_then(|out| serde_json::from_slice::<serde_json::Value>(&out).ok())
+        .and_then(|v| {
+            v["supportedVersions"].as_array().map(|vs| {
+                vs.iter()
+                    .filter_map(|v| v.as_str().map(str::to_string))
+                    .collect()
+            })
+        })
+        .unwrap_or_default()
+}
+
 /// Runs the IPAM plugin for `verb`; its stdout on success.
 pub fn run(env: &CniEnv, plugin: &str, verb: Verb, config: &[u8]) -> Result<Vec<u8>, CniError> {
+    let config = for_delegate(env, plugin, config);
+    run_raw(env, plugin, verb, &config)
+}
+
+fn run_raw(env: &CniEnv, plugin: &str, verb: Verb, config: &[u8]) -> Result<Vec<u8>, CniError> {
     let exe = find(env, plugin)?;
     let failed = |why: String| CniError::Ipam {
         plugin: plugin.to_string(),
@@ -91,13 +136,5 @@ pub fn add(env: &CniEnv, plugin: &str, config: &[u8]) -> Result<CniResult, CniEr
 
 /// Whether the plugin speaks CNI 1.1.0 (STATUS and GC); plugins that do not are not asked.
 pub fn speaks_1_1(env: &CniEnv, plugin: &str) -> bool {
-    run(env, plugin, Verb::Version, br#"{"cniVersion":"1.1.0"}"#)
-        .ok()
-        .and_then(|out| serde_json::from_slice::<serde_json::Value>(&out).ok())
-        .and_then(|v| {
-            v["supportedVersions"]
-                .as_array()
-                .map(|vs| vs.iter().any(|v| v == "1.1.0"))
-        })
-        .unwrap_or(false)
+    supported_versions(env, plugin).iter().any(|v| v == "1.1.0")
 }

@@ -41,6 +41,10 @@ fn netlink_err(op: &'static str) -> impl FnOnce(NetlinkError) -> CniError {
             ifname,
             netns: netns.display().to_string(),
         },
+        NetlinkError::HostInterfaceTaken { ifname } => CniError::InterfaceExists {
+            ifname,
+            netns: "the node".to_string(),
+        },
         source => CniError::Netlink { op, source },
     }
 }
@@ -80,11 +84,14 @@ struct Identity {
 /// configuration has them, else from their runtime, later, by the agent.
 fn identity_of(env: &CniEnv, config: &Config) -> Identity {
     let given = config.labels();
-    let name = env
-        .args
-        .k8s_pod_name
-        .clone()
-        .unwrap_or_else(|| env.container_id.chars().take(12).collect());
+    // An id as long as a digest is named by its first 12 characters, as runtimes show it.
+    let name = env.args.k8s_pod_name.clone().unwrap_or_else(|| {
+        if env.container_id.len() <= 32 {
+            env.container_id.clone()
+        } else {
+            env.container_id.chars().take(12).collect()
+        }
+    });
     let namespace = env
         .args
         .k8s_pod_namespace
@@ -118,6 +125,42 @@ pub async fn add(env: &CniEnv, config: &Config) -> Result<serde_json::Value, Cni
                     .to_string(),
             )
         })?;
+    // Refused before anything is allocated, so that undoing a failure never touches what
+    // belongs to another attachment: an attachment the agent has, an interface name taken.
+    let attachment_path = format!("/v1/attachments/{}/{}", env.container_id, env.ifname);
+    match client.get::<AttachmentStatusView>(&attachment_path).await {
+        Ok(_) => {
+            return Err(CniError::InvalidConfig(format!(
+                "container {} already has an attachment on {}",
+                env.container_id, env.ifname
+            )));
+        }
+        Err(e) if e.status() == Some(palisade_api::client::StatusCode::NOT_FOUND) => {}
+        Err(e) => return Err(agent_err(e)),
+    }
+    let mut netlink = Netlink::new().map_err(netlink_err("netlink"))?;
+    if netlink
+        .interface_in(&netns_path, &env.ifname)
+        .await
+        .map_err(netlink_err("inspecting the container's namespace"))?
+    {
+        return Err(CniError::InterfaceExists {
+            ifname: env.ifname.clone(),
+            netns: netns_path.display().to_string(),
+        });
+    }
+    let host = host_ifname(&env.container_id, &env.ifname);
+    if netlink
+        .ifindex(&host)
+        .await
+        .map_err(netlink_err("inspecting the node"))?
+        .is_some()
+    {
+        return Err(CniError::InterfaceExists {
+            ifname: host,
+            netns: "the node".to_string(),
+        });
+    }
     let allocated = ipam::add(env, &ipam_plugin, &config.raw)?;
     let undo_ipam = || {
         let _ = ipam::run(env, &ipam_plugin, Verb::Del, &config.raw);

@@ -42,6 +42,8 @@ pub enum NetlinkError {
         ifname: String,
         netns: std::path::PathBuf,
     },
+    #[error("interface {ifname} already exists on the node")]
+    HostInterfaceTaken { ifname: String },
     #[error(transparent)]
     Netns(#[from] netns::NetnsError),
     #[error("{op}: {source}")]
@@ -210,12 +212,57 @@ impl Netlink {
                 netns: netns_path.to_path_buf(),
             });
         }
+        // Never touch an interface this call did not make.
+        if link_by_name(&self.node, host_ifname).await?.is_some() {
+            return Err(NetlinkError::HostInterfaceTaken {
+                ifname: host_ifname.to_string(),
+            });
+        }
         // A temporary name for the peer while it is still in the node: the kernel allows 15
         // characters, and a name of its own (the host side's, ending differently).
         let peer_tmp = format!("t{}", &host_ifname[host_ifname.len().saturating_sub(14)..]);
+        match self
+            .make_veth(
+                &pod,
+                netns_path,
+                host_ifname,
+                &peer_tmp,
+                container_ifname,
+                ip,
+            )
+            .await
+        {
+            Ok(v) => Ok(v),
+            Err(e) => {
+                // Leave no half-made veth: deleting the host side deletes its peer too.
+                let _ = self.delete_link(host_ifname).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Whether `ifname` exists inside the namespace at `netns_path`.
+    pub async fn interface_in(
+        &mut self,
+        netns_path: &Path,
+        ifname: &str,
+    ) -> Result<bool, NetlinkError> {
+        let pod = handle_in(netns_path)?;
+        Ok(link_by_name(&pod, ifname).await?.is_some())
+    }
+
+    async fn make_veth(
+        &mut self,
+        pod: &Handle,
+        netns_path: &Path,
+        host_ifname: &str,
+        peer_tmp: &str,
+        container_ifname: &str,
+        ip: Ipv4Addr,
+    ) -> Result<Veth, NetlinkError> {
         self.node
             .link()
-            .add(LinkVeth::new(host_ifname, &peer_tmp).build())
+            .add(LinkVeth::new(host_ifname, peer_tmp).build())
             .execute()
             .await
             .map_err(nl(format!("add veth {host_ifname}")))?;
@@ -227,9 +274,9 @@ impl Netlink {
         let host_index = host.header.index;
         let _ = netns::write_sysctl(&format!("net.ipv6.conf.{host_ifname}.disable_ipv6"), "1");
 
-        let peer = link_by_name(&self.node, &peer_tmp)
+        let peer = link_by_name(&self.node, peer_tmp)
             .await?
-            .ok_or_else(|| NetlinkError::NoSuchInterface(peer_tmp.clone()))?;
+            .ok_or_else(|| NetlinkError::NoSuchInterface(peer_tmp.to_string()))?;
         let ns_file = std::fs::File::open(netns_path)
             .map_err(io(format!("open {}", netns_path.display())))?;
         self.node
@@ -244,9 +291,9 @@ impl Netlink {
             .map_err(nl(format!("move {peer_tmp} into {}", netns_path.display())))?;
 
         // Inside the workload.
-        let eth = link_by_name(&pod, &peer_tmp)
+        let eth = link_by_name(pod, peer_tmp)
             .await?
-            .ok_or_else(|| NetlinkError::NoSuchInterface(peer_tmp.clone()))?;
+            .ok_or_else(|| NetlinkError::NoSuchInterface(peer_tmp.to_string()))?;
         let eth_index = eth.header.index;
         let container_mac = mac_of(&eth).unwrap_or_default();
         pod.link()
@@ -268,7 +315,7 @@ impl Netlink {
             .execute()
             .await
             .map_err(nl(format!("set {container_ifname} up")))?;
-        if let Some(lo) = link_by_name(&pod, "lo").await? {
+        if let Some(lo) = link_by_name(pod, "lo").await? {
             pod.link()
                 .set(LinkUnspec::new_with_index(lo.header.index).up().build())
                 .execute()

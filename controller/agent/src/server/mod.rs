@@ -45,6 +45,8 @@ pub struct ApiState {
     pub catalog: watch::Receiver<Arc<Catalog>>,
     /// `local` or `kubernetes`.
     pub mode: &'static str,
+    /// Where containers' labels are asked for.
+    pub runtimes: crate::runtime::Runtimes,
 }
 
 /// Why a request failed.
@@ -219,6 +221,7 @@ async fn attachment_add(
         // container while its network is set up): ask, off this request.
         let key = format!("{}/{}", view.namespace, view.name);
         tokio::spawn(crate::runtime::resolve_labels(
+            s.runtimes.clone(),
             s.engine.clone(),
             key,
             container_id,

@@ -1,0 +1,1582 @@
+//! The datapath's per-packet decision, written again as plain Rust: what the two TC
+//! classifiers in datapath-bpf/src/ do with one frame, given the maps (`MapState`), a
+//! conntrack table and the config. It exists to be compared with the real programs
+//! (integration/tests/differential.rs runs them with BPF_PROG_TEST_RUN on the same frames and
+//! map states), so it follows them function by function, in the same order of checks; each
+//! function says which BPF function it mirrors. Out of scope, because they do not change a
+//! verdict: flow events and their rate limit, conntrack expiry and LRU eviction (every entry
+//! lives as long as a test needs it), and `CT_MAP_FULL`.
+//!
+//! The outcome is what the datapath counts: forwarded, redirected (to the L7 proxy), audit
+//! (forwarded although policy would drop it), or dropped with a reason code from
+//! `palisade_common::reason::drop`.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::Ipv4Addr;
+
+use palisade_common::conntrack::{
+    CT_FLAG_AUDIT, CT_FLAG_FIN_FORWARD, CT_FLAG_FIN_REPLY, CT_FLAG_FROM_PROXY,
+    CT_FLAG_PROXY_REDIRECT, CT_FLAG_SEEN_REPLY,
+};
+use palisade_common::metrics::{OUTCOME_AUDIT, OUTCOME_FORWARDED, OUTCOME_REDIRECTED};
+use palisade_common::reason::{drop, drop_reason_name};
+use palisade_common::{maps as names, mark, proto};
+
+use crate::endpoint::EndpointId;
+use crate::identity::Identity;
+use crate::mapstate::{Action, EndpointEntry, IpcacheEntry, MapState, RuleId};
+use crate::model::Direction;
+
+const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_ARP: u16 = 0x0806;
+const IP_MF: u16 = 0x2000;
+const IP_OFFSET_MASK: u16 = 0x1fff;
+const ICMP_ECHO_REPLY: u8 = 0;
+const ICMP_DEST_UNREACH: u8 = 3;
+const ICMP_ECHO: u8 = 8;
+const ICMP_TIME_EXCEEDED: u8 = 11;
+const ICMP_PARAMETER_PROBLEM: u8 = 12;
+
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_PSH: u8 = 0x08;
+pub const TCP_ACK: u8 = 0x10;
+
+/// TC actions, as the programs return them.
+pub const TC_ACT_OK: u32 = 0;
+pub const TC_ACT_SHOT: u32 = 2;
+
+/// Which classifier judges the frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Program {
+    /// `tc_from_endpoint`: TC ingress of the host-side veth, the endpoint's egress.
+    FromEndpoint,
+    /// `tc_to_endpoint`: TC egress of the host-side veth, the endpoint's ingress.
+    ToEndpoint,
+}
+
+impl Program {
+    pub const BOTH: [Program; 2] = [Program::FromEndpoint, Program::ToEndpoint];
+
+    /// The endpoint direction the program judges.
+    pub fn direction(self) -> Direction {
+        match self {
+            Program::FromEndpoint => Direction::Egress,
+            Program::ToEndpoint => Direction::Ingress,
+        }
+    }
+
+    /// The program's name in the BPF object.
+    pub fn name(self) -> &'static str {
+        match self {
+            Program::FromEndpoint => names::PROG_FROM_ENDPOINT,
+            Program::ToEndpoint => names::PROG_TO_ENDPOINT,
+        }
+    }
+}
+
+fn opposite(d: Direction) -> Direction {
+    match d {
+        Direction::Ingress => Direction::Egress,
+        Direction::Egress => Direction::Ingress,
+    }
+}
+
+/// One frame arriving at a program, and what the node around it provides.
+#[derive(Clone, Copy, Debug)]
+pub struct Input<'a> {
+    pub program: Program,
+    /// The interface the frame is on (the endpoints map is keyed by it).
+    pub ifindex: u32,
+    /// skb->mark: the proxy's upstream leg carries `mark::from_proxy(client identity)`.
+    pub mark: u32,
+    /// The proxy's listener exists and `bpf_sk_assign` to it succeeds; without it a redirect
+    /// drops with `PROXY_UNAVAILABLE`.
+    pub proxy_listener: bool,
+    /// Ethernet header onwards, exactly the bytes the program can load.
+    pub frame: &'a [u8],
+}
+
+/// What the datapath counts for a packet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Outcome {
+    Forwarded,
+    Redirected,
+    Audit,
+    /// A `palisade_common::reason::drop` code.
+    Dropped(u8),
+}
+
+impl Outcome {
+    /// The counter the datapath bumps (`metrics::OUTCOME_*` or the drop reason).
+    pub fn counter(self) -> u8 {
+        match self {
+            Outcome::Forwarded => OUTCOME_FORWARDED,
+            Outcome::Redirected => OUTCOME_REDIRECTED,
+            Outcome::Audit => OUTCOME_AUDIT,
+            Outcome::Dropped(reason) => reason,
+        }
+    }
+
+    /// The TC action the program returns.
+    pub fn tc_action(self) -> u32 {
+        match self {
+            Outcome::Dropped(_) => TC_ACT_SHOT,
+            _ => TC_ACT_OK,
+        }
+    }
+
+    /// The outcome a program's return value and counter stand for.
+    pub fn from_counter(return_value: u32, counter: u8) -> Option<Outcome> {
+        Some(match (return_value, counter) {
+            (TC_ACT_OK, OUTCOME_FORWARDED) => Outcome::Forwarded,
+            (TC_ACT_OK, OUTCOME_REDIRECTED) => Outcome::Redirected,
+            (TC_ACT_OK, OUTCOME_AUDIT) => Outcome::Audit,
+            (TC_ACT_SHOT, reason) if reason >= 130 => Outcome::Dropped(reason),
+            _ => return None,
+        })
+    }
+}
+
+impl fmt::Display for Outcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Outcome::Forwarded => f.write_str("FORWARDED"),
+            Outcome::Redirected => f.write_str("REDIRECTED"),
+            Outcome::Audit => f.write_str("AUDIT"),
+            Outcome::Dropped(r) => write!(f, "DROPPED ({}, {r})", drop_reason_name(*r)),
+        }
+    }
+}
+
+/// Which step of the pipeline decided.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Step {
+    NotInitialized,
+    UnknownEndpoint,
+    Parse,
+    Arp,
+    SourceCheck,
+    /// An ICMP error, judged by the connection it reports on.
+    Related,
+    /// A packet of a tracked connection (`reply`: of its reply direction).
+    Established {
+        reply: bool,
+    },
+    /// A tracked connection re-checked after a policy change, and stopped.
+    Revalidation,
+    NewConnection,
+}
+
+/// A conntrack key: the connection's original tuple and the endpoint direction that tracks
+/// it (`CtKey` in datapath-bpf/common/src/conntrack.rs, in host byte order).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CtKey {
+    pub scope: Direction,
+    pub protocol: u8,
+    pub saddr: Ipv4Addr,
+    pub sport: u16,
+    pub daddr: Ipv4Addr,
+    pub dport: u16,
+}
+
+impl fmt::Display for CtKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "[{}] proto {} {}:{} -> {}:{}",
+            self.scope, self.protocol, self.saddr, self.sport, self.daddr, self.dport
+        )
+    }
+}
+
+/// The parts of a conntrack entry that follow from the packets and the policy (`CtEntry`
+/// without its clocks).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct CtEntry {
+    pub endpoint: EndpointId,
+    /// The peer's identity when the entry was created or last revalidated.
+    pub peer_identity: Identity,
+    pub rule: RuleId,
+    pub policy_revision: u32,
+    /// `palisade_common::conntrack::CT_FLAG_*`.
+    pub flags: u16,
+    pub proxy_port: u16,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// What a packet did to conntrack.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CtChange {
+    Created(CtKey),
+    Updated(CtKey),
+    /// Re-checked against a new policy revision and kept.
+    Revalidated(CtKey),
+    Removed(CtKey),
+}
+
+/// The verdict on one packet and everything it changed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Judgement {
+    pub outcome: Outcome,
+    /// skb->mark afterwards (`mark::TO_PROXY` once handed to the proxy).
+    pub mark: u32,
+    pub step: Step,
+    pub changes: Vec<CtChange>,
+}
+
+/// The config map, as far as verdicts care.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Config {
+    pub policy_revision: u32,
+}
+
+/// The datapath's state: config (None: missing or not initialized), maps, conntrack.
+#[derive(Clone, Debug, Default)]
+pub struct DatapathModel {
+    pub config: Option<Config>,
+    pub maps: MapState,
+    pub conntrack: BTreeMap<CtKey, CtEntry>,
+}
+
+// ---- packet.rs ------------------------------------------------------------------------------
+
+/// The connection tuple of a packet plus what policy needs (`Packet` in packet.rs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Packet {
+    pub saddr: Ipv4Addr,
+    pub daddr: Ipv4Addr,
+    pub sport: u16,
+    pub dport: u16,
+    pub protocol: u8,
+    pub tcp_flags: u8,
+    /// The "port" policy matches: the destination port, or the ICMP type.
+    pub policy_port: u16,
+    /// An ICMP error: the tuple is the embedded packet's.
+    pub related: bool,
+}
+
+/// `Parsed` in packet.rs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Parsed {
+    Arp,
+    Ipv4(Packet),
+}
+
+/// `bpf_skb_load_bytes`: `n` bytes at `off`, or `INVALID_PACKET` past the end.
+fn load(frame: &[u8], off: usize, n: usize) -> Result<&[u8], u8> {
+    frame.get(off..off + n).ok_or(drop::INVALID_PACKET)
+}
+
+fn load_u8(frame: &[u8], off: usize) -> Result<u8, u8> {
+    Ok(load(frame, off, 1)?[0])
+}
+
+fn load_u16(frame: &[u8], off: usize) -> Result<u16, u8> {
+    let b = load(frame, off, 2)?;
+    Ok(u16::from_be_bytes([b[0], b[1]]))
+}
+
+fn load_addr(frame: &[u8], off: usize) -> Result<Ipv4Addr, u8> {
+    let b = load(frame, off, 4)?;
+    Ok(Ipv4Addr::new(b[0], b[1], b[2], b[3]))
+}
+
+/// `packet::parse`.
+pub fn parse(frame: &[u8]) -> Result<Parsed, u8> {
+    match load_u16(frame, 12)? {
+        ETH_P_IP => parse_ipv4(frame, ETH_HLEN).map(Parsed::Ipv4),
+        ETH_P_ARP => Ok(Parsed::Arp),
+        _ => Err(drop::UNSUPPORTED_L3),
+    }
+}
+
+struct Ipv4Header {
+    protocol: u8,
+    saddr: Ipv4Addr,
+    daddr: Ipv4Addr,
+    l4: usize,
+    frag: u16,
+}
+
+/// `packet::ipv4_header`: version 4, IHL of at least 5 words, and the fields it reads.
+fn ipv4_header(frame: &[u8], off: usize) -> Result<Ipv4Header, u8> {
+    let version_ihl = load_u8(frame, off)?;
+    if version_ihl >> 4 != 4 {
+        return Err(drop::INVALID_PACKET);
+    }
+    let ihl = usize::from(version_ihl & 0x0f) * 4;
+    if ihl < 20 {
+        return Err(drop::INVALID_PACKET);
+    }
+    Ok(Ipv4Header {
+        frag: load_u16(frame, off + 6)?,
+        protocol: load_u8(frame, off + 9)?,
+        saddr: load_addr(frame, off + 12)?,
+        daddr: load_addr(frame, off + 16)?,
+        l4: off + ihl,
+    })
+}
+
+/// `packet::parse_ipv4`.
+fn parse_ipv4(frame: &[u8], off: usize) -> Result<Packet, u8> {
+    let h = ipv4_header(frame, off)?;
+    if h.frag & (IP_MF | IP_OFFSET_MASK) != 0 {
+        return Err(drop::FRAGMENTED);
+    }
+    let mut pkt = Packet {
+        saddr: h.saddr,
+        daddr: h.daddr,
+        sport: 0,
+        dport: 0,
+        protocol: h.protocol,
+        tcp_flags: 0,
+        policy_port: 0,
+        related: false,
+    };
+    let l4 = h.l4;
+    match h.protocol {
+        proto::TCP => {
+            pkt.sport = load_u16(frame, l4)?;
+            pkt.dport = load_u16(frame, l4 + 2)?;
+            pkt.tcp_flags = load_u8(frame, l4 + 13)?;
+            pkt.policy_port = pkt.dport;
+        }
+        proto::UDP | proto::SCTP => {
+            pkt.sport = load_u16(frame, l4)?;
+            pkt.dport = load_u16(frame, l4 + 2)?;
+            pkt.policy_port = pkt.dport;
+        }
+        proto::ICMP => match load_u8(frame, l4)? {
+            ICMP_ECHO | ICMP_ECHO_REPLY => {
+                // The echo id in both port slots; policy sees the request type for both.
+                let id = load_u16(frame, l4 + 4)?;
+                pkt.sport = id;
+                pkt.dport = id;
+                pkt.policy_port = u16::from(ICMP_ECHO);
+            }
+            ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAMETER_PROBLEM => {
+                return parse_icmp_error(frame, l4 + 8);
+            }
+            other => pkt.policy_port = u16::from(other),
+        },
+        _ => {}
+    }
+    Ok(pkt)
+}
+
+/// `packet::parse_icmp_error`: the embedded packet's tuple (its fragment bits unchecked).
+fn parse_icmp_error(frame: &[u8], inner: usize) -> Result<Packet, u8> {
+    let h = ipv4_header(frame, inner)?;
+    let mut pkt = Packet {
+        saddr: h.saddr,
+        daddr: h.daddr,
+        sport: 0,
+        dport: 0,
+        protocol: h.protocol,
+        tcp_flags: 0,
+        policy_port: 0,
+        related: true,
+    };
+    match h.protocol {
+        proto::TCP | proto::UDP | proto::SCTP => {
+            pkt.sport = load_u16(frame, h.l4)?;
+            pkt.dport = load_u16(frame, h.l4 + 2)?;
+        }
+        proto::ICMP => {
+            let id = load_u16(frame, h.l4 + 4)?;
+            pkt.sport = id;
+            pkt.dport = id;
+        }
+        _ => {}
+    }
+    Ok(pkt)
+}
+
+// ---- conntrack.rs ---------------------------------------------------------------------------
+
+/// `conntrack::key_forward`.
+fn key_forward(pkt: &Packet, scope: Direction) -> CtKey {
+    CtKey {
+        scope,
+        protocol: pkt.protocol,
+        saddr: pkt.saddr,
+        sport: pkt.sport,
+        daddr: pkt.daddr,
+        dport: pkt.dport,
+    }
+}
+
+/// `conntrack::reverse_in_place`.
+fn reversed(key: CtKey, scope: Direction) -> CtKey {
+    CtKey {
+        scope,
+        saddr: key.daddr,
+        sport: key.dport,
+        daddr: key.saddr,
+        dport: key.sport,
+        protocol: key.protocol,
+    }
+}
+
+/// `conntrack::update`: accounts the packet and advances TCP state; true on RST (the caller
+/// removes the entry, after the packet is forwarded).
+fn ct_update(e: &mut CtEntry, pkt: &Packet, is_reply: bool, len: u64) -> bool {
+    e.packets += 1;
+    e.bytes += len;
+    if pkt.protocol == proto::TCP {
+        if pkt.tcp_flags & TCP_RST != 0 {
+            return true;
+        }
+        if is_reply {
+            e.flags |= CT_FLAG_SEEN_REPLY;
+        }
+        if pkt.tcp_flags & TCP_FIN != 0 {
+            e.flags |= if is_reply {
+                CT_FLAG_FIN_REPLY
+            } else {
+                CT_FLAG_FIN_FORWARD
+            };
+        }
+    }
+    false
+}
+
+// ---- policy.rs ------------------------------------------------------------------------------
+
+/// `policy::Decision`: `action` None when nothing matched and the direction is enforced.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Decision {
+    action: Option<Action>,
+    rule: RuleId,
+}
+
+impl Decision {
+    fn is_redirect(self) -> bool {
+        matches!(self.action, Some(Action::Redirect { .. }))
+    }
+
+    fn proxy_port(self) -> u16 {
+        match self.action {
+            Some(Action::Redirect { proxy_port }) => proxy_port,
+            _ => 0,
+        }
+    }
+}
+
+/// `policy::decide`: the best match across the peer's identity, the wildcard and the CIDR
+/// alias (`MapState::best_match`), else allow unless the direction is enforced.
+fn decide(
+    maps: &MapState,
+    id: EndpointId,
+    ep: &EndpointEntry,
+    dir: Direction,
+    peer: &IpcacheEntry,
+    protocol: u8,
+    port: u16,
+) -> Decision {
+    let enforced = match dir {
+        Direction::Ingress => ep.ingress_enforced,
+        Direction::Egress => ep.egress_enforced,
+    };
+    match maps.best_match(id, dir, peer, protocol, port) {
+        Some((_, entry)) => Decision {
+            action: Some(entry.action),
+            rule: entry.rule,
+        },
+        None => Decision {
+            action: (!enforced).then_some(Action::Allow),
+            rule: RuleId::NONE,
+        },
+    }
+}
+
+// ---- judge.rs -------------------------------------------------------------------------------
+
+/// `judge::Drop`, reduced to what the counters see.
+type DropReason = u8;
+
+/// `judge::deny_reason`.
+fn deny_reason(action: Option<Action>) -> DropReason {
+    if action == Some(Action::Deny) {
+        drop::POLICY_DENY_RULE
+    } else {
+        drop::POLICY_DENIED
+    }
+}
+
+/// `proxy::from_proxy_identity`.
+fn from_proxy_identity(m: u32) -> Option<Identity> {
+    (m & mark::MAGIC_MASK == mark::FROM_PROXY).then_some(Identity(m & mark::IDENTITY_MASK))
+}
+
+/// `proxy::redirect`: hands the packet to the proxy's socket for the connection or its
+/// listener; either way the environment decides whether `bpf_sk_assign` works.
+fn redirect(input: &Input<'_>, proxy_port: u16, mark_out: &mut u32) -> Result<(), DropReason> {
+    if proxy_port == 0 || !input.proxy_listener {
+        return Err(drop::PROXY_UNAVAILABLE);
+    }
+    *mark_out = mark::TO_PROXY;
+    Ok(())
+}
+
+/// The endpoint an interface belongs to (the ENDPOINTS map is keyed by ifindex).
+fn endpoint_at(maps: &MapState, ifindex: u32) -> Option<(EndpointId, EndpointEntry)> {
+    maps.endpoints
+        .iter()
+        .find(|(_, e)| e.ifindex == ifindex)
+        .map(|(id, e)| (*id, *e))
+}
+
+/// The endpoint a packet is judged for, as `judge` passes it down.
+struct Ctx<'i, 'f> {
+    input: &'i Input<'f>,
+    id: EndpointId,
+    ep: EndpointEntry,
+    len: u64,
+    mark: u32,
+    changes: Vec<CtChange>,
+}
+
+impl DatapathModel {
+    /// A datapath with config and maps, and empty conntrack.
+    pub fn new(policy_revision: u32, maps: MapState) -> Self {
+        Self {
+            config: Some(Config { policy_revision }),
+            maps,
+            conntrack: BTreeMap::new(),
+        }
+    }
+
+    /// `judge::run`: judges one frame, applying its conntrack changes.
+    pub fn judge(&mut self, input: &Input<'_>) -> Judgement {
+        let mut changes = Vec::new();
+        let mut mark_out = input.mark;
+        let (step, result) = self.judge_inner(input, &mut changes, &mut mark_out);
+        Judgement {
+            outcome: match result {
+                Ok(o) => o,
+                Err(reason) => Outcome::Dropped(reason),
+            },
+            mark: mark_out,
+            step,
+            changes,
+        }
+    }
+
+    /// `judge::judge`.
+    fn judge_inner(
+        &mut self,
+        input: &Input<'_>,
+        changes: &mut Vec<CtChange>,
+        mark_out: &mut u32,
+    ) -> (Step, Result<Outcome, DropReason>) {
+        let Some(cfg) = self.config else {
+            return (Step::NotInitialized, Err(drop::NOT_INITIALIZED));
+        };
+        let Some((id, ep)) = endpoint_at(&self.maps, input.ifindex) else {
+            return (Step::UnknownEndpoint, Err(drop::UNKNOWN_ENDPOINT));
+        };
+        let pkt = match parse(input.frame) {
+            Err(reason) => return (Step::Parse, Err(reason)),
+            Ok(Parsed::Arp) => return (Step::Arp, Ok(Outcome::Forwarded)),
+            Ok(Parsed::Ipv4(p)) => p,
+        };
+        let dir = input.program.direction();
+        if dir == Direction::Egress && !pkt.related && pkt.saddr != ep.ip {
+            return (Step::SourceCheck, Err(drop::INVALID_SOURCE_IP));
+        }
+        let proxied_from = if dir == Direction::Ingress {
+            from_proxy_identity(input.mark)
+        } else {
+            None
+        };
+        if pkt.related {
+            // An ICMP error: forwarded only as part of a connection the opposite direction of
+            // this endpoint tracks (no update, no revalidation).
+            let key = key_forward(&pkt, opposite(dir));
+            let result = if self.conntrack.contains_key(&key) {
+                Ok(Outcome::Forwarded)
+            } else {
+                Err(drop::CT_TRUNCATED_OR_INVALID)
+            };
+            return (Step::Related, result);
+        }
+        let mut ctx = Ctx {
+            input,
+            id,
+            ep,
+            len: u64::try_from(input.frame.len()).unwrap_or(u64::MAX),
+            mark: *mark_out,
+            changes: Vec::new(),
+        };
+        let key = key_forward(&pkt, dir);
+        let (step, result) = if self.conntrack.contains_key(&key) {
+            // The original direction of a connection this direction opened.
+            match self.established(&mut ctx, cfg, key, &pkt, false) {
+                Err(e) => (e.0, Err(e.1)),
+                Ok((outcome, flags, proxy_port)) => {
+                    let result = if dir == Direction::Egress && flags & CT_FLAG_PROXY_REDIRECT != 0
+                    {
+                        redirect(input, proxy_port, &mut ctx.mark).map(|()| Outcome::Redirected)
+                    } else {
+                        Ok(outcome)
+                    };
+                    (Step::Established { reply: false }, result)
+                }
+            }
+        } else {
+            let reply_key = reversed(key, opposite(dir));
+            if self.conntrack.contains_key(&reply_key) {
+                // A reply of a connection the opposite direction let in or out.
+                match self.established(&mut ctx, cfg, reply_key, &pkt, true) {
+                    Err(e) => (e.0, Err(e.1)),
+                    Ok((outcome, _, _)) => (Step::Established { reply: true }, Ok(outcome)),
+                }
+            } else {
+                (
+                    Step::NewConnection,
+                    self.new_connection(&mut ctx, cfg, key, &pkt, proxied_from),
+                )
+            }
+        };
+        *mark_out = ctx.mark;
+        changes.append(&mut ctx.changes);
+        (step, result)
+    }
+
+    /// `judge::check_policy`: the decision for a connection as `scope` saw it open, and the
+    /// peer identity it was judged as. `known_peer`: the client's identity carried by the
+    /// proxy's mark (then there is no CIDR alias, and a redirect counts as allow: the proxy
+    /// enforced the HTTP rules already).
+    fn check_policy(
+        &self,
+        ctx: &Ctx<'_, '_>,
+        scope: Direction,
+        key: &CtKey,
+        port: u16,
+        known_peer: Option<Identity>,
+    ) -> (Decision, Identity) {
+        let peer = known_peer.map_or_else(
+            || {
+                let addr = match scope {
+                    Direction::Egress => key.daddr,
+                    Direction::Ingress => key.saddr,
+                };
+                self.maps.ipcache_lookup(addr)
+            },
+            |identity| IpcacheEntry {
+                identity,
+                endpoint: None,
+                cidr_identity: None,
+            },
+        );
+        let mut decision = decide(
+            &self.maps,
+            ctx.id,
+            &ctx.ep,
+            scope,
+            &peer,
+            key.protocol,
+            port,
+        );
+        if known_peer.is_some() && decision.is_redirect() {
+            decision.action = Some(Action::Allow);
+        }
+        (decision, peer.identity)
+    }
+
+    /// `judge::proxy_port_needed`: the proxy port a TCP connection (`key`, as its scope
+    /// opened it) must take, 0 for none: its own side's redirect, or on a client's egress the
+    /// local destination's ingress HTTP rules (`MapState::proxy_port_needed`, which decides
+    /// the own side again by address: the same decision whenever this is called on egress).
+    fn proxy_port_needed(&self, ctx: &Ctx<'_, '_>, decision: Decision, key: &CtKey) -> u16 {
+        if decision.is_redirect() {
+            return decision.proxy_port();
+        }
+        if key.scope != Direction::Egress {
+            return 0;
+        }
+        self.maps
+            .proxy_port_needed(ctx.id, key.scope, key.saddr, key.daddr, key.dport)
+            .map_or(0, |(port, _)| port)
+    }
+
+    /// `judge::established`: revalidates after a policy change, accounts the packet (RST ends
+    /// the entry). Returns the outcome and the entry's flags and proxy port (the caller
+    /// redirects the original direction of a proxied connection), or the step and reason of
+    /// a drop.
+    fn established(
+        &mut self,
+        ctx: &mut Ctx<'_, '_>,
+        cfg: Config,
+        key: CtKey,
+        pkt: &Packet,
+        is_reply: bool,
+    ) -> Result<(Outcome, u16, u16), (Step, DropReason)> {
+        let revision = self.conntrack[&key].policy_revision;
+        if revision != cfg.policy_revision {
+            self.revalidate(ctx, cfg, key)
+                .map_err(|r| (Step::Revalidation, r))?;
+        }
+        let e = self
+            .conntrack
+            .get_mut(&key)
+            .expect("present: checked above");
+        let audit = e.flags & CT_FLAG_AUDIT != 0;
+        let ended = ct_update(e, pkt, is_reply, ctx.len);
+        let (flags, proxy_port) = (e.flags, e.proxy_port);
+        if ended {
+            self.conntrack.remove(&key);
+            ctx.changes.push(CtChange::Removed(key));
+        } else {
+            ctx.changes.push(CtChange::Updated(key));
+        }
+        let outcome = if audit {
+            Outcome::Audit
+        } else {
+            Outcome::Forwarded
+        };
+        Ok((outcome, flags, proxy_port))
+    }
+
+    /// `judge::revalidate`: policy changed since the entry was last checked. A connection the
+    /// new policy denies stops (unless the endpoint is in audit mode), and so does a direct
+    /// TCP connection the new policy sends through the proxy (`PROXY_REQUIRED`).
+    fn revalidate(
+        &mut self,
+        ctx: &mut Ctx<'_, '_>,
+        cfg: Config,
+        key: CtKey,
+    ) -> Result<(), DropReason> {
+        let e = self.conntrack[&key];
+        let port = if key.protocol == proto::ICMP {
+            u16::from(ICMP_ECHO)
+        } else {
+            key.dport
+        };
+        let known_peer = (e.flags & CT_FLAG_FROM_PROXY != 0).then_some(e.peer_identity);
+        let (decision, peer_identity) = self.check_policy(ctx, key.scope, &key, port, known_peer);
+        let allowed = matches!(
+            decision.action,
+            Some(Action::Allow | Action::Redirect { .. })
+        );
+        if !allowed && !ctx.ep.audit {
+            self.conntrack.remove(&key);
+            ctx.changes.push(CtChange::Removed(key));
+            return Err(deny_reason(decision.action));
+        }
+        if allowed
+            && known_peer.is_none()
+            && e.flags & CT_FLAG_PROXY_REDIRECT == 0
+            && key.protocol == proto::TCP
+            && self.proxy_port_needed(ctx, decision, &key) != 0
+        {
+            self.conntrack.remove(&key);
+            ctx.changes.push(CtChange::Removed(key));
+            return Err(drop::PROXY_REQUIRED);
+        }
+        let e = self.conntrack.get_mut(&key).expect("present: read above");
+        e.policy_revision = cfg.policy_revision;
+        e.rule = decision.rule;
+        e.peer_identity = peer_identity;
+        ctx.changes.push(CtChange::Revalidated(key));
+        Ok(())
+    }
+
+    /// `judge::new_connection`: policy for a packet no entry knows. Deny beats redirect beats
+    /// allow; audit mode forwards what policy denies; a redirect needs a TCP SYN on an
+    /// endpoint's egress and the proxy; only a SYN (or any non-TCP packet) opens an entry.
+    fn new_connection(
+        &mut self,
+        ctx: &mut Ctx<'_, '_>,
+        cfg: Config,
+        key: CtKey,
+        pkt: &Packet,
+        proxied_from: Option<Identity>,
+    ) -> Result<Outcome, DropReason> {
+        let dir = key.scope;
+        let (decision, peer_identity) =
+            self.check_policy(ctx, dir, &key, pkt.policy_port, proxied_from);
+        let (mut outcome, mut flags) = match decision.action {
+            Some(Action::Allow | Action::Redirect { .. }) => (Outcome::Forwarded, 0),
+            denied => {
+                if !ctx.ep.audit {
+                    return Err(deny_reason(denied));
+                }
+                (Outcome::Audit, CT_FLAG_AUDIT)
+            }
+        };
+        let proxy_port = if outcome == Outcome::Audit {
+            0
+        } else if decision.is_redirect() || pkt.protocol == proto::TCP {
+            // Only TCP can be handed to the proxy; a redirect of anything else fails below.
+            self.proxy_port_needed(ctx, decision, &key)
+        } else {
+            0
+        };
+        let is_syn = pkt.protocol == proto::TCP && pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+        if proxy_port != 0 || decision.is_redirect() {
+            if dir != Direction::Egress || !is_syn {
+                return Err(drop::PROXY_UNAVAILABLE);
+            }
+            outcome = Outcome::Redirected;
+            flags |= CT_FLAG_PROXY_REDIRECT;
+        }
+        if proxied_from.is_some() {
+            flags |= CT_FLAG_FROM_PROXY;
+        }
+        if pkt.protocol == proto::TCP && !is_syn {
+            // A mid-stream segment policy allows is forwarded but opens nothing.
+            return Ok(outcome);
+        }
+        self.conntrack.insert(
+            key,
+            CtEntry {
+                endpoint: ctx.id,
+                peer_identity,
+                rule: decision.rule,
+                policy_revision: cfg.policy_revision,
+                flags,
+                proxy_port,
+                packets: 1,
+                bytes: ctx.len,
+            },
+        );
+        if flags & CT_FLAG_PROXY_REDIRECT != 0
+            && let Err(reason) = redirect(ctx.input, proxy_port, &mut ctx.mark)
+        {
+            self.conntrack.remove(&key);
+            return Err(reason);
+        }
+        ctx.changes.push(CtChange::Created(key));
+        Ok(outcome)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mapstate::{PolicyEntry, PolicyKey, PortPrefix};
+
+    const TCP: u8 = 6;
+    const UDP: u8 = 17;
+    const IF_A: u32 = 10;
+    const IF_B: u32 = 11;
+    const A: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 1);
+    const B: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 2);
+    const WORLD: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 7);
+    const ID_A: Identity = Identity(256);
+    const ID_B: Identity = Identity(257);
+    const EP_A: EndpointId = EndpointId(1);
+    const EP_B: EndpointId = EndpointId(2);
+    const PROXY: u16 = 15001;
+
+    /// Ethernet + IPv4 (20 bytes, DF) + `l4`.
+    fn ipv4(src: Ipv4Addr, dst: Ipv4Addr, protocol: u8, l4: &[u8]) -> Vec<u8> {
+        let mut f = vec![2, 0, 0, 0, 0, 1, 2, 0, 0, 0, 0, 2, 0x08, 0x00];
+        let total = u16::try_from(20 + l4.len()).unwrap().to_be_bytes();
+        f.extend_from_slice(&[
+            0x45, 0, total[0], total[1], 0, 1, 0x40, 0, 64, protocol, 0, 0,
+        ]);
+        f.extend_from_slice(&src.octets());
+        f.extend_from_slice(&dst.octets());
+        f.extend_from_slice(l4);
+        f
+    }
+
+    fn tcp_header(sport: u16, dport: u16, flags: u8) -> Vec<u8> {
+        let mut h = vec![0u8; 20];
+        h[0..2].copy_from_slice(&sport.to_be_bytes());
+        h[2..4].copy_from_slice(&dport.to_be_bytes());
+        h[12] = 0x50;
+        h[13] = flags;
+        h
+    }
+
+    fn tcp(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, flags: u8) -> Vec<u8> {
+        ipv4(src, dst, TCP, &tcp_header(sport, dport, flags))
+    }
+
+    fn udp(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> Vec<u8> {
+        let mut h = vec![0u8; 8];
+        h[0..2].copy_from_slice(&sport.to_be_bytes());
+        h[2..4].copy_from_slice(&dport.to_be_bytes());
+        ipv4(src, dst, UDP, &h)
+    }
+
+    fn icmp_echo(src: Ipv4Addr, dst: Ipv4Addr, kind: u8, id: u16) -> Vec<u8> {
+        let id = id.to_be_bytes();
+        ipv4(src, dst, 1, &[kind, 0, 0, 0, id[0], id[1], 0, 1])
+    }
+
+    /// An ICMP error of `kind` from `src` to `dst` embedding `inner` (an IPv4 packet without
+    /// its Ethernet header, of which the first 28 bytes are kept).
+    fn icmp_error(src: Ipv4Addr, dst: Ipv4Addr, kind: u8, inner: &[u8]) -> Vec<u8> {
+        let mut l4 = vec![kind, 0, 0, 0, 0, 0, 0, 0];
+        l4.extend_from_slice(&inner[ETH_HLEN..(ETH_HLEN + 28).min(inner.len())]);
+        ipv4(src, dst, 1, &l4)
+    }
+
+    fn endpoint(ifindex: u32, identity: Identity, ip: Ipv4Addr) -> EndpointEntry {
+        EndpointEntry {
+            ifindex,
+            identity,
+            ip,
+            ingress_enforced: false,
+            egress_enforced: false,
+            audit: false,
+        }
+    }
+
+    /// Two endpoints, A and B, with ipcache entries; policy added by the tests.
+    fn maps() -> MapState {
+        let mut s = MapState::default();
+        s.endpoints.insert(EP_A, endpoint(IF_A, ID_A, A));
+        s.endpoints.insert(EP_B, endpoint(IF_B, ID_B, B));
+        for (net, identity, endpoint) in [
+            ("0.0.0.0/0", Identity::WORLD, None),
+            ("10.200.0.1/32", ID_A, Some(EP_A)),
+            ("10.200.0.2/32", ID_B, Some(EP_B)),
+        ] {
+            s.ipcache.insert(
+                net.parse().unwrap(),
+                IpcacheEntry {
+                    identity,
+                    endpoint,
+                    cidr_identity: None,
+                },
+            );
+        }
+        s
+    }
+
+    /// A policy entry: `(endpoint, direction, peer identity)`, protocol and ports, action.
+    fn rule(
+        s: &mut MapState,
+        (ep, direction, identity): (EndpointId, Direction, Identity),
+        protocol: Option<u8>,
+        port: PortPrefix,
+        action: Action,
+        rule: u32,
+    ) {
+        s.policy.insert(
+            PolicyKey {
+                endpoint: ep,
+                identity,
+                direction,
+                protocol,
+                port,
+            },
+            PolicyEntry {
+                action,
+                rule: RuleId(rule),
+            },
+        );
+    }
+
+    fn enforce(s: &mut MapState, ep: EndpointId, direction: Direction) {
+        let e = s.endpoints.get_mut(&ep).unwrap();
+        match direction {
+            Direction::Ingress => e.ingress_enforced = true,
+            Direction::Egress => e.egress_enforced = true,
+        }
+    }
+
+    fn run(dp: &mut DatapathModel, program: Program, ifindex: u32, frame: &[u8]) -> Judgement {
+        run_with(dp, program, ifindex, 0, true, frame)
+    }
+
+    fn run_with(
+        dp: &mut DatapathModel,
+        program: Program,
+        ifindex: u32,
+        mark: u32,
+        proxy_listener: bool,
+        frame: &[u8],
+    ) -> Judgement {
+        dp.judge(&Input {
+            program,
+            ifindex,
+            mark,
+            proxy_listener,
+            frame,
+        })
+    }
+
+    fn out(dp: &mut DatapathModel, program: Program, ifindex: u32, frame: &[u8]) -> Outcome {
+        run(dp, program, ifindex, frame).outcome
+    }
+
+    use Program::{FromEndpoint as Egress, ToEndpoint as Ingress};
+
+    #[test]
+    fn config_then_endpoint_then_parse_are_checked_first() {
+        let frame = tcp(A, 40000, B, 80, TCP_SYN);
+        let mut dp = DatapathModel {
+            config: None,
+            maps: maps(),
+            conntrack: BTreeMap::new(),
+        };
+        assert_eq!(
+            out(&mut dp, Egress, 99, &frame[..20]),
+            Outcome::Dropped(drop::NOT_INITIALIZED)
+        );
+        dp.config = Some(Config { policy_revision: 1 });
+        assert_eq!(
+            out(&mut dp, Egress, 99, &frame[..20]),
+            Outcome::Dropped(drop::UNKNOWN_ENDPOINT)
+        );
+        assert_eq!(
+            out(&mut dp, Egress, IF_A, &frame[..20]),
+            Outcome::Dropped(drop::INVALID_PACKET)
+        );
+        assert_eq!(out(&mut dp, Egress, IF_A, &frame), Outcome::Forwarded);
+    }
+
+    #[test]
+    fn every_truncation_of_a_header_is_an_invalid_packet() {
+        let mut dp = DatapathModel::new(1, maps());
+        let frame = tcp(A, 40000, B, 80, TCP_ACK);
+        // The TCP flags byte is the last the parser reads: at 14 + 20 + 13.
+        for len in 0..ETH_HLEN + 20 + 14 {
+            assert_eq!(
+                out(&mut dp, Egress, IF_A, &frame[..len]),
+                Outcome::Dropped(drop::INVALID_PACKET),
+                "truncated at {len}"
+            );
+        }
+        assert_eq!(
+            out(&mut dp, Egress, IF_A, &frame[..ETH_HLEN + 20 + 14]),
+            Outcome::Forwarded
+        );
+        let frame = udp(A, 5000, B, 53);
+        for len in 14..ETH_HLEN + 24 {
+            assert_eq!(
+                out(&mut dp, Egress, IF_A, &frame[..len]),
+                Outcome::Dropped(drop::INVALID_PACKET)
+            );
+        }
+        let frame = icmp_echo(A, B, ICMP_ECHO, 7);
+        assert_eq!(
+            out(&mut dp, Egress, IF_A, &frame[..ETH_HLEN + 25]),
+            Outcome::Dropped(drop::INVALID_PACKET)
+        );
+        assert_eq!(
+            out(&mut dp, Egress, IF_A, &frame[..ETH_HLEN + 26]),
+            Outcome::Forwarded
+        );
+    }
+
+    #[test]
+    fn ip_header_shape_fragments_and_ethertypes() {
+        let mut dp = DatapathModel::new(1, maps());
+        let frame = tcp(A, 40000, B, 80, TCP_SYN);
+        let with = |f: &dyn Fn(&mut Vec<u8>)| {
+            let mut v = frame.clone();
+            f(&mut v);
+            v
+        };
+        let cases: Vec<(Vec<u8>, Outcome)> = vec![
+            // IHL below 5 words, and version 6 in an IPv4 ethertype.
+            (
+                with(&|v| v[14] = 0x44),
+                Outcome::Dropped(drop::INVALID_PACKET),
+            ),
+            (
+                with(&|v| v[14] = 0x65),
+                Outcome::Dropped(drop::INVALID_PACKET),
+            ),
+            // Fragments: more-fragments, an offset, both; DF alone is fine.
+            (with(&|v| v[20] = 0x20), Outcome::Dropped(drop::FRAGMENTED)),
+            (with(&|v| v[21] = 0x01), Outcome::Dropped(drop::FRAGMENTED)),
+            (with(&|v| v[20] = 0x40), Outcome::Forwarded),
+            // Total length is not read: shorter or longer than the frame is judged the same.
+            (with(&|v| v[17] = 20), Outcome::Forwarded),
+            (with(&|v| v[16] = 0xff), Outcome::Forwarded),
+            // IPv6, a VLAN tag, and ARP (forwarded unjudged, whatever it claims).
+            (
+                with(&|v| v[12..14].copy_from_slice(&[0x86, 0xdd])),
+                Outcome::Dropped(drop::UNSUPPORTED_L3),
+            ),
+            (
+                with(&|v| v[12..14].copy_from_slice(&[0x81, 0x00])),
+                Outcome::Dropped(drop::UNSUPPORTED_L3),
+            ),
+            (
+                with(&|v| v[12..14].copy_from_slice(&[0x08, 0x06])),
+                Outcome::Forwarded,
+            ),
+        ];
+        for (i, (f, want)) in cases.iter().enumerate() {
+            assert_eq!(out(&mut dp, Egress, IF_A, f), *want, "case {i}");
+        }
+        // A fragment too short for its own header is invalid before it is a fragment.
+        let frag = with(&|v| v[20] = 0x20);
+        assert_eq!(
+            out(&mut dp, Egress, IF_A, &frag[..ETH_HLEN + 19]),
+            Outcome::Dropped(drop::INVALID_PACKET)
+        );
+        // IP options: the ports are read after them.
+        let mut opts = frame[..ETH_HLEN + 20].to_vec();
+        opts[14] = 0x46;
+        opts.extend_from_slice(&[1, 1, 1, 0]);
+        opts.extend_from_slice(&tcp_header(40000, 22, TCP_SYN));
+        let mut s = maps();
+        enforce(&mut s, EP_A, Direction::Egress);
+        rule(
+            &mut s,
+            (EP_A, Direction::Egress, ID_B),
+            Some(TCP),
+            PortPrefix::exact(22),
+            Action::Allow,
+            1,
+        );
+        let mut dp = DatapathModel::new(1, s);
+        assert_eq!(out(&mut dp, Egress, IF_A, &opts), Outcome::Forwarded);
+        assert_eq!(
+            out(&mut dp, Egress, IF_A, &frame),
+            Outcome::Dropped(drop::POLICY_DENIED)
+        );
+        // IHL pointing past the frame.
+        let mut far = frame.clone();
+        far[14] = 0x4f;
+        assert_eq!(
+            out(&mut dp, Egress, IF_A, &far),
+            Outcome::Dropped(drop::INVALID_PACKET)
+        );
+    }
+
+    #[test]
+    fn egress_from_another_address_is_spoofed() {
+        let mut dp = DatapathModel::new(1, maps());
+        assert_eq!(
+            out(&mut dp, Egress, IF_A, &tcp(B, 1, WORLD, 80, TCP_SYN)),
+            Outcome::Dropped(drop::INVALID_SOURCE_IP)
+        );
+        // Ingress has no such check.
+        assert_eq!(
+            out(&mut dp, Ingress, IF_A, &tcp(WORLD, 1, B, 80, TCP_SYN)),
+            Outcome::Forwarded
+        );
+    }
+
+    #[test]
+    fn deny_beats_allow_across_identity_and_wildcard_and_default_deny() {
+        let mut s = maps();
+        enforce(&mut s, EP_B, Direction::Ingress);
+        rule(
+            &mut s,
+            (EP_B, Direction::Ingress, ID_A),
+            None,
+            PortPrefix::ANY,
+            Action::Allow,
+            1,
+        );
+        rule(
+            &mut s,
+            (EP_B, Direction::Ingress, Identity::ANY),
+            Some(TCP),
+            PortPrefix::exact(22),
+            Action::Deny,
+            2,
+        );
+        let mut dp = DatapathModel::new(1, s);
+        assert_eq!(
+            out(&mut dp, Ingress, IF_B, &tcp(A, 1, B, 22, TCP_SYN)),
+            Outcome::Dropped(drop::POLICY_DENY_RULE)
+        );
+        assert_eq!(
+            out(&mut dp, Ingress, IF_B, &tcp(A, 1, B, 80, TCP_SYN)),
+            Outcome::Forwarded
+        );
+        assert_eq!(
+            out(&mut dp, Ingress, IF_B, &tcp(WORLD, 1, B, 80, TCP_SYN)),
+            Outcome::Dropped(drop::POLICY_DENIED)
+        );
+        let key = CtKey {
+            scope: Direction::Ingress,
+            protocol: TCP,
+            saddr: A,
+            sport: 1,
+            daddr: B,
+            dport: 80,
+        };
+        assert_eq!(dp.conntrack[&key].rule, RuleId(1));
+        assert_eq!(dp.conntrack[&key].peer_identity, ID_A);
+    }
+
+    #[test]
+    fn tcp_opens_on_syn_replies_pass_and_rst_ends() {
+        let mut s = maps();
+        enforce(&mut s, EP_B, Direction::Ingress);
+        enforce(&mut s, EP_B, Direction::Egress);
+        rule(
+            &mut s,
+            (EP_B, Direction::Ingress, ID_A),
+            Some(TCP),
+            PortPrefix::exact(80),
+            Action::Allow,
+            1,
+        );
+        let mut dp = DatapathModel::new(1, s);
+        // Mid-stream from A: allowed, but tracks nothing, so B's answer is not a reply.
+        let j = run(&mut dp, Ingress, IF_B, &tcp(A, 1000, B, 80, TCP_ACK));
+        assert_eq!((j.outcome, j.changes.len()), (Outcome::Forwarded, 0));
+        assert_eq!(
+            out(&mut dp, Egress, IF_B, &tcp(B, 80, A, 1000, TCP_ACK)),
+            Outcome::Dropped(drop::POLICY_DENIED)
+        );
+        // A SYN opens; the SYN-ACK, data and the FINs pass as the connection.
+        let j = run(&mut dp, Ingress, IF_B, &tcp(A, 1000, B, 80, TCP_SYN));
+        assert_eq!(j.step, Step::NewConnection);
+        let key = CtKey {
+            scope: Direction::Ingress,
+            protocol: TCP,
+            saddr: A,
+            sport: 1000,
+            daddr: B,
+            dport: 80,
+        };
+        assert_eq!(j.changes, vec![CtChange::Created(key)]);
+        let j = run(
+            &mut dp,
+            Egress,
+            IF_B,
+            &tcp(B, 80, A, 1000, TCP_SYN | TCP_ACK),
+        );
+        assert_eq!(
+            (j.outcome, j.step),
+            (Outcome::Forwarded, Step::Established { reply: true })
+        );
+        assert_eq!(
+            out(
+                &mut dp,
+                Ingress,
+                IF_B,
+                &tcp(A, 1000, B, 80, TCP_ACK | TCP_FIN)
+            ),
+            Outcome::Forwarded
+        );
+        assert_eq!(
+            out(
+                &mut dp,
+                Egress,
+                IF_B,
+                &tcp(B, 80, A, 1000, TCP_ACK | TCP_FIN)
+            ),
+            Outcome::Forwarded
+        );
+        let e = dp.conntrack[&key];
+        assert_eq!(
+            e.flags,
+            CT_FLAG_SEEN_REPLY | CT_FLAG_FIN_FORWARD | CT_FLAG_FIN_REPLY
+        );
+        assert_eq!(e.packets, 4);
+        // RST: forwarded, and the entry is gone; the next reply is new (and denied).
+        let j = run(&mut dp, Egress, IF_B, &tcp(B, 80, A, 1000, TCP_RST));
+        assert_eq!(
+            (j.outcome, j.changes),
+            (Outcome::Forwarded, vec![CtChange::Removed(key)])
+        );
+        assert_eq!(
+            out(&mut dp, Egress, IF_B, &tcp(B, 80, A, 1000, TCP_ACK)),
+            Outcome::Dropped(drop::POLICY_DENIED)
+        );
+        // A SYN-ACK is no SYN: it opens nothing either.
+        assert_eq!(
+            out(
+                &mut dp,
+                Ingress,
+                IF_B,
+                &tcp(A, 1001, B, 80, TCP_SYN | TCP_ACK)
+            ),
+            Outcome::Forwarded
+        );
+        assert!(dp.conntrack.is_empty());
+    }
+
+    #[test]
+    fn icmp_echo_replies_and_errors_about_tracked_connections() {
+        let mut s = maps();
+        enforce(&mut s, EP_A, Direction::Ingress);
+        let mut dp = DatapathModel::new(1, s);
+        assert_eq!(
+            out(&mut dp, Egress, IF_A, &icmp_echo(A, WORLD, ICMP_ECHO, 9)),
+            Outcome::Forwarded
+        );
+        assert_eq!(
+            out(
+                &mut dp,
+                Ingress,
+                IF_A,
+                &icmp_echo(WORLD, A, ICMP_ECHO_REPLY, 9)
+            ),
+            Outcome::Forwarded
+        );
+        assert_eq!(
+            out(
+                &mut dp,
+                Ingress,
+                IF_A,
+                &icmp_echo(WORLD, A, ICMP_ECHO_REPLY, 10)
+            ),
+            Outcome::Dropped(drop::POLICY_DENIED)
+        );
+        // A's UDP to the world is tracked; an ICMP error about it comes back in.
+        let query = udp(A, 5353, WORLD, 53);
+        assert_eq!(out(&mut dp, Egress, IF_A, &query), Outcome::Forwarded);
+        let j = run(
+            &mut dp,
+            Ingress,
+            IF_A,
+            &icmp_error(WORLD, A, ICMP_DEST_UNREACH, &query),
+        );
+        assert_eq!((j.outcome, j.step), (Outcome::Forwarded, Step::Related));
+        // About an untracked tuple: dropped, whatever policy would say.
+        let other = udp(A, 5354, WORLD, 53);
+        assert_eq!(
+            out(
+                &mut dp,
+                Ingress,
+                IF_A,
+                &icmp_error(WORLD, A, ICMP_TIME_EXCEEDED, &other)
+            ),
+            Outcome::Dropped(drop::CT_TRUNCATED_OR_INVALID)
+        );
+        // The embedded header truncated: invalid.
+        let short = icmp_error(WORLD, A, ICMP_DEST_UNREACH, &query);
+        assert_eq!(
+            out(&mut dp, Ingress, IF_A, &short[..short.len() - 5]),
+            Outcome::Dropped(drop::INVALID_PACKET)
+        );
+    }
+
+    #[test]
+    fn icmp_errors_are_judged_by_the_embedded_tuple_alone() {
+        // B's ingress lets the world in; B answers a tracked packet with an ICMP error. Its
+        // outer addresses are not looked at: not the source check, not its destination.
+        let mut dp = DatapathModel::new(1, maps());
+        let inbound = udp(WORLD, 53, B, 6000);
+        assert_eq!(out(&mut dp, Ingress, IF_B, &inbound), Outcome::Forwarded);
+        let spoofed = icmp_error(
+            A,
+            Ipv4Addr::new(198, 51, 100, 1),
+            ICMP_DEST_UNREACH,
+            &inbound,
+        );
+        let j = run(&mut dp, Egress, IF_B, &spoofed);
+        assert_eq!((j.outcome, j.step), (Outcome::Forwarded, Step::Related));
+        // A spoofed source without a tracked tuple is dropped by conntrack, not the source check.
+        let untracked = udp(WORLD, 53, B, 6001);
+        let j = run(
+            &mut dp,
+            Egress,
+            IF_B,
+            &icmp_error(A, WORLD, ICMP_DEST_UNREACH, &untracked),
+        );
+        assert_eq!(j.outcome, Outcome::Dropped(drop::CT_TRUNCATED_OR_INVALID));
+    }
+
+    #[test]
+    fn audit_mode_forwards_and_tracks_what_policy_denies() {
+        let mut s = maps();
+        enforce(&mut s, EP_B, Direction::Ingress);
+        s.endpoints.get_mut(&EP_B).unwrap().audit = true;
+        let mut dp = DatapathModel::new(1, s);
+        let j = run(&mut dp, Ingress, IF_B, &tcp(A, 1, B, 80, TCP_SYN));
+        assert_eq!(j.outcome, Outcome::Audit);
+        assert_eq!(
+            out(&mut dp, Egress, IF_B, &tcp(B, 80, A, 1, TCP_SYN | TCP_ACK)),
+            Outcome::Audit
+        );
+        let e = dp.conntrack.values().next().unwrap();
+        assert_eq!(e.flags & CT_FLAG_AUDIT, CT_FLAG_AUDIT);
+    }
+
+    #[test]
+    fn redirects_need_an_egress_syn_and_the_proxy() {
+        let mut s = maps();
+        rule(
+            &mut s,
+            (EP_A, Direction::Egress, Identity::ANY),
+            Some(TCP),
+            PortPrefix::exact(80),
+            Action::Redirect { proxy_port: PROXY },
+            1,
+        );
+        let mut dp = DatapathModel::new(1, s);
+        let syn = tcp(A, 1, WORLD, 80, TCP_SYN);
+        let j = run(&mut dp, Egress, IF_A, &syn);
+        assert_eq!((j.outcome, j.mark), (Outcome::Redirected, mark::TO_PROXY));
+        let e = *dp.conntrack.values().next().unwrap();
+        assert_eq!((e.flags, e.proxy_port), (CT_FLAG_PROXY_REDIRECT, PROXY));
+        // Later packets of the connection go to the proxy too; replies come back plainly.
+        assert_eq!(
+            out(&mut dp, Egress, IF_A, &tcp(A, 1, WORLD, 80, TCP_ACK)),
+            Outcome::Redirected
+        );
+        assert_eq!(
+            out(&mut dp, Ingress, IF_A, &tcp(WORLD, 80, A, 1, TCP_ACK)),
+            Outcome::Forwarded
+        );
+        // Without the proxy: nothing is tracked.
+        let j = run_with(
+            &mut dp,
+            Egress,
+            IF_A,
+            0,
+            false,
+            &tcp(A, 2, WORLD, 80, TCP_SYN),
+        );
+        assert_eq!(j.outcome, Outcome::Dropped(drop::PROXY_UNAVAILABLE));
+        assert_eq!(dp.conntrack.len(), 1);
+        // Not a SYN: cannot be handed over.
+        assert_eq!(
+            out(&mut dp, Egress, IF_A, &tcp(A, 3, WORLD, 80, TCP_ACK)),
+            Outcome::Dropped(drop::PROXY_UNAVAILABLE)
+        );
+        // An established redirected connection when the proxy is gone: accounted, dropped.
+        let j = run_with(
+            &mut dp,
+            Egress,
+            IF_A,
+            0,
+            false,
+            &tcp(A, 1, WORLD, 80, TCP_ACK),
+        );
+        assert_eq!(j.outcome, Outcome::Dropped(drop::PROXY_UNAVAILABLE));
+        assert_eq!(dp.conntrack.values().next().unwrap().packets, 4);
+    }
+
+    #[test]
+    fn the_destination_ingress_http_rules_redirect_at_the_client_egress() {
+        let mut s = maps();
+        rule(
+            &mut s,
+            (EP_B, Direction::Ingress, ID_A),
+            Some(TCP),
+            PortPrefix::exact(80),
+            Action::Redirect { proxy_port: PROXY },
+            1,
+        );
+        rule(
+            &mut s,
+            (EP_B, Direction::Ingress, Identity::ANY),
+            None,
+            PortPrefix::ANY,
+            Action::Allow,
+            2,
+        );
+        let mut dp = DatapathModel::new(1, s);
+        assert_eq!(
+            out(&mut dp, Egress, IF_A, &tcp(A, 1, B, 80, TCP_SYN)),
+            Outcome::Redirected
+        );
+        // UDP is not redirected by the other side's rules; the server's own ingress would
+        // drop a direct TCP connection (it cannot redirect there).
+        assert_eq!(
+            out(&mut dp, Egress, IF_A, &udp(A, 1, B, 80)),
+            Outcome::Forwarded
+        );
+        assert_eq!(
+            out(&mut dp, Ingress, IF_B, &tcp(A, 2, B, 80, TCP_SYN)),
+            Outcome::Dropped(drop::PROXY_UNAVAILABLE)
+        );
+        // The proxy's upstream leg, marked with A's identity, is judged as A: allowed.
+        let j = run_with(
+            &mut dp,
+            Ingress,
+            IF_B,
+            mark::from_proxy(ID_A.0),
+            true,
+            &tcp(Ipv4Addr::new(10, 200, 0, 254), 3, B, 80, TCP_SYN),
+        );
+        assert_eq!(j.outcome, Outcome::Forwarded);
+        let e = dp
+            .conntrack
+            .values()
+            .find(|e| e.flags & CT_FLAG_FROM_PROXY != 0)
+            .unwrap();
+        assert_eq!(e.peer_identity, ID_A);
+    }
+
+    #[test]
+    fn revalidation_after_a_policy_change() {
+        let mut s = maps();
+        enforce(&mut s, EP_B, Direction::Ingress);
+        rule(
+            &mut s,
+            (EP_B, Direction::Ingress, ID_A),
+            Some(TCP),
+            PortPrefix::ANY,
+            Action::Allow,
+            1,
+        );
+        let mut dp = DatapathModel::new(1, s.clone());
+        for port in [80, 81, 82] {
+            assert_eq!(
+                out(&mut dp, Ingress, IF_B, &tcp(A, port, B, port, TCP_SYN)),
+                Outcome::Forwarded
+            );
+        }
+        assert_eq!(
+            out(&mut dp, Egress, IF_A, &tcp(A, 90, B, 80, TCP_SYN)),
+            Outcome::Forwarded
+        );
+        // The new policy: port 81 denied, port 80 through the proxy.
+        rule(
+            &mut s,
+            (EP_B, Direction::Ingress, ID_A),
+            Some(TCP),
+            PortPrefix::exact(81),
+            Action::Deny,
+            2,
+        );
+        rule(
+            &mut s,
+            (EP_B, Direction::Ingress, ID_A),
+            Some(TCP),
+            PortPrefix::exact(80),
+            Action::Redirect { proxy_port: PROXY },
+            3,
+        );
+        dp.maps = s;
+        dp.config = Some(Config { policy_revision: 2 });
+        let j = run(&mut dp, Ingress, IF_B, &tcp(A, 81, B, 81, TCP_ACK));
+        assert_eq!(
+            (j.outcome, j.step),
+            (Outcome::Dropped(drop::POLICY_DENY_RULE), Step::Revalidation)
+        );
+        let j = run(&mut dp, Egress, IF_B, &tcp(B, 80, A, 80, TCP_ACK));
+        assert_eq!(j.outcome, Outcome::Dropped(drop::PROXY_REQUIRED));
+        // The client's egress entry sees the destination's new HTTP rules too.
+        assert_eq!(
+            out(&mut dp, Egress, IF_A, &tcp(A, 90, B, 80, TCP_ACK)),
+            Outcome::Dropped(drop::PROXY_REQUIRED)
+        );
+        let j = run(&mut dp, Ingress, IF_B, &tcp(A, 82, B, 82, TCP_ACK));
+        assert_eq!(j.outcome, Outcome::Forwarded);
+        assert!(
+            j.changes
+                .contains(&CtChange::Revalidated(j.changes[0].key()))
+        );
+        assert_eq!(dp.conntrack.len(), 1);
+        assert_eq!(dp.conntrack.values().next().unwrap().policy_revision, 2);
+    }
+
+    impl CtChange {
+        fn key(self) -> CtKey {
+            match self {
+                CtChange::Created(k)
+                | CtChange::Updated(k)
+                | CtChange::Revalidated(k)
+                | CtChange::Removed(k) => k,
+            }
+        }
+    }
+}
