@@ -129,6 +129,10 @@ fn judge(ctx: &TcContext, dir: u8, ifindex: u32, len: u32) -> Result<u8, Drop> {
     if dir == direction::EGRESS && !pkt.related && pkt.saddr != ep.addr {
         return Err(Drop::plain(drop::INVALID_SOURCE_IP));
     }
+    // What the node hands to an endpoint must be addressed to it.
+    if dir == direction::INGRESS && !pkt.related && pkt.daddr != ep.addr {
+        return Err(Drop::plain(drop::INVALID_DESTINATION_IP));
+    }
     let now = now_ns();
     // The proxy's upstream connections carry the original client's identity in their mark.
     let proxied_from = if dir == direction::INGRESS {

@@ -1,5 +1,6 @@
-//! Header parsing. Everything is read with `bpf_skb_load_bytes` (`TcContext::load`), which does
-//! its own bounds checks; a short packet is an `INVALID_PACKET` drop, never a guess.
+//! Header parsing. Everything is read with `bpf_skb_load_bytes` (`TcContext::load`), within
+//! the IPv4 packet as its total length says (which must fit in the frame); a short packet is an
+//! `INVALID_PACKET` drop, a total length that does not fit `INVALID_IP_LENGTH`, never a guess.
 
 use aya_ebpf::programs::TcContext;
 use palisade_common::{proto, reason::drop};
@@ -44,9 +45,20 @@ pub enum Parsed {
     Ipv4(Packet),
 }
 
+/// A `T` at `offset`, which must lie within the first `end` bytes of the frame: the end of the
+/// IPv4 packet by its total length once that is known (bytes past it, such as Ethernet
+/// padding, are not the packet's), the frame's length before.
 #[inline(always)]
-fn load<T>(ctx: &TcContext, offset: usize) -> Result<T, u8> {
+fn load<T>(ctx: &TcContext, offset: usize, end: usize) -> Result<T, u8> {
+    if offset + size_of::<T>() > end {
+        return Err(drop::INVALID_PACKET);
+    }
     ctx.load::<T>(offset).map_err(|_| drop::INVALID_PACKET)
+}
+
+#[inline(always)]
+fn frame_len(ctx: &TcContext) -> usize {
+    usize::try_from(ctx.len()).unwrap_or(0)
 }
 
 #[inline(always)]
@@ -59,8 +71,11 @@ fn ipv4_addr(raw: [u8; 4]) -> [u8; 16] {
     addr
 }
 
+/// Inlined: a subprogram would return the packet through a pointer into the caller's stack,
+/// and its own frame would sit on top of the judging path's.
+#[inline(always)]
 pub fn parse(ctx: &TcContext) -> Result<Parsed, u8> {
-    let ethertype = u16::from_be(load::<u16>(ctx, 12)?);
+    let ethertype = u16::from_be(load::<u16>(ctx, 12, frame_len(ctx))?);
     match ethertype {
         ETH_P_IP => parse_ipv4(ctx, ETH_HLEN).map(Parsed::Ipv4),
         ETH_P_ARP => Ok(Parsed::Arp),
@@ -78,12 +93,14 @@ struct Ipv4Header {
     l4: usize,
     /// Flags and fragment offset, host order.
     frag: u16,
+    /// Total length, host order.
+    total_len: u16,
 }
 
-/// IPv4 header at `off`.
+/// IPv4 header at `off`, within the first `end` bytes.
 #[inline(always)]
-fn ipv4_header(ctx: &TcContext, off: usize) -> Result<Ipv4Header, u8> {
-    let version_ihl = load::<u8>(ctx, off)?;
+fn ipv4_header(ctx: &TcContext, off: usize, end: usize) -> Result<Ipv4Header, u8> {
+    let version_ihl = load::<u8>(ctx, off, end)?;
     if version_ihl >> 4 != 4 {
         return Err(drop::INVALID_PACKET);
     }
@@ -91,19 +108,22 @@ fn ipv4_header(ctx: &TcContext, off: usize) -> Result<Ipv4Header, u8> {
     if ihl < 20 {
         return Err(drop::INVALID_PACKET);
     }
-    let frag = u16::from_be(load::<u16>(ctx, off + 6)?);
-    let protocol = load::<u8>(ctx, off + 9)?;
-    let saddr = load::<[u8; 4]>(ctx, off + 12)?;
-    let daddr = load::<[u8; 4]>(ctx, off + 16)?;
+    let total_len = u16::from_be(load::<u16>(ctx, off + 2, end)?);
+    let frag = u16::from_be(load::<u16>(ctx, off + 6, end)?);
+    let protocol = load::<u8>(ctx, off + 9, end)?;
+    let saddr = load::<[u8; 4]>(ctx, off + 12, end)?;
+    let daddr = load::<[u8; 4]>(ctx, off + 16, end)?;
     Ok(Ipv4Header {
         protocol,
         saddr,
         daddr,
         l4: off + ihl,
         frag,
+        total_len,
     })
 }
 
+#[inline(always)]
 fn parse_ipv4(ctx: &TcContext, off: usize) -> Result<Packet, u8> {
     let Ipv4Header {
         protocol,
@@ -111,7 +131,14 @@ fn parse_ipv4(ctx: &TcContext, off: usize) -> Result<Packet, u8> {
         daddr,
         l4,
         frag,
-    } = ipv4_header(ctx, off)?;
+        total_len,
+    } = ipv4_header(ctx, off, frame_len(ctx))?;
+    // The total length must cover the header and fit in the frame (which may be longer:
+    // Ethernet pads short frames); from here on nothing past it is read.
+    let end = off + usize::from(total_len);
+    if end < l4 || end > frame_len(ctx) {
+        return Err(drop::INVALID_IP_LENGTH);
+    }
     // Fragments carry no (or partial) L4 headers; judging them by port is impossible without
     // reassembly state, so they are dropped and counted rather than guessed at.
     if frag & (IP_MF | IP_OFFSET_MASK) != 0 {
@@ -129,29 +156,29 @@ fn parse_ipv4(ctx: &TcContext, off: usize) -> Result<Packet, u8> {
     };
     match protocol {
         proto::TCP => {
-            pkt.sport_be = load::<u16>(ctx, l4)?;
-            pkt.dport_be = load::<u16>(ctx, l4 + 2)?;
-            pkt.tcp_flags = load::<u8>(ctx, l4 + 13)?;
+            pkt.sport_be = load::<u16>(ctx, l4, end)?;
+            pkt.dport_be = load::<u16>(ctx, l4 + 2, end)?;
+            pkt.tcp_flags = load::<u8>(ctx, l4 + 13, end)?;
             pkt.policy_port_be = pkt.dport_be;
         }
         proto::UDP | proto::SCTP => {
-            pkt.sport_be = load::<u16>(ctx, l4)?;
-            pkt.dport_be = load::<u16>(ctx, l4 + 2)?;
+            pkt.sport_be = load::<u16>(ctx, l4, end)?;
+            pkt.dport_be = load::<u16>(ctx, l4 + 2, end)?;
             pkt.policy_port_be = pkt.dport_be;
         }
         proto::ICMP => {
-            let icmp_type = load::<u8>(ctx, l4)?;
+            let icmp_type = load::<u8>(ctx, l4, end)?;
             match icmp_type {
                 ICMP_ECHO | ICMP_ECHO_REPLY => {
                     // Echo id in both port slots: the reply's reversed tuple equals the request's.
-                    let id = load::<u16>(ctx, l4 + 4)?;
+                    let id = load::<u16>(ctx, l4 + 4, end)?;
                     pkt.sport_be = id;
                     pkt.dport_be = id;
                     // Policy sees the request type for both, so an allowed echo's reply matches.
                     pkt.policy_port_be = u16::from(ICMP_ECHO).to_be();
                 }
                 ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAMETER_PROBLEM => {
-                    return parse_icmp_error(ctx, l4 + 8);
+                    return parse_icmp_error(ctx, l4 + 8, end);
                 }
                 other => {
                     pkt.policy_port_be = u16::from(other).to_be();
@@ -164,15 +191,17 @@ fn parse_ipv4(ctx: &TcContext, off: usize) -> Result<Packet, u8> {
 }
 
 /// An ICMP error embeds the IP header and first 8 bytes of the packet it reports on; its tuple
-/// is what conntrack must already know.
-fn parse_icmp_error(ctx: &TcContext, inner: usize) -> Result<Packet, u8> {
+/// is what conntrack must already know. The embedded header's total length is the original
+/// packet's, of which only the start is quoted, so it is not checked; `end` is the error's.
+#[inline(always)]
+fn parse_icmp_error(ctx: &TcContext, inner: usize, end: usize) -> Result<Packet, u8> {
     let Ipv4Header {
         protocol,
         saddr,
         daddr,
         l4,
         ..
-    } = ipv4_header(ctx, inner)?;
+    } = ipv4_header(ctx, inner, end)?;
     let mut pkt = Packet {
         saddr: ipv4_addr(saddr),
         daddr: ipv4_addr(daddr),
@@ -185,11 +214,11 @@ fn parse_icmp_error(ctx: &TcContext, inner: usize) -> Result<Packet, u8> {
     };
     match protocol {
         proto::TCP | proto::UDP | proto::SCTP => {
-            pkt.sport_be = load::<u16>(ctx, l4)?;
-            pkt.dport_be = load::<u16>(ctx, l4 + 2)?;
+            pkt.sport_be = load::<u16>(ctx, l4, end)?;
+            pkt.dport_be = load::<u16>(ctx, l4 + 2, end)?;
         }
         proto::ICMP => {
-            let id = load::<u16>(ctx, l4 + 4)?;
+            let id = load::<u16>(ctx, l4 + 4, end)?;
             pkt.sport_be = id;
             pkt.dport_be = id;
         }

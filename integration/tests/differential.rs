@@ -269,7 +269,8 @@ fn fixed_cluster(steps: Vec<StepGen>) -> Scenario {
 }
 
 /// Every kind of frame the programs parse, damaged at every place the parser looks, at both
-/// hops of each flow, before and after the flows' connections are tracked.
+/// hops of each flow, before and after the flows' connections are tracked; and each flow's
+/// packets misdirected to every endpoint's programs (a foreign source or destination).
 #[test]
 fn every_crafted_frame_gets_the_models_verdict() {
     let mut mutations: Vec<Option<Mutation>> = vec![None];
@@ -343,6 +344,24 @@ fn every_crafted_frame_gets_the_models_verdict() {
                         outer_src: None,
                         outer_dst: None,
                         inner_len,
+                    });
+                }
+            }
+        }
+    }
+    // Every flow's packets where routing would never take them: at each endpoint's egress
+    // (a source that is not the endpoint's) and ingress (a destination that is not).
+    for flow in 0..4 {
+        for reply in [false, true] {
+            for endpoint in 0..2 {
+                for egress in [false, true] {
+                    steps.push(StepGen::Packet {
+                        flow,
+                        reply,
+                        hop: HopGen::Elsewhere(endpoint, egress),
+                        flags: Ok(2),
+                        mark: MarkGen::None,
+                        mutation: None,
                     });
                 }
             }

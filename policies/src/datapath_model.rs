@@ -160,6 +160,8 @@ pub enum Step {
     Parse,
     Arp,
     SourceCheck,
+    /// Ingress: the destination address must be the endpoint's.
+    DestinationCheck,
     /// An ICMP error, judged by the connection it reports on.
     Related,
     /// A packet of a tracked connection (`reply`: of its reply direction).
@@ -301,6 +303,7 @@ struct Ipv4Header {
     daddr: Ipv4Addr,
     l4: usize,
     frag: u16,
+    total_len: u16,
 }
 
 /// `packet::ipv4_header`: version 4, IHL of at least 5 words, and the fields it reads.
@@ -314,6 +317,7 @@ fn ipv4_header(frame: &[u8], off: usize) -> Result<Ipv4Header, u8> {
         return Err(drop::INVALID_PACKET);
     }
     Ok(Ipv4Header {
+        total_len: load_u16(frame, off + 2)?,
         frag: load_u16(frame, off + 6)?,
         protocol: load_u8(frame, off + 9)?,
         saddr: load_addr(frame, off + 12)?,
@@ -322,9 +326,15 @@ fn ipv4_header(frame: &[u8], off: usize) -> Result<Ipv4Header, u8> {
     })
 }
 
-/// `packet::parse_ipv4`.
+/// `packet::parse_ipv4`: the total length must cover the header and fit in the frame; what
+/// lies past it (Ethernet padding) is never read.
 fn parse_ipv4(frame: &[u8], off: usize) -> Result<Packet, u8> {
     let h = ipv4_header(frame, off)?;
+    let end = off + usize::from(h.total_len);
+    if end < h.l4 || end > frame.len() {
+        return Err(drop::INVALID_IP_LENGTH);
+    }
+    let frame = &frame[..end];
     if h.frag & (IP_MF | IP_OFFSET_MASK) != 0 {
         return Err(drop::FRAGMENTED);
     }
@@ -369,7 +379,8 @@ fn parse_ipv4(frame: &[u8], off: usize) -> Result<Packet, u8> {
     Ok(pkt)
 }
 
-/// `packet::parse_icmp_error`: the embedded packet's tuple (its fragment bits unchecked).
+/// `packet::parse_icmp_error`: the embedded packet's tuple (its fragment bits and total
+/// length unchecked: only its start is quoted), read within the error's own total length.
 fn parse_icmp_error(frame: &[u8], inner: usize) -> Result<Packet, u8> {
     let h = ipv4_header(frame, inner)?;
     let mut pkt = Packet {
@@ -589,6 +600,9 @@ impl DatapathModel {
         let dir = input.program.direction();
         if dir == Direction::Egress && !pkt.related && pkt.saddr != ep.ip {
             return (Step::SourceCheck, Err(drop::INVALID_SOURCE_IP));
+        }
+        if dir == Direction::Ingress && !pkt.related && pkt.daddr != ep.ip {
+            return (Step::DestinationCheck, Err(drop::INVALID_DESTINATION_IP));
         }
         let proxied_from = if dir == Direction::Ingress {
             from_proxy_identity(input.mark)
@@ -1041,33 +1055,51 @@ mod tests {
     #[test]
     fn every_truncation_of_a_header_is_an_invalid_packet() {
         let mut dp = DatapathModel::new(1, maps());
+        // `frame` cut to `len` bytes, its total length saying so when it still has one: the
+        // packet is short, not lying about its length.
+        let cut = |frame: &[u8], len: usize| {
+            let mut f = frame[..len].to_vec();
+            if len >= ETH_HLEN + 4 {
+                let total = u16::try_from(len - ETH_HLEN).unwrap().to_be_bytes();
+                f[ETH_HLEN + 2..ETH_HLEN + 4].copy_from_slice(&total);
+            }
+            f
+        };
         let frame = tcp(A, 40000, B, 80, TCP_ACK);
         // The TCP flags byte is the last the parser reads: at 14 + 20 + 13.
         for len in 0..ETH_HLEN + 20 + 14 {
             assert_eq!(
-                out(&mut dp, Egress, IF_A, &frame[..len]),
+                out(&mut dp, Egress, IF_A, &cut(&frame, len)),
                 Outcome::Dropped(drop::INVALID_PACKET),
                 "truncated at {len}"
             );
         }
         assert_eq!(
-            out(&mut dp, Egress, IF_A, &frame[..ETH_HLEN + 20 + 14]),
+            out(&mut dp, Egress, IF_A, &cut(&frame, ETH_HLEN + 20 + 14)),
             Outcome::Forwarded
         );
+        // Cut without its total length saying so: a length the frame cannot hold.
+        for len in ETH_HLEN + 20..frame.len() {
+            assert_eq!(
+                out(&mut dp, Egress, IF_A, &frame[..len]),
+                Outcome::Dropped(drop::INVALID_IP_LENGTH),
+                "truncated at {len}"
+            );
+        }
         let frame = udp(A, 5000, B, 53);
         for len in 14..ETH_HLEN + 24 {
             assert_eq!(
-                out(&mut dp, Egress, IF_A, &frame[..len]),
+                out(&mut dp, Egress, IF_A, &cut(&frame, len)),
                 Outcome::Dropped(drop::INVALID_PACKET)
             );
         }
         let frame = icmp_echo(A, B, ICMP_ECHO, 7);
         assert_eq!(
-            out(&mut dp, Egress, IF_A, &frame[..ETH_HLEN + 25]),
+            out(&mut dp, Egress, IF_A, &cut(&frame, ETH_HLEN + 25)),
             Outcome::Dropped(drop::INVALID_PACKET)
         );
         assert_eq!(
-            out(&mut dp, Egress, IF_A, &frame[..ETH_HLEN + 26]),
+            out(&mut dp, Egress, IF_A, &cut(&frame, ETH_HLEN + 26)),
             Outcome::Forwarded
         );
     }
@@ -1095,9 +1127,16 @@ mod tests {
             (with(&|v| v[20] = 0x20), Outcome::Dropped(drop::FRAGMENTED)),
             (with(&|v| v[21] = 0x01), Outcome::Dropped(drop::FRAGMENTED)),
             (with(&|v| v[20] = 0x40), Outcome::Forwarded),
-            // Total length is not read: shorter or longer than the frame is judged the same.
-            (with(&|v| v[17] = 20), Outcome::Forwarded),
-            (with(&|v| v[16] = 0xff), Outcome::Forwarded),
+            // Total length: the header alone leaves the TCP header outside the packet (the
+            // bytes after it are not read); shorter than the header, or longer than the
+            // frame, is no IPv4 packet.
+            (with(&|v| v[17] = 20), Outcome::Dropped(drop::INVALID_PACKET)),
+            (with(&|v| v[17] = 19), Outcome::Dropped(drop::INVALID_IP_LENGTH)),
+            (with(&|v| v[17] = 0), Outcome::Dropped(drop::INVALID_IP_LENGTH)),
+            (with(&|v| v[16] = 0xff), Outcome::Dropped(drop::INVALID_IP_LENGTH)),
+            (with(&|v| v[17] += 1), Outcome::Dropped(drop::INVALID_IP_LENGTH)),
+            // A frame longer than its packet (Ethernet padding) is fine.
+            (with(&|v| v.extend_from_slice(&[0; 6])), Outcome::Forwarded),
             // IPv6, a VLAN tag, and ARP (forwarded unjudged, whatever it claims).
             (
                 with(&|v| v[12..14].copy_from_slice(&[0x86, 0xdd])),
@@ -1126,6 +1165,7 @@ mod tests {
         opts[14] = 0x46;
         opts.extend_from_slice(&[1, 1, 1, 0]);
         opts.extend_from_slice(&tcp_header(40000, 22, TCP_SYN));
+        opts[ETH_HLEN + 3] += 4;
         let mut s = maps();
         enforce(&mut s, EP_A, Direction::Egress);
         rule(
@@ -1142,27 +1182,32 @@ mod tests {
             out(&mut dp, Egress, IF_A, &frame),
             Outcome::Dropped(drop::POLICY_DENIED)
         );
-        // IHL pointing past the frame.
+        // IHL pointing past the total length (and the frame).
         let mut far = frame.clone();
         far[14] = 0x4f;
         assert_eq!(
             out(&mut dp, Egress, IF_A, &far),
-            Outcome::Dropped(drop::INVALID_PACKET)
+            Outcome::Dropped(drop::INVALID_IP_LENGTH)
         );
     }
 
     #[test]
-    fn egress_from_another_address_is_spoofed() {
+    fn egress_from_another_address_is_spoofed_ingress_to_another_misdirected() {
         let mut dp = DatapathModel::new(1, maps());
         assert_eq!(
             out(&mut dp, Egress, IF_A, &tcp(B, 1, WORLD, 80, TCP_SYN)),
             Outcome::Dropped(drop::INVALID_SOURCE_IP)
         );
-        // Ingress has no such check.
+        // Ingress: any source, but the endpoint's own address as the destination.
         assert_eq!(
             out(&mut dp, Ingress, IF_A, &tcp(WORLD, 1, B, 80, TCP_SYN)),
+            Outcome::Dropped(drop::INVALID_DESTINATION_IP)
+        );
+        assert_eq!(
+            out(&mut dp, Ingress, IF_A, &tcp(B, 1, A, 80, TCP_SYN)),
             Outcome::Forwarded
         );
+        assert!(dp.conntrack.len() == 1);
     }
 
     #[test]
@@ -1349,9 +1394,9 @@ mod tests {
             Outcome::Dropped(drop::CT_TRUNCATED_OR_INVALID)
         );
         // The embedded header truncated: invalid.
-        let short = icmp_error(WORLD, A, ICMP_DEST_UNREACH, &query);
+        let short = icmp_error(WORLD, A, ICMP_DEST_UNREACH, &query[..query.len() - 5]);
         assert_eq!(
-            out(&mut dp, Ingress, IF_A, &short[..short.len() - 5]),
+            out(&mut dp, Ingress, IF_A, &short),
             Outcome::Dropped(drop::INVALID_PACKET)
         );
     }

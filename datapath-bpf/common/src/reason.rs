@@ -57,6 +57,10 @@ codes! {
     CT_TRUNCATED_OR_INVALID = 135 => "CT: Truncated or invalid header",
     UNSUPPORTED_L3 = 139 => "Unsupported L3 protocol",
     UNKNOWN_ENDPOINT = 140 => "Unknown endpoint",
+    /// The IPv4 total length is shorter than the header or longer than the packet.
+    INVALID_IP_LENGTH = 141 => "Invalid IPv4 total length",
+    /// A packet handed to an endpoint is addressed to someone else.
+    INVALID_DESTINATION_IP = 144 => "Invalid destination ip",
     CT_MAP_FULL = 155 => "CT: Map insertion failed",
     FRAGMENTED = 157 => "Fragmented packet",
     /// An explicit deny rule matched.
