@@ -8,6 +8,7 @@ use std::net::Ipv4Addr;
 
 use palisade_integration::Node;
 use palisade_integration::cni::{Container, with_prev_result};
+use palisade_integration::http::{backend, get};
 use palisade_integration::traffic::{tcp_connects, tcp_server};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -82,30 +83,31 @@ mod shape {
 fn check_result(version: &str, v: &Value, c: &Container) -> Ipv4Addr {
     /// An address, the index of its interface, its gateway.
     type Addr = (String, Option<usize>, Option<String>);
-    let (cni_version, interfaces, addrs): (String, Vec<shape::Interface>, Vec<Addr>) = if version == "0.4.0" {
-        let r: shape::Result<shape::Ip040> = serde_json::from_value(v.clone())
-            .unwrap_or_else(|e| panic!("not a 0.4.0 result ({e}): {v}"));
-        assert!(r.ips.iter().all(|ip| ip.version == "4"), "{v}");
-        (
-            r.cni_version,
-            r.interfaces,
-            r.ips
-                .into_iter()
-                .map(|i| (i.address, i.interface, i.gateway))
-                .collect(),
-        )
-    } else {
-        let r: shape::Result<shape::Ip1> = serde_json::from_value(v.clone())
-            .unwrap_or_else(|e| panic!("not a {version} result ({e}): {v}"));
-        (
-            r.cni_version,
-            r.interfaces,
-            r.ips
-                .into_iter()
-                .map(|i| (i.address, i.interface, i.gateway))
-                .collect(),
-        )
-    };
+    let (cni_version, interfaces, addrs): (String, Vec<shape::Interface>, Vec<Addr>) =
+        if version == "0.4.0" {
+            let r: shape::Result<shape::Ip040> = serde_json::from_value(v.clone())
+                .unwrap_or_else(|e| panic!("not a 0.4.0 result ({e}): {v}"));
+            assert!(r.ips.iter().all(|ip| ip.version == "4"), "{v}");
+            (
+                r.cni_version,
+                r.interfaces,
+                r.ips
+                    .into_iter()
+                    .map(|i| (i.address, i.interface, i.gateway))
+                    .collect(),
+            )
+        } else {
+            let r: shape::Result<shape::Ip1> = serde_json::from_value(v.clone())
+                .unwrap_or_else(|e| panic!("not a {version} result ({e}): {v}"));
+            (
+                r.cni_version,
+                r.interfaces,
+                r.ips
+                    .into_iter()
+                    .map(|i| (i.address, i.interface, i.gateway))
+                    .collect(),
+            )
+        };
     assert_eq!(cni_version, version, "{v}");
     let sandbox = c.path.display().to_string();
     let container_if = interfaces
@@ -138,6 +140,8 @@ fn labelled(config: &Value, labels: &[(&str, &str)]) -> Value {
 }
 
 const WEB_FROM_CLIENTS: &str = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: web, namespace: shop}\nspec:\n  podSelector: {matchLabels: {app: web}}\n  ingress:\n  - from:\n    - podSelector: {matchLabels: {app: client}}\n    ports: [{port: 80}]\n";
+
+const WEB_HTTP_FROM_CLIENTS: &str = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: web-http, namespace: shop}\nspec:\n  endpointSelector: {matchLabels: {app: web}}\n  ingress:\n  - fromEndpoints: [{matchLabels: {app: client}}]\n    toPorts:\n    - ports: [{port: \"8080\", protocol: TCP}]\n      rules:\n        http: [{method: GET, path: \"/public/.*\"}]\n";
 
 #[derive(Deserialize)]
 struct EndpointRow {
@@ -318,6 +322,17 @@ fn chained_after_bridge_and_after_ptp_palisade_judges_the_previous_plugins_veth(
             !tcp_connects(&other.netns, web_ip, 80),
             "{plugin}: other denied"
         );
+        // HTTP rules: the previous plugin's veth redirects to the proxy as palisade's own does.
+        // TODO(bridge L7): the bridge forwards at L2, past the proxy's local route.
+        if plugin == "ptp" {
+            let _http = backend(&web.netns, 8080);
+            node.apply(WEB_HTTP_FROM_CLIENTS);
+            let status =
+                |path: &str| get(&client.netns, web_ip, 8080, path, "").map_or(0, |r| r.status);
+            assert_eq!(status("/public/a"), 200, "{plugin}: an allowed request");
+            assert_eq!(status("/secret"), 403, "{plugin}: a denied request");
+            let _ = node.palisade(&["policy", "delete", "web-http", "--namespace", "shop"]);
+        }
         // CHECK sees the attachment whole; DEL as the runtime runs it, last plugin first.
         for (c, prev, _) in &ips {
             let conf = chained_config(&node, prev, "x");
@@ -383,7 +398,9 @@ fn bad_input_gets_the_specs_error_names_the_problem_and_leaves_nothing() {
     assert_eq!(code, 4, "{details}");
     assert!(details.contains("is not a network namespace"), "{details}");
     let taken = std::process::Command::new("ip")
-        .args(["-n", &c.netns, "link", "add", "eth0", "type", "veth", "peer", "name", "x0"])
+        .args([
+            "-n", &c.netns, "link", "add", "eth0", "type", "veth", "peer", "name", "x0",
+        ])
         .status()
         .expect("ip");
     assert!(taken.success());
@@ -480,4 +497,38 @@ fn gc_removes_what_the_runtime_no_longer_has_and_check_says_what_is_missing() {
         details.contains(&host) && details.contains("is gone"),
         "{details}"
     );
+}
+
+/// The network `cargo xtask install-cni` installs (and the DaemonSet's init container) attaches
+/// a container as it is, the agent's socket and the address directory aside.
+#[test]
+fn the_example_network_attaches_a_container() {
+    let node = Node::start("cni-example");
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../controller/cni/conf/50-palisade.conflist");
+    let list: Value = serde_json::from_str(&std::fs::read_to_string(&path).expect("conflist"))
+        .expect("the example is JSON");
+    assert_eq!(list["name"], "palisade");
+    let mut conf = list["plugins"][0].clone();
+    assert_eq!(conf["type"], "palisade-cni");
+    assert_eq!(
+        conf["api"], "/run/palisade/agent.sock",
+        "the agent's default socket"
+    );
+    // As a runtime does: the list's version and name into the plugin's configuration.
+    conf["cniVersion"] = list["cniVersion"].clone();
+    conf["name"] = list["name"].clone();
+    conf["api"] = json!(node.api);
+    conf["ipam"]["dataDir"] = json!(node.dir.join("ipam-example"));
+    let c = node.container("ex");
+    let ip = check_result("1.0.0", &node.cni("ADD", &c, &conf).ok(), &c);
+    assert!(
+        ipnetwork::Ipv4Network::new(Ipv4Addr::new(10, 201, 0, 0), 16)
+            .expect("net")
+            .contains(ip),
+        "{ip}"
+    );
+    assert_eq!(endpoints(&node).len(), 1);
+    node.cni("DEL", &c, &conf).ok();
+    assert!(endpoints(&node).is_empty());
 }

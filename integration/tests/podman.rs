@@ -108,12 +108,10 @@ impl Podman {
             name,
         ]);
         let key = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        Path::new(&key)
-            .file_name()
-            .map_or_else(
-                || panic!("no network namespace for {name}: {key:?}"),
-                |f| f.to_string_lossy().into_owned(),
-            )
+        Path::new(&key).file_name().map_or_else(
+            || panic!("no network namespace for {name}: {key:?}"),
+            |f| f.to_string_lossy().into_owned(),
+        )
     }
 }
 

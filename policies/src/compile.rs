@@ -867,6 +867,49 @@ mod tests {
     }
 
     #[test]
+    fn an_endpoint_whose_labels_are_not_known_yet_is_enforced_both_ways_and_selected_by_nothing() {
+        let mut c = Cluster::new();
+        let known = c.pod(1, "x", &[("app", "a")], [10, 0, 0, 1]);
+        let pending = EndpointId(2);
+        c.endpoints.insert(
+            pending,
+            Endpoint {
+                id: pending,
+                name: "ctr".into(),
+                namespace: "x".into(),
+                identity: Identity::INIT,
+                ip: ip([10, 0, 0, 2]),
+                ifindex: 102,
+                named_ports: vec![],
+            },
+        );
+        // Even a policy that allows everything to and from every pod of the namespace does
+        // not select it: it could be any pod until its labels are known.
+        let all = || Some(vec![rule(Peers::All, vec![])]);
+        c.apply(policy("x", "open", in_ns("x", pods(&[])), all(), all()));
+        let s = c.compile();
+        assert!(s.endpoints[&pending].ingress_enforced && s.endpoints[&pending].egress_enforced);
+        for d in Direction::BOTH {
+            assert!(!allowed(&s, pending, d, [10, 0, 0, 1], TCP, 80), "{d:?}");
+            assert!(!allowed(&s, pending, d, [192, 0, 2, 1], UDP, 53), "{d:?}");
+        }
+        assert!(allowed(
+            &s,
+            known,
+            Direction::Ingress,
+            [10, 0, 0, 2],
+            TCP,
+            80
+        ));
+        c.settings.enforcement = EnforcementMode::Never;
+        let s = c.compile();
+        assert!(
+            !s.endpoints[&pending].ingress_enforced,
+            "enforcement off is off for all"
+        );
+    }
+
+    #[test]
     fn selected_endpoint_denies_what_is_not_allowed_but_host_may_reach_it() {
         let mut c = Cluster::new();
         let a = c.pod(1, "x", &[("app", "a")], [10, 0, 0, 1]);

@@ -15,25 +15,49 @@ fn output(cmd: &mut Command) -> Option<String> {
         .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn have(program: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {program}")])
-        .output()
-        .is_ok_and(|o| o.status.success())
+/// Whether dpkg has `package` installed.
+fn installed(package: &str) -> bool {
+    output(Command::new("dpkg-query").args(["--show", "--showformat=${Status}", package]))
+        .is_some_and(|status| status.ends_with("installed") && !status.contains("not-installed"))
 }
 
-/// Debian packages the agent, the tests and the demo use: `ip` (iproute2) for namespaces and
-/// `nsenter` (util-linux) to start the agent in one.
-const PACKAGES: [(&str, &str); 2] = [("ip", "iproute2"), ("nsenter", "util-linux")];
+/// Debian packages the agent, the tests and the demo use, and why.
+const PACKAGES: [(&str, &str); 7] = [
+    ("iproute2", "`ip`: namespaces and links"),
+    (
+        "util-linux",
+        "`nsenter`, `unshare`: agents and runtimes in a test's namespace",
+    ),
+    ("podman", "the CNI tests run containers with podman"),
+    (
+        "containerd",
+        "the CNI tests run containers with containerd's ctr",
+    ),
+    (
+        "runc",
+        "the OCI runtime podman and containerd start containers with",
+    ),
+    (
+        "containernetworking-plugins",
+        "the CNI reference plugins (host-local, bridge, ptp)",
+    ),
+    (
+        "busybox-static",
+        "the test containers' root filesystem (no image registry)",
+    ),
+];
 
 fn ensure_packages() -> anyhow::Result<()> {
     let missing: Vec<&str> = PACKAGES
         .iter()
-        .filter(|(cmd, _)| !have(cmd))
-        .map(|(_, pkg)| *pkg)
+        .filter(|(pkg, _)| !installed(pkg))
+        .map(|(pkg, _)| *pkg)
         .collect();
     if missing.is_empty() {
         return Ok(());
+    }
+    for (pkg, why) in PACKAGES.iter().filter(|(p, _)| missing.contains(p)) {
+        eprintln!("xtask: {pkg} is missing ({why})");
     }
     eprintln!("xtask: installing Debian packages {missing:?} (commands missing)");
     if !nix::unistd::geteuid().is_root() {

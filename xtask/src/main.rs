@@ -2,6 +2,7 @@
 //!
 //! - `install`: prerequisites (nightly rust-src, bpf-linker, Debian packages), with messages;
 //! - `build`: the agent, CLI and BPF object;
+//! - `install-cni`: palisade-cni and an example network for the host's runtimes;
 //! - `demo`: the product in one run, in a throwaway node namespace;
 //! - `lint`: clippy with warnings as errors, on the host crates and on the BPF crate;
 //! - `test`: the lint, unit tests and the root-only integration tests (what CI runs);
@@ -15,6 +16,7 @@
 mod bench;
 mod demo;
 mod install;
+mod install_cni;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -33,6 +35,18 @@ struct Cli {
 enum Task {
     /// Install what the build needs: rust-src for nightly, bpf-linker, Debian packages.
     Install,
+    /// Install palisade-cni (release build) into the CNI plugin directory and the example
+    /// conflist (network "palisade", standalone, host-local IPAM) into the network directory;
+    /// links host-local and loopback beside it when missing.
+    InstallCni {
+        #[arg(long, default_value = "/opt/cni/bin")]
+        bin_dir: PathBuf,
+        #[arg(long, default_value = "/etc/cni/net.d")]
+        conf_dir: PathBuf,
+        /// Replace the conflist when one is there already.
+        #[arg(long)]
+        force: bool,
+    },
     /// Build the BPF object only (via the agent's build script).
     BuildEbpf,
     /// Build palisade-agent and palisade.
@@ -94,6 +108,8 @@ pub fn build_binaries(release: bool) -> anyhow::Result<PathBuf> {
         "palisade-agent",
         "--package",
         "palisade-cli",
+        "--package",
+        "palisade-cni",
         "--bins",
     ]);
     if release {
@@ -184,6 +200,15 @@ fn integration(filter: &[String]) -> anyhow::Result<()> {
 fn main() -> anyhow::Result<()> {
     match Cli::parse().task {
         Task::Install => install::ensure(),
+        Task::InstallCni {
+            bin_dir,
+            conf_dir,
+            force,
+        } => install_cni::run(&install_cni::Target {
+            bin_dir,
+            conf_dir,
+            force,
+        }),
         Task::BuildEbpf => {
             install::ensure()?;
             run(cargo().args(["check", "--package", "palisade-agent"]))

@@ -76,6 +76,11 @@ async fn containerd(socket: &str, id: &str) -> Option<BTreeMap<String, String>> 
         #[serde(rename = "Labels", default)]
         labels: Option<BTreeMap<String, String>>,
     }
+    // ctr takes ten seconds to give up on a socket nobody listens on (a stale one is common:
+    // Debian's package leaves it when containerd is stopped); connecting says so at once.
+    if tokio::net::UnixStream::connect(socket).await.is_err() {
+        return None;
+    }
     let namespaces = output(
         "ctr",
         &["--address", socket, "namespaces", "list", "--quiet"],
@@ -84,12 +89,19 @@ async fn containerd(socket: &str, id: &str) -> Option<BTreeMap<String, String>> 
     for ns in String::from_utf8_lossy(&namespaces).lines() {
         let candidates = [Some(id), id.strip_prefix(&format!("{ns}-"))];
         for container in candidates.into_iter().flatten() {
-            if let Some(out) =
-                output(
-                    "ctr",
-                    &["--address", socket, "--namespace", ns, "containers", "info", container],
-                )
-                .await
+            if let Some(out) = output(
+                "ctr",
+                &[
+                    "--address",
+                    socket,
+                    "--namespace",
+                    ns,
+                    "containers",
+                    "info",
+                    container,
+                ],
+            )
+            .await
                 && let Ok(info) = serde_json::from_slice::<Info>(&out)
             {
                 return Some(info.labels.unwrap_or_default());
@@ -119,16 +131,20 @@ pub fn endpoint_labels(runtime: BTreeMap<String, String>) -> (Option<String>, La
 }
 
 /// Asks the runtimes for the container's labels until one answers, then gives them to the
-/// endpoint. Stops when the endpoint is gone or has labels from elsewhere.
+/// endpoint. Stops when the endpoint is gone or has labels from elsewhere, and when the agent
+/// stops: it holds the engine only weakly, so it never keeps a stopping engine alive.
 pub async fn resolve_labels(
     runtimes: Runtimes,
-    engine: mpsc::Sender<Command>,
+    engine: mpsc::WeakSender<Command>,
     key: String,
     container_id: String,
 ) {
     let started = tokio::time::Instant::now();
     let socket = runtimes.containerd_socket.display().to_string();
     loop {
+        if engine.strong_count() == 0 {
+            return;
+        }
         let found = match podman(&container_id).await {
             Some(l) => Some(("podman", l)),
             None => containerd(&socket, &container_id)
@@ -136,6 +152,9 @@ pub async fn resolve_labels(
                 .map(|l| ("containerd", l)),
         };
         if let Some((runtime, runtime_labels)) = found {
+            let Some(engine) = engine.upgrade() else {
+                return;
+            };
             let (namespace, labels) = endpoint_labels(runtime_labels);
             let namespace = namespace.unwrap_or_else(|| "default".to_string());
             match ask(&engine, |r| {

@@ -250,6 +250,9 @@ pub struct FlowQuery {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AttachmentRequest {
+    /// The network configuration's `name` (GC is per network).
+    #[serde(default)]
+    pub network: String,
     pub container_id: String,
     /// The interface inside the container (`CNI_IFNAME`).
     pub ifname: String,
@@ -303,6 +306,9 @@ pub struct AttachmentRef {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AttachmentGcRequest {
+    /// The network being collected: attachments of other networks are left alone.
+    #[serde(default)]
+    pub network: String,
     pub valid: Vec<AttachmentRef>,
 }
 

@@ -69,6 +69,9 @@ pub struct NetConf {
     pub cni_version: String,
     #[serde(rename = "type")]
     pub plugin: String,
+    /// The network's name; attachments (and GC) are per network.
+    #[serde(default)]
+    pub name: String,
     /// The agent's API socket.
     #[serde(default)]
     pub api: Option<PathBuf>,

@@ -186,6 +186,7 @@ pub async fn add(env: &CniEnv, config: &Config) -> Result<serde_json::Value, Cni
         .post(
             "/v1/attachments",
             &AttachmentRequest {
+                network: config.conf.name.clone(),
                 container_id: env.container_id.clone(),
                 ifname: env.ifname.clone(),
                 netns: netns_path.display().to_string(),
@@ -270,6 +271,7 @@ async fn add_chained(
         .post(
             "/v1/attachments",
             &AttachmentRequest {
+                network: config.conf.name.clone(),
                 container_id: env.container_id.clone(),
                 ifname: env.ifname.clone(),
                 netns: sandbox,
@@ -411,6 +413,7 @@ pub async fn gc(env: &CniEnv, config: &Config) -> Result<(), CniError> {
         .post(
             "/v1/attachments/gc",
             &AttachmentGcRequest {
+                network: config.conf.name.clone(),
                 valid: valid
                     .iter()
                     .map(|v| AttachmentRef {

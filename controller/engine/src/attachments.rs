@@ -186,10 +186,11 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
         })
     }
 
-    /// Removes every attachment not in `valid` (container id, interface) — the runtime's GC.
-    /// Returns the endpoints removed.
+    /// Removes every attachment of `network` not in `valid` (container id, interface) — the
+    /// runtime's GC. Returns the endpoints removed.
     pub async fn attachment_gc(
         &mut self,
+        network: &str,
         valid: &BTreeSet<(String, String)>,
     ) -> Result<Vec<String>, EngineError> {
         let stale: Vec<String> = self
@@ -197,8 +198,10 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
             .endpoints
             .values()
             .filter(|e| {
-                e.attachment()
-                    .is_some_and(|a| !valid.contains(&(a.container_id.clone(), a.ifname.clone())))
+                e.attachment().is_some_and(|a| {
+                    a.network == network
+                        && !valid.contains(&(a.container_id.clone(), a.ifname.clone()))
+                })
             })
             .map(EndpointRecord::qualified_name)
             .collect();

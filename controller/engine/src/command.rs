@@ -61,7 +61,8 @@ pub enum Command {
     AttachmentDelete(String, String, Reply<bool>),
     AttachmentCheck(String, String, Reply<AttachmentStatus>),
     /// The attachments still valid; answers the endpoints removed.
-    AttachmentGc(BTreeSet<(String, String)>, Reply<Vec<String>>),
+    /// The network, and its valid (container id, interface) pairs.
+    AttachmentGc(String, BTreeSet<(String, String)>, Reply<Vec<String>>),
     /// Endpoint key, namespace and labels, once the runtime told them.
     EndpointResolve(String, String, Labels, Reply<EndpointView>),
 }
@@ -119,8 +120,8 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
             Command::AttachmentCheck(container, ifname, r) => {
                 answer(r, self.attachment_check(&container, &ifname));
             }
-            Command::AttachmentGc(valid, r) => {
-                let result = self.attachment_gc(&valid).await;
+            Command::AttachmentGc(network, valid, r) => {
+                let result = self.attachment_gc(&network, &valid).await;
                 self.settle(r, result).await;
             }
             Command::EndpointResolve(key, namespace, labels, r) => {

@@ -48,6 +48,11 @@ pub enum EndpointOrigin {
 /// A container's attachment, as CNI names it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CniAttachment {
+    /// The network's `name` in the runtime's configuration; GC is scoped to it. (Absent from
+    /// state kept before networks were recorded: those attachments are GC's of the unnamed
+    /// network.)
+    #[serde(default)]
+    pub network: String,
     pub container_id: String,
     /// The interface inside the container (`CNI_IFNAME`).
     pub ifname: String,

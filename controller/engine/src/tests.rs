@@ -715,6 +715,12 @@ fn cni_veth(e: &mut TestEngine, host_ifname: &str, ifindex: u32, netns: &str) {
 fn attachment(container: &str, host: &str, ip: Ipv4Addr, labels: Option<&str>) -> AttachmentSpec {
     AttachmentSpec {
         attachment: CniAttachment {
+            network: if container.ends_with('x') {
+                "other"
+            } else {
+                "net"
+            }
+            .into(),
             container_id: container.into(),
             ifname: "eth0".into(),
             netns: format!("/run/netns/cni-{container}").into(),
@@ -905,7 +911,8 @@ async fn deleting_an_attachment_is_idempotent_and_leaves_the_veth_to_its_plugin(
 async fn gc_removes_attachments_the_runtime_no_longer_has() {
     let mut e = engine().await;
     add(&mut e, "own", "shop", "app=own").await;
-    for (i, c) in ["a1", "a2", "a3"].into_iter().enumerate() {
+    // a4x is on another network: that network's GC is not this one's.
+    for (i, c) in ["a1", "a2", "a3", "a4x"].into_iter().enumerate() {
         let host = format!("pal{c}");
         let index = 500 + u32::try_from(i).unwrap();
         cni_veth(&mut e, &host, index, &format!("/run/netns/cni-{c}"));
@@ -916,7 +923,7 @@ async fn gc_removes_attachments_the_runtime_no_longer_has() {
     }
     let valid: std::collections::BTreeSet<(String, String)> =
         [("a2".to_string(), "eth0".to_string())].into();
-    let mut removed = e.attachment_gc(&valid).await.unwrap();
+    let mut removed = e.attachment_gc("net", &valid).await.unwrap();
     removed.sort();
     assert_eq!(
         removed,
@@ -924,8 +931,8 @@ async fn gc_removes_attachments_the_runtime_no_longer_has() {
     );
     assert_eq!(
         e.model.endpoints.len(),
-        2,
-        "palisade's own endpoints are not the runtime's"
+        3,
+        "palisade's own endpoints and another network's are not this GC's"
     );
 }
 

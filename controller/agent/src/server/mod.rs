@@ -222,7 +222,7 @@ async fn attachment_add(
         let key = format!("{}/{}", view.namespace, view.name);
         tokio::spawn(crate::runtime::resolve_labels(
             s.runtimes.clone(),
-            s.engine.clone(),
+            s.engine.downgrade(),
             key,
             container_id,
         ));
@@ -255,7 +255,7 @@ async fn attachment_gc(
         .into_iter()
         .map(|a| (a.container_id, a.ifname))
         .collect();
-    let removed = call(&s, |r| Command::AttachmentGc(valid, r)).await?;
+    let removed = call(&s, |r| Command::AttachmentGc(req.network, valid, r)).await?;
     Ok(Json(AttachmentGcResult { removed }))
 }
 

@@ -79,6 +79,7 @@ pub fn endpoint(v: EndpointView) -> wire::EndpointView {
 pub fn attachment_spec(r: wire::AttachmentRequest) -> AttachmentSpec {
     AttachmentSpec {
         attachment: CniAttachment {
+            network: r.network,
             container_id: r.container_id,
             ifname: r.ifname,
             netns: r.netns.into(),
