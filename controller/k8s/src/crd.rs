@@ -1,0 +1,2 @@
+//! Our custom resources: palisade.io/v1 NetworkPolicy, ClusterwideNetworkPolicy and
+//! PalisadeIdentity.
