@@ -181,6 +181,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
                 audit: args.audit,
                 proxy_port: proxy_socket.as_ref().map(|_| args.proxy_port),
             },
+            cluster_identities: false,
             file_policies,
         },
         datapath,

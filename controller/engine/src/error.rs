@@ -131,6 +131,12 @@ pub enum EngineError {
     },
     #[error(transparent)]
     Persist(#[from] PersistError),
+    /// Kubernetes mode: policies come from the API server.
+    #[error("policy {policy} comes from the Kubernetes API: change it there (kubectl apply / delete)")]
+    ClusterManaged { policy: String },
+    /// Kubernetes mode: namespace labels come from the API server.
+    #[error("namespace {namespace:?} is a Kubernetes namespace: change its labels there (kubectl label namespace)")]
+    ClusterNamespace { namespace: String },
 }
 
 /// How a caller should read an error.
@@ -166,6 +172,8 @@ impl EngineError {
             | EngineError::Manifest(_)
             | EngineError::EmptyManifest
             | EngineError::UnsupportedTraceProtocol { .. }
+            | EngineError::ClusterManaged { .. }
+            | EngineError::ClusterNamespace { .. }
             | EngineError::L7Policy(_) => ErrorClass::Invalid,
             EngineError::NoSuchEndpoint { .. }
             | EngineError::NoSuchAttachment { .. }
