@@ -11,6 +11,7 @@ pub mod cni;
 pub mod conformance;
 pub mod differential;
 pub mod http;
+pub mod kube_api;
 pub mod node;
 pub mod traffic;
 
