@@ -137,8 +137,10 @@ fn kubectl_creates_replaces_gets_and_deletes_a_network_policy() {
     let api = ApiServer::start();
     let file = manifest(NETPOL);
     let f = file.to_str().unwrap();
-    ok(&kubectl(&api, &["create", "-f", f, "--validate=false"]));
-    let err = failed(&kubectl(&api, &["create", "-f", f, "--validate=false"]));
+    // kubectl's default --validate=strict: it reads /openapi/v3, then sends
+    // fieldValidation=Strict and leaves validation to the server.
+    ok(&kubectl(&api, &["create", "-f", f]));
+    let err = failed(&kubectl(&api, &["create", "-f", f]));
     assert!(
         err.contains("Error from server (AlreadyExists)")
             && err.contains("networkpolicies.networking.k8s.io \"web-ingress\" already exists"),
@@ -169,12 +171,7 @@ fn kubectl_creates_replaces_gets_and_deletes_a_network_policy() {
     let changed = manifest(&NETPOL.replace("port: 80", "port: 8080"));
     ok(&kubectl(
         &api,
-        &[
-            "replace",
-            "-f",
-            changed.to_str().unwrap(),
-            "--validate=false",
-        ],
+        &["replace", "-f", changed.to_str().unwrap()],
     ));
     let got = json_of(&kubectl(
         &api,
@@ -199,6 +196,216 @@ fn kubectl_creates_replaces_gets_and_deletes_a_network_policy() {
 }
 
 #[test]
+fn kubectl_apply_creates_patches_and_is_checked_by_the_server() {
+    let api = ApiServer::start();
+    let file = manifest(NETPOL);
+    let f = file.to_str().unwrap();
+    let out = ok(&kubectl(&api, &["apply", "-f", f]));
+    assert!(
+        out.contains("networkpolicy.networking.k8s.io/web-ingress created"),
+        "{out}"
+    );
+    let rv = |api: &ApiServer| {
+        api.get(
+            "networking.k8s.io/v1",
+            "NetworkPolicy",
+            "default",
+            "web-ingress",
+        )
+        .unwrap()["metadata"]["resourceVersion"]
+            .clone()
+    };
+    let before = rv(&api);
+    ok(&kubectl(&api, &["apply", "-f", f]));
+    assert_eq!(
+        rv(&api),
+        before,
+        "applying the same manifest writes nothing"
+    );
+
+    // A strategic merge patch computed by kubectl from its last-applied annotation.
+    let changed = manifest(&NETPOL.replace("port: 80", "port: 8443"));
+    let out = ok(&kubectl(&api, &["apply", "-f", changed.to_str().unwrap()]));
+    assert!(out.contains("configured"), "{out}");
+    let got = api
+        .get(
+            "networking.k8s.io/v1",
+            "NetworkPolicy",
+            "default",
+            "web-ingress",
+        )
+        .unwrap();
+    assert_eq!(
+        got["spec"]["ingress"][0]["ports"],
+        json!([{"port": 8443, "protocol": "TCP"}])
+    );
+    assert_eq!(got["metadata"]["generation"], 2);
+    assert!(
+        got["metadata"]["annotations"]["kubectl.kubernetes.io/last-applied-configuration"]
+            .is_string()
+    );
+
+    let bogus = manifest(&NETPOL.replace("    - port: 80", "    - port: 80\n      bogus: 1"));
+    let err = failed(&kubectl(&api, &["apply", "-f", bogus.to_str().unwrap()]));
+    assert!(
+        err.contains("strict decoding error: unknown field \"spec.ingress[0].ports[0].bogus\""),
+        "{err}"
+    );
+
+    let out = ok(&kubectl(
+        &api,
+        &["apply", "--server-side", "--force-conflicts", "-f", f],
+    ));
+    assert!(out.contains("serverside-applied"), "{out}");
+    let got = api
+        .get(
+            "networking.k8s.io/v1",
+            "NetworkPolicy",
+            "default",
+            "web-ingress",
+        )
+        .unwrap();
+    assert_eq!(got["spec"]["ingress"][0]["ports"][0]["port"], 80);
+
+    ok(&kubectl(
+        &api,
+        &["label", "netpol", "web-ingress", "tier=edge"],
+    ));
+    ok(&kubectl(
+        &api,
+        &["annotate", "netpol", "web-ingress", "note=x"],
+    ));
+    let got = api
+        .get(
+            "networking.k8s.io/v1",
+            "NetworkPolicy",
+            "default",
+            "web-ingress",
+        )
+        .unwrap();
+    assert_eq!(got["metadata"]["labels"]["tier"], "edge");
+    assert_eq!(got["metadata"]["annotations"]["note"], "x");
+    // Server-side dry run, which `kubectl diff` uses, changes nothing.
+    let before = rv(&api);
+    let diff = kubectl(&api, &["diff", "-f", changed.to_str().unwrap()]);
+    assert_eq!(
+        diff.status.code(),
+        Some(1),
+        "kubectl diff exits 1 when there are differences"
+    );
+    assert!(
+        String::from_utf8_lossy(&diff.stdout)
+            .lines()
+            .any(|l| l.starts_with('+') && l.contains("port: 8443")),
+        "the diff shows the change"
+    );
+    assert_eq!(rv(&api), before);
+}
+
+#[test]
+fn kubectl_typed_create_commands_send_protobuf_the_server_decodes() {
+    let api = ApiServer::start();
+    for args in [
+        &["create", "namespace", "shop"][..],
+        &[
+            "create",
+            "configmap",
+            "cfg",
+            "-n",
+            "shop",
+            "--from-literal=a=1",
+        ],
+        &["create", "serviceaccount", "palisade", "-n", "shop"],
+        &[
+            "create",
+            "clusterrole",
+            "reader",
+            "--verb=get,list,watch",
+            "--resource=pods",
+        ],
+        &[
+            "create",
+            "clusterrolebinding",
+            "reader",
+            "--clusterrole=reader",
+            "--serviceaccount=shop:palisade",
+        ],
+        &[
+            "create",
+            "service",
+            "clusterip",
+            "web",
+            "-n",
+            "shop",
+            "--tcp=80:8080",
+        ],
+        &[
+            "run",
+            "p",
+            "--image=busybox:1.36",
+            "-n",
+            "shop",
+            "--labels=app=p",
+        ],
+    ] {
+        ok(&kubectl(&api, args));
+    }
+    let ns = api.get("v1", "Namespace", "", "shop").unwrap();
+    assert_eq!(
+        ns["metadata"]["labels"]["kubernetes.io/metadata.name"],
+        "shop"
+    );
+    assert!(
+        ns["metadata"].get("generateName").is_none(),
+        "empty protobuf fields are not kept"
+    );
+    assert_eq!(
+        api.get("v1", "ConfigMap", "shop", "cfg").unwrap()["data"],
+        json!({"a": "1"})
+    );
+    let crb = api
+        .get(
+            "rbac.authorization.k8s.io/v1",
+            "ClusterRoleBinding",
+            "",
+            "reader",
+        )
+        .unwrap();
+    assert_eq!(
+        crb["subjects"],
+        json!([{"kind": "ServiceAccount", "name": "palisade", "namespace": "shop"}])
+    );
+    assert_eq!(crb["roleRef"]["name"], "reader");
+    let rules = api
+        .get("rbac.authorization.k8s.io/v1", "ClusterRole", "", "reader")
+        .unwrap()["rules"]
+        .clone();
+    assert_eq!(
+        rules,
+        json!([{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}])
+    );
+    let svc = api.get("v1", "Service", "shop", "web").unwrap();
+    assert_eq!(svc["spec"]["ports"][0]["targetPort"], 8080);
+    assert_eq!(svc["spec"]["clusterIP"], "10.96.0.10");
+    let pod = api.get("v1", "Pod", "shop", "p").unwrap();
+    assert_eq!(pod["status"]["phase"], "Pending");
+    let table = ok(&kubectl(&api, &["get", "pods", "-n", "shop", "-o", "wide"]));
+    let header: Vec<&str> = table.lines().next().unwrap().split_whitespace().collect();
+    assert_eq!(
+        header[..6],
+        ["NAME", "READY", "STATUS", "RESTARTS", "AGE", "IP"]
+    );
+    assert!(
+        table
+            .lines()
+            .nth(1)
+            .unwrap()
+            .starts_with("p      0/1     Pending"),
+        "{table}"
+    );
+}
+
+#[test]
 fn kubectl_1_32_works_too() {
     // /usr/bin/kubectl dispatches to the release matching the server (1.33 here); the 1.32
     // client, which the project targets, is run directly.
@@ -210,7 +417,7 @@ fn kubectl_1_32_works_too() {
     let args: Vec<std::ffi::OsString> = cmd.get_args().map(std::ffi::OsStr::to_os_string).collect();
     cmd = Command::new(k132);
     cmd.args(&args)
-        .args(["create", "-f", file.to_str().unwrap(), "--validate=false"]);
+        .args(["create", "-f", file.to_str().unwrap()]);
     ok(&run(cmd));
     let mut get = Command::new(k132);
     get.args(&args).args(["get", "netpol", "-o", "name"]);
@@ -329,6 +536,11 @@ fn a_crd_serves_its_resource_with_printer_columns_and_status() {
         "a dry run stores nothing"
     );
     let w = manifest(WIDGET);
+    let err = failed(&kubectl(&api, &["create", "-f", w.to_str().unwrap()]));
+    assert!(
+        err.contains("strict decoding error: unknown field \"spec.unknown\""),
+        "{err}"
+    );
     ok(&kubectl(
         &api,
         &["create", "-f", w.to_str().unwrap(), "--validate=false"],

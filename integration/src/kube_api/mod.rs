@@ -16,9 +16,13 @@
 //! How it differs from kube-apiserver, where a client could tell:
 //! - plain HTTP, no authentication or authorization (a bearer token is accepted and
 //!   ignored); RBAC denials only when injected with [`Fault::forbidden`];
-//! - JSON and YAML bodies only: protobuf bodies (`kubectl create namespace`, `kubectl run`)
-//!   get `415 Unsupported Media Type`; no `/openapi/v2` or `/openapi/v3`, so kubectl's
-//!   create/apply/replace need `--validate=false`;
+//! - protobuf request bodies are decoded only for the kinds kubectl's typed `create`
+//!   subcommands send (Namespace, ConfigMap, ServiceAccount, Service, RBAC objects) and
+//!   DeleteOptions; other protobuf bodies get `415`, and answers are always JSON (which every
+//!   client accepts: they ask for protobuf or JSON);
+//! - `/openapi/v3` lists paths and parameters but no
+//!   schemas (kubectl's default `--validate=strict` works, as it leaves validation to the
+//!   server; `kubectl explain` shows no fields), and there is no `/openapi/v2`;
 //! - server-side apply merges the applied configuration (maps merged, lists replaced) with no
 //!   field ownership: no apply conflicts, and fields dropped from a later apply stay;
 //! - no controllers: no garbage collection of owned objects, no default ServiceAccounts, no
@@ -40,8 +44,10 @@
 mod control;
 mod discovery;
 mod jsonpath;
+mod openapi;
 mod ops;
 mod patch;
+mod protobuf;
 mod resources;
 mod schema;
 mod selectors;
@@ -127,15 +133,25 @@ pub struct ApiServer {
 const INITIAL_NAMESPACES: &[&str] = &["default", "kube-node-lease", "kube-public", "kube-system"];
 
 fn bind_in(netns: Option<&str>, addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let owned = netns.map(str::to_string);
     let bind = move || {
-        let l = std::net::TcpListener::bind(addr).map_err(|e| {
-            if e.kind() == std::io::ErrorKind::AddrNotAvailable {
-                std::io::Error::new(
-                    e.kind(),
-                    format!("{e} (is the loopback interface up in that namespace?)"),
-                )
-            } else {
-                e
+        let l = std::net::TcpListener::bind(addr).or_else(|e| {
+            // A fresh namespace's loopback is down, so 127.0.0.1 is not there yet: bring `lo`
+            // up (anything running in the namespace needs it) and try again.
+            match (e.kind(), owned.as_deref()) {
+                (std::io::ErrorKind::AddrNotAvailable, Some(ns)) if addr.ip().is_loopback() => {
+                    let up = Command::new("ip")
+                        .args(["-n", ns, "link", "set", "lo", "up"])
+                        .status()?;
+                    if !up.success() {
+                        return Err(std::io::Error::new(
+                            e.kind(),
+                            format!("{e} (and `ip -n {ns} link set lo up` failed)"),
+                        ));
+                    }
+                    std::net::TcpListener::bind(addr)
+                }
+                _ => Err(e),
             }
         })?;
         l.set_nonblocking(true)?;
@@ -259,8 +275,8 @@ impl ApiServer {
             .expect("listening on 127.0.0.1")
     }
 
-    /// Listens on a free port of 127.0.0.1 inside `/run/netns/NETNS` (whose `lo` must be
-    /// up), for an agent running in that namespace.
+    /// Listens on a free port of 127.0.0.1 inside `/run/netns/NETNS` (bringing its `lo` up
+    /// if it is down), for an agent running in that namespace.
     pub fn listen_in_netns(&self, netns: &str) -> SocketAddr {
         self.listen_at(Some(netns), SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
             .unwrap_or_else(|e| panic!("listening on 127.0.0.1 in {netns}: {e}"))

@@ -23,7 +23,9 @@ use tokio::sync::{mpsc, watch};
 
 use super::control::{Controls, RequestKey};
 use super::discovery;
+use super::openapi;
 use super::ops::{self, DeleteOptions, ListOptions, ListWait, PatchType, WatchOptions, WatchStart};
+use super::protobuf;
 use super::resources::ResourceDef;
 use super::status::ApiError;
 use super::store::{EventType, Store, WatchItem};
@@ -232,6 +234,8 @@ enum Route {
     Groups,
     Group(String),
     ResourceList(String, String),
+    OpenApiRoot,
+    OpenApiDoc(String, String),
     Resource(RequestInfo),
     NotFound,
 }
@@ -242,6 +246,11 @@ fn route(store: &Store, method: &Method, path: &str, query: &BTreeMap<String, St
         [] => return Route::Root,
         ["version"] => return Route::Version,
         ["healthz" | "livez" | "readyz", ..] => return Route::Health,
+        ["openapi", "v3"] => return Route::OpenApiRoot,
+        ["openapi", "v3", "api", v] => return Route::OpenApiDoc(String::new(), (*v).to_string()),
+        ["openapi", "v3", "apis", g, v] => {
+            return Route::OpenApiDoc((*g).to_string(), (*v).to_string());
+        }
         ["api"] => return Route::CoreVersions,
         ["apis"] => return Route::Groups,
         ["apis", g] => return Route::Group((*g).to_string()),
@@ -420,7 +429,7 @@ fn non_resource(shared: &Shared, r: Route, accept: &str, local: SocketAddr) -> R
     match r {
         Route::Root => json_resp(
             200,
-            &json!({"paths": ["/api", "/api/v1", "/apis", "/healthz", "/livez", "/readyz", "/version"]}),
+            &json!({"paths": ["/api", "/api/v1", "/apis", "/healthz", "/livez", "/openapi/v3", "/readyz", "/version"]}),
         ),
         Route::Version => json_resp(200, &discovery::version()),
         Route::Health => respond(200, "text/plain; charset=utf-8", b"ok".to_vec(), &[]),
@@ -450,6 +459,10 @@ fn non_resource(shared: &Shared, r: Route, accept: &str, local: SocketAddr) -> R
             }
             discovery::resource_list(reg, &g, &v).map_or_else(not_found, |v| json_resp(200, &v))
         }
+        Route::OpenApiRoot => json_resp(200, &openapi::root(reg)),
+        Route::OpenApiDoc(g, v) => {
+            openapi::document(reg, &g, &v).map_or_else(not_found, |d| json_resp(200, &d))
+        }
         Route::NotFound | Route::Resource(_) => not_found(),
     }
 }
@@ -463,12 +476,25 @@ fn decode_body(content_type: &str, body: &[u8]) -> Result<Value, ApiError> {
             serde_norway::from_slice::<Value>(body)
                 .map_err(|e| ApiError::bad_request(format!("error converting YAML to JSON: {e}")))
         }
-        _ => Err(ApiError::unsupported_media_type(&[
-            "application/json",
-            "application/yaml",
-        ])),
+        "application/vnd.kubernetes.protobuf" => protobuf::decode(body).map_err(|e| match e {
+            protobuf::ProtoError::Unsupported { api_version, kind } => {
+                let mut err = ApiError::unsupported_media_type(ACCEPTED_BODIES);
+err.message = format!("{} (this API stand-in decodes protobuf only for Namespace, ConfigMap, ServiceAccount, Service, RBAC objects and DeleteOptions, not {kind} of {api_version})", err.message);
+                err
+            }
+            protobuf::ProtoError::Malformed(m) => ApiError::bad_request(format!(
+                "the object provided is unrecognized: {m}"
+            )),
+        }),
+        _ => Err(ApiError::unsupported_media_type(ACCEPTED_BODIES)),
     }
 }
+
+const ACCEPTED_BODIES: &[&str] = &[
+    "application/json",
+    "application/yaml",
+    "application/vnd.kubernetes.protobuf",
+];
 
 fn dry_run(query: &BTreeMap<String, String>) -> Result<bool, ApiError> {
     match query.get("dryRun").map(String::as_str) {
