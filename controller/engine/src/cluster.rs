@@ -27,7 +27,30 @@ pub struct ClusterReport {
     pub skipped: Vec<String>,
 }
 
+/// What the engine holds of the cluster (kept from before a restart, until the watchers
+/// have relisted and said what is gone).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ClusterKnown {
+    pub namespaces: BTreeSet<String>,
+    pub remotes: BTreeSet<String>,
+    pub policies: BTreeSet<PolicyRef>,
+}
+
 impl<D: Datapath, P: Plumbing> Engine<D, P> {
+    pub fn cluster_known(&self) -> ClusterKnown {
+        ClusterKnown {
+            namespaces: self.model.namespaces.keys().cloned().collect(),
+            remotes: self.model.remotes.keys().cloned().collect(),
+            policies: self
+                .model
+                .policy_sources
+                .iter()
+                .filter(|(_, s)| **s == PolicySource::Cluster)
+                .map(|(r, _)| r.clone())
+                .collect(),
+        }
+    }
+
     /// Applies a batch of cluster changes. The policies of the batch that the datapath
     /// cannot take (an HTTP rule the proxy cannot compile, ...) are retried one by one, so one
     /// bad object never holds back the rest.
@@ -222,21 +245,18 @@ fn apply(
     }
 
     for (key, labels) in &delta.endpoint_labels {
-        match m.endpoints.get_mut(key) {
-            Some(r) => {
-                if r.pending_labels {
-                    // `init` holds no reference; its number comes below.
-                    r.awaiting_identity = true;
-                } else {
-                    release.push(r.identity);
-                    r.identity = Identity::INIT;
-                    r.awaiting_identity = true;
-                    r.pending_labels = true;
-                }
-                r.labels = labels.clone();
-            }
-            None => debug!(endpoint = %key, "labels for a pod this node has no endpoint for (yet)"),
+        let Some(r) = m.endpoints.get_mut(key) else {
+            debug!(endpoint = %key, "labels for a pod this node has no endpoint for (yet)");
+            continue;
+        };
+        if !r.pending_labels {
+            release.push(r.identity);
+            r.identity = Identity::INIT;
+            r.pending_labels = true;
         }
+        // Its number comes below (`init` holds no reference).
+        r.awaiting_identity = true;
+        r.labels = labels.clone();
     }
 
     // Every workload's identity from its labels as they are now (namespace labels may have

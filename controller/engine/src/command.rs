@@ -13,7 +13,7 @@ use crate::attachments::AttachmentStatus;
 use crate::datapath::Datapath;
 use crate::engine::Engine;
 use crate::error::EngineError;
-use crate::cluster::ClusterReport;
+use crate::cluster::{ClusterKnown, ClusterReport};
 use crate::model::{AttachmentSpec, ClusterDelta, EndpointSpec, FilePolicies, LabelChange};
 use crate::plumbing::Plumbing;
 use crate::policies::PolicyUpdate;
@@ -68,6 +68,8 @@ pub enum Command {
     EndpointResolve(String, String, Labels, Reply<EndpointView>),
     /// Kubernetes mode: a batch of what the cluster changed.
     ClusterUpdate(ClusterDelta, Reply<ClusterReport>),
+    /// Kubernetes mode: what the engine holds of the cluster.
+    ClusterKnown(Reply<ClusterKnown>),
 }
 
 /// How often expired conntrack entries are swept.
@@ -135,6 +137,7 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
                 let result = self.cluster_update(delta);
                 self.settle(r, result).await;
             }
+            Command::ClusterKnown(r) => answer(r, Ok(self.cluster_known())),
             Command::Status(r) => answer(r, Ok(self.status())),
         }
     }
