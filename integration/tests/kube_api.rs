@@ -1171,22 +1171,28 @@ fn events_of_both_groups_are_one_store() {
         };
         let recorder = kube::runtime::events::Recorder::new(client, reporter);
         let p: Pod = serde_json::from_value(api.upsert(&pod("a", "n1", "web"))).unwrap();
-        recorder
-            .publish(
-                &kube::runtime::events::Event {
-                    type_: kube::runtime::events::EventType::Warning,
-                    reason: "PolicyDenied".into(),
-                    note: Some("denied 10.0.0.1:80".into()),
-                    action: "Enforce".into(),
-                    secondary: None,
-                },
-                &kube::Resource::object_ref(&p, &()),
-            )
-            .await
-            .unwrap();
+        for _ in 0..2 {
+            recorder
+                .publish(
+                    &kube::runtime::events::Event {
+                        type_: kube::runtime::events::EventType::Warning,
+                        reason: "PolicyDenied".into(),
+                        note: Some("denied 10.0.0.1:80".into()),
+                        action: "Enforce".into(),
+                        secondary: None,
+                    },
+                    &kube::Resource::object_ref(&p, &()),
+                )
+                .await
+                .unwrap();
+        }
     });
     let events = api.events();
     assert_eq!(events.len(), 1);
+    assert_eq!(
+        events[0]["series"]["count"], 2,
+        "the second publish became a series"
+    );
     assert_eq!(events[0]["reason"], "PolicyDenied");
     assert_eq!(events[0]["message"], "denied 10.0.0.1:80");
     assert_eq!(events[0]["involvedObject"]["name"], "a");
@@ -1196,4 +1202,211 @@ fn events_of_both_groups_are_one_store() {
         table.contains("PolicyDenied") && table.contains("pod/a"),
         "{table}"
     );
+}
+
+#[test]
+fn finalizers_hold_a_deletion_until_they_are_removed() {
+    let api = ApiServer::start();
+    let addr = api.listen();
+    rt().block_on(async {
+        let client = api.client(addr).await;
+        let nps: Api<NetworkPolicy> = Api::namespaced(client, "default");
+        let np = json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+            "metadata": {"name": "held", "finalizers": ["palisade.io/cleanup"]}, "spec": {"podSelector": {}}});
+        nps.create(&PostParams::default(), &serde_json::from_value(np).unwrap())
+            .await
+            .unwrap();
+        let mut stream = watcher::watcher(nps.clone(), watcher::Config::default()).boxed();
+        let first = next_np(&mut stream).await;
+        assert!(matches!(first, watcher::Event::Apply(_) | watcher::Event::InitApply(_)));
+
+        let answer = nps.delete("held", &DeleteParams::default()).await.unwrap();
+        let marked = answer.left().expect("a held deletion answers with the object");
+        assert!(marked.metadata.deletion_timestamp.is_some());
+        assert_eq!(marked.metadata.generation, Some(2), "marking for deletion bumps the generation");
+        let watcher::Event::Apply(seen) = next_np(&mut stream).await else { panic!("a MODIFIED") };
+        assert!(seen.metadata.deletion_timestamp.is_some());
+
+        // kube-rs's finalizer helper removes its finalizer with a JSON patch guarded by `test`.
+        let remove = json!([
+            {"op": "test", "path": "/metadata/finalizers/0", "value": "palisade.io/cleanup"},
+            {"op": "remove", "path": "/metadata/finalizers/0"}
+        ]);
+        let url = format!(
+            "{}/apis/networking.k8s.io/v1/namespaces/default/networkpolicies/held",
+            ApiServer::url(addr)
+        );
+        let patched = curl(&[
+            "-X",
+            "PATCH",
+            "-H",
+            "Content-Type: application/json-patch+json",
+            "--data",
+            &remove.to_string(),
+            &url,
+        ]);
+        assert_eq!(patched["metadata"]["name"], "held", "{patched}");
+        // The same patch again fails its `test`, as the real server answers it.
+        let again = curl(&[
+            "-X",
+            "PATCH",
+            "-H",
+            "Content-Type: application/json-patch+json",
+            "--data",
+            &remove.to_string(),
+            &url,
+        ]);
+        assert_eq!(again["code"], 404, "{again}");
+        // Patches that are not what they say get Status errors, never a dropped connection.
+        let cm = format!("{}/api/v1/namespaces/default/configmaps", ApiServer::url(addr));
+        api.create(&json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c", "namespace": "default"}}))
+            .unwrap();
+        for (ct, body, code) in [
+            ("application/merge-patch+json", "\"x\"", 422),
+            ("application/json-patch+json", "[{\"op\": \"replace\", \"path\": \"\", \"value\": 1}]", 422),
+            ("application/json-patch+json", "{}", 400),
+            ("application/merge-patch+json", "{not json", 400),
+            ("text/plain", "{}", 415),
+        ] {
+            let got = curl(&["-X", "PATCH", "-H", &format!("Content-Type: {ct}"), "--data", body, &format!("{cm}/c")]);
+            assert_eq!((got["kind"].as_str(), got["code"].as_i64()), (Some("Status"), Some(code)), "{ct} {body}: {got}");
+        }
+        let got = curl(&["-X", "POST", "-H", "Content-Type: application/json", "--data", "[1]", &cm]);
+        assert_eq!(got["code"], 400, "{got}");
+        let got = curl(&[&format!("{cm}?labelSelector=a%3Db%3Dc")]);
+        assert_eq!(got["code"], 400, "{got}");
+        assert!(matches!(
+            next_np(&mut stream).await,
+            watcher::Event::Delete(_)
+        ));
+        assert!(api.get("networking.k8s.io/v1", "NetworkPolicy", "default", "held").is_none());
+    });
+}
+
+async fn next_np<S>(stream: &mut S) -> watcher::Event<NetworkPolicy>
+where
+    S: futures::Stream<Item = Result<watcher::Event<NetworkPolicy>, watcher::Error>> + Unpin,
+{
+    loop {
+        let ev = tokio::time::timeout(Duration::from_secs(10), stream.next())
+            .await
+            .expect("a watcher event in time")
+            .expect("the stream goes on")
+            .expect("no watcher error");
+        if !matches!(ev, watcher::Event::Init | watcher::Event::InitDone) {
+            return ev;
+        }
+    }
+}
+
+#[test]
+fn a_graceful_pod_delete_is_seen_as_terminating_then_deleted() {
+    let api = ApiServer::start();
+    let addr = api.listen();
+    api.upsert(&pod("web", "n1", "web"));
+    rt().block_on(async {
+        let pods: Api<Pod> = Api::namespaced(api.client(addr).await, "default");
+        let mut stream = watcher::watcher(pods.clone(), watcher::Config::default()).boxed();
+        assert_eq!(
+            applied_name(&next_event(&mut stream).await),
+            ("apply", "web".to_string())
+        );
+        let answer = pods.delete("web", &DeleteParams::default()).await.unwrap();
+        let terminating = answer
+            .left()
+            .expect("a graceful delete answers with the pod");
+        assert_eq!(terminating.metadata.deletion_grace_period_seconds, Some(30));
+        let watcher::Event::Apply(p) = next_event(&mut stream).await else {
+            panic!("a MODIFIED")
+        };
+        assert!(
+            p.metadata.deletion_timestamp.is_some(),
+            "first the pod is terminating"
+        );
+        assert_eq!(
+            applied_name(&next_event(&mut stream).await),
+            ("delete", "web".to_string())
+        );
+    });
+}
+
+#[test]
+fn kube_rs_discovery_sees_crds_come_and_go() {
+    let api = ApiServer::start();
+    let addr = api.listen();
+    rt().block_on(async {
+        let client = api.client(addr).await;
+        let info = client.apiserver_version().await.unwrap();
+        assert_eq!((info.major.as_str(), info.minor.as_str()), ("1", "33"));
+        let crd: Value = serde_norway::from_str(CRD).unwrap();
+        api.create(&crd).unwrap();
+        for aggregated in [false, true] {
+            let d = kube::Discovery::new(client.clone());
+            let d = if aggregated {
+                d.run_aggregated().await
+            } else {
+                d.run().await
+            }
+            .unwrap();
+            let group = d.get("example.palisade.io").unwrap_or_else(|| {
+                panic!("the CRD's group is discovered (aggregated: {aggregated})")
+            });
+            let (ar, caps) = group
+                .recommended_kind("Widget")
+                .expect("Widget is discovered");
+            assert_eq!(ar.plural, "widgets");
+            assert_eq!(caps.scope, kube::discovery::Scope::Namespaced);
+            assert!(caps.supports_operation(kube::discovery::verbs::WATCH));
+            assert!(
+                caps.subresources
+                    .iter()
+                    .any(|(sub, _)| sub.plural == "widgets/status" || sub.plural == "status"),
+                "the status subresource is discovered: {:?}",
+                caps.subresources
+            );
+            let core = d.get("").expect("the core group");
+            assert!(core.recommended_kind("Pod").is_some());
+            let netpol = d
+                .get("networking.k8s.io")
+                .and_then(|g| g.recommended_kind("NetworkPolicy"));
+            assert!(netpol.is_some());
+        }
+        api.remove(
+            "apiextensions.k8s.io/v1",
+            "CustomResourceDefinition",
+            "",
+            "widgets.example.palisade.io",
+        );
+        let d = kube::Discovery::new(client.clone())
+            .run_aggregated()
+            .await
+            .unwrap();
+        assert!(
+            d.get("example.palisade.io").is_none(),
+            "a deleted CRD's group is gone"
+        );
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_lives_inside_an_async_test() {
+    let api = ApiServer::start();
+    let addr = api.addr();
+    let nss: Api<Namespace> = Api::all(api.client(addr).await);
+    let names: Vec<String> = nss
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .map(|n| n.metadata.name.unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        ["default", "kube-node-lease", "kube-public", "kube-system"]
+    );
+    api.pause(PauseMode::Refuse);
+    api.resume();
+    nss.get("default").await.unwrap();
+    drop(api);
 }

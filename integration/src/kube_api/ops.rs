@@ -494,11 +494,15 @@ pub fn update(
         && obj["metadata"]["finalizers"]
             .as_array()
             .is_none_or(Vec::is_empty);
+    if finalized {
+        // The last finalizer of an object being deleted: the real server writes no update
+        // but deletes it (`deleteWithoutFinalizers`), so watchers see one DELETED.
+        let last = finish_delete(store, def, &k).expect("present");
+        return Ok((def.view_form(&last), false));
+    }
     let stored = store.commit(&def.storage, k.clone(), def.stored_form(obj));
     let answer = def.view_form(&stored);
-    if finalized {
-        finish_delete(store, def, &k);
-    } else if def.builtin() == Some(Builtin::Crd) {
+    if def.builtin() == Some(Builtin::Crd) {
         establish(store, &k);
     }
     Ok((answer, false))
@@ -586,6 +590,13 @@ pub fn patch(
             }
             patch::apply(&mut obj, body);
         }
+    }
+    if !obj.is_object() {
+        return Err(ApiError::new(
+            422,
+            "Invalid",
+            format!("the patch leaves no object: {} is not a {}", obj, def.kind),
+        ));
     }
     // A patch may carry a resourceVersion: it is then a precondition, like a PUT's.
     let patched_rv = util::meta_str(&obj, "resourceVersion").to_string();
