@@ -15,6 +15,7 @@
 
 mod bench;
 mod demo;
+mod gen_crds;
 mod install;
 mod install_cni;
 
@@ -71,6 +72,8 @@ enum Task {
     /// Benchmarks (needs root): policy-scale, flow-ingest, l7-proxy (default: all). Results go to
     /// docs/benchmarks/.
     Bench { which: Option<String> },
+    /// Write the CRD YAML of controller/k8s/src/crd.rs into policies/crds/.
+    GenCrds,
     /// Only the integration tests (needs root).
     Integration {
         #[arg(last = true)]
@@ -238,6 +241,7 @@ fn main() -> anyhow::Result<()> {
             integration(&filter)
         }
         Task::Integration { filter } => integration(&filter),
+        Task::GenCrds => gen_crds::run(),
         Task::Bench { which } => bench::run(which),
     }
 }

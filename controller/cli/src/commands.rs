@@ -187,14 +187,15 @@ pub enum PolicyCmd {
 
 #[derive(Debug, Args)]
 pub struct ObserveArgs {
-    /// Flows from this pod (NS/NAME).
-    #[arg(long)]
+    /// Flows from pods whose name starts with this: [NAMESPACE/]POD, namespace `default`
+    /// when none is given (`shop/web-` is every pod of Deployment web, `shop/` the namespace).
+    #[arg(long, value_name = "[NS/]POD")]
     from_pod: Vec<String>,
-    /// Flows to this pod (NS/NAME).
-    #[arg(long)]
+    /// Flows to pods whose name starts with this ([NAMESPACE/]POD).
+    #[arg(long, value_name = "[NS/]POD")]
     to_pod: Vec<String>,
-    /// Flows from or to this pod.
-    #[arg(long)]
+    /// Flows from or to pods whose name starts with this ([NAMESPACE/]POD), as hubble's --pod.
+    #[arg(long, value_name = "[NS/]POD")]
     pod: Vec<String>,
     /// Source identity label (`key=value` or `key`).
     #[arg(long)]
@@ -846,6 +847,24 @@ mod tests {
         );
         assert_eq!(f.criteria.len(), 1);
         assert_eq!(f.criteria[0].values.len(), 2);
+    }
+
+    #[test]
+    fn pod_flag_filters_either_side() {
+        use clap::CommandFactory as _;
+        let m = Cli::command()
+            .try_get_matches_from(["palisade", "observe", "--pod", "shop/web-", "--pod", "db"])
+            .unwrap();
+        let f = observe_filter(m.subcommand_matches("observe").unwrap());
+        assert_eq!(
+            f.criteria,
+            vec![Criterion {
+                field: Field::Pod,
+                values: vec!["shop/web-".into(), "db".into()],
+                negate: false,
+            }]
+        );
+        assert!(f.validate().is_ok());
     }
 
     #[test]
