@@ -17,7 +17,7 @@ use k8s_openapi::api::core::v1::{Namespace, Pod};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::watcher;
-use palisade_integration::kube_api::{ApiServer, Config, Fault, PauseMode};
+use palisade_integration::kube_api::{self, ApiServer, Config, Fault, PauseMode};
 use serde_json::{Value, json};
 
 static FILES: AtomicU32 = AtomicU32::new(0);
@@ -1061,6 +1061,55 @@ fn injected_forbidden_reads_as_rbac_denies_and_requests_are_counted() {
     let counts = api.requests();
     assert_eq!(counts.of("list", "pods"), 2);
     assert_eq!(counts.verb("watch"), 0);
+}
+
+#[test]
+fn injected_latency_and_dropped_connections() {
+    let api = ApiServer::start();
+    let addr = api.listen();
+    rt().block_on(async {
+        let nss: Api<Namespace> = Api::all(api.client(addr).await);
+        let slow =
+            api.inject(Fault::delay("get", "", "namespaces", Duration::from_millis(400)).times(1));
+        let t = Instant::now();
+        nss.get("default").await.unwrap();
+        assert!(
+            t.elapsed() >= Duration::from_millis(400),
+            "served after the delay"
+        );
+        api.remove_fault(slow);
+
+        let id = api.inject(Fault::drop_connection("list", "", "namespaces").times(1));
+        let err = nss.list(&ListParams::default()).await.unwrap_err();
+        assert!(
+            !matches!(err, kube::Error::Api(_)),
+            "a transport error, not a Status: {err}"
+        );
+        // Only once: the next request is served.
+        assert_eq!(
+            nss.list(&ListParams::default()).await.unwrap().items.len(),
+            4
+        );
+        api.remove_fault(id);
+        // A status fault for any verb of a resource, a given number of times: kube-rs
+        // retries 429s by itself, and the request counts show the attempts.
+        api.inject(
+            Fault::status(
+                "*",
+                "",
+                "namespaces",
+                kube_api::ApiError::new(
+                    429,
+                    "TooManyRequests",
+                    "the server has received too many requests and has asked us to try again later",
+                ),
+            )
+            .times(2),
+        );
+        api.reset_requests();
+        nss.get("default").await.unwrap();
+        assert_eq!(api.requests().of("get", "namespaces"), 3);
+    });
 }
 
 #[test]

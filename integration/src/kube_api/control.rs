@@ -1,6 +1,7 @@
 //! Test controls that act per request: injected failures and request counts.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use super::server::RequestInfo;
 use super::status::{ApiError, GroupResource};
@@ -73,6 +74,18 @@ enum Answer {
         user: String,
     },
     Status(ApiError),
+    /// Served normally, after this long (a slow or overloaded server).
+    Delay(Duration),
+    /// The connection is closed mid-response, as a network failure would close it.
+    Drop,
+}
+
+/// What the server does with a request a fault matched.
+#[derive(Clone, Debug)]
+pub(crate) enum Injected {
+    Fail(ApiError),
+    Delay(Duration),
+    Drop,
 }
 
 /// A failure to inject: requests that match answer with it instead of being served.
@@ -124,6 +137,17 @@ impl Fault {
         Fault::new(verb, group, resource, Answer::Status(error))
     }
 
+    /// Matching requests are served, but only after `delay`.
+    pub fn delay(verb: &str, group: &str, resource: &str, delay: Duration) -> Fault {
+        Fault::new(verb, group, resource, Answer::Delay(delay))
+    }
+
+    /// Matching requests get the response headers and then a closed connection, as when the
+    /// network fails mid-response.
+    pub fn drop_connection(verb: &str, group: &str, resource: &str) -> Fault {
+        Fault::new(verb, group, resource, Answer::Drop)
+    }
+
     /// Only requests to this subresource (`"status"`); by default only the main resource.
     pub fn subresource(mut self, sub: &str) -> Fault {
         self.subresource = Some(sub.to_string());
@@ -157,17 +181,19 @@ impl Fault {
             && self.remaining != Some(0)
     }
 
-    fn answer(&self, info: &RequestInfo) -> ApiError {
+    fn answer(&self, info: &RequestInfo) -> Injected {
         match &self.answer {
-            Answer::Status(e) => e.clone(),
-            Answer::Forbidden { user } => ApiError::forbidden(
+            Answer::Status(e) => Injected::Fail(e.clone()),
+            Answer::Delay(d) => Injected::Delay(*d),
+            Answer::Drop => Injected::Drop,
+            Answer::Forbidden { user } => Injected::Fail(ApiError::forbidden(
                 user,
                 info.verb,
                 &GroupResource::new(&info.group, &info.resource),
                 &info.subresource,
                 &info.namespace,
                 &info.name,
-            ),
+            )),
         }
     }
 }
@@ -199,7 +225,7 @@ impl Controls {
         self.faults.clear();
     }
 
-    pub(crate) fn fault_for(&mut self, info: &RequestInfo) -> Option<ApiError> {
+    pub(crate) fn fault_for(&mut self, info: &RequestInfo) -> Option<Injected> {
         let (_, f) = self.faults.iter_mut().find(|(_, f)| f.matches(info))?;
         if let Some(n) = &mut f.remaining {
             *n -= 1;

@@ -202,6 +202,7 @@ impl ApiServer {
             config,
             pause: watch::channel(None).0,
             epoch: watch::channel(0).0,
+            connections: std::sync::atomic::AtomicUsize::new(0),
         });
         let s = ApiServer {
             shared,
@@ -463,13 +464,24 @@ impl ApiServer {
         self.shared.store().compact();
     }
 
-    /// Pauses the server (see [`PauseMode`]); with `Refuse`, returns once nothing listens.
+    /// Pauses the server (see [`PauseMode`]); with `Refuse`, returns once nothing listens and
+    /// every connection is closed.
     pub fn pause(&self, mode: PauseMode) {
         self.shared.pause.send_replace(Some(mode));
         if mode == PauseMode::Refuse {
             self.stop_accepting();
             self.shared.epoch.send_modify(|e| *e += 1);
             self.shared.store().abort_watches();
+            // Return once every connection is closed, so that clients see the outage (and
+            // do not reuse a connection the server is still closing).
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            while self.shared.connections.load(Ordering::SeqCst) > 0 {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the stand-in's connections did not close"
+                );
+                std::thread::sleep(Duration::from_millis(2));
+            }
         }
     }
 

@@ -7,6 +7,7 @@ use std::convert::Infallible;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -21,7 +22,7 @@ use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
 use tokio::sync::{mpsc, watch};
 
-use super::control::{Controls, RequestKey};
+use super::control::{Controls, Injected, RequestKey};
 use super::discovery;
 use super::openapi;
 use super::ops::{self, DeleteOptions, ListOptions, ListWait, PatchType, WatchOptions, WatchStart};
@@ -43,6 +44,24 @@ pub struct Shared {
     pub pause: watch::Sender<Option<PauseMode>>,
     /// Bumped to close every listener and connection (pause with `Refuse`, shutdown).
     pub epoch: watch::Sender<u64>,
+    /// Connections open now (their sockets not yet closed).
+    pub connections: AtomicUsize,
+}
+
+/// Counts a connection as open until dropped (also when its task is cancelled).
+struct Open<'a>(&'a AtomicUsize);
+
+impl<'a> Open<'a> {
+    fn new(n: &'a AtomicUsize) -> Open<'a> {
+        n.fetch_add(1, Ordering::SeqCst);
+        Open(n)
+    }
+}
+
+impl Drop for Open<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl Shared {
@@ -341,6 +360,8 @@ pub async fn serve_connection(
     stream: tokio::net::TcpStream,
     local: SocketAddr,
 ) {
+    // Declared first, dropped last: after the connection and its socket.
+    let _open = Open::new(&shared.connections);
     let mut epoch = shared.epoch.subscribe();
     let svc_shared = Arc::clone(&shared);
     let svc = service_fn(move |req: Request<Incoming>| {
@@ -405,8 +426,22 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>, local: SocketAddr) 
         }
     };
     shared.controls().count(RequestKey::of(&info));
-    if let Some(e) = shared.controls().fault_for(&info) {
-        return error_resp(&e);
+    let injected = shared.controls().fault_for(&info);
+    match injected {
+        Some(Injected::Fail(e)) => return error_resp(&e),
+        Some(Injected::Delay(d)) => tokio::time::sleep(d).await,
+        Some(Injected::Drop) => {
+            let (tx, rx) = mpsc::channel(1);
+            let _ = tx.try_send(Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "connection dropped by an injected fault",
+            )));
+            let mut r = Response::new(ResBody::Stream(rx));
+            r.headers_mut()
+                .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            return r;
+        }
+        None => {}
     }
     let body = match req.into_body().collect().await {
         Ok(b) => b.to_bytes(),
