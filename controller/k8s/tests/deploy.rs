@@ -309,6 +309,8 @@ fn the_daemonset_runs_the_agent_in_kubernetes_mode_on_every_node() {
     for expected in [
         " --kubernetes ",
         " --node-name $(NODE_NAME) ",
+        " --k8s-namespace $(POD_NAMESPACE) ",
+        " --cni-conf-dir /etc/cni/net.d ",
         " --metrics-addr 127.0.0.1:9962 ",
     ] {
         assert!(
@@ -325,6 +327,15 @@ fn the_daemonset_runs_the_agent_in_kubernetes_mode_on_every_node() {
         .and_then(|v| v.field_ref.as_ref())
         .map(|f| f.field_path.clone());
     assert_eq!(node_name.as_deref(), Some("spec.nodeName"));
+    let namespace_of_pod = agent
+        .env
+        .iter()
+        .flatten()
+        .find(|e| e.name == "POD_NAMESPACE")
+        .and_then(|e| e.value_from.as_ref())
+        .and_then(|v| v.field_ref.as_ref())
+        .map(|f| f.field_path.clone());
+    assert_eq!(namespace_of_pod.as_deref(), Some("metadata.namespace"));
 
     // Each probe asks the agent's /healthz where --metrics-addr serves it.
     for (name, probe) in [
