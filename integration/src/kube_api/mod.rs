@@ -20,21 +20,57 @@
 //!   subcommands send (Namespace, ConfigMap, ServiceAccount, Service, RBAC objects) and
 //!   DeleteOptions; other protobuf bodies get `415`, and answers are always JSON (which every
 //!   client accepts: they ask for protobuf or JSON);
-//! - `/openapi/v3` lists paths and parameters but no
-//!   schemas (kubectl's default `--validate=strict` works, as it leaves validation to the
-//!   server; `kubectl explain` shows no fields), and there is no `/openapi/v2`;
+//! - `/openapi/v3` lists paths and parameters but no schemas (kubectl's default
+//!   `--validate=strict` works, as it leaves validation to the server; `kubectl explain`
+//!   shows no fields), and there is no `/openapi/v2`;
 //! - server-side apply merges the applied configuration (maps merged, lists replaced) with no
-//!   field ownership: no apply conflicts, and fields dropped from a later apply stay;
+//!   field ownership: no apply conflicts, and fields dropped from a later apply stay; no
+//!   `managedFields` anywhere;
 //! - no controllers: no garbage collection of owned objects, no default ServiceAccounts, no
-//!   scheduling; a graceful Pod delete on a node is finished at once (as by an instant
-//!   kubelet), a namespace or CRD delete removes its contents at once;
+//!   scheduling, no Event expiry; a graceful Pod delete on a node is finished at once (as by
+//!   an instant kubelet), a namespace or CRD delete removes its contents at once;
+//! - subresources other than `status` (`scale`, `log`, `exec`, `eviction`, `binding`, ...)
+//!   are not served;
 //! - CRD schemas: defaults, pruning and type/enum/bounds/pattern checks only (no `format`,
 //!   `oneOf`/`anyOf`/`allOf`/`not` or CEL); conversion between served versions is `None`;
-//! - admission: Namespace lifecycle only; built-in objects are validated by decoding into
-//!   their types, not by kube-apiserver's validation rules (Pod spec updates excepted);
+//! - admission: Namespace lifecycle only; built-in objects are checked by decoding into their
+//!   k8s-openapi types (unknown fields, wrong types) and for names, labels, annotations, Pod
+//!   containers, Pod spec immutability and CRD names and versions, not by all of
+//!   kube-apiserver's validation;
 //! - status writes change only `.status`, for built-ins too (a real Pod status write may
-//!   also change labels and annotations).
+//!   also change labels and annotations);
+//! - Table columns follow kube-apiserver's printers for the resources served, with a
+//!   simpler Pod STATUS (deletion, reason, first waiting/terminated reason, phase).
 //!
+//! Test controls (on [`ApiServer`]): objects written and removed directly, open watches
+//! dropped, history compacted, the server paused (refusing or hanging) and resumed on the
+//! same addresses, faults injected per verb and resource (errors, latency, dropped
+//! connections), requests counted, Events read. It can listen on the host's loopback and
+//! inside any number of network namespaces, all serving the same objects.
+//!
+//! ```no_run
+//! use palisade_integration::kube_api::{ApiServer, Fault, PauseMode};
+//! use serde_json::json;
+//!
+//! let api = ApiServer::start(); // on the host's 127.0.0.1
+//! let addr = api.listen_in_netns("t1-node"); // and inside a node namespace
+//! ApiServer::write_kubeconfig(addr, "/tmp/kubeconfig".as_ref()).unwrap();
+//! // ... start `palisade-agent --kubernetes --kubeconfig /tmp/kubeconfig` in t1-node ...
+//! api.upsert(&json!({"apiVersion": "v1", "kind": "Pod",
+//!     "metadata": {"name": "web", "namespace": "default", "labels": {"app": "web"}},
+//!     "spec": {"nodeName": "n1", "containers": [{"name": "c", "image": "nginx"}]},
+//!     "status": {"phase": "Running", "podIP": "10.0.1.5"}}));
+//! api.drop_watches(); // every watch ends mid-stream; clients re-watch
+//! api.compact(); // and a re-watch from before now gets 410 Gone
+//! let id = api.inject(Fault::forbidden("system:serviceaccount:palisade:palisade", "list", "", "pods"));
+//! api.remove_fault(id);
+//! api.pause(PauseMode::Refuse);
+//! api.resume();
+//! assert!(api.requests().of("watch", "pods") > 0);
+//! let mut kubectl = api.kubectl(addr, Some("t1-node"));
+//! kubectl.args(["get", "pods", "-o", "wide"]);
+//! ```
+
 //! Test controls (on [`ApiServer`]): objects written and removed directly, open watches
 //! dropped, history compacted, the server paused (refusing or hanging) and resumed on the
 //! same addresses, faults injected per verb and resource, requests counted, Events read.
