@@ -387,6 +387,12 @@ fn kubectl_typed_create_commands_send_protobuf_the_server_decodes() {
     let svc = api.get("v1", "Service", "shop", "web").unwrap();
     assert_eq!(svc["spec"]["ports"][0]["targetPort"], 8080);
     assert_eq!(svc["spec"]["clusterIP"], "10.96.0.10");
+    let services = ok(&kubectl(&api, &["get", "svc", "-A", "-o", "name"]));
+    assert_eq!(
+        services.lines().collect::<Vec<_>>(),
+        ["service/kubernetes", "service/web"],
+        "the apiserver's own Service is there"
+    );
     let pod = api.get("v1", "Pod", "shop", "p").unwrap();
     assert_eq!(pod["status"]["phase"], "Pending");
     let table = ok(&kubectl(&api, &["get", "pods", "-n", "shop", "-o", "wide"]));

@@ -165,7 +165,8 @@ pub struct ApiServer {
     dir: PathBuf,
 }
 
-/// The namespaces a fresh cluster has.
+/// The namespaces a fresh cluster has (with the `default/kubernetes` Service, the objects a
+/// new server starts with).
 const INITIAL_NAMESPACES: &[&str] = &["default", "kube-node-lease", "kube-public", "kube-system"];
 
 fn bind_in(netns: Option<&str>, addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
@@ -250,6 +251,17 @@ impl ApiServer {
         for ns in INITIAL_NAMESPACES {
             s.upsert(&json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}));
         }
+        // The Service kube-apiserver keeps for itself (it routes nowhere here).
+        s.upsert(&json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "kubernetes", "namespace": "default",
+                "labels": {"component": "apiserver", "provider": "kubernetes"}},
+            "spec": {"type": "ClusterIP", "clusterIP": "10.96.0.1", "clusterIPs": ["10.96.0.1"],
+                "ipFamilies": ["IPv4"], "ipFamilyPolicy": "SingleStack",
+                "internalTrafficPolicy": "Cluster", "sessionAffinity": "None",
+                "ports": [{"name": "https", "port": 443, "protocol": "TCP", "targetPort": 6443}]},
+            "status": {"loadBalancer": {}},
+        }));
         s
     }
 
