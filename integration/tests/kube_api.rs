@@ -22,15 +22,31 @@ use serde_json::{Value, json};
 
 static FILES: AtomicU32 = AtomicU32::new(0);
 
-/// A manifest written to a temp file, for `kubectl -f`.
-fn manifest(text: &str) -> PathBuf {
+/// A manifest written to a temp file for `kubectl -f`, removed when dropped.
+struct Manifest(PathBuf);
+
+impl std::ops::Deref for Manifest {
+    type Target = std::path::Path;
+
+    fn deref(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for Manifest {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn manifest(text: &str) -> Manifest {
     let n = FILES.fetch_add(1, Ordering::SeqCst);
     let p = std::env::temp_dir().join(format!(
         "palisade-kube-api-test-{}-{n}.yaml",
         std::process::id()
     ));
     std::fs::write(&p, text).expect("write manifest");
-    p
+    Manifest(p)
 }
 
 fn run(mut cmd: Command) -> Output {
