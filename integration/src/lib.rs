@@ -7,6 +7,7 @@
     reason = "test fixtures: a failing test prints the agent's log for whoever reads it"
 )]
 
+pub mod cluster;
 pub mod cni;
 pub mod conformance;
 pub mod differential;

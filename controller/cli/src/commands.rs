@@ -357,15 +357,30 @@ fn print_endpoints(eps: &[EndpointView]) {
 }
 
 fn print_trace(t: &TraceResult) {
+    let elsewhere = [&t.egress, &t.ingress]
+        .iter()
+        .any(|s| s.judged_on.is_some());
     println!(
-        "{} {} -> {} on {}/{}",
-        t.verdict, t.egress.endpoint, t.ingress.endpoint, t.port, t.protocol
+        "{} {} -> {} on {}/{}{}",
+        t.verdict,
+        t.egress.endpoint,
+        t.ingress.endpoint,
+        t.port,
+        t.protocol,
+        if elsewhere { " (this node's side)" } else { "" }
     );
     println!(
         "  identities: source {} -> destination {}",
         t.source_identity, t.destination_identity
     );
     for side in [&t.egress, &t.ingress] {
+        if let Some(node) = &side.judged_on {
+            println!(
+                "  {} of {}: judged on node {node} — {}",
+                side.direction, side.endpoint, side.reason
+            );
+            continue;
+        }
         println!(
             "  {} of {}: {} — {}",
             side.direction, side.endpoint, side.verdict, side.reason

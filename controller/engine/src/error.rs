@@ -134,6 +134,9 @@ pub enum EngineError {
     /// Kubernetes mode: policies come from the API server.
     #[error("policy {policy} comes from the Kubernetes API: change it there (kubectl apply / delete)")]
     ClusterManaged { policy: String },
+    /// Kubernetes mode: a trace between two pods of other nodes.
+    #[error("neither {from} nor {to} runs on this node: trace on the node of either")]
+    NotOnThisNode { from: String, to: String },
     /// Kubernetes mode: namespace labels come from the API server.
     #[error("namespace {namespace:?} is a Kubernetes namespace: change its labels there (kubectl label namespace)")]
     ClusterNamespace { namespace: String },
@@ -174,6 +177,7 @@ impl EngineError {
             | EngineError::UnsupportedTraceProtocol { .. }
             | EngineError::ClusterManaged { .. }
             | EngineError::ClusterNamespace { .. }
+            | EngineError::NotOnThisNode { .. }
             | EngineError::L7Policy(_) => ErrorClass::Invalid,
             EngineError::NoSuchEndpoint { .. }
             | EngineError::NoSuchAttachment { .. }
