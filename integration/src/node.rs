@@ -119,7 +119,7 @@ impl Node {
             "ip netns add {netns}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let node = Node {
+        Node {
             api: dir.join("agent.sock"),
             netns,
             tag,
@@ -131,8 +131,7 @@ impl Node {
             fresh_bpffs,
             agent: Mutex::new(None),
             endpoints: Mutex::new(Vec::new()),
-        };
-        node
+        }
     }
 
     fn log_path(&self) -> PathBuf {

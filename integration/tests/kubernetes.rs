@@ -68,7 +68,7 @@ fn pods_namespaces_and_every_policy_kind_from_the_api_are_enforced() {
     let objects = c.api.list("palisade.io/v1", "PalisadeIdentity");
     let obj = objects
         .iter()
-        .find(|o| o["metadata"]["name"] == id.to_string())
+        .find(|o| o["metadata"]["name"].as_str() == Some(id.to_string().as_str()))
         .unwrap_or_else(|| panic!("no PalisadeIdentity {id}: {objects:?}"));
     assert_eq!(obj["spec"]["labels"]["app"], "web");
     assert_eq!(obj["spec"]["labels"]["io.kubernetes.pod.namespace"], "shop");
@@ -328,4 +328,57 @@ fn two_nodes_share_identities_and_enforce_across_the_link() {
     assert_eq!(denied["source"]["namespace"], "shop");
     assert_eq!(denied["source"]["name"], "other");
     assert!(denied["source"]["labels"].to_string().contains("k8s:app=other"), "{denied}");
+}
+
+#[test]
+fn namespace_labels_clusterwide_policies_deleted_pods_and_unused_identities() {
+    let c = Cluster::start("k8s-ns", 1, true, &["--identity-gc-grace", "1s"]);
+    c.namespace("shop", &[]);
+    c.namespace("ops", &[("team", "red")]);
+    let web = c.pod(0, "shop", "web", &[("app", "web")]);
+    let probe = c.pod(0, "ops", "probe", &[("app", "probe")]);
+    c.endpoint(0, &web);
+    c.endpoint(0, &probe);
+    let _srv = tcp_server(&web.container.netns, 80);
+    // A clusterwide palisade.io policy: web takes only namespaces labelled team=blue.
+    c.kubectl_stdin(
+        &["create"],
+        "apiVersion: palisade.io/v1\nkind: ClusterwideNetworkPolicy\nmetadata: {name: web-from-blue}\nspec:\n  endpointSelector: {matchLabels: {app: web, io.kubernetes.pod.namespace: shop}}\n  ingress:\n  - fromEndpoints: [{matchLabels: {io.cilium.k8s.namespace.labels.team: blue}}]\n",
+    );
+    until_connects(&c, &probe, &web, false, "ops (team=red) is denied");
+    // The namespace relabelled: its pods' identities follow, and the policy with them.
+    c.namespace("ops", &[("team", "blue")]);
+    until_connects(&c, &probe, &web, true, "ops, now team=blue, is allowed");
+    c.namespace("ops", &[("team", "red")]);
+    until_connects(&c, &probe, &web, false, "ops, red again, is denied");
+
+    // A deleted pod: its endpoint goes, and so, after the grace, does the identity no pod
+    // has any more.
+    let probe_ep = c.endpoint(0, &probe);
+    let id = probe_ep["identity"].as_u64().expect("identity").to_string();
+    assert!(
+        c.api
+            .list("palisade.io/v1", "PalisadeIdentity")
+            .iter()
+            .any(|o| o["metadata"]["name"] == id.as_str())
+    );
+    c.delete_pod(&probe);
+    c.eventually(0, "the deleted pod's endpoint is gone", || {
+        let list = c.nodes[0].node.json(&["endpoint", "list"]);
+        !list.to_string().contains("\"probe\"")
+    });
+    c.eventually(0, "the unused identity is collected", || {
+        !c.api
+            .list("palisade.io/v1", "PalisadeIdentity")
+            .iter()
+            .any(|o| o["metadata"]["name"] == id.as_str())
+    });
+    let web_id = c.endpoint(0, &web)["identity"].as_u64().expect("identity").to_string();
+    assert!(
+        c.api
+            .list("palisade.io/v1", "PalisadeIdentity")
+            .iter()
+            .any(|o| o["metadata"]["name"] == web_id.as_str()),
+        "an identity in use stays"
+    );
 }

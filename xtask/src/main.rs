@@ -14,6 +14,7 @@
 )]
 
 mod bench;
+mod bench_k8s;
 mod demo;
 mod gen_crds;
 mod install;
