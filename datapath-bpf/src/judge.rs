@@ -26,7 +26,7 @@ use crate::{
     conntrack::{self, now_ns, opposite},
     events::{self, EventMeta},
     maps::{CONFIG, ENDPOINTS, IPCACHE},
-    packet::{self, Packet, Parsed, TCP_ACK, TCP_SYN},
+    packet::{self, Packet, Parsed},
     policy::{self, Decision},
     proxy,
 };
@@ -88,7 +88,10 @@ fn report_drop(ctx: &TcContext, dir: u8, ifindex: u32, len: u32, d: &Drop) {
             protocol: 0,
             tcp_flags: 0,
             policy_port_be: 0,
+            opens: false,
             related: false,
+            outer_saddr: [0; 16],
+            outer_daddr: [0; 16],
         },
     };
     let (src_identity, dst_identity) = if dir == direction::EGRESS {
@@ -126,11 +129,12 @@ fn judge(ctx: &TcContext, dir: u8, ifindex: u32, len: u32) -> Result<u8, Drop> {
         Parsed::Arp => return Ok(OUTCOME_FORWARDED),
         Parsed::Ipv4(p) => p,
     };
-    if dir == direction::EGRESS && !pkt.related && pkt.saddr != ep.addr {
+    // What an endpoint sends must come from its address, and what the node hands to it must
+    // be addressed to it: ICMP errors included, by their own (outer) addresses.
+    if dir == direction::EGRESS && pkt.outer_saddr != ep.addr {
         return Err(Drop::plain(drop::INVALID_SOURCE_IP));
     }
-    // What the node hands to an endpoint must be addressed to it.
-    if dir == direction::INGRESS && !pkt.related && pkt.daddr != ep.addr {
+    if dir == direction::INGRESS && pkt.outer_daddr != ep.addr {
         return Err(Drop::plain(drop::INVALID_DESTINATION_IP));
     }
     let now = now_ns();
@@ -142,13 +146,7 @@ fn judge(ctx: &TcContext, dir: u8, ifindex: u32, len: u32) -> Result<u8, Drop> {
     };
 
     if pkt.related {
-        // An ICMP error about a connection: forwarded only if that connection is tracked by
-        // the opposite direction of this endpoint (the side that sent the original packet).
-        let key = conntrack::key_forward(&pkt, opposite(dir));
-        return match conntrack::lookup(&key, now) {
-            Some(_) => Ok(OUTCOME_FORWARDED),
-            None => Err(Drop::plain(drop::CT_TRUNCATED_OR_INVALID)),
-        };
+        return related(&pkt, dir, now);
     }
 
     // Original direction of a connection this direction opened. One key is turned around
@@ -182,6 +180,30 @@ fn judge(ctx: &TcContext, dir: u8, ifindex: u32, len: u32) -> Result<u8, Drop> {
         len,
         proxied_from,
     )
+}
+
+/// An ICMP error (destination unreachable, time exceeded, parameter problem) passes only as
+/// part of the connection it reports on, and only travelling that connection's reply
+/// direction: the embedded packet is one of the connection's original direction, tracked by
+/// the opposite direction of this endpoint (the side that sent it), and the error goes back
+/// to that packet's source. Its outer source: when this endpoint sends the error, the
+/// embedded packet's destination, that is itself (the source check made sure of its own
+/// address): an endpoint reports only on what was addressed to it, never on others'
+/// connections. When this endpoint receives it, any source: a router on the way (the node,
+/// or one beyond it) may report as well as the peer, and its address cannot be known in
+/// advance (Linux conntrack accepts any outer source too); a local endpoint cannot forge one,
+/// its own egress check (above) stops it first. Errors about the reply direction (travelling
+/// the original one) are not let through.
+#[inline(always)]
+fn related(pkt: &Packet, dir: u8, now: u64) -> Result<u8, Drop> {
+    if pkt.outer_daddr != pkt.saddr || (dir == direction::EGRESS && pkt.outer_saddr != pkt.daddr) {
+        return Err(Drop::plain(drop::ICMP_ERROR_MISMATCH));
+    }
+    let key = conntrack::key_forward(pkt, opposite(dir));
+    match conntrack::lookup(&key, now) {
+        Some(_) => Ok(OUTCOME_FORWARDED),
+        None => Err(Drop::plain(drop::CT_TRUNCATED_OR_INVALID)),
+    }
 }
 
 /// Identity (and CIDR alias) of the peer address; an address nobody claims is `world`.
@@ -289,13 +311,9 @@ fn revalidate(
 ) -> Result<(), Drop> {
     // SAFETY: valid map value pointer for this program run.
     let e = unsafe { &mut *entry };
-    let port_be = if key.protocol == proto::ICMP {
-        (8u16).to_be()
-    } else {
-        key.dport_be
-    };
+    // The port policy saw when the connection opened (for ICMP: the request's type).
     let known_peer = (e.flags & CT_FLAG_FROM_PROXY != 0).then_some(e.peer_identity);
-    let (decision, peer_identity) = check_policy(ep, key.scope, key, port_be, known_peer);
+    let (decision, peer_identity) = check_policy(ep, key.scope, key, key.dport_be, known_peer);
     let allowed = matches!(decision.action, action::ALLOW | action::REDIRECT);
     let stop = |reason| Drop {
         reason,
@@ -407,7 +425,7 @@ fn new_connection(
             0
         }
     };
-    let is_syn = pkt.protocol == proto::TCP && pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    let is_syn = pkt.protocol == proto::TCP && pkt.opens;
     if proxy_port_be != 0 || decision.action == action::REDIRECT {
         // Only a TCP connection opened on an endpoint's egress can be handed to the proxy;
         // anything else that policy sends there fails closed.
@@ -421,10 +439,26 @@ fn new_connection(
     if proxied_from.is_some() {
         ct_flags |= CT_FLAG_FROM_PROXY;
     }
-    // Only a SYN opens a TCP connection. A mid-stream segment that policy allows is forwarded
-    // but tracks nothing: otherwise a peer could turn the other side's packets into "replies"
-    // of a connection that never passed policy in that direction.
-    if pkt.protocol == proto::TCP && !is_syn {
+    // Only a SYN opens a TCP connection, only a request an ICMP one (and ICMP that is no
+    // query opens none). Anything else that policy allows is forwarded but tracks nothing:
+    // otherwise a peer could turn the other side's packets into "replies" of a connection
+    // that never passed policy in that direction. In audit mode what policy would have
+    // dropped is still reported, packet by packet as the drops would be.
+    if !pkt.opens {
+        if outcome == OUTCOME_AUDIT {
+            report_new(
+                cfg,
+                ep,
+                dir,
+                pkt,
+                now,
+                ifindex,
+                len,
+                peer_identity,
+                decision.rule_id,
+                verdict_code,
+            );
+        }
         return Ok(outcome);
     }
     if conntrack::create(
@@ -448,6 +482,40 @@ fn new_connection(
         conntrack::remove(key);
         return Err(deny(reason));
     }
+    report_new(
+        cfg,
+        ep,
+        dir,
+        pkt,
+        now,
+        ifindex,
+        len,
+        peer_identity,
+        decision.rule_id,
+        verdict_code,
+    );
+    Ok(outcome)
+}
+
+/// The flow event of a new connection's verdict (or, in audit mode, of a packet policy would
+/// have dropped).
+#[expect(
+    clippy::too_many_arguments,
+    reason = "always inlined: a struct would only add stack"
+)]
+#[inline(always)]
+fn report_new(
+    cfg: &Config,
+    ep: &EndpointInfo,
+    dir: u8,
+    pkt: &Packet,
+    now: u64,
+    ifindex: u32,
+    len: u32,
+    peer_identity: u32,
+    rule_id: u32,
+    verdict_code: u8,
+) {
     let (src_identity, dst_identity) = if dir == direction::EGRESS {
         (ep.identity, peer_identity)
     } else {
@@ -462,8 +530,7 @@ fn new_connection(
         ifindex,
         src_identity,
         dst_identity,
-        rule_id: decision.rule_id,
+        rule_id,
         packet_len: len,
     });
-    Ok(outcome)
 }

@@ -38,6 +38,12 @@ const ICMP_DEST_UNREACH: u8 = 3;
 const ICMP_ECHO: u8 = 8;
 const ICMP_TIME_EXCEEDED: u8 = 11;
 const ICMP_PARAMETER_PROBLEM: u8 = 12;
+const ICMP_TIMESTAMP: u8 = 13;
+const ICMP_TIMESTAMP_REPLY: u8 = 14;
+const ICMP_INFO_REQUEST: u8 = 15;
+const ICMP_INFO_REPLY: u8 = 16;
+const ICMP_ADDRESS: u8 = 17;
+const ICMP_ADDRESS_REPLY: u8 = 18;
 
 pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
@@ -247,7 +253,8 @@ pub struct DatapathModel {
 
 // ---- packet.rs ------------------------------------------------------------------------------
 
-/// The connection tuple of a packet plus what policy needs (`Packet` in packet.rs).
+/// The connection tuple of a packet plus what policy needs (`Packet` in packet.rs). ICMP
+/// queries carry their identifier in `sport` and their type in `dport`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Packet {
     pub saddr: Ipv4Addr,
@@ -258,8 +265,38 @@ pub struct Packet {
     pub tcp_flags: u8,
     /// The "port" policy matches: the destination port, or the ICMP type.
     pub policy_port: u16,
+    /// May open a connection: a TCP SYN, an ICMP query request, any packet of other
+    /// protocols.
+    pub opens: bool,
     /// An ICMP error: the tuple is the embedded packet's.
     pub related: bool,
+    /// The IP header's own addresses (an ICMP error's, not the embedded packet's).
+    pub outer_saddr: Ipv4Addr,
+    pub outer_daddr: Ipv4Addr,
+}
+
+/// `packet::icmp_counterpart`: a query's request and reply types are each other's; any other
+/// type is its own.
+fn icmp_counterpart(icmp_type: u8) -> u8 {
+    match icmp_type {
+        ICMP_ECHO => ICMP_ECHO_REPLY,
+        ICMP_ECHO_REPLY => ICMP_ECHO,
+        ICMP_TIMESTAMP => ICMP_TIMESTAMP_REPLY,
+        ICMP_TIMESTAMP_REPLY => ICMP_TIMESTAMP,
+        ICMP_INFO_REQUEST => ICMP_INFO_REPLY,
+        ICMP_INFO_REPLY => ICMP_INFO_REQUEST,
+        ICMP_ADDRESS => ICMP_ADDRESS_REPLY,
+        ICMP_ADDRESS_REPLY => ICMP_ADDRESS,
+        t => t,
+    }
+}
+
+/// `packet::icmp_is_request`.
+fn icmp_is_request(icmp_type: u8) -> bool {
+    matches!(
+        icmp_type,
+        ICMP_ECHO | ICMP_TIMESTAMP | ICMP_INFO_REQUEST | ICMP_ADDRESS
+    )
 }
 
 /// `Parsed` in packet.rs.
@@ -346,7 +383,10 @@ fn parse_ipv4(frame: &[u8], off: usize) -> Result<Packet, u8> {
         protocol: h.protocol,
         tcp_flags: 0,
         policy_port: 0,
+        opens: true,
         related: false,
+        outer_saddr: h.saddr,
+        outer_daddr: h.daddr,
     };
     let l4 = h.l4;
     match h.protocol {
@@ -355,25 +395,29 @@ fn parse_ipv4(frame: &[u8], off: usize) -> Result<Packet, u8> {
             pkt.dport = load_u16(frame, l4 + 2)?;
             pkt.tcp_flags = load_u8(frame, l4 + 13)?;
             pkt.policy_port = pkt.dport;
+            pkt.opens = pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
         }
         proto::UDP | proto::SCTP => {
             pkt.sport = load_u16(frame, l4)?;
             pkt.dport = load_u16(frame, l4 + 2)?;
             pkt.policy_port = pkt.dport;
         }
-        proto::ICMP => match load_u8(frame, l4)? {
-            ICMP_ECHO | ICMP_ECHO_REPLY => {
-                // The echo id in both port slots; policy sees the request type for both.
-                let id = load_u16(frame, l4 + 4)?;
-                pkt.sport = id;
-                pkt.dport = id;
-                pkt.policy_port = u16::from(ICMP_ECHO);
+        proto::ICMP => {
+            let icmp_type = load_u8(frame, l4)?;
+            if matches!(
+                icmp_type,
+                ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAMETER_PROBLEM
+            ) {
+                return parse_icmp_error(frame, l4 + 8, &pkt);
             }
-            ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAMETER_PROBLEM => {
-                return parse_icmp_error(frame, l4 + 8);
+            // The type as the port, for policy and conntrack; a query's identifier beside it.
+            pkt.dport = u16::from(icmp_type);
+            pkt.policy_port = pkt.dport;
+            if icmp_counterpart(icmp_type) != icmp_type {
+                pkt.sport = load_u16(frame, l4 + 4)?;
             }
-            other => pkt.policy_port = u16::from(other),
-        },
+            pkt.opens = icmp_is_request(icmp_type);
+        }
         _ => {}
     }
     Ok(pkt)
@@ -381,7 +425,7 @@ fn parse_ipv4(frame: &[u8], off: usize) -> Result<Packet, u8> {
 
 /// `packet::parse_icmp_error`: the embedded packet's tuple (its fragment bits and total
 /// length unchecked: only its start is quoted), read within the error's own total length.
-fn parse_icmp_error(frame: &[u8], inner: usize) -> Result<Packet, u8> {
+fn parse_icmp_error(frame: &[u8], inner: usize, outer: &Packet) -> Result<Packet, u8> {
     let h = ipv4_header(frame, inner)?;
     let mut pkt = Packet {
         saddr: h.saddr,
@@ -391,7 +435,10 @@ fn parse_icmp_error(frame: &[u8], inner: usize) -> Result<Packet, u8> {
         protocol: h.protocol,
         tcp_flags: 0,
         policy_port: 0,
+        opens: false,
         related: true,
+        outer_saddr: outer.outer_saddr,
+        outer_daddr: outer.outer_daddr,
     };
     match h.protocol {
         proto::TCP | proto::UDP | proto::SCTP => {
@@ -399,9 +446,12 @@ fn parse_icmp_error(frame: &[u8], inner: usize) -> Result<Packet, u8> {
             pkt.dport = load_u16(frame, h.l4 + 2)?;
         }
         proto::ICMP => {
-            let id = load_u16(frame, h.l4 + 4)?;
-            pkt.sport = id;
-            pkt.dport = id;
+            // An embedded query's key, as it was tracked.
+            let icmp_type = load_u8(frame, h.l4)?;
+            pkt.dport = u16::from(icmp_type);
+            if icmp_counterpart(icmp_type) != icmp_type {
+                pkt.sport = load_u16(frame, h.l4 + 4)?;
+            }
         }
         _ => {}
     }
@@ -422,8 +472,18 @@ fn key_forward(pkt: &Packet, scope: Direction) -> CtKey {
     }
 }
 
-/// `conntrack::reverse_in_place`.
+/// `conntrack::reverse_in_place`: an ICMP key keeps its identifier and takes the counterpart
+/// type, so only a reply finds its request's entry turned around.
 fn reversed(key: CtKey, scope: Direction) -> CtKey {
+    if key.protocol == proto::ICMP {
+        return CtKey {
+            scope,
+            saddr: key.daddr,
+            daddr: key.saddr,
+            dport: u16::from(icmp_counterpart(u8::try_from(key.dport).unwrap_or(u8::MAX))),
+            ..key
+        };
+    }
     CtKey {
         scope,
         saddr: key.daddr,
@@ -598,10 +658,11 @@ impl DatapathModel {
             Ok(Parsed::Ipv4(p)) => p,
         };
         let dir = input.program.direction();
-        if dir == Direction::Egress && !pkt.related && pkt.saddr != ep.ip {
+        // By the IP header's own addresses, ICMP errors included.
+        if dir == Direction::Egress && pkt.outer_saddr != ep.ip {
             return (Step::SourceCheck, Err(drop::INVALID_SOURCE_IP));
         }
-        if dir == Direction::Ingress && !pkt.related && pkt.daddr != ep.ip {
+        if dir == Direction::Ingress && pkt.outer_daddr != ep.ip {
             return (Step::DestinationCheck, Err(drop::INVALID_DESTINATION_IP));
         }
         let proxied_from = if dir == Direction::Ingress {
@@ -610,15 +671,7 @@ impl DatapathModel {
             None
         };
         if pkt.related {
-            // An ICMP error: forwarded only as part of a connection the opposite direction of
-            // this endpoint tracks (no update, no revalidation).
-            let key = key_forward(&pkt, opposite(dir));
-            let result = if self.conntrack.contains_key(&key) {
-                Ok(Outcome::Forwarded)
-            } else {
-                Err(drop::CT_TRUNCATED_OR_INVALID)
-            };
-            return (Step::Related, result);
+            return (Step::Related, self.related(&pkt, dir));
         }
         let mut ctx = Ctx {
             input,
@@ -661,6 +714,27 @@ impl DatapathModel {
         *mark_out = ctx.mark;
         changes.append(&mut ctx.changes);
         (step, result)
+    }
+
+    /// `judge::related`: an ICMP error passes as part of the connection it reports on, in its
+    /// reply direction only: the embedded packet is of the connection's original direction
+    /// (tracked by the opposite direction of this endpoint), the error goes back to its
+    /// source, and an endpoint sending one reports on a packet addressed to itself. Received,
+    /// any outer source will do (routers). No update, no revalidation.
+    fn related(&self, pkt: &Packet, dir: Direction) -> Result<Outcome, DropReason> {
+        if pkt.outer_daddr != pkt.saddr
+            || (dir == Direction::Egress && pkt.outer_saddr != pkt.daddr)
+        {
+            return Err(drop::ICMP_ERROR_MISMATCH);
+        }
+        if self
+            .conntrack
+            .contains_key(&key_forward(pkt, opposite(dir)))
+        {
+            Ok(Outcome::Forwarded)
+        } else {
+            Err(drop::CT_TRUNCATED_OR_INVALID)
+        }
     }
 
     /// `judge::check_policy`: the decision for a connection as `scope` saw it open, and the
@@ -768,13 +842,10 @@ impl DatapathModel {
         key: CtKey,
     ) -> Result<(), DropReason> {
         let e = self.conntrack[&key];
-        let port = if key.protocol == proto::ICMP {
-            u16::from(ICMP_ECHO)
-        } else {
-            key.dport
-        };
+        // The port policy saw when it opened (for ICMP: the request's type).
         let known_peer = (e.flags & CT_FLAG_FROM_PROXY != 0).then_some(e.peer_identity);
-        let (decision, peer_identity) = self.check_policy(ctx, key.scope, &key, port, known_peer);
+        let (decision, peer_identity) =
+            self.check_policy(ctx, key.scope, &key, key.dport, known_peer);
         let allowed = matches!(
             decision.action,
             Some(Action::Allow | Action::Redirect { .. })
@@ -833,7 +904,7 @@ impl DatapathModel {
         } else {
             0
         };
-        let is_syn = pkt.protocol == proto::TCP && pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+        let is_syn = pkt.protocol == proto::TCP && pkt.opens;
         if proxy_port != 0 || decision.is_redirect() {
             if dir != Direction::Egress || !is_syn {
                 return Err(drop::PROXY_UNAVAILABLE);
@@ -844,8 +915,9 @@ impl DatapathModel {
         if proxied_from.is_some() {
             flags |= CT_FLAG_FROM_PROXY;
         }
-        if pkt.protocol == proto::TCP && !is_syn {
-            // A mid-stream segment policy allows is forwarded but opens nothing.
+        if !pkt.opens {
+            // A TCP segment other than a SYN, an ICMP reply, ICMP that is no query: forwarded
+            // as policy says, opening nothing.
             return Ok(outcome);
         }
         self.conntrack.insert(
@@ -1130,11 +1202,26 @@ mod tests {
             // Total length: the header alone leaves the TCP header outside the packet (the
             // bytes after it are not read); shorter than the header, or longer than the
             // frame, is no IPv4 packet.
-            (with(&|v| v[17] = 20), Outcome::Dropped(drop::INVALID_PACKET)),
-            (with(&|v| v[17] = 19), Outcome::Dropped(drop::INVALID_IP_LENGTH)),
-            (with(&|v| v[17] = 0), Outcome::Dropped(drop::INVALID_IP_LENGTH)),
-            (with(&|v| v[16] = 0xff), Outcome::Dropped(drop::INVALID_IP_LENGTH)),
-            (with(&|v| v[17] += 1), Outcome::Dropped(drop::INVALID_IP_LENGTH)),
+            (
+                with(&|v| v[17] = 20),
+                Outcome::Dropped(drop::INVALID_PACKET),
+            ),
+            (
+                with(&|v| v[17] = 19),
+                Outcome::Dropped(drop::INVALID_IP_LENGTH),
+            ),
+            (
+                with(&|v| v[17] = 0),
+                Outcome::Dropped(drop::INVALID_IP_LENGTH),
+            ),
+            (
+                with(&|v| v[16] = 0xff),
+                Outcome::Dropped(drop::INVALID_IP_LENGTH),
+            ),
+            (
+                with(&|v| v[17] += 1),
+                Outcome::Dropped(drop::INVALID_IP_LENGTH),
+            ),
             // A frame longer than its packet (Ethernet padding) is fine.
             (with(&|v| v.extend_from_slice(&[0; 6])), Outcome::Forwarded),
             // IPv6, a VLAN tag, and ARP (forwarded unjudged, whatever it claims).
@@ -1402,29 +1489,194 @@ mod tests {
     }
 
     #[test]
-    fn icmp_errors_are_judged_by_the_embedded_tuple_alone() {
-        // B's ingress lets the world in; B answers a tracked packet with an ICMP error. Its
-        // outer addresses are not looked at: not the source check, not its destination.
+    fn icmp_errors_pass_only_back_to_the_source_of_a_tracked_packet() {
+        const ROUTER: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
         let mut dp = DatapathModel::new(1, maps());
+        // B's ingress lets the world in; B answers the packet with an ICMP error, from itself
+        // back to the packet's source: related.
         let inbound = udp(WORLD, 53, B, 6000);
         assert_eq!(out(&mut dp, Ingress, IF_B, &inbound), Outcome::Forwarded);
-        let spoofed = icmp_error(
-            A,
-            Ipv4Addr::new(198, 51, 100, 1),
-            ICMP_DEST_UNREACH,
-            &inbound,
-        );
-        let j = run(&mut dp, Egress, IF_B, &spoofed);
-        assert_eq!((j.outcome, j.step), (Outcome::Forwarded, Step::Related));
-        // A spoofed source without a tracked tuple is dropped by conntrack, not the source check.
-        let untracked = udp(WORLD, 53, B, 6001);
         let j = run(
             &mut dp,
             Egress,
             IF_B,
-            &icmp_error(A, WORLD, ICMP_DEST_UNREACH, &untracked),
+            &icmp_error(B, WORLD, ICMP_DEST_UNREACH, &inbound),
         );
-        assert_eq!(j.outcome, Outcome::Dropped(drop::CT_TRUNCATED_OR_INVALID));
+        assert_eq!((j.outcome, j.step), (Outcome::Forwarded, Step::Related));
+        // Its own source spoofed: the source check holds for errors too.
+        let j = run(
+            &mut dp,
+            Egress,
+            IF_B,
+            &icmp_error(A, ROUTER, ICMP_DEST_UNREACH, &inbound),
+        );
+        assert_eq!(
+            (j.outcome, j.step),
+            (Outcome::Dropped(drop::INVALID_SOURCE_IP), Step::SourceCheck)
+        );
+        // Sent anywhere but back to the packet's source.
+        let j = run(
+            &mut dp,
+            Egress,
+            IF_B,
+            &icmp_error(B, ROUTER, ICMP_DEST_UNREACH, &inbound),
+        );
+        assert_eq!(
+            (j.outcome, j.step),
+            (Outcome::Dropped(drop::ICMP_ERROR_MISMATCH), Step::Related)
+        );
+        // About a packet that was addressed to A, not to B: not B's to report on.
+        let to_a = udp(WORLD, 53, A, 7000);
+        assert_eq!(out(&mut dp, Ingress, IF_A, &to_a), Outcome::Forwarded);
+        assert_eq!(
+            out(
+                &mut dp,
+                Egress,
+                IF_B,
+                &icmp_error(B, WORLD, ICMP_DEST_UNREACH, &to_a)
+            ),
+            Outcome::Dropped(drop::ICMP_ERROR_MISMATCH)
+        );
+        // An untracked tuple, and B's reply turned into an error about it (the error would
+        // travel the connection's original direction): no connection to belong to.
+        let untracked = udp(WORLD, 53, B, 6001);
+        assert_eq!(
+            out(
+                &mut dp,
+                Egress,
+                IF_B,
+                &icmp_error(B, WORLD, ICMP_DEST_UNREACH, &untracked)
+            ),
+            Outcome::Dropped(drop::CT_TRUNCATED_OR_INVALID)
+        );
+        let reply = udp(B, 6000, WORLD, 53);
+        assert_eq!(
+            out(
+                &mut dp,
+                Ingress,
+                IF_B,
+                &icmp_error(WORLD, B, ICMP_DEST_UNREACH, &reply)
+            ),
+            Outcome::Dropped(drop::CT_TRUNCATED_OR_INVALID)
+        );
+        // Received: A's query to the world; a router on the way reports on it, to A.
+        let query = udp(A, 5353, WORLD, 53);
+        assert_eq!(out(&mut dp, Egress, IF_A, &query), Outcome::Forwarded);
+        let j = run(
+            &mut dp,
+            Ingress,
+            IF_A,
+            &icmp_error(ROUTER, A, ICMP_TIME_EXCEEDED, &query),
+        );
+        assert_eq!((j.outcome, j.step), (Outcome::Forwarded, Step::Related));
+        // Addressed to A, but about B's packet (which B's egress tracks): not A's.
+        let from_b = udp(B, 5353, WORLD, 53);
+        assert_eq!(out(&mut dp, Egress, IF_B, &from_b), Outcome::Forwarded);
+        assert_eq!(
+            out(
+                &mut dp,
+                Ingress,
+                IF_A,
+                &icmp_error(ROUTER, A, ICMP_TIME_EXCEEDED, &from_b)
+            ),
+            Outcome::Dropped(drop::ICMP_ERROR_MISMATCH)
+        );
+        // About A's packet but addressed to B, at B's ingress and (misdirected) at A's.
+        let to_b = icmp_error(ROUTER, B, ICMP_TIME_EXCEEDED, &query);
+        assert_eq!(
+            out(&mut dp, Ingress, IF_B, &to_b),
+            Outcome::Dropped(drop::ICMP_ERROR_MISMATCH)
+        );
+        assert_eq!(
+            out(&mut dp, Ingress, IF_A, &to_b),
+            Outcome::Dropped(drop::INVALID_DESTINATION_IP)
+        );
+    }
+
+    #[test]
+    fn icmp_queries_pair_by_identifier_and_type_and_other_icmp_is_never_tracked() {
+        const TIMESTAMP: u8 = 13;
+        const TIMESTAMP_REPLY: u8 = 14;
+        const REDIRECT: u8 = 5;
+        let mut s = maps();
+        // A receives nothing it did not ask for; B takes echo and timestamp requests from A.
+        enforce(&mut s, EP_A, Direction::Ingress);
+        enforce(&mut s, EP_B, Direction::Ingress);
+        for (t, r) in [(ICMP_ECHO, 1), (TIMESTAMP, 2)] {
+            rule(
+                &mut s,
+                (EP_B, Direction::Ingress, ID_A),
+                Some(1),
+                PortPrefix::exact(u16::from(t)),
+                Action::Allow,
+                r,
+            );
+        }
+        let mut dp = DatapathModel::new(1, s.clone());
+        let both = |dp: &mut DatapathModel, frame: &[u8], from_a: bool| {
+            let (first, second) = if from_a { (IF_A, IF_B) } else { (IF_B, IF_A) };
+            (
+                out(dp, Egress, first, frame),
+                out(dp, Ingress, second, frame),
+            )
+        };
+        let fwd = (Outcome::Forwarded, Outcome::Forwarded);
+        let denied = (Outcome::Forwarded, Outcome::Dropped(drop::POLICY_DENIED));
+        // A's echo request and timestamp request, and their replies.
+        assert_eq!(both(&mut dp, &icmp_echo(A, B, ICMP_ECHO, 9), true), fwd);
+        assert_eq!(both(&mut dp, &icmp_echo(A, B, TIMESTAMP, 9), true), fwd);
+        let key = |t: u8, scope| CtKey {
+            scope,
+            protocol: 1,
+            saddr: A,
+            sport: 9,
+            daddr: B,
+            dport: u16::from(t),
+        };
+        assert!(
+            dp.conntrack
+                .contains_key(&key(ICMP_ECHO, Direction::Egress))
+        );
+        assert!(
+            dp.conntrack
+                .contains_key(&key(TIMESTAMP, Direction::Ingress))
+        );
+        assert_eq!(dp.conntrack.len(), 4);
+        assert_eq!(
+            both(&mut dp, &icmp_echo(B, A, ICMP_ECHO_REPLY, 9), false),
+            fwd
+        );
+        assert_eq!(
+            both(&mut dp, &icmp_echo(B, A, TIMESTAMP_REPLY, 9), false),
+            fwd
+        );
+        // A reply from A is no request (B asked nothing), nor B's own echo request with the
+        // same identifier a reply: each side's ingress judges them.
+        assert_eq!(
+            both(&mut dp, &icmp_echo(A, B, ICMP_ECHO_REPLY, 9), true),
+            denied
+        );
+        assert_eq!(both(&mut dp, &icmp_echo(B, A, ICMP_ECHO, 9), false), denied);
+        // Nor is another ICMP type part of a query's connection.
+        assert_eq!(both(&mut dp, &icmp_echo(B, A, REDIRECT, 0), false), denied);
+        assert_eq!(both(&mut dp, &icmp_echo(A, B, 42, 9), true), denied);
+        // What opens nothing tracks nothing: B's request (its egress is open) and what passed
+        // A's open egress as replies and other types.
+        assert_eq!(dp.conntrack.len(), 5);
+        // A policy change keeps each query by its own type: echo stays allowed, timestamp
+        // no longer is.
+        s.policy.retain(|_, e| e.rule != RuleId(2));
+        dp.maps = s;
+        dp.config = Some(Config { policy_revision: 2 });
+        let j = run(&mut dp, Ingress, IF_B, &icmp_echo(A, B, TIMESTAMP, 9));
+        assert_eq!(
+            (j.outcome, j.step),
+            (Outcome::Dropped(drop::POLICY_DENIED), Step::Revalidation)
+        );
+        assert_eq!(
+            out(&mut dp, Ingress, IF_B, &icmp_echo(A, B, ICMP_ECHO, 9)),
+            Outcome::Forwarded
+        );
     }
 
     #[test]

@@ -9,7 +9,9 @@ pub struct CtKey {
     /// Network byte order; IPv4 uses the first 4 bytes.
     pub saddr: [u8; 16],
     pub daddr: [u8; 16],
-    /// For ICMP echo both ports hold the echo identifier.
+    /// For ICMP queries `sport_be` holds the identifier and `dport_be` the request's type
+    /// (the key of a reply is found turned around, with the reply type turned into the
+    /// request's); ICMP that is no query is never tracked.
     pub sport_be: u16,
     pub dport_be: u16,
     pub protocol: u8,

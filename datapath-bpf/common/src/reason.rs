@@ -55,6 +55,10 @@ codes! {
     POLICY_DENIED = 133 => "Policy denied",
     INVALID_PACKET = 134 => "Invalid packet",
     CT_TRUNCATED_OR_INVALID = 135 => "CT: Truncated or invalid header",
+    /// An ICMP error whose own addresses do not fit the connection it reports on: not sent
+    /// back to the reported packet's source, or sent by an endpoint about a packet that was
+    /// not addressed to it.
+    ICMP_ERROR_MISMATCH = 136 => "ICMP error does not match its connection",
     UNSUPPORTED_L3 = 139 => "Unsupported L3 protocol",
     UNKNOWN_ENDPOINT = 140 => "Unknown endpoint",
     /// The IPv4 total length is shorter than the header or longer than the packet.

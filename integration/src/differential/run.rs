@@ -420,12 +420,17 @@ impl Runner<'_> {
 
     /// Runs one case; Err is the report of the first disagreement (or of a harness failure).
     pub fn run_case(&self, s: &Scenario) -> Result<(), String> {
-        self.run_case_with(s, true)
+        self.run_case_with(s, true).map(|_| ())
     }
 
     /// `run_case`, with the model told whether the datapath's config is initialized (the
-    /// caller sets the real one).
-    pub fn run_case_with(&self, s: &Scenario, initialized: bool) -> Result<(), String> {
+    /// caller sets the real one); returns every verdict, on which both agreed, and the
+    /// transcript.
+    pub fn run_case_with(
+        &self,
+        s: &Scenario,
+        initialized: bool,
+    ) -> Result<(Vec<Verdict>, String), String> {
         let n = s.endpoints.len();
         let mut cluster = Cluster::new(s, &self.ifindexes[..n]);
         let yaml_a = render_policies(&s.policies, "p");
@@ -474,6 +479,7 @@ impl Runner<'_> {
             let _ = writeln!(header, "  flow {i}: {}", describe_flow(s, f));
         }
         let mut transcript = String::new();
+        let mut verdicts = Vec::new();
         let mut phase_b = false;
         let mut stats = self.stats.borrow_mut();
         stats.cases += 1;
@@ -678,14 +684,34 @@ impl Runner<'_> {
                             describe_ct(&real_ct),
                         ));
                     }
+                    verdicts.push(Verdict {
+                        step: si,
+                        program: *program,
+                        endpoint: match at {
+                            At::Endpoint(i) => Some(*i),
+                            At::Unknown => None,
+                        },
+                        outcome: judged.outcome,
+                    });
                     if matches!(judged.outcome, Outcome::Dropped(_) | Outcome::Redirected) {
                         break;
                     }
                 }
             }
         }
-        Ok(())
+        Ok((verdicts, format!("{header}transcript:\n{transcript}")))
     }
+}
+
+/// One packet's verdict at one hop, as both the datapath and the model gave it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Verdict {
+    /// Index of the step that sent the packet.
+    pub step: usize,
+    pub program: Program,
+    /// The endpoint whose program judged it (None: an interface no endpoint has).
+    pub endpoint: Option<usize>,
+    pub outcome: Outcome,
 }
 
 fn step_kind(s: &StepGen) -> &'static str {
