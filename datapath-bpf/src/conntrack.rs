@@ -109,6 +109,7 @@ pub fn create(
     rule_id: u32,
     flags: u16,
     proxy_port_be: u16,
+    proxy_client: &[u8; 16],
 ) -> Result<(), ()> {
     let entry = CtEntry {
         expires_ns: now + timeout_ns(cfg, key.protocol, flags),
@@ -122,6 +123,7 @@ pub fn create(
         flags,
         proxy_port_be,
         _pad: [0; 4],
+        proxy_client: *proxy_client,
     };
     CONNTRACK.insert(key, entry, 0).map_err(|_| ())
 }

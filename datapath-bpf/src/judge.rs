@@ -138,7 +138,8 @@ fn judge(ctx: &TcContext, dir: u8, ifindex: u32, len: u32) -> Result<u8, Drop> {
         return Err(Drop::plain(drop::INVALID_DESTINATION_IP));
     }
     let now = now_ns();
-    // The proxy's upstream connections carry the original client's identity in their mark.
+    // The proxy's upstream connections carry the original client's identity in their mark
+    // (and its address in their priority, see `mark::FROM_PROXY`).
     let proxied_from = if dir == direction::INGRESS {
         proxy::from_proxy_identity(ctx)
     } else {
@@ -228,42 +229,38 @@ fn peer_of(addr: &[u8; 16]) -> IpcacheValue {
     }
 }
 
-/// The policy decision for a connection as `scope` saw it open. `known_peer` is the peer's
-/// identity when the address does not tell it (connections from the proxy).
+/// The policy decision for a connection as `scope` saw it open, and the peer identity it was
+/// judged as. The peer is the far end of the connection, or, for the proxy's upstream leg,
+/// the original client at `proxy_client`: judged exactly as the client's own connection
+/// would be, by the ipcache's identity and CIDR alias for its address (the node's address,
+/// which the packets carry, says nothing about the client).
 #[inline(always)]
 fn check_policy(
     ep: &EndpointInfo,
     scope: u8,
     key: &CtKey,
     policy_port_be: u16,
-    known_peer: Option<u32>,
+    proxy_client: Option<&[u8; 16]>,
 ) -> (Decision, u32) {
-    let (identity, cidr_identity) = known_peer.map_or_else(
-        || {
-            // The peer is the far end of the connection.
-            let peer_addr = if scope == direction::EGRESS {
-                &key.daddr
-            } else {
-                &key.saddr
-            };
-            let peer = peer_of(peer_addr);
-            (peer.identity, peer.cidr_identity)
-        },
-        |id| (id, 0),
-    );
+    let peer_addr = match proxy_client {
+        Some(client) => client,
+        None if scope == direction::EGRESS => &key.daddr,
+        None => &key.saddr,
+    };
+    let peer = peer_of(peer_addr);
     let mut decision = policy::decide(
         ep,
         scope,
-        identity,
-        cidr_identity,
+        peer.identity,
+        peer.cidr_identity,
         key.protocol,
         policy_port_be,
     );
-    if known_peer.is_some() && decision.action == action::REDIRECT {
+    if proxy_client.is_some() && decision.action == action::REDIRECT {
         // The proxy is the one sending: it enforced the HTTP rules already.
         decision.action = action::ALLOW;
     }
-    (decision, identity)
+    (decision, peer.identity)
 }
 
 #[expect(
@@ -311,9 +308,11 @@ fn revalidate(
 ) -> Result<(), Drop> {
     // SAFETY: valid map value pointer for this program run.
     let e = unsafe { &mut *entry };
-    // The port policy saw when the connection opened (for ICMP: the request's type).
-    let known_peer = (e.flags & CT_FLAG_FROM_PROXY != 0).then_some(e.peer_identity);
-    let (decision, peer_identity) = check_policy(ep, key.scope, key, key.dport_be, known_peer);
+    // The port policy saw when the connection opened (for ICMP: the request's type), and for
+    // the proxy's upstream leg the client it carries, as it is known now.
+    let client = e.proxy_client;
+    let proxy_client = (e.flags & CT_FLAG_FROM_PROXY != 0).then_some(&client);
+    let (decision, peer_identity) = check_policy(ep, key.scope, key, key.dport_be, proxy_client);
     let allowed = matches!(decision.action, action::ALLOW | action::REDIRECT);
     let stop = |reason| Drop {
         reason,
@@ -326,7 +325,7 @@ fn revalidate(
         return Err(stop(deny_reason(decision.action)));
     }
     if allowed
-        && known_peer.is_none()
+        && proxy_client.is_none()
         && e.flags & CT_FLAG_PROXY_REDIRECT == 0
         && key.protocol == proto::TCP
         && proxy_port_needed(ep, decision, key) != 0
@@ -399,13 +398,22 @@ fn new_connection(
     len: u32,
     proxied_from: Option<u32>,
 ) -> Result<u8, Drop> {
-    let (decision, peer_identity) = check_policy(ep, dir, key, pkt.policy_port_be, proxied_from);
+    let client = proxy::client_address(ctx);
+    let proxy_client = proxied_from.map(|_| &client);
+    let (decision, peer_identity) = check_policy(ep, dir, key, pkt.policy_port_be, proxy_client);
     let deny = |reason| Drop {
         reason,
         kind: EVENT_DROP,
         peer_identity,
         rule_id: decision.rule_id,
     };
+    // The identity the proxy judged the client's requests as must be the one the client's
+    // address has here: anything else is a stale or forged mark.
+    if let Some(identity) = proxied_from
+        && identity != peer_identity
+    {
+        return Err(deny(drop::PROXY_CLIENT_MISMATCH));
+    }
     let (mut outcome, mut verdict_code, mut ct_flags) = match decision.action {
         action::ALLOW | action::REDIRECT => (OUTCOME_FORWARDED, verdict::FORWARDED, 0),
         denied => {
@@ -471,6 +479,11 @@ fn new_connection(
         decision.rule_id,
         ct_flags,
         proxy_port_be,
+        if proxied_from.is_some() {
+            &client
+        } else {
+            &[0; 16]
+        },
     )
     .is_err()
     {

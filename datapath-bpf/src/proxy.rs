@@ -86,6 +86,17 @@ pub fn redirect(ctx: &TcContext, pkt: &Packet, proxy_port_be: u16) -> Result<(),
     assign(ctx, listener)
 }
 
+/// The original client's address a packet the proxy sent upstream carries in its priority
+/// (see `mark::FROM_PROXY`); meaningful only when `from_proxy_identity` says it is one.
+#[inline(always)]
+pub fn client_address(ctx: &TcContext) -> [u8; 16] {
+    // SAFETY: reading a field of the context the kernel handed us.
+    let p = unsafe { (*ctx.skb.skb).priority }.to_be_bytes();
+    let mut addr = [0u8; 16];
+    addr[..4].copy_from_slice(&p);
+    addr
+}
+
 /// The client identity carried by a packet the proxy sent upstream, if it is one.
 #[inline(always)]
 pub fn from_proxy_identity(ctx: &TcContext) -> Option<u32> {

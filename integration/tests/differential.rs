@@ -61,6 +61,7 @@ use palisade_integration::differential::scenario::{
 };
 use palisade_integration::differential::{DiffEnv, RealDatapath};
 use palisade_integration::traffic;
+use palisade_common::reason::drop;
 use palisade_policies::compile::EnforcementMode;
 use palisade_policies::datapath_model::{Outcome, Program};
 use proptest::test_runner::{Config, RngSeed, TestCaseError, TestError, TestRunner};
@@ -462,9 +463,9 @@ fn icmp_rule(from: SelectorGen, echo: bool) -> CiliumRuleGen {
 #[test]
 fn icmp_queries_pair_by_type_and_errors_match_their_connection() {
     use Program::{FromEndpoint as Out, ToEndpoint as In};
-    let denied = Outcome::Dropped(palisade_common::reason::drop::POLICY_DENIED);
-    let mismatch = Outcome::Dropped(palisade_common::reason::drop::ICMP_ERROR_MISMATCH);
-    let spoofed = Outcome::Dropped(palisade_common::reason::drop::INVALID_SOURCE_IP);
+    let denied = Outcome::Dropped(drop::POLICY_DENIED);
+    let mismatch = Outcome::Dropped(drop::ICMP_ERROR_MISMATCH);
+    let spoofed = Outcome::Dropped(drop::INVALID_SOURCE_IP);
     let fwd = Outcome::Forwarded;
     // ep0 (app a, namespace x) takes nothing in; ep1 (app b, namespace y) takes echo and
     // timestamp requests from ep0, and after the change echo requests only; and UDP 53 from
@@ -617,6 +618,139 @@ fn icmp_queries_pair_by_type_and_errors_match_their_connection() {
             (13, Out, 0, mismatch),
             (15, In, 1, revalidation_drop),
             (16, In, 1, fwd),
+        ],
+    );
+}
+
+/// The proxy's upstream leg is judged as the client's own connection would be: by the
+/// ipcache's identity and CIDR alias for the client's address (carried in the priority), so
+/// the server's CIDR rules hold through the proxy, when it opens and when a policy change
+/// re-checks it; a mark whose identity the address does not have is refused.
+#[test]
+fn the_proxys_upstream_leg_is_judged_by_the_clients_address() {
+    use Program::ToEndpoint as In;
+    let app_a = || EndpointGen {
+        namespace: 0,
+        app: 0,
+        tier: None,
+        audit: false,
+        named_port: None,
+    };
+    let cidr_rule = |cidr: usize, ports: Vec<PortGen>| CiliumRuleGen {
+        endpoints: vec![],
+        cidrs: vec![cidr],
+        cidr_sets: vec![],
+        entities: vec![],
+        to_ports: if ports.is_empty() {
+            vec![]
+        } else {
+            vec![(ports, false)]
+        },
+        icmp: None,
+    };
+    let tcp = |port| PortGen {
+        protocol: 1,
+        port: PortChoice::Single(port),
+    };
+    // ep1's ingress: app a on TCP 80 through the proxy (HTTP rules), but never from
+    // 10.200.0.5/32 (ep2, which is app a too); TCP 8080 from 10.200.0.0/30 only (ep0).
+    // After the change, nothing from 10.200.0.0/30 either.
+    let server = |deny_ep0: bool| PolicyGen::Cilium {
+        namespace: Some(1),
+        subject: selector(1, None),
+        ingress: vec![
+            CiliumRuleGen {
+                endpoints: vec![selector(0, Some(0))],
+                to_ports: vec![(vec![tcp(1)], true)],
+                ..cidr_rule(0, vec![])
+            },
+            cidr_rule(2, vec![tcp(4)]),
+        ],
+        ingress_deny: [
+            Some(cidr_rule(3, vec![])),
+            deny_ep0.then(|| cidr_rule(2, vec![])),
+        ]
+        .into_iter()
+        .flatten()
+        .collect(),
+        egress: vec![],
+        egress_deny: vec![],
+        default_deny: (None, None),
+    };
+    let upstream = |client_port, server_port| FlowGen {
+        client: AddrGen::Host,
+        server: AddrGen::Endpoint(1),
+        proto: FlowProto::Tcp,
+        client_port,
+        server_port,
+    };
+    let syn = |flow, mark| StepGen::Packet {
+        flow,
+        reply: false,
+        hop: HopGen::ReceiverIngress,
+        flags: Ok(0),
+        mark,
+        mutation: None,
+    };
+    let s = Scenario {
+        endpoints: vec![
+            app_a(),
+            EndpointGen {
+                namespace: 1,
+                app: 1,
+                ..app_a()
+            },
+            app_a(),
+        ],
+        // 10.200.0.1, 10.200.0.2, 10.200.0.5.
+        ips: vec![0, 1, 2],
+        policies: vec![server(false)],
+        settings: SettingsGen {
+            enforcement: EnforcementMode::Default,
+            proxy_running: true,
+            allow_host_ingress: true,
+        },
+        change: Some(ChangeGen {
+            keep: false,
+            policies: vec![server(true)],
+            relabel: None,
+        }),
+        flows: vec![
+            upstream(40000, 80),
+            upstream(40001, 80),
+            upstream(40002, 8080),
+            upstream(40003, 80),
+        ],
+        steps: vec![
+            // 0: for ep0, through the proxy to port 80: allowed.
+            syn(0, MarkGen::FromProxyAs(0)),
+            // 1: for ep2, of the same identity, but in the denied CIDR.
+            syn(1, MarkGen::FromProxyAs(2)),
+            // 2: for ep0 to 8080, which only its CIDR allows.
+            syn(2, MarkGen::FromProxyAs(0)),
+            // 3: ep0's identity, claimed for a world address.
+            syn(3, MarkGen::FromProxyClaiming(0, AddrGen::World(0))),
+            // 4, 5: after the change, ep0's open upstream leg is in a denied CIDR.
+            StepGen::PolicyChange,
+            StepGen::Packet {
+                flow: 0,
+                reply: false,
+                hop: HopGen::ReceiverIngress,
+                flags: Ok(2),
+                mark: MarkGen::FromProxyAs(0),
+                mutation: None,
+            },
+        ],
+    };
+    run_expecting(
+        "proxy",
+        s,
+        vec![
+            (0, In, 1, Outcome::Forwarded),
+            (1, In, 1, Outcome::Dropped(drop::POLICY_DENY_RULE)),
+            (2, In, 1, Outcome::Forwarded),
+            (3, In, 1, Outcome::Dropped(drop::PROXY_CLIENT_MISMATCH)),
+            (5, In, 1, Outcome::Dropped(drop::POLICY_DENY_RULE)),
         ],
     );
 }

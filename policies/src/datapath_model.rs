@@ -99,6 +99,8 @@ pub struct Input<'a> {
     pub ifindex: u32,
     /// skb->mark: the proxy's upstream leg carries `mark::from_proxy(client identity)`.
     pub mark: u32,
+    /// skb->priority: the proxy's upstream leg carries `mark::client_priority(client address)`.
+    pub priority: u32,
     /// The proxy's listener exists and `bpf_sk_assign` to it succeeds; without it a redirect
     /// drops with `PROXY_UNAVAILABLE`.
     pub proxy_listener: bool,
@@ -215,6 +217,8 @@ pub struct CtEntry {
     pub proxy_port: u16,
     pub packets: u64,
     pub bytes: u64,
+    /// The proxy's upstream leg: the original client's address (else unspecified).
+    pub proxy_client: Ipv4Addr,
 }
 
 /// What a packet did to conntrack.
@@ -738,31 +742,23 @@ impl DatapathModel {
     }
 
     /// `judge::check_policy`: the decision for a connection as `scope` saw it open, and the
-    /// peer identity it was judged as. `known_peer`: the client's identity carried by the
-    /// proxy's mark (then there is no CIDR alias, and a redirect counts as allow: the proxy
-    /// enforced the HTTP rules already).
+    /// peer identity it was judged as. The peer is the far end, or for the proxy's upstream
+    /// leg the original client at `proxy_client`, judged as its own connection would be (by
+    /// the ipcache's entry for its address, CIDR alias included); a redirect then counts as
+    /// allow: the proxy enforced the HTTP rules already.
     fn check_policy(
         &self,
         ctx: &Ctx<'_, '_>,
         scope: Direction,
         key: &CtKey,
         port: u16,
-        known_peer: Option<Identity>,
+        proxy_client: Option<Ipv4Addr>,
     ) -> (Decision, Identity) {
-        let peer = known_peer.map_or_else(
-            || {
-                let addr = match scope {
-                    Direction::Egress => key.daddr,
-                    Direction::Ingress => key.saddr,
-                };
-                self.maps.ipcache_lookup(addr)
-            },
-            |identity| IpcacheEntry {
-                identity,
-                endpoint: None,
-                cidr_identity: None,
-            },
-        );
+        let addr = proxy_client.unwrap_or(match scope {
+            Direction::Egress => key.daddr,
+            Direction::Ingress => key.saddr,
+        });
+        let peer = self.maps.ipcache_lookup(addr);
         let mut decision = decide(
             &self.maps,
             ctx.id,
@@ -772,7 +768,7 @@ impl DatapathModel {
             key.protocol,
             port,
         );
-        if known_peer.is_some() && decision.is_redirect() {
+        if proxy_client.is_some() && decision.is_redirect() {
             decision.action = Some(Action::Allow);
         }
         (decision, peer.identity)
@@ -843,9 +839,9 @@ impl DatapathModel {
     ) -> Result<(), DropReason> {
         let e = self.conntrack[&key];
         // The port policy saw when it opened (for ICMP: the request's type).
-        let known_peer = (e.flags & CT_FLAG_FROM_PROXY != 0).then_some(e.peer_identity);
+        let proxy_client = (e.flags & CT_FLAG_FROM_PROXY != 0).then_some(e.proxy_client);
         let (decision, peer_identity) =
-            self.check_policy(ctx, key.scope, &key, key.dport, known_peer);
+            self.check_policy(ctx, key.scope, &key, key.dport, proxy_client);
         let allowed = matches!(
             decision.action,
             Some(Action::Allow | Action::Redirect { .. })
@@ -856,7 +852,7 @@ impl DatapathModel {
             return Err(deny_reason(decision.action));
         }
         if allowed
-            && known_peer.is_none()
+            && proxy_client.is_none()
             && e.flags & CT_FLAG_PROXY_REDIRECT == 0
             && key.protocol == proto::TCP
             && self.proxy_port_needed(ctx, decision, &key) != 0
@@ -885,8 +881,14 @@ impl DatapathModel {
         proxied_from: Option<Identity>,
     ) -> Result<Outcome, DropReason> {
         let dir = key.scope;
+        let client = Ipv4Addr::from(ctx.input.priority);
+        let proxy_client = proxied_from.map(|_| client);
         let (decision, peer_identity) =
-            self.check_policy(ctx, dir, &key, pkt.policy_port, proxied_from);
+            self.check_policy(ctx, dir, &key, pkt.policy_port, proxy_client);
+        // The mark's identity must be the client address's.
+        if proxied_from.is_some_and(|identity| identity != peer_identity) {
+            return Err(drop::PROXY_CLIENT_MISMATCH);
+        }
         let (mut outcome, mut flags) = match decision.action {
             Some(Action::Allow | Action::Redirect { .. }) => (Outcome::Forwarded, 0),
             denied => {
@@ -931,6 +933,7 @@ impl DatapathModel {
                 proxy_port,
                 packets: 1,
                 bytes: ctx.len,
+                proxy_client: proxy_client.unwrap_or(Ipv4Addr::UNSPECIFIED),
             },
         );
         if flags & CT_FLAG_PROXY_REDIRECT != 0
@@ -961,6 +964,8 @@ mod tests {
     const EP_A: EndpointId = EndpointId(1);
     const EP_B: EndpointId = EndpointId(2);
     const PROXY: u16 = 15001;
+    /// The node's address, the source of the proxy's upstream leg.
+    const NODE: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 254);
 
     /// Ethernet + IPv4 (20 bytes, DF) + `l4`.
     fn ipv4(src: Ipv4Addr, dst: Ipv4Addr, protocol: u8, l4: &[u8]) -> Vec<u8> {
@@ -1089,7 +1094,26 @@ mod tests {
             program,
             ifindex,
             mark,
+            priority: 0,
             proxy_listener,
+            frame,
+        })
+    }
+
+    /// A packet of the proxy's upstream leg, from the node, for `client` as `identity`.
+    fn run_proxied(
+        dp: &mut DatapathModel,
+        ifindex: u32,
+        identity: Identity,
+        client: Ipv4Addr,
+        frame: &[u8],
+    ) -> Judgement {
+        dp.judge(&Input {
+            program: Program::ToEndpoint,
+            ifindex,
+            mark: mark::from_proxy(identity.0),
+            priority: mark::client_priority(client.octets()),
+            proxy_listener: true,
             frame,
         })
     }
@@ -1785,13 +1809,12 @@ mod tests {
             Outcome::Dropped(drop::PROXY_UNAVAILABLE)
         );
         // The proxy's upstream leg, marked with A's identity, is judged as A: allowed.
-        let j = run_with(
+        let j = run_proxied(
             &mut dp,
-            Ingress,
             IF_B,
-            mark::from_proxy(ID_A.0),
-            true,
-            &tcp(Ipv4Addr::new(10, 200, 0, 254), 3, B, 80, TCP_SYN),
+            ID_A,
+            A,
+            &tcp(NODE, 3, B, 80, TCP_SYN),
         );
         assert_eq!(j.outcome, Outcome::Forwarded);
         let e = dp
@@ -1799,7 +1822,80 @@ mod tests {
             .values()
             .find(|e| e.flags & CT_FLAG_FROM_PROXY != 0)
             .unwrap();
-        assert_eq!(e.peer_identity, ID_A);
+        assert_eq!((e.peer_identity, e.proxy_client), (ID_A, A));
+    }
+
+    #[test]
+    fn the_proxys_upstream_leg_is_judged_by_the_clients_address_cidr_rules_included() {
+        // A is inside a CIDR that B's ingress denies; C (another address, A's identity) is
+        // inside one it allows, and nothing else lets A's identity in.
+        const C: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 3);
+        let deny_alias = Identity(palisade_common::identity::CIDR_ENDPOINT_SCOPE | 1);
+        let allow_alias = Identity(palisade_common::identity::CIDR_ENDPOINT_SCOPE | 2);
+        let mut s = maps();
+        enforce(&mut s, EP_B, Direction::Ingress);
+        s.ipcache
+            .get_mut(&"10.200.0.1/32".parse().unwrap())
+            .unwrap()
+            .cidr_identity = Some(deny_alias);
+        s.ipcache.insert(
+            "10.200.0.3/32".parse().unwrap(),
+            IpcacheEntry {
+                identity: ID_A,
+                endpoint: None,
+                cidr_identity: Some(allow_alias),
+            },
+        );
+        for (peer, action, r) in [
+            (Identity::ANY, Action::Redirect { proxy_port: PROXY }, 1),
+            (deny_alias, Action::Deny, 2),
+            (allow_alias, Action::Allow, 3),
+        ] {
+            rule(
+                &mut s,
+                (EP_B, Direction::Ingress, peer),
+                Some(TCP),
+                PortPrefix::exact(80),
+                action,
+                r,
+            );
+        }
+        let mut dp = DatapathModel::new(1, s.clone());
+        // As a direct connection would be: A denied by its CIDR, C allowed by its own.
+        let syn = |port| tcp(NODE, port, B, 80, TCP_SYN);
+        let j = run_proxied(&mut dp, IF_B, ID_A, A, &syn(1));
+        assert_eq!(j.outcome, Outcome::Dropped(drop::POLICY_DENY_RULE));
+        let j = run_proxied(&mut dp, IF_B, ID_A, C, &syn(2));
+        assert_eq!(j.outcome, Outcome::Forwarded);
+        let key = CtKey {
+            scope: Direction::Ingress,
+            protocol: TCP,
+            saddr: NODE,
+            sport: 2,
+            daddr: B,
+            dport: 80,
+        };
+        // Its verdict is the redirect's (the proxy's HTTP rules), which the proxy enforced.
+        assert_eq!(dp.conntrack[&key].proxy_client, C);
+        assert_eq!(dp.conntrack[&key].rule, RuleId(1));
+        // A mark whose identity is not the address's, or no address at all: refused.
+        for (identity, client) in [(ID_B, C), (ID_A, Ipv4Addr::UNSPECIFIED)] {
+            let j = run_proxied(&mut dp, IF_B, identity, client, &syn(3));
+            assert_eq!(j.outcome, Outcome::Dropped(drop::PROXY_CLIENT_MISMATCH));
+        }
+        // After a change that moves C's address into the denied CIDR, the open upstream leg
+        // is re-judged by C's address as it is now.
+        s.ipcache
+            .get_mut(&"10.200.0.3/32".parse().unwrap())
+            .unwrap()
+            .cidr_identity = Some(deny_alias);
+        dp.maps = s;
+        dp.config = Some(Config { policy_revision: 2 });
+        let j = run(&mut dp, Ingress, IF_B, &tcp(NODE, 2, B, 80, TCP_ACK));
+        assert_eq!(
+            (j.outcome, j.step),
+            (Outcome::Dropped(drop::POLICY_DENY_RULE), Step::Revalidation)
+        );
     }
 
     #[test]

@@ -50,7 +50,8 @@ abi_names! { $
         IPCACHE = "IPCACHE_V1",
         ENDPOINTS = "ENDPOINTS_V1",
         POLICY = "POLICY_V1",
-        CONNTRACK = "CT_V1",
+        /// V2: ICMP keys hold identifier and type; entries carry the proxy's client address.
+        CONNTRACK = "CT_V2",
         METRICS = "METRICS_V1",
         FLOW_EVENTS = "FLOW_EVENTS_V1",
         CONFIG = "CONFIG_V1",

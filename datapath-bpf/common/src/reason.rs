@@ -75,6 +75,9 @@ codes! {
     /// A policy change sends an established connection through the L7 proxy, which cannot
     /// take it over mid-stream: it is ended, and the client's next connection takes the proxy.
     PROXY_REQUIRED = 192 => "Policy now requires the L7 proxy",
+    /// A packet marked as the proxy's upstream leg whose client address (skb->priority) does
+    /// not have the identity in its mark, as far as the ipcache knows.
+    PROXY_CLIENT_MISMATCH = 193 => "Proxy mark does not match the client",
 }
 
 #[cfg(test)]

@@ -78,7 +78,8 @@ enum At {
 struct Shot {
     label: String,
     frame: Vec<u8>,
-    mark: u32,
+    /// skb->mark and skb->priority.
+    mark: (u32, u32),
     hops: Vec<(Program, At)>,
 }
 
@@ -220,14 +221,22 @@ fn hop(s: &Scenario, h: HopGen, src: AddrGen, dst: AddrGen) -> Vec<(Program, At)
 }
 
 impl Runner<'_> {
-    fn mark(cluster: &Cluster, m: MarkGen) -> u32 {
+    /// The skb mark and priority of `m`.
+    fn mark(s: &Scenario, cluster: &Cluster, m: MarkGen) -> (u32, u32) {
         let ids = cluster.identities();
+        let priority = |a: AddrGen| mark::client_priority(s.addr(a).octets());
         match m {
-            MarkGen::None => 0,
-            MarkGen::FromProxyAs(i) => mark::from_proxy(ids[i % ids.len()].0),
-            MarkGen::FromProxyRaw(id) => mark::from_proxy(id),
-            MarkGen::ToProxy => mark::TO_PROXY,
-            MarkGen::Other(m) => m,
+            MarkGen::None => (0, 0),
+            MarkGen::FromProxyAs(i) => (
+                mark::from_proxy(ids[i % ids.len()].0),
+                priority(AddrGen::Endpoint(i)),
+            ),
+            MarkGen::FromProxyClaiming(i, a) => {
+                (mark::from_proxy(ids[i % ids.len()].0), priority(a))
+            }
+            MarkGen::FromProxyRaw(id) => (mark::from_proxy(id), 0),
+            MarkGen::ToProxy => (mark::TO_PROXY, 0),
+            MarkGen::Other(m) => (m, 0),
         }
     }
 
@@ -272,7 +281,7 @@ impl Runner<'_> {
                             .unwrap_or_default()
                     ),
                     frame,
-                    mark: Self::mark(cluster, *mark),
+                    mark: Self::mark(s, cluster, *mark),
                     hops: hop(s, *which, src, dst),
                 }]
             }
@@ -321,7 +330,7 @@ impl Runner<'_> {
                                 }
                             ),
                             frame: frames::frame(&t, l4),
-                            mark: 0,
+                            mark: (0, 0),
                             hops: route(s, src, dst),
                         }
                     })
@@ -354,7 +363,7 @@ impl Runner<'_> {
                         if *about_reply { "reply" } else { "original" }
                     ),
                     frame: frames::icmp_error(s.addr(src), s.addr(dst), *kind, &inner, *inner_len),
-                    mark: 0,
+                    mark: (0, 0),
                     hops: hop(s, *h, src, dst),
                 }]
             }
@@ -387,7 +396,7 @@ impl Runner<'_> {
                 vec![Shot {
                     label: "arbitrary bytes".to_string(),
                     frame,
-                    mark: 0,
+                    mark: (0, 0),
                     hops: vec![(p, At::Endpoint(i))],
                 }]
             }
@@ -401,7 +410,7 @@ impl Runner<'_> {
                 vec![Shot {
                     label: "ARP".to_string(),
                     frame: frames::arp(Ipv4Addr::new(10, 200, 0, 77), s.ip(i)),
-                    mark: 0,
+                    mark: (0, 0),
                     hops: vec![(p, At::Endpoint(i))],
                 }]
             }
@@ -582,6 +591,7 @@ impl Runner<'_> {
                         proxy_port: PROXY_PORT,
                         packets: 1,
                         bytes: 0,
+                        proxy_client: Ipv4Addr::UNSPECIFIED,
                     };
                     real.insert_conntrack(&key, &entry);
                     model.conntrack.insert(key, entry);
@@ -599,10 +609,13 @@ impl Runner<'_> {
                     "step {si}: {}\n    frame: {}{}",
                     shot.label,
                     frames::describe(&shot.frame),
-                    if shot.mark == 0 {
-                        String::new()
-                    } else {
-                        format!("\n    mark: {:#010x}", shot.mark)
+                    match shot.mark {
+                        (0, 0) => String::new(),
+                        (m, 0) => format!("\n    mark: {m:#010x}"),
+                        (m, p) => format!(
+                            "\n    mark: {m:#010x}, priority {p:#010x} ({})",
+                            Ipv4Addr::from(p)
+                        ),
                     }
                 );
                 if !frames::runnable(&shot.frame) {
@@ -617,14 +630,21 @@ impl Runner<'_> {
                     let input = |proxy_listener| Input {
                         program: *program,
                         ifindex,
-                        mark: shot.mark,
+                        mark: shot.mark.0,
+                        priority: shot.mark.1,
                         proxy_listener,
                         frame: &shot.frame,
                     };
                     let would = model.judge(&input(true));
                     model.conntrack = saved;
                     let judged = model.judge(&input(self.proxy_listener));
-                    let got = match real.run(*program, &shot.frame, ifindex, shot.mark) {
+                    let got = match real.run(
+                        *program,
+                        &shot.frame,
+                        ifindex,
+                        shot.mark.0,
+                        shot.mark.1,
+                    ) {
                         Ok(got) => got,
                         Err(e) => {
                             return Err(format!(
@@ -861,7 +881,7 @@ pub fn probe_proxy_listener(real: &RefCell<RealDatapath>, ifindex: u32) -> Resul
         },
         L4::Tcp { flags: TCP_SYN },
     );
-    let got = real.run(Program::FromEndpoint, &syn, ifindex, 0)?;
+    let got = real.run(Program::FromEndpoint, &syn, ifindex, 0, 0)?;
     let outcome = got
         .outcome()
         .ok_or_else(|| format!("probe: unexpected result {got:?}"))?;
