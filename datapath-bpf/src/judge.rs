@@ -13,7 +13,7 @@ use palisade_common::{
     direction,
     endpoint::{EndpointInfo, FLAG_AUDIT},
     family,
-    flow::{EVENT_DROP, EVENT_NEW_CONNECTION, EVENT_REVALIDATION_DROP},
+    flow::{EVENT_DROP, EVENT_NEW_CONNECTION, EVENT_REVALIDATION_AUDIT, EVENT_REVALIDATION_DROP},
     identity,
     ipcache::{IPCACHE_PREFIX_OFFSET_BITS, IpcacheKey, IpcacheValue},
     metrics::{OUTCOME_AUDIT, OUTCOME_FORWARDED, OUTCOME_REDIRECTED},
@@ -154,7 +154,7 @@ fn judge(ctx: &TcContext, dir: u8, ifindex: u32, len: u32) -> Result<u8, Drop> {
     // in place for the reply lookup: the BPF stack has no room for two.
     let mut key = conntrack::key_forward(&pkt, dir);
     if let Some(entry) = conntrack::lookup(&key, now) {
-        let outcome = established(cfg, ep, &key, entry, &pkt, false, now, len)?;
+        let outcome = established(cfg, ep, dir, &key, entry, &pkt, false, now, ifindex, len)?;
         // SAFETY: valid map value pointer for this program run.
         let e = unsafe { &*entry };
         if dir == direction::EGRESS && e.flags & CT_FLAG_PROXY_REDIRECT != 0 {
@@ -166,7 +166,7 @@ fn judge(ctx: &TcContext, dir: u8, ifindex: u32, len: u32) -> Result<u8, Drop> {
     // Reply to a connection the opposite direction let in or out.
     conntrack::reverse_in_place(&mut key, opposite(dir));
     if let Some(entry) = conntrack::lookup(&key, now) {
-        return established(cfg, ep, &key, entry, &pkt, true, now, len);
+        return established(cfg, ep, dir, &key, entry, &pkt, true, now, ifindex, len);
     }
     conntrack::reverse_in_place(&mut key, dir);
     new_connection(
@@ -271,17 +271,19 @@ fn check_policy(
 fn established(
     cfg: &Config,
     ep: &EndpointInfo,
+    dir: u8,
     key: &CtKey,
     entry: *mut CtEntry,
     pkt: &Packet,
     is_reply: bool,
     now: u64,
+    ifindex: u32,
     len: u32,
 ) -> Result<u8, Drop> {
     // SAFETY: valid map value pointer for this program run.
     let e = unsafe { &mut *entry };
     if e.policy_revision != cfg.policy_revision {
-        revalidate(cfg, ep, key, entry)?;
+        revalidate(cfg, ep, dir, key, entry, pkt, now, ifindex, len)?;
     }
     let audit = e.flags & CT_FLAG_AUDIT != 0;
     if conntrack::update(entry, cfg, pkt, is_reply, now, len) {
@@ -294,17 +296,29 @@ fn established(
     })
 }
 
-/// Policy changed since this connection was last checked: check it again, so that a
-/// connection the new policy denies stops instead of living on in conntrack, and one the new
-/// policy sends through the L7 proxy stops too (it cannot be moved into the proxy mid-stream;
-/// the agent resets both ends and the client's next connection takes the proxy). A connection
-/// already going through the proxy keeps doing so.
+/// Policy changed since this connection was last checked: check it again, as a new one
+/// would be checked. A connection the new policy denies stops instead of living on in
+/// conntrack, or, with the endpoint in audit mode, goes on as audited (reported as such, as
+/// the drop would have been); one the new policy allows again is no longer audited. One the
+/// new policy sends through the L7 proxy stops too: TCP because it cannot be moved into the
+/// proxy mid-stream (the agent resets both ends and the client's next connection takes the
+/// proxy), anything else because the proxy takes TCP only, as a new flow would be dropped. A
+/// connection already going through the proxy keeps doing so.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "always inlined: a struct would only add stack"
+)]
 #[inline(always)]
 fn revalidate(
     cfg: &Config,
     ep: &EndpointInfo,
+    dir: u8,
     key: &CtKey,
     entry: *mut CtEntry,
+    pkt: &Packet,
+    now: u64,
+    ifindex: u32,
+    len: u32,
 ) -> Result<(), Drop> {
     // SAFETY: valid map value pointer for this program run.
     let e = unsafe { &mut *entry };
@@ -313,25 +327,42 @@ fn revalidate(
     let client = e.proxy_client;
     let proxy_client = (e.flags & CT_FLAG_FROM_PROXY != 0).then_some(&client);
     let (decision, peer_identity) = check_policy(ep, key.scope, key, key.dport_be, proxy_client);
-    let allowed = matches!(decision.action, action::ALLOW | action::REDIRECT);
     let stop = |reason| Drop {
         reason,
         kind: EVENT_REVALIDATION_DROP,
         peer_identity,
         rule_id: decision.rule_id,
     };
-    if !allowed && ep.flags & FLAG_AUDIT == 0 {
+    if matches!(decision.action, action::ALLOW | action::REDIRECT) {
+        if proxy_client.is_none() && e.flags & CT_FLAG_PROXY_REDIRECT == 0 {
+            if key.protocol != proto::TCP && decision.action == action::REDIRECT {
+                conntrack::remove(key);
+                return Err(stop(drop::PROXY_UNSUPPORTED_PROTOCOL));
+            }
+            if key.protocol == proto::TCP && proxy_port_needed(ep, decision, key) != 0 {
+                conntrack::remove(key);
+                return Err(stop(drop::PROXY_REQUIRED));
+            }
+        }
+        e.flags &= !CT_FLAG_AUDIT;
+    } else if ep.flags & FLAG_AUDIT != 0 {
+        e.flags |= CT_FLAG_AUDIT;
+        report(
+            cfg,
+            ep,
+            dir,
+            pkt,
+            now,
+            ifindex,
+            len,
+            peer_identity,
+            decision.rule_id,
+            verdict::AUDIT,
+            EVENT_REVALIDATION_AUDIT,
+        );
+    } else {
         conntrack::remove(key);
         return Err(stop(deny_reason(decision.action)));
-    }
-    if allowed
-        && proxy_client.is_none()
-        && e.flags & CT_FLAG_PROXY_REDIRECT == 0
-        && key.protocol == proto::TCP
-        && proxy_port_needed(ep, decision, key) != 0
-    {
-        conntrack::remove(key);
-        return Err(stop(drop::PROXY_REQUIRED));
     }
     e.policy_revision = cfg.policy_revision;
     e.rule_id = decision.rule_id;
@@ -437,6 +468,9 @@ fn new_connection(
     if proxy_port_be != 0 || decision.action == action::REDIRECT {
         // Only a TCP connection opened on an endpoint's egress can be handed to the proxy;
         // anything else that policy sends there fails closed.
+        if pkt.protocol != proto::TCP {
+            return Err(deny(drop::PROXY_UNSUPPORTED_PROTOCOL));
+        }
         if dir != direction::EGRESS || !is_syn {
             return Err(deny(drop::PROXY_UNAVAILABLE));
         }
@@ -454,7 +488,7 @@ fn new_connection(
     // dropped is still reported, packet by packet as the drops would be.
     if !pkt.opens {
         if outcome == OUTCOME_AUDIT {
-            report_new(
+            report(
                 cfg,
                 ep,
                 dir,
@@ -465,6 +499,7 @@ fn new_connection(
                 peer_identity,
                 decision.rule_id,
                 verdict_code,
+                EVENT_NEW_CONNECTION,
             );
         }
         return Ok(outcome);
@@ -495,7 +530,7 @@ fn new_connection(
         conntrack::remove(key);
         return Err(deny(reason));
     }
-    report_new(
+    report(
         cfg,
         ep,
         dir,
@@ -506,18 +541,19 @@ fn new_connection(
         peer_identity,
         decision.rule_id,
         verdict_code,
+        EVENT_NEW_CONNECTION,
     );
     Ok(outcome)
 }
 
-/// The flow event of a new connection's verdict (or, in audit mode, of a packet policy would
-/// have dropped).
+/// The flow event of a verdict that is no drop (drops are `report_drop`'s): a new
+/// connection's, or in audit mode that of a packet or connection policy would have dropped.
 #[expect(
     clippy::too_many_arguments,
     reason = "always inlined: a struct would only add stack"
 )]
 #[inline(always)]
-fn report_new(
+fn report(
     cfg: &Config,
     ep: &EndpointInfo,
     dir: u8,
@@ -528,6 +564,7 @@ fn report_new(
     peer_identity: u32,
     rule_id: u32,
     verdict_code: u8,
+    kind: u8,
 ) {
     let (src_identity, dst_identity) = if dir == direction::EGRESS {
         (ep.identity, peer_identity)
@@ -535,7 +572,7 @@ fn report_new(
         (peer_identity, ep.identity)
     };
     events::emit(cfg, now, ep.endpoint_id, pkt, || EventMeta {
-        kind: EVENT_NEW_CONNECTION,
+        kind,
         verdict: verdict_code,
         drop_reason: drop::NONE,
         direction: dir,

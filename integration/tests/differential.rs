@@ -52,6 +52,7 @@
 use std::cell::RefCell;
 use std::net::{Ipv4Addr, SocketAddr};
 
+use palisade_common::reason::drop;
 use palisade_integration::differential::frames::Mutation;
 use palisade_integration::differential::run::{Runner, Stats, Verdict, probe_proxy_listener};
 use palisade_integration::differential::scenario::{
@@ -61,7 +62,6 @@ use palisade_integration::differential::scenario::{
 };
 use palisade_integration::differential::{DiffEnv, RealDatapath};
 use palisade_integration::traffic;
-use palisade_common::reason::drop;
 use palisade_policies::compile::EnforcementMode;
 use palisade_policies::datapath_model::{Outcome, Program};
 use proptest::test_runner::{Config, RngSeed, TestCaseError, TestError, TestRunner};
@@ -751,6 +751,173 @@ fn the_proxys_upstream_leg_is_judged_by_the_clients_address() {
             (2, In, 1, Outcome::Forwarded),
             (3, In, 1, Outcome::Dropped(drop::PROXY_CLIENT_MISMATCH)),
             (5, In, 1, Outcome::Dropped(drop::POLICY_DENY_RULE)),
+        ],
+    );
+}
+
+/// A policy change re-judges connections as new ones would be judged, audit mode included:
+/// what the new policy denies goes on audited (the packets count as AUDIT, the entry says
+/// so), what it allows again is no longer audited.
+#[test]
+fn revalidation_in_audit_mode_audits_what_is_now_denied() {
+    use Program::ToEndpoint as In;
+    let tcp = |port| PortGen {
+        protocol: 1,
+        port: PortChoice::Single(port),
+    };
+    // ep1 (audit mode) takes TCP 80 from ep0, after the change TCP 81 instead.
+    let server = |port| PolicyGen::Cilium {
+        namespace: Some(1),
+        subject: selector(1, None),
+        ingress: vec![CiliumRuleGen {
+            to_ports: vec![(vec![tcp(port)], false)],
+            icmp: None,
+            ..icmp_rule(selector(0, Some(0)), true)
+        }],
+        ingress_deny: vec![],
+        egress: vec![],
+        egress_deny: vec![],
+        default_deny: (None, None),
+    };
+    let ack = |flow, reply, hop| StepGen::Packet {
+        flow,
+        reply,
+        hop,
+        flags: Ok(2),
+        mark: MarkGen::None,
+        mutation: None,
+    };
+    let mut s = fixed_cluster(vec![
+        // 0: to 80, allowed; 1: to 81, audited.
+        StepGen::Exchange {
+            flow: 0,
+            close: Close::Open,
+        },
+        StepGen::Exchange {
+            flow: 1,
+            close: Close::Open,
+        },
+        StepGen::PolicyChange,
+        // 3, 4: the connection to 80 goes on audited, both ways.
+        ack(0, false, HopGen::ReceiverIngress),
+        ack(0, true, HopGen::SenderEgress),
+        // 5: the one to 81 is allowed now.
+        ack(1, false, HopGen::ReceiverIngress),
+    ]);
+    s.endpoints[1].audit = true;
+    s.policies = vec![server(1)];
+    s.change = Some(ChangeGen {
+        keep: false,
+        policies: vec![server(2)],
+        relabel: None,
+    });
+    s.flows = vec![
+        FlowGen {
+            client: AddrGen::Endpoint(0),
+            server: AddrGen::Endpoint(1),
+            proto: FlowProto::Tcp,
+            client_port: 40000,
+            server_port: 80,
+        },
+        FlowGen {
+            client: AddrGen::Endpoint(0),
+            server: AddrGen::Endpoint(1),
+            proto: FlowProto::Tcp,
+            client_port: 40001,
+            server_port: 81,
+        },
+    ];
+    run_expecting(
+        "audit",
+        s,
+        vec![
+            (0, In, 1, Outcome::Forwarded),
+            (1, In, 1, Outcome::Audit),
+            (3, In, 1, Outcome::Audit),
+            (4, Program::FromEndpoint, 1, Outcome::Audit),
+            (5, In, 1, Outcome::Forwarded),
+        ],
+    );
+}
+
+/// A flow other than TCP that a policy change sends to the L7 proxy (which takes TCP only)
+/// stops, as a new one is dropped; an open TCP connection stops as ever.
+#[test]
+fn a_udp_flow_that_policy_now_sends_to_the_proxy_stops() {
+    use Program::ToEndpoint as In;
+    // After the change, ep1 has HTTP rules on port 53 of any protocol.
+    let http_53 = PolicyGen::Cilium {
+        namespace: Some(1),
+        subject: selector(1, None),
+        ingress: vec![CiliumRuleGen {
+            to_ports: vec![(
+                vec![PortGen {
+                    protocol: 4,
+                    port: PortChoice::Single(0),
+                }],
+                true,
+            )],
+            icmp: None,
+            ..icmp_rule(selector(0, Some(0)), true)
+        }],
+        ingress_deny: vec![],
+        egress: vec![],
+        egress_deny: vec![],
+        default_deny: (None, None),
+    };
+    let packet = |flow| StepGen::Packet {
+        flow,
+        reply: false,
+        hop: HopGen::ReceiverIngress,
+        flags: Ok(2),
+        mark: MarkGen::None,
+        mutation: None,
+    };
+    let mut s = fixed_cluster(vec![
+        StepGen::Exchange {
+            flow: 0,
+            close: Close::Open,
+        },
+        StepGen::Exchange {
+            flow: 1,
+            close: Close::Open,
+        },
+        StepGen::PolicyChange,
+        // 3: the UDP flow is stopped, 4: and stays so; 5: the TCP connection too.
+        packet(0),
+        packet(0),
+        packet(1),
+    ]);
+    s.policies = vec![];
+    s.change = Some(ChangeGen {
+        keep: false,
+        policies: vec![http_53],
+        relabel: None,
+    });
+    s.flows = vec![
+        FlowGen {
+            client: AddrGen::Endpoint(0),
+            server: AddrGen::Endpoint(1),
+            proto: FlowProto::Udp,
+            client_port: 5353,
+            server_port: 53,
+        },
+        FlowGen {
+            client: AddrGen::Endpoint(0),
+            server: AddrGen::Endpoint(1),
+            proto: FlowProto::Tcp,
+            client_port: 40000,
+            server_port: 53,
+        },
+    ];
+    run_expecting(
+        "udp-proxy",
+        s,
+        vec![
+            (0, In, 1, Outcome::Forwarded),
+            (3, In, 1, Outcome::Dropped(drop::PROXY_UNSUPPORTED_PROTOCOL)),
+            (4, In, 1, Outcome::Dropped(drop::PROXY_UNSUPPORTED_PROTOCOL)),
+            (5, In, 1, Outcome::Dropped(drop::PROXY_REQUIRED)),
         ],
     );
 }

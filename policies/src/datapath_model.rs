@@ -828,9 +828,10 @@ impl DatapathModel {
         Ok((outcome, flags, proxy_port))
     }
 
-    /// `judge::revalidate`: policy changed since the entry was last checked. A connection the
-    /// new policy denies stops (unless the endpoint is in audit mode), and so does a direct
-    /// TCP connection the new policy sends through the proxy (`PROXY_REQUIRED`).
+    /// `judge::revalidate`: policy changed since the entry was last checked, and it is checked
+    /// as a new connection would be. One the new policy denies stops, or in audit mode goes on
+    /// audited (and one allowed again is no longer audited); one it sends through the proxy
+    /// stops: TCP with `PROXY_REQUIRED`, anything else with `PROXY_UNSUPPORTED_PROTOCOL`.
     fn revalidate(
         &mut self,
         ctx: &mut Ctx<'_, '_>,
@@ -846,22 +847,31 @@ impl DatapathModel {
             decision.action,
             Some(Action::Allow | Action::Redirect { .. })
         );
-        if !allowed && !ctx.ep.audit {
+        let stop = if !allowed && !ctx.ep.audit {
+            Some(deny_reason(decision.action))
+        } else if allowed && proxy_client.is_none() && e.flags & CT_FLAG_PROXY_REDIRECT == 0 {
+            if key.protocol != proto::TCP && decision.is_redirect() {
+                Some(drop::PROXY_UNSUPPORTED_PROTOCOL)
+            } else if key.protocol == proto::TCP && self.proxy_port_needed(ctx, decision, &key) != 0
+            {
+                Some(drop::PROXY_REQUIRED)
+            } else {
+                None
+            }
+        } else {
+            None
+        };
+        if let Some(reason) = stop {
             self.conntrack.remove(&key);
             ctx.changes.push(CtChange::Removed(key));
-            return Err(deny_reason(decision.action));
-        }
-        if allowed
-            && proxy_client.is_none()
-            && e.flags & CT_FLAG_PROXY_REDIRECT == 0
-            && key.protocol == proto::TCP
-            && self.proxy_port_needed(ctx, decision, &key) != 0
-        {
-            self.conntrack.remove(&key);
-            ctx.changes.push(CtChange::Removed(key));
-            return Err(drop::PROXY_REQUIRED);
+            return Err(reason);
         }
         let e = self.conntrack.get_mut(&key).expect("present: read above");
+        if allowed {
+            e.flags &= !CT_FLAG_AUDIT;
+        } else {
+            e.flags |= CT_FLAG_AUDIT;
+        }
         e.policy_revision = cfg.policy_revision;
         e.rule = decision.rule;
         e.peer_identity = peer_identity;
@@ -908,6 +918,9 @@ impl DatapathModel {
         };
         let is_syn = pkt.protocol == proto::TCP && pkt.opens;
         if proxy_port != 0 || decision.is_redirect() {
+            if pkt.protocol != proto::TCP {
+                return Err(drop::PROXY_UNSUPPORTED_PROTOCOL);
+            }
             if dir != Direction::Egress || !is_syn {
                 return Err(drop::PROXY_UNAVAILABLE);
             }
@@ -1960,6 +1973,103 @@ mod tests {
         );
         assert_eq!(dp.conntrack.len(), 1);
         assert_eq!(dp.conntrack.values().next().unwrap().policy_revision, 2);
+    }
+
+    #[test]
+    fn revalidation_in_audit_mode_audits_what_is_now_denied_and_stops_auditing_what_is_allowed() {
+        let mut s = maps();
+        enforce(&mut s, EP_B, Direction::Ingress);
+        s.endpoints.get_mut(&EP_B).unwrap().audit = true;
+        let allow = |s: &mut MapState, port: u16, r: u32| {
+            rule(
+                s,
+                (EP_B, Direction::Ingress, ID_A),
+                Some(TCP),
+                PortPrefix::exact(port),
+                Action::Allow,
+                r,
+            );
+        };
+        let mut first = s.clone();
+        allow(&mut first, 80, 1);
+        let mut dp = DatapathModel::new(1, first);
+        // Port 80 allowed, port 81 audited.
+        assert_eq!(
+            out(&mut dp, Ingress, IF_B, &tcp(A, 1, B, 80, TCP_SYN)),
+            Outcome::Forwarded
+        );
+        assert_eq!(
+            out(&mut dp, Ingress, IF_B, &tcp(A, 2, B, 81, TCP_SYN)),
+            Outcome::Audit
+        );
+        let key = |sport, dport| CtKey {
+            scope: Direction::Ingress,
+            protocol: TCP,
+            saddr: A,
+            sport,
+            daddr: B,
+            dport,
+        };
+        // The change: 81 allowed, 80 no longer.
+        let mut second = s;
+        allow(&mut second, 81, 2);
+        dp.maps = second;
+        dp.config = Some(Config { policy_revision: 2 });
+        let j = run(&mut dp, Egress, IF_B, &tcp(B, 80, A, 1, TCP_SYN | TCP_ACK));
+        assert_eq!(
+            (j.outcome, j.changes[0]),
+            (Outcome::Audit, CtChange::Revalidated(key(1, 80)))
+        );
+        assert_eq!(dp.conntrack[&key(1, 80)].flags & CT_FLAG_AUDIT, CT_FLAG_AUDIT);
+        assert_eq!(
+            out(&mut dp, Ingress, IF_B, &tcp(A, 1, B, 80, TCP_ACK)),
+            Outcome::Audit
+        );
+        let j = run(&mut dp, Ingress, IF_B, &tcp(A, 2, B, 81, TCP_ACK));
+        assert_eq!(j.outcome, Outcome::Forwarded);
+        assert_eq!(dp.conntrack[&key(2, 81)].flags & CT_FLAG_AUDIT, 0);
+        assert_eq!(dp.conntrack[&key(2, 81)].rule, RuleId(2));
+    }
+
+    #[test]
+    fn a_flow_other_than_tcp_that_policy_now_sends_to_the_proxy_stops() {
+        let mut s = maps();
+        let mut dp = DatapathModel::new(1, s.clone());
+        let query = udp(A, 5000, B, 53);
+        assert_eq!(out(&mut dp, Egress, IF_A, &query), Outcome::Forwarded);
+        assert_eq!(out(&mut dp, Ingress, IF_B, &query), Outcome::Forwarded);
+        // HTTP rules on any protocol of port 53 at B's ingress: a redirect (also of UDP) the
+        // proxy cannot take for UDP.
+        rule(
+            &mut s,
+            (EP_B, Direction::Ingress, Identity::ANY),
+            Some(UDP),
+            PortPrefix::exact(53),
+            Action::Redirect { proxy_port: PROXY },
+            1,
+        );
+        dp.maps = s;
+        dp.config = Some(Config { policy_revision: 2 });
+        // The client's side is not redirected (only TCP is, by the destination's rules).
+        assert_eq!(out(&mut dp, Egress, IF_A, &query), Outcome::Forwarded);
+        let j = run(&mut dp, Ingress, IF_B, &query);
+        assert_eq!(
+            (j.outcome, j.step),
+            (
+                Outcome::Dropped(drop::PROXY_UNSUPPORTED_PROTOCOL),
+                Step::Revalidation
+            )
+        );
+        assert_eq!(dp.conntrack.len(), 1);
+        // And it stays stopped: a new flow gets the same verdict.
+        let j = run(&mut dp, Ingress, IF_B, &query);
+        assert_eq!(
+            (j.outcome, j.step),
+            (
+                Outcome::Dropped(drop::PROXY_UNSUPPORTED_PROTOCOL),
+                Step::NewConnection
+            )
+        );
     }
 
     impl CtChange {

@@ -78,6 +78,9 @@ codes! {
     /// A packet marked as the proxy's upstream leg whose client address (skb->priority) does
     /// not have the identity in its mark, as far as the ipcache knows.
     PROXY_CLIENT_MISMATCH = 193 => "Proxy mark does not match the client",
+    /// Policy sends a flow that is not TCP (new, or open when the policy changed) to the L7
+    /// proxy, which takes TCP only.
+    PROXY_UNSUPPORTED_PROTOCOL = 194 => "Proxy redirection not supported for protocol",
 }
 
 #[cfg(test)]
