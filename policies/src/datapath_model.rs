@@ -1822,13 +1822,7 @@ mod tests {
             Outcome::Dropped(drop::PROXY_UNAVAILABLE)
         );
         // The proxy's upstream leg, marked with A's identity, is judged as A: allowed.
-        let j = run_proxied(
-            &mut dp,
-            IF_B,
-            ID_A,
-            A,
-            &tcp(NODE, 3, B, 80, TCP_SYN),
-        );
+        let j = run_proxied(&mut dp, IF_B, ID_A, A, &tcp(NODE, 3, B, 80, TCP_SYN));
         assert_eq!(j.outcome, Outcome::Forwarded);
         let e = dp
             .conntrack
@@ -2020,7 +2014,10 @@ mod tests {
             (j.outcome, j.changes[0]),
             (Outcome::Audit, CtChange::Revalidated(key(1, 80)))
         );
-        assert_eq!(dp.conntrack[&key(1, 80)].flags & CT_FLAG_AUDIT, CT_FLAG_AUDIT);
+        assert_eq!(
+            dp.conntrack[&key(1, 80)].flags & CT_FLAG_AUDIT,
+            CT_FLAG_AUDIT
+        );
         assert_eq!(
             out(&mut dp, Ingress, IF_B, &tcp(A, 1, B, 80, TCP_ACK)),
             Outcome::Audit
