@@ -1034,6 +1034,7 @@ mod tests {
             ingress_enforced: false,
             egress_enforced: false,
             audit: false,
+            link: crate::endpoint::LinkLayer::default(),
         }
     }
 

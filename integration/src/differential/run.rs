@@ -843,6 +843,7 @@ pub fn probe_proxy_listener(real: &RefCell<RealDatapath>, ifindex: u32) -> Resul
             ingress_enforced: false,
             egress_enforced: false,
             audit: false,
+            link: palisade_policies::endpoint::LinkLayer::default(),
         },
     );
     maps.ipcache.insert(

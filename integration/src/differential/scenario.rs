@@ -1309,6 +1309,7 @@ impl Cluster {
                         })
                         .into_iter()
                         .collect(),
+                    link: palisade_policies::endpoint::LinkLayer::default(),
                 },
             );
         }
