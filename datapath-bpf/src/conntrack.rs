@@ -11,7 +11,7 @@ use palisade_common::{
 
 use crate::{
     maps::CONNTRACK,
-    packet::{Packet, TCP_FIN, TCP_RST},
+    packet::{Packet, TCP_FIN, TCP_RST, icmp_counterpart},
 };
 
 const NS_PER_SEC: u64 = 1_000_000_000;
@@ -45,11 +45,23 @@ pub fn key_forward(pkt: &Packet, scope: u8) -> CtKey {
     }
 }
 
-/// Turns a key around (source and destination swapped) and sets its scope.
+/// Turns a key around (source and destination swapped) and sets its scope. An ICMP key keeps
+/// its identifier and takes the counterpart type: a reply's key turned around is its
+/// request's, and a request's turned around is no request's, so the other side's request
+/// with the same identifier never passes as a reply (nor a reply as a request).
 #[inline(always)]
 pub fn reverse_in_place(key: &mut CtKey, scope: u8) {
     core::mem::swap(&mut key.saddr, &mut key.daddr);
-    core::mem::swap(&mut key.sport_be, &mut key.dport_be);
+    if key.protocol == proto::ICMP {
+        #[expect(
+            clippy::cast_possible_truncation,
+            reason = "an ICMP key's type is a u8 stored in a u16"
+        )]
+        let icmp_type = u16::from_be(key.dport_be) as u8;
+        key.dport_be = u16::from(icmp_counterpart(icmp_type)).to_be();
+    } else {
+        core::mem::swap(&mut key.sport_be, &mut key.dport_be);
+    }
     key.scope = scope;
 }
 
@@ -97,6 +109,7 @@ pub fn create(
     rule_id: u32,
     flags: u16,
     proxy_port_be: u16,
+    proxy_client: &[u8; 16],
 ) -> Result<(), ()> {
     let entry = CtEntry {
         expires_ns: now + timeout_ns(cfg, key.protocol, flags),
@@ -110,6 +123,7 @@ pub fn create(
         flags,
         proxy_port_be,
         _pad: [0; 4],
+        proxy_client: *proxy_client,
     };
     CONNTRACK.insert(key, entry, 0).map_err(|_| ())
 }

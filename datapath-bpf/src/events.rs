@@ -103,12 +103,17 @@ pub fn emit(
         (*ev).rule_id = m.rule_id;
         (*ev).packet_len = m.packet_len;
         (*ev).ifindex = m.ifindex;
-        (*ev).src_addr = pkt.saddr;
-        (*ev).dst_addr = pkt.daddr;
-        (*ev).src_port_be = pkt.sport_be;
-        (*ev).dst_port_be = pkt.dport_be;
+        // The packet as it is: an ICMP error by its own addresses, not the embedded tuple's.
+        (*ev).src_addr = pkt.outer_saddr;
+        (*ev).dst_addr = pkt.outer_daddr;
+        (*ev).src_port_be = if pkt.related { 0 } else { pkt.sport_be };
+        (*ev).dst_port_be = if pkt.related { 0 } else { pkt.dport_be };
         (*ev).family = palisade_common::family::IPV4;
-        (*ev).protocol = pkt.protocol;
+        (*ev).protocol = if pkt.related {
+            palisade_common::proto::ICMP
+        } else {
+            pkt.protocol
+        };
         (*ev).direction = m.direction;
         (*ev).verdict = m.verdict;
         (*ev).drop_reason = m.drop_reason;

@@ -13,7 +13,7 @@ use palisade_common::{
     direction,
     endpoint::{EndpointInfo, FLAG_AUDIT},
     family,
-    flow::{EVENT_DROP, EVENT_NEW_CONNECTION, EVENT_REVALIDATION_DROP},
+    flow::{EVENT_DROP, EVENT_NEW_CONNECTION, EVENT_REVALIDATION_AUDIT, EVENT_REVALIDATION_DROP},
     identity,
     ipcache::{IPCACHE_PREFIX_OFFSET_BITS, IpcacheKey, IpcacheValue},
     metrics::{OUTCOME_AUDIT, OUTCOME_FORWARDED, OUTCOME_REDIRECTED},
@@ -26,7 +26,7 @@ use crate::{
     conntrack::{self, now_ns, opposite},
     events::{self, EventMeta},
     maps::{CONFIG, ENDPOINTS, IPCACHE},
-    packet::{self, Packet, Parsed, TCP_ACK, TCP_SYN},
+    packet::{self, Packet, Parsed},
     policy::{self, Decision},
     proxy,
 };
@@ -57,6 +57,9 @@ pub fn run(ctx: &TcContext, dir: u8) -> i32 {
     match judge(ctx, dir, ifindex, len) {
         Ok(outcome) => {
             events::count(dir, outcome, len);
+            if outcome == OUTCOME_REDIRECTED {
+                return proxy::deliver(ifindex);
+            }
             TC_ACT_OK
         }
         Err(d) => {
@@ -88,7 +91,10 @@ fn report_drop(ctx: &TcContext, dir: u8, ifindex: u32, len: u32, d: &Drop) {
             protocol: 0,
             tcp_flags: 0,
             policy_port_be: 0,
+            opens: false,
             related: false,
+            outer_saddr: [0; 16],
+            outer_daddr: [0; 16],
         },
     };
     let (src_identity, dst_identity) = if dir == direction::EGRESS {
@@ -126,15 +132,17 @@ fn judge(ctx: &TcContext, dir: u8, ifindex: u32, len: u32) -> Result<u8, Drop> {
         Parsed::Arp => return Ok(OUTCOME_FORWARDED),
         Parsed::Ipv4(p) => p,
     };
-    if dir == direction::EGRESS && !pkt.related && pkt.saddr != ep.addr {
+    // What an endpoint sends must come from its address, and what the node hands to it must
+    // be addressed to it: ICMP errors included, by their own (outer) addresses.
+    if dir == direction::EGRESS && pkt.outer_saddr != ep.addr {
         return Err(Drop::plain(drop::INVALID_SOURCE_IP));
     }
-    // What the node hands to an endpoint must be addressed to it.
-    if dir == direction::INGRESS && !pkt.related && pkt.daddr != ep.addr {
+    if dir == direction::INGRESS && pkt.outer_daddr != ep.addr {
         return Err(Drop::plain(drop::INVALID_DESTINATION_IP));
     }
     let now = now_ns();
-    // The proxy's upstream connections carry the original client's identity in their mark.
+    // The proxy's upstream connections carry the original client's identity in their mark
+    // (and its address in their priority, see `mark::FROM_PROXY`).
     let proxied_from = if dir == direction::INGRESS {
         proxy::from_proxy_identity(ctx)
     } else {
@@ -142,24 +150,18 @@ fn judge(ctx: &TcContext, dir: u8, ifindex: u32, len: u32) -> Result<u8, Drop> {
     };
 
     if pkt.related {
-        // An ICMP error about a connection: forwarded only if that connection is tracked by
-        // the opposite direction of this endpoint (the side that sent the original packet).
-        let key = conntrack::key_forward(&pkt, opposite(dir));
-        return match conntrack::lookup(&key, now) {
-            Some(_) => Ok(OUTCOME_FORWARDED),
-            None => Err(Drop::plain(drop::CT_TRUNCATED_OR_INVALID)),
-        };
+        return related(&pkt, dir, now);
     }
 
     // Original direction of a connection this direction opened. One key is turned around
     // in place for the reply lookup: the BPF stack has no room for two.
     let mut key = conntrack::key_forward(&pkt, dir);
     if let Some(entry) = conntrack::lookup(&key, now) {
-        let outcome = established(cfg, ep, &key, entry, &pkt, false, now, len)?;
+        let outcome = established(cfg, ep, dir, &key, entry, &pkt, false, now, ifindex, len)?;
         // SAFETY: valid map value pointer for this program run.
         let e = unsafe { &*entry };
         if dir == direction::EGRESS && e.flags & CT_FLAG_PROXY_REDIRECT != 0 {
-            proxy::redirect(ctx, &pkt, e.proxy_port_be).map_err(Drop::plain)?;
+            proxy::redirect(ctx, ep, &pkt, e.proxy_port_be).map_err(Drop::plain)?;
             return Ok(OUTCOME_REDIRECTED);
         }
         return Ok(outcome);
@@ -167,7 +169,7 @@ fn judge(ctx: &TcContext, dir: u8, ifindex: u32, len: u32) -> Result<u8, Drop> {
     // Reply to a connection the opposite direction let in or out.
     conntrack::reverse_in_place(&mut key, opposite(dir));
     if let Some(entry) = conntrack::lookup(&key, now) {
-        return established(cfg, ep, &key, entry, &pkt, true, now, len);
+        return established(cfg, ep, dir, &key, entry, &pkt, true, now, ifindex, len);
     }
     conntrack::reverse_in_place(&mut key, dir);
     new_connection(
@@ -182,6 +184,30 @@ fn judge(ctx: &TcContext, dir: u8, ifindex: u32, len: u32) -> Result<u8, Drop> {
         len,
         proxied_from,
     )
+}
+
+/// An ICMP error (destination unreachable, time exceeded, parameter problem) passes only as
+/// part of the connection it reports on, and only travelling that connection's reply
+/// direction: the embedded packet is one of the connection's original direction, tracked by
+/// the opposite direction of this endpoint (the side that sent it), and the error goes back
+/// to that packet's source. Its outer source: when this endpoint sends the error, the
+/// embedded packet's destination, that is itself (the source check made sure of its own
+/// address): an endpoint reports only on what was addressed to it, never on others'
+/// connections. When this endpoint receives it, any source: a router on the way (the node,
+/// or one beyond it) may report as well as the peer, and its address cannot be known in
+/// advance (Linux conntrack accepts any outer source too); a local endpoint cannot forge one,
+/// its own egress check (above) stops it first. Errors about the reply direction (travelling
+/// the original one) are not let through.
+#[inline(always)]
+fn related(pkt: &Packet, dir: u8, now: u64) -> Result<u8, Drop> {
+    if pkt.outer_daddr != pkt.saddr || (dir == direction::EGRESS && pkt.outer_saddr != pkt.daddr) {
+        return Err(Drop::plain(drop::ICMP_ERROR_MISMATCH));
+    }
+    let key = conntrack::key_forward(pkt, opposite(dir));
+    match conntrack::lookup(&key, now) {
+        Some(_) => Ok(OUTCOME_FORWARDED),
+        None => Err(Drop::plain(drop::CT_TRUNCATED_OR_INVALID)),
+    }
 }
 
 /// Identity (and CIDR alias) of the peer address; an address nobody claims is `world`.
@@ -206,42 +232,38 @@ fn peer_of(addr: &[u8; 16]) -> IpcacheValue {
     }
 }
 
-/// The policy decision for a connection as `scope` saw it open. `known_peer` is the peer's
-/// identity when the address does not tell it (connections from the proxy).
+/// The policy decision for a connection as `scope` saw it open, and the peer identity it was
+/// judged as. The peer is the far end of the connection, or, for the proxy's upstream leg,
+/// the original client at `proxy_client`: judged exactly as the client's own connection
+/// would be, by the ipcache's identity and CIDR alias for its address (the node's address,
+/// which the packets carry, says nothing about the client).
 #[inline(always)]
 fn check_policy(
     ep: &EndpointInfo,
     scope: u8,
     key: &CtKey,
     policy_port_be: u16,
-    known_peer: Option<u32>,
+    proxy_client: Option<&[u8; 16]>,
 ) -> (Decision, u32) {
-    let (identity, cidr_identity) = known_peer.map_or_else(
-        || {
-            // The peer is the far end of the connection.
-            let peer_addr = if scope == direction::EGRESS {
-                &key.daddr
-            } else {
-                &key.saddr
-            };
-            let peer = peer_of(peer_addr);
-            (peer.identity, peer.cidr_identity)
-        },
-        |id| (id, 0),
-    );
+    let peer_addr = match proxy_client {
+        Some(client) => client,
+        None if scope == direction::EGRESS => &key.daddr,
+        None => &key.saddr,
+    };
+    let peer = peer_of(peer_addr);
     let mut decision = policy::decide(
         ep,
         scope,
-        identity,
-        cidr_identity,
+        peer.identity,
+        peer.cidr_identity,
         key.protocol,
         policy_port_be,
     );
-    if known_peer.is_some() && decision.action == action::REDIRECT {
+    if proxy_client.is_some() && decision.action == action::REDIRECT {
         // The proxy is the one sending: it enforced the HTTP rules already.
         decision.action = action::ALLOW;
     }
-    (decision, identity)
+    (decision, peer.identity)
 }
 
 #[expect(
@@ -252,17 +274,19 @@ fn check_policy(
 fn established(
     cfg: &Config,
     ep: &EndpointInfo,
+    dir: u8,
     key: &CtKey,
     entry: *mut CtEntry,
     pkt: &Packet,
     is_reply: bool,
     now: u64,
+    ifindex: u32,
     len: u32,
 ) -> Result<u8, Drop> {
     // SAFETY: valid map value pointer for this program run.
     let e = unsafe { &mut *entry };
     if e.policy_revision != cfg.policy_revision {
-        revalidate(cfg, ep, key, entry)?;
+        revalidate(cfg, ep, dir, key, entry, pkt, now, ifindex, len)?;
     }
     let audit = e.flags & CT_FLAG_AUDIT != 0;
     if conntrack::update(entry, cfg, pkt, is_reply, now, len) {
@@ -275,46 +299,73 @@ fn established(
     })
 }
 
-/// Policy changed since this connection was last checked: check it again, so that a
-/// connection the new policy denies stops instead of living on in conntrack, and one the new
-/// policy sends through the L7 proxy stops too (it cannot be moved into the proxy mid-stream;
-/// the agent resets both ends and the client's next connection takes the proxy). A connection
-/// already going through the proxy keeps doing so.
+/// Policy changed since this connection was last checked: check it again, as a new one
+/// would be checked. A connection the new policy denies stops instead of living on in
+/// conntrack, or, with the endpoint in audit mode, goes on as audited (reported as such, as
+/// the drop would have been); one the new policy allows again is no longer audited. One the
+/// new policy sends through the L7 proxy stops too: TCP because it cannot be moved into the
+/// proxy mid-stream (the agent resets both ends and the client's next connection takes the
+/// proxy), anything else because the proxy takes TCP only, as a new flow would be dropped. A
+/// connection already going through the proxy keeps doing so.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "always inlined: a struct would only add stack"
+)]
 #[inline(always)]
 fn revalidate(
     cfg: &Config,
     ep: &EndpointInfo,
+    dir: u8,
     key: &CtKey,
     entry: *mut CtEntry,
+    pkt: &Packet,
+    now: u64,
+    ifindex: u32,
+    len: u32,
 ) -> Result<(), Drop> {
     // SAFETY: valid map value pointer for this program run.
     let e = unsafe { &mut *entry };
-    let port_be = if key.protocol == proto::ICMP {
-        (8u16).to_be()
-    } else {
-        key.dport_be
-    };
-    let known_peer = (e.flags & CT_FLAG_FROM_PROXY != 0).then_some(e.peer_identity);
-    let (decision, peer_identity) = check_policy(ep, key.scope, key, port_be, known_peer);
-    let allowed = matches!(decision.action, action::ALLOW | action::REDIRECT);
+    // The port policy saw when the connection opened (for ICMP: the request's type), and for
+    // the proxy's upstream leg the client it carries, as it is known now.
+    let client = e.proxy_client;
+    let proxy_client = (e.flags & CT_FLAG_FROM_PROXY != 0).then_some(&client);
+    let (decision, peer_identity) = check_policy(ep, key.scope, key, key.dport_be, proxy_client);
     let stop = |reason| Drop {
         reason,
         kind: EVENT_REVALIDATION_DROP,
         peer_identity,
         rule_id: decision.rule_id,
     };
-    if !allowed && ep.flags & FLAG_AUDIT == 0 {
+    if matches!(decision.action, action::ALLOW | action::REDIRECT) {
+        if proxy_client.is_none() && e.flags & CT_FLAG_PROXY_REDIRECT == 0 {
+            if key.protocol != proto::TCP && decision.action == action::REDIRECT {
+                conntrack::remove(key);
+                return Err(stop(drop::PROXY_UNSUPPORTED_PROTOCOL));
+            }
+            if key.protocol == proto::TCP && proxy_port_needed(ep, decision, key) != 0 {
+                conntrack::remove(key);
+                return Err(stop(drop::PROXY_REQUIRED));
+            }
+        }
+        e.flags &= !CT_FLAG_AUDIT;
+    } else if ep.flags & FLAG_AUDIT != 0 {
+        e.flags |= CT_FLAG_AUDIT;
+        report(
+            cfg,
+            ep,
+            dir,
+            pkt,
+            now,
+            ifindex,
+            len,
+            peer_identity,
+            decision.rule_id,
+            verdict::AUDIT,
+            EVENT_REVALIDATION_AUDIT,
+        );
+    } else {
         conntrack::remove(key);
         return Err(stop(deny_reason(decision.action)));
-    }
-    if allowed
-        && known_peer.is_none()
-        && e.flags & CT_FLAG_PROXY_REDIRECT == 0
-        && key.protocol == proto::TCP
-        && proxy_port_needed(ep, decision, key) != 0
-    {
-        conntrack::remove(key);
-        return Err(stop(drop::PROXY_REQUIRED));
     }
     e.policy_revision = cfg.policy_revision;
     e.rule_id = decision.rule_id;
@@ -381,13 +432,22 @@ fn new_connection(
     len: u32,
     proxied_from: Option<u32>,
 ) -> Result<u8, Drop> {
-    let (decision, peer_identity) = check_policy(ep, dir, key, pkt.policy_port_be, proxied_from);
+    let client = proxy::client_address(ctx);
+    let proxy_client = proxied_from.map(|_| &client);
+    let (decision, peer_identity) = check_policy(ep, dir, key, pkt.policy_port_be, proxy_client);
     let deny = |reason| Drop {
         reason,
         kind: EVENT_DROP,
         peer_identity,
         rule_id: decision.rule_id,
     };
+    // The identity the proxy judged the client's requests as must be the one the client's
+    // address has here: anything else is a stale or forged mark.
+    if let Some(identity) = proxied_from
+        && identity != peer_identity
+    {
+        return Err(deny(drop::PROXY_CLIENT_MISMATCH));
+    }
     let (mut outcome, mut verdict_code, mut ct_flags) = match decision.action {
         action::ALLOW | action::REDIRECT => (OUTCOME_FORWARDED, verdict::FORWARDED, 0),
         denied => {
@@ -407,10 +467,13 @@ fn new_connection(
             0
         }
     };
-    let is_syn = pkt.protocol == proto::TCP && pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    let is_syn = pkt.protocol == proto::TCP && pkt.opens;
     if proxy_port_be != 0 || decision.action == action::REDIRECT {
         // Only a TCP connection opened on an endpoint's egress can be handed to the proxy;
         // anything else that policy sends there fails closed.
+        if pkt.protocol != proto::TCP {
+            return Err(deny(drop::PROXY_UNSUPPORTED_PROTOCOL));
+        }
         if dir != direction::EGRESS || !is_syn {
             return Err(deny(drop::PROXY_UNAVAILABLE));
         }
@@ -421,10 +484,27 @@ fn new_connection(
     if proxied_from.is_some() {
         ct_flags |= CT_FLAG_FROM_PROXY;
     }
-    // Only a SYN opens a TCP connection. A mid-stream segment that policy allows is forwarded
-    // but tracks nothing: otherwise a peer could turn the other side's packets into "replies"
-    // of a connection that never passed policy in that direction.
-    if pkt.protocol == proto::TCP && !is_syn {
+    // Only a SYN opens a TCP connection, only a request an ICMP one (and ICMP that is no
+    // query opens none). Anything else that policy allows is forwarded but tracks nothing:
+    // otherwise a peer could turn the other side's packets into "replies" of a connection
+    // that never passed policy in that direction. In audit mode what policy would have
+    // dropped is still reported, packet by packet as the drops would be.
+    if !pkt.opens {
+        if outcome == OUTCOME_AUDIT {
+            report(
+                cfg,
+                ep,
+                dir,
+                pkt,
+                now,
+                ifindex,
+                len,
+                peer_identity,
+                decision.rule_id,
+                verdict_code,
+                EVENT_NEW_CONNECTION,
+            );
+        }
         return Ok(outcome);
     }
     if conntrack::create(
@@ -437,24 +517,65 @@ fn new_connection(
         decision.rule_id,
         ct_flags,
         proxy_port_be,
+        if proxied_from.is_some() {
+            &client
+        } else {
+            &[0; 16]
+        },
     )
     .is_err()
     {
         return Err(deny(drop::CT_MAP_FULL));
     }
     if ct_flags & CT_FLAG_PROXY_REDIRECT != 0
-        && let Err(reason) = proxy::redirect(ctx, pkt, proxy_port_be)
+        && let Err(reason) = proxy::redirect(ctx, ep, pkt, proxy_port_be)
     {
         conntrack::remove(key);
         return Err(deny(reason));
     }
+    report(
+        cfg,
+        ep,
+        dir,
+        pkt,
+        now,
+        ifindex,
+        len,
+        peer_identity,
+        decision.rule_id,
+        verdict_code,
+        EVENT_NEW_CONNECTION,
+    );
+    Ok(outcome)
+}
+
+/// The flow event of a verdict that is no drop (drops are `report_drop`'s): a new
+/// connection's, or in audit mode that of a packet or connection policy would have dropped.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "always inlined: a struct would only add stack"
+)]
+#[inline(always)]
+fn report(
+    cfg: &Config,
+    ep: &EndpointInfo,
+    dir: u8,
+    pkt: &Packet,
+    now: u64,
+    ifindex: u32,
+    len: u32,
+    peer_identity: u32,
+    rule_id: u32,
+    verdict_code: u8,
+    kind: u8,
+) {
     let (src_identity, dst_identity) = if dir == direction::EGRESS {
         (ep.identity, peer_identity)
     } else {
         (peer_identity, ep.identity)
     };
     events::emit(cfg, now, ep.endpoint_id, pkt, || EventMeta {
-        kind: EVENT_NEW_CONNECTION,
+        kind,
         verdict: verdict_code,
         drop_reason: drop::NONE,
         direction: dir,
@@ -462,8 +583,7 @@ fn new_connection(
         ifindex,
         src_identity,
         dst_identity,
-        rule_id: decision.rule_id,
+        rule_id,
         packet_len: len,
     });
-    Ok(outcome)
 }

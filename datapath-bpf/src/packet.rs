@@ -17,13 +17,50 @@ const ICMP_DEST_UNREACH: u8 = 3;
 const ICMP_ECHO: u8 = 8;
 const ICMP_TIME_EXCEEDED: u8 = 11;
 const ICMP_PARAMETER_PROBLEM: u8 = 12;
+const ICMP_TIMESTAMP: u8 = 13;
+const ICMP_TIMESTAMP_REPLY: u8 = 14;
+const ICMP_INFO_REQUEST: u8 = 15;
+const ICMP_INFO_REPLY: u8 = 16;
+const ICMP_ADDRESS: u8 = 17;
+const ICMP_ADDRESS_REPLY: u8 = 18;
 
 pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
 pub const TCP_ACK: u8 = 0x10;
 
+/// An ICMP query's counterpart type: a request's reply, a reply's request; any other type is
+/// its own. As in Linux conntrack, only these four queries (echo, timestamp, information,
+/// address mask) pair up into connections; conntrack turns an ICMP key around with it (see
+/// `conntrack::reverse_in_place`).
+#[inline(always)]
+pub fn icmp_counterpart(icmp_type: u8) -> u8 {
+    match icmp_type {
+        ICMP_ECHO => ICMP_ECHO_REPLY,
+        ICMP_ECHO_REPLY => ICMP_ECHO,
+        ICMP_TIMESTAMP => ICMP_TIMESTAMP_REPLY,
+        ICMP_TIMESTAMP_REPLY => ICMP_TIMESTAMP,
+        ICMP_INFO_REQUEST => ICMP_INFO_REPLY,
+        ICMP_INFO_REPLY => ICMP_INFO_REQUEST,
+        ICMP_ADDRESS => ICMP_ADDRESS_REPLY,
+        ICMP_ADDRESS_REPLY => ICMP_ADDRESS,
+        t => t,
+    }
+}
+
+#[inline(always)]
+fn icmp_is_request(icmp_type: u8) -> bool {
+    matches!(
+        icmp_type,
+        ICMP_ECHO | ICMP_TIMESTAMP | ICMP_INFO_REQUEST | ICMP_ADDRESS
+    )
+}
+
 /// The connection tuple of a packet, in network byte order, plus what policy needs.
+///
+/// ICMP queries are keyed by their identifier (`sport_be`) and type (`dport_be`); their
+/// replies carry the reply type, which conntrack turns back into the request's when it looks
+/// for the connection, so a request never passes as a reply, nor a reply as a request.
 #[derive(Clone, Copy)]
 pub struct Packet {
     pub saddr: [u8; 16],
@@ -34,9 +71,16 @@ pub struct Packet {
     pub tcp_flags: u8,
     /// The "port" policy matches: the destination port, or the ICMP type.
     pub policy_port_be: u16,
+    /// May open a connection: a TCP SYN, an ICMP query request, any packet of the other
+    /// protocols. The rest pass only as part of a tracked connection, or (judged by policy)
+    /// alone, tracking nothing.
+    pub opens: bool,
     /// An ICMP error: the tuple above is the embedded (original) packet's, and the packet
     /// passes only as part of the connection it reports on.
     pub related: bool,
+    /// The addresses of the IP header: the tuple's, or an ICMP error's own.
+    pub outer_saddr: [u8; 16],
+    pub outer_daddr: [u8; 16],
 }
 
 pub enum Parsed {
@@ -152,7 +196,10 @@ fn parse_ipv4(ctx: &TcContext, off: usize) -> Result<Packet, u8> {
         protocol,
         tcp_flags: 0,
         policy_port_be: 0,
+        opens: true,
         related: false,
+        outer_saddr: ipv4_addr(saddr),
+        outer_daddr: ipv4_addr(daddr),
     };
     match protocol {
         proto::TCP => {
@@ -160,6 +207,7 @@ fn parse_ipv4(ctx: &TcContext, off: usize) -> Result<Packet, u8> {
             pkt.dport_be = load::<u16>(ctx, l4 + 2, end)?;
             pkt.tcp_flags = load::<u8>(ctx, l4 + 13, end)?;
             pkt.policy_port_be = pkt.dport_be;
+            pkt.opens = pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
         }
         proto::UDP | proto::SCTP => {
             pkt.sport_be = load::<u16>(ctx, l4, end)?;
@@ -168,22 +216,22 @@ fn parse_ipv4(ctx: &TcContext, off: usize) -> Result<Packet, u8> {
         }
         proto::ICMP => {
             let icmp_type = load::<u8>(ctx, l4, end)?;
-            match icmp_type {
-                ICMP_ECHO | ICMP_ECHO_REPLY => {
-                    // Echo id in both port slots: the reply's reversed tuple equals the request's.
-                    let id = load::<u16>(ctx, l4 + 4, end)?;
-                    pkt.sport_be = id;
-                    pkt.dport_be = id;
-                    // Policy sees the request type for both, so an allowed echo's reply matches.
-                    pkt.policy_port_be = u16::from(ICMP_ECHO).to_be();
-                }
-                ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAMETER_PROBLEM => {
-                    return parse_icmp_error(ctx, l4 + 8, end);
-                }
-                other => {
-                    pkt.policy_port_be = u16::from(other).to_be();
-                }
+            if matches!(
+                icmp_type,
+                ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAMETER_PROBLEM
+            ) {
+                return parse_icmp_error(ctx, l4 + 8, end, &pkt);
             }
+            pkt.dport_be = u16::from(icmp_type).to_be();
+            pkt.policy_port_be = pkt.dport_be;
+            if icmp_counterpart(icmp_type) != icmp_type {
+                // A query: its identifier.
+                pkt.sport_be = load::<u16>(ctx, l4 + 4, end)?;
+            }
+            // Only a request opens; a reply is one only as its request's connection, and
+            // a message that is no query at all (a redirect, a router advertisement...) is
+            // judged by policy each time.
+            pkt.opens = icmp_is_request(icmp_type);
         }
         _ => {}
     }
@@ -193,8 +241,14 @@ fn parse_ipv4(ctx: &TcContext, off: usize) -> Result<Packet, u8> {
 /// An ICMP error embeds the IP header and first 8 bytes of the packet it reports on; its tuple
 /// is what conntrack must already know. The embedded header's total length is the original
 /// packet's, of which only the start is quoted, so it is not checked; `end` is the error's.
+/// `outer` is the error's own packet so far (its addresses).
 #[inline(always)]
-fn parse_icmp_error(ctx: &TcContext, inner: usize, end: usize) -> Result<Packet, u8> {
+fn parse_icmp_error(
+    ctx: &TcContext,
+    inner: usize,
+    end: usize,
+    outer: &Packet,
+) -> Result<Packet, u8> {
     let Ipv4Header {
         protocol,
         saddr,
@@ -210,7 +264,10 @@ fn parse_icmp_error(ctx: &TcContext, inner: usize, end: usize) -> Result<Packet,
         protocol,
         tcp_flags: 0,
         policy_port_be: 0,
+        opens: false,
         related: true,
+        outer_saddr: outer.outer_saddr,
+        outer_daddr: outer.outer_daddr,
     };
     match protocol {
         proto::TCP | proto::UDP | proto::SCTP => {
@@ -218,9 +275,12 @@ fn parse_icmp_error(ctx: &TcContext, inner: usize, end: usize) -> Result<Packet,
             pkt.dport_be = load::<u16>(ctx, l4 + 2, end)?;
         }
         proto::ICMP => {
-            let id = load::<u16>(ctx, l4 + 4, end)?;
-            pkt.sport_be = id;
-            pkt.dport_be = id;
+            // The key of an embedded query, as it was tracked.
+            let icmp_type = load::<u8>(ctx, l4, end)?;
+            pkt.dport_be = u16::from(icmp_type).to_be();
+            if icmp_counterpart(icmp_type) != icmp_type {
+                pkt.sport_be = load::<u16>(ctx, l4 + 4, end)?;
+            }
         }
         _ => {}
     }

@@ -180,7 +180,8 @@ pub fn udp_send_from(netns: &str, local_port: u16, dst: Ipv4Addr, port: u16) -> 
     })
 }
 
-fn checksum(data: &[u8]) -> u16 {
+/// The Internet checksum (RFC 1071).
+pub fn checksum(data: &[u8]) -> u16 {
     let mut sum: u32 = 0;
     for chunk in data.chunks(2) {
         let word = if chunk.len() == 2 {
@@ -198,16 +199,43 @@ fn checksum(data: &[u8]) -> u16 {
 
 /// ICMP echo request, waiting for the matching reply.
 pub fn ping(netns: &str, dst: Ipv4Addr) -> bool {
+    // The low 16 bits of the pid.
+    let [.., pid_hi, pid_lo] = std::process::id().to_be_bytes();
+    let id = u16::from_be_bytes([pid_hi, pid_lo]) ^ 0x5a5a;
+    icmp_query(netns, dst, ICMP_ECHO, ICMP_ECHO_REPLY, id)
+}
+
+pub const ICMP_ECHO_REPLY: u8 = 0;
+pub const ICMP_ECHO: u8 = 8;
+pub const ICMP_TIMESTAMP: u8 = 13;
+pub const ICMP_TIMESTAMP_REPLY: u8 = 14;
+
+/// What a raw socket read: the IP header and what follows.
+fn received(buf: &[MaybeUninit<u8>], n: usize) -> Vec<u8> {
+    buf[..n]
+        .iter()
+        .map(|b| {
+            // SAFETY: recv_from initialised the first n bytes.
+            unsafe { b.assume_init() }
+        })
+        .collect()
+}
+
+/// An ICMP query of type `kind` (echo, timestamp) with identifier `id` from inside `netns`,
+/// waiting for a message of type `reply_kind` with the same identifier.
+pub fn icmp_query(netns: &str, dst: Ipv4Addr, kind: u8, reply_kind: u8, id: u16) -> bool {
     in_netns(netns, move || {
         let Ok(sock) = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::ICMPV4)) else {
             return false;
         };
-        // The low 16 bits of the pid.
-        let [.., pid_hi, pid_lo] = std::process::id().to_be_bytes();
-        let id = u16::from_be_bytes([pid_hi, pid_lo]) ^ 0x5a5a;
         let [id_hi, id_lo] = id.to_be_bytes();
-        let mut pkt = vec![8u8, 0, 0, 0, id_hi, id_lo, 0, 1];
-        pkt.extend_from_slice(b"palisade");
+        let mut pkt = vec![kind, 0, 0, 0, id_hi, id_lo, 0, 1];
+        if kind == ICMP_TIMESTAMP {
+            // Originate, receive and transmit timestamps.
+            pkt.extend_from_slice(&[0; 12]);
+        } else {
+            pkt.extend_from_slice(b"palisade");
+        }
         let c = checksum(&pkt);
         pkt[2..4].copy_from_slice(&c.to_be_bytes());
         if sock
@@ -227,16 +255,10 @@ pub fn ping(netns: &str, dst: Ipv4Addr) -> bool {
             let Ok((n, _)) = sock.recv_from(&mut buf) else {
                 return false;
             };
-            let data: Vec<u8> = buf[..n]
-                .iter()
-                .map(|b| {
-                    // SAFETY: recv_from initialised the first n bytes.
-                    unsafe { b.assume_init() }
-                })
-                .collect();
+            let data = received(&buf, n);
             let ihl = usize::from(data.first().copied().unwrap_or(0) & 0x0f) * 4;
             if data.len() >= ihl + 8
-                && data[ihl] == 0
+                && data[ihl] == reply_kind
                 && u16::from_be_bytes([data[ihl + 4], data[ihl + 5]]) == id
             {
                 return true;
@@ -244,6 +266,91 @@ pub fn ping(netns: &str, dst: Ipv4Addr) -> bool {
         }
         false
     })
+}
+
+/// A UDP datagram from `local_port` to `dst:port`, where nothing listens: true when the
+/// destination's ICMP port unreachable came back (the socket reports the refusal).
+pub fn udp_refused(netns: &str, local_port: u16, dst: Ipv4Addr, port: u16) -> bool {
+    in_netns(netns, move || {
+        let Ok(s) = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, local_port)) else {
+            return false;
+        };
+        let _ = s.set_read_timeout(Some(PROBE_TIMEOUT));
+        if s.connect((dst, port)).is_err() || s.send(b"ping").is_err() {
+            return false;
+        }
+        let mut buf = [0u8; 16];
+        matches!(s.recv(&mut buf), Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused)
+    })
+}
+
+/// Sends a whole IPv4 packet (header included, addresses as given; the kernel fills in the
+/// header checksum) from inside `netns`.
+pub fn send_raw_ipv4(netns: &str, packet: Vec<u8>) -> std::io::Result<()> {
+    in_netns(netns, move || {
+        // IPPROTO_RAW: the header is ours.
+        let sock = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::from(255)))?;
+        let dst = Ipv4Addr::new(packet[16], packet[17], packet[18], packet[19]);
+        sock.send_to(&packet, &SocketAddr::from((dst, 0)).into())
+            .map(|_| ())
+    })
+}
+
+/// Every ICMP packet (IP header included) that arrives in a namespace while the capture runs.
+pub struct IcmpCapture {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<Vec<Vec<u8>>>>,
+}
+
+impl IcmpCapture {
+    pub fn start(netns: &str) -> IcmpCapture {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&stop);
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let netns = netns.to_string();
+        let thread = std::thread::spawn(move || {
+            enter(&netns);
+            let sock = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::ICMPV4))
+                .unwrap_or_else(|e| panic!("raw ICMP socket in {netns}: {e}"));
+            sock.set_read_timeout(Some(Duration::from_millis(50)))
+                .expect("timeout");
+            ready_tx.send(()).expect("ready");
+            let mut seen = Vec::new();
+            let mut buf = [MaybeUninit::<u8>::uninit(); 1500];
+            while !flag.load(Ordering::SeqCst) {
+                if let Ok((n, _)) = sock.recv_from(&mut buf) {
+                    seen.push(received(&buf, n));
+                }
+            }
+            seen
+        });
+        ready_rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("capture did not start");
+        IcmpCapture {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops the capture (after a moment for what is in flight) and returns what it saw.
+    pub fn finish(mut self) -> Vec<Vec<u8>> {
+        std::thread::sleep(Duration::from_millis(300));
+        self.stop.store(true, Ordering::SeqCst);
+        self.thread
+            .take()
+            .map(|t| t.join().expect("capture thread panicked"))
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for IcmpCapture {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 /// Runs probes concurrently (blocked paths cost a timeout each) and returns their results.

@@ -259,6 +259,70 @@ fn the_servers_l3_policy_still_judges_the_client_through_the_proxy() {
     assert!(!redirected.is_empty(), "the datapath reports the redirect");
 }
 
+#[test]
+fn the_servers_cidr_rules_still_judge_the_client_through_the_proxy() {
+    let node = Node::start("l7-cidr");
+    // Two callers with the same labels, so the same identity: only their addresses tell
+    // them apart, as the server's ipBlock and CIDR deny rules do.
+    let client = node.add_endpoint("client", "x", "app=caller");
+    let intruder = node.add_endpoint("intruder", "x", "app=caller");
+    assert_eq!(client.identity, intruder.identity);
+    let api = node.add_endpoint("api", "x", "app=api");
+    let seen = backend(&api.name, 80);
+    // Egress HTTP rules on the callers send their connections through the proxy.
+    node.apply(
+        "apiVersion: palisade.io/v1\nkind: ClusterwideNetworkPolicy\nmetadata: {name: callers-l7}\nspec:\n  endpointSelector: {matchLabels: {app: caller}}\n  egress:\n  - toEndpoints: [{matchLabels: {app: api}}]\n    toPorts:\n    - ports: [{port: \"80\"}]\n      rules:\n        http: [{method: GET}]\n",
+    );
+    let status = |who: &palisade_integration::Endpoint| {
+        get(&who.name, api.ip, 80, "/x", "").map(|r| r.status)
+    };
+    let refused = |got: Option<u16>| matches!(got, None | Some(502 | 504));
+    // A CIDR deny on the intruder's address beats the allow both their labels have.
+    node.apply(&format!(
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {{name: api-deny, namespace: x}}\nspec:\n  endpointSelector: {{matchLabels: {{app: api}}}}\n  ingress:\n  - fromEndpoints: [{{matchLabels: {{app: caller}}}}]\n  ingressDeny:\n  - fromCIDR: [{}/32]\n",
+        intruder.ip
+    ));
+    assert_eq!(status(&client), Some(200), "the client is allowed");
+    let denied = status(&intruder);
+    assert!(
+        refused(denied),
+        "the intruder bypassed the CIDR deny: {denied:?}"
+    );
+    // An ipBlock of the client's address alone admits the client, not the intruder.
+    node.apply(&format!(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: api-in, namespace: x}}\nspec:\n  podSelector: {{matchLabels: {{app: api}}}}\n  ingress:\n  - from: [{{ipBlock: {{cidr: {}/32}}}}]\n",
+        client.ip
+    ));
+    node.palisade_ok(&["policy", "delete", "api-deny", "--namespace", "x"]);
+    assert_eq!(
+        status(&client),
+        Some(200),
+        "the client's address is allowed"
+    );
+    let denied = status(&intruder);
+    assert!(
+        refused(denied),
+        "the intruder's upstream leg passed: {denied:?}"
+    );
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(
+        seen.len(),
+        2,
+        "only the client's requests reached the server: {seen:?}"
+    );
+    let drops = node.flows(&["--to-pod", &api.qualified(), "--verdict", "DROPPED"]);
+    for reason in ["Policy denied", "Policy denied by denylist"] {
+        assert!(
+            drops
+                .iter()
+                .any(|f| f["source"]["identity"] == intruder.identity
+                    && f["ip"]["source"] != intruder.ip.to_string()
+                    && f["drop_reason"] == reason),
+            "the upstream leg dropped ({reason}) as the intruder: {drops:#?}"
+        );
+    }
+}
+
 /// Only `GET /public.*`: what the h2c smuggling route starts from.
 const PUBLIC_ONLY: &str = r#"apiVersion: cilium.io/v2
 kind: CiliumNetworkPolicy

@@ -1,7 +1,8 @@
 //! Policy changes reach connections already open, whatever their verdict becomes: a
 //! connection that the new policy sends through the L7 proxy is ended at once (both ends see
 //! a reset) and the client's next connection is judged by the proxy; one already going through
-//! the proxy keeps going through it when the HTTP rules go away.
+//! the proxy keeps going through it when the HTTP rules go away; a UDP flow the proxy cannot
+//! take stops; in audit mode, what the new policy would stop goes on audited, and is reported.
 #![expect(
     clippy::print_stderr,
     reason = "the tests report how long a client waited for its next answer"
@@ -234,4 +235,104 @@ fn a_proxied_connection_keeps_working_when_the_http_rules_go() {
     s.node
         .palisade_ok(&["endpoint", "label", &s.client.name, "--set", "app=stranger"]);
     assert_eq!(ask(&mut c, "/public/c"), None, "denied now");
+}
+
+/// The server's conntrack entry (its ingress) of the connection from `client_port`.
+fn server_entry(node: &Node, server: &Endpoint, client_port: u16) -> serde_json::Value {
+    let entries = node.json(&["conntrack", "list"]);
+    entries
+        .as_array()
+        .expect("a list")
+        .iter()
+        .find(|e| {
+            e["scope"] == "ingress"
+                && e["destination"] == server.ip.to_string()
+                && e["source_port"] == client_port
+        })
+        .cloned()
+        .unwrap_or_else(|| panic!("no entry from port {client_port}: {entries:#}"))
+}
+
+fn audited(entry: &serde_json::Value) -> bool {
+    entry["flags"]
+        .as_array()
+        .is_some_and(|f| f.iter().any(|w| w == "audit"))
+}
+
+fn allow_from(app: &str) -> String {
+    format!(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: srv, namespace: x}}\nspec:\n  podSelector: {{matchLabels: {{app: server}}}}\n  policyTypes: [Ingress]\n  ingress:\n  - from: [{{podSelector: {{matchLabels: {{app: {app}}}}}}}]\n"
+    )
+}
+
+#[test]
+fn audit_mode_reports_the_open_connections_a_policy_change_would_stop() {
+    let node = Node::start_with("reval-audit", &["--audit"]);
+    let server = node.add_endpoint("server", "x", "app=server");
+    let client = node.add_endpoint("client", "x", "app=client");
+    let _srv = traffic::tcp_server(&server.name, 80);
+    node.apply(&allow_from("client"));
+    let mut conn = traffic::OpenConnection::open(&client.name, server.ip, 80).expect("connect");
+    assert!(conn.round_trip());
+    let port = conn.local_port();
+    assert!(!audited(&server_entry(&node, &server, port)), "allowed");
+    // The client is no longer allowed: audit mode keeps the connection, but says so.
+    node.apply(&allow_from("nobody"));
+    assert!(conn.round_trip(), "audit mode never drops");
+    assert!(
+        audited(&server_entry(&node, &server, port)),
+        "the connection goes on audited"
+    );
+    let flows = node.flows(&["--verdict", "AUDIT"]);
+    let reported = flows.iter().find(|f| {
+        f["event"] == "revalidation-audit"
+            && f["endpoint"]["name"] == server.name.as_str()
+            && (f["l4"]["source_port"] == port || f["l4"]["destination_port"] == port)
+    });
+    assert!(
+        reported.is_some(),
+        "the would-be revalidation drop is reported as AUDIT: {flows:#?}"
+    );
+    // Allowed again: no longer audited.
+    node.apply(&allow_from("client"));
+    assert!(conn.round_trip());
+    assert!(
+        !audited(&server_entry(&node, &server, port)),
+        "allowed again"
+    );
+}
+
+#[test]
+fn a_udp_flow_that_policy_now_sends_to_the_proxy_stops() {
+    let node = Node::start("reval-udp");
+    let server = node.add_endpoint("server", "x", "app=server");
+    let client = node.add_endpoint("client", "x", "app=client");
+    let _udp = traffic::udp_server(&server.name, 53);
+    assert!(traffic::udp_send_from(&client.name, 45353, server.ip, 53));
+    // HTTP rules on port 53 of any protocol: the proxy can take TCP only.
+    node.apply(
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: srv, namespace: x}\nspec:\n  endpointSelector: {matchLabels: {app: server}}\n  ingress:\n  - fromEndpoints: [{matchLabels: {app: client}}]\n    toPorts:\n    - ports: [{port: \"53\", protocol: ANY}]\n      rules:\n        http: [{method: GET}]\n",
+    );
+    assert!(
+        !traffic::udp_send_from(&client.name, 45353, server.ip, 53),
+        "the open UDP flow still passes"
+    );
+    assert!(
+        !traffic::udp_send_from(&client.name, 45354, server.ip, 53),
+        "a new UDP flow passes"
+    );
+    let flows = node.flows(&["--verdict", "DROPPED", "--to-pod", &server.qualified()]);
+    let reason = "Proxy redirection not supported for protocol";
+    assert!(
+        flows
+            .iter()
+            .any(|f| f["event"] == "revalidation-drop" && f["drop_reason"] == reason),
+        "the open flow is stopped at revalidation: {flows:#?}"
+    );
+    assert!(
+        flows
+            .iter()
+            .any(|f| f["event"] == "drop" && f["drop_reason"] == reason),
+        "the new one is dropped: {flows:#?}"
+    );
 }

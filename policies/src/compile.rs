@@ -675,6 +675,7 @@ pub fn compile_with_l7(input: &CompileInput<'_>, rules: &mut RuleTable) -> (MapS
                 ingress_enforced: flags[0],
                 egress_enforced: flags[1],
                 audit: input.settings.audit,
+                link: ep.link,
             },
         );
     }
@@ -684,7 +685,7 @@ pub fn compile_with_l7(input: &CompileInput<'_>, rules: &mut RuleTable) -> (MapS
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::endpoint::NamedPort;
+    use crate::endpoint::{LinkLayer, NamedPort};
     use crate::identity::{IdentityAllocator, workload_identity_labels};
     use crate::labels::{
         LabelSelector, NAMESPACE_LABEL, NAMESPACE_LABELS_PREFIX, Operator, Requirement,
@@ -766,6 +767,7 @@ mod tests {
                     ip: Ipv4Addr::from(ip),
                     ifindex: 100 + id,
                     named_ports,
+                    link: LinkLayer::default(),
                 },
             );
             eid
@@ -906,6 +908,7 @@ mod tests {
                 ip: ip([10, 0, 0, 2]),
                 ifindex: 102,
                 named_ports: vec![],
+                link: LinkLayer::default(),
             },
         );
         // Even a policy that allows everything to and from every pod of the namespace does

@@ -38,6 +38,12 @@ const ICMP_DEST_UNREACH: u8 = 3;
 const ICMP_ECHO: u8 = 8;
 const ICMP_TIME_EXCEEDED: u8 = 11;
 const ICMP_PARAMETER_PROBLEM: u8 = 12;
+const ICMP_TIMESTAMP: u8 = 13;
+const ICMP_TIMESTAMP_REPLY: u8 = 14;
+const ICMP_INFO_REQUEST: u8 = 15;
+const ICMP_INFO_REPLY: u8 = 16;
+const ICMP_ADDRESS: u8 = 17;
+const ICMP_ADDRESS_REPLY: u8 = 18;
 
 pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
@@ -93,6 +99,8 @@ pub struct Input<'a> {
     pub ifindex: u32,
     /// skb->mark: the proxy's upstream leg carries `mark::from_proxy(client identity)`.
     pub mark: u32,
+    /// skb->priority: the proxy's upstream leg carries `mark::client_priority(client address)`.
+    pub priority: u32,
     /// The proxy's listener exists and `bpf_sk_assign` to it succeeds; without it a redirect
     /// drops with `PROXY_UNAVAILABLE`.
     pub proxy_listener: bool,
@@ -209,6 +217,8 @@ pub struct CtEntry {
     pub proxy_port: u16,
     pub packets: u64,
     pub bytes: u64,
+    /// The proxy's upstream leg: the original client's address (else unspecified).
+    pub proxy_client: Ipv4Addr,
 }
 
 /// What a packet did to conntrack.
@@ -247,7 +257,8 @@ pub struct DatapathModel {
 
 // ---- packet.rs ------------------------------------------------------------------------------
 
-/// The connection tuple of a packet plus what policy needs (`Packet` in packet.rs).
+/// The connection tuple of a packet plus what policy needs (`Packet` in packet.rs). ICMP
+/// queries carry their identifier in `sport` and their type in `dport`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Packet {
     pub saddr: Ipv4Addr,
@@ -258,8 +269,38 @@ pub struct Packet {
     pub tcp_flags: u8,
     /// The "port" policy matches: the destination port, or the ICMP type.
     pub policy_port: u16,
+    /// May open a connection: a TCP SYN, an ICMP query request, any packet of other
+    /// protocols.
+    pub opens: bool,
     /// An ICMP error: the tuple is the embedded packet's.
     pub related: bool,
+    /// The IP header's own addresses (an ICMP error's, not the embedded packet's).
+    pub outer_saddr: Ipv4Addr,
+    pub outer_daddr: Ipv4Addr,
+}
+
+/// `packet::icmp_counterpart`: a query's request and reply types are each other's; any other
+/// type is its own.
+fn icmp_counterpart(icmp_type: u8) -> u8 {
+    match icmp_type {
+        ICMP_ECHO => ICMP_ECHO_REPLY,
+        ICMP_ECHO_REPLY => ICMP_ECHO,
+        ICMP_TIMESTAMP => ICMP_TIMESTAMP_REPLY,
+        ICMP_TIMESTAMP_REPLY => ICMP_TIMESTAMP,
+        ICMP_INFO_REQUEST => ICMP_INFO_REPLY,
+        ICMP_INFO_REPLY => ICMP_INFO_REQUEST,
+        ICMP_ADDRESS => ICMP_ADDRESS_REPLY,
+        ICMP_ADDRESS_REPLY => ICMP_ADDRESS,
+        t => t,
+    }
+}
+
+/// `packet::icmp_is_request`.
+fn icmp_is_request(icmp_type: u8) -> bool {
+    matches!(
+        icmp_type,
+        ICMP_ECHO | ICMP_TIMESTAMP | ICMP_INFO_REQUEST | ICMP_ADDRESS
+    )
 }
 
 /// `Parsed` in packet.rs.
@@ -346,7 +387,10 @@ fn parse_ipv4(frame: &[u8], off: usize) -> Result<Packet, u8> {
         protocol: h.protocol,
         tcp_flags: 0,
         policy_port: 0,
+        opens: true,
         related: false,
+        outer_saddr: h.saddr,
+        outer_daddr: h.daddr,
     };
     let l4 = h.l4;
     match h.protocol {
@@ -355,25 +399,29 @@ fn parse_ipv4(frame: &[u8], off: usize) -> Result<Packet, u8> {
             pkt.dport = load_u16(frame, l4 + 2)?;
             pkt.tcp_flags = load_u8(frame, l4 + 13)?;
             pkt.policy_port = pkt.dport;
+            pkt.opens = pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
         }
         proto::UDP | proto::SCTP => {
             pkt.sport = load_u16(frame, l4)?;
             pkt.dport = load_u16(frame, l4 + 2)?;
             pkt.policy_port = pkt.dport;
         }
-        proto::ICMP => match load_u8(frame, l4)? {
-            ICMP_ECHO | ICMP_ECHO_REPLY => {
-                // The echo id in both port slots; policy sees the request type for both.
-                let id = load_u16(frame, l4 + 4)?;
-                pkt.sport = id;
-                pkt.dport = id;
-                pkt.policy_port = u16::from(ICMP_ECHO);
+        proto::ICMP => {
+            let icmp_type = load_u8(frame, l4)?;
+            if matches!(
+                icmp_type,
+                ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAMETER_PROBLEM
+            ) {
+                return parse_icmp_error(frame, l4 + 8, &pkt);
             }
-            ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAMETER_PROBLEM => {
-                return parse_icmp_error(frame, l4 + 8);
+            // The type as the port, for policy and conntrack; a query's identifier beside it.
+            pkt.dport = u16::from(icmp_type);
+            pkt.policy_port = pkt.dport;
+            if icmp_counterpart(icmp_type) != icmp_type {
+                pkt.sport = load_u16(frame, l4 + 4)?;
             }
-            other => pkt.policy_port = u16::from(other),
-        },
+            pkt.opens = icmp_is_request(icmp_type);
+        }
         _ => {}
     }
     Ok(pkt)
@@ -381,7 +429,7 @@ fn parse_ipv4(frame: &[u8], off: usize) -> Result<Packet, u8> {
 
 /// `packet::parse_icmp_error`: the embedded packet's tuple (its fragment bits and total
 /// length unchecked: only its start is quoted), read within the error's own total length.
-fn parse_icmp_error(frame: &[u8], inner: usize) -> Result<Packet, u8> {
+fn parse_icmp_error(frame: &[u8], inner: usize, outer: &Packet) -> Result<Packet, u8> {
     let h = ipv4_header(frame, inner)?;
     let mut pkt = Packet {
         saddr: h.saddr,
@@ -391,7 +439,10 @@ fn parse_icmp_error(frame: &[u8], inner: usize) -> Result<Packet, u8> {
         protocol: h.protocol,
         tcp_flags: 0,
         policy_port: 0,
+        opens: false,
         related: true,
+        outer_saddr: outer.outer_saddr,
+        outer_daddr: outer.outer_daddr,
     };
     match h.protocol {
         proto::TCP | proto::UDP | proto::SCTP => {
@@ -399,9 +450,12 @@ fn parse_icmp_error(frame: &[u8], inner: usize) -> Result<Packet, u8> {
             pkt.dport = load_u16(frame, h.l4 + 2)?;
         }
         proto::ICMP => {
-            let id = load_u16(frame, h.l4 + 4)?;
-            pkt.sport = id;
-            pkt.dport = id;
+            // An embedded query's key, as it was tracked.
+            let icmp_type = load_u8(frame, h.l4)?;
+            pkt.dport = u16::from(icmp_type);
+            if icmp_counterpart(icmp_type) != icmp_type {
+                pkt.sport = load_u16(frame, h.l4 + 4)?;
+            }
         }
         _ => {}
     }
@@ -422,8 +476,18 @@ fn key_forward(pkt: &Packet, scope: Direction) -> CtKey {
     }
 }
 
-/// `conntrack::reverse_in_place`.
+/// `conntrack::reverse_in_place`: an ICMP key keeps its identifier and takes the counterpart
+/// type, so only a reply finds its request's entry turned around.
 fn reversed(key: CtKey, scope: Direction) -> CtKey {
+    if key.protocol == proto::ICMP {
+        return CtKey {
+            scope,
+            saddr: key.daddr,
+            daddr: key.saddr,
+            dport: u16::from(icmp_counterpart(u8::try_from(key.dport).unwrap_or(u8::MAX))),
+            ..key
+        };
+    }
     CtKey {
         scope,
         saddr: key.daddr,
@@ -598,10 +662,11 @@ impl DatapathModel {
             Ok(Parsed::Ipv4(p)) => p,
         };
         let dir = input.program.direction();
-        if dir == Direction::Egress && !pkt.related && pkt.saddr != ep.ip {
+        // By the IP header's own addresses, ICMP errors included.
+        if dir == Direction::Egress && pkt.outer_saddr != ep.ip {
             return (Step::SourceCheck, Err(drop::INVALID_SOURCE_IP));
         }
-        if dir == Direction::Ingress && !pkt.related && pkt.daddr != ep.ip {
+        if dir == Direction::Ingress && pkt.outer_daddr != ep.ip {
             return (Step::DestinationCheck, Err(drop::INVALID_DESTINATION_IP));
         }
         let proxied_from = if dir == Direction::Ingress {
@@ -610,15 +675,7 @@ impl DatapathModel {
             None
         };
         if pkt.related {
-            // An ICMP error: forwarded only as part of a connection the opposite direction of
-            // this endpoint tracks (no update, no revalidation).
-            let key = key_forward(&pkt, opposite(dir));
-            let result = if self.conntrack.contains_key(&key) {
-                Ok(Outcome::Forwarded)
-            } else {
-                Err(drop::CT_TRUNCATED_OR_INVALID)
-            };
-            return (Step::Related, result);
+            return (Step::Related, self.related(&pkt, dir));
         }
         let mut ctx = Ctx {
             input,
@@ -663,32 +720,45 @@ impl DatapathModel {
         (step, result)
     }
 
+    /// `judge::related`: an ICMP error passes as part of the connection it reports on, in its
+    /// reply direction only: the embedded packet is of the connection's original direction
+    /// (tracked by the opposite direction of this endpoint), the error goes back to its
+    /// source, and an endpoint sending one reports on a packet addressed to itself. Received,
+    /// any outer source will do (routers). No update, no revalidation.
+    fn related(&self, pkt: &Packet, dir: Direction) -> Result<Outcome, DropReason> {
+        if pkt.outer_daddr != pkt.saddr
+            || (dir == Direction::Egress && pkt.outer_saddr != pkt.daddr)
+        {
+            return Err(drop::ICMP_ERROR_MISMATCH);
+        }
+        if self
+            .conntrack
+            .contains_key(&key_forward(pkt, opposite(dir)))
+        {
+            Ok(Outcome::Forwarded)
+        } else {
+            Err(drop::CT_TRUNCATED_OR_INVALID)
+        }
+    }
+
     /// `judge::check_policy`: the decision for a connection as `scope` saw it open, and the
-    /// peer identity it was judged as. `known_peer`: the client's identity carried by the
-    /// proxy's mark (then there is no CIDR alias, and a redirect counts as allow: the proxy
-    /// enforced the HTTP rules already).
+    /// peer identity it was judged as. The peer is the far end, or for the proxy's upstream
+    /// leg the original client at `proxy_client`, judged as its own connection would be (by
+    /// the ipcache's entry for its address, CIDR alias included); a redirect then counts as
+    /// allow: the proxy enforced the HTTP rules already.
     fn check_policy(
         &self,
         ctx: &Ctx<'_, '_>,
         scope: Direction,
         key: &CtKey,
         port: u16,
-        known_peer: Option<Identity>,
+        proxy_client: Option<Ipv4Addr>,
     ) -> (Decision, Identity) {
-        let peer = known_peer.map_or_else(
-            || {
-                let addr = match scope {
-                    Direction::Egress => key.daddr,
-                    Direction::Ingress => key.saddr,
-                };
-                self.maps.ipcache_lookup(addr)
-            },
-            |identity| IpcacheEntry {
-                identity,
-                endpoint: None,
-                cidr_identity: None,
-            },
-        );
+        let addr = proxy_client.unwrap_or(match scope {
+            Direction::Egress => key.daddr,
+            Direction::Ingress => key.saddr,
+        });
+        let peer = self.maps.ipcache_lookup(addr);
         let mut decision = decide(
             &self.maps,
             ctx.id,
@@ -698,7 +768,7 @@ impl DatapathModel {
             key.protocol,
             port,
         );
-        if known_peer.is_some() && decision.is_redirect() {
+        if proxy_client.is_some() && decision.is_redirect() {
             decision.action = Some(Action::Allow);
         }
         (decision, peer.identity)
@@ -758,9 +828,10 @@ impl DatapathModel {
         Ok((outcome, flags, proxy_port))
     }
 
-    /// `judge::revalidate`: policy changed since the entry was last checked. A connection the
-    /// new policy denies stops (unless the endpoint is in audit mode), and so does a direct
-    /// TCP connection the new policy sends through the proxy (`PROXY_REQUIRED`).
+    /// `judge::revalidate`: policy changed since the entry was last checked, and it is checked
+    /// as a new connection would be. One the new policy denies stops, or in audit mode goes on
+    /// audited (and one allowed again is no longer audited); one it sends through the proxy
+    /// stops: TCP with `PROXY_REQUIRED`, anything else with `PROXY_UNSUPPORTED_PROTOCOL`.
     fn revalidate(
         &mut self,
         ctx: &mut Ctx<'_, '_>,
@@ -768,33 +839,39 @@ impl DatapathModel {
         key: CtKey,
     ) -> Result<(), DropReason> {
         let e = self.conntrack[&key];
-        let port = if key.protocol == proto::ICMP {
-            u16::from(ICMP_ECHO)
-        } else {
-            key.dport
-        };
-        let known_peer = (e.flags & CT_FLAG_FROM_PROXY != 0).then_some(e.peer_identity);
-        let (decision, peer_identity) = self.check_policy(ctx, key.scope, &key, port, known_peer);
+        // The port policy saw when it opened (for ICMP: the request's type).
+        let proxy_client = (e.flags & CT_FLAG_FROM_PROXY != 0).then_some(e.proxy_client);
+        let (decision, peer_identity) =
+            self.check_policy(ctx, key.scope, &key, key.dport, proxy_client);
         let allowed = matches!(
             decision.action,
             Some(Action::Allow | Action::Redirect { .. })
         );
-        if !allowed && !ctx.ep.audit {
+        let stop = if !allowed && !ctx.ep.audit {
+            Some(deny_reason(decision.action))
+        } else if allowed && proxy_client.is_none() && e.flags & CT_FLAG_PROXY_REDIRECT == 0 {
+            if key.protocol != proto::TCP && decision.is_redirect() {
+                Some(drop::PROXY_UNSUPPORTED_PROTOCOL)
+            } else if key.protocol == proto::TCP && self.proxy_port_needed(ctx, decision, &key) != 0
+            {
+                Some(drop::PROXY_REQUIRED)
+            } else {
+                None
+            }
+        } else {
+            None
+        };
+        if let Some(reason) = stop {
             self.conntrack.remove(&key);
             ctx.changes.push(CtChange::Removed(key));
-            return Err(deny_reason(decision.action));
-        }
-        if allowed
-            && known_peer.is_none()
-            && e.flags & CT_FLAG_PROXY_REDIRECT == 0
-            && key.protocol == proto::TCP
-            && self.proxy_port_needed(ctx, decision, &key) != 0
-        {
-            self.conntrack.remove(&key);
-            ctx.changes.push(CtChange::Removed(key));
-            return Err(drop::PROXY_REQUIRED);
+            return Err(reason);
         }
         let e = self.conntrack.get_mut(&key).expect("present: read above");
+        if allowed {
+            e.flags &= !CT_FLAG_AUDIT;
+        } else {
+            e.flags |= CT_FLAG_AUDIT;
+        }
         e.policy_revision = cfg.policy_revision;
         e.rule = decision.rule;
         e.peer_identity = peer_identity;
@@ -814,8 +891,14 @@ impl DatapathModel {
         proxied_from: Option<Identity>,
     ) -> Result<Outcome, DropReason> {
         let dir = key.scope;
+        let client = Ipv4Addr::from(ctx.input.priority);
+        let proxy_client = proxied_from.map(|_| client);
         let (decision, peer_identity) =
-            self.check_policy(ctx, dir, &key, pkt.policy_port, proxied_from);
+            self.check_policy(ctx, dir, &key, pkt.policy_port, proxy_client);
+        // The mark's identity must be the client address's.
+        if proxied_from.is_some_and(|identity| identity != peer_identity) {
+            return Err(drop::PROXY_CLIENT_MISMATCH);
+        }
         let (mut outcome, mut flags) = match decision.action {
             Some(Action::Allow | Action::Redirect { .. }) => (Outcome::Forwarded, 0),
             denied => {
@@ -833,8 +916,11 @@ impl DatapathModel {
         } else {
             0
         };
-        let is_syn = pkt.protocol == proto::TCP && pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+        let is_syn = pkt.protocol == proto::TCP && pkt.opens;
         if proxy_port != 0 || decision.is_redirect() {
+            if pkt.protocol != proto::TCP {
+                return Err(drop::PROXY_UNSUPPORTED_PROTOCOL);
+            }
             if dir != Direction::Egress || !is_syn {
                 return Err(drop::PROXY_UNAVAILABLE);
             }
@@ -844,8 +930,9 @@ impl DatapathModel {
         if proxied_from.is_some() {
             flags |= CT_FLAG_FROM_PROXY;
         }
-        if pkt.protocol == proto::TCP && !is_syn {
-            // A mid-stream segment policy allows is forwarded but opens nothing.
+        if !pkt.opens {
+            // A TCP segment other than a SYN, an ICMP reply, ICMP that is no query: forwarded
+            // as policy says, opening nothing.
             return Ok(outcome);
         }
         self.conntrack.insert(
@@ -859,6 +946,7 @@ impl DatapathModel {
                 proxy_port,
                 packets: 1,
                 bytes: ctx.len,
+                proxy_client: proxy_client.unwrap_or(Ipv4Addr::UNSPECIFIED),
             },
         );
         if flags & CT_FLAG_PROXY_REDIRECT != 0
@@ -889,6 +977,8 @@ mod tests {
     const EP_A: EndpointId = EndpointId(1);
     const EP_B: EndpointId = EndpointId(2);
     const PROXY: u16 = 15001;
+    /// The node's address, the source of the proxy's upstream leg.
+    const NODE: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 254);
 
     /// Ethernet + IPv4 (20 bytes, DF) + `l4`.
     fn ipv4(src: Ipv4Addr, dst: Ipv4Addr, protocol: u8, l4: &[u8]) -> Vec<u8> {
@@ -944,6 +1034,7 @@ mod tests {
             ingress_enforced: false,
             egress_enforced: false,
             audit: false,
+            link: crate::endpoint::LinkLayer::default(),
         }
     }
 
@@ -1017,7 +1108,26 @@ mod tests {
             program,
             ifindex,
             mark,
+            priority: 0,
             proxy_listener,
+            frame,
+        })
+    }
+
+    /// A packet of the proxy's upstream leg, from the node, for `client` as `identity`.
+    fn run_proxied(
+        dp: &mut DatapathModel,
+        ifindex: u32,
+        identity: Identity,
+        client: Ipv4Addr,
+        frame: &[u8],
+    ) -> Judgement {
+        dp.judge(&Input {
+            program: Program::ToEndpoint,
+            ifindex,
+            mark: mark::from_proxy(identity.0),
+            priority: mark::client_priority(client.octets()),
+            proxy_listener: true,
             frame,
         })
     }
@@ -1130,11 +1240,26 @@ mod tests {
             // Total length: the header alone leaves the TCP header outside the packet (the
             // bytes after it are not read); shorter than the header, or longer than the
             // frame, is no IPv4 packet.
-            (with(&|v| v[17] = 20), Outcome::Dropped(drop::INVALID_PACKET)),
-            (with(&|v| v[17] = 19), Outcome::Dropped(drop::INVALID_IP_LENGTH)),
-            (with(&|v| v[17] = 0), Outcome::Dropped(drop::INVALID_IP_LENGTH)),
-            (with(&|v| v[16] = 0xff), Outcome::Dropped(drop::INVALID_IP_LENGTH)),
-            (with(&|v| v[17] += 1), Outcome::Dropped(drop::INVALID_IP_LENGTH)),
+            (
+                with(&|v| v[17] = 20),
+                Outcome::Dropped(drop::INVALID_PACKET),
+            ),
+            (
+                with(&|v| v[17] = 19),
+                Outcome::Dropped(drop::INVALID_IP_LENGTH),
+            ),
+            (
+                with(&|v| v[17] = 0),
+                Outcome::Dropped(drop::INVALID_IP_LENGTH),
+            ),
+            (
+                with(&|v| v[16] = 0xff),
+                Outcome::Dropped(drop::INVALID_IP_LENGTH),
+            ),
+            (
+                with(&|v| v[17] += 1),
+                Outcome::Dropped(drop::INVALID_IP_LENGTH),
+            ),
             // A frame longer than its packet (Ethernet padding) is fine.
             (with(&|v| v.extend_from_slice(&[0; 6])), Outcome::Forwarded),
             // IPv6, a VLAN tag, and ARP (forwarded unjudged, whatever it claims).
@@ -1402,29 +1527,194 @@ mod tests {
     }
 
     #[test]
-    fn icmp_errors_are_judged_by_the_embedded_tuple_alone() {
-        // B's ingress lets the world in; B answers a tracked packet with an ICMP error. Its
-        // outer addresses are not looked at: not the source check, not its destination.
+    fn icmp_errors_pass_only_back_to_the_source_of_a_tracked_packet() {
+        const ROUTER: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
         let mut dp = DatapathModel::new(1, maps());
+        // B's ingress lets the world in; B answers the packet with an ICMP error, from itself
+        // back to the packet's source: related.
         let inbound = udp(WORLD, 53, B, 6000);
         assert_eq!(out(&mut dp, Ingress, IF_B, &inbound), Outcome::Forwarded);
-        let spoofed = icmp_error(
-            A,
-            Ipv4Addr::new(198, 51, 100, 1),
-            ICMP_DEST_UNREACH,
-            &inbound,
-        );
-        let j = run(&mut dp, Egress, IF_B, &spoofed);
-        assert_eq!((j.outcome, j.step), (Outcome::Forwarded, Step::Related));
-        // A spoofed source without a tracked tuple is dropped by conntrack, not the source check.
-        let untracked = udp(WORLD, 53, B, 6001);
         let j = run(
             &mut dp,
             Egress,
             IF_B,
-            &icmp_error(A, WORLD, ICMP_DEST_UNREACH, &untracked),
+            &icmp_error(B, WORLD, ICMP_DEST_UNREACH, &inbound),
         );
-        assert_eq!(j.outcome, Outcome::Dropped(drop::CT_TRUNCATED_OR_INVALID));
+        assert_eq!((j.outcome, j.step), (Outcome::Forwarded, Step::Related));
+        // Its own source spoofed: the source check holds for errors too.
+        let j = run(
+            &mut dp,
+            Egress,
+            IF_B,
+            &icmp_error(A, ROUTER, ICMP_DEST_UNREACH, &inbound),
+        );
+        assert_eq!(
+            (j.outcome, j.step),
+            (Outcome::Dropped(drop::INVALID_SOURCE_IP), Step::SourceCheck)
+        );
+        // Sent anywhere but back to the packet's source.
+        let j = run(
+            &mut dp,
+            Egress,
+            IF_B,
+            &icmp_error(B, ROUTER, ICMP_DEST_UNREACH, &inbound),
+        );
+        assert_eq!(
+            (j.outcome, j.step),
+            (Outcome::Dropped(drop::ICMP_ERROR_MISMATCH), Step::Related)
+        );
+        // About a packet that was addressed to A, not to B: not B's to report on.
+        let to_a = udp(WORLD, 53, A, 7000);
+        assert_eq!(out(&mut dp, Ingress, IF_A, &to_a), Outcome::Forwarded);
+        assert_eq!(
+            out(
+                &mut dp,
+                Egress,
+                IF_B,
+                &icmp_error(B, WORLD, ICMP_DEST_UNREACH, &to_a)
+            ),
+            Outcome::Dropped(drop::ICMP_ERROR_MISMATCH)
+        );
+        // An untracked tuple, and B's reply turned into an error about it (the error would
+        // travel the connection's original direction): no connection to belong to.
+        let untracked = udp(WORLD, 53, B, 6001);
+        assert_eq!(
+            out(
+                &mut dp,
+                Egress,
+                IF_B,
+                &icmp_error(B, WORLD, ICMP_DEST_UNREACH, &untracked)
+            ),
+            Outcome::Dropped(drop::CT_TRUNCATED_OR_INVALID)
+        );
+        let reply = udp(B, 6000, WORLD, 53);
+        assert_eq!(
+            out(
+                &mut dp,
+                Ingress,
+                IF_B,
+                &icmp_error(WORLD, B, ICMP_DEST_UNREACH, &reply)
+            ),
+            Outcome::Dropped(drop::CT_TRUNCATED_OR_INVALID)
+        );
+        // Received: A's query to the world; a router on the way reports on it, to A.
+        let query = udp(A, 5353, WORLD, 53);
+        assert_eq!(out(&mut dp, Egress, IF_A, &query), Outcome::Forwarded);
+        let j = run(
+            &mut dp,
+            Ingress,
+            IF_A,
+            &icmp_error(ROUTER, A, ICMP_TIME_EXCEEDED, &query),
+        );
+        assert_eq!((j.outcome, j.step), (Outcome::Forwarded, Step::Related));
+        // Addressed to A, but about B's packet (which B's egress tracks): not A's.
+        let from_b = udp(B, 5353, WORLD, 53);
+        assert_eq!(out(&mut dp, Egress, IF_B, &from_b), Outcome::Forwarded);
+        assert_eq!(
+            out(
+                &mut dp,
+                Ingress,
+                IF_A,
+                &icmp_error(ROUTER, A, ICMP_TIME_EXCEEDED, &from_b)
+            ),
+            Outcome::Dropped(drop::ICMP_ERROR_MISMATCH)
+        );
+        // About A's packet but addressed to B, at B's ingress and (misdirected) at A's.
+        let to_b = icmp_error(ROUTER, B, ICMP_TIME_EXCEEDED, &query);
+        assert_eq!(
+            out(&mut dp, Ingress, IF_B, &to_b),
+            Outcome::Dropped(drop::ICMP_ERROR_MISMATCH)
+        );
+        assert_eq!(
+            out(&mut dp, Ingress, IF_A, &to_b),
+            Outcome::Dropped(drop::INVALID_DESTINATION_IP)
+        );
+    }
+
+    #[test]
+    fn icmp_queries_pair_by_identifier_and_type_and_other_icmp_is_never_tracked() {
+        const TIMESTAMP: u8 = 13;
+        const TIMESTAMP_REPLY: u8 = 14;
+        const REDIRECT: u8 = 5;
+        let mut s = maps();
+        // A receives nothing it did not ask for; B takes echo and timestamp requests from A.
+        enforce(&mut s, EP_A, Direction::Ingress);
+        enforce(&mut s, EP_B, Direction::Ingress);
+        for (t, r) in [(ICMP_ECHO, 1), (TIMESTAMP, 2)] {
+            rule(
+                &mut s,
+                (EP_B, Direction::Ingress, ID_A),
+                Some(1),
+                PortPrefix::exact(u16::from(t)),
+                Action::Allow,
+                r,
+            );
+        }
+        let mut dp = DatapathModel::new(1, s.clone());
+        let both = |dp: &mut DatapathModel, frame: &[u8], from_a: bool| {
+            let (first, second) = if from_a { (IF_A, IF_B) } else { (IF_B, IF_A) };
+            (
+                out(dp, Egress, first, frame),
+                out(dp, Ingress, second, frame),
+            )
+        };
+        let fwd = (Outcome::Forwarded, Outcome::Forwarded);
+        let denied = (Outcome::Forwarded, Outcome::Dropped(drop::POLICY_DENIED));
+        // A's echo request and timestamp request, and their replies.
+        assert_eq!(both(&mut dp, &icmp_echo(A, B, ICMP_ECHO, 9), true), fwd);
+        assert_eq!(both(&mut dp, &icmp_echo(A, B, TIMESTAMP, 9), true), fwd);
+        let key = |t: u8, scope| CtKey {
+            scope,
+            protocol: 1,
+            saddr: A,
+            sport: 9,
+            daddr: B,
+            dport: u16::from(t),
+        };
+        assert!(
+            dp.conntrack
+                .contains_key(&key(ICMP_ECHO, Direction::Egress))
+        );
+        assert!(
+            dp.conntrack
+                .contains_key(&key(TIMESTAMP, Direction::Ingress))
+        );
+        assert_eq!(dp.conntrack.len(), 4);
+        assert_eq!(
+            both(&mut dp, &icmp_echo(B, A, ICMP_ECHO_REPLY, 9), false),
+            fwd
+        );
+        assert_eq!(
+            both(&mut dp, &icmp_echo(B, A, TIMESTAMP_REPLY, 9), false),
+            fwd
+        );
+        // A reply from A is no request (B asked nothing), nor B's own echo request with the
+        // same identifier a reply: each side's ingress judges them.
+        assert_eq!(
+            both(&mut dp, &icmp_echo(A, B, ICMP_ECHO_REPLY, 9), true),
+            denied
+        );
+        assert_eq!(both(&mut dp, &icmp_echo(B, A, ICMP_ECHO, 9), false), denied);
+        // Nor is another ICMP type part of a query's connection.
+        assert_eq!(both(&mut dp, &icmp_echo(B, A, REDIRECT, 0), false), denied);
+        assert_eq!(both(&mut dp, &icmp_echo(A, B, 42, 9), true), denied);
+        // What opens nothing tracks nothing: B's request (its egress is open) and what passed
+        // A's open egress as replies and other types.
+        assert_eq!(dp.conntrack.len(), 5);
+        // A policy change keeps each query by its own type: echo stays allowed, timestamp
+        // no longer is.
+        s.policy.retain(|_, e| e.rule != RuleId(2));
+        dp.maps = s;
+        dp.config = Some(Config { policy_revision: 2 });
+        let j = run(&mut dp, Ingress, IF_B, &icmp_echo(A, B, TIMESTAMP, 9));
+        assert_eq!(
+            (j.outcome, j.step),
+            (Outcome::Dropped(drop::POLICY_DENIED), Step::Revalidation)
+        );
+        assert_eq!(
+            out(&mut dp, Ingress, IF_B, &icmp_echo(A, B, ICMP_ECHO, 9)),
+            Outcome::Forwarded
+        );
     }
 
     #[test]
@@ -1533,21 +1823,87 @@ mod tests {
             Outcome::Dropped(drop::PROXY_UNAVAILABLE)
         );
         // The proxy's upstream leg, marked with A's identity, is judged as A: allowed.
-        let j = run_with(
-            &mut dp,
-            Ingress,
-            IF_B,
-            mark::from_proxy(ID_A.0),
-            true,
-            &tcp(Ipv4Addr::new(10, 200, 0, 254), 3, B, 80, TCP_SYN),
-        );
+        let j = run_proxied(&mut dp, IF_B, ID_A, A, &tcp(NODE, 3, B, 80, TCP_SYN));
         assert_eq!(j.outcome, Outcome::Forwarded);
         let e = dp
             .conntrack
             .values()
             .find(|e| e.flags & CT_FLAG_FROM_PROXY != 0)
             .unwrap();
-        assert_eq!(e.peer_identity, ID_A);
+        assert_eq!((e.peer_identity, e.proxy_client), (ID_A, A));
+    }
+
+    #[test]
+    fn the_proxys_upstream_leg_is_judged_by_the_clients_address_cidr_rules_included() {
+        // A is inside a CIDR that B's ingress denies; C (another address, A's identity) is
+        // inside one it allows, and nothing else lets A's identity in.
+        const C: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 3);
+        let deny_alias = Identity(palisade_common::identity::CIDR_ENDPOINT_SCOPE | 1);
+        let allow_alias = Identity(palisade_common::identity::CIDR_ENDPOINT_SCOPE | 2);
+        let mut s = maps();
+        enforce(&mut s, EP_B, Direction::Ingress);
+        s.ipcache
+            .get_mut(&"10.200.0.1/32".parse().unwrap())
+            .unwrap()
+            .cidr_identity = Some(deny_alias);
+        s.ipcache.insert(
+            "10.200.0.3/32".parse().unwrap(),
+            IpcacheEntry {
+                identity: ID_A,
+                endpoint: None,
+                cidr_identity: Some(allow_alias),
+            },
+        );
+        for (peer, action, r) in [
+            (Identity::ANY, Action::Redirect { proxy_port: PROXY }, 1),
+            (deny_alias, Action::Deny, 2),
+            (allow_alias, Action::Allow, 3),
+        ] {
+            rule(
+                &mut s,
+                (EP_B, Direction::Ingress, peer),
+                Some(TCP),
+                PortPrefix::exact(80),
+                action,
+                r,
+            );
+        }
+        let mut dp = DatapathModel::new(1, s.clone());
+        // As a direct connection would be: A denied by its CIDR, C allowed by its own.
+        let syn = |port| tcp(NODE, port, B, 80, TCP_SYN);
+        let j = run_proxied(&mut dp, IF_B, ID_A, A, &syn(1));
+        assert_eq!(j.outcome, Outcome::Dropped(drop::POLICY_DENY_RULE));
+        let j = run_proxied(&mut dp, IF_B, ID_A, C, &syn(2));
+        assert_eq!(j.outcome, Outcome::Forwarded);
+        let key = CtKey {
+            scope: Direction::Ingress,
+            protocol: TCP,
+            saddr: NODE,
+            sport: 2,
+            daddr: B,
+            dport: 80,
+        };
+        // Its verdict is the redirect's (the proxy's HTTP rules), which the proxy enforced.
+        assert_eq!(dp.conntrack[&key].proxy_client, C);
+        assert_eq!(dp.conntrack[&key].rule, RuleId(1));
+        // A mark whose identity is not the address's, or no address at all: refused.
+        for (identity, client) in [(ID_B, C), (ID_A, Ipv4Addr::UNSPECIFIED)] {
+            let j = run_proxied(&mut dp, IF_B, identity, client, &syn(3));
+            assert_eq!(j.outcome, Outcome::Dropped(drop::PROXY_CLIENT_MISMATCH));
+        }
+        // After a change that moves C's address into the denied CIDR, the open upstream leg
+        // is re-judged by C's address as it is now.
+        s.ipcache
+            .get_mut(&"10.200.0.3/32".parse().unwrap())
+            .unwrap()
+            .cidr_identity = Some(deny_alias);
+        dp.maps = s;
+        dp.config = Some(Config { policy_revision: 2 });
+        let j = run(&mut dp, Ingress, IF_B, &tcp(NODE, 2, B, 80, TCP_ACK));
+        assert_eq!(
+            (j.outcome, j.step),
+            (Outcome::Dropped(drop::POLICY_DENY_RULE), Step::Revalidation)
+        );
     }
 
     #[test]
@@ -1612,6 +1968,106 @@ mod tests {
         );
         assert_eq!(dp.conntrack.len(), 1);
         assert_eq!(dp.conntrack.values().next().unwrap().policy_revision, 2);
+    }
+
+    #[test]
+    fn revalidation_in_audit_mode_audits_what_is_now_denied_and_stops_auditing_what_is_allowed() {
+        let mut s = maps();
+        enforce(&mut s, EP_B, Direction::Ingress);
+        s.endpoints.get_mut(&EP_B).unwrap().audit = true;
+        let allow = |s: &mut MapState, port: u16, r: u32| {
+            rule(
+                s,
+                (EP_B, Direction::Ingress, ID_A),
+                Some(TCP),
+                PortPrefix::exact(port),
+                Action::Allow,
+                r,
+            );
+        };
+        let mut first = s.clone();
+        allow(&mut first, 80, 1);
+        let mut dp = DatapathModel::new(1, first);
+        // Port 80 allowed, port 81 audited.
+        assert_eq!(
+            out(&mut dp, Ingress, IF_B, &tcp(A, 1, B, 80, TCP_SYN)),
+            Outcome::Forwarded
+        );
+        assert_eq!(
+            out(&mut dp, Ingress, IF_B, &tcp(A, 2, B, 81, TCP_SYN)),
+            Outcome::Audit
+        );
+        let key = |sport, dport| CtKey {
+            scope: Direction::Ingress,
+            protocol: TCP,
+            saddr: A,
+            sport,
+            daddr: B,
+            dport,
+        };
+        // The change: 81 allowed, 80 no longer.
+        let mut second = s;
+        allow(&mut second, 81, 2);
+        dp.maps = second;
+        dp.config = Some(Config { policy_revision: 2 });
+        let j = run(&mut dp, Egress, IF_B, &tcp(B, 80, A, 1, TCP_SYN | TCP_ACK));
+        assert_eq!(
+            (j.outcome, j.changes[0]),
+            (Outcome::Audit, CtChange::Revalidated(key(1, 80)))
+        );
+        assert_eq!(
+            dp.conntrack[&key(1, 80)].flags & CT_FLAG_AUDIT,
+            CT_FLAG_AUDIT
+        );
+        assert_eq!(
+            out(&mut dp, Ingress, IF_B, &tcp(A, 1, B, 80, TCP_ACK)),
+            Outcome::Audit
+        );
+        let j = run(&mut dp, Ingress, IF_B, &tcp(A, 2, B, 81, TCP_ACK));
+        assert_eq!(j.outcome, Outcome::Forwarded);
+        assert_eq!(dp.conntrack[&key(2, 81)].flags & CT_FLAG_AUDIT, 0);
+        assert_eq!(dp.conntrack[&key(2, 81)].rule, RuleId(2));
+    }
+
+    #[test]
+    fn a_flow_other_than_tcp_that_policy_now_sends_to_the_proxy_stops() {
+        let mut s = maps();
+        let mut dp = DatapathModel::new(1, s.clone());
+        let query = udp(A, 5000, B, 53);
+        assert_eq!(out(&mut dp, Egress, IF_A, &query), Outcome::Forwarded);
+        assert_eq!(out(&mut dp, Ingress, IF_B, &query), Outcome::Forwarded);
+        // HTTP rules on any protocol of port 53 at B's ingress: a redirect (also of UDP) the
+        // proxy cannot take for UDP.
+        rule(
+            &mut s,
+            (EP_B, Direction::Ingress, Identity::ANY),
+            Some(UDP),
+            PortPrefix::exact(53),
+            Action::Redirect { proxy_port: PROXY },
+            1,
+        );
+        dp.maps = s;
+        dp.config = Some(Config { policy_revision: 2 });
+        // The client's side is not redirected (only TCP is, by the destination's rules).
+        assert_eq!(out(&mut dp, Egress, IF_A, &query), Outcome::Forwarded);
+        let j = run(&mut dp, Ingress, IF_B, &query);
+        assert_eq!(
+            (j.outcome, j.step),
+            (
+                Outcome::Dropped(drop::PROXY_UNSUPPORTED_PROTOCOL),
+                Step::Revalidation
+            )
+        );
+        assert_eq!(dp.conntrack.len(), 1);
+        // And it stays stopped: a new flow gets the same verdict.
+        let j = run(&mut dp, Ingress, IF_B, &query);
+        assert_eq!(
+            (j.outcome, j.step),
+            (
+                Outcome::Dropped(drop::PROXY_UNSUPPORTED_PROTOCOL),
+                Step::NewConnection
+            )
+        );
     }
 
     impl CtChange {

@@ -8,7 +8,7 @@ use std::net::Ipv4Addr;
 use ipnetwork::Ipv4Network;
 use serde::{Deserialize, Serialize};
 
-use crate::endpoint::EndpointId;
+use crate::endpoint::{EndpointId, LinkLayer};
 use crate::identity::Identity;
 use crate::model::Direction;
 
@@ -165,6 +165,8 @@ pub struct EndpointEntry {
     pub ingress_enforced: bool,
     pub egress_enforced: bool,
     pub audit: bool,
+    #[serde(default)]
+    pub link: LinkLayer,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -530,6 +532,7 @@ mod tests {
                 ingress_enforced: enforced,
                 egress_enforced: false,
                 audit: false,
+                link: LinkLayer::default(),
             },
         );
         s.ipcache.insert(

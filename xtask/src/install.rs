@@ -4,7 +4,7 @@ use std::process::Command;
 
 use anyhow::{Context as _, bail};
 
-use crate::run;
+use crate::{nightly_cargo, run};
 
 const BPF_LINKER_VERSION: &str = "0.10.2";
 
@@ -114,4 +114,17 @@ pub fn ensure() -> anyhow::Result<()> {
     ensure_packages()?;
     ensure_rust_src()?;
     ensure_bpf_linker()
+}
+
+/// cargo-fuzz, for `cargo xtask fuzz` only (not part of `ensure`: the build, the tests and CI
+/// do not need it). It runs on the nightly toolchain (sanitizer flags).
+pub fn ensure_cargo_fuzz() -> anyhow::Result<()> {
+    if output(nightly_cargo().arg("--version")).is_none() {
+        bail!("fuzzing needs the nightly toolchain: rustup toolchain install nightly");
+    }
+    if output(nightly_cargo().args(["fuzz", "--version"])).is_some() {
+        return Ok(());
+    }
+    eprintln!("xtask: installing cargo-fuzz (runs the fuzz targets; takes a minute once)");
+    run(Command::new("cargo").args(["install", "cargo-fuzz", "--locked"]))
 }

@@ -6,7 +6,8 @@
 //! - `demo`: the product in one run, in a throwaway node namespace;
 //! - `lint`: clippy with warnings as errors, on the host crates and on the BPF crate;
 //! - `test`: the lint, unit tests and the root-only integration tests (what CI runs);
-//! - `bench`: benchmarks.
+//! - `bench`: benchmarks;
+//! - `fuzz`: the cargo-fuzz targets, each for a while.
 #![expect(
     clippy::print_stdout,
     clippy::print_stderr,
@@ -16,6 +17,7 @@
 mod bench;
 mod bench_k8s;
 mod demo;
+mod fuzz;
 mod gen_crds;
 mod install;
 mod install_cni;
@@ -70,11 +72,21 @@ enum Task {
         #[arg(last = true)]
         filter: Vec<String>,
     },
-    /// Benchmarks (needs root): policy-scale, flow-ingest, l7-proxy (default: all). Results go to
-    /// docs/benchmarks/.
+    /// Benchmarks (needs root): policy-scale, flow-ingest, l7-proxy, kubernetes-scale (default:
+    /// all). Results go to docs/benchmarks/.
     Bench { which: Option<String> },
     /// Write the CRD YAML of controller/k8s/src/crd.rs into policies/crds/.
     GenCrds,
+    /// Every fuzz target (or the named ones) in turn, from the crate it fuzzes (`<crate>/fuzz`,
+    /// cargo-fuzz on nightly, installed when missing), with seed inputs. Fails naming the target
+    /// and the input when one crashes, hangs or runs out of memory.
+    Fuzz {
+        /// Time per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Targets to run (default: all): request_head, manifest, api_requests, flow_filter.
+        targets: Vec<String>,
+    },
     /// Only the integration tests (needs root).
     Integration {
         #[arg(last = true)]
@@ -92,6 +104,23 @@ pub fn workspace_root() -> PathBuf {
 pub fn cargo() -> Command {
     let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     c.current_dir(workspace_root());
+    c
+}
+
+/// `cargo +nightly`, through rustup's proxy, without the variables an outer `cargo xtask` set
+/// (the stable toolchain's cargo and rustc), which would pin the child to stable.
+pub fn nightly_cargo() -> Command {
+    let mut c = Command::new("cargo");
+    c.current_dir(workspace_root()).arg("+nightly");
+    for var in [
+        "RUSTC",
+        "RUSTC_WRAPPER",
+        "RUSTC_WORKSPACE_WRAPPER",
+        "CARGO",
+        "RUSTUP_TOOLCHAIN",
+    ] {
+        c.env_remove(var);
+    }
     c
 }
 
@@ -126,9 +155,7 @@ pub fn build_binaries(release: bool) -> anyhow::Result<PathBuf> {
 }
 
 /// Both clippy runs, warnings as errors. The BPF crate builds only with nightly for the BPF
-/// target, so it gets its own run; `+nightly` goes through rustup's proxy, and the variables an
-/// outer `cargo xtask` set (the stable toolchain's cargo and rustc) are removed so they cannot
-/// pin that run to stable.
+/// target, so it gets its own run (`nightly_cargo`).
 fn lint() -> anyhow::Result<()> {
     run(cargo().args([
         "clippy",
@@ -140,8 +167,7 @@ fn lint() -> anyhow::Result<()> {
         "-D",
         "warnings",
     ]))?;
-    let mut bpf = Command::new("cargo");
-    bpf.current_dir(workspace_root()).arg("+nightly").args([
+    run(nightly_cargo().args([
         "clippy",
         "-Z",
         "build-std=core",
@@ -153,17 +179,7 @@ fn lint() -> anyhow::Result<()> {
         "--",
         "-D",
         "warnings",
-    ]);
-    for var in [
-        "RUSTC",
-        "RUSTC_WRAPPER",
-        "RUSTC_WORKSPACE_WRAPPER",
-        "CARGO",
-        "RUSTUP_TOOLCHAIN",
-    ] {
-        bpf.env_remove(var);
-    }
-    run(&mut bpf)
+    ]))
 }
 
 fn integration(filter: &[String]) -> anyhow::Result<()> {
@@ -241,6 +257,7 @@ fn main() -> anyhow::Result<()> {
             }
             integration(&filter)
         }
+        Task::Fuzz { seconds, targets } => fuzz::run(seconds, &targets),
         Task::Integration { filter } => integration(&filter),
         Task::GenCrds => gen_crds::run(),
         Task::Bench { which } => bench::run(which),

@@ -161,7 +161,7 @@ impl Criterion {
             .iter()
             .map(|v| {
                 (self.field == Field::HttpPath)
-                    .then(|| regex::Regex::new(&format!("^(?:{v})$")).ok())
+                    .then(|| palisade_policies::l7::anchored_regex(v).ok())
                     .flatten()
             })
             .collect()
@@ -226,8 +226,17 @@ impl Criterion {
                 {
                     return Err(bad("expected a status (403) or a class (4xx)"));
                 }
-                Field::HttpPath if regex::Regex::new(v).is_err() => {
-                    return Err(bad("expected a regular expression"));
+                // The anchored form, as matching compiles it: `(?x)/a #` is a valid expression
+                // whose comment swallows the anchor, and would then silently match nothing.
+                Field::HttpPath => {
+                    if let Err(e) = palisade_policies::l7::anchored_regex(v) {
+                        return Err(bad(match e {
+                            regex::Error::CompiledTooBig(_) => {
+                                "a regular expression too large to match with"
+                            }
+                            _ => "expected a regular expression",
+                        }));
+                    }
                 }
                 _ => {}
             }
@@ -460,5 +469,25 @@ mod tests {
         );
         assert!(crit(Field::Ip, &["10.0.0"], false).validate().is_err());
         assert!(crit(Field::Protocol, &["tcp"], false).validate().is_ok());
+    }
+
+    #[test]
+    fn a_path_that_only_compiles_unanchored_is_an_error_not_a_filter_that_matches_nothing() {
+        // Found by the flow_filter fuzz target: the comment swallows the anchor `)$`.
+        let err = crit(Field::HttpPath, &["(?x)/admin #"], false)
+            .validate()
+            .unwrap_err();
+        assert_eq!(err.value, "(?x)/admin #");
+        assert!(crit(Field::HttpPath, &["(?x)/admin"], false).validate().is_ok());
+    }
+
+    #[test]
+    fn a_path_too_large_to_compile_is_refused_at_once() {
+        // Found by fuzzing: without a size bound each such value cost ~28 ms to compile.
+        let huge = "[^/]{2,3}{2,3}{2,3}{2,3}{2,3}{2,3}{2,3}{2,3}";
+        let err = crit(Field::HttpPath, &[huge; 100], false)
+            .validate()
+            .unwrap_err();
+        assert!(err.why.contains("too large"), "{}", err.why);
     }
 }

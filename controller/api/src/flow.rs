@@ -87,8 +87,9 @@ pub struct Flow {
     pub drop_reason: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub drop_reason_code: Option<u8>,
-    /// `new-connection`, `drop` or `revalidation-drop` (an established connection stopped
-    /// because a policy change no longer allows it); from the L7 proxy `http-request`,
+    /// `new-connection`, `drop`, `revalidation-drop` (an established connection stopped
+    /// because a policy change no longer allows it) or `revalidation-audit` (one that audit
+    /// mode keeps although the change no longer allows it); from the L7 proxy `http-request`,
     /// `tunnel-opened` and `tunnel-closed`.
     pub event: String,
     /// Relative to `endpoint`: `ingress` (to it) or `egress` (from it).

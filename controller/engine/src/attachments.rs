@@ -15,7 +15,7 @@ use crate::datapath::Datapath;
 use crate::endpoints::{validate_dns_label, validate_labels};
 use crate::engine::Engine;
 use crate::error::EngineError;
-use crate::model::{AttachmentSpec, EndpointOrigin, EndpointRecord, qualified};
+use crate::model::{AttachmentSpec, EndpointOrigin, EndpointRecord, NetnsRef, qualified};
 use crate::plumbing::Plumbing;
 use crate::views::EndpointView;
 
@@ -93,10 +93,24 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
             .ok_or_else(|| EngineError::NoSuchInterface {
                 ifname: spec.host_ifname.clone(),
             })?;
+        let link = self
+            .link_layer(&NetnsRef::Path(a.netns.clone()), &a.ifname, ifindex)
+            .await;
         let id = EndpointId(self.model.next_endpoint_id);
         let ns_labels = self.namespace_labels(&spec.namespace);
         let chained = a.chained;
         self.transact(|m| {
+            // A bridge's MAC may follow its ports (one it was not given follows the lowest):
+            // the other ports of this one learn its address as it is now.
+            if let Some(bridge) = link.bridge {
+                for r in m.endpoints.values_mut() {
+                    if let Some(b) = &mut r.link.bridge
+                        && b.ifindex == bridge.ifindex
+                    {
+                        b.mac = bridge.mac;
+                    }
+                }
+            }
             let (identity, pending, awaiting) = match &spec.labels {
                 Some(labels) => match m.identities.acquire(&workload_identity_labels(
                     &spec.namespace,
@@ -128,6 +142,7 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
                     origin: EndpointOrigin::Cni(spec.attachment.clone()),
                     pending_labels: pending,
                     awaiting_identity: awaiting,
+                    link,
                 },
             );
             Ok(())

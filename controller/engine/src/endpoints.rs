@@ -106,6 +106,13 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
             .plumbing
             .create_endpoint(&req.name, &host_ifname, ip)
             .await?;
+        let link = self
+            .link_layer(
+                &crate::model::NetnsRef::Named(req.name.clone()),
+                "eth0",
+                plumbed.host_ifindex,
+            )
+            .await;
 
         let ns_labels = self.namespace_labels(&req.namespace);
         let record_result = self.transact(|m| {
@@ -131,6 +138,7 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
                     origin: EndpointOrigin::Local,
                     pending_labels: false,
                     awaiting_identity: false,
+                    link,
                 },
             );
             Ok(())

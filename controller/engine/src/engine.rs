@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use ipnetwork::Ipv4Network;
 use palisade_policies::{
     compile::{self, CompileInput, RuleTable, Settings},
-    endpoint::{Endpoint, EndpointId},
+    endpoint::{Endpoint, EndpointId, LinkLayer},
     identity::{Identity, IdentityAllocator, IdentityTable, workload_identity_labels},
     l7::ProxyPolicy,
     labels::Labels,
@@ -138,6 +138,9 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
             match engine.plumbing.ifindex(&rec.host_ifname).await? {
                 Some(ifindex) if netns_ok => {
                     rec.ifindex = ifindex;
+                    rec.link = engine
+                        .link_layer(&rec.netns(), rec.workload_ifname(), ifindex)
+                        .await;
                     if !rec.pending_labels {
                         let ns_labels = engine.namespace_labels(&rec.namespace);
                         rec.identity = engine.model.identities.acquire(
@@ -220,6 +223,24 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
             "engine started"
         );
         Ok(engine)
+    }
+
+    /// The link layer of an endpoint's veth. Unreadable, it is unknown (zero), which the
+    /// datapath meets by leaving the endpoint's traffic to the node's own path; a bridge port
+    /// not known as one then has no way to the L7 proxy (its redirects fail closed).
+    pub(crate) async fn link_layer(
+        &mut self,
+        netns: &crate::model::NetnsRef,
+        ifname: &str,
+        host_ifindex: u32,
+    ) -> LinkLayer {
+        match self.plumbing.link_layer(netns, ifname, host_ifindex).await {
+            Ok(l) => l,
+            Err(e) => {
+                warn!(ifindex = host_ifindex, error = %e, "cannot read the veth's link layer");
+                LinkLayer::default()
+            }
+        }
     }
 
     pub(crate) fn namespace_labels(&self, ns: &str) -> Labels {

@@ -6,7 +6,7 @@ use std::net::Ipv4Addr;
 use std::path::PathBuf;
 
 use palisade_policies::{
-    endpoint::{Endpoint, EndpointId, NamedPort},
+    endpoint::{Endpoint, EndpointId, LinkLayer, NamedPort},
     identity::{Identity, IdentityAllocator},
     labels::Labels,
     model::{Policy, PolicyRef},
@@ -36,6 +36,9 @@ pub struct EndpointRecord {
     /// holds `init` (and `pending_labels`) until it has.
     #[serde(default)]
     pub awaiting_identity: bool,
+    /// Its veth's link layer, as last read from the interfaces (read again at every start).
+    #[serde(default)]
+    pub link: LinkLayer,
 }
 
 /// Who made an endpoint's namespace and veth.
@@ -96,6 +99,15 @@ impl EndpointRecord {
         }
     }
 
+    /// Its interface inside its namespace: `eth0` for palisade's own, `CNI_IFNAME` for a
+    /// container's.
+    pub fn workload_ifname(&self) -> &str {
+        match &self.origin {
+            EndpointOrigin::Local => "eth0",
+            EndpointOrigin::Cni(c) => &c.ifname,
+        }
+    }
+
     /// The CNI attachment, for endpoints a runtime made.
     pub fn attachment(&self) -> Option<&CniAttachment> {
         match &self.origin {
@@ -116,6 +128,7 @@ impl EndpointRecord {
             ip: self.ip,
             ifindex: self.ifindex,
             named_ports: self.named_ports.clone(),
+            link: self.link,
         }
     }
 

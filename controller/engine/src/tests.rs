@@ -778,6 +778,26 @@ async fn an_attached_container_is_judged_before_it_carries_anything() {
 }
 
 #[tokio::test]
+async fn a_bridge_port_is_known_as_one_in_the_endpoint_map() {
+    let mut e = engine().await;
+    cni_veth(&mut e, "vethbr", 502, "/run/netns/cni-br");
+    e.plumbing.bridge_ports.insert(502);
+    let mut chained = attachment(
+        "br",
+        "vethbr",
+        Ipv4Addr::new(10, 88, 0, 4),
+        Some("app=web"),
+    );
+    chained.attachment.chained = true;
+    let bridged = e.attachment_add(chained).await.unwrap();
+    let plain = add(&mut e, "plain", "shop", "app=web").await;
+    let link = e.applied.endpoints[&bridged.id].link;
+    assert!(link.bridge.is_some(), "the bridge is in the map: {link:?}");
+    assert_ne!(link.host_mac, [0; 6]);
+    assert!(e.applied.endpoints[&plain.id].link.bridge.is_none());
+}
+
+#[tokio::test]
 async fn a_container_without_labels_holds_init_and_is_enforced_until_they_are_known() {
     let mut e = engine().await;
     add(&mut e, "client", "shop", "app=client").await;

@@ -79,6 +79,20 @@ pub struct Veth {
     pub container_mac: Vec<u8>,
 }
 
+/// What the datapath needs of a workload veth's link layer (see `Netlink::link_layer`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LinkLayerInfo {
+    pub mac: [u8; 6],
+    pub host_mac: [u8; 6],
+    /// The bridge the host side is a port of: its ifindex and MAC.
+    pub bridge: Option<(u32, [u8; 6])>,
+}
+
+/// An Ethernet address from netlink's bytes; zero (unknown) when it is not six bytes long.
+fn six(mac: &[u8]) -> [u8; 6] {
+    <[u8; 6]>::try_from(mac).unwrap_or_default()
+}
+
 /// rtnetlink in the node's namespace (the namespace of the thread that made it).
 pub struct Netlink {
     node: Handle,
@@ -578,6 +592,61 @@ impl Netlink {
                 _ => None,
             })
         }))
+    }
+
+    /// The link layer of a workload's veth: the MACs of its host side (`host_ifindex`) and of
+    /// its peer `ifname` inside the namespace at `netns_path`, and the bridge the host side is
+    /// a port of. A peer that cannot be read leaves its MAC zero (unknown).
+    pub async fn link_layer(
+        &mut self,
+        host_ifindex: u32,
+        netns_path: &Path,
+        ifname: &str,
+    ) -> Result<LinkLayerInfo, NetlinkError> {
+        use netlink_packet_route::link::{InfoKind, LinkInfo};
+        let host = self
+            .link_by_index(host_ifindex)
+            .await?
+            .ok_or_else(|| NetlinkError::NoSuchInterface(format!("ifindex {host_ifindex}")))?;
+        let host_mac = mac_of(&host).unwrap_or_default();
+        let master = host.attributes.iter().find_map(|a| match a {
+            LinkAttribute::Controller(i) => Some(*i),
+            _ => None,
+        });
+        let bridge = match master {
+            Some(i) => self.link_by_index(i).await?.filter(|m| {
+                m.attributes.iter().any(|a| {
+                    matches!(a, LinkAttribute::LinkInfo(infos)
+                        if infos.iter().any(|i| matches!(i, LinkInfo::Kind(InfoKind::Bridge))))
+                })
+            }),
+            None => None,
+        };
+        let mac = match handle_in(netns_path) {
+            Ok(pod) => link_by_name(&pod, ifname)
+                .await?
+                .as_ref()
+                .and_then(mac_of)
+                .unwrap_or_default(),
+            Err(e) => {
+                debug!(netns = %netns_path.display(), error = %e, "workload MAC not read");
+                Vec::new()
+            }
+        };
+        Ok(LinkLayerInfo {
+            mac: six(&mac),
+            host_mac: six(&host_mac),
+            bridge: bridge.map(|b| (b.header.index, six(&mac_of(&b).unwrap_or_default()))),
+        })
+    }
+
+    async fn link_by_index(&mut self, index: u32) -> Result<Option<LinkMessage>, NetlinkError> {
+        let mut links = self.node.link().get().match_index(index).execute();
+        match links.try_next().await {
+            Ok(l) => Ok(l),
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(None),
+            Err(e) => Err(nl(format!("get link {index}"))(e)),
+        }
     }
 
     /// Whether `ifname` inside the namespace at `netns_path` is up with `ip`.

@@ -1,7 +1,7 @@
 //! The proxy's edge: a transparent listener in the node namespace that the datapath assigns
-//! redirected connections to, the upstream leg (marked with the client's identity so the
-//! destination's own policy still judges the client), and a report per request and per tunnel
-//! to the [`Observer`].
+//! redirected connections to, the upstream leg (marked with the client's identity and address
+//! so the destination's own policy still judges the client), and a report per request and per
+//! tunnel to the [`Observer`].
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::Arc;
@@ -131,10 +131,13 @@ async fn handle<O: Observer>(
     let _ = client.set_nodelay(true);
     let client_identity = ctx.policy.borrow().peer(*peer.ip()).identity.0;
     let upstream_mark = mark::from_proxy(client_identity);
+    let upstream_priority = mark::client_priority(peer.ip().octets());
     let connect = move || async move {
         let sock = TcpSocket::new_v4()?;
-        // The destination's datapath reads the client's identity from this mark.
+        // The destination's datapath judges the client by these: its identity in the mark,
+        // its address in the priority (for the CIDR rules that cover it).
         SockRef::from(&sock).set_mark(upstream_mark)?;
+        SockRef::from(&sock).set_priority(upstream_priority)?;
         let stream = sock.connect(SocketAddr::V4(dst)).await?;
         stream.set_nodelay(true)?;
         Ok(stream)

@@ -9,7 +9,9 @@ pub struct CtKey {
     /// Network byte order; IPv4 uses the first 4 bytes.
     pub saddr: [u8; 16],
     pub daddr: [u8; 16],
-    /// For ICMP echo both ports hold the echo identifier.
+    /// For ICMP queries `sport_be` holds the identifier and `dport_be` the request's type
+    /// (the key of a reply is found turned around, with the reply type turned into the
+    /// request's); ICMP that is no query is never tracked.
     pub sport_be: u16,
     pub dport_be: u16,
     pub protocol: u8,
@@ -31,7 +33,8 @@ pub const CT_FLAG_PROXY_REDIRECT: u16 = 1 << 3;
 /// The connection was let through by audit mode, not by policy.
 pub const CT_FLAG_AUDIT: u16 = 1 << 4;
 /// The connection is the proxy's upstream leg: `peer_identity` is the original client's
-/// (carried in the packet mark), not the identity of the source address (the node).
+/// (whose address the packet carries in skb->priority, see `mark::FROM_PROXY`), not the
+/// identity of the source address (the node).
 pub const CT_FLAG_FROM_PROXY: u16 = 1 << 5;
 
 #[repr(C)]
@@ -53,8 +56,12 @@ pub struct CtEntry {
     pub flags: u16,
     pub proxy_port_be: u16,
     pub _pad: [u8; 4],
+    /// The proxy's upstream leg (`CT_FLAG_FROM_PROXY`): the original client's address, which
+    /// revalidation judges the connection by, as it would judge the client's own connection
+    /// (identity and CIDR alias from the ipcache). Zero otherwise.
+    pub proxy_client: [u8; 16],
 }
 
 assert_layout!(CtKey, size = 40, align = 2, { saddr: 0, daddr: 16, sport_be: 32, dport_be: 34, protocol: 36, family: 37, scope: 38 });
-assert_layout!(CtEntry, size = 56, align = 8, { expires_ns: 0, created_ns: 8, packets: 16, bytes: 24, endpoint_id: 32, peer_identity: 36, rule_id: 40, policy_revision: 44, flags: 48, proxy_port_be: 50 });
+assert_layout!(CtEntry, size = 72, align = 8, { expires_ns: 0, created_ns: 8, packets: 16, bytes: 24, endpoint_id: 32, peer_identity: 36, rule_id: 40, policy_revision: 44, flags: 48, proxy_port_be: 50, proxy_client: 56 });
 user_pod!(CtKey, CtEntry);

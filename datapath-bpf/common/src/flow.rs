@@ -9,6 +9,9 @@ pub const EVENT_NEW_CONNECTION: u8 = 1;
 pub const EVENT_DROP: u8 = 2;
 /// An established connection was re-checked after a policy change and is no longer allowed.
 pub const EVENT_REVALIDATION_DROP: u8 = 3;
+/// An established connection was re-checked after a policy change and is no longer allowed,
+/// but the endpoint is in audit mode: it goes on, audited.
+pub const EVENT_REVALIDATION_AUDIT: u8 = 4;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]

@@ -55,6 +55,10 @@ codes! {
     POLICY_DENIED = 133 => "Policy denied",
     INVALID_PACKET = 134 => "Invalid packet",
     CT_TRUNCATED_OR_INVALID = 135 => "CT: Truncated or invalid header",
+    /// An ICMP error whose own addresses do not fit the connection it reports on: not sent
+    /// back to the reported packet's source, or sent by an endpoint about a packet that was
+    /// not addressed to it.
+    ICMP_ERROR_MISMATCH = 136 => "ICMP error does not match its connection",
     UNSUPPORTED_L3 = 139 => "Unsupported L3 protocol",
     UNKNOWN_ENDPOINT = 140 => "Unknown endpoint",
     /// The IPv4 total length is shorter than the header or longer than the packet.
@@ -71,6 +75,12 @@ codes! {
     /// A policy change sends an established connection through the L7 proxy, which cannot
     /// take it over mid-stream: it is ended, and the client's next connection takes the proxy.
     PROXY_REQUIRED = 192 => "Policy now requires the L7 proxy",
+    /// A packet marked as the proxy's upstream leg whose client address (skb->priority) does
+    /// not have the identity in its mark, as far as the ipcache knows.
+    PROXY_CLIENT_MISMATCH = 193 => "Proxy mark does not match the client",
+    /// Policy sends a flow that is not TCP (new, or open when the policy changed) to the L7
+    /// proxy, which takes TCP only.
+    PROXY_UNSUPPORTED_PROTOCOL = 194 => "Proxy redirection not supported for protocol",
 }
 
 #[cfg(test)]

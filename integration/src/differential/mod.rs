@@ -242,6 +242,7 @@ impl RealDatapath {
                         proxy_port: u16::from_be(e.proxy_port_be),
                         packets: e.packets,
                         bytes: e.bytes,
+                        proxy_client: a(&e.proxy_client),
                     },
                 ))
             })
@@ -273,24 +274,26 @@ impl RealDatapath {
             flags: e.flags,
             proxy_port_be: e.proxy_port.to_be(),
             _pad: [0; 4],
+            proxy_client: v4(e.proxy_client),
         };
         self.conntrack
             .insert(raw_key, raw, 0)
             .expect("conntrack insert");
     }
 
-    /// Runs `program` once on `frame` as arriving on `ifindex` with `mark`. Must be called
-    /// from a thread inside the namespace that holds `ifindex`.
+    /// Runs `program` once on `frame` as arriving on `ifindex` with `mark` and `priority`.
+    /// Must be called from a thread inside the namespace that holds `ifindex`.
     pub fn run(
         &self,
         program: Program,
         frame: &[u8],
         ifindex: u32,
         mark: u32,
+        priority: u32,
     ) -> Result<RealOutcome, String> {
         let o = self
             .dp
-            .test_run(program.name(), frame, ifindex, mark)
+            .test_run(program.name(), frame, ifindex, mark, priority)
             .map_err(|e| {
                 let mut why = format!("test run of {} bytes: {e}", frame.len());
                 let mut source = std::error::Error::source(&e);

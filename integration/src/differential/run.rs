@@ -78,7 +78,8 @@ enum At {
 struct Shot {
     label: String,
     frame: Vec<u8>,
-    mark: u32,
+    /// skb->mark and skb->priority.
+    mark: (u32, u32),
     hops: Vec<(Program, At)>,
 }
 
@@ -220,14 +221,22 @@ fn hop(s: &Scenario, h: HopGen, src: AddrGen, dst: AddrGen) -> Vec<(Program, At)
 }
 
 impl Runner<'_> {
-    fn mark(cluster: &Cluster, m: MarkGen) -> u32 {
+    /// The skb mark and priority of `m`.
+    fn mark(s: &Scenario, cluster: &Cluster, m: MarkGen) -> (u32, u32) {
         let ids = cluster.identities();
+        let priority = |a: AddrGen| mark::client_priority(s.addr(a).octets());
         match m {
-            MarkGen::None => 0,
-            MarkGen::FromProxyAs(i) => mark::from_proxy(ids[i % ids.len()].0),
-            MarkGen::FromProxyRaw(id) => mark::from_proxy(id),
-            MarkGen::ToProxy => mark::TO_PROXY,
-            MarkGen::Other(m) => m,
+            MarkGen::None => (0, 0),
+            MarkGen::FromProxyAs(i) => (
+                mark::from_proxy(ids[i % ids.len()].0),
+                priority(AddrGen::Endpoint(i)),
+            ),
+            MarkGen::FromProxyClaiming(i, a) => {
+                (mark::from_proxy(ids[i % ids.len()].0), priority(a))
+            }
+            MarkGen::FromProxyRaw(id) => (mark::from_proxy(id), 0),
+            MarkGen::ToProxy => (mark::TO_PROXY, 0),
+            MarkGen::Other(m) => (m, 0),
         }
     }
 
@@ -272,7 +281,7 @@ impl Runner<'_> {
                             .unwrap_or_default()
                     ),
                     frame,
-                    mark: Self::mark(cluster, *mark),
+                    mark: Self::mark(s, cluster, *mark),
                     hops: hop(s, *which, src, dst),
                 }]
             }
@@ -321,7 +330,7 @@ impl Runner<'_> {
                                 }
                             ),
                             frame: frames::frame(&t, l4),
-                            mark: 0,
+                            mark: (0, 0),
                             hops: route(s, src, dst),
                         }
                     })
@@ -354,7 +363,7 @@ impl Runner<'_> {
                         if *about_reply { "reply" } else { "original" }
                     ),
                     frame: frames::icmp_error(s.addr(src), s.addr(dst), *kind, &inner, *inner_len),
-                    mark: 0,
+                    mark: (0, 0),
                     hops: hop(s, *h, src, dst),
                 }]
             }
@@ -387,7 +396,7 @@ impl Runner<'_> {
                 vec![Shot {
                     label: "arbitrary bytes".to_string(),
                     frame,
-                    mark: 0,
+                    mark: (0, 0),
                     hops: vec![(p, At::Endpoint(i))],
                 }]
             }
@@ -401,7 +410,7 @@ impl Runner<'_> {
                 vec![Shot {
                     label: "ARP".to_string(),
                     frame: frames::arp(Ipv4Addr::new(10, 200, 0, 77), s.ip(i)),
-                    mark: 0,
+                    mark: (0, 0),
                     hops: vec![(p, At::Endpoint(i))],
                 }]
             }
@@ -420,12 +429,17 @@ impl Runner<'_> {
 
     /// Runs one case; Err is the report of the first disagreement (or of a harness failure).
     pub fn run_case(&self, s: &Scenario) -> Result<(), String> {
-        self.run_case_with(s, true)
+        self.run_case_with(s, true).map(|_| ())
     }
 
     /// `run_case`, with the model told whether the datapath's config is initialized (the
-    /// caller sets the real one).
-    pub fn run_case_with(&self, s: &Scenario, initialized: bool) -> Result<(), String> {
+    /// caller sets the real one); returns every verdict, on which both agreed, and the
+    /// transcript.
+    pub fn run_case_with(
+        &self,
+        s: &Scenario,
+        initialized: bool,
+    ) -> Result<(Vec<Verdict>, String), String> {
         let n = s.endpoints.len();
         let mut cluster = Cluster::new(s, &self.ifindexes[..n]);
         let yaml_a = render_policies(&s.policies, "p");
@@ -474,6 +488,7 @@ impl Runner<'_> {
             let _ = writeln!(header, "  flow {i}: {}", describe_flow(s, f));
         }
         let mut transcript = String::new();
+        let mut verdicts = Vec::new();
         let mut phase_b = false;
         let mut stats = self.stats.borrow_mut();
         stats.cases += 1;
@@ -576,6 +591,7 @@ impl Runner<'_> {
                         proxy_port: PROXY_PORT,
                         packets: 1,
                         bytes: 0,
+                        proxy_client: Ipv4Addr::UNSPECIFIED,
                     };
                     real.insert_conntrack(&key, &entry);
                     model.conntrack.insert(key, entry);
@@ -593,10 +609,13 @@ impl Runner<'_> {
                     "step {si}: {}\n    frame: {}{}",
                     shot.label,
                     frames::describe(&shot.frame),
-                    if shot.mark == 0 {
-                        String::new()
-                    } else {
-                        format!("\n    mark: {:#010x}", shot.mark)
+                    match shot.mark {
+                        (0, 0) => String::new(),
+                        (m, 0) => format!("\n    mark: {m:#010x}"),
+                        (m, p) => format!(
+                            "\n    mark: {m:#010x}, priority {p:#010x} ({})",
+                            Ipv4Addr::from(p)
+                        ),
                     }
                 );
                 if !frames::runnable(&shot.frame) {
@@ -611,14 +630,21 @@ impl Runner<'_> {
                     let input = |proxy_listener| Input {
                         program: *program,
                         ifindex,
-                        mark: shot.mark,
+                        mark: shot.mark.0,
+                        priority: shot.mark.1,
                         proxy_listener,
                         frame: &shot.frame,
                     };
                     let would = model.judge(&input(true));
                     model.conntrack = saved;
                     let judged = model.judge(&input(self.proxy_listener));
-                    let got = match real.run(*program, &shot.frame, ifindex, shot.mark) {
+                    let got = match real.run(
+                        *program,
+                        &shot.frame,
+                        ifindex,
+                        shot.mark.0,
+                        shot.mark.1,
+                    ) {
                         Ok(got) => got,
                         Err(e) => {
                             return Err(format!(
@@ -678,14 +704,34 @@ impl Runner<'_> {
                             describe_ct(&real_ct),
                         ));
                     }
+                    verdicts.push(Verdict {
+                        step: si,
+                        program: *program,
+                        endpoint: match at {
+                            At::Endpoint(i) => Some(*i),
+                            At::Unknown => None,
+                        },
+                        outcome: judged.outcome,
+                    });
                     if matches!(judged.outcome, Outcome::Dropped(_) | Outcome::Redirected) {
                         break;
                     }
                 }
             }
         }
-        Ok(())
+        Ok((verdicts, format!("{header}transcript:\n{transcript}")))
     }
+}
+
+/// One packet's verdict at one hop, as both the datapath and the model gave it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Verdict {
+    /// Index of the step that sent the packet.
+    pub step: usize,
+    pub program: Program,
+    /// The endpoint whose program judged it (None: an interface no endpoint has).
+    pub endpoint: Option<usize>,
+    pub outcome: Outcome,
 }
 
 fn step_kind(s: &StepGen) -> &'static str {
@@ -797,6 +843,7 @@ pub fn probe_proxy_listener(real: &RefCell<RealDatapath>, ifindex: u32) -> Resul
             ingress_enforced: false,
             egress_enforced: false,
             audit: false,
+            link: palisade_policies::endpoint::LinkLayer::default(),
         },
     );
     maps.ipcache.insert(
@@ -835,7 +882,7 @@ pub fn probe_proxy_listener(real: &RefCell<RealDatapath>, ifindex: u32) -> Resul
         },
         L4::Tcp { flags: TCP_SYN },
     );
-    let got = real.run(Program::FromEndpoint, &syn, ifindex, 0)?;
+    let got = real.run(Program::FromEndpoint, &syn, ifindex, 0, 0)?;
     let outcome = got
         .outcome()
         .ok_or_else(|| format!("probe: unexpected result {got:?}"))?;

@@ -899,13 +899,16 @@ fn hop_gen() -> impl Strategy<Value = HopGen> {
     ]
 }
 
-/// The skb mark a packet carries.
+/// The skb mark (and priority) a packet carries.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MarkGen {
     None,
-    /// The proxy's upstream leg for this endpoint (index) as the client.
+    /// The proxy's upstream leg for this endpoint (index) as the client: its identity in the
+    /// mark, its address in the priority.
     FromProxyAs(usize),
-    /// FROM_PROXY with an arbitrary identity.
+    /// The proxy's mark with this endpoint's identity, but another client address.
+    FromProxyClaiming(usize, AddrGen),
+    /// FROM_PROXY with an arbitrary identity, and no client address.
     FromProxyRaw(u32),
     ToProxy,
     Other(u32),
@@ -915,6 +918,7 @@ fn mark_gen() -> impl Strategy<Value = MarkGen> {
     prop_oneof![
         20 => Just(MarkGen::None),
         3 => (0..4usize).prop_map(MarkGen::FromProxyAs),
+        1 => (0..4usize, addr_gen()).prop_map(|(i, a)| MarkGen::FromProxyClaiming(i, a)),
         1 => (0..0x0100_0000u32).prop_map(MarkGen::FromProxyRaw),
         1 => Just(MarkGen::ToProxy),
         1 => any::<u32>().prop_map(MarkGen::Other),
@@ -1305,6 +1309,7 @@ impl Cluster {
                         })
                         .into_iter()
                         .collect(),
+                    link: palisade_policies::endpoint::LinkLayer::default(),
                 },
             );
         }

@@ -67,10 +67,28 @@ pub struct L7Error {
     pub source: regex::Error,
 }
 
+/// The most memory one compiled HTTP-rule or flow-filter expression may take. Paths and
+/// methods are short; the bound is what keeps a hostile one from costing tens of
+/// milliseconds (and megabytes) each (`[^/]{2,3}{2,3}...` reaches regex's own 10 MB default).
+pub const REGEX_SIZE_LIMIT: usize = 256 * 1024;
+/// How deeply an expression may nest.
+pub const REGEX_NEST_LIMIT: u32 = 64;
+
+/// `pattern` matched against the whole value (`^(?:pattern)$`), as Cilium's HTTP rules and
+/// Hubble's path filters mean it, within `REGEX_SIZE_LIMIT`. Validating and matching both
+/// use this, so what passes validation is exactly what later matches.
+pub fn anchored_regex(pattern: &str) -> Result<Regex, regex::Error> {
+    regex::RegexBuilder::new(&format!("^(?:{pattern})$"))
+        .size_limit(REGEX_SIZE_LIMIT)
+        .dfa_size_limit(REGEX_SIZE_LIMIT)
+        .nest_limit(REGEX_NEST_LIMIT)
+        .build()
+}
+
 fn anchored(field: &'static str, pattern: Option<&String>) -> Result<Option<Regex>, L7Error> {
     pattern
         .map(|p| {
-            Regex::new(&format!("^(?:{p})$")).map_err(|source| L7Error {
+            anchored_regex(p).map_err(|source| L7Error {
                 field,
                 pattern: p.clone(),
                 source,

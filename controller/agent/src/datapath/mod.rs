@@ -699,23 +699,26 @@ pub struct TestRunOutcome {
 }
 
 /// `struct __sk_buff` as BPF_PROG_TEST_RUN takes it for a SCHED_CLS program (uapi
-/// linux/bpf.h): 192 bytes, of which the test sets `mark` and `ifindex`.
+/// linux/bpf.h): 192 bytes, of which the test sets `mark`, `priority` and `ifindex`.
 const SK_BUFF_SIZE: usize = 192;
 const SK_BUFF_MARK: usize = 8;
+const SK_BUFF_PRIORITY: usize = 32;
 const SK_BUFF_IFINDEX: usize = 40;
 
 impl BpfDatapath {
     /// Runs one classifier (`names::PROG_FROM_ENDPOINT` or `PROG_TO_ENDPOINT`) once with
     /// BPF_PROG_TEST_RUN on `frame` (Ethernet header onwards, at least 14 bytes) as if it
-    /// arrived on `ifindex` with skb mark `mark`, against the live maps. For tests (the
-    /// differential test of the datapath against `palisade_policies::datapath_model`): the
-    /// kernel resolves `ifindex` in the calling thread's network namespace.
+    /// arrived on `ifindex` with skb mark `mark` and priority `priority`, against the live
+    /// maps. For tests (the differential test of the datapath against
+    /// `palisade_policies::datapath_model`): the kernel resolves `ifindex` in the calling
+    /// thread's network namespace.
     pub fn test_run(
         &self,
         program: &'static str,
         frame: &[u8],
         ifindex: u32,
         mark: u32,
+        priority: u32,
     ) -> Result<TestRunOutcome, BpfError> {
         use aya::programs::{TestRun as _, TestRunOptions};
         use palisade_common::{
@@ -760,6 +763,7 @@ impl BpfDatapath {
             })?;
         let mut ctx_in = [0u8; SK_BUFF_SIZE];
         ctx_in[SK_BUFF_MARK..SK_BUFF_MARK + 4].copy_from_slice(&mark.to_ne_bytes());
+        ctx_in[SK_BUFF_PRIORITY..SK_BUFF_PRIORITY + 4].copy_from_slice(&priority.to_ne_bytes());
         ctx_in[SK_BUFF_IFINDEX..SK_BUFF_IFINDEX + 4].copy_from_slice(&ifindex.to_ne_bytes());
         let mut ctx_out = [0u8; SK_BUFF_SIZE];
         let before = read()?;

@@ -127,6 +127,7 @@ pub fn enrich(event: &FlowEvent, catalog: &Catalog, clock: &Clock, seq: u64) -> 
         event: match event.kind {
             ev::EVENT_NEW_CONNECTION => "new-connection",
             ev::EVENT_REVALIDATION_DROP => "revalidation-drop",
+            ev::EVENT_REVALIDATION_AUDIT => "revalidation-audit",
             _ => "drop",
         }
         .to_string(),
