@@ -14,6 +14,7 @@ use ipnetwork::Ipv4Network;
 use serde::{Deserialize, Serialize};
 
 use crate::endpoint::{Endpoint, EndpointId};
+use crate::fqdn::{FqdnSelector, LearnedNames, selected_addresses};
 use crate::identity::{Identity, IdentitySource, IdentityTable};
 use crate::labels::Labels;
 use crate::mapstate::{
@@ -67,6 +68,9 @@ pub struct Settings {
     pub audit: bool,
     /// Port of the L7 proxy; None while no proxy runs (redirects then drop, failing closed).
     pub proxy_port: Option<u16>,
+    /// Port of the DNS proxy (UDP and TCP); None while none runs (DNS rules then drop).
+    #[serde(default)]
+    pub dns_proxy_port: Option<u16>,
 }
 
 impl Default for Settings {
@@ -76,6 +80,7 @@ impl Default for Settings {
             allow_host_ingress: true,
             audit: false,
             proxy_port: None,
+            dns_proxy_port: None,
         }
     }
 }
@@ -192,6 +197,8 @@ pub struct CompileInput<'a> {
     /// (their workload identity) and other nodes (`remote-node`). An endpoint of this node
     /// with the same address wins.
     pub remote: &'a BTreeMap<Ipv4Addr, Identity>,
+    /// Names the DNS proxy learned and their addresses, for `toFQDNs` peers.
+    pub fqdns: &'a LearnedNames,
     pub settings: Settings,
 }
 
@@ -216,6 +223,39 @@ pub fn policy_cidrs<'a>(policies: impl IntoIterator<Item = &'a Policy>) -> BTree
         }
     }
     out
+}
+
+/// Every address a `toFQDNs` peer of some policy selects now: each gets a CIDR identity of its
+/// own (a /32), which the peer then selects.
+pub fn fqdn_prefixes<'a>(
+    policies: impl IntoIterator<Item = &'a Policy>,
+    names: &LearnedNames,
+) -> BTreeSet<Ipv4Network> {
+    let mut out = BTreeSet::new();
+    for p in policies {
+        for spec in &p.specs {
+            for rule in &spec.egress.allow {
+                if let Peers::Some(peers) = &rule.peers {
+                    for peer in peers {
+                        if let Peer::Fqdn(sel) = peer {
+                            out.extend(selected_addresses(sel, names).map(Ipv4Network::from));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Whether any policy has `toFQDNs` peers or DNS rules: only then are names worth learning.
+pub fn uses_dns(policies: &BTreeMap<PolicyRef, Policy>) -> bool {
+    policies.values().flat_map(|p| &p.specs).any(|s| {
+        s.egress.allow.iter().any(|r| {
+            r.dns.is_some()
+                || matches!(&r.peers, Peers::Some(ps) if ps.iter().any(|p| matches!(p, Peer::Fqdn(_))))
+        })
+    })
 }
 
 fn contains(outer: Ipv4Network, inner: Ipv4Network) -> bool {
@@ -261,22 +301,24 @@ pub fn enforced(
 /// Resolves each distinct peer clause to identities once per compile.
 struct SelectorCache<'a> {
     identities: &'a IdentityTable,
+    fqdns: &'a LearnedNames,
     cache: HashMap<&'a Peer, BTreeSet<Identity>>,
 }
 
 impl<'a> SelectorCache<'a> {
-    fn new(identities: &'a IdentityTable) -> Self {
+    fn new(identities: &'a IdentityTable, fqdns: &'a LearnedNames) -> Self {
         Self {
             identities,
+            fqdns,
             cache: HashMap::new(),
         }
     }
 
     fn select(&mut self, peer: &'a Peer) -> &BTreeSet<Identity> {
-        let identities = self.identities;
+        let (identities, fqdns) = (self.identities, self.fqdns);
         self.cache
             .entry(peer)
-            .or_insert_with(|| select_uncached(identities, peer))
+            .or_insert_with(|| select_uncached(identities, fqdns, peer))
     }
 }
 
@@ -290,8 +332,25 @@ const CLUSTER_RESERVED: [Identity; 7] = [
     Identity::INGRESS,
 ];
 
-fn select_uncached(identities: &IdentityTable, peer: &Peer) -> BTreeSet<Identity> {
+fn select_uncached(
+    identities: &IdentityTable,
+    fqdns: &LearnedNames,
+    peer: &Peer,
+) -> BTreeSet<Identity> {
     match peer {
+        Peer::Fqdn(sel) => {
+            let addresses: BTreeSet<Ipv4Addr> = selected_addresses(sel, fqdns).collect();
+            identities
+                .iter()
+                .filter(|(_, src)| match src {
+                    IdentitySource::Cidr { prefix } => {
+                        prefix.prefix() == 32 && addresses.contains(&prefix.ip())
+                    }
+                    _ => false,
+                })
+                .map(|(id, _)| *id)
+                .collect()
+        }
         Peer::Endpoints(sel) => identities
             .iter()
             .filter(|(_, src)| src.workload_labels().is_some_and(|l| sel.0.matches(l)))
@@ -565,13 +624,26 @@ pub struct L7Rule {
     pub rule: RuleId,
 }
 
-/// The allow rules of every (endpoint, direction) that has HTTP rules.
+/// One egress allow rule as the DNS proxy sees it: the (peer identity, protocol, port block)
+/// keys it covers, and the names it lets be asked (`None`: every name).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DnsRule {
+    pub keys: Vec<(Identity, Option<u8>, PortPrefix)>,
+    pub names: Option<Vec<FqdnSelector>>,
+    pub rule: RuleId,
+}
+
+/// The allow rules of every (endpoint, direction) that has HTTP rules, and the egress allow
+/// rules of every endpoint that has DNS rules.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct L7Policy {
     pub rules: BTreeMap<(EndpointId, Direction), Vec<L7Rule>>,
+    #[serde(default)]
+    pub dns: BTreeMap<EndpointId, Vec<DnsRule>>,
 }
 
 const TCP: u8 = 6;
+const UDP: u8 = 17;
 
 /// Compiles map state and the L7 policy the proxy enforces, from the same rules.
 pub fn compile_with_l7(input: &CompileInput<'_>, rules: &mut RuleTable) -> (MapState, L7Policy) {
@@ -580,7 +652,7 @@ pub fn compile_with_l7(input: &CompileInput<'_>, rules: &mut RuleTable) -> (MapS
         ipcache: build_ipcache(input),
         ..MapState::default()
     };
-    let mut cache = SelectorCache::new(input.identities);
+    let mut cache = SelectorCache::new(input.identities, input.fqdns);
     for ep in input.endpoints.values() {
         let specs = selecting_specs(input.policies, input.identities, ep);
         let mut flags = [false; 2];
@@ -601,6 +673,7 @@ pub fn compile_with_l7(input: &CompileInput<'_>, rules: &mut RuleTable) -> (MapS
             };
             let mut entries = DirectionEntries::new();
             let mut l7_candidates: Vec<L7Rule> = Vec::new();
+            let mut dns_candidates: Vec<DnsRule> = Vec::new();
             for (policy, spec_index, spec) in &specs {
                 let dp = spec.direction(direction);
                 for (deny, list) in [(false, &dp.allow), (true, &dp.deny)] {
@@ -614,6 +687,10 @@ pub fn compile_with_l7(input: &CompileInput<'_>, rules: &mut RuleTable) -> (MapS
                         };
                         let action = if deny {
                             Action::Deny
+                        } else if rule.dns.is_some() {
+                            Action::Redirect {
+                                proxy_port: input.settings.dns_proxy_port.unwrap_or(0),
+                            }
                         } else if rule.http.is_some() {
                             Action::Redirect {
                                 proxy_port: input.settings.proxy_port.unwrap_or(0),
@@ -629,7 +706,18 @@ pub fn compile_with_l7(input: &CompileInput<'_>, rules: &mut RuleTable) -> (MapS
                         for k in &keys {
                             insert(&mut entries, *k, entry);
                         }
-                        if !deny {
+                        if !deny && direction == Direction::Egress {
+                            dns_candidates.push(DnsRule {
+                                keys: keys
+                                    .iter()
+                                    .filter(|k| matches!(k.protocol, None | Some(TCP | UDP)))
+                                    .map(|k| (k.identity, k.protocol, k.port))
+                                    .collect(),
+                                names: rule.dns.clone(),
+                                rule: entry.rule,
+                            });
+                        }
+                        if !deny && rule.dns.is_none() {
                             l7_candidates.push(L7Rule {
                                 keys: keys
                                     .iter()
@@ -648,6 +736,10 @@ pub fn compile_with_l7(input: &CompileInput<'_>, rules: &mut RuleTable) -> (MapS
             // ports (Cilium's L4 wildcard).
             if l7_candidates.iter().any(|c| c.http.is_some()) {
                 l7.rules.insert((ep.id, direction), l7_candidates);
+            }
+            // Likewise the DNS proxy: a rule without DNS rules lets every name be asked.
+            if dns_candidates.iter().any(|c| c.names.is_some()) {
+                l7.dns.insert(ep.id, dns_candidates);
             }
             if direction == Direction::Ingress && is_enforced && input.settings.allow_host_ingress {
                 let entry = PolicyEntry {
@@ -793,6 +885,7 @@ mod tests {
                 host_addresses: &host,
                 remote: &self.remote,
                 settings: self.settings,
+                fqdns: &Default::default(),
             };
             let (state, l7) = compile_with_l7(&input, &mut self.rules);
             self.rules.retain_used_with(&state, &l7);
@@ -821,6 +914,7 @@ mod tests {
             peers,
             ports,
             http: None,
+            dns: None,
         }
     }
 
@@ -1574,6 +1668,7 @@ mod tests {
                         method: Some("GET".into()),
                         ..Default::default()
                     }]),
+                    dns: None,
                 },
                 rule(Peers::All, vec![tcp(9090)]),
             ]),

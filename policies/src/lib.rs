@@ -4,6 +4,7 @@
 //! - `model`: the internal policy form every manifest kind becomes;
 //! - `manifest`: parsing and validating manifests (Kubernetes NetworkPolicy, palisade.io/v1,
 //!   cilium.io/v2) into the model;
+//! - `fqdn`: DNS names and patterns (`toFQDNs`, `rules.dns`) and what was learned of them;
 //! - `identity`: security identities and their allocation;
 //! - `compile`: endpoints + identities + policies -> the datapath's map state;
 //! - `mapstate`: that map state, its datapath-equivalent lookup, and diffs between two states;
@@ -13,6 +14,7 @@
 pub mod compile;
 pub mod datapath_model;
 pub mod endpoint;
+pub mod fqdn;
 pub mod identity;
 pub mod l7;
 pub mod labels;

@@ -137,6 +137,9 @@ pub enum Peer {
         except: Vec<Ipv4Network>,
     },
     Entity(Entity),
+    /// Addresses the DNS proxy learned for names the selector matches (`toFQDNs`): each
+    /// such address is a CIDR identity of its own (/32) while its name's answer lives.
+    Fqdn(crate::fqdn::FqdnSelector),
 }
 
 /// Which peers a rule covers.
@@ -258,6 +261,10 @@ pub struct Rule {
     pub ports: Vec<PortSpec>,
     /// Some: the ports above carry L7 rules and their traffic goes through the proxy.
     pub http: Option<Vec<HttpRule>>,
+    /// Some: the ports above (DNS, port 53) go through the DNS proxy, which answers only
+    /// queries for names these selectors match (`rules.dns`); the rest get REFUSED.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns: Option<Vec<crate::fqdn::FqdnSelector>>,
 }
 
 /// Everything a policy says about one direction.

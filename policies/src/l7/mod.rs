@@ -15,12 +15,14 @@
 //! only, and so does a connection no side has HTTP rules for any more. `h2c` never reaches
 //! the matcher: the proxy strips that offer before judging.
 
+mod dns_policy;
 mod proxy_policy;
 
 use std::collections::BTreeMap;
 
 use regex::Regex;
 
+pub use dns_policy::{DnsPolicy, DnsVerdict};
 pub use proxy_policy::{Ends, ProxyPolicy, RequestVerdict};
 
 use crate::compile::{L7Policy, L7Rule};

@@ -12,6 +12,7 @@ use super::icmp::{IcmpRuleDoc, icmp_ports};
 use super::meta::{ObjectMeta, Scope, object_id};
 use super::ports::{IntOrString, end_port, port_number, validate_port_name};
 use super::selector::{KeySyntax, LabelSelectorDoc, in_namespace, mentions_key};
+use crate::fqdn::FqdnSelector;
 use crate::labels::{LabelSelector, NAMESPACE_LABEL};
 use crate::model::{
     DirectionPolicy, EndpointSelector, Entity, HttpRule, Peer, Peers, Policy, PolicyKind,
@@ -105,7 +106,7 @@ struct EgressRuleDoc {
     to_requires: Option<IgnoredAny>,
     to_services: Option<IgnoredAny>,
     #[serde(rename = "toFQDNs")]
-    to_fqdns: Option<IgnoredAny>,
+    to_fqdns: Option<Vec<FqdnSelectorDoc>>,
     to_groups: Option<IgnoredAny>,
     to_nodes: Option<IgnoredAny>,
     authentication: Option<IgnoredAny>,
@@ -143,11 +144,19 @@ struct PortProtocolDoc {
     protocol: Option<String>,
 }
 
+/// Cilium's FQDNSelector: exactly one of the two.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct FqdnSelectorDoc {
+    match_name: Option<String>,
+    match_pattern: Option<String>,
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct L7RulesDoc {
     http: Option<Vec<HttpRuleDoc>>,
-    dns: Option<IgnoredAny>,
+    dns: Option<Vec<FqdnSelectorDoc>>,
     kafka: Option<IgnoredAny>,
     l7proto: Option<IgnoredAny>,
     l7: Option<IgnoredAny>,
@@ -184,6 +193,8 @@ struct PeerRule<'a> {
     entities: &'a [String],
     to_ports: &'a [PortRuleDoc],
     icmps: &'a [IcmpRuleDoc],
+    /// `toFQDNs` (egress only).
+    fqdns: &'a [FqdnSelectorDoc],
     /// Cilium fields palisade does not implement, and whether each is set.
     unsupported: Vec<(&'static str, bool)>,
 }
@@ -198,6 +209,7 @@ impl IngressRuleDoc {
             entities: self.from_entities.as_deref().unwrap_or_default(),
             to_ports: self.to_ports.as_deref().unwrap_or_default(),
             icmps: self.icmps.as_deref().unwrap_or_default(),
+            fqdns: &[],
             unsupported: vec![
                 ("fromRequires", self.from_requires.is_some()),
                 ("fromGroups", self.from_groups.is_some()),
@@ -218,10 +230,10 @@ impl EgressRuleDoc {
             entities: self.to_entities.as_deref().unwrap_or_default(),
             to_ports: self.to_ports.as_deref().unwrap_or_default(),
             icmps: self.icmps.as_deref().unwrap_or_default(),
+            fqdns: self.to_fqdns.as_deref().unwrap_or_default(),
             unsupported: vec![
                 ("toRequires", self.to_requires.is_some()),
                 ("toServices", self.to_services.is_some()),
-                ("toFQDNs", self.to_fqdns.is_some()),
                 ("toGroups", self.to_groups.is_some()),
                 ("toNodes", self.to_nodes.is_some()),
                 ("authentication", self.authentication.is_some()),
@@ -397,16 +409,21 @@ fn peer_rule(
     if let Some((field, _)) = rule.unsupported.iter().find(|(_, set)| *set) {
         return Err(path.key(field).invalid(Problem::Unsupported(field)));
     }
+    if verdict == Verdict::Deny && !rule.fqdns.is_empty() {
+        return Err(path
+            .key("toFQDNs")
+            .invalid(Problem::Unsupported("toFQDNs in egressDeny (as in Cilium)")));
+    }
     let peers = peers(rule, ctx.namespace, path)?;
     let mut out = Vec::new();
     let to_ports_path = path.key("toPorts");
     for (i, port_rule) in rule.to_ports.iter().enumerate() {
-        let (ports, http) =
-            port_rule_parts(port_rule, verdict, ctx.group, &to_ports_path.index(i))?;
+        let (ports, l7) = port_rule_parts(port_rule, verdict, ctx.group, &to_ports_path.index(i))?;
         out.push(Rule {
             peers: peers.clone(),
             ports,
-            http,
+            http: l7.http,
+            dns: l7.dns,
         });
     }
     if !rule.icmps.is_empty() {
@@ -414,6 +431,7 @@ fn peer_rule(
             peers: peers.clone(),
             ports: icmp_ports(rule.icmps, &path.key("icmps"))?,
             http: None,
+            dns: None,
         });
     }
     if out.is_empty() {
@@ -421,6 +439,7 @@ fn peer_rule(
             peers,
             ports: vec![],
             http: None,
+            dns: None,
         });
     }
     Ok(out)
@@ -459,6 +478,10 @@ fn peers(rule: &PeerRule, namespace: Option<&str>, path: &FieldPath) -> Result<P
                 .invalid(Problem::UnknownEntity(name.clone()))
         })?;
         peers.push(Peer::Entity(entity));
+    }
+    let fqdns_path = path.key("toFQDNs");
+    for (i, doc) in rule.fqdns.iter().enumerate() {
+        peers.push(Peer::Fqdn(fqdn_selector(doc, &fqdns_path.index(i))?));
     }
     Ok(if !peers.is_empty() {
         Peers::Some(peers)
@@ -499,13 +522,20 @@ fn cidr_rule(doc: &CidrRuleDoc, path: &FieldPath) -> Result<Peer, Invalid> {
     Ok(Peer::Cidr { cidr, except })
 }
 
-/// The ports and HTTP rules of one toPorts entry.
+/// The L7 rules of one toPorts entry: HTTP or DNS (Cilium allows one kind per entry).
+#[derive(Default)]
+struct L7Parts {
+    http: Option<Vec<HttpRule>>,
+    dns: Option<Vec<FqdnSelector>>,
+}
+
+/// The ports and L7 rules of one toPorts entry.
 fn port_rule_parts(
     doc: &PortRuleDoc,
     verdict: Verdict,
     group: ApiGroup,
     path: &FieldPath,
-) -> Result<(Vec<PortSpec>, Option<Vec<HttpRule>>), Invalid> {
+) -> Result<(Vec<PortSpec>, L7Parts), Invalid> {
     let unsupported = [
         ("terminatingTLS", doc.terminating_tls.is_some()),
         ("originatingTLS", doc.originating_tls.is_some()),
@@ -524,12 +554,12 @@ fn port_rule_parts(
         .map(|(i, p)| port_protocol(p, &ports_path.index(i)))
         .collect::<Result<Vec<_>, _>>()?;
     let rules_path = path.key("rules");
-    let http = match (&doc.rules, verdict) {
-        (None, _) => None,
+    let l7 = match (&doc.rules, verdict) {
+        (None, _) => L7Parts::default(),
         (Some(_), Verdict::Deny) => return Err(rules_path.invalid(Problem::RulesInDeny)),
         (Some(rules), Verdict::Allow) => l7_rules(rules, group, &rules_path)?,
     };
-    if http.is_some() {
+    if l7.http.is_some() {
         // HTTP runs over TCP only; ANY is fine, the proxy then sees the TCP part.
         if let Some((i, p)) = ports
             .iter()
@@ -542,16 +572,29 @@ fn port_rule_parts(
                 .invalid(Problem::HttpOnNonTcp(p.protocol)));
         }
     }
-    Ok((ports, http))
+    if l7.dns.is_some() {
+        // DNS rules need a port the proxy can serve: UDP or TCP (or ANY, both), never "every
+        // port", and no named port (whose number is only known per destination).
+        if ports.is_empty() {
+            return Err(ports_path.invalid(Problem::DnsWithoutPort));
+        }
+        for (i, p) in ports.iter().enumerate() {
+            if !matches!(p.protocol, Protocol::Tcp | Protocol::Udp | Protocol::Any) {
+                return Err(ports_path
+                    .index(i)
+                    .key("protocol")
+                    .invalid(Problem::DnsOnProtocol(p.protocol)));
+            }
+            if !matches!(p.port, Port::Range { .. }) {
+                return Err(ports_path.index(i).key("port").invalid(Problem::DnsWithoutPort));
+            }
+        }
+    }
+    Ok((ports, l7))
 }
 
-fn l7_rules(
-    doc: &L7RulesDoc,
-    group: ApiGroup,
-    path: &FieldPath,
-) -> Result<Option<Vec<HttpRule>>, Invalid> {
+fn l7_rules(doc: &L7RulesDoc, group: ApiGroup, path: &FieldPath) -> Result<L7Parts, Invalid> {
     let unsupported = [
-        ("dns", doc.dns.is_some()),
         ("kafka", doc.kafka.is_some()),
         ("l7proto", doc.l7proto.is_some()),
         ("l7", doc.l7.is_some()),
@@ -559,16 +602,49 @@ fn l7_rules(
     if let Some((field, _)) = unsupported.iter().find(|(_, set)| *set) {
         return Err(path.key(field).invalid(Problem::Unsupported(field)));
     }
-    let Some(http) = &doc.http else {
-        return Ok(None);
-    };
-    let http_path = path.key("http");
-    let rules = http
-        .iter()
-        .enumerate()
-        .map(|(i, r)| http_rule(r, group, &http_path.index(i)))
-        .collect::<Result<_, _>>()?;
-    Ok(Some(rules))
+    if doc.http.is_some() && doc.dns.is_some() {
+        return Err(path.key("dns").invalid(Problem::HttpAndDns));
+    }
+    let mut out = L7Parts::default();
+    if let Some(http) = &doc.http {
+        let http_path = path.key("http");
+        out.http = Some(
+            http.iter()
+                .enumerate()
+                .map(|(i, r)| http_rule(r, group, &http_path.index(i)))
+                .collect::<Result<_, _>>()?,
+        );
+    }
+    if let Some(dns) = &doc.dns {
+        let dns_path = path.key("dns");
+        out.dns = Some(
+            dns.iter()
+                .enumerate()
+                .map(|(i, r)| fqdn_selector(r, &dns_path.index(i)))
+                .collect::<Result<_, _>>()?,
+        );
+    }
+    Ok(out)
+}
+
+/// A `matchName` or `matchPattern` (exactly one).
+fn fqdn_selector(doc: &FqdnSelectorDoc, path: &FieldPath) -> Result<FqdnSelector, Invalid> {
+    match (&doc.match_name, &doc.match_pattern) {
+        (Some(name), None) => FqdnSelector::name(name).map_err(|e| {
+            path.key("matchName").invalid(Problem::BadDnsName {
+                value: name.clone(),
+                why: e,
+            })
+        }),
+        (None, Some(pattern)) => FqdnSelector::pattern(pattern).map_err(|e| {
+            path.key("matchPattern").invalid(Problem::BadDnsName {
+                value: pattern.clone(),
+                why: e,
+            })
+        }),
+        (Some(_), Some(_)) => Err(path.invalid(Problem::NameAndPattern)),
+        (None, None) => Err(path.invalid(Problem::Required("matchName or matchPattern"))),
+    }
 }
 
 fn port_protocol(doc: &PortProtocolDoc, path: &FieldPath) -> Result<PortSpec, Invalid> {
@@ -645,6 +721,7 @@ mod tests {
     use ipnetwork::Ipv4Network;
 
     use super::super::test_support::*;
+    use crate::fqdn::FqdnSelector;
     use crate::labels::{LabelSelector, NAMESPACE_LABEL, Operator, Requirement};
     use crate::model::{
         DirectionPolicy, EndpointSelector, Entity, HeaderMatch, HttpRule, Peer, Peers, PolicyKind,
@@ -1106,7 +1183,8 @@ mod tests {
             vec![Rule {
                 peers: Peers::Some(vec![]),
                 ports: vec![],
-                http: None
+                http: None,
+                dns: None,
             }]
         );
         assert_eq!(spec.egress, DirectionPolicy::default());
@@ -1125,7 +1203,8 @@ mod tests {
             vec![Rule {
                 peers: Peers::All,
                 ports: vec![tcp(80)],
-                http: None
+                http: None,
+                dns: None,
             }]
         );
         let rules = ingress("  - icmps: [{fields: [{type: 8}]}]\n");
@@ -1134,7 +1213,8 @@ mod tests {
             vec![Rule {
                 peers: Peers::All,
                 ports: vec![icmp(8)],
-                http: None
+                http: None,
+                dns: None,
             }]
         );
     }
@@ -1147,7 +1227,8 @@ mod tests {
             vec![Rule {
                 peers: Peers::Some(vec![Peer::Entity(Entity::World)]),
                 ports: vec![],
-                http: None
+                http: None,
+                dns: None,
             }]
         );
     }
@@ -1168,6 +1249,7 @@ mod tests {
                         method: Some("GET".into()),
                         ..HttpRule::default()
                     }]),
+                    dns: None,
                 },
                 Rule {
                     peers: peers.clone(),
@@ -1179,11 +1261,13 @@ mod tests {
                         tcp(53)
                     ],
                     http: None,
+                    dns: None,
                 },
                 Rule {
                     peers,
                     ports: vec![icmp(8), icmp(0)],
-                    http: None
+                    http: None,
+                    dns: None,
                 },
             ]
         );
@@ -1198,7 +1282,8 @@ mod tests {
                 vec![Rule {
                     peers: Peers::All,
                     ports: vec![],
-                    http: None
+                    http: None,
+                    dns: None,
                 }]
             );
         }
@@ -1403,10 +1488,113 @@ mod tests {
         );
     }
 
+    fn egress(rules: &str) -> Vec<Rule> {
+        spec_with(&format!("  egress:\n{rules}")).egress.allow
+    }
+
+    #[test]
+    fn to_fqdns_selectors_become_fqdn_peers() {
+        let rules = egress(
+            "  - toFQDNs: [{matchName: API.Example.com.}, {matchPattern: '*.cdn.test'}]\n    toPorts: [{ports: [{port: '443', protocol: TCP}]}]\n",
+        );
+        assert_eq!(
+            rules[0].peers,
+            Peers::Some(vec![
+                Peer::Fqdn(FqdnSelector::MatchName("api.example.com".into())),
+                Peer::Fqdn(FqdnSelector::MatchPattern("*.cdn.test".into())),
+            ])
+        );
+    }
+
+    #[test]
+    fn dns_rules_are_read_on_their_ports() {
+        let rules = egress(
+            "  - toEndpoints: [{matchLabels: {k8s-app: kube-dns}}]\n    toPorts:\n    - ports: [{port: '53', protocol: ANY}]\n      rules:\n        dns: [{matchPattern: '*'}, {matchName: a.test}]\n",
+        );
+        assert_eq!(
+            rules[0].dns,
+            Some(vec![
+                FqdnSelector::MatchPattern("*".into()),
+                FqdnSelector::MatchName("a.test".into()),
+            ])
+        );
+        assert_eq!(rules[0].http, None);
+    }
+
+    #[test]
+    fn bad_fqdn_selectors_name_their_field() {
+        let err = err_with("  egress:\n  - toFQDNs: [{matchName: 'a..b'}]\n");
+        assert_err(
+            &err,
+            1,
+            Some("spec.egress[0].toFQDNs[0].matchName"),
+            "is not a DNS name: the name has an empty label",
+        );
+        let err = err_with("  egress:\n  - toFQDNs: [{matchName: a, matchPattern: b}]\n");
+        assert_err(
+            &err,
+            1,
+            Some("spec.egress[0].toFQDNs[0]"),
+            "either matchName or matchPattern",
+        );
+        let err = err_with("  egress:\n  - toFQDNs: [{}]\n");
+        assert_err(&err, 1, Some("spec.egress[0].toFQDNs[0]"), "is required");
+        let err = err_with("  egress:\n  - toFQDNs: [{matchRegex: a}]\n");
+        assert_err(&err, 1, Some("spec.egress[0].toFQDNs[0].matchRegex"), "unknown field");
+        let err = err_with(
+            "  egress:\n  - toPorts: [{ports: [{port: '53'}], rules: {dns: [{matchPattern: 'a b'}]}}]\n",
+        );
+        assert_err(
+            &err,
+            1,
+            Some("spec.egress[0].toPorts[0].rules.dns[0].matchPattern"),
+            "character ' ' cannot appear",
+        );
+    }
+
+    #[test]
+    fn dns_rules_need_udp_or_tcp_port_numbers() {
+        let err = err_with(
+            "  egress:\n  - toPorts: [{ports: [{port: '53', protocol: SCTP}], rules: {dns: []}}]\n",
+        );
+        assert_err(
+            &err,
+            1,
+            Some("spec.egress[0].toPorts[0].ports[0].protocol"),
+            "DNS rules apply only to UDP and TCP",
+        );
+        let err = err_with("  egress:\n  - toPorts: [{rules: {dns: []}}]\n");
+        assert_err(
+            &err,
+            1,
+            Some("spec.egress[0].toPorts[0].ports"),
+            "DNS rules need the port numbers",
+        );
+        let err = err_with(
+            "  egress:\n  - toPorts: [{ports: [{port: '53'}], rules: {dns: [], http: []}}]\n",
+        );
+        assert_err(
+            &err,
+            1,
+            Some("spec.egress[0].toPorts[0].rules.dns"),
+            "both HTTP and DNS",
+        );
+    }
+
+    #[test]
+    fn to_fqdns_in_egress_deny_is_refused() {
+        let err = err_with("  egressDeny:\n  - toFQDNs: [{matchName: a.test}]\n");
+        assert_err(
+            &err,
+            1,
+            Some("spec.egressDeny[0].toFQDNs"),
+            "not supported by palisade",
+        );
+    }
+
     #[test]
     fn other_l7_protocols_are_not_supported() {
         for (field, value) in [
-            ("dns", "[{matchPattern: '*'}]"),
             ("kafka", "[]"),
             ("l7proto", "x"),
             ("l7", "[]"),
@@ -1457,7 +1645,6 @@ mod tests {
         for field in [
             "toRequires",
             "toServices",
-            "toFQDNs",
             "toGroups",
             "toNodes",
             "authentication",
@@ -1527,7 +1714,8 @@ mod tests {
             vec![Rule {
                 peers: Peers::Some(vec![Peer::Entity(Entity::World)]),
                 ports: vec![tcp(22)],
-                http: None
+                http: None,
+                dns: None,
             }]
         );
         assert!(spec.egress.default_deny);
@@ -1539,7 +1727,8 @@ mod tests {
                     except: vec![]
                 }]),
                 ports: vec![],
-                http: None
+                http: None,
+                dns: None,
             }]
         );
     }
@@ -1564,7 +1753,8 @@ mod tests {
             vec![Rule {
                 peers: Peers::All,
                 ports: vec![icmp(8)],
-                http: None
+                http: None,
+                dns: None,
             }]
         );
     }
@@ -1610,6 +1800,7 @@ mod tests {
                 ]),
                 ports: vec![tcp(5432)],
                 http: None,
+                dns: None,
             }]
         );
     }

@@ -147,6 +147,19 @@ pub(crate) enum Problem {
     PalisadeOnlyField(&'static str),
     #[error("HTTP rules apply only to TCP, but this port's protocol is {0}")]
     HttpOnNonTcp(Protocol),
+    #[error("DNS rules apply only to UDP and TCP, but this port's protocol is {0}")]
+    DnsOnProtocol(Protocol),
+    #[error("DNS rules need the port numbers they apply to (usually 53)")]
+    DnsWithoutPort,
+    #[error("one toPorts entry cannot carry both HTTP and DNS rules")]
+    HttpAndDns,
+    #[error("set either matchName or matchPattern, not both")]
+    NameAndPattern,
+    #[error("{value:?} is not a DNS name: {why}")]
+    BadDnsName {
+        value: String,
+        why: crate::fqdn::NameError,
+    },
     #[error("L7 rules are not allowed in deny rules")]
     RulesInDeny,
     #[error("unknown ICMP type {0:?}; expected a number 0-255 or one of {ICMP_TYPE_NAMES}")]

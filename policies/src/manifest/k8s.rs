@@ -216,6 +216,7 @@ fn rule(doc: &RuleDoc, namespace: &str, path: &FieldPath) -> Result<Rule, Invali
         peers,
         ports,
         http: None,
+        dns: None,
     })
 }
 
@@ -341,6 +342,7 @@ mod tests {
             peers: Peers::All,
             ports: vec![],
             http: None,
+            dns: None,
         }
     }
 
@@ -777,6 +779,7 @@ mod tests {
                     }
                 }],
                 http: None,
+                dns: None,
             }]
         );
     }
