@@ -340,7 +340,13 @@ fn revalidate(
         if proxy_client.is_none() && e.flags & CT_FLAG_PROXY_REDIRECT == 0 {
             if key.protocol != proto::TCP && decision.action == action::REDIRECT {
                 conntrack::remove(key);
-                return Err(stop(drop::PROXY_UNSUPPORTED_PROTOCOL));
+                // UDP (DNS) is taken by the proxy from the next datagram on.
+                let reason = if key.protocol == proto::UDP && key.scope == direction::EGRESS {
+                    drop::PROXY_REQUIRED
+                } else {
+                    drop::PROXY_UNSUPPORTED_PROTOCOL
+                };
+                return Err(stop(reason));
             }
             if key.protocol == proto::TCP && proxy_port_needed(ep, decision, key) != 0 {
                 conntrack::remove(key);
@@ -469,12 +475,16 @@ fn new_connection(
     };
     let is_syn = pkt.protocol == proto::TCP && pkt.opens;
     if proxy_port_be != 0 || decision.action == action::REDIRECT {
-        // Only a TCP connection opened on an endpoint's egress can be handed to the proxy;
-        // anything else that policy sends there fails closed.
-        if pkt.protocol != proto::TCP {
+        // Only a TCP connection opened on an endpoint's egress, or a UDP flow there that its
+        // own policy redirects (DNS), can be handed to the proxy; anything else that policy
+        // sends there fails closed.
+        let udp = pkt.protocol == proto::UDP
+            && decision.action == action::REDIRECT
+            && dir == direction::EGRESS;
+        if pkt.protocol != proto::TCP && !udp {
             return Err(deny(drop::PROXY_UNSUPPORTED_PROTOCOL));
         }
-        if dir != direction::EGRESS || !is_syn {
+        if dir != direction::EGRESS || !(is_syn || udp) {
             return Err(deny(drop::PROXY_UNAVAILABLE));
         }
         outcome = OUTCOME_REDIRECTED;

@@ -13,12 +13,12 @@ use aya_ebpf::{
         BPF_F_CURRENT_NETNS, BPF_F_INGRESS, TC_ACT_OK, TC_ACT_SHOT, bpf_sock, bpf_sock_tuple,
         bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1,
     },
-    helpers::{bpf_redirect, bpf_sk_assign, bpf_sk_release, bpf_skc_lookup_tcp},
+    helpers::{bpf_redirect, bpf_sk_assign, bpf_sk_lookup_udp, bpf_sk_release, bpf_skc_lookup_tcp},
     programs::TcContext,
 };
 use palisade_common::{
     endpoint::{EndpointInfo, FLAG_BRIDGE_PORT},
-    mark,
+    mark, proto,
     reason::drop,
 };
 
@@ -36,9 +36,17 @@ fn v4(addr: &[u8; 16]) -> u32 {
 )]
 const TUPLE_V4_SIZE: u32 = size_of::<bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1>() as u32;
 
-/// Looks up a TCP socket (of any state, listeners included) in the node namespace.
+/// Looks up a TCP socket (of any state, listeners included), or with `udp` a UDP one, in the
+/// node namespace.
 #[inline(always)]
-fn lookup(ctx: &TcContext, saddr: u32, daddr: u32, sport_be: u16, dport_be: u16) -> *mut bpf_sock {
+fn lookup(
+    ctx: &TcContext,
+    saddr: u32,
+    daddr: u32,
+    sport_be: u16,
+    dport_be: u16,
+    udp: bool,
+) -> *mut bpf_sock {
     // SAFETY: `bpf_sock_tuple` is a C union of plain integers, for which all zeroes is valid.
     let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
     tuple.__bindgen_anon_1.ipv4 = bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1 {
@@ -47,6 +55,18 @@ fn lookup(ctx: &TcContext, saddr: u32, daddr: u32, sport_be: u16, dport_be: u16)
         sport: sport_be,
         dport: dport_be,
     };
+    if udp {
+        // SAFETY: as below.
+        return unsafe {
+            bpf_sk_lookup_udp(
+                ctx.skb.skb.cast::<c_void>(),
+                &raw mut tuple,
+                TUPLE_V4_SIZE,
+                i64::from(BPF_F_CURRENT_NETNS).cast_unsigned(),
+                0,
+            )
+        };
+    }
     // SAFETY: valid context and tuple; the size is that of the IPv4 member, as the helper
     // requires for an IPv4 lookup.
     unsafe {
@@ -105,7 +125,8 @@ pub fn deliver(ifindex: u32) -> i32 {
 }
 
 /// Hands a packet of a proxied connection to the proxy: to the connection's own socket when
-/// the proxy has one for it, else (a new or retransmitted SYN) to the listener.
+/// the proxy has one for it, else (a new or retransmitted SYN) to the listener. A UDP
+/// datagram (DNS) always goes to the proxy's one UDP socket on that port.
 #[inline(always)]
 pub fn redirect(
     ctx: &TcContext,
@@ -118,11 +139,14 @@ pub fn redirect(
     }
     readdress_to_bridge(ctx, ep)?;
     let (saddr, daddr) = (v4(&pkt.saddr), v4(&pkt.daddr));
-    let sk = lookup(ctx, saddr, daddr, pkt.sport_be, pkt.dport_be);
-    if !sk.is_null() {
-        return assign(ctx, sk);
+    let udp = pkt.protocol == proto::UDP;
+    if !udp {
+        let sk = lookup(ctx, saddr, daddr, pkt.sport_be, pkt.dport_be, false);
+        if !sk.is_null() {
+            return assign(ctx, sk);
+        }
     }
-    let listener = lookup(ctx, saddr, daddr, pkt.sport_be, proxy_port_be);
+    let listener = lookup(ctx, saddr, daddr, pkt.sport_be, proxy_port_be, udp);
     if listener.is_null() {
         return Err(drop::PROXY_UNAVAILABLE);
     }

@@ -831,7 +831,8 @@ impl DatapathModel {
     /// `judge::revalidate`: policy changed since the entry was last checked, and it is checked
     /// as a new connection would be. One the new policy denies stops, or in audit mode goes on
     /// audited (and one allowed again is no longer audited); one it sends through the proxy
-    /// stops: TCP with `PROXY_REQUIRED`, anything else with `PROXY_UNSUPPORTED_PROTOCOL`.
+    /// stops: TCP, and UDP on the client's egress, with `PROXY_REQUIRED`, anything else with
+    /// `PROXY_UNSUPPORTED_PROTOCOL`.
     fn revalidate(
         &mut self,
         ctx: &mut Ctx<'_, '_>,
@@ -850,7 +851,11 @@ impl DatapathModel {
         let stop = if !allowed && !ctx.ep.audit {
             Some(deny_reason(decision.action))
         } else if allowed && proxy_client.is_none() && e.flags & CT_FLAG_PROXY_REDIRECT == 0 {
-            if key.protocol != proto::TCP && decision.is_redirect() {
+            if key.protocol == proto::UDP && key.scope == Direction::Egress && decision.is_redirect()
+            {
+                // The proxy takes UDP (DNS) from the next datagram on.
+                Some(drop::PROXY_REQUIRED)
+            } else if key.protocol != proto::TCP && decision.is_redirect() {
                 Some(drop::PROXY_UNSUPPORTED_PROTOCOL)
             } else if key.protocol == proto::TCP && self.proxy_port_needed(ctx, decision, &key) != 0
             {
@@ -918,10 +923,13 @@ impl DatapathModel {
         };
         let is_syn = pkt.protocol == proto::TCP && pkt.opens;
         if proxy_port != 0 || decision.is_redirect() {
-            if pkt.protocol != proto::TCP {
+            // UDP (DNS) that the endpoint's own egress policy redirects goes to the proxy too.
+            let udp =
+                pkt.protocol == proto::UDP && decision.is_redirect() && dir == Direction::Egress;
+            if pkt.protocol != proto::TCP && !udp {
                 return Err(drop::PROXY_UNSUPPORTED_PROTOCOL);
             }
-            if dir != Direction::Egress || !is_syn {
+            if dir != Direction::Egress || !(is_syn || udp) {
                 return Err(drop::PROXY_UNAVAILABLE);
             }
             outcome = Outcome::Redirected;
@@ -1786,6 +1794,34 @@ mod tests {
         );
         assert_eq!(j.outcome, Outcome::Dropped(drop::PROXY_UNAVAILABLE));
         assert_eq!(dp.conntrack.values().next().unwrap().packets, 4);
+    }
+
+    #[test]
+    fn dns_over_udp_on_the_clients_egress_goes_to_the_proxy_and_its_answer_back() {
+        let mut s = maps();
+        rule(
+            &mut s,
+            (EP_A, Direction::Egress, Identity::ANY),
+            Some(UDP),
+            PortPrefix::exact(53),
+            Action::Redirect { proxy_port: PROXY },
+            1,
+        );
+        let mut dp = DatapathModel::new(1, s);
+        let query = udp(A, 5000, WORLD, 53);
+        let j = run(&mut dp, Egress, IF_A, &query);
+        assert_eq!((j.outcome, j.mark), (Outcome::Redirected, mark::TO_PROXY));
+        let e = *dp.conntrack.values().next().unwrap();
+        assert_eq!((e.flags, e.proxy_port), (CT_FLAG_PROXY_REDIRECT, PROXY));
+        // The next query of the flow too; the answer (sent as the server) comes back plainly.
+        assert_eq!(out(&mut dp, Egress, IF_A, &query), Outcome::Redirected);
+        assert_eq!(
+            out(&mut dp, Ingress, IF_A, &udp(WORLD, 53, A, 5000)),
+            Outcome::Forwarded
+        );
+        // Without the proxy's socket: dropped, failing closed.
+        let j = run_with(&mut dp, Egress, IF_A, 0, false, &udp(A, 5001, WORLD, 53));
+        assert_eq!(j.outcome, Outcome::Dropped(drop::PROXY_UNAVAILABLE));
     }
 
     #[test]

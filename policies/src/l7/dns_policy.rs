@@ -5,7 +5,8 @@
 //!
 //! Semantics (Cilium's): a query is allowed if any allow rule covering the server's identity,
 //! the protocol and the port lets its name be asked; a covering rule without DNS rules lets
-//! every name be asked (the L4 wildcard). Anything else is REFUSED.
+//! every name be asked (the L4 wildcard). Anything else is REFUSED. An endpoint without DNS
+//! rules has nothing to judge here: the datapath's verdict stands.
 
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddrV4};
@@ -62,8 +63,13 @@ impl DnsPolicy {
         let Some(endpoint) = self.peer(client).endpoint else {
             return denied;
         };
+        // An endpoint without DNS rules (any more) has its queries judged by the datapath
+        // alone, as a flow redirected before a policy change is.
         let Some(rules) = self.rules.get(&endpoint) else {
-            return denied;
+            return DnsVerdict {
+                allowed: true,
+                rule: RuleId::NONE,
+            };
         };
         let dst = self.peer(*server.ip());
         let identities: Vec<Identity> = std::iter::once(dst.identity)
@@ -174,6 +180,19 @@ mod tests {
                 rule: RuleId(7)
             }
         );
+    }
+
+    #[test]
+    fn an_endpoint_without_dns_rules_is_judged_by_the_datapath_alone() {
+        let p = DnsPolicy::new(&L7Policy::default(), &policy().addresses);
+        assert!(judge(&p, 17, "anything.test").allowed);
+        let stranger = p.judge(
+            Ipv4Addr::new(10, 9, 9, 9),
+            "10.0.0.53:53".parse().unwrap(),
+            17,
+            "a.test",
+        );
+        assert!(!stranger.allowed, "a client that is no endpoint is refused");
     }
 
     #[test]
