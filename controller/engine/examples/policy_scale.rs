@@ -78,6 +78,7 @@ async fn main() -> anyhow::Result<()> {
             settings: Settings::default(),
             cluster_identities: false,
             file_policies: Vec::new(),
+            fqdn: palisade_engine::fqdn::FqdnLimits::default(),
         },
         MemoryDatapath::default(),
         MemoryPlumbing::default(),

@@ -13,6 +13,7 @@ use crate::attachments::AttachmentStatus;
 use crate::datapath::Datapath;
 use crate::engine::Engine;
 use crate::error::EngineError;
+use crate::fqdn_learning::{FqdnView, LearnReport, LearnRequest};
 use crate::cluster::{ClusterKnown, ClusterReport};
 use crate::model::{AttachmentSpec, ClusterDelta, EndpointSpec, FilePolicies, LabelChange};
 use crate::plumbing::Plumbing;
@@ -70,7 +71,15 @@ pub enum Command {
     ClusterUpdate(ClusterDelta, Reply<ClusterReport>),
     /// Kubernetes mode: what the engine holds of the cluster.
     ClusterKnown(Reply<ClusterKnown>),
+    /// A DNS answer the DNS proxy holds until the maps allow its addresses. Answered without
+    /// a save ticket: the answer must not wait for the disk (the name is saved soon after).
+    FqdnLearn(LearnRequest, Reply<LearnReport>),
+    /// The learned names.
+    FqdnList(Reply<Vec<FqdnView>>),
 }
+
+/// How often learned DNS names are checked for expiry.
+const FQDN_EXPIRY_EVERY: Duration = Duration::from_secs(1);
 
 /// How often expired conntrack entries are swept.
 const CONNTRACK_GC_EVERY: Duration = Duration::from_secs(30);
@@ -139,6 +148,15 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
             }
             Command::ClusterKnown(r) => answer(r, Ok(self.cluster_known())),
             Command::Status(r) => answer(r, Ok(self.status())),
+            Command::FqdnLearn(req, r) => {
+                let result = self.fqdn_learn(req);
+                if matches!(result, Ok(LearnReport { synced: true, .. })) {
+                    self.end_connections_needing_proxy().await;
+                }
+                self.saved = None;
+                answer(r, result);
+            }
+            Command::FqdnList(r) => answer(r, Ok(self.fqdn_list())),
         }
     }
 
@@ -152,8 +170,22 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
     /// Runs until every sender of `rx` is gone.
     pub async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
         let mut gc = tokio::time::interval(CONNTRACK_GC_EVERY);
+        let mut fqdn_tick = tokio::time::interval(FQDN_EXPIRY_EVERY);
+        fqdn_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
+                _ = fqdn_tick.tick() => {
+                    match self.fqdn_expire() {
+                        Ok(true) => {
+                            self.end_connections_needing_proxy().await;
+                            debug!("expired DNS names left the maps");
+                        }
+                        Ok(false) => {}
+                        Err(e) => warn!(error = %e, "expiring DNS names failed; they stay allowed until the next try"),
+                    }
+                    self.saved = None;
+                    self.fqdn_flush();
+                },
                 cmd = rx.recv() => match cmd {
                     Some(cmd) => self.handle(cmd).await,
                     None => break,

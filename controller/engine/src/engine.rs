@@ -12,7 +12,7 @@ use palisade_policies::{
     compile::{self, CompileInput, RuleTable, Settings},
     endpoint::{Endpoint, EndpointId, LinkLayer},
     identity::{Identity, IdentityAllocator, IdentityTable, workload_identity_labels},
-    l7::ProxyPolicy,
+    l7::{DnsPolicy, ProxyPolicy},
     labels::Labels,
     mapstate::{self, MapState},
     model::{Policy, PolicyRef},
@@ -31,6 +31,10 @@ use crate::store::{STATE_VERSION, SaveTicket, StateFile, StateStore};
 pub trait EngineMetrics: Send + Sync {
     /// One compile of the model into map state and its diff took `took`.
     fn policy_compiled(&self, took: Duration);
+    /// A DNS answer held more addresses for a name than an endpoint keeps: `count` went.
+    fn fqdn_evicted(&self, count: usize) {
+        let _ = count;
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -43,6 +47,8 @@ pub struct EngineConfig {
     pub cluster_identities: bool,
     /// Policies of `--policy-dir`, read before the start so the first sync includes them.
     pub file_policies: Vec<FilePolicies>,
+    /// Lifetimes and limits of learned DNS names.
+    pub fqdn: crate::fqdn::FqdnLimits,
 }
 
 /// What the engine tells the rest of the agent after every change.
@@ -51,6 +57,8 @@ pub struct Outputs {
     pub catalog: Option<watch::Sender<Arc<Catalog>>>,
     /// The L7 proxy's policy, when a proxy runs.
     pub proxy: Option<watch::Sender<Arc<ProxyPolicy>>>,
+    /// The DNS proxy's policy, when it runs.
+    pub dns: Option<watch::Sender<Arc<DnsPolicy>>>,
     pub metrics: Option<Arc<dyn EngineMetrics>>,
     /// What the engine did that others report (connections it ended).
     pub events: Option<tokio::sync::mpsc::UnboundedSender<crate::revalidate::EngineEvent>>,
@@ -71,6 +79,8 @@ pub struct Engine<D: Datapath, P: Plumbing> {
     pub(crate) revalidate: bool,
     /// The save of the last change, for its caller to wait on.
     pub(crate) saved: Option<SaveTicket>,
+    /// Learned names changed (lifetimes) since the last save.
+    pub(crate) fqdn_dirty: bool,
 }
 
 impl<D: Datapath, P: Plumbing> Engine<D, P> {
@@ -116,6 +126,7 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
                 identities,
                 next_endpoint_id: saved.next_endpoint_id.max(1),
                 remotes: BTreeMap::new(),
+                fqdns: crate::fqdn::FqdnCache::restore(&saved.fqdns),
             },
             rules: RuleTable::default(),
             applied,
@@ -126,6 +137,7 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
             outputs,
             revalidate: false,
             saved: None,
+            fqdn_dirty: false,
         };
         engine.host_addresses = engine.plumbing.node_addresses().await?;
         if !engine.host_addresses.contains(&engine.cfg.node_ip) {
@@ -286,7 +298,9 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
     /// the maps back to what they held and reports the error.
     pub(crate) fn sync(&mut self) -> Result<usize, EngineError> {
         let started = Instant::now();
-        let cidrs = compile::policy_cidrs(self.model.policies.values());
+        let names = self.model.fqdns.names();
+        let mut cidrs = compile::policy_cidrs(self.model.policies.values());
+        cidrs.extend(compile::fqdn_prefixes(self.model.policies.values(), &names));
         self.model.identities.sync_cidrs(&cidrs)?;
         let table = self.model.identities.table();
         let endpoints = self.compile_endpoints();
@@ -297,11 +311,13 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
             policies: &self.model.policies,
             host_addresses: &self.host_addresses,
             remote: &remote,
+            fqdns: &names,
             settings: self.cfg.settings,
         };
         let (desired, l7) = compile::compile_with_l7(&input, &mut self.rules);
         // Built before any map changes, so a policy the proxy cannot enforce changes nothing.
         let proxy_policy = ProxyPolicy::new(&l7, &desired)?;
+        let dns_policy = DnsPolicy::new(&l7, &desired);
         let diff = mapstate::diff(&self.applied, &desired);
         if let Some(m) = &self.outputs.metrics {
             m.policy_compiled(started.elapsed());
@@ -338,6 +354,9 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
         if let Some(tx) = &self.outputs.proxy {
             tx.send_replace(Arc::new(proxy_policy));
         }
+        if let Some(tx) = &self.outputs.dns {
+            tx.send_replace(Arc::new(dns_policy));
+        }
         Ok(ops)
     }
 
@@ -362,7 +381,7 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
         }
     }
 
-    fn persist(&mut self) {
+    pub(crate) fn persist(&mut self) {
         let Some(store) = &mut self.store else {
             return;
         };
@@ -392,6 +411,7 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
                 .filter(|p| self.model.policy_sources.get(&p.id) == Some(&PolicySource::Cluster))
                 .cloned()
                 .collect(),
+            fqdns: self.model.fqdns.entries(),
         };
         self.saved = Some(store.save(state));
     }
@@ -447,6 +467,10 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
             );
         }
         tx.send_replace(Arc::new(c));
+    }
+
+    pub(crate) fn outputs_metrics(&self) -> Option<Arc<dyn EngineMetrics>> {
+        self.outputs.metrics.clone()
     }
 
     pub(crate) fn outputs_events(

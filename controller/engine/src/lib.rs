@@ -13,6 +13,7 @@
 //! - `engine`: start-up reconciliation and the transaction every change runs in;
 //! - `endpoints`, `policies`: the changes; `views`: read-only answers and `policy trace`;
 //! - `attachments`: containers a runtime attached through the CNI plugin;
+//! - `fqdn`, `fqdn_learning`: the name cache of DNS answers and how it is learned and expires;
 //! - `revalidate`: ending the connections a change sends through the L7 proxy;
 //! - `command`: the engine's task and the commands it serves;
 //! - `model`: the state as plain data; `catalog`: names for the numbers flows carry;
@@ -27,6 +28,8 @@ pub mod datapath;
 mod endpoints;
 mod engine;
 pub mod error;
+pub mod fqdn;
+mod fqdn_learning;
 pub mod ipam;
 pub mod model;
 pub mod plumbing;
@@ -36,6 +39,7 @@ pub mod store;
 pub mod views;
 
 pub use command::{AskError, Command, Reply, ask};
+pub use fqdn_learning::{FqdnView, LearnReport, LearnRequest};
 pub use engine::{Engine, EngineConfig, EngineMetrics, Outputs};
 pub use error::{EngineError, ErrorClass};
 pub use policies::{PolicyAction, PolicyChange, PolicyUpdate};

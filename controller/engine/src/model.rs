@@ -310,4 +310,6 @@ pub(crate) struct Model {
     pub next_endpoint_id: u32,
     /// Kubernetes mode: other nodes' pods and the other nodes, by key.
     pub remotes: BTreeMap<String, RemoteRecord>,
+    /// What DNS answers taught.
+    pub fqdns: crate::fqdn::FqdnCache,
 }

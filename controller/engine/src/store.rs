@@ -32,6 +32,9 @@ pub struct StateFile {
     /// Kubernetes mode: the policies of the API, for the same reason.
     #[serde(default)]
     pub cluster_policies: Vec<Policy>,
+    /// What DNS answers taught (`toFQDNs`), so a restart allows what it allowed before.
+    #[serde(default)]
+    pub fqdns: Vec<crate::fqdn::FqdnEntry>,
 }
 
 /// A failure of the store; its own typed error (naming the file) is the source.

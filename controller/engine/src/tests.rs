@@ -28,6 +28,7 @@ fn config() -> EngineConfig {
         settings: Settings::default(),
         cluster_identities: false,
         file_policies: Vec::new(),
+        fqdn: crate::fqdn::FqdnLimits::default(),
     }
 }
 
@@ -1285,4 +1286,140 @@ async fn a_restarted_agent_enforces_the_clusters_state_before_its_watchers_sync(
         Verdict::Allowed
     );
     assert_eq!(restarted.model.remotes.len(), 3);
+}
+
+const TO_FQDNS: &str = r"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata:
+  name: to-api
+  namespace: demo
+spec:
+  endpointSelector:
+    matchLabels:
+      app: client
+  egress:
+  - toPorts:
+    - ports: [{port: '53', protocol: UDP}]
+      rules:
+        dns: [{matchName: api.example.test}]
+  - toFQDNs: [{matchName: api.example.test}]
+    toPorts: [{ports: [{port: '443', protocol: TCP}]}]
+";
+
+fn egress_to(e: &TestEngine, from: &str, ip: Ipv4Addr, port: u16) -> Verdict {
+    let s = e.record(from).unwrap();
+    e.applied
+        .decide(s.id, Direction::Egress, ip, 6, port)
+        .unwrap()
+        .verdict
+}
+
+fn learn(e: &mut TestEngine, client: Ipv4Addr, name: &str, ip: Ipv4Addr, ttl: u32) -> crate::LearnReport {
+    e.fqdn_learn(crate::LearnRequest {
+        client,
+        names: vec![name.into()],
+        addresses: vec![ip],
+        ttl,
+    })
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_learned_answer_is_in_the_maps_when_learning_returns() {
+    let mut e = engine().await;
+    let client = add(&mut e, "client", "demo", "app=client").await;
+    apply(&mut e, TO_FQDNS).unwrap();
+    let api = Ipv4Addr::new(192, 0, 2, 10);
+    assert_eq!(egress_to(&e, "client", api, 443), Verdict::DeniedByDefault);
+    let report = learn(&mut e, client.ip, "api.example.test", api, 60);
+    assert!(report.synced);
+    assert_eq!(egress_to(&e, "client", api, 443), Verdict::Allowed);
+    assert_eq!(e.datapath.state, e.applied, "written to the datapath");
+    // Another address of no answer stays denied; a name no toFQDNs selects changes nothing.
+    assert_eq!(
+        egress_to(&e, "client", Ipv4Addr::new(192, 0, 2, 11), 443),
+        Verdict::DeniedByDefault
+    );
+    let report = learn(&mut e, client.ip, "other.test", Ipv4Addr::new(192, 0, 2, 12), 60);
+    assert!(!report.synced);
+    assert_eq!(
+        egress_to(&e, "client", Ipv4Addr::new(192, 0, 2, 12), 443),
+        Verdict::DeniedByDefault
+    );
+    // Learned again: nothing to write.
+    assert!(!learn(&mut e, client.ip, "api.example.test", api, 60).synced);
+    let listed = e.fqdn_list();
+    assert!(listed.iter().any(|v| v.name == "api.example.test"
+        && v.address == api
+        && v.endpoint == "demo/client"
+        && v.identity.is_some()));
+}
+
+#[tokio::test]
+async fn an_expired_answer_leaves_the_maps_unless_a_connection_holds_it() {
+    let mut e = Engine::start(
+        EngineConfig {
+            fqdn: crate::fqdn::FqdnLimits {
+                min_ttl: 0,
+                max_per_name: 50,
+            },
+            ..config()
+        },
+        MemoryDatapath::default(),
+        MemoryPlumbing::default(),
+        None,
+        Outputs::default(),
+    )
+    .await
+    .unwrap();
+    let client = add(&mut e, "client", "demo", "app=client").await;
+    apply(&mut e, TO_FQDNS).unwrap();
+    let api = Ipv4Addr::new(192, 0, 2, 10);
+    // A TTL of 0: expired at once.
+    learn(&mut e, client.ip, "api.example.test", api, 0);
+    assert_eq!(egress_to(&e, "client", api, 443), Verdict::Allowed);
+    e.datapath.tracked.push(crate::datapath::TrackedConnection {
+        endpoint: client.id,
+        scope: Direction::Egress,
+        protocol: 6,
+        source: std::net::SocketAddrV4::new(client.ip, 40000),
+        destination: std::net::SocketAddrV4::new(api, 443),
+        through_proxy: false,
+        from_proxy: false,
+        rule: palisade_policies::mapstate::RuleId::NONE,
+    });
+    assert!(!e.fqdn_expire().unwrap(), "held by the open connection");
+    assert_eq!(egress_to(&e, "client", api, 443), Verdict::Allowed);
+    assert!(e.fqdn_list()[0].held_by_connections);
+    e.datapath.tracked.clear();
+    assert!(e.fqdn_expire().unwrap());
+    assert_eq!(egress_to(&e, "client", api, 443), Verdict::DeniedByDefault);
+    assert!(e.fqdn_list().is_empty());
+}
+
+#[tokio::test]
+async fn learned_names_survive_a_restart() {
+    let store = MemoryStore::default();
+    let datapath = MemoryDatapath::default();
+    let plumbing = MemoryPlumbing::default();
+    let mut e = engine_with(datapath, plumbing, Some(store.clone())).await;
+    let client = add(&mut e, "client", "demo", "app=client").await;
+    apply(&mut e, TO_FQDNS).unwrap();
+    let api = Ipv4Addr::new(192, 0, 2, 10);
+    learn(&mut e, client.ip, "api.example.test", api, 600);
+    let Engine {
+        datapath, plumbing, ..
+    } = e;
+    let e = engine_with(
+        MemoryDatapath {
+            state: datapath.state,
+            ..MemoryDatapath::default()
+        },
+        plumbing,
+        Some(store),
+    )
+    .await;
+    assert_eq!(egress_to(&e, "client", api, 443), Verdict::Allowed);
+    assert_eq!(e.fqdn_list().len(), 1);
 }

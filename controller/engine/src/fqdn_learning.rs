@@ -1,0 +1,178 @@
+//! Learning DNS answers into the maps, and letting them expire. An answer that teaches an
+//! address some `toFQDNs` peer selects is a change like any other: the model (with the
+//! cache) is compiled and the diff written before the DNS proxy is answered, so the answer
+//! reaches the client only once the datapath allows its addresses. One that teaches nothing
+//! new to the compile (a known address, a name no policy selects) only refreshes lifetimes.
+
+use std::collections::BTreeSet;
+use std::net::Ipv4Addr;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use palisade_policies::compile;
+use palisade_policies::identity::Identity;
+use palisade_policies::model::Direction;
+
+use crate::datapath::Datapath;
+use crate::engine::Engine;
+use crate::error::EngineError;
+use crate::fqdn::FqdnCache;
+use crate::plumbing::Plumbing;
+
+/// An answer the DNS proxy read, for the endpoint at `client`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LearnRequest {
+    pub client: Ipv4Addr,
+    pub names: Vec<String>,
+    pub addresses: Vec<Ipv4Addr>,
+    pub ttl: u32,
+}
+
+/// What learning one answer did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LearnReport {
+    /// The maps changed (a new address some `toFQDNs` peer selects).
+    pub synced: bool,
+    /// Addresses evicted because a name had more than the limit.
+    pub evicted: usize,
+}
+
+/// One learned address, for `palisade fqdn list`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FqdnView {
+    /// `ns/name` of the endpoint that asked.
+    pub endpoint: String,
+    pub name: String,
+    pub address: Ipv4Addr,
+    /// Unix time the answer's lifetime ends.
+    pub expires: u64,
+    /// Seconds left of it (0 once expired).
+    pub ttl_remaining: u64,
+    /// Expired, but kept while the endpoint has connections to it.
+    pub held_by_connections: bool,
+    /// The address's CIDR identity, when some `toFQDNs` peer selects it.
+    pub identity: Option<Identity>,
+}
+
+pub(crate) fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+impl<D: Datapath, P: Plumbing> Engine<D, P> {
+    /// Whether the compile would see a change between the cache now and `cache`.
+    fn fqdn_compile_changes(&self, cache: &FqdnCache) -> bool {
+        let policies = self.model.policies.values();
+        compile::fqdn_prefixes(policies.clone(), &self.model.fqdns.names())
+            != compile::fqdn_prefixes(policies, &cache.names())
+    }
+
+    pub(crate) fn fqdn_learn(&mut self, req: LearnRequest) -> Result<LearnReport, EngineError> {
+        let endpoint = self
+            .model
+            .endpoints
+            .values()
+            .find(|r| r.ip == req.client)
+            .map(|r| r.id)
+            .ok_or_else(|| EngineError::NoSuchEndpoint {
+                name: req.client.to_string(),
+            })?;
+        let mut cache = self.model.fqdns.clone();
+        let outcome = cache.learn(
+            endpoint,
+            &req.names,
+            &req.addresses,
+            req.ttl,
+            unix_now(),
+            self.cfg.fqdn,
+        );
+        if let Some(m) = &self.outputs_metrics() {
+            m.fqdn_evicted(outcome.evicted);
+        }
+        let synced =
+            (outcome.new_address || outcome.evicted > 0) && self.fqdn_compile_changes(&cache);
+        if synced {
+            self.transact(move |m| {
+                m.fqdns = cache;
+                Ok(())
+            })?;
+        } else {
+            self.model.fqdns = cache;
+            self.fqdn_dirty = true;
+        }
+        Ok(LearnReport {
+            synced,
+            evicted: outcome.evicted,
+        })
+    }
+
+    /// Drops what expired (but what open connections still use) and what deleted endpoints
+    /// learned. Returns whether the maps changed.
+    pub(crate) fn fqdn_expire(&mut self) -> Result<bool, EngineError> {
+        let now = unix_now();
+        let live: BTreeSet<_> = self.model.endpoints.values().map(|r| r.id).collect();
+        let open: BTreeSet<_> = if self.model.fqdns.has_expired(now) {
+            self.datapath
+                .connections()?
+                .into_iter()
+                .filter(|c| c.scope == Direction::Egress)
+                .map(|c| (c.endpoint, *c.destination.ip()))
+                .collect()
+        } else {
+            BTreeSet::new()
+        };
+        let mut cache = self.model.fqdns.clone();
+        if !cache.expire(now, &live, &open) && cache == self.model.fqdns {
+            return Ok(false);
+        }
+        if self.fqdn_compile_changes(&cache) {
+            self.transact(move |m| {
+                m.fqdns = cache;
+                Ok(())
+            })?;
+            return Ok(true);
+        }
+        self.model.fqdns = cache;
+        self.fqdn_dirty = true;
+        Ok(false)
+    }
+
+    /// Saves lifetimes refreshed since the last save (nobody waits on this save).
+    pub(crate) fn fqdn_flush(&mut self) {
+        if self.fqdn_dirty {
+            self.fqdn_dirty = false;
+            self.persist();
+            self.saved = None;
+        }
+    }
+
+    pub(crate) fn fqdn_list(&self) -> Vec<FqdnView> {
+        let now = unix_now();
+        let by_id: std::collections::BTreeMap<_, _> = self
+            .model
+            .endpoints
+            .values()
+            .map(|r| (r.id, r.qualified_name()))
+            .collect();
+        self.model
+            .fqdns
+            .entries()
+            .into_iter()
+            .map(|e| FqdnView {
+                endpoint: by_id
+                    .get(&e.endpoint)
+                    .cloned()
+                    .unwrap_or_else(|| format!("endpoint {}", e.endpoint.0)),
+                name: e.name,
+                address: e.address,
+                expires: e.expires,
+                ttl_remaining: e.expires.saturating_sub(now),
+                held_by_connections: e.expires <= now,
+                identity: self
+                    .model
+                    .identities
+                    .cidr_identity(&ipnetwork::Ipv4Network::from(e.address)),
+            })
+            .collect()
+    }
+}
