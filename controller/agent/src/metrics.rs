@@ -39,6 +39,14 @@ pub struct RequestLabels {
     status: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DnsLabels {
+    /// answered, refused, failed, malformed, overloaded.
+    outcome: &'static str,
+    /// UDP or TCP.
+    protocol: &'static str,
+}
+
 /// What accumulates between scrapes.
 #[derive(Clone, Debug)]
 pub struct Telemetry {
@@ -48,6 +56,14 @@ pub struct Telemetry {
     pub compile_seconds: Histogram,
     /// Requests the L7 proxy handled, by verdict and status class.
     pub proxy_requests: Family<RequestLabels, Counter>,
+    /// Queries the DNS proxy handled, by outcome and protocol.
+    pub dns_queries: Family<DnsLabels, Counter>,
+    /// Time the DNS proxy held an answer to learn its addresses (the engine's write).
+    pub dns_learn_seconds: Histogram,
+    /// Time from a query's arrival to its answer's release, server included.
+    pub dns_latency_seconds: Histogram,
+    /// Learned addresses evicted because a name had more than an endpoint keeps.
+    pub fqdn_evicted: Counter,
 }
 
 impl Default for Telemetry {
@@ -59,6 +75,15 @@ impl Default for Telemetry {
                 prometheus_client::metrics::histogram::exponential_buckets(0.0001, 2.0, 15),
             ),
             proxy_requests: Family::default(),
+            dns_queries: Family::default(),
+            // 10µs .. ~160ms
+            dns_learn_seconds: Histogram::new(
+                prometheus_client::metrics::histogram::exponential_buckets(0.000_01, 2.0, 15),
+            ),
+            dns_latency_seconds: Histogram::new(
+                prometheus_client::metrics::histogram::exponential_buckets(0.000_01, 2.0, 20),
+            ),
+            fqdn_evicted: Counter::default(),
         }
     }
 }
@@ -66,6 +91,10 @@ impl Default for Telemetry {
 impl EngineMetrics for Telemetry {
     fn policy_compiled(&self, took: Duration) {
         self.compile_seconds.observe(took.as_secs_f64());
+    }
+
+    fn fqdn_evicted(&self, count: usize) {
+        self.fqdn_evicted.inc_by(count as u64);
     }
 }
 
@@ -90,6 +119,44 @@ impl Telemetry {
             .get_or_create(&FlowLabels {
                 verdict,
                 direction,
+                reason,
+            })
+            .inc();
+    }
+
+    /// A query of the DNS proxy.
+    pub fn count_dns(&self, r: &palisade_dns::server::QueryRecord) {
+        use palisade_dns::server::Outcome;
+        let outcome = match r.outcome {
+            Outcome::Answered => "answered",
+            Outcome::Refused => "refused",
+            Outcome::Failed(_) => "failed",
+            Outcome::Malformed(_) => "malformed",
+            Outcome::Overloaded => "overloaded",
+        };
+        self.dns_queries
+            .get_or_create(&DnsLabels {
+                outcome,
+                protocol: r.transport.as_str(),
+            })
+            .inc();
+        if matches!(r.outcome, Outcome::Answered) {
+            self.dns_latency_seconds.observe(r.took.as_secs_f64());
+            if !r.answers.is_empty() {
+                self.dns_learn_seconds.observe(r.learn_took.as_secs_f64());
+            }
+        }
+        let (verdict, reason) = match r.outcome {
+            Outcome::Answered => ("FORWARDED", ""),
+            Outcome::Refused => ("DROPPED", "Policy denied (DNS)"),
+            Outcome::Failed(_) => ("DROPPED", "DNS answer not usable"),
+            Outcome::Malformed(_) => ("DROPPED", "Invalid DNS message"),
+            Outcome::Overloaded => ("DROPPED", "DNS proxy overloaded"),
+        };
+        self.flows
+            .get_or_create(&FlowLabels {
+                verdict,
+                direction: "egress",
                 reason,
             })
             .inc();
@@ -244,6 +311,26 @@ pub fn render(s: &NodeStatus, t: &Telemetry) -> String {
         "proxy_requests",
         "HTTP requests the L7 proxy handled, by verdict and status class",
         t.proxy_requests.clone(),
+    );
+    reg.register(
+        "dns_queries",
+        "DNS queries the DNS proxy handled, by outcome (answered, refused, failed, malformed, overloaded) and protocol",
+        t.dns_queries.clone(),
+    );
+    reg.register(
+        "dns_learn_seconds",
+        "Time an answer was held until its addresses were in the maps",
+        t.dns_learn_seconds.clone(),
+    );
+    reg.register(
+        "dns_latency_seconds",
+        "Time from a DNS query's arrival to its answer's release, the server's time included",
+        t.dns_latency_seconds.clone(),
+    );
+    reg.register(
+        "fqdn_evicted_addresses",
+        "Learned addresses evicted because a name had more than an endpoint keeps",
+        t.fqdn_evicted.clone(),
     );
     reg.register(
         "policy_compile_seconds",

@@ -14,7 +14,7 @@ use palisade_engine::revalidate::EngineEvent;
 use palisade_engine::store::StateStore;
 use palisade_engine::{Engine, EngineConfig, Outputs, ipam};
 use palisade_policies::compile::{EnforcementMode, Settings};
-use palisade_policies::l7::ProxyPolicy;
+use palisade_policies::l7::{DnsPolicy, ProxyPolicy};
 use palisade_proxy::listener::{self as proxy_listener, ProxyContext};
 use tokio::sync::{mpsc, watch};
 use tracing::{error, info, warn};
@@ -32,6 +32,14 @@ use crate::status::StatusSource;
 
 fn parse_enforcement(s: &str) -> Result<EnforcementMode, String> {
     EnforcementMode::parse(s).ok_or_else(|| format!("{s:?} is not default, always or never"))
+}
+
+fn parse_seconds_or_zero(s: &str) -> Result<u32, String> {
+    if s == "0" {
+        return Ok(0);
+    }
+    let d = humantime::parse_duration(s).map_err(|e| format!("{s:?}: {e}"))?;
+    u32::try_from(d.as_secs()).map_err(|_| format!("{s:?} is too long"))
 }
 
 fn parse_seconds(s: &str) -> Result<u32, String> {
@@ -117,6 +125,18 @@ pub struct AgentArgs {
     /// Port of the transparent L7 proxy in the node namespace (HTTP rules redirect to it).
     #[arg(long, default_value_t = 15_001)]
     pub proxy_port: u16,
+    /// Port (UDP and TCP) of the transparent DNS proxy in the node namespace (DNS rules
+    /// redirect to it).
+    #[arg(long, default_value_t = 15_053)]
+    pub dns_proxy_port: u16,
+    /// The shortest time an address a DNS answer taught stays allowed, whatever its TTL
+    /// (Cilium's tofqdns-min-ttl).
+    #[arg(long, default_value = "1h", value_parser = parse_seconds_or_zero)]
+    pub fqdn_min_ttl: u32,
+    /// Addresses each endpoint keeps per DNS name; an answer beyond it evicts the oldest
+    /// (counted in palisade_fqdn_evicted_addresses).
+    #[arg(long, default_value_t = 50)]
+    pub fqdn_max_ips_per_name: usize,
     /// Serve Prometheus metrics and /healthz here (e.g. 127.0.0.1:9962); off when absent.
     #[arg(long)]
     pub metrics_addr: Option<std::net::SocketAddr>,
@@ -190,7 +210,20 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
             None
         }
     };
+    // The DNS proxy likewise: without its sockets, DNS rules fail closed.
+    let dns_sockets = match (
+        palisade_dns::server::bind_udp(args.dns_proxy_port),
+        palisade_dns::server::bind_tcp(args.dns_proxy_port),
+    ) {
+        (Ok(u), Ok(t)) if proxy_socket.is_some() => Some((u, t)),
+        (Err(e), _) | (_, Err(e)) => {
+            error!(port = args.dns_proxy_port, error = %e, "DNS proxy sockets not bound; DNS rules will drop their traffic");
+            None
+        }
+        _ => None,
+    };
     let (proxy_tx, proxy_rx) = watch::channel(Arc::new(ProxyPolicy::default()));
+    let (dns_tx, dns_rx) = watch::channel(Arc::new(DnsPolicy::default()));
     let (catalog_tx, catalog_rx) = watch::channel(Arc::new(Catalog::default()));
     let telemetry = Arc::new(Telemetry::default());
     let (engine_events_tx, mut engine_events) = mpsc::unbounded_channel();
@@ -217,9 +250,14 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
                 allow_host_ingress: args.allow_host_ingress,
                 audit: args.audit,
                 proxy_port: proxy_socket.as_ref().map(|_| args.proxy_port),
+                dns_proxy_port: dns_sockets.as_ref().map(|_| args.dns_proxy_port),
             },
             cluster_identities: args.kubernetes,
             file_policies,
+            fqdn: palisade_engine::fqdn::FqdnLimits {
+                min_ttl: args.fqdn_min_ttl,
+                max_per_name: args.fqdn_max_ips_per_name,
+            },
         },
         datapath,
         plumbing,
@@ -227,6 +265,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         Outputs {
             catalog: Some(catalog_tx),
             proxy: Some(proxy_tx),
+            dns: Some(dns_tx),
             metrics: Some(Arc::clone(&telemetry) as Arc<dyn palisade_engine::EngineMetrics>),
             events: Some(engine_events_tx),
         },
@@ -282,6 +321,26 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
 
     let (cmd_tx, cmd_rx) = mpsc::channel(64);
     let engine_task = tokio::spawn(engine.run(cmd_rx));
+    if let Some((udp, tcp)) = dns_sockets {
+        let ctx = palisade_dns::server::DnsContext {
+            policy: dns_rx.clone(),
+            learner: crate::flows::dns::EngineLearner {
+                engine: cmd_tx.clone(),
+            },
+            observer: crate::flows::dns::DnsFlows {
+                policy: dns_rx,
+                catalog: catalog_rx.clone(),
+                flows: Arc::clone(&flows),
+                telemetry: Arc::clone(&telemetry),
+            },
+            limits: Arc::new(palisade_dns::server::Limits::default()),
+        };
+        let udp = tokio::net::UdpSocket::from_std(udp).context("DNS proxy socket")?;
+        let tcp = tokio::net::TcpListener::from_std(tcp).context("DNS proxy listener")?;
+        info!(port = args.dns_proxy_port, "DNS proxy listening (UDP and TCP)");
+        tokio::spawn(palisade_dns::server::run_udp(udp, ctx.clone()));
+        tokio::spawn(palisade_dns::server::run_tcp(tcp, ctx));
+    }
     if let Some(dir) = policy_dir {
         tokio::spawn(crate::policy_dir::watch(dir, cmd_tx.clone()));
     }

@@ -41,6 +41,9 @@ pub enum Field {
     HttpStatus,
     /// Regular expression over the normalized HTTP path (anchored).
     HttpPath,
+    /// A DNS name or pattern (`*` within a label, as `matchPattern`): DNS flows whose query
+    /// it matches.
+    Fqdn,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -131,6 +134,10 @@ impl Criterion {
             Field::ToPort => dst_port == v,
             Field::Port => src_port == v || dst_port == v,
             Field::Protocol if v.eq_ignore_ascii_case("http") => flow.http.is_some(),
+            Field::Protocol if v.eq_ignore_ascii_case("dns") => flow.dns.is_some(),
+            Field::Fqdn => flow.dns.as_ref().is_some_and(|d| {
+                palisade_policies::fqdn::FqdnSelector::pattern(v).is_ok_and(|p| p.matches(&d.query))
+            }),
             Field::Protocol => flow.l4.protocol.eq_ignore_ascii_case(v),
             Field::HttpMethod => flow
                 .http
@@ -207,10 +214,13 @@ impl Criterion {
                     return Err(bad("expected a port number"));
                 }
                 Field::Protocol
-                    if !["tcp", "udp", "icmp", "sctp", "http"]
+                    if !["tcp", "udp", "icmp", "sctp", "http", "dns"]
                         .contains(&v.to_ascii_lowercase().as_str()) =>
                 {
-                    return Err(bad("expected tcp, udp, icmp, sctp or http"));
+                    return Err(bad("expected tcp, udp, icmp, sctp, http or dns"));
+                }
+                Field::Fqdn if palisade_policies::fqdn::FqdnSelector::pattern(v).is_err() => {
+                    return Err(bad("expected a DNS name or a pattern with *"));
                 }
                 Field::Verdict
                     if !["FORWARDED", "DROPPED", "AUDIT", "REDIRECTED"]
@@ -320,6 +330,7 @@ mod tests {
             packet_bytes: 60,
             http: None,
             tunnel: None,
+            dns: None,
         }
     }
 

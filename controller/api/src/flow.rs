@@ -60,6 +60,32 @@ pub struct FlowHttp {
     pub latency_us: u64,
 }
 
+/// The DNS query behind a `dns-request` flow (the DNS proxy's).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlowDns {
+    /// The question's name, normalized (lower case, no trailing dot); empty when the query
+    /// could not be read.
+    pub query: String,
+    /// The question's type: `A`, `AAAA`, ...
+    pub qtype: String,
+    /// The response code the client got: the server's (`NoError`, `NXDomain`...) or the
+    /// proxy's own (`Refused` for a name policy does not allow, `ServFail` when the server's
+    /// answer could not be used); absent when nothing was answered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rcode: Option<String>,
+    /// The IPv4 addresses of the answer, learned for `toFQDNs`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub answers: Vec<Ipv4Addr>,
+    /// The answer's TTL, in seconds.
+    #[serde(default)]
+    pub ttl: u32,
+    /// Why the proxy answered or dropped it itself, when it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// From the query's arrival to the answer's release, in microseconds.
+    pub latency_us: u64,
+}
+
 /// A tunnel the L7 proxy relays after a 101 (`tunnel-opened` and `tunnel-closed` flows).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FlowTunnel {
@@ -109,6 +135,9 @@ pub struct Flow {
     /// Present for tunnels the L7 proxy relays after a 101.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tunnel: Option<FlowTunnel>,
+    /// Present for queries the DNS proxy handled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns: Option<FlowDns>,
 }
 
 impl Flow {
@@ -157,6 +186,26 @@ impl Flow {
                     " ({} B to server, {} B to client)",
                     t.bytes_to_server, t.bytes_to_client
                 );
+            }
+        } else if let Some(d) = &self.dns {
+            line = format!(
+                "{time} {} -> {} DNS {} {} {}",
+                Self::side(&self.source, self.ip.source, self.l4.source_port),
+                Self::side(
+                    &self.destination,
+                    self.ip.destination,
+                    self.l4.destination_port
+                ),
+                self.l4.protocol,
+                d.qtype,
+                if d.query.is_empty() { "?" } else { &d.query },
+            );
+            if let Some(rcode) = &d.rcode {
+                let _ = write!(line, " -> {rcode}");
+            }
+            if !d.answers.is_empty() {
+                let list: Vec<String> = d.answers.iter().map(ToString::to_string).collect();
+                let _ = write!(line, " [{}] TTL {}", list.join(","), d.ttl);
             }
         } else if let Some(h) = &self.http {
             line = format!(

@@ -86,6 +86,26 @@ pub struct IdentityView {
     pub endpoints: Vec<String>,
 }
 
+/// One address a DNS answer taught an endpoint (`palisade fqdn list`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FqdnView {
+    /// `ns/name` of the endpoint that asked.
+    pub endpoint: String,
+    pub name: String,
+    pub address: std::net::Ipv4Addr,
+    /// Unix time (seconds) at which the answer's lifetime (its TTL, at least the agent's
+    /// minimum) ends.
+    pub expires: u64,
+    /// Seconds left of that lifetime; 0 once it has ended.
+    pub ttl_remaining: u64,
+    /// Its lifetime has ended, but the endpoint still has connections to it, so it stays
+    /// allowed until they close.
+    pub held_by_connections: bool,
+    /// The address's CIDR identity, while some `toFQDNs` selects it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<u32>,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PolicyApplyRequest {

@@ -83,6 +83,17 @@ pub enum Command {
     /// Connection tracking entries in the datapath.
     #[command(subcommand)]
     Conntrack(ConntrackCmd),
+    /// Names the DNS proxy learned for toFQDNs, with their addresses and lifetimes.
+    #[command(subcommand)]
+    Fqdn(FqdnCmd),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum FqdnCmd {
+    List {
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Output,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -233,7 +244,7 @@ pub struct ObserveArgs {
     /// Port on either side.
     #[arg(long)]
     port: Vec<String>,
-    /// tcp, udp, icmp, sctp, or http (flows of the L7 proxy).
+    /// tcp, udp, icmp, sctp, http (flows of the L7 proxy) or dns (of the DNS proxy).
     #[arg(long)]
     protocol: Vec<String>,
     /// FORWARDED, DROPPED, AUDIT, REDIRECTED.
@@ -254,6 +265,9 @@ pub struct ObserveArgs {
     /// Regular expression over the (normalized) HTTP path of L7 flows.
     #[arg(long)]
     http_path: Vec<String>,
+    /// DNS flows whose query is this name, or matches this pattern (`*.example.com`).
+    #[arg(long)]
+    fqdn: Vec<String>,
     /// Negate the filter flag that follows, as hubble does (`--not --pod shop/db`).
     #[arg(long, action = clap::ArgAction::Count)]
     not: u8,
@@ -397,7 +411,7 @@ fn print_trace(t: &TraceResult) {
 }
 
 /// Filter flags of `observe`, by clap argument id.
-const FILTER_FLAGS: [(&str, Field); 22] = [
+const FILTER_FLAGS: [(&str, Field); 23] = [
     ("from_pod", Field::FromPod),
     ("to_pod", Field::ToPod),
     ("pod", Field::Pod),
@@ -420,6 +434,7 @@ const FILTER_FLAGS: [(&str, Field); 22] = [
     ("http_method", Field::HttpMethod),
     ("http_status", Field::HttpStatus),
     ("http_path", Field::HttpPath),
+    ("fqdn", Field::Fqdn),
 ];
 
 /// Hubble's semantics: values of the same flag are alternatives; different flags must all
@@ -658,6 +673,32 @@ pub async fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<()> {
                 )
                 .await?;
             println!("namespace {namespace} labels {}", labels_text(&labels));
+        }
+        Command::Fqdn(FqdnCmd::List { output }) => {
+            let list: Vec<palisade_api::types::FqdnView> = client.get("/v1/fqdns").await?;
+            if output == Output::Json {
+                return print_json(&list);
+            }
+            let rows: Vec<Vec<String>> = list
+                .iter()
+                .map(|f| {
+                    vec![
+                        f.endpoint.clone(),
+                        f.name.clone(),
+                        f.address.to_string(),
+                        if f.held_by_connections {
+                            "expired (held by connections)".to_string()
+                        } else {
+                            format!("{}s", f.ttl_remaining)
+                        },
+                        f.identity.map(|i| i.to_string()).unwrap_or_default(),
+                    ]
+                })
+                .collect();
+            println!(
+                "{}",
+                table(&["ENDPOINT", "NAME", "ADDRESS", "TTL", "IDENTITY"], &rows)
+            );
         }
         Command::Identity(IdentityCmd::List { output }) => {
             let ids: Vec<IdentityView> = client.get("/v1/identities").await?;

@@ -1,6 +1,7 @@
 //! Flows: datapath events and the proxy's requests turned into named flow records, and the
 //! bounded store that keeps them for `palisade observe`.
 
+pub mod dns;
 pub mod proxy;
 pub mod store;
 
@@ -171,6 +172,7 @@ pub fn enrich(event: &FlowEvent, catalog: &Catalog, clock: &Clock, seq: u64) -> 
         packet_bytes: event.packet_len,
         http: None,
         tunnel: None,
+        dns: None,
     }
 }
 
@@ -223,6 +225,7 @@ pub fn ended_connection(ended: &EndedConnection, catalog: &Catalog, now: SystemT
         packet_bytes: 0,
         http: None,
         tunnel: None,
+        dns: None,
     }
 }
 

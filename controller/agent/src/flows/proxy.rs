@@ -98,6 +98,7 @@ impl FlowBase {
             packet_bytes: 0,
             http: None,
             tunnel: None,
+            dns: None,
         };
         Self {
             policy,

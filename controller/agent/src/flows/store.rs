@@ -132,6 +132,7 @@ mod tests {
             packet_bytes: 0,
             http: None,
             tunnel: None,
+            dns: None,
         }
     }
 

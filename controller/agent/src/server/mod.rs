@@ -190,6 +190,11 @@ async fn identity_list(State(s): State<ApiState>) -> Result<impl IntoResponse, A
     ))
 }
 
+async fn fqdn_list(State(s): State<ApiState>) -> Result<impl IntoResponse, ApiError> {
+    let list = call(&s, Command::FqdnList).await?;
+    Ok(Json(list.into_iter().map(wire::fqdn).collect::<Vec<_>>()))
+}
+
 async fn policy_list(State(s): State<ApiState>) -> Result<impl IntoResponse, ApiError> {
     let list = call(&s, Command::PolicyList).await?;
     Ok(Json(list.into_iter().map(wire::policy).collect::<Vec<_>>()))
@@ -360,6 +365,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/endpoints/{name}/labels", post(endpoint_label))
         .route("/v1/namespaces/{ns}/labels", post(namespace_label))
         .route("/v1/identities", get(identity_list))
+        .route("/v1/fqdns", get(fqdn_list))
         .route("/v1/conntrack", get(conntrack))
         .route("/v1/policies", get(policy_list).post(policy_apply))
         .route("/v1/policies/{name}", delete(policy_delete))

@@ -112,6 +112,18 @@ pub fn identity(v: IdentityView) -> wire::IdentityView {
     }
 }
 
+pub fn fqdn(v: palisade_engine::FqdnView) -> wire::FqdnView {
+    wire::FqdnView {
+        endpoint: v.endpoint,
+        name: v.name,
+        address: v.address,
+        expires: v.expires,
+        ttl_remaining: v.ttl_remaining,
+        held_by_connections: v.held_by_connections,
+        identity: v.identity.map(|i| i.0),
+    }
+}
+
 pub fn policy(v: PolicyView) -> wire::PolicyView {
     wire::PolicyView {
         kind: v.id.kind.short_name().to_string(),
