@@ -11,6 +11,7 @@ pub mod cluster;
 pub mod cni;
 pub mod conformance;
 pub mod differential;
+pub mod dns;
 pub mod http;
 pub mod kube_api;
 pub mod node;

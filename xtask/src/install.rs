@@ -22,7 +22,7 @@ fn installed(package: &str) -> bool {
 }
 
 /// Debian packages the agent, the tests and the demo use, and why.
-const PACKAGES: [(&str, &str); 7] = [
+const PACKAGES: [(&str, &str); 8] = [
     ("iproute2", "`ip`: namespaces and links"),
     (
         "util-linux",
@@ -44,6 +44,10 @@ const PACKAGES: [(&str, &str); 7] = [
     (
         "busybox-static",
         "the test containers' root filesystem (no image registry)",
+    ),
+    (
+        "dnsmasq-base",
+        "the DNS tests' and benchmark's resolver (dnsmasq in an endpoint's namespace)",
     ),
 ];
 

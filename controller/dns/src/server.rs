@@ -4,24 +4,21 @@
 //! to the server the client asked (marked with the client's identity and address, as the
 //! HTTP proxy's upstream leg is), read the answer, hand its addresses to the [`Learner`] and
 //! wait for it (the engine writes them into the ipcache and policy maps), and only then send
-//! the answer on. The UDP answer leaves with the server's address as its source, so to the
-//! client it is the server's own.
+//! the answer on. The UDP answer leaves with the server's address and port as its source, so
+//! to the client it is the server's own.
 //!
 //! Fails closed: a query that cannot be read is dropped; an answer that cannot be read, or
 //! whose addresses cannot be learned, becomes SERVFAIL, so the client never holds an address
 //! its policy would not let it reach.
 
 use std::future::Future;
-use std::io::{IoSlice, IoSliceMut};
+use std::io::IoSliceMut;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use nix::sys::socket::{
-    ControlMessage, ControlMessageOwned, MsgFlags, SockaddrIn, recvmsg, sendmsg, setsockopt,
-    sockopt,
-};
+use nix::sys::socket::{ControlMessageOwned, MsgFlags, SockaddrIn, recvmsg, setsockopt, sockopt};
 use palisade_common::mark;
 use palisade_policies::l7::DnsPolicy;
 use palisade_policies::mapstate::RuleId;
@@ -332,28 +329,15 @@ fn recv_datagram(sock: &UdpSocket, buf: &mut [u8]) -> std::io::Result<Datagram> 
     })
 }
 
-/// Sends `bytes` to `client` with `server` as the source address.
-fn send_as(
-    sock: &UdpSocket,
-    bytes: &[u8],
-    server: SocketAddrV4,
-    client: SocketAddrV4,
-) -> std::io::Result<usize> {
-    let info = libc::in_pktinfo {
-        ipi_ifindex: 0,
-        ipi_spec_dst: libc::in_addr {
-            s_addr: u32::from_ne_bytes(server.ip().octets()),
-        },
-        ipi_addr: libc::in_addr { s_addr: 0 },
-    };
-    let to = SockaddrIn::from(client);
-    Ok(sendmsg(
-        sock.as_raw_fd(),
-        &[IoSlice::new(bytes)],
-        &[ControlMessage::Ipv4PacketInfo(&info)],
-        MsgFlags::empty(),
-        Some(&to),
-    )?)
+/// Sends `bytes` to `client` from `server`'s address and port, so the answer is the
+/// server's own to the client (and to conntrack): a transparent socket bound to it, just for
+/// this datagram.
+fn send_as(bytes: &[u8], server: SocketAddrV4, client: SocketAddrV4) -> std::io::Result<usize> {
+    let sock = Socket::new(Domain::IPV4, Type::DGRAM, None)?;
+    sock.set_reuse_address(true)?;
+    sock.set_ip_transparent_v4(true)?;
+    sock.bind(&SocketAddr::V4(server).into())?;
+    sock.send_to(bytes, &SocketAddr::V4(client).into())
 }
 
 /// Asks `server` over UDP from a fresh socket (a random port, so answers cannot be guessed),
@@ -415,7 +399,7 @@ pub async fn run_udp<L: Learner, O: Observer>(sock: UdpSocket, ctx: DnsContext<L
             });
             continue;
         };
-        let (ctx, sock) = (ctx.clone(), Arc::clone(&sock));
+        let ctx = ctx.clone();
         tokio::spawn(async move {
             let _permit = permit;
             let bytes = if oversized {
@@ -429,12 +413,7 @@ pub async fn run_udp<L: Learner, O: Observer>(sock: UdpSocket, ctx: DnsContext<L
             })
             .await;
             if let Some(reply) = reply {
-                let sent = sock
-                    .async_io(Interest::WRITABLE, || {
-                        send_as(&sock, &reply, d.server, d.client)
-                    })
-                    .await;
-                if let Err(e) = sent {
+                if let Err(e) = send_as(&reply, d.server, d.client) {
                     debug!(client = %d.client, error = %e, "DNS proxy: answer not sent");
                 }
             }

@@ -115,7 +115,7 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
             self.datapath
                 .connections()?
                 .into_iter()
-                .filter(|c| c.scope == Direction::Egress)
+                .filter(|c| c.scope == Direction::Egress && c.open)
                 .map(|c| (c.endpoint, *c.destination.ip()))
                 .collect()
         } else {

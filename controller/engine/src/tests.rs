@@ -461,6 +461,7 @@ fn tcp(
         through_proxy: false,
         from_proxy: false,
         rule: palisade_policies::mapstate::RuleId::NONE,
+        open: true,
     }
 }
 
@@ -1388,6 +1389,7 @@ async fn an_expired_answer_leaves_the_maps_unless_a_connection_holds_it() {
         through_proxy: false,
         from_proxy: false,
         rule: palisade_policies::mapstate::RuleId::NONE,
+        open: true,
     });
     assert!(!e.fqdn_expire().unwrap(), "held by the open connection");
     assert_eq!(egress_to(&e, "client", api, 443), Verdict::Allowed);

@@ -5,10 +5,14 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 
 use ipnetwork::Ipv4Network;
 use palisade_common::{
-    conntrack::{CT_FLAG_FROM_PROXY, CT_FLAG_PROXY_REDIRECT, CtEntry, CtKey},
+    conntrack::{
+        CT_FLAG_FIN_FORWARD, CT_FLAG_FIN_REPLY, CT_FLAG_FROM_PROXY, CT_FLAG_PROXY_REDIRECT,
+        CtEntry, CtKey,
+    },
     direction, endpoint as ep_flags,
     endpoint::EndpointInfo,
     family,
+    proto,
     ipcache::{IPCACHE_PREFIX_OFFSET_BITS, IpcacheKey, IpcacheValue},
     policy::{
         self as common_policy, POLICY_PREFIX_ANY_PORT, POLICY_PREFIX_ANY_PROTO, POLICY_PREFIX_FULL,
@@ -237,6 +241,10 @@ pub fn tracked_connection(k: &CtKey, e: &CtEntry) -> Option<TrackedConnection> {
         through_proxy: e.flags & CT_FLAG_PROXY_REDIRECT != 0,
         from_proxy: e.flags & CT_FLAG_FROM_PROXY != 0,
         rule: RuleId(e.rule_id),
+        open: e.expires_ns > super::monotonic_now_ns()
+            && !(k.protocol == proto::TCP
+                && e.flags & CT_FLAG_FIN_FORWARD != 0
+                && e.flags & CT_FLAG_FIN_REPLY != 0),
     })
 }
 

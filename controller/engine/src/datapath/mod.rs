@@ -56,6 +56,8 @@ pub struct TrackedConnection {
     pub from_proxy: bool,
     /// The rule that allowed it.
     pub rule: palisade_policies::mapstate::RuleId,
+    /// Still in use: not expired, and (TCP) not closed both ways.
+    pub open: bool,
 }
 
 /// Whether an endpoint's attachment is whole.

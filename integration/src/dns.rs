@@ -1,0 +1,175 @@
+//! DNS fixtures: dnsmasq as a real resolver inside an endpoint's namespace, a "world" namespace
+//! outside the cluster that owns a whole /24 (so any address a DNS answer names there is a
+//! reachable server), and a small DNS client that asks from inside an endpoint's namespace.
+
+use std::io::{Read as _, Write as _};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::str::FromStr;
+use std::time::{Duration, Instant};
+
+use hickory_proto::op::{Message, MessageType, OpCode, Query};
+use hickory_proto::rr::{Name, RData, RecordType};
+
+use crate::node::{Node, ip};
+use crate::traffic::{PROBE_TIMEOUT, in_netns};
+
+/// The prefix the world namespace answers for; its node-side address is `.1`.
+pub const WORLD_NET: &str = "192.0.2.0/24";
+pub const WORLD_GATEWAY: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
+
+/// dnsmasq serving fixed answers inside a namespace, until dropped.
+pub struct Resolver {
+    child: Child,
+}
+
+impl Drop for Resolver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts dnsmasq in `netns` on `addr`:53 (UDP and TCP), answering each `(name, address)`
+/// with that A record and TTL `ttl`, and nothing else (REFUSED is the proxy's; unknown names
+/// get NXDOMAIN from dnsmasq).
+pub fn resolver(netns: &str, addr: Ipv4Addr, ttl: u32, records: &[(&str, Ipv4Addr)], dir: &Path) -> Resolver {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", netns, "dnsmasq", "--keep-in-foreground"])
+        .arg("--conf-file=/dev/null")
+        .arg("--no-resolv")
+        .arg("--no-hosts")
+        .arg("--bind-interfaces")
+        .arg(format!("--listen-address={addr}"))
+        .arg("--port=53")
+        .arg("--user=root")
+        .arg(format!("--pid-file={}", dir.join("dnsmasq.pid").display()))
+        .arg(format!("--local-ttl={ttl}"))
+        .arg("--log-facility=-");
+    for (name, a) in records {
+        cmd.arg(format!("--host-record={name},{a}"));
+    }
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting dnsmasq (apt-get install dnsmasq-base): {e}"));
+    let r = Resolver { child };
+    // Ready once it answers (directly, from its own namespace).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let probe = records.first().map_or("localhost", |(n, _)| n).to_string();
+    while Instant::now() < deadline {
+        if query(netns, addr, &probe, false).is_some() {
+            return r;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("dnsmasq did not come up in {netns}");
+}
+
+/// A namespace outside the cluster, joined to the node by a veth, that takes every address
+/// of `WORLD_NET` as its own.
+pub fn world(node: &Node) -> String {
+    let netns = format!("{}-world", node.tag);
+    let (outer, inner) = (format!("{}-wo", node.tag), format!("{}-wi", node.tag));
+    let run = |args: &[&str]| {
+        let out = ip(args);
+        assert!(
+            out.status.success(),
+            "ip {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(&["netns", "add", &netns]);
+    node.track_netns(&netns);
+    run(&["-n", &node.netns, "link", "add", &outer, "type", "veth", "peer", "name", &inner, "netns", &netns]);
+    run(&["-n", &node.netns, "addr", "add", &format!("{WORLD_GATEWAY}/24"), "dev", &outer]);
+    run(&["-n", &node.netns, "link", "set", &outer, "up"]);
+    run(&["-n", &netns, "link", "set", "lo", "up"]);
+    run(&["-n", &netns, "link", "set", &inner, "up"]);
+    run(&["-n", &netns, "addr", "add", "192.0.2.2/24", "dev", &inner]);
+    run(&["-n", &netns, "route", "add", "default", "via", &WORLD_GATEWAY.to_string()]);
+    // Every address of the prefix is local here: one server on 0.0.0.0 answers them all.
+    run(&["-n", &netns, "route", "add", "local", WORLD_NET, "dev", "lo"]);
+    netns
+}
+
+/// What an answer said: its response code and A records.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reply {
+    pub rcode: String,
+    pub addresses: Vec<Ipv4Addr>,
+}
+
+fn build_query(id: u16, name: &str) -> Vec<u8> {
+    let mut m = Message::new(id, MessageType::Query, OpCode::Query);
+    m.metadata.recursion_desired = true;
+    m.add_query(Query::query(
+        Name::from_str(&format!("{name}.")).expect("name"),
+        RecordType::A,
+    ));
+    m.to_vec().expect("encode")
+}
+
+fn read_reply(bytes: &[u8]) -> Option<Reply> {
+    let m = Message::from_vec(bytes).ok()?;
+    Some(Reply {
+        rcode: format!("{:?}", m.metadata.response_code),
+        addresses: m
+            .answers
+            .iter()
+            .filter_map(|r| match &r.data {
+                RData::A(a) => Some(a.0),
+                _ => None,
+            })
+            .collect(),
+    })
+}
+
+/// Asks `server` for `name`'s A records from inside `netns`, over UDP or TCP; None when no
+/// answer came.
+pub fn query(netns: &str, server: Ipv4Addr, name: &str, tcp: bool) -> Option<Reply> {
+    let name = name.to_string();
+    in_netns(netns, move || {
+        let id = u16::try_from(std::process::id() % 60_000).unwrap_or(1) + 1;
+        let q = build_query(id, &name);
+        let addr = SocketAddr::from((server, 53));
+        if tcp {
+            let mut s = TcpStream::connect_timeout(&addr, PROBE_TIMEOUT).ok()?;
+            s.set_read_timeout(Some(PROBE_TIMEOUT)).ok()?;
+            let mut framed = u16::try_from(q.len()).ok()?.to_be_bytes().to_vec();
+            framed.extend_from_slice(&q);
+            s.write_all(&framed).ok()?;
+            let mut len = [0u8; 2];
+            s.read_exact(&mut len).ok()?;
+            let mut buf = vec![0u8; usize::from(u16::from_be_bytes(len))];
+            s.read_exact(&mut buf).ok()?;
+            read_reply(&buf)
+        } else {
+            let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).ok()?;
+            s.set_read_timeout(Some(PROBE_TIMEOUT)).ok()?;
+            s.send_to(&q, addr).ok()?;
+            let mut buf = [0u8; 4096];
+            let (n, from) = s.recv_from(&mut buf).ok()?;
+            // The answer must come from the server itself, port 53: the proxy is transparent.
+            (from == addr).then(|| read_reply(&buf[..n])).flatten()
+        }
+    })
+}
+
+/// Sends raw bytes to `server`:53 over UDP from inside `netns`; whether anything came back.
+pub fn udp_raw_answered(netns: &str, server: Ipv4Addr, bytes: Vec<u8>) -> bool {
+    in_netns(netns, move || {
+        let Ok(s) = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)) else {
+            return false;
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_millis(700)));
+        if s.send_to(&bytes, (server, 53)).is_err() {
+            return false;
+        }
+        let mut buf = [0u8; 512];
+        s.recv_from(&mut buf).is_ok()
+    })
+}
