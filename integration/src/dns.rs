@@ -15,9 +15,8 @@ use hickory_proto::rr::{Name, RData, RecordType};
 use crate::node::{Node, ip};
 use crate::traffic::{PROBE_TIMEOUT, in_netns};
 
-/// The prefix the world namespace answers for; its node-side address is `.1`.
+/// The prefix the world namespace answers for.
 pub const WORLD_NET: &str = "192.0.2.0/24";
-pub const WORLD_GATEWAY: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
 
 /// dnsmasq serving fixed answers inside a namespace, until dropped.
 pub struct Resolver {
@@ -34,7 +33,13 @@ impl Drop for Resolver {
 /// Starts dnsmasq in `netns` on `addr`:53 (UDP and TCP), answering each `(name, address)`
 /// with that A record and TTL `ttl`, and nothing else (REFUSED is the proxy's; unknown names
 /// get NXDOMAIN from dnsmasq).
-pub fn resolver(netns: &str, addr: Ipv4Addr, ttl: u32, records: &[(&str, Ipv4Addr)], dir: &Path) -> Resolver {
+pub fn resolver(
+    netns: &str,
+    addr: Ipv4Addr,
+    ttl: u32,
+    records: &[(&str, Ipv4Addr)],
+    dir: &Path,
+) -> Resolver {
     let mut cmd = Command::new("ip");
     cmd.args(["netns", "exec", netns, "dnsmasq", "--keep-in-foreground"])
         .arg("--conf-file=/dev/null")
@@ -72,6 +77,11 @@ pub fn resolver(netns: &str, addr: Ipv4Addr, ttl: u32, records: &[(&str, Ipv4Add
 /// A namespace outside the cluster, joined to the node by a veth, that takes every address
 /// of `WORLD_NET` as its own.
 pub fn world(node: &Node) -> String {
+    world_with(node, &[WORLD_NET])
+}
+
+/// Like `world`, taking `extra` prefixes too (each routed there by the node).
+pub fn world_with(node: &Node, prefixes: &[&str]) -> String {
     let netns = format!("{}-world", node.tag);
     let (outer, inner) = (format!("{}-wo", node.tag), format!("{}-wi", node.tag));
     let run = |args: &[&str]| {
@@ -84,15 +94,67 @@ pub fn world(node: &Node) -> String {
     };
     run(&["netns", "add", &netns]);
     node.track_netns(&netns);
-    run(&["-n", &node.netns, "link", "add", &outer, "type", "veth", "peer", "name", &inner, "netns", &netns]);
-    run(&["-n", &node.netns, "addr", "add", &format!("{WORLD_GATEWAY}/24"), "dev", &outer]);
+    run(&[
+        "-n",
+        &node.netns,
+        "link",
+        "add",
+        &outer,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        &inner,
+        "netns",
+        &netns,
+    ]);
+    // The link has addresses of its own, so that the prefixes the namespace takes as its own
+    // never include its gateway.
+    run(&[
+        "-n",
+        &node.netns,
+        "addr",
+        "add",
+        "172.31.255.1/30",
+        "dev",
+        &outer,
+    ]);
     run(&["-n", &node.netns, "link", "set", &outer, "up"]);
     run(&["-n", &netns, "link", "set", "lo", "up"]);
     run(&["-n", &netns, "link", "set", &inner, "up"]);
-    run(&["-n", &netns, "addr", "add", "192.0.2.2/24", "dev", &inner]);
-    run(&["-n", &netns, "route", "add", "default", "via", &WORLD_GATEWAY.to_string()]);
-    // Every address of the prefix is local here: one server on 0.0.0.0 answers them all.
-    run(&["-n", &netns, "route", "add", "local", WORLD_NET, "dev", "lo"]);
+    run(&[
+        "-n",
+        &netns,
+        "addr",
+        "add",
+        "172.31.255.2/30",
+        "dev",
+        &inner,
+    ]);
+    run(&[
+        "-n",
+        &netns,
+        "route",
+        "add",
+        "default",
+        "via",
+        "172.31.255.1",
+    ]);
+    // Every address of the prefixes is local there: one server on 0.0.0.0 answers them all.
+    for prefix in prefixes {
+        run(&[
+            "-n", &netns, "route", "add", "local", prefix, "dev", "lo", "table", "local",
+        ]);
+        run(&[
+            "-n",
+            &node.netns,
+            "route",
+            "add",
+            prefix,
+            "via",
+            "172.31.255.2",
+        ]);
+    }
     netns
 }
 
@@ -103,7 +165,8 @@ pub struct Reply {
     pub addresses: Vec<Ipv4Addr>,
 }
 
-fn build_query(id: u16, name: &str) -> Vec<u8> {
+/// A standard query for `name`'s A records.
+pub fn build_query(id: u16, name: &str) -> Vec<u8> {
     let mut m = Message::new(id, MessageType::Query, OpCode::Query);
     m.metadata.recursion_desired = true;
     m.add_query(Query::query(
@@ -113,7 +176,8 @@ fn build_query(id: u16, name: &str) -> Vec<u8> {
     m.to_vec().expect("encode")
 }
 
-fn read_reply(bytes: &[u8]) -> Option<Reply> {
+/// The response code and A records of an answer.
+pub fn read_reply(bytes: &[u8]) -> Option<Reply> {
     let m = Message::from_vec(bytes).ok()?;
     Some(Reply {
         rcode: format!("{:?}", m.metadata.response_code),

@@ -60,10 +60,8 @@ fn scene(test: &str, agent_args: &[&str], ttl: u32) -> Scene {
     let world_ns = world(&node);
     let server = tcp_server(&world_ns, 8080);
     let cdn: Vec<(String, Ipv4Addr)> = (0..FIRST_CONNECTIONS).map(cdn).collect();
-    let mut records: Vec<(&str, Ipv4Addr)> = vec![
-        ("api.example.test", API),
-        ("hidden.example.test", HIDDEN),
-    ];
+    let mut records: Vec<(&str, Ipv4Addr)> =
+        vec![("api.example.test", API), ("hidden.example.test", HIDDEN)];
     records.extend(cdn.iter().map(|(n, a)| (n.as_str(), *a)));
     let r = resolver(&dns_ep.name, dns_ep.ip, ttl, &records, &node.dir);
     node.apply(CLIENT_POLICY);
@@ -86,6 +84,17 @@ fn dns_flows(s: &Scene, name: &str) -> Vec<serde_json::Value> {
         .flows(&["--protocol", "dns", "--fqdn", name, "--last", "100"])
 }
 
+/// What the agent knows, for a failure's message.
+fn dump(s: &Scene) -> String {
+    let run = |args: &[&str]| String::from_utf8_lossy(&s.node.palisade(args).stdout).into_owned();
+    format!(
+        "flows:\n{}\nfqdns:\n{}\nidentities:\n{}",
+        run(&["observe", "--last", "40"]),
+        run(&["fqdn", "list"]),
+        run(&["identity", "list"]),
+    )
+}
+
 fn until(what: &str, deadline: Duration, mut f: impl FnMut() -> bool) {
     let end = Instant::now() + deadline;
     while Instant::now() < end {
@@ -104,10 +113,14 @@ fn allowed_names_resolve_and_their_first_connection_passes_others_are_refused() 
     assert!(!tcp_connects(&s.client.name, API, 8080));
 
     let r = resolve(&s, "api.example.test", false);
-    assert_eq!((r.rcode.as_str(), r.addresses.as_slice()), ("NoError", &[API][..]));
+    assert_eq!(
+        (r.rcode.as_str(), r.addresses.as_slice()),
+        ("NoError", &[API][..])
+    );
     assert!(
         tcp_connects(&s.client.name, API, 8080),
-        "the connection right after the lookup passes"
+        "the connection right after the lookup passes:\n{}",
+        dump(&s)
     );
     // Over TCP as well.
     let r = resolve(&s, "api.example.test", true);
@@ -155,8 +168,14 @@ fn allowed_names_resolve_and_their_first_connection_passes_others_are_refused() 
     assert!(dns_flows(&s, "*.cdn.example.test").len() >= usize::from(FIRST_CONNECTIONS));
 
     // Garbage to the resolver's port: no answer, and counted as a malformed query.
-    assert!(!udp_raw_answered(&s.client.name, s.dns.ip, vec![0xde, 0xad, 0xbe, 0xef]));
-    let malformed = s.node.flows(&["--protocol", "dns", "--verdict", "DROPPED", "--last", "200"]);
+    assert!(!udp_raw_answered(
+        &s.client.name,
+        s.dns.ip,
+        vec![0xde, 0xad, 0xbe, 0xef]
+    ));
+    let malformed = s
+        .node
+        .flows(&["--protocol", "dns", "--verdict", "DROPPED", "--last", "200"]);
     assert!(
         malformed
             .iter()
@@ -179,7 +198,10 @@ fn allowed_names_resolve_and_their_first_connection_passes_others_are_refused() 
     // A restart keeps what was learned: the next connection passes at once, before any
     // new lookup.
     s.node.restart_agent();
-    assert!(tcp_connects(&s.client.name, API, 8080), "allowed after a restart");
+    assert!(
+        tcp_connects(&s.client.name, API, 8080),
+        "allowed after a restart"
+    );
     let list = s.node.json(&["fqdn", "list"]);
     assert!(
         list.as_array()
@@ -198,13 +220,16 @@ fn an_expired_answer_is_denied_unless_a_connection_still_uses_it() {
     let (free_name, free) = cdn(2);
     assert_eq!(resolve(&s, &held_name, false).addresses, vec![held]);
     assert_eq!(resolve(&s, &free_name, false).addresses, vec![free]);
-    let mut open = OpenConnection::open(&s.client.name, held, 8080).expect("connects");
+    let mut open = OpenConnection::open(&s.client.name, held, 8080)
+        .unwrap_or_else(|| panic!("connects:\n{}", dump(&s)));
     assert!(tcp_connects(&s.client.name, free, 8080));
 
     // Without a connection the address goes once its TTL has passed.
-    until("the unused address expiring", Duration::from_secs(20), || {
-        !tcp_connects(&s.client.name, free, 8080)
-    });
+    until(
+        "the unused address expiring",
+        Duration::from_secs(20),
+        || !tcp_connects(&s.client.name, free, 8080),
+    );
     // The one with an open connection stays, and the connection goes on.
     assert!(open.round_trip(), "the open connection goes on");
     let list = s.node.json(&["fqdn", "list"]);

@@ -851,7 +851,9 @@ impl DatapathModel {
         let stop = if !allowed && !ctx.ep.audit {
             Some(deny_reason(decision.action))
         } else if allowed && proxy_client.is_none() && e.flags & CT_FLAG_PROXY_REDIRECT == 0 {
-            if key.protocol == proto::UDP && key.scope == Direction::Egress && decision.is_redirect()
+            if key.protocol == proto::UDP
+                && key.scope == Direction::Egress
+                && decision.is_redirect()
             {
                 // The proxy takes UDP (DNS) from the next datagram on.
                 Some(drop::PROXY_REQUIRED)

@@ -412,5 +412,8 @@ pub fn run(which: Option<String>) -> anyhow::Result<()> {
     if all || which == "kubernetes-scale" {
         crate::bench_k8s::run()?;
     }
+    if all || which == "dns" {
+        crate::bench_dns::run()?;
+    }
     Ok(())
 }

@@ -15,6 +15,7 @@
 )]
 
 mod bench;
+mod bench_dns;
 mod bench_k8s;
 mod demo;
 mod fuzz;
@@ -72,7 +73,7 @@ enum Task {
         #[arg(last = true)]
         filter: Vec<String>,
     },
-    /// Benchmarks (needs root): policy-scale, flow-ingest, l7-proxy, kubernetes-scale (default:
+    /// Benchmarks (needs root): policy-scale, flow-ingest, l7-proxy, kubernetes-scale, dns (default:
     /// all). Results go to docs/benchmarks/.
     Bench { which: Option<String> },
     /// Write the CRD YAML of controller/k8s/src/crd.rs into policies/crds/.

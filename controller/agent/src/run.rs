@@ -337,7 +337,10 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         };
         let udp = tokio::net::UdpSocket::from_std(udp).context("DNS proxy socket")?;
         let tcp = tokio::net::TcpListener::from_std(tcp).context("DNS proxy listener")?;
-        info!(port = args.dns_proxy_port, "DNS proxy listening (UDP and TCP)");
+        info!(
+            port = args.dns_proxy_port,
+            "DNS proxy listening (UDP and TCP)"
+        );
         tokio::spawn(palisade_dns::server::run_udp(udp, ctx.clone()));
         tokio::spawn(palisade_dns::server::run_tcp(tcp, ctx));
     }
@@ -375,7 +378,11 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
             containerd_socket: args.containerd_socket.clone(),
         }),
     };
-    let mode = if args.kubernetes { "kubernetes" } else { "local" };
+    let mode = if args.kubernetes {
+        "kubernetes"
+    } else {
+        "local"
+    };
     info!(node_ip = %node_ip, pod_cidr = %args.pod_cidr, mode, "palisade agent ready");
     let served = serve(
         &args.api,

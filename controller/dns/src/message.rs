@@ -226,8 +226,8 @@ pub(crate) mod tests {
     use std::str::FromStr;
 
     use hickory_proto::op::Query as HQuery;
-    use hickory_proto::rr::rdata::{A, CNAME};
     use hickory_proto::rr::Record;
+    use hickory_proto::rr::rdata::{A, CNAME};
 
     use super::*;
 
@@ -376,7 +376,10 @@ pub(crate) mod tests {
         let bytes = answer_bytes(
             3,
             "a.test.",
-            vec![cname("a.test.", 5, "b.test."), cname("b.test.", 5, "a.test.")],
+            vec![
+                cname("a.test.", 5, "b.test."),
+                cname("b.test.", 5, "a.test."),
+            ],
         );
         let ans = parse_answer(&bytes, &q.question).unwrap();
         assert_eq!(ans.names, vec!["a.test", "b.test"]);

@@ -23,8 +23,8 @@ use palisade_common::mark;
 use palisade_policies::l7::DnsPolicy;
 use palisade_policies::mapstate::RuleId;
 use socket2::{Domain, SockRef, Socket, Type};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::io::Interest;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream, UdpSocket};
 use tokio::sync::{Semaphore, watch};
 use tracing::{debug, warn};
@@ -286,7 +286,10 @@ where
             .await;
         record.learn_took = learn_started.elapsed();
         if let Err(e) = learned {
-            return fail(record, format!("the answer's addresses were not learned: {e}"));
+            return fail(
+                record,
+                format!("the answer's addresses were not learned: {e}"),
+            );
         }
     }
     record.outcome = Outcome::Answered;
@@ -402,11 +405,7 @@ pub async fn run_udp<L: Learner, O: Observer>(sock: UdpSocket, ctx: DnsContext<L
         let ctx = ctx.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            let bytes = if oversized {
-                vec![0u8; d.len]
-            } else {
-                bytes
-            };
+            let bytes = if oversized { vec![0u8; d.len] } else { bytes };
             let marks = upstream_marks(&ctx.policy.borrow(), *d.client.ip());
             let reply = handle(&ctx, d.client, d.server, Transport::Udp, &bytes, |q| {
                 ask_udp(d.server, marks, q)
@@ -448,15 +447,15 @@ async fn serve_tcp<L: Learner, O: Observer>(
     mut client: TcpStream,
     ctx: DnsContext<L, O>,
 ) -> std::io::Result<()> {
-    let (SocketAddr::V4(peer), SocketAddr::V4(server)) = (client.peer_addr()?, client.local_addr()?)
+    let (SocketAddr::V4(peer), SocketAddr::V4(server)) =
+        (client.peer_addr()?, client.local_addr()?)
     else {
         return Ok(());
     };
     let marks = upstream_marks(&ctx.policy.borrow(), *peer.ip());
     let mut upstream: Option<TcpStream> = None;
     loop {
-        let frame = match tokio::time::timeout(ctx.limits.tcp_idle, read_frame(&mut client)).await
-        {
+        let frame = match tokio::time::timeout(ctx.limits.tcp_idle, read_frame(&mut client)).await {
             Ok(Ok(Some(f))) => f,
             Ok(Ok(None)) | Err(_) => return Ok(()),
             Ok(Err(e)) => return Err(e),
@@ -469,7 +468,9 @@ async fn serve_tcp<L: Learner, O: Observer>(
                 SockRef::from(&sock).set_priority(marks.1)?;
                 *up = Some(sock.connect(SocketAddr::V4(server)).await?);
             }
-            let stream = up.as_mut().ok_or_else(|| std::io::Error::other("no upstream"))?;
+            let stream = up
+                .as_mut()
+                .ok_or_else(|| std::io::Error::other("no upstream"))?;
             write_frame(stream, &q).await?;
             read_frame(stream)
                 .await?
@@ -607,7 +608,9 @@ mod tests {
             "api.example.test.",
             vec![a_record("api.example.test.", [192, 0, 2, 7], 30)],
         );
-        let reply = run_query(&rec, "api.example.test.", Ok(answer)).await.unwrap();
+        let reply = run_query(&rec, "api.example.test.", Ok(answer))
+            .await
+            .unwrap();
         assert_eq!(reply.answers.len(), 1);
         let learned = rec.learned.lock().unwrap().clone();
         assert_eq!(
@@ -650,12 +653,17 @@ mod tests {
             "api.example.test.",
             vec![a_record("api.example.test.", [192, 0, 2, 7], 30)],
         );
-        let reply = run_query(&rec, "api.example.test.", Ok(answer)).await.unwrap();
+        let reply = run_query(&rec, "api.example.test.", Ok(answer))
+            .await
+            .unwrap();
         assert_eq!(
             reply.metadata.response_code,
             hickory_proto::op::ResponseCode::ServFail
         );
-        assert!(reply.answers.is_empty(), "the addresses never reach the client");
+        assert!(
+            reply.answers.is_empty(),
+            "the addresses never reach the client"
+        );
     }
 
     #[tokio::test]

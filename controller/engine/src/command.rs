@@ -10,11 +10,11 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, warn};
 
 use crate::attachments::AttachmentStatus;
+use crate::cluster::{ClusterKnown, ClusterReport};
 use crate::datapath::Datapath;
 use crate::engine::Engine;
 use crate::error::EngineError;
 use crate::fqdn_learning::{FqdnView, LearnReport, LearnRequest};
-use crate::cluster::{ClusterKnown, ClusterReport};
 use crate::model::{AttachmentSpec, ClusterDelta, EndpointSpec, FilePolicies, LabelChange};
 use crate::plumbing::Plumbing;
 use crate::policies::PolicyUpdate;

@@ -221,7 +221,11 @@ mod tests {
         assert_eq!(c.entries()[0].expires, 700);
         let o = c.learn(EP, &names(&["a.test"]), &[A], 1, 100, limits(30, 10));
         assert!(!o.new_address);
-        assert_eq!(c.entries()[0].expires, 700, "a shorter answer never shortens");
+        assert_eq!(
+            c.entries()[0].expires,
+            700,
+            "a shorter answer never shortens"
+        );
     }
 
     #[test]
@@ -258,8 +262,22 @@ mod tests {
     #[test]
     fn the_cache_survives_its_snapshot() {
         let mut c = FqdnCache::default();
-        c.learn(EP, &names(&["a.test", "cdn.test"]), &[A], 10, 0, limits(0, 5));
-        c.learn(EndpointId(2), &names(&["a.test"]), &[B], 10, 0, limits(0, 5));
+        c.learn(
+            EP,
+            &names(&["a.test", "cdn.test"]),
+            &[A],
+            10,
+            0,
+            limits(0, 5),
+        );
+        c.learn(
+            EndpointId(2),
+            &names(&["a.test"]),
+            &[B],
+            10,
+            0,
+            limits(0, 5),
+        );
         let back = FqdnCache::restore(&c.entries());
         assert_eq!(back, c);
         assert_eq!(back.names()["a.test"], [A, B].into());

@@ -39,9 +39,9 @@ pub mod store;
 pub mod views;
 
 pub use command::{AskError, Command, Reply, ask};
-pub use fqdn_learning::{FqdnView, LearnReport, LearnRequest};
 pub use engine::{Engine, EngineConfig, EngineMetrics, Outputs};
 pub use error::{EngineError, ErrorClass};
+pub use fqdn_learning::{FqdnView, LearnReport, LearnRequest};
 pub use policies::{PolicyAction, PolicyChange, PolicyUpdate};
 
 #[cfg(test)]

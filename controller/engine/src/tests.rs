@@ -784,12 +784,7 @@ async fn a_bridge_port_is_known_as_one_in_the_endpoint_map() {
     let mut e = engine().await;
     cni_veth(&mut e, "vethbr", 502, "/run/netns/cni-br");
     e.plumbing.bridge_ports.insert(502);
-    let mut chained = attachment(
-        "br",
-        "vethbr",
-        Ipv4Addr::new(10, 88, 0, 4),
-        Some("app=web"),
-    );
+    let mut chained = attachment("br", "vethbr", Ipv4Addr::new(10, 88, 0, 4), Some("app=web"));
     chained.attachment.chained = true;
     let bridged = e.attachment_add(chained).await.unwrap();
     let plain = add(&mut e, "plain", "shop", "app=web").await;
@@ -1316,7 +1311,13 @@ fn egress_to(e: &TestEngine, from: &str, ip: Ipv4Addr, port: u16) -> Verdict {
         .verdict
 }
 
-fn learn(e: &mut TestEngine, client: Ipv4Addr, name: &str, ip: Ipv4Addr, ttl: u32) -> crate::LearnReport {
+fn learn(
+    e: &mut TestEngine,
+    client: Ipv4Addr,
+    name: &str,
+    ip: Ipv4Addr,
+    ttl: u32,
+) -> crate::LearnReport {
     e.fqdn_learn(crate::LearnRequest {
         client,
         names: vec![name.into()],
@@ -1342,7 +1343,13 @@ async fn a_learned_answer_is_in_the_maps_when_learning_returns() {
         egress_to(&e, "client", Ipv4Addr::new(192, 0, 2, 11), 443),
         Verdict::DeniedByDefault
     );
-    let report = learn(&mut e, client.ip, "other.test", Ipv4Addr::new(192, 0, 2, 12), 60);
+    let report = learn(
+        &mut e,
+        client.ip,
+        "other.test",
+        Ipv4Addr::new(192, 0, 2, 12),
+        60,
+    );
     assert!(!report.synced);
     assert_eq!(
         egress_to(&e, "client", Ipv4Addr::new(192, 0, 2, 12), 443),

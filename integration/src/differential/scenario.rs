@@ -797,6 +797,7 @@ impl SettingsGen {
             allow_host_ingress: self.allow_host_ingress,
             audit: false,
             proxy_port: self.proxy_running.then_some(PROXY_PORT),
+            dns_proxy_port: None,
         }
     }
 }
@@ -1359,6 +1360,7 @@ impl Cluster {
             policies: &policies,
             host_addresses: &host,
             remote: &BTreeMap::new(),
+            fqdns: &palisade_policies::fqdn::LearnedNames::new(),
             settings: self.settings,
         };
         let (mut state, l7) = compile::compile_with_l7(&input, &mut self.rules);

@@ -586,7 +586,10 @@ fn port_rule_parts(
                     .invalid(Problem::DnsOnProtocol(p.protocol)));
             }
             if !matches!(p.port, Port::Range { .. }) {
-                return Err(ports_path.index(i).key("port").invalid(Problem::DnsWithoutPort));
+                return Err(ports_path
+                    .index(i)
+                    .key("port")
+                    .invalid(Problem::DnsWithoutPort));
             }
         }
     }
@@ -1540,7 +1543,12 @@ mod tests {
         let err = err_with("  egress:\n  - toFQDNs: [{}]\n");
         assert_err(&err, 1, Some("spec.egress[0].toFQDNs[0]"), "is required");
         let err = err_with("  egress:\n  - toFQDNs: [{matchRegex: a}]\n");
-        assert_err(&err, 1, Some("spec.egress[0].toFQDNs[0].matchRegex"), "unknown field");
+        assert_err(
+            &err,
+            1,
+            Some("spec.egress[0].toFQDNs[0].matchRegex"),
+            "unknown field",
+        );
         let err = err_with(
             "  egress:\n  - toPorts: [{ports: [{port: '53'}], rules: {dns: [{matchPattern: 'a b'}]}}]\n",
         );
@@ -1594,11 +1602,7 @@ mod tests {
 
     #[test]
     fn other_l7_protocols_are_not_supported() {
-        for (field, value) in [
-            ("kafka", "[]"),
-            ("l7proto", "x"),
-            ("l7", "[]"),
-        ] {
+        for (field, value) in [("kafka", "[]"), ("l7proto", "x"), ("l7", "[]")] {
             let err = err_with(&format!(
                 "  egress:\n  - toPorts: [{{ports: [{{port: '53'}}], rules: {{{field}: {value}}}}}]\n"
             ));

@@ -12,12 +12,12 @@ use palisade_common::{
     direction, endpoint as ep_flags,
     endpoint::EndpointInfo,
     family,
-    proto,
     ipcache::{IPCACHE_PREFIX_OFFSET_BITS, IpcacheKey, IpcacheValue},
     policy::{
         self as common_policy, POLICY_PREFIX_ANY_PORT, POLICY_PREFIX_ANY_PROTO, POLICY_PREFIX_FULL,
         PolicyValue,
     },
+    proto,
 };
 use palisade_engine::datapath::TrackedConnection;
 use palisade_policies::{
@@ -340,7 +340,10 @@ mod tests {
             info.flags,
             ep_flags::FLAG_INGRESS_ENFORCED | ep_flags::FLAG_AUDIT | ep_flags::FLAG_BRIDGE_PORT
         );
-        assert_eq!((info.bridge_ifindex, info.bridge_mac), (3, [2, 0, 0, 0, 0, 3]));
+        assert_eq!(
+            (info.bridge_ifindex, info.bridge_mac),
+            (3, [2, 0, 0, 0, 0, 3])
+        );
         assert_eq!(endpoint_entry_from(9, &info), (EndpointId(4), e));
     }
 }

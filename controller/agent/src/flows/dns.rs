@@ -44,11 +44,7 @@ pub fn dns_flow(r: &QueryRecord, policy: &DnsPolicy, catalog: &Catalog) -> Flow 
             Some("Invalid DNS message".to_string()),
             Some(e.to_string()),
         ),
-        Outcome::Overloaded => (
-            "DROPPED",
-            Some("DNS proxy overloaded".to_string()),
-            None,
-        ),
+        Outcome::Overloaded => ("DROPPED", Some("DNS proxy overloaded".to_string()), None),
     };
     Flow {
         seq: 0,
@@ -154,7 +150,15 @@ mod tests {
         assert_eq!(f.event, "dns-request");
         assert_eq!(f.l4.protocol, "UDP");
         let d = f.dns.as_ref().unwrap();
-        assert_eq!((d.query.as_str(), d.rcode.as_deref()), ("evil.test", Some("Refused")));
-        assert!(f.compact().contains("DNS UDP A evil.test -> Refused DROPPED"), "{}", f.compact());
+        assert_eq!(
+            (d.query.as_str(), d.rcode.as_deref()),
+            ("evil.test", Some("Refused"))
+        );
+        assert!(
+            f.compact()
+                .contains("DNS UDP A evil.test -> Refused DROPPED"),
+            "{}",
+            f.compact()
+        );
     }
 }
