@@ -885,7 +885,7 @@ mod tests {
                 host_addresses: &host,
                 remote: &self.remote,
                 settings: self.settings,
-                fqdns: &Default::default(),
+                fqdns: &LearnedNames::new(),
             };
             let (state, l7) = compile_with_l7(&input, &mut self.rules);
             self.rules.retain_used_with(&state, &l7);

@@ -71,10 +71,8 @@ fn normalize(text: &str, wildcards: bool) -> Result<String, NameError> {
         if label.len() > MAX_LABEL_LEN {
             return Err(NameError::LabelTooLong(label.to_string()));
         }
-        if let Some(c) = label
-            .chars()
-            .find(|c| !(c.is_ascii() && is_label_char(*c as u8)) && !(wildcards && *c == '*'))
-        {
+        let allowed = |c: char| u8::try_from(c).is_ok_and(is_label_char) || (wildcards && c == '*');
+        if let Some(c) = label.chars().find(|c| !allowed(*c)) {
             return Err(NameError::BadCharacter(c));
         }
     }

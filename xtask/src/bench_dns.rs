@@ -45,6 +45,12 @@ fn policy(dns_ns: &str) -> String {
     )
 }
 
+/// The `permille`th of sorted durations, in microseconds (0 without any).
+fn percentile_us(sorted: &[Duration], permille: usize) -> f64 {
+    let i = (sorted.len() * permille / 1000).min(sorted.len().saturating_sub(1));
+    sorted.get(i).map_or(0.0, |d| d.as_secs_f64() * 1e6)
+}
+
 /// Closed-loop queries for `name` from `WORKERS` sockets for `ROUND`: (queries/s, p50 µs,
 /// p99 µs, lost).
 fn closed_loop(netns: &str, server: Ipv4Addr, name: &str) -> (f64, f64, f64, u64) {
@@ -90,14 +96,10 @@ fn closed_loop(netns: &str, server: Ipv4Addr, name: &str) -> (f64, f64, f64, u64
         .flat_map(|h| h.join().unwrap_or_default())
         .collect();
     all.sort();
-    let pct = |p: f64| {
-        all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1)))
-            .map_or(0.0, |d| d.as_secs_f64() * 1e6)
-    };
     (
         all.len() as f64 / ROUND.as_secs_f64(),
-        pct(0.50),
-        pct(0.99),
+        percentile_us(&all, 500),
+        percentile_us(&all, 990),
         lost.load(Ordering::Relaxed),
     )
 }
@@ -167,16 +169,12 @@ fn burst(netns: &str, server: Ipv4Addr) -> Burst {
         dropped += d;
     }
     lat.sort();
-    let pct = |p: f64| {
-        lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1)))
-            .map_or(0.0, |d| d.as_secs_f64() * 1e6)
-    };
     Burst {
         seconds: started.elapsed().as_secs_f64(),
         answered,
         first_connections_dropped: dropped,
-        lookup_p50_us: pct(0.5),
-        lookup_p99_us: pct(0.99),
+        lookup_p50_us: percentile_us(&lat, 500),
+        lookup_p99_us: percentile_us(&lat, 990),
     }
 }
 

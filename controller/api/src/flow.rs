@@ -288,6 +288,7 @@ mod tests {
             packet_bytes: 0,
             http: None,
             tunnel: Some(tunnel),
+            dns: None,
         }
     }
 

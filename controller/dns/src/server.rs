@@ -411,10 +411,10 @@ pub async fn run_udp<L: Learner, O: Observer>(sock: UdpSocket, ctx: DnsContext<L
                 ask_udp(d.server, marks, q)
             })
             .await;
-            if let Some(reply) = reply {
-                if let Err(e) = send_as(&reply, d.server, d.client) {
-                    debug!(client = %d.client, error = %e, "DNS proxy: answer not sent");
-                }
+            if let Some(reply) = reply
+                && let Err(e) = send_as(&reply, d.server, d.client)
+            {
+                debug!(client = %d.client, error = %e, "DNS proxy: answer not sent");
             }
         });
     }

@@ -149,7 +149,7 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
             Command::ClusterKnown(r) => answer(r, Ok(self.cluster_known())),
             Command::Status(r) => answer(r, Ok(self.status())),
             Command::FqdnLearn(req, r) => {
-                let result = self.fqdn_learn(req);
+                let result = self.fqdn_learn(&req);
                 if matches!(result, Ok(LearnReport { synced: true, .. })) {
                     self.end_connections_needing_proxy().await;
                 }

@@ -439,10 +439,7 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
         }
         for r in self.model.remotes.values() {
             if let RemoteSpec::Pod {
-                namespace,
-                name,
-                ip,
-                ..
+                namespace, name, ip, ..
             } = &r.spec
             {
                 c.endpoints_by_ip

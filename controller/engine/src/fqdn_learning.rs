@@ -67,7 +67,7 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
             != compile::fqdn_prefixes(policies, &cache.names())
     }
 
-    pub(crate) fn fqdn_learn(&mut self, req: LearnRequest) -> Result<LearnReport, EngineError> {
+    pub(crate) fn fqdn_learn(&mut self, req: &LearnRequest) -> Result<LearnReport, EngineError> {
         let endpoint = self
             .model
             .endpoints

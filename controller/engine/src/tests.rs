@@ -1318,7 +1318,7 @@ fn learn(
     ip: Ipv4Addr,
     ttl: u32,
 ) -> crate::LearnReport {
-    e.fqdn_learn(crate::LearnRequest {
+    e.fqdn_learn(&crate::LearnRequest {
         client,
         names: vec![name.into()],
         addresses: vec![ip],

@@ -394,15 +394,8 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
 
     /// A pod of another node (Kubernetes mode), by `ns/name`: its address, identity, node.
     fn find_remote(&self, ns_name: &str) -> Option<(Ipv4Addr, Identity, String)> {
-        match self
-            .model
-            .remotes
-            .get(&format!("pod/{ns_name}"))
-            .map(|r| (&r.spec, r.identity))
-        {
-            Some((RemoteSpec::Pod { ip, node, .. }, identity)) => {
-                Some((*ip, identity, node.clone()))
-            }
+        match self.model.remotes.get(&format!("pod/{ns_name}")).map(|r| (&r.spec, r.identity)) {
+            Some((RemoteSpec::Pod { ip, node, .. }, identity)) => Some((*ip, identity, node.clone())),
             _ => None,
         }
     }

@@ -91,7 +91,9 @@ impl Plumbing for NetlinkPlumbing {
         Ok(LinkLayer {
             mac: l.mac,
             host_mac: l.host_mac,
-            bridge: l.bridge.map(|(ifindex, mac)| BridgeLink { ifindex, mac }),
+            bridge: l
+                .bridge
+                .map(|(ifindex, mac)| BridgeLink { ifindex, mac }),
         })
     }
 

@@ -28,7 +28,10 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     if q.question.name != "." {
-        assert_eq!(normalize_name(&q.question.name).as_deref(), Ok(q.question.name.as_str()));
+        assert_eq!(
+            normalize_name(&q.question.name).as_deref(),
+            Ok(q.question.name.as_str())
+        );
     }
     let Ok(a) = parse_answer(answer, &q.question) else {
         return;
