@@ -123,6 +123,11 @@ impl FqdnCache {
         now: u64,
         limits: FqdnLimits,
     ) -> LearnOutcome {
+        // An answer without addresses (NXDOMAIN, a CNAME alone) teaches nothing; recording its
+        // names would leave empty entries a restart does not bring back.
+        if addresses.is_empty() {
+            return LearnOutcome::default();
+        }
         let mut outcome = LearnOutcome {
             new_address: addresses.iter().any(|a| !self.knows(*a)),
             evicted: 0,
@@ -257,6 +262,16 @@ mod tests {
         let o = c.learn(EP, &names(&["a.test"]), &[B], 10, 5, limits(0, 1));
         assert_eq!(o.evicted, 1);
         assert_eq!(c.names()["a.test"], [B].into());
+    }
+
+    #[test]
+    fn an_answer_without_addresses_teaches_nothing() {
+        // Found by the dns_message fuzz target: it left an empty name behind.
+        let mut c = FqdnCache::default();
+        let o = c.learn(EP, &names(&["a.test"]), &[], 10, 0, limits(0, 5));
+        assert_eq!(o, LearnOutcome::default());
+        assert_eq!(c, FqdnCache::default());
+        assert_eq!(FqdnCache::restore(&c.entries()), c);
     }
 
     #[test]
