@@ -18,7 +18,7 @@ use crate::identity::{Identity, IdentitySource, IdentityTable};
 use crate::labels::Labels;
 use crate::mapstate::{
     Action, EndpointEntry, IpcacheEntry, MapState, PolicyEntry, PolicyKey, PortPrefix, RuleId,
-    port_range_prefixes,
+    Staged, StagedEnforcement, port_range_prefixes,
 };
 use crate::model::{
     Direction, Entity, Peer, Peers, Policy, PolicyRef, PolicySpec, Port, PortSpec, Protocol, Rule,
@@ -602,6 +602,7 @@ pub fn compile_with_l7(input: &CompileInput<'_>, rules: &mut RuleTable) -> (MapS
                         let entry = PolicyEntry {
                             action,
                             rule: rules.intern(&origin),
+                            staged: Staged::Same,
                         };
                         let keys = rule_keys(&ctx, &mut cache, rule);
                         for k in &keys {
@@ -631,6 +632,7 @@ pub fn compile_with_l7(input: &CompileInput<'_>, rules: &mut RuleTable) -> (MapS
                 let entry = PolicyEntry {
                     action: Action::Allow,
                     rule: rules.intern(&RuleOrigin::HostAccess),
+                    staged: Staged::Same,
                 };
                 let key = PolicyKey {
                     endpoint: ep.id,
@@ -653,6 +655,7 @@ pub fn compile_with_l7(input: &CompileInput<'_>, rules: &mut RuleTable) -> (MapS
                 ingress_enforced: flags[0],
                 egress_enforced: flags[1],
                 audit: input.settings.audit,
+                staged: StagedEnforcement::default(),
             },
         );
     }
@@ -831,6 +834,7 @@ mod tests {
                 egress: dir(egress),
                 description: None,
             }],
+            audit: false,
         }
     }
 

@@ -1,5 +1,7 @@
 //! Palisade's policy language and compiler. Pure: plain functions over plain data, no I/O.
 //!
+//! - `audit`: audit at every scope (agent, namespace modes, endpoints, policies in audit) and
+//!   the compile that merges policies in audit into the map state as flags;
 //! - `labels`: labels, selectors and their Kubernetes semantics;
 //! - `model`: the internal policy form every manifest kind becomes;
 //! - `manifest`: parsing and validating manifests (Kubernetes NetworkPolicy, palisade.io/v1,
@@ -10,6 +12,7 @@
 //! - `datapath_model`: the BPF programs' per-packet verdict (parse, conntrack, policy, proxy
 //!   redirect, audit) again in plain Rust over a map state, to test the programs against.
 
+pub mod audit;
 pub mod compile;
 pub mod datapath_model;
 pub mod endpoint;

@@ -123,6 +123,7 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
                     ifindex,
                     origin: EndpointOrigin::Cni(spec.attachment.clone()),
                     pending_labels: pending,
+                    audit: false,
                 },
             );
             Ok(())

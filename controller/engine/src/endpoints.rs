@@ -130,6 +130,7 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
                     ifindex: plumbed.host_ifindex,
                     origin: EndpointOrigin::Local,
                     pending_labels: false,
+                    audit: false,
                 },
             );
             Ok(())

@@ -2,13 +2,14 @@
 //! (change a copy of the model, compile, diff against what the maps hold, write the diff, and
 //! only then publish and persist).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ipnetwork::Ipv4Network;
 use palisade_policies::{
+    audit::{self, AuditScopes},
     compile::{self, CompileInput, RuleTable, Settings},
     endpoint::{Endpoint, EndpointId},
     identity::{IdentityAllocator, IdentityTable, workload_identity_labels},
@@ -109,6 +110,7 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
                     .collect(),
                 identities,
                 next_endpoint_id: saved.next_endpoint_id.max(1),
+                namespace_modes: saved.namespace_modes.clone(),
             },
             rules: RuleTable::default(),
             applied,
@@ -201,7 +203,7 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
         l
     }
 
-    fn compile_endpoints(&self) -> BTreeMap<EndpointId, Endpoint> {
+    pub(crate) fn compile_endpoints(&self) -> BTreeMap<EndpointId, Endpoint> {
         self.model
             .endpoints
             .values()
@@ -211,6 +213,16 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
 
     pub(crate) fn policies(&self) -> &BTreeMap<PolicyRef, Policy> {
         &self.model.policies
+    }
+
+    /// Endpoints put in audit one by one.
+    pub(crate) fn audit_endpoints(&self) -> BTreeSet<EndpointId> {
+        self.model
+            .endpoints
+            .values()
+            .filter(|r| r.audit)
+            .map(|r| r.id)
+            .collect()
     }
 
     /// Compiles the model and writes the difference to the maps. On a failed write, rolls
@@ -228,7 +240,12 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
             host_addresses: &self.host_addresses,
             settings: self.cfg.settings,
         };
-        let (desired, l7) = compile::compile_with_l7(&input, &mut self.rules);
+        let audit_endpoints = self.audit_endpoints();
+        let scopes = AuditScopes {
+            namespaces: &self.model.namespace_modes,
+            endpoints: &audit_endpoints,
+        };
+        let (desired, l7) = audit::compile(&input, &scopes, &mut self.rules);
         // Built before any map changes, so a policy the proxy cannot enforce changes nothing.
         let proxy_policy = ProxyPolicy::new(&l7, &desired)?;
         let diff = mapstate::diff(&self.applied, &desired);
@@ -308,6 +325,7 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
                 .collect(),
             identities: self.model.identities.snapshot(),
             next_endpoint_id: self.model.next_endpoint_id,
+            namespace_modes: self.model.namespace_modes.clone(),
         };
         self.saved = Some(store.save(state));
     }

@@ -9,6 +9,11 @@ pub const FLAG_INGRESS_ENFORCED: u32 = 1 << 0;
 pub const FLAG_EGRESS_ENFORCED: u32 = 1 << 1;
 /// Policy audit mode: what policy would drop is forwarded and reported as AUDIT.
 pub const FLAG_AUDIT: u32 = 1 << 2;
+/// Only policies in audit put ingress in default deny: ingress no entry matches is forwarded
+/// as AUDIT (see `policy::flags::STAGED_DENY` for what entries say).
+pub const FLAG_STAGED_INGRESS_ENFORCED: u32 = 1 << 3;
+/// Same for egress.
+pub const FLAG_STAGED_EGRESS_ENFORCED: u32 = 1 << 4;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
