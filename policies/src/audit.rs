@@ -33,7 +33,9 @@ pub const AUDIT_ANNOTATION: &str = "palisade.io/audit";
 pub const MODE_LABEL: &str = "palisade.io/mode";
 
 /// What a namespace does with policy, as NeuVector users know the modes.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum NamespaceMode {
     /// Everything is allowed and learned: the namespace's endpoints are in audit (nothing
@@ -240,7 +242,8 @@ pub fn merge_staged(in_force: &mut MapState, all: &MapState) {
                 };
             }
         }
-        if let (Some(mine), Some(theirs)) = (in_force.endpoints.get_mut(&ep), all.endpoints.get(&ep))
+        if let (Some(mine), Some(theirs)) =
+            (in_force.endpoints.get_mut(&ep), all.endpoints.get(&ep))
         {
             mine.staged = StagedEnforcement {
                 ingress: theirs.ingress_enforced && !mine.ingress_enforced,
@@ -404,7 +407,12 @@ mod tests {
         "egress: [{toEntities: [all], toPorts: [{ports: [{port: \"53\", protocol: UDP}]}]}]",
         "egress: []",
     ];
-    const SUBJECTS: [&str; 4] = ["{}", "{matchLabels: {app: web}}", "{matchLabels: {app: db}}", "{matchLabels: {app: api}}"];
+    const SUBJECTS: [&str; 4] = [
+        "{}",
+        "{matchLabels: {app: web}}",
+        "{matchLabels: {app: db}}",
+        "{matchLabels: {app: api}}",
+    ];
 
     /// A deterministic little generator (xorshift), so failures reproduce.
     struct Rng(u64);
@@ -419,15 +427,22 @@ mod tests {
 
     fn generated_manifest(rng: &mut Rng) -> String {
         let mut docs = Vec::new();
-        for i in 0..1 + rng.next(4) {
+        for i in 0..=rng.next(4) {
             let ns = if rng.next(3) == 0 { "b" } else { "a" };
             let audit = rng.next(2) == 0;
-            let mut body = format!("  endpointSelector: {}\n", SUBJECTS[rng.next(SUBJECTS.len())]);
+            let mut body = format!(
+                "  endpointSelector: {}\n",
+                SUBJECTS[rng.next(SUBJECTS.len())]
+            );
             if rng.next(3) != 0 {
-                body.push_str(&format!("  {}\n", INGRESS[rng.next(INGRESS.len())]));
+                body.push_str("  ");
+                body.push_str(INGRESS[rng.next(INGRESS.len())]);
+                body.push('\n');
             }
             if rng.next(2) == 0 {
-                body.push_str(&format!("  {}\n", EGRESS[rng.next(EGRESS.len())]));
+                body.push_str("  ");
+                body.push_str(EGRESS[rng.next(EGRESS.len())]);
+                body.push('\n');
             }
             if !body.contains("gress") {
                 body.push_str("  ingress: []\n");
@@ -465,20 +480,27 @@ mod tests {
                 let m = merged.decide(ep, d, peer, proto, port).unwrap();
                 let e = in_force.decide(ep, d, peer, proto, port).unwrap();
                 let a = all.decide(ep, d, peer, proto, port).unwrap();
-                let what = format!("case {case} ep {ep} {d} peer {peer} {proto}/{port}\n{manifest}");
+                let what =
+                    format!("case {case} ep {ep} {d} peer {peer} {proto}/{port}\n{manifest}");
                 assert_eq!(m.verdict, e.verdict, "{what}");
                 // A staged deny names the staged rule instead of the one that allows.
                 if m.staged_deny.is_none() {
                     assert_eq!(
                         m.matched.map(|(_, x)| (x.action, named(&rules, x.rule))),
-                        e.matched.map(|(_, x)| (x.action, named(&in_force_rules, x.rule))),
+                        e.matched
+                            .map(|(_, x)| (x.action, named(&in_force_rules, x.rule))),
                         "{what}"
                     );
                 } else {
-                    assert_eq!(m.matched.map(|(_, x)| x.action), e.matched.map(|(_, x)| x.action));
+                    assert_eq!(
+                        m.matched.map(|(_, x)| x.action),
+                        e.matched.map(|(_, x)| x.action)
+                    );
                 }
-                let expect = (e.verdict == Verdict::Allowed && denied(a.verdict))
-                    .then(|| a.matched.map_or(String::new(), |(_, x)| named(&all_rules, x.rule)));
+                let expect = (e.verdict == Verdict::Allowed && denied(a.verdict)).then(|| {
+                    a.matched
+                        .map_or(String::new(), |(_, x)| named(&all_rules, x.rule))
+                });
                 assert_eq!(m.staged_deny.map(|r| named(&rules, r)), expect, "{what}");
                 if let Some(rule) = m.staged_deny.filter(|r| *r != RuleId::NONE) {
                     staged_seen += 1;
@@ -489,7 +511,10 @@ mod tests {
                 }
             }
         }
-        assert!(staged_seen > 100, "the cases exercise staged denies ({staged_seen})");
+        assert!(
+            staged_seen > 100,
+            "the cases exercise staged denies ({staged_seen})"
+        );
     }
 
     #[test]
@@ -508,18 +533,31 @@ mod tests {
         let (s, rules) = c.compile(&BTreeMap::new());
         let db = EndpointId(3);
         assert!(s.endpoints[&db].staged.ingress && !s.endpoints[&db].ingress_enforced);
-        let web = s.decide(db, Direction::Ingress, Ipv4Addr::new(10, 0, 0, 1), 6, 5432).unwrap();
-        assert_eq!((web.verdict, web.staged_deny), (Verdict::Allowed, Some(RuleId::NONE)));
-        let api = s.decide(db, Direction::Ingress, Ipv4Addr::new(10, 0, 0, 2), 6, 5432).unwrap();
+        let web = s
+            .decide(db, Direction::Ingress, Ipv4Addr::new(10, 0, 0, 1), 6, 5432)
+            .unwrap();
+        assert_eq!(
+            (web.verdict, web.staged_deny),
+            (Verdict::Allowed, Some(RuleId::NONE))
+        );
+        let api = s
+            .decide(db, Direction::Ingress, Ipv4Addr::new(10, 0, 0, 2), 6, 5432)
+            .unwrap();
         assert_eq!((api.verdict, api.staged_deny), (Verdict::Allowed, None));
         // The policy in force's view names no rule of the staged policy.
         assert!(api.matched.is_none());
-        assert!(rules.iter().any(|(_, o)| matches!(o, RuleOrigin::Policy { policy, .. } if policy.name == "lock")));
+        assert!(
+            rules.iter().any(
+                |(_, o)| matches!(o, RuleOrigin::Policy { policy, .. } if policy.name == "lock")
+            )
+        );
     }
 
     #[test]
     fn namespace_modes_and_endpoints_put_endpoints_in_audit() {
-        let mut c = Cluster::new("apiVersion: palisade.io/v1\nkind: NetworkPolicy\nmetadata: {name: p, namespace: a}\nspec:\n  endpointSelector: {}\n  ingress: []\n");
+        let mut c = Cluster::new(
+            "apiVersion: palisade.io/v1\nkind: NetworkPolicy\nmetadata: {name: p, namespace: a}\nspec:\n  endpointSelector: {}\n  ingress: []\n",
+        );
         let modes: BTreeMap<String, NamespaceMode> = [
             ("a".to_string(), NamespaceMode::Monitor),
             ("b".to_string(), NamespaceMode::Protect),
@@ -538,9 +576,15 @@ mod tests {
             scopes.reason(false, EndpointId(1), "a"),
             Some(AuditReason::Namespace(NamespaceMode::Monitor))
         );
-        assert_eq!(scopes.reason(false, EndpointId(5), "b"), Some(AuditReason::Endpoint));
+        assert_eq!(
+            scopes.reason(false, EndpointId(5), "b"),
+            Some(AuditReason::Endpoint)
+        );
         assert_eq!(scopes.reason(false, EndpointId(4), "b"), None);
-        assert_eq!(scopes.reason(true, EndpointId(4), "b"), Some(AuditReason::Agent));
+        assert_eq!(
+            scopes.reason(true, EndpointId(4), "b"),
+            Some(AuditReason::Agent)
+        );
     }
 
     #[test]
@@ -558,7 +602,9 @@ mod tests {
         assert!(parse_manifests(spec).unwrap()[0].audit);
         let k8s = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: p, namespace: a, annotations: {palisade.io/audit: \"true\"}}\nspec: {podSelector: {}}\n";
         assert!(parse_manifests(k8s).unwrap()[0].audit);
-        let cilium = spec.replace("palisade.io/v1", "cilium.io/v2").replace("kind: NetworkPolicy", "kind: CiliumNetworkPolicy");
+        let cilium = spec
+            .replace("palisade.io/v1", "cilium.io/v2")
+            .replace("kind: NetworkPolicy", "kind: CiliumNetworkPolicy");
         let err = parse_manifests(&cilium).unwrap_err();
         assert_eq!(err.field.as_deref(), Some("spec.audit"));
         let plain = spec.replace("  audit: true\n", "");

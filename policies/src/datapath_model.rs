@@ -577,8 +577,7 @@ fn decide(
         },
     };
     if decision.action == Some(Action::Allow) {
-        decision.staged =
-            staged_rule.or((!any && ep.staged.get(dir)).then_some(RuleId::NONE));
+        decision.staged = staged_rule.or((!any && ep.staged.get(dir)).then_some(RuleId::NONE));
     }
     decision
 }

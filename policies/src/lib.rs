@@ -3,6 +3,7 @@
 //! - `audit`: audit at every scope (agent, namespace modes, endpoints, policies in audit) and
 //!   the compile that merges policies in audit into the map state as flags;
 //! - `labels`: labels, selectors and their Kubernetes semantics;
+//! - `learn`: the aggregate of observed connections, and policies suggested from it;
 //! - `model`: the internal policy form every manifest kind becomes;
 //! - `manifest`: parsing and validating manifests (Kubernetes NetworkPolicy, palisade.io/v1,
 //!   cilium.io/v2) into the model;
@@ -19,6 +20,7 @@ pub mod endpoint;
 pub mod identity;
 pub mod l7;
 pub mod labels;
+pub mod learn;
 pub mod manifest;
 pub mod mapstate;
 pub mod model;

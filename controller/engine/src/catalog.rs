@@ -32,4 +32,6 @@ pub struct Catalog {
     pub endpoints_by_ip: BTreeMap<Ipv4Addr, (String, String)>,
     pub identities: BTreeMap<u32, Vec<String>>,
     pub rules: BTreeMap<u32, CatalogRule>,
+    /// Namespaces not in protect mode.
+    pub namespace_modes: BTreeMap<String, palisade_policies::audit::NamespaceMode>,
 }

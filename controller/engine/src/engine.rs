@@ -354,6 +354,7 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
         for (id, src) in table {
             c.identities.insert(id.0, src.label_strings());
         }
+        c.namespace_modes.clone_from(&self.model.namespace_modes);
         // Every rule a map entry or an HTTP rule refers to (the table keeps only those): a
         // rule that lost its map entry to another one's still decides requests in the proxy.
         for (id, origin) in self.rules.iter() {

@@ -56,7 +56,13 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
             .values()
             .filter(|e| e.namespace == ns)
             .count();
-        info!(namespace = ns, mode = mode.as_str(), previous = previous.as_str(), map_operations = ops, "namespace mode set");
+        info!(
+            namespace = ns,
+            mode = mode.as_str(),
+            previous = previous.as_str(),
+            map_operations = ops,
+            "namespace mode set"
+        );
         Ok(ModeChange {
             namespace: ns.to_string(),
             mode,

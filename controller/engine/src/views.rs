@@ -345,9 +345,10 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
         let peer = decision.peer.identity;
         let ep = rec.qualified_name();
         let staged = decision.staged_deny.map(|r| {
-            self.rules
-                .get(r)
-                .map_or_else(|| "the default deny of a policy in audit".to_string(), RuleOrigin::describe)
+            self.rules.get(r).map_or_else(
+                || "the default deny of a policy in audit".to_string(),
+                RuleOrigin::describe,
+            )
         });
         let (allowed, reason) = match decision.verdict {
             Verdict::Allowed if staged.is_some() => (

@@ -188,7 +188,10 @@ impl Compiled {
 
 impl<D: Datapath, P: Plumbing> Engine<D, P> {
     /// Compiles `policies` as `sync` would compile the model, without changing anything.
-    fn compile_as_if(&self, policies: &BTreeMap<PolicyRef, Policy>) -> Result<Compiled, EngineError> {
+    fn compile_as_if(
+        &self,
+        policies: &BTreeMap<PolicyRef, Policy>,
+    ) -> Result<Compiled, EngineError> {
         let mut identities = self.model.identities.clone();
         identities.sync_cidrs(&compile::policy_cidrs(policies.values()))?;
         let table = identities.table();

@@ -259,7 +259,9 @@ pub(crate) fn translate(doc: CiliumPolicyDoc, scope: Scope) -> Result<Policy, In
         specs.push(translate_rule(rule, ctx, &path)?);
         if let Some(a) = rule.audit {
             if group != ApiGroup::Palisade {
-                return Err(path.key("audit").invalid(Problem::PalisadeOnlyField("audit")));
+                return Err(path
+                    .key("audit")
+                    .invalid(Problem::PalisadeOnlyField("audit")));
             }
             if audit.is_some_and(|seen| seen != a) {
                 return Err(path.key("audit").invalid(Problem::AuditDisagrees));

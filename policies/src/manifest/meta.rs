@@ -232,9 +232,21 @@ mod tests {
             ..meta(Some("p"), Some("demo"))
         };
         let s = |v: &str| serde_norway::Value::String(v.to_string());
-        assert!(object_id(Some(with(s("true"))), Scope::Namespaced).unwrap().audit);
-        assert!(!object_id(Some(with(s("false"))), Scope::Namespaced).unwrap().audit);
-        assert!(!object_id(Some(meta(Some("p"), None)), Scope::Namespaced).unwrap().audit);
+        assert!(
+            object_id(Some(with(s("true"))), Scope::Namespaced)
+                .unwrap()
+                .audit
+        );
+        assert!(
+            !object_id(Some(with(s("false"))), Scope::Namespaced)
+                .unwrap()
+                .audit
+        );
+        assert!(
+            !object_id(Some(meta(Some("p"), None)), Scope::Namespaced)
+                .unwrap()
+                .audit
+        );
         for bad in [s("yes"), serde_norway::Value::Bool(true)] {
             let err = object_id(Some(with(bad)), Scope::Namespaced).unwrap_err();
             assert_eq!(

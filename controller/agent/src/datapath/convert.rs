@@ -136,10 +136,7 @@ pub fn policy_entry_from(v: PolicyValue) -> Result<PolicyEntry, DecodeError> {
         (common_policy::action::ALLOW, true) => (Action::Allow, Staged::Deny),
         (common_policy::action::ALLOW, false) => (Action::Allow, Staged::Same),
         (common_policy::action::DENY, false) => (Action::Deny, Staged::Same),
-        (
-            common_policy::action::REDIRECT,
-            false,
-        ) => (
+        (common_policy::action::REDIRECT, false) => (
             Action::Redirect {
                 proxy_port: u16::from_be(v.proxy_port_be),
             },

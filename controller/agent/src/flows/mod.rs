@@ -1,6 +1,8 @@
-//! Flows: datapath events and the proxy's requests turned into named flow records, and the
-//! bounded store that keeps them for `palisade observe`.
+//! Flows: datapath events and the proxy's requests turned into named flow records, the
+//! bounded store that keeps them for `palisade observe`, and the connection log that keeps
+//! their aggregate for learning (`learn`).
 
+pub mod learn;
 pub mod proxy;
 pub mod store;
 
