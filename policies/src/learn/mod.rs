@@ -11,6 +11,7 @@
 //! Plain data and plain functions: the agent feeds the log and persists its snapshot, the CLI
 //! turns records into policies and maps.
 
+pub mod map;
 pub mod suggest;
 pub mod time;
 
