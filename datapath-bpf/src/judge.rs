@@ -57,6 +57,9 @@ pub fn run(ctx: &TcContext, dir: u8) -> i32 {
     match judge(ctx, dir, ifindex, len) {
         Ok(outcome) => {
             events::count(dir, outcome, len);
+            if outcome == OUTCOME_REDIRECTED {
+                return proxy::deliver(ifindex);
+            }
             TC_ACT_OK
         }
         Err(d) => {
@@ -158,7 +161,7 @@ fn judge(ctx: &TcContext, dir: u8, ifindex: u32, len: u32) -> Result<u8, Drop> {
         // SAFETY: valid map value pointer for this program run.
         let e = unsafe { &*entry };
         if dir == direction::EGRESS && e.flags & CT_FLAG_PROXY_REDIRECT != 0 {
-            proxy::redirect(ctx, &pkt, e.proxy_port_be).map_err(Drop::plain)?;
+            proxy::redirect(ctx, ep, &pkt, e.proxy_port_be).map_err(Drop::plain)?;
             return Ok(OUTCOME_REDIRECTED);
         }
         return Ok(outcome);
@@ -546,7 +549,7 @@ fn new_connection(
         return Err(deny(drop::CT_MAP_FULL));
     }
     if ct_flags & CT_FLAG_PROXY_REDIRECT != 0
-        && let Err(reason) = proxy::redirect(ctx, pkt, proxy_port_be)
+        && let Err(reason) = proxy::redirect(ctx, ep, pkt, proxy_port_be)
     {
         conntrack::remove(key);
         return Err(deny(reason));

@@ -2,20 +2,27 @@
 //! packet is assigned to a proxy socket in the node namespace with bpf_sk_assign and marked
 //! so the node routes it to its local stack. The connection's own (accepted) socket is found
 //! by its tuple; a new connection goes to the proxy's transparent listener, whose accepted
-//! socket then has the original destination as its local address.
+//! socket then has the original destination as its local address. From a bridge port the frame
+//! goes to the bridge's own input instead, readdressed to it, so that it is routed by the node
+//! rather than switched straight to its destination.
 
 use core::ffi::c_void;
 
 use aya_ebpf::{
     bindings::{
-        BPF_F_CURRENT_NETNS, bpf_sock, bpf_sock_tuple, bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1,
+        BPF_F_CURRENT_NETNS, BPF_F_INGRESS, TC_ACT_OK, TC_ACT_SHOT, bpf_sock, bpf_sock_tuple,
+        bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1,
     },
-    helpers::{bpf_sk_assign, bpf_sk_release, bpf_skc_lookup_tcp},
+    helpers::{bpf_redirect, bpf_sk_assign, bpf_sk_release, bpf_skc_lookup_tcp},
     programs::TcContext,
 };
-use palisade_common::{mark, reason::drop};
+use palisade_common::{
+    endpoint::{EndpointInfo, FLAG_BRIDGE_PORT},
+    mark,
+    reason::drop,
+};
 
-use crate::packet::Packet;
+use crate::{maps::ENDPOINTS, packet::Packet};
 
 #[inline(always)]
 fn v4(addr: &[u8; 16]) -> u32 {
@@ -67,13 +74,49 @@ fn assign(ctx: &TcContext, sk: *mut bpf_sock) -> Result<(), u8> {
     Ok(())
 }
 
+/// A bridge port's frame is switched at L2 past the node's routing, so it is readdressed to
+/// the bridge, for `deliver` to hand to the bridge's own input (see `FLAG_BRIDGE_PORT`).
+#[inline(always)]
+fn readdress_to_bridge(ctx: &TcContext, ep: &EndpointInfo) -> Result<(), u8> {
+    if ep.flags & FLAG_BRIDGE_PORT == 0 {
+        return Ok(());
+    }
+    let mac = ep.bridge_mac;
+    ctx.store(0, &mac, 0).map_err(|_| drop::PROXY_UNAVAILABLE)
+}
+
+/// The TC action that takes a packet `redirect` assigned to the proxy into the node's stack:
+/// from a routed veth the host side's own input (`TC_ACT_OK`); from a bridge port the
+/// bridge's, where the frame arrives readdressed to the bridge, its assigned socket intact.
+/// An endpoint that vanished meanwhile is a drop.
+#[inline(always)]
+pub fn deliver(ifindex: u32) -> i32 {
+    // SAFETY: map values stay valid for the whole program run; the agent only replaces them.
+    let Some(ep) = (unsafe { ENDPOINTS.get(ifindex) }) else {
+        return TC_ACT_SHOT;
+    };
+    if ep.flags & FLAG_BRIDGE_PORT == 0 {
+        return TC_ACT_OK;
+    }
+    // SAFETY: a helper taking plain integers; it returns TC_ACT_REDIRECT, or TC_ACT_SHOT when
+    // it refuses.
+    let action = unsafe { bpf_redirect(ep.bridge_ifindex, u64::from(BPF_F_INGRESS)) };
+    i32::try_from(action).unwrap_or(TC_ACT_SHOT)
+}
+
 /// Hands a packet of a proxied connection to the proxy: to the connection's own socket when
 /// the proxy has one for it, else (a new or retransmitted SYN) to the listener.
 #[inline(always)]
-pub fn redirect(ctx: &TcContext, pkt: &Packet, proxy_port_be: u16) -> Result<(), u8> {
+pub fn redirect(
+    ctx: &TcContext,
+    ep: &EndpointInfo,
+    pkt: &Packet,
+    proxy_port_be: u16,
+) -> Result<(), u8> {
     if proxy_port_be == 0 {
         return Err(drop::PROXY_UNAVAILABLE);
     }
+    readdress_to_bridge(ctx, ep)?;
     let (saddr, daddr) = (v4(&pkt.saddr), v4(&pkt.daddr));
     let sk = lookup(ctx, saddr, daddr, pkt.sport_be, pkt.dport_be);
     if !sk.is_null() {

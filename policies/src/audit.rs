@@ -303,6 +303,7 @@ mod tests {
                         ip: Ipv4Addr::from(*ip),
                         ifindex: 100 + id.0,
                         named_ports: vec![],
+                        link: crate::endpoint::LinkLayer::default(),
                     },
                 );
             }
@@ -329,6 +330,7 @@ mod tests {
                 identities: &table,
                 policies: &self.policies,
                 host_addresses: &host,
+                remote: &BTreeMap::new(),
                 settings: Settings::default(),
             };
             let mut rules = RuleTable::default();

@@ -1061,6 +1061,7 @@ mod tests {
             egress_enforced: false,
             audit: false,
             staged: crate::mapstate::StagedEnforcement::default(),
+            link: crate::endpoint::LinkLayer::default(),
         }
     }
 

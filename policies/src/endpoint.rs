@@ -71,6 +71,27 @@ pub fn is_iana_svc_name(s: &str) -> bool {
         && !s.contains("--")
 }
 
+/// Link-layer facts of an endpoint's veth that the datapath needs: read by the agent from the
+/// interfaces (never from a policy). All zero when unknown, which the datapath handles by
+/// taking the node's own path.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct LinkLayer {
+    /// MAC of the endpoint's own interface, inside its namespace.
+    pub mac: [u8; 6],
+    /// MAC of the host-side veth.
+    pub host_mac: [u8; 6],
+    /// The Linux bridge the host-side veth is a port of (chained after the CNI `bridge`
+    /// plugin), if any: the endpoint's traffic is switched at L2, not routed by the node.
+    pub bridge: Option<BridgeLink>,
+}
+
+/// A bridge, as the datapath reaches it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct BridgeLink {
+    pub ifindex: u32,
+    pub mac: [u8; 6],
+}
+
 /// An endpoint: what policy needs to know about it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Endpoint {
@@ -82,6 +103,9 @@ pub struct Endpoint {
     /// Host-side interface index; the datapath finds the endpoint by it.
     pub ifindex: u32,
     pub named_ports: Vec<NamedPort>,
+    /// Its veth's link layer, passed through to the endpoint map.
+    #[serde(default)]
+    pub link: LinkLayer,
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@ use std::net::Ipv4Addr;
 use ipnetwork::Ipv4Network;
 use serde::{Deserialize, Serialize};
 
-use crate::endpoint::EndpointId;
+use crate::endpoint::{EndpointId, LinkLayer};
 use crate::identity::Identity;
 use crate::model::Direction;
 
@@ -221,6 +221,8 @@ pub struct EndpointEntry {
     /// Default deny that only policies in audit ask for.
     #[serde(default)]
     pub staged: StagedEnforcement,
+    #[serde(default)]
+    pub link: LinkLayer,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -626,6 +628,7 @@ mod tests {
                 egress_enforced: false,
                 audit: false,
                 staged: StagedEnforcement::default(),
+                link: LinkLayer::default(),
             },
         );
         s.ipcache.insert(

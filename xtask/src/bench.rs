@@ -13,7 +13,7 @@ use palisade_integration::traffic;
 
 use crate::{build_binaries, cargo, workspace_root};
 
-fn write_result(name: &str, title: &str, body: &str) -> anyhow::Result<()> {
+pub(crate) fn write_result(name: &str, title: &str, body: &str) -> anyhow::Result<()> {
     let dir = workspace_root().join("docs/benchmarks");
     std::fs::create_dir_all(&dir)?;
     let machine = format!(
@@ -408,6 +408,9 @@ pub fn run(which: Option<String>) -> anyhow::Result<()> {
     }
     if all || which == "l7-proxy" {
         l7()?;
+    }
+    if all || which == "kubernetes-scale" {
+        crate::bench_k8s::run()?;
     }
     Ok(())
 }

@@ -6,7 +6,8 @@
 use std::collections::BTreeSet;
 
 use palisade_policies::{
-    endpoint::EndpointId, identity::Identity, identity::workload_identity_labels, labels::Labels,
+    endpoint::EndpointId, identity::Identity, identity::IdentityError,
+    identity::workload_identity_labels, labels::Labels,
 };
 use tracing::{info, warn};
 
@@ -14,7 +15,7 @@ use crate::datapath::Datapath;
 use crate::endpoints::{validate_dns_label, validate_labels};
 use crate::engine::Engine;
 use crate::error::EngineError;
-use crate::model::{AttachmentSpec, EndpointOrigin, EndpointRecord, qualified};
+use crate::model::{AttachmentSpec, EndpointOrigin, EndpointRecord, NetnsRef, qualified};
 use crate::plumbing::Plumbing;
 use crate::views::EndpointView;
 
@@ -92,20 +93,37 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
             .ok_or_else(|| EngineError::NoSuchInterface {
                 ifname: spec.host_ifname.clone(),
             })?;
+        let link = self
+            .link_layer(&NetnsRef::Path(a.netns.clone()), &a.ifname, ifindex)
+            .await;
         let id = EndpointId(self.model.next_endpoint_id);
         let ns_labels = self.namespace_labels(&spec.namespace);
         let chained = a.chained;
         self.transact(|m| {
-            let (identity, pending) = match &spec.labels {
-                Some(labels) => (
-                    m.identities.acquire(&workload_identity_labels(
-                        &spec.namespace,
-                        &ns_labels,
-                        labels,
-                    ))?,
-                    false,
-                ),
-                None => (Identity::INIT, true),
+            // A bridge's MAC may follow its ports (one it was not given follows the lowest):
+            // the other ports of this one learn its address as it is now.
+            if let Some(bridge) = link.bridge {
+                for r in m.endpoints.values_mut() {
+                    if let Some(b) = &mut r.link.bridge
+                        && b.ifindex == bridge.ifindex
+                    {
+                        b.mac = bridge.mac;
+                    }
+                }
+            }
+            let (identity, pending, awaiting) = match &spec.labels {
+                Some(labels) => match m.identities.acquire(&workload_identity_labels(
+                    &spec.namespace,
+                    &ns_labels,
+                    labels,
+                )) {
+                    Ok(id) => (id, false, false),
+                    // Kubernetes mode, labels the cluster has not numbered yet: `init` until
+                    // the number arrives.
+                    Err(IdentityError::NotAssigned { .. }) => (Identity::INIT, true, true),
+                    Err(e) => return Err(e.into()),
+                },
+                None => (Identity::INIT, true, false),
             };
             m.next_endpoint_id += 1;
             m.namespaces.entry(spec.namespace.clone()).or_default();
@@ -124,6 +142,8 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
                     origin: EndpointOrigin::Cni(spec.attachment.clone()),
                     pending_labels: pending,
                     audit: false,
+                    awaiting_identity: awaiting,
+                    link,
                 },
             );
             Ok(())

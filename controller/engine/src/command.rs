@@ -11,10 +11,11 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, warn};
 
 use crate::attachments::AttachmentStatus;
+use crate::cluster::{ClusterKnown, ClusterReport};
 use crate::datapath::Datapath;
 use crate::engine::Engine;
 use crate::error::EngineError;
-use crate::model::{AttachmentSpec, EndpointSpec, FilePolicies, LabelChange};
+use crate::model::{AttachmentSpec, ClusterDelta, EndpointSpec, FilePolicies, LabelChange};
 use crate::modes::ModeChange;
 use crate::plumbing::Plumbing;
 use crate::policies::PolicyUpdate;
@@ -75,6 +76,10 @@ pub enum Command {
     /// Proposed policies (parsed by the sender) and the recorded flows to judge against
     /// them; answers each query judged before and after, None when its endpoint is gone.
     WhatIf(Vec<Policy>, Vec<ReplayQuery>, Reply<Vec<Option<Replayed>>>),
+    /// Kubernetes mode: a batch of what the cluster changed.
+    ClusterUpdate(ClusterDelta, Reply<ClusterReport>),
+    /// Kubernetes mode: what the engine holds of the cluster.
+    ClusterKnown(Reply<ClusterKnown>),
 }
 
 /// How often expired conntrack entries are swept.
@@ -138,6 +143,11 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
                 let result = self.endpoint_resolve(&key, &namespace, labels);
                 self.settle(r, result).await;
             }
+            Command::ClusterUpdate(delta, r) => {
+                let result = self.cluster_update(delta);
+                self.settle(r, result).await;
+            }
+            Command::ClusterKnown(r) => answer(r, Ok(self.cluster_known())),
             Command::Status(r) => answer(r, Ok(self.status())),
             Command::NamespaceMode(ns, mode, r) => {
                 let result = self.set_namespace_mode(&ns, mode);

@@ -6,6 +6,7 @@ use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 
 use palisade_policies::{
+    audit::MODE_LABEL,
     endpoint::EndpointId,
     identity::workload_identity_labels,
     labels::{self, Labels, NAMESPACE_NAME_LABEL},
@@ -106,6 +107,13 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
             .plumbing
             .create_endpoint(&req.name, &host_ifname, ip)
             .await?;
+        let link = self
+            .link_layer(
+                &crate::model::NetnsRef::Named(req.name.clone()),
+                "eth0",
+                plumbed.host_ifindex,
+            )
+            .await;
 
         let ns_labels = self.namespace_labels(&req.namespace);
         let record_result = self.transact(|m| {
@@ -131,6 +139,8 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
                     origin: EndpointOrigin::Local,
                     pending_labels: false,
                     audit: false,
+                    awaiting_identity: false,
+                    link,
                 },
             );
             Ok(())
@@ -228,12 +238,20 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
     ) -> Result<Labels, EngineError> {
         validate_dns_label("namespace", ns)?;
         validate_labels(&change.set)?;
+        if self.cfg.cluster_identities {
+            return Err(EngineError::ClusterNamespace {
+                namespace: ns.to_string(),
+            });
+        }
         if change.set.contains_key(NAMESPACE_NAME_LABEL)
             || change.remove.iter().any(|k| k == NAMESPACE_NAME_LABEL)
         {
             return Err(EngineError::ReservedNamespaceLabel {
                 key: NAMESPACE_NAME_LABEL,
             });
+        }
+        if change.set.contains_key(MODE_LABEL) || change.remove.iter().any(|k| k == MODE_LABEL) {
+            return Err(EngineError::ModeLabel { key: MODE_LABEL });
         }
         let members: Vec<EndpointRecord> = self
             .model

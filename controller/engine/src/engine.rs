@@ -11,10 +11,10 @@ use ipnetwork::Ipv4Network;
 use palisade_policies::{
     audit::{self, AuditScopes},
     compile::{self, CompileInput, RuleTable, Settings},
-    endpoint::{Endpoint, EndpointId},
-    identity::{IdentityAllocator, IdentityTable, workload_identity_labels},
+    endpoint::{Endpoint, EndpointId, LinkLayer},
+    identity::{Identity, IdentityAllocator, IdentityTable, workload_identity_labels},
     l7::ProxyPolicy,
-    labels::{Labels, NAMESPACE_NAME_LABEL},
+    labels::Labels,
     mapstate::{self, MapState},
     model::{Policy, PolicyRef},
 };
@@ -24,7 +24,7 @@ use tracing::{info, warn};
 use crate::catalog::{Catalog, CatalogEndpoint, CatalogRule};
 use crate::datapath::Datapath;
 use crate::error::EngineError;
-use crate::model::{EndpointOrigin, FilePolicies, Model, PolicySource};
+use crate::model::{EndpointOrigin, FilePolicies, Model, PolicySource, RemoteSpec};
 use crate::plumbing::Plumbing;
 use crate::store::{STATE_VERSION, SaveTicket, StateFile, StateStore};
 
@@ -39,6 +39,9 @@ pub struct EngineConfig {
     pub pod_cidr: Ipv4Network,
     pub node_ip: Ipv4Addr,
     pub settings: Settings,
+    /// Kubernetes mode: workload identity numbers are the cluster's (`ClusterDelta`), never
+    /// chosen by this node.
+    pub cluster_identities: bool,
     /// Policies of `--policy-dir`, read before the start so the first sync includes them.
     pub file_policies: Vec<FilePolicies>,
 }
@@ -90,7 +93,10 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
             next_endpoint_id: 1,
             ..StateFile::default()
         });
-        let identities = IdentityAllocator::restore(&saved.identities)?;
+        let mut identities = IdentityAllocator::restore(&saved.identities)?;
+        if cfg.cluster_identities {
+            identities.set_cluster_scope();
+        }
         let applied = datapath.read_state()?;
         let file_policies = std::mem::take(&mut cfg.file_policies);
         let mut engine = Self {
@@ -111,6 +117,7 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
                 identities,
                 next_endpoint_id: saved.next_endpoint_id.max(1),
                 namespace_modes: saved.namespace_modes.clone(),
+                remotes: BTreeMap::new(),
             },
             rules: RuleTable::default(),
             applied,
@@ -133,6 +140,9 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
             match engine.plumbing.ifindex(&rec.host_ifname).await? {
                 Some(ifindex) if netns_ok => {
                     rec.ifindex = ifindex;
+                    rec.link = engine
+                        .link_layer(&rec.netns(), rec.workload_ifname(), ifindex)
+                        .await;
                     if !rec.pending_labels {
                         let ns_labels = engine.namespace_labels(&rec.namespace);
                         rec.identity = engine.model.identities.acquire(
@@ -154,6 +164,26 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
                     }
                 }
             }
+        }
+        for p in &saved.cluster_policies {
+            engine
+                .model
+                .policy_sources
+                .insert(p.id.clone(), PolicySource::Cluster);
+            engine.model.policies.insert(p.id.clone(), p.clone());
+        }
+        for (key, mut rec) in saved.remotes {
+            if let RemoteSpec::Pod {
+                namespace, labels, ..
+            } = &rec.spec
+            {
+                let ns_labels = engine.namespace_labels(namespace);
+                rec.identity = engine
+                    .model
+                    .identities
+                    .acquire(&workload_identity_labels(namespace, &ns_labels, labels))?;
+            }
+            engine.model.remotes.insert(key, rec);
         }
         engine.model.identities.drop_unreferenced();
         // In the first sync, so a restart never drops what the directory's policies allow.
@@ -197,10 +227,26 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
         Ok(engine)
     }
 
+    /// The link layer of an endpoint's veth. Unreadable, it is unknown (zero), which the
+    /// datapath meets by leaving the endpoint's traffic to the node's own path; a bridge port
+    /// not known as one then has no way to the L7 proxy (its redirects fail closed).
+    pub(crate) async fn link_layer(
+        &mut self,
+        netns: &crate::model::NetnsRef,
+        ifname: &str,
+        host_ifindex: u32,
+    ) -> LinkLayer {
+        match self.plumbing.link_layer(netns, ifname, host_ifindex).await {
+            Ok(l) => l,
+            Err(e) => {
+                warn!(ifindex = host_ifindex, error = %e, "cannot read the veth's link layer");
+                LinkLayer::default()
+            }
+        }
+    }
+
     pub(crate) fn namespace_labels(&self, ns: &str) -> Labels {
-        let mut l = self.model.namespaces.get(ns).cloned().unwrap_or_default();
-        l.insert(NAMESPACE_NAME_LABEL.to_string(), ns.to_string());
-        l
+        self.model.namespace_labels(ns)
     }
 
     pub(crate) fn compile_endpoints(&self) -> BTreeMap<EndpointId, Endpoint> {
@@ -209,6 +255,29 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
             .values()
             .map(|r| (r.id, r.to_endpoint()))
             .collect()
+    }
+
+    /// Other nodes' pods and nodes by address. A pod's address wins over a node's (a node
+    /// announcing a pod's address is a misconfiguration, and the pod is the precise answer).
+    pub(crate) fn remote_addresses(&self) -> BTreeMap<Ipv4Addr, Identity> {
+        let mut out = BTreeMap::new();
+        for r in self.model.remotes.values() {
+            if let RemoteSpec::Node { ips, .. } = &r.spec {
+                for ip in ips {
+                    out.insert(*ip, r.identity);
+                }
+            }
+        }
+        for r in self.model.remotes.values() {
+            // A pod the cluster has not numbered yet is not given `init` here: its address
+            // stays world, which only CIDR rules allow.
+            if let RemoteSpec::Pod { ip, .. } = &r.spec
+                && r.identity != Identity::INIT
+            {
+                out.insert(*ip, r.identity);
+            }
+        }
+        out
     }
 
     pub(crate) fn policies(&self) -> &BTreeMap<PolicyRef, Policy> {
@@ -233,11 +302,13 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
         self.model.identities.sync_cidrs(&cidrs)?;
         let table = self.model.identities.table();
         let endpoints = self.compile_endpoints();
+        let remote = self.remote_addresses();
         let input = CompileInput {
             endpoints: &endpoints,
             identities: &table,
             policies: &self.model.policies,
             host_addresses: &self.host_addresses,
+            remote: &remote,
             settings: self.cfg.settings,
         };
         let audit_endpoints = self.audit_endpoints();
@@ -326,6 +397,19 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
             identities: self.model.identities.snapshot(),
             next_endpoint_id: self.model.next_endpoint_id,
             namespace_modes: self.model.namespace_modes.clone(),
+            remotes: self
+                .model
+                .remotes
+                .iter()
+                .map(|(k, r)| (k.clone(), r.clone()))
+                .collect(),
+            cluster_policies: self
+                .model
+                .policies
+                .values()
+                .filter(|p| self.model.policy_sources.get(&p.id) == Some(&PolicySource::Cluster))
+                .cloned()
+                .collect(),
         };
         self.saved = Some(store.save(state));
     }
@@ -350,6 +434,19 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
             );
             c.endpoints_by_ip
                 .insert(r.ip, (r.namespace.clone(), r.name.clone()));
+        }
+        for r in self.model.remotes.values() {
+            if let RemoteSpec::Pod {
+                namespace,
+                name,
+                ip,
+                ..
+            } = &r.spec
+            {
+                c.endpoints_by_ip
+                    .entry(*ip)
+                    .or_insert_with(|| (namespace.clone(), name.clone()));
+            }
         }
         for (id, src) in table {
             c.identities.insert(id.0, src.label_strings());

@@ -40,6 +40,12 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
         mode: NamespaceMode,
     ) -> Result<ModeChange, EngineError> {
         validate_dns_label("namespace", ns)?;
+        if self.cfg.cluster_identities {
+            return Err(EngineError::ClusterNamespaceMode {
+                namespace: ns.to_string(),
+                mode: mode.as_str(),
+            });
+        }
         let previous = self.namespace_mode(ns);
         let ((), ops) = self.transact(|m| {
             if mode == NamespaceMode::Protect {

@@ -196,11 +196,13 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
         identities.sync_cidrs(&compile::policy_cidrs(policies.values()))?;
         let table = identities.table();
         let endpoints = self.compile_endpoints();
+        let remote = self.remote_addresses();
         let input = CompileInput {
             endpoints: &endpoints,
             identities: &table,
             policies,
             host_addresses: &self.host_addresses,
+            remote: &remote,
             settings: self.cfg.settings,
         };
         let audit_endpoints = self.audit_endpoints();

@@ -18,6 +18,11 @@ use netlink_packet_route::link::{LinkAttribute, LinkMessage};
 use netlink_packet_route::neighbour::NeighbourState;
 use netlink_packet_route::route::RouteScope;
 use rtnetlink::{Handle, LinkUnspec, LinkVeth, RouteMessageBuilder};
+
+/// The routing protocol number of routes to other nodes' pods (Kubernetes mode), so they are
+/// told apart from the host's own (as BIRD or Cilium mark theirs).
+pub const NODE_ROUTE_PROTOCOL: netlink_packet_route::route::RouteProtocol =
+    netlink_packet_route::route::RouteProtocol::Other(0xba);
 use tracing::debug;
 
 pub mod netns;
@@ -72,6 +77,20 @@ pub struct Veth {
     pub host_mac: Vec<u8>,
     pub container_ifname: String,
     pub container_mac: Vec<u8>,
+}
+
+/// What the datapath needs of a workload veth's link layer (see `Netlink::link_layer`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LinkLayerInfo {
+    pub mac: [u8; 6],
+    pub host_mac: [u8; 6],
+    /// The bridge the host side is a port of: its ifindex and MAC.
+    pub bridge: Option<(u32, [u8; 6])>,
+}
+
+/// An Ethernet address from netlink's bytes; zero (unknown) when it is not six bytes long.
+fn six(mac: &[u8]) -> [u8; 6] {
+    <[u8; 6]>::try_from(mac).unwrap_or_default()
 }
 
 /// rtnetlink in the node's namespace (the namespace of the thread that made it).
@@ -408,6 +427,84 @@ impl Netlink {
             .map_err(nl(format!("add route to {ip}")))
     }
 
+    /// Routes `cidr` (another node's pods) via `gateway` (that node), marked as palisade's
+    /// so `routes_to_nodes` finds them again after a restart. Idempotent.
+    pub async fn route_to_node(
+        &mut self,
+        cidr: ipnetwork::Ipv4Network,
+        gateway: Ipv4Addr,
+    ) -> Result<(), NetlinkError> {
+        self.node
+            .route()
+            .add(
+                RouteMessageBuilder::<Ipv4Addr>::new()
+                    .destination_prefix(cidr.network(), cidr.prefix())
+                    .gateway(gateway)
+                    .protocol(NODE_ROUTE_PROTOCOL)
+                    .build(),
+            )
+            .replace()
+            .execute()
+            .await
+            .map_err(nl(format!("route {cidr} via {gateway}")))
+    }
+
+    pub async fn delete_route_to_node(
+        &mut self,
+        cidr: ipnetwork::Ipv4Network,
+        gateway: Ipv4Addr,
+    ) -> Result<(), NetlinkError> {
+        let r = self
+            .node
+            .route()
+            .del(
+                RouteMessageBuilder::<Ipv4Addr>::new()
+                    .destination_prefix(cidr.network(), cidr.prefix())
+                    .gateway(gateway)
+                    .protocol(NODE_ROUTE_PROTOCOL)
+                    .build(),
+            )
+            .execute()
+            .await;
+        match r {
+            Err(rtnetlink::Error::NetlinkError(m)) if m.raw_code() == -libc::ESRCH => Ok(()),
+            other => other.map_err(nl(format!("delete the route {cidr} via {gateway}"))),
+        }
+    }
+
+    /// The routes to other nodes' pods this agent (or an earlier one) made.
+    pub async fn routes_to_nodes(
+        &mut self,
+    ) -> Result<Vec<(ipnetwork::Ipv4Network, Ipv4Addr)>, NetlinkError> {
+        use netlink_packet_route::route::{RouteAddress, RouteAttribute};
+        let mut out = Vec::new();
+        let mut routes = self
+            .node
+            .route()
+            .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+            .execute();
+        while let Some(r) = routes.try_next().await.map_err(nl("list routes"))? {
+            if r.header.protocol != NODE_ROUTE_PROTOCOL {
+                continue;
+            }
+            let mut dst = None;
+            let mut via = None;
+            for a in &r.attributes {
+                match a {
+                    RouteAttribute::Destination(RouteAddress::Inet(d)) => dst = Some(*d),
+                    RouteAttribute::Gateway(RouteAddress::Inet(g)) => via = Some(*g),
+                    _ => {}
+                }
+            }
+            if let (Some(d), Some(g)) = (dst, via)
+                && let Ok(cidr) = ipnetwork::Ipv4Network::new(d, r.header.destination_prefix_length)
+            {
+                out.push((cidr, g));
+            }
+        }
+        Ok(out)
+    }
+
     /// Removes a named namespace and its veth (idempotent).
     pub async fn delete_named(
         &mut self,
@@ -495,6 +592,61 @@ impl Netlink {
                 _ => None,
             })
         }))
+    }
+
+    /// The link layer of a workload's veth: the MACs of its host side (`host_ifindex`) and of
+    /// its peer `ifname` inside the namespace at `netns_path`, and the bridge the host side is
+    /// a port of. A peer that cannot be read leaves its MAC zero (unknown).
+    pub async fn link_layer(
+        &mut self,
+        host_ifindex: u32,
+        netns_path: &Path,
+        ifname: &str,
+    ) -> Result<LinkLayerInfo, NetlinkError> {
+        use netlink_packet_route::link::{InfoKind, LinkInfo};
+        let host = self
+            .link_by_index(host_ifindex)
+            .await?
+            .ok_or_else(|| NetlinkError::NoSuchInterface(format!("ifindex {host_ifindex}")))?;
+        let host_mac = mac_of(&host).unwrap_or_default();
+        let master = host.attributes.iter().find_map(|a| match a {
+            LinkAttribute::Controller(i) => Some(*i),
+            _ => None,
+        });
+        let bridge = match master {
+            Some(i) => self.link_by_index(i).await?.filter(|m| {
+                m.attributes.iter().any(|a| {
+                    matches!(a, LinkAttribute::LinkInfo(infos)
+                        if infos.iter().any(|i| matches!(i, LinkInfo::Kind(InfoKind::Bridge))))
+                })
+            }),
+            None => None,
+        };
+        let mac = match handle_in(netns_path) {
+            Ok(pod) => link_by_name(&pod, ifname)
+                .await?
+                .as_ref()
+                .and_then(mac_of)
+                .unwrap_or_default(),
+            Err(e) => {
+                debug!(netns = %netns_path.display(), error = %e, "workload MAC not read");
+                Vec::new()
+            }
+        };
+        Ok(LinkLayerInfo {
+            mac: six(&mac),
+            host_mac: six(&host_mac),
+            bridge: bridge.map(|b| (b.header.index, six(&mac_of(&b).unwrap_or_default()))),
+        })
+    }
+
+    async fn link_by_index(&mut self, index: u32) -> Result<Option<LinkMessage>, NetlinkError> {
+        let mut links = self.node.link().get().match_index(index).execute();
+        match links.try_next().await {
+            Ok(l) => Ok(l),
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(None),
+            Err(e) => Err(nl(format!("get link {index}"))(e)),
+        }
     }
 
     /// Whether `ifname` inside the namespace at `netns_path` is up with `ip`.

@@ -48,7 +48,8 @@ macro_rules! abi_names {
 abi_names! { $
     maps {
         IPCACHE = "IPCACHE_V1",
-        ENDPOINTS = "ENDPOINTS_V1",
+        /// V2: the endpoint's and its host side's MACs.
+        ENDPOINTS = "ENDPOINTS_V2",
         POLICY = "POLICY_V1",
         /// V2: ICMP keys hold identifier and type; entries carry the proxy's client address.
         CONNTRACK = "CT_V2",

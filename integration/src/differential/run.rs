@@ -845,6 +845,7 @@ pub fn probe_proxy_listener(real: &RefCell<RealDatapath>, ifindex: u32) -> Resul
             egress_enforced: false,
             audit: false,
             staged: StagedEnforcement::default(),
+            link: palisade_policies::endpoint::LinkLayer::default(),
         },
     );
     maps.ipcache.insert(

@@ -1328,6 +1328,7 @@ impl Cluster {
                         })
                         .into_iter()
                         .collect(),
+                    link: palisade_policies::endpoint::LinkLayer::default(),
                 },
             );
         }
@@ -1376,6 +1377,7 @@ impl Cluster {
             identities: &table,
             policies: &policies,
             host_addresses: &host,
+            remote: &BTreeMap::new(),
             settings: self.settings,
         };
         let (no_modes, no_endpoints) = (BTreeMap::new(), BTreeSet::new());

@@ -1069,6 +1069,7 @@ mod tests {
                     ip: Ipv4Addr::from(p.ip),
                     ifindex: 10 + id.0,
                     named_ports: vec![],
+                    link: crate::endpoint::LinkLayer::default(),
                 },
             );
         }
@@ -1080,6 +1081,7 @@ mod tests {
             identities: &table,
             policies: &policies,
             host_addresses: &host,
+            remote: &BTreeMap::new(),
             settings: Settings {
                 proxy_port: Some(15001),
                 ..Settings::default()

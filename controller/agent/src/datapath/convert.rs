@@ -17,7 +17,7 @@ use palisade_common::{
 };
 use palisade_engine::datapath::TrackedConnection;
 use palisade_policies::{
-    endpoint::EndpointId,
+    endpoint::{BridgeLink, EndpointId, LinkLayer},
     identity::Identity,
     mapstate::{
         Action, EndpointEntry, IpcacheEntry, PolicyEntry, PolicyKey, PortPrefix, RuleId, Staged,
@@ -207,6 +207,13 @@ pub fn endpoint_info(id: EndpointId, e: &EndpointEntry) -> EndpointInfo {
     if e.staged.egress {
         flags |= ep_flags::FLAG_STAGED_EGRESS_ENFORCED;
     }
+    let bridge = e.link.bridge.unwrap_or(BridgeLink {
+        ifindex: 0,
+        mac: [0; 6],
+    });
+    if e.link.bridge.is_some() {
+        flags |= ep_flags::FLAG_BRIDGE_PORT;
+    }
     let o = e.ip.octets();
     EndpointInfo {
         endpoint_id: id.0,
@@ -215,6 +222,11 @@ pub fn endpoint_info(id: EndpointId, e: &EndpointEntry) -> EndpointInfo {
         family: family::IPV4,
         _pad: [0; 3],
         addr: [o[0], o[1], o[2], o[3], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        bridge_ifindex: bridge.ifindex,
+        mac: e.link.mac,
+        host_mac: e.link.host_mac,
+        bridge_mac: bridge.mac,
+        _pad2: [0; 2],
     }
 }
 
@@ -231,6 +243,14 @@ pub fn endpoint_entry_from(ifindex: u32, v: &EndpointInfo) -> (EndpointId, Endpo
             staged: StagedEnforcement {
                 ingress: v.flags & ep_flags::FLAG_STAGED_INGRESS_ENFORCED != 0,
                 egress: v.flags & ep_flags::FLAG_STAGED_EGRESS_ENFORCED != 0,
+            },
+            link: LinkLayer {
+                mac: v.mac,
+                host_mac: v.host_mac,
+                bridge: (v.flags & ep_flags::FLAG_BRIDGE_PORT != 0).then_some(BridgeLink {
+                    ifindex: v.bridge_ifindex,
+                    mac: v.bridge_mac,
+                }),
             },
         },
     )
@@ -358,6 +378,14 @@ mod tests {
                 ingress: false,
                 egress: true,
             },
+            link: LinkLayer {
+                mac: [2, 0, 0, 0, 0, 1],
+                host_mac: [2, 0, 0, 0, 0, 2],
+                bridge: Some(BridgeLink {
+                    ifindex: 3,
+                    mac: [2, 0, 0, 0, 0, 3],
+                }),
+            },
         };
         let info = endpoint_info(EndpointId(4), &e);
         assert_eq!(
@@ -365,6 +393,11 @@ mod tests {
             ep_flags::FLAG_INGRESS_ENFORCED
                 | ep_flags::FLAG_AUDIT
                 | ep_flags::FLAG_STAGED_EGRESS_ENFORCED
+                | ep_flags::FLAG_BRIDGE_PORT
+        );
+        assert_eq!(
+            (info.bridge_ifindex, info.bridge_mac),
+            (3, [2, 0, 0, 0, 0, 3])
         );
         assert_eq!(endpoint_entry_from(9, &info), (EndpointId(4), e));
     }

@@ -7,6 +7,7 @@ use palisade_engine::model::NetnsRef;
 use palisade_engine::plumbing::{PlumbedEndpoint, Plumbing, PlumbingError, SocketPair};
 pub use palisade_netlink::NetlinkError;
 use palisade_netlink::{Netlink, netns, sockets};
+use palisade_policies::endpoint::{BridgeLink, LinkLayer};
 
 /// Wraps the netlink error as the engine's.
 fn plumbing(e: NetlinkError) -> PlumbingError {
@@ -70,6 +71,30 @@ impl Plumbing for NetlinkPlumbing {
             .delete_named(netns_name, host_ifname)
             .await
             .map_err(plumbing)
+    }
+
+    async fn link_layer(
+        &mut self,
+        netns: &NetnsRef,
+        ifname: &str,
+        host_ifindex: u32,
+    ) -> Result<LinkLayer, PlumbingError> {
+        let path = match netns {
+            NetnsRef::Named(n) => netns::path_of(n),
+            NetnsRef::Path(p) => p.clone(),
+        };
+        let l = self
+            .netlink
+            .link_layer(host_ifindex, &path, ifname)
+            .await
+            .map_err(plumbing)?;
+        Ok(LinkLayer {
+            mac: l.mac,
+            host_mac: l.host_mac,
+            bridge: l
+                .bridge
+                .map(|(ifindex, mac)| BridgeLink { ifindex, mac }),
+        })
     }
 
     async fn ifindex(&mut self, ifname: &str) -> Result<Option<u32>, PlumbingError> {

@@ -3,6 +3,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
+use palisade_policies::endpoint::{BridgeLink, LinkLayer};
+
 use super::{PlumbedEndpoint, Plumbing, PlumbingError, SocketPair};
 use crate::model::NetnsRef;
 
@@ -31,6 +33,8 @@ pub struct MemoryPlumbing {
     pub ended: Vec<(String, SocketPair)>,
     /// Namespace paths that exist (for containers a runtime made).
     pub netns_paths: BTreeSet<std::path::PathBuf>,
+    /// Host-side interfaces that are bridge ports.
+    pub bridge_ports: BTreeSet<u32>,
     next_ifindex: u32,
 }
 
@@ -78,6 +82,26 @@ impl Plumbing for MemoryPlumbing {
             self.up.remove(&i);
         }
         Ok(())
+    }
+
+    async fn link_layer(
+        &mut self,
+        _netns: &NetnsRef,
+        _ifname: &str,
+        host_ifindex: u32,
+    ) -> Result<LinkLayer, PlumbingError> {
+        let [a, b, c, d] = host_ifindex.to_be_bytes();
+        Ok(LinkLayer {
+            mac: [2, 1, a, b, c, d],
+            host_mac: [2, 2, a, b, c, d],
+            bridge: self
+                .bridge_ports
+                .contains(&host_ifindex)
+                .then_some(BridgeLink {
+                    ifindex: 1,
+                    mac: [2, 3, 0, 0, 0, 1],
+                }),
+        })
     }
 
     async fn ifindex(&mut self, ifname: &str) -> Result<Option<u32>, PlumbingError> {

@@ -6,6 +6,8 @@ pub mod memory;
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 
+use palisade_policies::endpoint::LinkLayer;
+
 use crate::model::NetnsRef;
 
 /// A failure of the plumbing edge; the edge's own typed error (netlink's, naming the
@@ -56,6 +58,14 @@ pub trait Plumbing: Send {
         netns_name: &str,
         host_ifname: &str,
     ) -> Result<(), PlumbingError>;
+    /// The link layer of an endpoint's veth: its host side `host_ifindex`, and `ifname`, its
+    /// peer inside `netns`.
+    async fn link_layer(
+        &mut self,
+        netns: &NetnsRef,
+        ifname: &str,
+        host_ifindex: u32,
+    ) -> Result<LinkLayer, PlumbingError>;
     /// The current ifindex of a host-side interface, if it exists.
     async fn ifindex(&mut self, ifname: &str) -> Result<Option<u32>, PlumbingError>;
     /// The node's IPv4 addresses (identity `host`).
