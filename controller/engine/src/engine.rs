@@ -21,7 +21,7 @@ use palisade_policies::{
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use crate::catalog::{Catalog, CatalogEndpoint, CatalogRule};
+use crate::catalog::{Catalog, CatalogEndpoint, CatalogRule, DefaultDenyBy};
 use crate::datapath::Datapath;
 use crate::error::EngineError;
 use crate::model::{EndpointOrigin, FilePolicies, Model, PolicySource, RemoteSpec};
@@ -434,6 +434,26 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
             );
             c.endpoints_by_ip
                 .insert(r.ip, (r.namespace.clone(), r.name.clone()));
+            // Only where AUDIT flows of a default deny can be (selecting costs a selector
+            // match per policy).
+            let audited = self
+                .applied
+                .endpoints
+                .get(&r.id)
+                .is_some_and(|e| e.audit || e.staged.ingress || e.staged.egress);
+            if audited {
+                let by = self.selecting_policies(r, table);
+                let names = |v: &[palisade_policies::model::PolicyRef]| {
+                    v.iter().map(ToString::to_string).collect()
+                };
+                c.default_deny.insert(
+                    r.id.0,
+                    DefaultDenyBy {
+                        ingress: names(&by.ingress),
+                        egress: names(&by.egress),
+                    },
+                );
+            }
         }
         for r in self.model.remotes.values() {
             if let RemoteSpec::Pod {

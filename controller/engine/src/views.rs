@@ -199,6 +199,14 @@ pub struct EngineStatus {
 }
 
 impl<D: Datapath, P: Plumbing> Engine<D, P> {
+    pub(crate) fn selecting_policies(
+        &self,
+        rec: &EndpointRecord,
+        table: &IdentityTable,
+    ) -> SelectingPolicies {
+        self.selecting(rec, table)
+    }
+
     fn selecting(&self, rec: &EndpointRecord, table: &IdentityTable) -> SelectingPolicies {
         let policies = self.policies();
         let specs = compile::selecting_specs(policies, table, &rec.to_endpoint());
