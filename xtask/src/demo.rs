@@ -231,10 +231,13 @@ fn learning(node: &Node) -> anyhow::Result<bool> {
     let learned = run_probes(node, &eps, &mix);
     println!("$ palisade policy suggest --namespace lab > suggested.yaml");
     let yaml = node.palisade_ok(&["policy", "suggest", "--namespace", "lab"]);
-    for line in yaml
-        .lines()
-        .filter(|l| l.trim_start().starts_with("# ") || l.contains("name: \"learned"))
-    {
+    // The policies and, above each rule, the flows behind it.
+    let shown = |l: &&str| {
+        l.starts_with("# lab/")
+            || l.trim_start().starts_with("# from ")
+            || l.trim_start().starts_with("# to ")
+    };
+    for line in yaml.lines().filter(shown) {
         println!("  {line}");
     }
     let file = node.dir.join("suggested.yaml");

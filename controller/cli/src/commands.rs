@@ -722,9 +722,10 @@ pub fn what_if_text(r: &WhatIfResult) -> String {
         };
         let _ = writeln!(
             out,
-            "  {what} {}{audit}: {} flows ({} -> {}), last seen {}",
+            "  {what} {}{audit}: {} flow{} ({} -> {}), last seen {}",
             c.change.to_uppercase(),
             c.flows,
+            if c.flows == 1 { "" } else { "s" },
             c.source_sample,
             c.destination_sample,
             rfc3339(c.last_seen)
@@ -1216,6 +1217,53 @@ async fn run_command(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<()>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn what_if_groups_changes_by_source_and_destination() {
+        use palisade_api::types::WhatIfChange;
+        let change = |src: &str, port: u16| WhatIfChange {
+            source: src.into(),
+            destination: "shop/app=db".into(),
+            source_sample: format!("{src}-1"),
+            destination_sample: "shop/db-1".into(),
+            side: "ingress of shop/db-1".into(),
+            protocol: "TCP".into(),
+            port,
+            http: None,
+            change: "newly-denied".into(),
+            before: "allowed (no policy restricts it)".into(),
+            after: "default deny (ingress)".into(),
+            endpoint_in_audit: false,
+            flows: 1,
+            first_seen: 0,
+            last_seen: 0,
+        };
+        let r = WhatIfResult {
+            replayed: 5,
+            flows: 9,
+            skipped: 0,
+            newly_denied: 3,
+            newly_allowed: 0,
+            newly_audited: 0,
+            changes: vec![
+                change("shop/app=a", 5432),
+                change("shop/app=a", 22),
+                change("shop/app=b", 5432),
+            ],
+        };
+        let text = what_if_text(&r);
+        assert_eq!(
+            text.matches("shop/app=a -> shop/app=db").count(),
+            1,
+            "{text}"
+        );
+        assert!(text.contains("shop/app=b -> shop/app=db"), "{text}");
+        assert!(text.contains("  22/TCP NEWLY-DENIED: 1 flow (shop/app=a-1 -> shop/db-1), last seen 1970-01-01T00:00:00Z"), "{text}");
+        assert!(text.contains("would change 3: 3 newly denied"), "{text}");
+        let none = what_if_text(&WhatIfResult::default());
+        assert!(none.ends_with("nothing would change\n"), "{none}");
+        assert_eq!(query_value("a b&c"), "a%20b%26c");
+    }
 
     #[test]
     fn not_negates_only_the_next_filter() {
