@@ -22,8 +22,8 @@ use crate::endpoint::EndpointId;
 use crate::mapstate::{Action, MapState, PolicyEntry, PolicyKey, Staged, StagedEnforcement};
 use crate::model::{Direction, Policy, PolicyRef};
 
-/// The annotation that puts a policy in audit (`"true"`), on a manifest's metadata; in
-/// Kubernetes also on a Pod, for per-endpoint audit.
+/// The annotation that puts a policy in audit (`"true"`), on a manifest's metadata. (An
+/// endpoint is put in audit with `palisade endpoint audit`; a Pod annotation is not read.)
 pub const AUDIT_ANNOTATION: &str = "palisade.io/audit";
 
 /// The namespace label that carries a namespace's mode in Kubernetes (`discover`, `monitor`
