@@ -11,6 +11,7 @@
 //!   redirect, audit) again in plain Rust over a map state, to test the programs against.
 
 pub mod compile;
+pub mod incremental;
 pub mod datapath_model;
 pub mod endpoint;
 pub mod identity;
@@ -19,3 +20,4 @@ pub mod labels;
 pub mod manifest;
 pub mod mapstate;
 pub mod model;
+pub mod selector;

@@ -208,7 +208,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     };
     let (store, store_flusher) =
         FileStore::start(StateDir::new(&args.state_dir)?).context("state writer thread")?;
-    let engine = Engine::start(
+    let mut engine = Engine::start(
         EngineConfig {
             pod_cidr: args.pod_cidr,
             node_ip,
@@ -229,6 +229,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
             proxy: Some(proxy_tx),
             metrics: Some(Arc::clone(&telemetry) as Arc<dyn palisade_engine::EngineMetrics>),
             events: Some(engine_events_tx),
+            status: None,
         },
     )
     .await
@@ -281,12 +282,13 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     }
 
     let (cmd_tx, cmd_rx) = mpsc::channel(64);
+    let engine_status = engine.status_watch();
     let engine_task = tokio::spawn(engine.run(cmd_rx));
     if let Some(dir) = policy_dir {
         tokio::spawn(crate::policy_dir::watch(dir, cmd_tx.clone()));
     }
     let status = StatusSource {
-        engine: cmd_tx.clone(),
+        engine: engine_status,
         maps,
         flows: Arc::clone(&flows),
     };

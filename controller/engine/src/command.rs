@@ -140,6 +140,7 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
             Command::ClusterKnown(r) => answer(r, Ok(self.cluster_known())),
             Command::Status(r) => answer(r, Ok(self.status())),
         }
+        self.publish_status();
     }
 
     async fn settle<T>(&mut self, reply: Reply<T>, result: Result<T, EngineError>) {
@@ -158,11 +159,17 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
                     Some(cmd) => self.handle(cmd).await,
                     None => break,
                 },
-                _ = gc.tick() => match self.gc() {
-                    Ok((deleted, live)) if deleted > 0 => debug!(deleted, live, "conntrack gc"),
-                    Ok(_) => {}
-                    Err(e) => warn!(error = %e, "conntrack gc failed"),
-                },
+                _ = gc.tick() => {
+                    match self.gc() {
+                        Ok((deleted, live)) if deleted > 0 => debug!(deleted, live, "conntrack gc"),
+                        Ok(_) => {}
+                        Err(e) => warn!(error = %e, "conntrack gc failed"),
+                    }
+                    // The maps are read back now and then, so the published status notices
+                    // maps changed behind the engine's back.
+                    self.verify_maps();
+                    self.publish_status();
+                }
             }
         }
     }

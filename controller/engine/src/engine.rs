@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use ipnetwork::Ipv4Network;
 use palisade_policies::{
     compile::{self, CompileInput, RuleTable, Settings},
+    incremental::{self, Compiler},
     endpoint::{Endpoint, EndpointId, LinkLayer},
     identity::{Identity, IdentityAllocator, IdentityTable, workload_identity_labels},
     l7::ProxyPolicy,
@@ -54,12 +55,16 @@ pub struct Outputs {
     pub metrics: Option<Arc<dyn EngineMetrics>>,
     /// What the engine did that others report (connections it ended).
     pub events: Option<tokio::sync::mpsc::UnboundedSender<crate::revalidate::EngineEvent>>,
+    /// The engine's status after every command (see `Engine::status_watch`).
+    pub status: Option<watch::Sender<Arc<crate::views::EngineStatus>>>,
 }
 
 pub struct Engine<D: Datapath, P: Plumbing> {
     pub(crate) cfg: EngineConfig,
     pub(crate) model: Model,
     pub(crate) rules: RuleTable,
+    /// Recompiles only what a change touches; reset whenever a sync fails.
+    pub(crate) compiler: Compiler,
     /// What the datapath maps hold.
     pub(crate) applied: MapState,
     pub(crate) host_addresses: Vec<Ipv4Addr>,
@@ -71,6 +76,9 @@ pub struct Engine<D: Datapath, P: Plumbing> {
     pub(crate) revalidate: bool,
     /// The save of the last change, for its caller to wait on.
     pub(crate) saved: Option<SaveTicket>,
+    /// Whether the maps held what the engine wrote when last read back (at the start, after
+    /// a failed write, and at every housekeeping tick).
+    pub(crate) maps_verified: bool,
 }
 
 impl<D: Datapath, P: Plumbing> Engine<D, P> {
@@ -118,6 +126,7 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
                 remotes: BTreeMap::new(),
             },
             rules: RuleTable::default(),
+            compiler: Compiler::default(),
             applied,
             host_addresses: Vec::new(),
             datapath,
@@ -126,6 +135,7 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
             outputs,
             revalidate: false,
             saved: None,
+            maps_verified: true,
         };
         engine.host_addresses = engine.plumbing.node_addresses().await?;
         if !engine.host_addresses.contains(&engine.cfg.node_ip) {
@@ -216,6 +226,8 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
         // Nobody waits on the start's save; the store reports a failure itself.
         engine.saved = None;
         engine.end_connections_needing_proxy().await;
+        engine.verify_maps();
+        engine.publish_status();
         info!(
             endpoints = engine.model.endpoints.len(),
             policies = engine.model.policies.len(),
@@ -283,8 +295,41 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
     }
 
     /// Compiles the model and writes the difference to the maps. On a failed write, rolls
-    /// the maps back to what they held and reports the error.
+    /// the maps back to what they held and reports the error. Only what the change touches
+    /// is recompiled; after a failure the next sync recompiles everything.
     pub(crate) fn sync(&mut self) -> Result<usize, EngineError> {
+        let result = self.sync_incremental();
+        if result.is_err() {
+            self.compiler.reset();
+            self.verify_maps();
+        }
+        result
+    }
+
+    /// Reads the maps back and compares them with what the engine wrote.
+    pub(crate) fn verify_maps(&mut self) {
+        self.maps_verified = self
+            .datapath
+            .read_state()
+            .is_ok_and(|s| s == self.applied);
+    }
+
+    /// A watch of the engine's status, updated after every command: status requests read it
+    /// instead of waiting for the engine's task.
+    pub fn status_watch(&mut self) -> watch::Receiver<Arc<crate::views::EngineStatus>> {
+        let (tx, rx) = watch::channel(Arc::new(self.status_snapshot()));
+        self.outputs.status = Some(tx);
+        rx
+    }
+
+    /// Hands the current status to whoever answers status requests.
+    pub(crate) fn publish_status(&self) {
+        if let Some(tx) = &self.outputs.status {
+            tx.send_replace(Arc::new(self.status_snapshot()));
+        }
+    }
+
+    fn sync_incremental(&mut self) -> Result<usize, EngineError> {
         let started = Instant::now();
         let cidrs = compile::policy_cidrs(self.model.policies.values());
         self.model.identities.sync_cidrs(&cidrs)?;
@@ -299,10 +344,19 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
             remote: &remote,
             settings: self.cfg.settings,
         };
-        let (desired, l7) = compile::compile_with_l7(&input, &mut self.rules);
+        let delta = self.compiler.compile(&input, &mut self.rules);
         // Built before any map changes, so a policy the proxy cannot enforce changes nothing.
-        let proxy_policy = ProxyPolicy::new(&l7, &desired)?;
-        let diff = mapstate::diff(&self.applied, &desired);
+        let addresses = MapState {
+            ipcache: delta.ipcache,
+            ..MapState::default()
+        };
+        let proxy_policy = ProxyPolicy::new(self.compiler.l7(), &addresses)?;
+        let delta = incremental::Delta {
+            ipcache: addresses.ipcache,
+            ..delta
+        };
+        let diff = incremental::diff(&self.applied, &delta);
+        drop(delta);
         if let Some(m) = &self.outputs.metrics {
             m.policy_compiled(started.elapsed());
         }
@@ -322,6 +376,8 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
             // Established connections are re-checked only once the revision moves; without it
             // the new policy would hold for new connections alone, so the change is undone.
             if let Err(e) = self.datapath.bump_revision() {
+                let mut desired = self.applied.clone();
+                desired.apply_diff(&diff);
                 let back = mapstate::diff(&desired, &self.applied);
                 if let Err(rollback) = self.datapath.apply(&back) {
                     // The maps are in an unknown mix: believe them, so the next sync repairs.
@@ -330,10 +386,11 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
                 }
                 return Err(EngineError::RevisionNotBumped(e));
             }
-            self.applied = desired;
+            self.applied.apply_diff(&diff);
             self.revalidate = true;
         }
-        self.rules.retain_used_with(&self.applied, &l7);
+        let compiler = &self.compiler;
+        self.rules.retain(|id| compiler.uses(id));
         self.publish_catalog(&table);
         if let Some(tx) = &self.outputs.proxy {
             tx.send_replace(Arc::new(proxy_policy));
@@ -357,6 +414,48 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
             }
             Err(e) => {
                 self.model = backup;
+                Err(e)
+            }
+        }
+    }
+
+    /// `transact` for a change to the policies named in `touched` alone (their entries in
+    /// `policies` and `policy_sources`): only those entries and the identities (which a sync
+    /// changes) are kept for the undo, not the whole model.
+    pub(crate) fn transact_policies<T>(
+        &mut self,
+        touched: &[PolicyRef],
+        change: impl FnOnce(&mut Model) -> Result<T, EngineError>,
+    ) -> Result<(T, usize), EngineError> {
+        let kept: Vec<(PolicyRef, Option<Policy>, Option<PolicySource>)> = touched
+            .iter()
+            .map(|r| {
+                (
+                    r.clone(),
+                    self.model.policies.get(r).cloned(),
+                    self.model.policy_sources.get(r).cloned(),
+                )
+            })
+            .collect();
+        let identities = self.model.identities.clone();
+        let result = change(&mut self.model).and_then(|t| self.sync().map(|ops| (t, ops)));
+        match result {
+            Ok(r) => {
+                self.persist();
+                Ok(r)
+            }
+            Err(e) => {
+                for (r, policy, source) in kept {
+                    match policy {
+                        Some(p) => self.model.policies.insert(r.clone(), p),
+                        None => self.model.policies.remove(&r),
+                    };
+                    match source {
+                        Some(s) => self.model.policy_sources.insert(r, s),
+                        None => self.model.policy_sources.remove(&r),
+                    };
+                }
+                self.model.identities = identities;
                 Err(e)
             }
         }
