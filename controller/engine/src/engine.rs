@@ -461,6 +461,37 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
         }
     }
 
+    /// `transact` for a change to one endpoint (the record under `key`), with the namespaces,
+    /// the identities and the next endpoint id it may move: only those are kept for the undo,
+    /// not the whole model.
+    pub(crate) fn transact_endpoint<T>(
+        &mut self,
+        key: &str,
+        change: impl FnOnce(&mut Model) -> Result<T, EngineError>,
+    ) -> Result<(T, usize), EngineError> {
+        let record = self.model.endpoints.get(key).cloned();
+        let namespaces = self.model.namespaces.clone();
+        let identities = self.model.identities.clone();
+        let next_endpoint_id = self.model.next_endpoint_id;
+        let result = change(&mut self.model).and_then(|t| self.sync().map(|ops| (t, ops)));
+        match result {
+            Ok(r) => {
+                self.persist();
+                Ok(r)
+            }
+            Err(e) => {
+                match record {
+                    Some(r) => self.model.endpoints.insert(key.to_string(), r),
+                    None => self.model.endpoints.remove(key),
+                };
+                self.model.namespaces = namespaces;
+                self.model.identities = identities;
+                self.model.next_endpoint_id = next_endpoint_id;
+                Err(e)
+            }
+        }
+    }
+
     fn persist(&mut self) {
         let Some(store) = &mut self.store else {
             return;
