@@ -16,6 +16,8 @@
 
 mod bench;
 mod bench_k8s;
+mod bench_l7;
+mod bench_scale;
 mod demo;
 mod fuzz;
 mod gen_crds;

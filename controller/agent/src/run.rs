@@ -124,6 +124,9 @@ pub struct AgentArgs {
     /// Port of the transparent L7 proxy in the node namespace (HTTP rules redirect to it).
     #[arg(long, default_value_t = 15_001)]
     pub proxy_port: u16,
+    /// Threads of the L7 proxy, each owning the connections dealt to it (default: one per CPU).
+    #[arg(long)]
+    pub proxy_workers: Option<usize>,
     /// Serve Prometheus metrics and /healthz here (e.g. 127.0.0.1:9962); off when absent.
     #[arg(long)]
     pub metrics_addr: Option<std::net::SocketAddr>,
@@ -234,7 +237,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     };
     let (store, store_flusher) =
         FileStore::start(StateDir::new(&args.state_dir)?).context("state writer thread")?;
-    let engine = Engine::start(
+    let mut engine = Engine::start(
         EngineConfig {
             pod_cidr: args.pod_cidr,
             node_ip,
@@ -255,6 +258,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
             proxy: Some(proxy_tx),
             metrics: Some(Arc::clone(&telemetry) as Arc<dyn palisade_engine::EngineMetrics>),
             events: Some(engine_events_tx),
+            status: None,
         },
     )
     .await
@@ -337,29 +341,35 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
 
     if let Some(socket) = proxy_socket {
         let listener = tokio::net::TcpListener::from_std(socket).context("proxy listener")?;
+        let (observer, recorder) = ProxyFlows::new(
+            proxy_rx.clone(),
+            catalog_rx.clone(),
+            Arc::clone(&flows),
+            Arc::clone(&telemetry),
+        );
+        tokio::spawn(recorder.run());
         let ctx = ProxyContext {
-            policy: proxy_rx.clone(),
-            observer: ProxyFlows {
-                policy: proxy_rx,
-                catalog: catalog_rx.clone(),
-                flows: Arc::clone(&flows),
-                telemetry: Arc::clone(&telemetry),
-            },
+            policy: proxy_rx,
+            observer,
             limits: Arc::new(palisade_proxy::http::Limits::default()),
         };
-        let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
-        let workers = proxy_listener::Workers::start(cpus).context("proxy worker threads")?;
-        info!(port = args.proxy_port, workers = cpus, "L7 proxy listening");
-        tokio::spawn(proxy_listener::run(listener, ctx, workers));
+        let workers = args
+            .proxy_workers
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, std::num::NonZero::get));
+        let workers_started =
+            proxy_listener::Workers::start(workers).context("proxy worker threads")?;
+        info!(port = args.proxy_port, workers, "L7 proxy listening");
+        tokio::spawn(proxy_listener::run(listener, ctx, workers_started));
     }
 
     let (cmd_tx, cmd_rx) = mpsc::channel(64);
+    let engine_status = engine.status_watch();
     let engine_task = tokio::spawn(engine.run(cmd_rx));
     if let Some(dir) = policy_dir {
         tokio::spawn(crate::policy_dir::watch(dir, cmd_tx.clone()));
     }
     let status = StatusSource {
-        engine: cmd_tx.clone(),
+        engine: engine_status,
         maps,
         flows: Arc::clone(&flows),
     };
