@@ -126,6 +126,15 @@ pub struct AgentArgs {
     /// Conntrack lifetime of UDP/ICMP flows and of TCP connections before the handshake ends.
     #[arg(long, default_value = "60s", value_parser = parse_seconds)]
     pub ct_other_timeout: u32,
+    /// A host-facing interface for the XDP prefilter (repeatable): packets from a CIDR in the
+    /// deny list are dropped there before any other processing. Native XDP where the driver
+    /// has it, generic otherwise. Never an endpoint's interface.
+    #[arg(long = "prefilter-device", value_name = "IFNAME")]
+    pub prefilter_devices: Vec<String>,
+    /// The prefilter's deny list, read at start: one CIDR a line, `#` comments. Entries added
+    /// with `palisade prefilter add` are kept beside it (in the state directory).
+    #[arg(long, value_name = "FILE")]
+    pub prefilter_file: Option<PathBuf>,
 }
 
 async fn shutdown_signal() {
@@ -155,6 +164,10 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         bail!(
             "palisade-agent must run as root (it loads BPF programs and manages network namespaces)"
         );
+    }
+    // A device that is not there fails the start before anything is changed.
+    for dev in &args.prefilter_devices {
+        crate::prefilter::bpf::Loaded::host_device(dev).context("--prefilter-device")?;
     }
     let node_ip: Ipv4Addr = ipam::node_ip(&args.pod_cidr);
     let (datapath, maps, ring) = BpfDatapath::load(
@@ -234,6 +247,19 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     .await
     .context("starting the engine")?;
 
+    // After the engine has restored the endpoints, so that none of their interfaces can be
+    // taken for a host-facing one.
+    let prefilter = crate::prefilter::Prefilter::start(
+        &crate::prefilter::PrefilterConfig {
+            devices: args.prefilter_devices.clone(),
+            file: args.prefilter_file.clone(),
+        },
+        &args.bpffs,
+        &args.state_dir,
+    )
+    .context("starting the XDP prefilter")?;
+    let prefilter = Arc::new(std::sync::Mutex::new(prefilter));
+
     let flows = Arc::new(FlowStore::new(args.flow_buffer));
     let (ev_tx, mut ev_rx) = mpsc::channel(8_192);
     tokio::spawn(read_events(ring, ev_tx));
@@ -289,6 +315,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         engine: cmd_tx.clone(),
         maps,
         flows: Arc::clone(&flows),
+        prefilter: Arc::clone(&prefilter),
     };
     let metrics_task = match args.metrics_addr {
         Some(addr) => {
@@ -316,7 +343,11 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
             containerd_socket: args.containerd_socket.clone(),
         }),
     };
-    let mode = if args.kubernetes { "kubernetes" } else { "local" };
+    let mode = if args.kubernetes {
+        "kubernetes"
+    } else {
+        "local"
+    };
     info!(node_ip = %node_ip, pod_cidr = %args.pod_cidr, mode, "palisade agent ready");
     let served = serve(
         &args.api,
@@ -327,6 +358,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
             catalog: catalog_rx,
             mode,
             labels,
+            prefilter,
         },
         shutdown_signal(),
     )

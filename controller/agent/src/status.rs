@@ -25,6 +25,8 @@ pub struct StatusSource {
     pub engine: mpsc::Sender<Command>,
     pub maps: Arc<MapReader>,
     pub flows: Arc<FlowStore>,
+    /// The XDP prefilter, whose counters the metrics show.
+    pub prefilter: crate::prefilter::Handle,
 }
 
 impl StatusSource {
