@@ -409,6 +409,9 @@ pub fn run(which: Option<String>) -> anyhow::Result<()> {
     if all || which == "l7-proxy" {
         l7()?;
     }
+    if all || which == "prefilter" {
+        crate::bench_prefilter::run()?;
+    }
     if all || which == "kubernetes-scale" {
         crate::bench_k8s::run()?;
     }

@@ -354,7 +354,9 @@ impl Loaded {
                             source: Box::new(source),
                         })?;
                     // The pin keeps the link; the program must not detach it when dropped.
-                    let link = prog.take_link(id).map_err(|e| BpfError::Program(Box::new(e)))?;
+                    let link = prog
+                        .take_link(id)
+                        .map_err(|e| BpfError::Program(Box::new(e)))?;
                     drop(FdLink::try_from(link).map_err(link_err)?);
                     debug!(
                         device = name,
@@ -394,7 +396,9 @@ impl Loaded {
             pin: pin.clone(),
             source,
         };
-        let link = prog.take_link(id).map_err(|e| BpfError::Program(Box::new(e)))?;
+        let link = prog
+            .take_link(id)
+            .map_err(|e| BpfError::Program(Box::new(e)))?;
         let fd_link = FdLink::try_from(link).map_err(link_err)?;
         fd_link.pin(&pin).map_err(|source| BpfError::Pin {
             name: name.to_string(),
