@@ -343,11 +343,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
             containerd_socket: args.containerd_socket.clone(),
         }),
     };
-    let mode = if args.kubernetes {
-        "kubernetes"
-    } else {
-        "local"
-    };
+    let mode = if args.kubernetes { "kubernetes" } else { "local" };
     info!(node_ip = %node_ip, pod_cidr = %args.pod_cidr, mode, "palisade agent ready");
     let served = serve(
         &args.api,
