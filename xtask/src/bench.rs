@@ -169,6 +169,9 @@ pub fn run(which: Option<String>) -> anyhow::Result<()> {
     if all || which == "l7-proxy" {
         crate::bench_l7::run()?;
     }
+    if all || which == "prefilter" {
+        crate::bench_prefilter::run()?;
+    }
     if all || which == "kubernetes-scale" {
         crate::bench_k8s::run()?;
     }

@@ -136,6 +136,15 @@ pub struct AgentArgs {
     /// Conntrack lifetime of UDP/ICMP flows and of TCP connections before the handshake ends.
     #[arg(long, default_value = "60s", value_parser = parse_seconds)]
     pub ct_other_timeout: u32,
+    /// A host-facing interface for the XDP prefilter (repeatable): packets from a CIDR in the
+    /// deny list are dropped there before any other processing. Native XDP where the driver
+    /// has it, generic otherwise. Never an endpoint's interface.
+    #[arg(long = "prefilter-device", value_name = "IFNAME")]
+    pub prefilter_devices: Vec<String>,
+    /// The prefilter's deny list, read at start: one CIDR a line, `#` comments. Entries added
+    /// with `palisade prefilter add` are kept beside it (in the state directory).
+    #[arg(long, value_name = "FILE")]
+    pub prefilter_file: Option<PathBuf>,
 }
 
 /// How often the connection log is saved when it changed.
@@ -184,6 +193,10 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         bail!(
             "palisade-agent must run as root (it loads BPF programs and manages network namespaces)"
         );
+    }
+    // A device that is not there fails the start before anything is changed.
+    for dev in &args.prefilter_devices {
+        crate::prefilter::bpf::Loaded::host_device(dev).context("--prefilter-device")?;
     }
     let node_ip: Ipv4Addr = ipam::node_ip(&args.pod_cidr);
     let (datapath, maps, ring) = BpfDatapath::load(
@@ -263,6 +276,19 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     )
     .await
     .context("starting the engine")?;
+
+    // After the engine has restored the endpoints, so that none of their interfaces can be
+    // taken for a host-facing one.
+    let prefilter = crate::prefilter::Prefilter::start(
+        &crate::prefilter::PrefilterConfig {
+            devices: args.prefilter_devices.clone(),
+            file: args.prefilter_file.clone(),
+        },
+        &args.bpffs,
+        &args.state_dir,
+    )
+    .context("starting the XDP prefilter")?;
+    let prefilter = Arc::new(std::sync::Mutex::new(prefilter));
 
     let log_file = LogFile::in_dir(&args.state_dir);
     let limits = LogLimits {
@@ -372,6 +398,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         engine: engine_status,
         maps,
         flows: Arc::clone(&flows),
+        prefilter: Arc::clone(&prefilter),
     };
     let flows_for_exit = Arc::clone(&flows);
     let metrics_task = match args.metrics_addr {
@@ -415,6 +442,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
             catalog: catalog_rx,
             mode,
             labels,
+            prefilter,
         },
         shutdown_signal(),
     )

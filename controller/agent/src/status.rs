@@ -29,6 +29,8 @@ pub struct StatusSource {
     pub engine: watch::Receiver<Arc<EngineStatus>>,
     pub maps: Arc<MapReader>,
     pub flows: Arc<FlowStore>,
+    /// The XDP prefilter, whose counters the metrics show.
+    pub prefilter: crate::prefilter::Handle,
 }
 
 impl StatusSource {
