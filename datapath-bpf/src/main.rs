@@ -3,6 +3,7 @@
 //! `tc_from_endpoint` runs at TC ingress of the host-side veth and judges what the endpoint
 //! sends (its egress); `tc_to_endpoint` runs at TC egress and judges what it receives (its
 //! ingress). Both share one pipeline (`judge`): parse, conntrack, policy, account.
+//! `xdp_prefilter` runs on the node's host-facing interfaces: the CIDR deny list (`prefilter`).
 #![no_std]
 #![no_main]
 #![expect(
@@ -17,6 +18,7 @@ mod judge;
 mod maps;
 mod packet;
 mod policy;
+mod prefilter;
 mod proxy;
 
 use palisade_common::direction;
@@ -27,6 +29,8 @@ palisade_common::bpf_classifier!(PROG_FROM_ENDPOINT, |ctx| judge::run(
 ));
 
 palisade_common::bpf_classifier!(PROG_TO_ENDPOINT, |ctx| judge::run(&ctx, direction::INGRESS));
+
+palisade_common::bpf_xdp!(PROG_PREFILTER, |ctx| prefilter::run(&ctx));
 
 #[cfg(not(test))]
 #[panic_handler]

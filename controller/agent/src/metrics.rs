@@ -102,7 +102,11 @@ impl Telemetry {
     /// A flow of the L7 proxy: one request, judged at `direction` (`ingress` or `egress`).
     pub fn count_request(&self, direction: &'static str, r: &RequestRecord) {
         const CLASSES: [&str; 6] = ["0xx", "1xx", "2xx", "3xx", "4xx", "5xx"];
-        let verdict = if r.allowed { "FORWARDED" } else { "DROPPED" };
+        let verdict = match (r.allowed, r.audited) {
+            (true, false) => "FORWARDED",
+            (true, true) => "AUDIT",
+            (false, _) => "DROPPED",
+        };
         self.proxy_requests
             .get_or_create(&RequestLabels {
                 verdict,
@@ -302,6 +306,17 @@ pub fn render(s: &NodeStatus, t: &Telemetry) -> String {
         "Flow events the datapath could not deliver",
         lost,
     );
+    let violations = Family::<Labels, Counter>::default();
+    for (ns, n) in &s.violations {
+        violations
+            .get_or_create(&vec![("namespace".into(), ns.clone())])
+            .inc_by(*n);
+    }
+    reg.register(
+        "policy_violations",
+        "AUDIT flows (what policy would drop but audit let through) at endpoints of namespaces not in discover mode, by namespace",
+        violations,
+    );
     reg.register(
         "flows",
         "Flows recorded, by verdict, direction and drop reason",
@@ -343,6 +358,18 @@ pub fn render(s: &NodeStatus, t: &Telemetry) -> String {
     out
 }
 
+/// The prefilter's families go before the exposition's closing `# EOF`.
+fn with_prefilter(
+    mut text: String,
+    view: Option<&palisade_api::prefilter::PrefilterView>,
+) -> String {
+    if let Some(v) = view {
+        let at = text.rfind("# EOF").unwrap_or(text.len());
+        text.insert_str(at, &crate::prefilter::metrics_text(v));
+    }
+    text
+}
+
 async fn metrics(State(s): State<MetricsState>) -> impl IntoResponse {
     match status(&s.status).await {
         Some(st) => (
@@ -351,7 +378,12 @@ async fn metrics(State(s): State<MetricsState>) -> impl IntoResponse {
                 header::CONTENT_TYPE,
                 "application/openmetrics-text; version=1.0.0; charset=utf-8",
             )],
-            render(&st, &s.telemetry),
+            with_prefilter(
+                render(&st, &s.telemetry),
+                crate::prefilter::api::view(Arc::clone(&s.status.prefilter))
+                    .await
+                    .as_ref(),
+            ),
         ),
         None => (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -410,6 +442,10 @@ mod tests {
                 ipcache_entries: 5,
                 maps_in_sync: true,
                 namespaces: std::collections::BTreeMap::default(),
+                audit: false,
+                namespace_modes: std::collections::BTreeMap::default(),
+                audit_endpoints: vec![],
+                audit_policies: vec![],
             },
             conntrack_entries: 4,
             flows_stored: 9,
@@ -427,6 +463,7 @@ mod tests {
                     bytes: 0,
                 },
             ],
+            violations: [("shop".to_string(), 3)].into(),
         }
     }
 
@@ -449,6 +486,10 @@ mod tests {
         );
         assert!(
             text.contains("palisade_policy_compile_seconds_count 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("palisade_policy_violations_total{namespace=\"shop\"} 3"),
             "{text}"
         );
         assert!(text.ends_with("# EOF\n"));

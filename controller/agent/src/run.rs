@@ -13,13 +13,16 @@ use palisade_engine::catalog::Catalog;
 use palisade_engine::revalidate::EngineEvent;
 use palisade_engine::store::StateStore;
 use palisade_engine::{Engine, EngineConfig, Outputs, ipam};
+use palisade_policies::audit::NamespaceMode;
 use palisade_policies::compile::{EnforcementMode, Settings};
 use palisade_policies::l7::{DnsPolicy, ProxyPolicy};
+use palisade_policies::learn::{ConnectionLog, LogLimits};
 use palisade_proxy::listener::{self as proxy_listener, ProxyContext};
 use tokio::sync::{mpsc, watch};
 use tracing::{error, info, warn};
 
 use crate::datapath::{BpfDatapath, DatapathConfig, events::read_events};
+use crate::flows::learn::LogFile;
 use crate::flows::proxy::ProxyFlows;
 use crate::flows::store::FlowStore;
 use crate::flows::{Clock, enrich};
@@ -116,6 +119,10 @@ pub struct AgentArgs {
     /// Flows kept in memory for `palisade observe`.
     #[arg(long, default_value_t = 65_536)]
     pub flow_buffer: usize,
+    /// How long the aggregate of connections (`policy suggest`, `what-if`, `map`) remembers
+    /// one not seen again; it is kept in the state directory across restarts.
+    #[arg(long, default_value = "7d", value_parser = humantime::parse_duration)]
+    pub learn_retention: std::time::Duration,
     /// Flow events each endpoint may emit per second (per CPU); 0 = unlimited.
     #[arg(long, default_value_t = 1_000)]
     pub events_per_second: u32,
@@ -137,6 +144,9 @@ pub struct AgentArgs {
     /// (counted in palisade_fqdn_evicted_addresses).
     #[arg(long, default_value_t = 50)]
     pub fqdn_max_ips_per_name: usize,
+    /// Threads of the L7 proxy, each owning the connections dealt to it (default: one per CPU).
+    #[arg(long)]
+    pub proxy_workers: Option<usize>,
     /// Serve Prometheus metrics and /healthz here (e.g. 127.0.0.1:9962); off when absent.
     #[arg(long)]
     pub metrics_addr: Option<std::net::SocketAddr>,
@@ -146,6 +156,34 @@ pub struct AgentArgs {
     /// Conntrack lifetime of UDP/ICMP flows and of TCP connections before the handshake ends.
     #[arg(long, default_value = "60s", value_parser = parse_seconds)]
     pub ct_other_timeout: u32,
+    /// A host-facing interface for the XDP prefilter (repeatable): packets from a CIDR in the
+    /// deny list are dropped there before any other processing. Native XDP where the driver
+    /// has it, generic otherwise. Never an endpoint's interface.
+    #[arg(long = "prefilter-device", value_name = "IFNAME")]
+    pub prefilter_devices: Vec<String>,
+    /// The prefilter's deny list, read at start: one CIDR a line, `#` comments. Entries added
+    /// with `palisade prefilter add` are kept beside it (in the state directory).
+    #[arg(long, value_name = "FILE")]
+    pub prefilter_file: Option<PathBuf>,
+}
+
+/// How often the connection log is saved when it changed.
+const LOG_SAVE_EVERY: std::time::Duration = std::time::Duration::from_mins(1);
+
+/// Saves the connection log if it changed, on a blocking thread.
+async fn save_log(flows: &Arc<FlowStore>, file: &LogFile) {
+    let (flows, file) = (Arc::clone(flows), file.clone());
+    let saved = tokio::task::spawn_blocking(move || {
+        flows
+            .log_if_changed(std::time::SystemTime::now())
+            .map(|log| file.save(&log))
+    })
+    .await;
+    match saved {
+        Ok(Some(Err(e))) => warn!(error = %e, "the connection log was not saved"),
+        Err(e) => warn!(error = %e, "saving the connection log failed"),
+        Ok(_) => {}
+    }
 }
 
 async fn shutdown_signal() {
@@ -175,6 +213,10 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         bail!(
             "palisade-agent must run as root (it loads BPF programs and manages network namespaces)"
         );
+    }
+    // A device that is not there fails the start before anything is changed.
+    for dev in &args.prefilter_devices {
+        crate::prefilter::bpf::Loaded::host_device(dev).context("--prefilter-device")?;
     }
     let node_ip: Ipv4Addr = ipam::node_ip(&args.pod_cidr);
     let (datapath, maps, ring) = BpfDatapath::load(
@@ -241,7 +283,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     };
     let (store, store_flusher) =
         FileStore::start(StateDir::new(&args.state_dir)?).context("state writer thread")?;
-    let engine = Engine::start(
+    let mut engine = Engine::start(
         EngineConfig {
             pod_cidr: args.pod_cidr,
             node_ip,
@@ -268,12 +310,73 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
             dns: Some(dns_tx),
             metrics: Some(Arc::clone(&telemetry) as Arc<dyn palisade_engine::EngineMetrics>),
             events: Some(engine_events_tx),
+            status: None,
         },
     )
     .await
     .context("starting the engine")?;
 
-    let flows = Arc::new(FlowStore::new(args.flow_buffer));
+    // After the engine has restored the endpoints, so that none of their interfaces can be
+    // taken for a host-facing one.
+    let prefilter = crate::prefilter::Prefilter::start(
+        &crate::prefilter::PrefilterConfig {
+            devices: args.prefilter_devices.clone(),
+            file: args.prefilter_file.clone(),
+        },
+        &args.bpffs,
+        &args.state_dir,
+    )
+    .context("starting the XDP prefilter")?;
+    let prefilter = Arc::new(std::sync::Mutex::new(prefilter));
+
+    let log_file = LogFile::in_dir(&args.state_dir);
+    let limits = LogLimits {
+        retention_secs: args.learn_retention.as_secs(),
+        ..LogLimits::default()
+    };
+    let log = match log_file.load() {
+        Ok(Some(snapshot)) => ConnectionLog::restore(snapshot, limits),
+        Ok(None) => ConnectionLog::new(limits),
+        Err(e) => {
+            warn!(error = %e, "the connection log is unreadable; starting a new one");
+            ConnectionLog::new(limits)
+        }
+    };
+    let (kept, kept_http, _) = log.len();
+    info!(
+        connections = kept,
+        http = kept_http,
+        memory_bound_bytes = limits.memory_bound(),
+        "connection log ready"
+    );
+    let flows = Arc::new(FlowStore::with_log(args.flow_buffer, log));
+    // Namespaces in discover mode learn; elsewhere an AUDIT flow is a violation.
+    let (discover_flows, mut discover_catalog) = (Arc::clone(&flows), catalog_rx.clone());
+    tokio::spawn(async move {
+        loop {
+            let discovering = discover_catalog
+                .borrow_and_update()
+                .namespace_modes
+                .iter()
+                .filter(|(_, m)| **m == NamespaceMode::Discover)
+                .map(|(ns, _)| ns.clone())
+                .collect();
+            discover_flows.set_discovering(discovering);
+            if discover_catalog.changed().await.is_err() {
+                return;
+            }
+        }
+    });
+    // The log is saved every minute it changed, and when the agent stops.
+    let (saved_flows, saver_file) = (Arc::clone(&flows), log_file.clone());
+    let saver = tokio::spawn(async move {
+        let mut every = tokio::time::interval(LOG_SAVE_EVERY);
+        every.tick().await;
+        loop {
+            every.tick().await;
+            save_log(&saved_flows, &saver_file).await;
+        }
+    });
     let (ev_tx, mut ev_rx) = mpsc::channel(8_192);
     tokio::spawn(read_events(ring, ev_tx));
     let store = Arc::clone(&flows);
@@ -303,23 +406,29 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
 
     if let Some(socket) = proxy_socket {
         let listener = tokio::net::TcpListener::from_std(socket).context("proxy listener")?;
+        let (observer, recorder) = ProxyFlows::new(
+            proxy_rx.clone(),
+            catalog_rx.clone(),
+            Arc::clone(&flows),
+            Arc::clone(&telemetry),
+        );
+        tokio::spawn(recorder.run());
         let ctx = ProxyContext {
-            policy: proxy_rx.clone(),
-            observer: ProxyFlows {
-                policy: proxy_rx,
-                catalog: catalog_rx.clone(),
-                flows: Arc::clone(&flows),
-                telemetry: Arc::clone(&telemetry),
-            },
+            policy: proxy_rx,
+            observer,
             limits: Arc::new(palisade_proxy::http::Limits::default()),
         };
-        let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
-        let workers = proxy_listener::Workers::start(cpus).context("proxy worker threads")?;
-        info!(port = args.proxy_port, workers = cpus, "L7 proxy listening");
-        tokio::spawn(proxy_listener::run(listener, ctx, workers));
+        let workers = args.proxy_workers.unwrap_or_else(|| {
+            std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
+        });
+        let workers_started =
+            proxy_listener::Workers::start(workers).context("proxy worker threads")?;
+        info!(port = args.proxy_port, workers, "L7 proxy listening");
+        tokio::spawn(proxy_listener::run(listener, ctx, workers_started));
     }
 
     let (cmd_tx, cmd_rx) = mpsc::channel(64);
+    let engine_status = engine.status_watch();
     let engine_task = tokio::spawn(engine.run(cmd_rx));
     if let Some((udp, tcp)) = dns_sockets {
         let ctx = palisade_dns::server::DnsContext {
@@ -348,10 +457,12 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         tokio::spawn(crate::policy_dir::watch(dir, cmd_tx.clone()));
     }
     let status = StatusSource {
-        engine: cmd_tx.clone(),
+        engine: engine_status,
         maps,
         flows: Arc::clone(&flows),
+        prefilter: Arc::clone(&prefilter),
     };
+    let flows_for_exit = Arc::clone(&flows);
     let metrics_task = match args.metrics_addr {
         Some(addr) => {
             let (status, telemetry) = (status.clone(), Arc::clone(&telemetry));
@@ -378,7 +489,11 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
             containerd_socket: args.containerd_socket.clone(),
         }),
     };
-    let mode = if args.kubernetes { "kubernetes" } else { "local" };
+    let mode = if args.kubernetes {
+        "kubernetes"
+    } else {
+        "local"
+    };
     info!(node_ip = %node_ip, pod_cidr = %args.pod_cidr, mode, "palisade agent ready");
     let served = serve(
         &args.api,
@@ -389,6 +504,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
             catalog: catalog_rx,
             mode,
             labels,
+            prefilter,
         },
         shutdown_signal(),
     )
@@ -401,6 +517,8 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     if let Some(t) = metrics_task {
         t.abort();
     }
+    saver.abort();
+    save_log(&flows_for_exit, &log_file).await;
     served.with_context(|| format!("serving the API on {}", args.api.display()))?;
     engine_task.await.context("engine task")?;
     // What the engine handed the store last is on disk before the agent exits.

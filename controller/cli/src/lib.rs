@@ -9,6 +9,7 @@
 
 mod commands;
 mod output;
+mod prefilter;
 
 use std::process::ExitCode;
 
@@ -50,7 +51,7 @@ pub fn main() -> ExitCode {
         }
     };
     match runtime.block_on(run(cli, &matches)) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("palisade: {e:#}");
             ExitCode::FAILURE

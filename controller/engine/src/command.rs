@@ -4,6 +4,7 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
+use palisade_policies::audit::NamespaceMode;
 use palisade_policies::labels::Labels;
 use palisade_policies::model::Policy;
 use tokio::sync::{mpsc, oneshot};
@@ -16,10 +17,12 @@ use crate::engine::Engine;
 use crate::error::EngineError;
 use crate::fqdn_learning::{FqdnView, LearnReport, LearnRequest};
 use crate::model::{AttachmentSpec, ClusterDelta, EndpointSpec, FilePolicies, LabelChange};
+use crate::modes::ModeChange;
 use crate::plumbing::Plumbing;
 use crate::policies::PolicyUpdate;
 use crate::store::{PersistError, SaveTicket};
 use crate::views::{EndpointView, EngineStatus, IdentityView, PolicyView, TraceQuery, TraceResult};
+use crate::whatif::{ReplayQuery, Replayed};
 
 /// A command's answer: its result and, for a change, the save of the state it left, which the
 /// caller (not the engine's task) waits on.
@@ -67,6 +70,13 @@ pub enum Command {
     AttachmentGc(String, BTreeSet<(String, String)>, Reply<Vec<String>>),
     /// Endpoint key, namespace and labels, once the runtime told them.
     EndpointResolve(String, String, Labels, Reply<EndpointView>),
+    /// A namespace's mode (discover, monitor, protect).
+    NamespaceMode(String, NamespaceMode, Reply<ModeChange>),
+    /// An endpoint in audit on its own, or not.
+    EndpointAudit(String, bool, Reply<EndpointView>),
+    /// Proposed policies (parsed by the sender) and the recorded flows to judge against
+    /// them; answers each query judged before and after, None when its endpoint is gone.
+    WhatIf(Vec<Policy>, Vec<ReplayQuery>, Reply<Vec<Option<Replayed>>>),
     /// Kubernetes mode: a batch of what the cluster changed.
     ClusterUpdate(ClusterDelta, Reply<ClusterReport>),
     /// Kubernetes mode: what the engine holds of the cluster.
@@ -157,7 +167,17 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
                 answer(r, result);
             }
             Command::FqdnList(r) => answer(r, Ok(self.fqdn_list())),
+            Command::NamespaceMode(ns, mode, r) => {
+                let result = self.set_namespace_mode(&ns, mode);
+                self.settle(r, result).await;
+            }
+            Command::EndpointAudit(name, audit, r) => {
+                let result = self.set_endpoint_audit(&name, audit);
+                self.settle(r, result).await;
+            }
+            Command::WhatIf(proposed, queries, r) => answer(r, self.what_if(proposed, &queries)),
         }
+        self.publish_status();
     }
 
     async fn settle<T>(&mut self, reply: Reply<T>, result: Result<T, EngineError>) {
@@ -190,11 +210,17 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
                     Some(cmd) => self.handle(cmd).await,
                     None => break,
                 },
-                _ = gc.tick() => match self.gc() {
-                    Ok((deleted, live)) if deleted > 0 => debug!(deleted, live, "conntrack gc"),
-                    Ok(_) => {}
-                    Err(e) => warn!(error = %e, "conntrack gc failed"),
-                },
+                _ = gc.tick() => {
+                    match self.gc() {
+                        Ok((deleted, live)) if deleted > 0 => debug!(deleted, live, "conntrack gc"),
+                        Ok(_) => {}
+                        Err(e) => warn!(error = %e, "conntrack gc failed"),
+                    }
+                    // The maps are read back now and then, so the published status notices
+                    // maps changed behind the engine's back.
+                    self.verify_maps();
+                    self.publish_status();
+                }
             }
         }
     }

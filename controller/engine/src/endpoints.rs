@@ -6,6 +6,7 @@ use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 
 use palisade_policies::{
+    audit::MODE_LABEL,
     endpoint::EndpointId,
     identity::workload_identity_labels,
     labels::{self, Labels, NAMESPACE_NAME_LABEL},
@@ -115,7 +116,8 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
             .await;
 
         let ns_labels = self.namespace_labels(&req.namespace);
-        let record_result = self.transact(|m| {
+        let new_key = qualified(&req.namespace, &req.name);
+        let record_result = self.transact_endpoint(&new_key, |m| {
             let identity = m.identities.acquire(&workload_identity_labels(
                 &req.namespace,
                 &ns_labels,
@@ -137,6 +139,7 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
                     ifindex: plumbed.host_ifindex,
                     origin: EndpointOrigin::Local,
                     pending_labels: false,
+                    audit: false,
                     awaiting_identity: false,
                     link,
                 },
@@ -169,7 +172,7 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
     pub async fn endpoint_delete(&mut self, name: &str) -> Result<(), EngineError> {
         let rec = self.record(name)?.clone();
         let key = rec.qualified_name();
-        self.transact(|m| {
+        self.transact_endpoint(&key, |m| {
             m.endpoints.remove(&key);
             if !rec.pending_labels {
                 m.identities.release(rec.identity)?;
@@ -247,6 +250,9 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
             return Err(EngineError::ReservedNamespaceLabel {
                 key: NAMESPACE_NAME_LABEL,
             });
+        }
+        if change.set.contains_key(MODE_LABEL) || change.remove.iter().any(|k| k == MODE_LABEL) {
+            return Err(EngineError::ModeLabel { key: MODE_LABEL });
         }
         let members: Vec<EndpointRecord> = self
             .model

@@ -2,16 +2,18 @@
 //! (change a copy of the model, compile, diff against what the maps hold, write the diff, and
 //! only then publish and persist).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ipnetwork::Ipv4Network;
 use palisade_policies::{
+    audit::{self, AuditScopes},
     compile::{self, CompileInput, RuleTable, Settings},
     endpoint::{Endpoint, EndpointId, LinkLayer},
     identity::{Identity, IdentityAllocator, IdentityTable, workload_identity_labels},
+    incremental::{self, Compiler},
     l7::{DnsPolicy, ProxyPolicy},
     labels::Labels,
     mapstate::{self, MapState},
@@ -20,7 +22,7 @@ use palisade_policies::{
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use crate::catalog::{Catalog, CatalogEndpoint, CatalogRule};
+use crate::catalog::{Catalog, CatalogEndpoint, CatalogRule, DefaultDenyBy};
 use crate::datapath::Datapath;
 use crate::error::EngineError;
 use crate::model::{EndpointOrigin, FilePolicies, Model, PolicySource, RemoteSpec};
@@ -62,12 +64,16 @@ pub struct Outputs {
     pub metrics: Option<Arc<dyn EngineMetrics>>,
     /// What the engine did that others report (connections it ended).
     pub events: Option<tokio::sync::mpsc::UnboundedSender<crate::revalidate::EngineEvent>>,
+    /// The engine's status after every command (see `Engine::status_watch`).
+    pub status: Option<watch::Sender<Arc<crate::views::EngineStatus>>>,
 }
 
 pub struct Engine<D: Datapath, P: Plumbing> {
     pub(crate) cfg: EngineConfig,
     pub(crate) model: Model,
     pub(crate) rules: RuleTable,
+    /// Recompiles only what a change touches; reset whenever a sync fails.
+    pub(crate) compiler: Compiler,
     /// What the datapath maps hold.
     pub(crate) applied: MapState,
     pub(crate) host_addresses: Vec<Ipv4Addr>,
@@ -81,6 +87,9 @@ pub struct Engine<D: Datapath, P: Plumbing> {
     pub(crate) saved: Option<SaveTicket>,
     /// Learned names changed (lifetimes) since the last save.
     pub(crate) fqdn_dirty: bool,
+    /// Whether the maps held what the engine wrote when last read back (at the start, after
+    /// a failed write, and at every housekeeping tick).
+    pub(crate) maps_verified: bool,
 }
 
 impl<D: Datapath, P: Plumbing> Engine<D, P> {
@@ -125,10 +134,12 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
                     .collect(),
                 identities,
                 next_endpoint_id: saved.next_endpoint_id.max(1),
+                namespace_modes: saved.namespace_modes.clone(),
                 remotes: BTreeMap::new(),
                 fqdns: crate::fqdn::FqdnCache::restore(&saved.fqdns),
             },
             rules: RuleTable::default(),
+            compiler: Compiler::default(),
             applied,
             host_addresses: Vec::new(),
             datapath,
@@ -138,6 +149,7 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
             revalidate: false,
             saved: None,
             fqdn_dirty: false,
+            maps_verified: true,
         };
         engine.host_addresses = engine.plumbing.node_addresses().await?;
         if !engine.host_addresses.contains(&engine.cfg.node_ip) {
@@ -228,6 +240,8 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
         // Nobody waits on the start's save; the store reports a failure itself.
         engine.saved = None;
         engine.end_connections_needing_proxy().await;
+        engine.verify_maps();
+        engine.publish_status();
         info!(
             endpoints = engine.model.endpoints.len(),
             policies = engine.model.policies.len(),
@@ -259,7 +273,7 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
         self.model.namespace_labels(ns)
     }
 
-    fn compile_endpoints(&self) -> BTreeMap<EndpointId, Endpoint> {
+    pub(crate) fn compile_endpoints(&self) -> BTreeMap<EndpointId, Endpoint> {
         self.model
             .endpoints
             .values()
@@ -269,7 +283,7 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
 
     /// Other nodes' pods and nodes by address. A pod's address wins over a node's (a node
     /// announcing a pod's address is a misconfiguration, and the pod is the precise answer).
-    fn remote_addresses(&self) -> BTreeMap<Ipv4Addr, Identity> {
+    pub(crate) fn remote_addresses(&self) -> BTreeMap<Ipv4Addr, Identity> {
         let mut out = BTreeMap::new();
         for r in self.model.remotes.values() {
             if let RemoteSpec::Node { ips, .. } = &r.spec {
@@ -294,9 +308,49 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
         &self.model.policies
     }
 
+    /// Endpoints put in audit one by one.
+    pub(crate) fn audit_endpoints(&self) -> BTreeSet<EndpointId> {
+        self.model
+            .endpoints
+            .values()
+            .filter(|r| r.audit)
+            .map(|r| r.id)
+            .collect()
+    }
+
     /// Compiles the model and writes the difference to the maps. On a failed write, rolls
-    /// the maps back to what they held and reports the error.
+    /// the maps back to what they held and reports the error. Only what the change touches
+    /// is recompiled; after a failure the next sync recompiles everything.
     pub(crate) fn sync(&mut self) -> Result<usize, EngineError> {
+        let result = self.sync_incremental();
+        if result.is_err() {
+            self.compiler.reset();
+            self.verify_maps();
+        }
+        result
+    }
+
+    /// Reads the maps back and compares them with what the engine wrote.
+    pub(crate) fn verify_maps(&mut self) {
+        self.maps_verified = self.datapath.read_state().is_ok_and(|s| s == self.applied);
+    }
+
+    /// A watch of the engine's status, updated after every command: status requests read it
+    /// instead of waiting for the engine's task.
+    pub fn status_watch(&mut self) -> watch::Receiver<Arc<crate::views::EngineStatus>> {
+        let (tx, rx) = watch::channel(Arc::new(self.status_snapshot()));
+        self.outputs.status = Some(tx);
+        rx
+    }
+
+    /// Hands the current status to whoever answers status requests.
+    pub(crate) fn publish_status(&self) {
+        if let Some(tx) = &self.outputs.status {
+            tx.send_replace(Arc::new(self.status_snapshot()));
+        }
+    }
+
+    fn sync_incremental(&mut self) -> Result<usize, EngineError> {
         let started = Instant::now();
         let names = self.model.fqdns.names();
         let mut cidrs = compile::policy_cidrs(self.model.policies.values());
@@ -314,11 +368,54 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
             fqdns: &names,
             settings: self.cfg.settings,
         };
-        let (desired, l7) = compile::compile_with_l7(&input, &mut self.rules);
-        // Built before any map changes, so a policy the proxy cannot enforce changes nothing.
-        let proxy_policy = ProxyPolicy::new(&l7, &desired)?;
-        let dns_policy = DnsPolicy::new(&l7, &desired);
-        let diff = mapstate::diff(&self.applied, &desired);
+        let audit_endpoints = self.audit_endpoints();
+        let scopes = AuditScopes {
+            namespaces: &self.model.namespace_modes,
+            endpoints: &audit_endpoints,
+        };
+        let audited = input.policies.values().any(|p| p.audit)
+            || !audit_endpoints.is_empty()
+            || self.model.namespace_modes.values().any(|m| m.audits());
+        // `toFQDNs` peers select by the names learned, which the incremental compiler does not
+        // follow, and DNS rules need the whole L7 policy: policies using DNS are compiled whole.
+        let whole = audited || compile::uses_dns(input.policies);
+        let (diff, proxy_policy, dns_policy, whole_l7) = if whole {
+            // Staged policies, audit scopes and DNS are compiled whole (twice where policies
+            // are staged): the incremental compiler knows none of them, and it starts over
+            // with a full compile once they are gone.
+            self.compiler.reset();
+            let (desired, l7) = audit::compile(&input, &scopes, &mut self.rules);
+            // Built before any map changes, so a policy the proxy cannot enforce changes
+            // nothing.
+            let proxy_policy = ProxyPolicy::new(&l7, &desired)?;
+            let dns_policy = DnsPolicy::new(&l7, &desired);
+            (
+                mapstate::diff(&self.applied, &desired),
+                proxy_policy,
+                dns_policy,
+                Some(l7),
+            )
+        } else {
+            let delta = self.compiler.compile(&input, &mut self.rules);
+            // Built before any map changes, so a policy the proxy cannot enforce changes
+            // nothing.
+            let addresses = MapState {
+                ipcache: delta.ipcache,
+                ..MapState::default()
+            };
+            let proxy_policy = ProxyPolicy::new(self.compiler.l7(), &addresses)?;
+            let delta = incremental::Delta {
+                ipcache: addresses.ipcache,
+                ..delta
+            };
+            // No policy has DNS rules: the DNS proxy is sent nothing.
+            (
+                incremental::diff(&self.applied, &delta),
+                proxy_policy,
+                DnsPolicy::default(),
+                None,
+            )
+        };
         if let Some(m) = &self.outputs.metrics {
             m.policy_compiled(started.elapsed());
         }
@@ -338,6 +435,8 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
             // Established connections are re-checked only once the revision moves; without it
             // the new policy would hold for new connections alone, so the change is undone.
             if let Err(e) = self.datapath.bump_revision() {
+                let mut desired = self.applied.clone();
+                desired.apply_diff(&diff);
                 let back = mapstate::diff(&desired, &self.applied);
                 if let Err(rollback) = self.datapath.apply(&back) {
                     // The maps are in an unknown mix: believe them, so the next sync repairs.
@@ -346,10 +445,15 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
                 }
                 return Err(EngineError::RevisionNotBumped(e));
             }
-            self.applied = desired;
+            self.applied.apply_diff(&diff);
             self.revalidate = true;
         }
-        self.rules.retain_used_with(&self.applied, &l7);
+        if let Some(l7) = &whole_l7 {
+            self.rules.retain_used_with(&self.applied, l7);
+        } else {
+            let compiler = &self.compiler;
+            self.rules.retain(|id| compiler.uses(id));
+        }
         self.publish_catalog(&table);
         if let Some(tx) = &self.outputs.proxy {
             tx.send_replace(Arc::new(proxy_policy));
@@ -381,6 +485,79 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
         }
     }
 
+    /// `transact` for a change to the policies named in `touched` alone (their entries in
+    /// `policies` and `policy_sources`): only those entries and the identities (which a sync
+    /// changes) are kept for the undo, not the whole model.
+    pub(crate) fn transact_policies<T>(
+        &mut self,
+        touched: &[PolicyRef],
+        change: impl FnOnce(&mut Model) -> Result<T, EngineError>,
+    ) -> Result<(T, usize), EngineError> {
+        let kept: Vec<(PolicyRef, Option<Policy>, Option<PolicySource>)> = touched
+            .iter()
+            .map(|r| {
+                (
+                    r.clone(),
+                    self.model.policies.get(r).cloned(),
+                    self.model.policy_sources.get(r).cloned(),
+                )
+            })
+            .collect();
+        let identities = self.model.identities.clone();
+        let result = change(&mut self.model).and_then(|t| self.sync().map(|ops| (t, ops)));
+        match result {
+            Ok(r) => {
+                self.persist();
+                Ok(r)
+            }
+            Err(e) => {
+                for (r, policy, source) in kept {
+                    match policy {
+                        Some(p) => self.model.policies.insert(r.clone(), p),
+                        None => self.model.policies.remove(&r),
+                    };
+                    match source {
+                        Some(s) => self.model.policy_sources.insert(r, s),
+                        None => self.model.policy_sources.remove(&r),
+                    };
+                }
+                self.model.identities = identities;
+                Err(e)
+            }
+        }
+    }
+
+    /// `transact` for a change to one endpoint (the record under `key`), with the namespaces,
+    /// the identities and the next endpoint id it may move: only those are kept for the undo,
+    /// not the whole model.
+    pub(crate) fn transact_endpoint<T>(
+        &mut self,
+        key: &str,
+        change: impl FnOnce(&mut Model) -> Result<T, EngineError>,
+    ) -> Result<(T, usize), EngineError> {
+        let record = self.model.endpoints.get(key).cloned();
+        let namespaces = self.model.namespaces.clone();
+        let identities = self.model.identities.clone();
+        let next_endpoint_id = self.model.next_endpoint_id;
+        let result = change(&mut self.model).and_then(|t| self.sync().map(|ops| (t, ops)));
+        match result {
+            Ok(r) => {
+                self.persist();
+                Ok(r)
+            }
+            Err(e) => {
+                match record {
+                    Some(r) => self.model.endpoints.insert(key.to_string(), r),
+                    None => self.model.endpoints.remove(key),
+                };
+                self.model.namespaces = namespaces;
+                self.model.identities = identities;
+                self.model.next_endpoint_id = next_endpoint_id;
+                Err(e)
+            }
+        }
+    }
+
     pub(crate) fn persist(&mut self) {
         let Some(store) = &mut self.store else {
             return;
@@ -398,6 +575,7 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
                 .collect(),
             identities: self.model.identities.snapshot(),
             next_endpoint_id: self.model.next_endpoint_id,
+            namespace_modes: self.model.namespace_modes.clone(),
             remotes: self
                 .model
                 .remotes
@@ -436,10 +614,33 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
             );
             c.endpoints_by_ip
                 .insert(r.ip, (r.namespace.clone(), r.name.clone()));
+            // Only where AUDIT flows of a default deny can be (selecting costs a selector
+            // match per policy).
+            let audited = self
+                .applied
+                .endpoints
+                .get(&r.id)
+                .is_some_and(|e| e.audit || e.staged.ingress || e.staged.egress);
+            if audited {
+                let by = self.selecting_policies(r, table);
+                let names = |v: &[palisade_policies::model::PolicyRef]| {
+                    v.iter().map(ToString::to_string).collect()
+                };
+                c.default_deny.insert(
+                    r.id.0,
+                    DefaultDenyBy {
+                        ingress: names(&by.ingress),
+                        egress: names(&by.egress),
+                    },
+                );
+            }
         }
         for r in self.model.remotes.values() {
             if let RemoteSpec::Pod {
-                namespace, name, ip, ..
+                namespace,
+                name,
+                ip,
+                ..
             } = &r.spec
             {
                 c.endpoints_by_ip
@@ -450,6 +651,7 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
         for (id, src) in table {
             c.identities.insert(id.0, src.label_strings());
         }
+        c.namespace_modes.clone_from(&self.model.namespace_modes);
         // Every rule a map entry or an HTTP rule refers to (the table keeps only those): a
         // rule that lost its map entry to another one's still decides requests in the proxy.
         for (id, origin) in self.rules.iter() {
