@@ -316,6 +316,37 @@ mod tests {
     }
 
     #[test]
+    fn a_fqdn_clause_selects_the_host_identities_of_the_learned_addresses() {
+        let alias = IdentitySource::CidrEndpointAlias {
+            prefix: "10.0.0.9/32".parse().unwrap(),
+        };
+        let table: IdentityTable = [
+            (Identity(0x0100_0001), cidr("192.0.2.10/32")),
+            (Identity(0x0100_0002), cidr("192.0.2.0/24")),
+            (Identity(0x0100_0003), cidr("198.51.100.7/32")),
+            (Identity(0x0100_0004), alias),
+        ]
+        .into();
+        let names: LearnedNames = [
+            (
+                "api.example.test".to_string(),
+                ["192.0.2.10".parse().unwrap(), "10.0.0.9".parse().unwrap()].into(),
+            ),
+            (
+                "other.example.test".to_string(),
+                ["198.51.100.7".parse().unwrap()].into(),
+            ),
+        ]
+        .into();
+        let peer = Peer::Fqdn(crate::fqdn::FqdnSelector::name("api.example.test").unwrap());
+        // Only the /32 of a learned address, never a wider CIDR or an endpoint's alias.
+        let index = IdentityIndex::new(&table).with_fqdns(&names);
+        assert_eq!(index.select(&peer), [Identity(0x0100_0001)].into());
+        // Without learned names it selects nothing.
+        assert!(IdentityIndex::new(&table).select(&peer).is_empty());
+    }
+
+    #[test]
     fn a_cidr_clause_selects_the_prefixes_inside_it_but_not_its_exceptions() {
         let table: IdentityTable = [
             (Identity(0x0100_0001), cidr("10.0.0.0/8")),
