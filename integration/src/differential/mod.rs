@@ -281,6 +281,21 @@ impl RealDatapath {
             .expect("conntrack insert");
     }
 
+    /// Runs `program` `repeat` times on `frame` as arriving on `ifindex`: its return value
+    /// and the kernel's mean time per run (for the benchmarks). Must be called from a thread
+    /// inside the namespace that holds `ifindex`.
+    pub fn time_run(
+        &self,
+        program: Program,
+        frame: &[u8],
+        ifindex: u32,
+        repeat: u32,
+    ) -> Result<(u32, std::time::Duration), String> {
+        self.dp
+            .time_run(program.name(), frame, ifindex, repeat)
+            .map_err(|e| format!("timed test run: {e}"))
+    }
+
     /// Runs `program` once on `frame` as arriving on `ifindex` with `mark` and `priority`.
     /// Must be called from a thread inside the namespace that holds `ifindex`.
     pub fn run(

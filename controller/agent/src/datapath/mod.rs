@@ -706,6 +706,42 @@ const SK_BUFF_PRIORITY: usize = 32;
 const SK_BUFF_IFINDEX: usize = 40;
 
 impl BpfDatapath {
+    /// Runs one classifier `repeat` times on `frame` as `test_run` does (mark and priority 0)
+    /// and returns its last return value and the kernel's mean time per run: the program's
+    /// own cost per packet, for the benchmarks.
+    pub fn time_run(
+        &self,
+        program: &'static str,
+        frame: &[u8],
+        ifindex: u32,
+        repeat: u32,
+    ) -> Result<(u32, std::time::Duration), BpfError> {
+        use aya::programs::{TestRun as _, TestRunOptions};
+        let prog: &SchedClassifier = self
+            .bpf
+            .program(program)
+            .ok_or(BpfError::MissingProgram { name: program })?
+            .try_into()
+            .map_err(|source| BpfError::Program {
+                name: program,
+                source,
+            })?;
+        let mut ctx_in = [0u8; SK_BUFF_SIZE];
+        ctx_in[SK_BUFF_IFINDEX..SK_BUFF_IFINDEX + 4].copy_from_slice(&ifindex.to_ne_bytes());
+        let result = prog
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                ctx_in: Some(&ctx_in),
+                repeat,
+                ..TestRunOptions::default()
+            })
+            .map_err(|source| BpfError::Program {
+                name: program,
+                source,
+            })?;
+        Ok((result.return_value, result.duration))
+    }
+
     /// Runs one classifier (`names::PROG_FROM_ENDPOINT` or `PROG_TO_ENDPOINT`) once with
     /// BPF_PROG_TEST_RUN on `frame` (Ethernet header onwards, at least 14 bytes) as if it
     /// arrived on `ifindex` with skb mark `mark` and priority `priority`, against the live
