@@ -7,10 +7,12 @@
     reason = "test fixtures: a failing test prints the agent's log for whoever reads it"
 )]
 
+pub mod cluster;
 pub mod cni;
 pub mod conformance;
 pub mod differential;
 pub mod http;
+pub mod kube_api;
 pub mod node;
 pub mod traffic;
 

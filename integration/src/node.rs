@@ -26,7 +26,8 @@ fn run(cmd: &mut Command) -> Output {
         .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"))
 }
 
-fn ip(args: &[&str]) -> Output {
+/// `ip ARGS...`.
+pub fn ip(args: &[&str]) -> Output {
     run(Command::new("ip").args(args))
 }
 
@@ -90,7 +91,22 @@ impl Node {
         Self::make(tag, test, agent_args, false)
     }
 
+    /// The node namespace and directory, the agent not started yet (`start_agent` starts it),
+    /// for a test that must put something in the namespace first (an API server for a
+    /// `--kubernetes` agent).
+    pub fn prepare(test: &str, agent_args: &[&str]) -> Node {
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let tag = format!("t{}{n}", std::process::id() % 100_000);
+        Self::create(&tag, test, agent_args, false)
+    }
+
     fn make(tag: &str, test: &str, agent_args: &[&str], fresh_bpffs: bool) -> Node {
+        let node = Self::create(tag, test, agent_args, fresh_bpffs);
+        node.start_agent();
+        node
+    }
+
+    fn create(tag: &str, test: &str, agent_args: &[&str], fresh_bpffs: bool) -> Node {
         crate::require_root();
         let tag = tag.to_string();
         let netns = format!("{tag}-node");
@@ -103,7 +119,7 @@ impl Node {
             "ip netns add {netns}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let node = Node {
+        Node {
             api: dir.join("agent.sock"),
             netns,
             tag,
@@ -115,9 +131,7 @@ impl Node {
             fresh_bpffs,
             agent: Mutex::new(None),
             endpoints: Mutex::new(Vec::new()),
-        };
-        node.start_agent();
-        node
+        }
     }
 
     fn log_path(&self) -> PathBuf {
@@ -148,9 +162,11 @@ impl Node {
         }
         cmd.arg(format!("--net=/run/netns/{}", self.netns))
             .arg("--")
-            .arg(bin_dir().join("palisade-agent"))
-            .arg("--local")
-            .arg("--api")
+            .arg(bin_dir().join("palisade-agent"));
+        if !self.agent_args.iter().any(|a| a == "--kubernetes") {
+            cmd.arg("--local");
+        }
+        cmd.arg("--api")
             .arg(&self.api)
             .arg("--state-dir")
             .arg(self.dir.join("state"));
@@ -160,7 +176,7 @@ impl Node {
         cmd.args(&self.agent_args)
             .env(
                 "PALISADE_LOG",
-                "info,palisade_agent=debug,palisade_engine=debug",
+                "info,palisade_agent=debug,palisade_engine=debug,palisade_k8s=debug",
             )
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log fd"))
@@ -197,6 +213,11 @@ impl Node {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// The arguments the agent gets from its next start on.
+    pub fn set_agent_args(&mut self, args: &[String]) {
+        self.agent_args = args.to_vec();
     }
 
     /// The agent's process id, while it runs.

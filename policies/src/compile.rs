@@ -188,6 +188,10 @@ pub struct CompileInput<'a> {
     pub policies: &'a BTreeMap<PolicyRef, Policy>,
     /// The node's own addresses (identity `host`).
     pub host_addresses: &'a [Ipv4Addr],
+    /// Addresses of the cluster outside this node, with their identities: other nodes' pods
+    /// (their workload identity) and other nodes (`remote-node`). An endpoint of this node
+    /// with the same address wins.
+    pub remote: &'a BTreeMap<Ipv4Addr, Identity>,
     pub settings: Settings,
 }
 
@@ -510,12 +514,30 @@ fn build_ipcache(input: &CompileInput<'_>) -> BTreeMap<Ipv4Network, IpcacheEntry
             },
         );
     }
-    for ep in input.endpoints.values() {
-        let most_specific = cidrs
+    // The most specific policy CIDR holding a cluster address, as its endpoint-address alias:
+    // ipBlock rules apply to pod addresses too.
+    let alias = |ip: Ipv4Addr| {
+        cidrs
             .iter()
-            .filter(|(p, _)| p.contains(ep.ip))
+            .filter(|(p, _)| p.contains(ip))
             .max_by_key(|(p, _)| p.prefix())
-            .map(|(_, id)| id.cidr_endpoint_alias());
+            .map(|(_, id)| id.cidr_endpoint_alias())
+    };
+    for (ip, identity) in input.remote {
+        if input.host_addresses.contains(ip) {
+            continue;
+        }
+        ipcache.insert(
+            Ipv4Network::from(*ip),
+            IpcacheEntry {
+                identity: *identity,
+                endpoint: None,
+                cidr_identity: alias(*ip),
+            },
+        );
+    }
+    for ep in input.endpoints.values() {
+        let most_specific = alias(ep.ip);
         ipcache.insert(
             Ipv4Network::from(ep.ip),
             IpcacheEntry {
@@ -680,6 +702,7 @@ mod tests {
         namespaces: BTreeMap<String, Labels>,
         endpoints: BTreeMap<EndpointId, Endpoint>,
         policies: BTreeMap<PolicyRef, Policy>,
+        remote: BTreeMap<Ipv4Addr, Identity>,
         settings: Settings,
         rules: RuleTable,
     }
@@ -707,6 +730,7 @@ mod tests {
                 namespaces,
                 endpoints: BTreeMap::new(),
                 policies: BTreeMap::new(),
+                remote: BTreeMap::new(),
                 settings: Settings::default(),
                 rules: RuleTable::default(),
             }
@@ -767,6 +791,7 @@ mod tests {
                 identities: &table,
                 policies: &self.policies,
                 host_addresses: &host,
+                remote: &self.remote,
                 settings: self.settings,
             };
             let (state, l7) = compile_with_l7(&input, &mut self.rules);
@@ -910,6 +935,79 @@ mod tests {
             !s.endpoints[&pending].ingress_enforced,
             "enforcement off is off for all"
         );
+    }
+
+    #[test]
+    fn pods_of_other_nodes_are_peers_by_identity_and_ipblocks_reach_them() {
+        let mut c = Cluster::new();
+        let web = c.pod(1, "x", &[("app", "web")], [10, 0, 0, 1]);
+        // A client and an intruder on another node: only their identities are known here.
+        let client_labels =
+            workload_identity_labels("x", &c.namespaces["x"], &labels(&[("app", "client")]));
+        let client = c.alloc.acquire(&client_labels).unwrap();
+        let intruder_labels =
+            workload_identity_labels("x", &c.namespaces["x"], &labels(&[("app", "intruder")]));
+        let intruder = c.alloc.acquire(&intruder_labels).unwrap();
+        c.remote.insert(ip([10, 1, 0, 5]), client);
+        c.remote.insert(ip([10, 1, 0, 6]), intruder);
+        c.remote.insert(ip([192, 168, 7, 2]), Identity::REMOTE_NODE);
+        c.apply(policy(
+            "x",
+            "web",
+            in_ns("x", pods(&[("app", "web")])),
+            Some(vec![
+                rule(
+                    Peers::Some(vec![Peer::Endpoints(in_ns(
+                        "x",
+                        pods(&[("app", "client")]),
+                    ))]),
+                    vec![tcp(80)],
+                ),
+                rule(
+                    Peers::Some(vec![Peer::Cidr {
+                        cidr: "10.1.0.6/32".parse().unwrap(),
+                        except: vec![],
+                    }]),
+                    vec![tcp(22)],
+                ),
+            ]),
+            None,
+        ));
+        let s = c.compile();
+        assert_eq!(s.ipcache[&"10.1.0.5/32".parse().unwrap()].identity, client);
+        assert_eq!(
+            s.ipcache[&"192.168.7.2/32".parse().unwrap()].identity,
+            Identity::REMOTE_NODE
+        );
+        assert!(allowed(&s, web, Direction::Ingress, [10, 1, 0, 5], TCP, 80));
+        assert!(!allowed(
+            &s,
+            web,
+            Direction::Ingress,
+            [10, 1, 0, 6],
+            TCP,
+            80
+        ));
+        assert!(!allowed(
+            &s,
+            web,
+            Direction::Ingress,
+            [192, 168, 7, 2],
+            TCP,
+            80
+        ));
+        assert!(
+            allowed(&s, web, Direction::Ingress, [10, 1, 0, 6], TCP, 22),
+            "an ipBlock holding another node's pod applies to it"
+        );
+        assert!(!allowed(
+            &s,
+            web,
+            Direction::Ingress,
+            [10, 1, 0, 5],
+            TCP,
+            22
+        ));
     }
 
     #[test]

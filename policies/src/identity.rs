@@ -151,6 +151,22 @@ pub enum IdentityError {
     DuplicateInSnapshot { id: Identity },
     #[error("snapshot identity {id} is outside the label scope")]
     OutOfScope { id: Identity },
+    #[error("no cluster-wide identity is assigned to labels {labels:?} yet")]
+    NotAssigned { labels: Labels },
+    #[error("identity {id} is assigned to two label sets: {first:?} and {second:?}")]
+    DuplicateAssignment {
+        id: Identity,
+        first: Labels,
+        second: Labels,
+    },
+    #[error(
+        "identity {id} is assigned to {labels:?}, but labels {holder:?} hold it here and have no other number"
+    )]
+    AssignmentTaken {
+        id: Identity,
+        labels: Labels,
+        holder: Labels,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -177,6 +193,10 @@ pub struct IdentityAllocator {
     next_workload: u32,
     cidrs: BTreeMap<Ipv4Network, Identity>,
     next_cidr: u32,
+    /// Cluster scope: workload numbers come from `assigned` (the cluster's allocation) and
+    /// are never chosen here.
+    cluster: bool,
+    assigned: BTreeMap<Labels, Identity>,
 }
 
 impl Default for IdentityAllocator {
@@ -188,6 +208,8 @@ impl Default for IdentityAllocator {
             next_workload: reserved_ids::FIRST_LABEL_IDENTITY,
             cidrs: BTreeMap::new(),
             next_cidr: 1,
+            cluster: false,
+            assigned: BTreeMap::new(),
         }
     }
 }
@@ -213,6 +235,92 @@ impl IdentityAllocator {
             reserved_ids::LABEL_IDENTITY_END - 1,
         );
         Ok(a)
+    }
+
+    /// Takes workload numbers from the cluster's allocation (`assign`) from now on, never
+    /// choosing one itself. Numbers restored from a snapshot were the cluster's, and stand
+    /// until an assignment says otherwise.
+    pub fn set_cluster_scope(&mut self) {
+        self.cluster = true;
+    }
+
+    pub fn is_cluster_scope(&self) -> bool {
+        self.cluster
+    }
+
+    /// The number the cluster gave `labels`, if any.
+    pub fn assigned(&self, labels: &Labels) -> Option<Identity> {
+        self.assigned.get(labels).copied()
+    }
+
+    /// Replaces the cluster's assignments (labels -> number). Identities in use whose labels
+    /// now have another number take it; the (old, new) pairs are returned so their holders
+    /// can be renumbered. Identities in use whose labels have no assignment keep theirs.
+    /// Nothing changes on an error.
+    pub fn assign(
+        &mut self,
+        assignments: BTreeMap<Labels, Identity>,
+    ) -> Result<Vec<(Identity, Identity)>, IdentityError> {
+        let mut by_id: BTreeMap<Identity, &Labels> = BTreeMap::new();
+        for (labels, id) in &assignments {
+            if id.0 < reserved_ids::FIRST_LABEL_IDENTITY || id.0 >= reserved_ids::LABEL_IDENTITY_END
+            {
+                return Err(IdentityError::OutOfScope { id: *id });
+            }
+            if let Some(first) = by_id.insert(*id, labels) {
+                return Err(IdentityError::DuplicateAssignment {
+                    id: *id,
+                    first: first.clone(),
+                    second: labels.clone(),
+                });
+            }
+        }
+        // Where every identity in use ends up.
+        let mut after: BTreeMap<Identity, &Labels> = BTreeMap::new();
+        let mut moves = Vec::new();
+        for (labels, alloc) in &self.workloads {
+            let id = assignments.get(labels).copied().unwrap_or(alloc.id);
+            if let Some(holder) = after.insert(id, labels) {
+                let (labels, holder) = if assignments.get(labels) == Some(&id) {
+                    (labels, holder)
+                } else {
+                    (holder, labels)
+                };
+                return Err(IdentityError::AssignmentTaken {
+                    id,
+                    labels: labels.clone(),
+                    holder: holder.clone(),
+                });
+            }
+            if id != alloc.id {
+                moves.push((labels.clone(), alloc.id, id));
+            }
+        }
+        // An assignment for labels not in use must not be a number kept by others in use.
+        for (labels, id) in &assignments {
+            if let Some(holder) = after.get(id)
+                && *holder != labels
+            {
+                return Err(IdentityError::AssignmentTaken {
+                    id: *id,
+                    labels: labels.clone(),
+                    holder: (*holder).clone(),
+                });
+            }
+        }
+        for (labels, old, new) in &moves {
+            self.workload_by_id.remove(old);
+            if let Some(a) = self.workloads.get_mut(labels) {
+                a.id = *new;
+            }
+        }
+        for (labels, _, new) in &moves {
+            self.workload_by_id.insert(*new, labels.clone());
+        }
+        self.reserved
+            .retain(|labels, id| assignments.get(labels).is_none_or(|a| a == id));
+        self.assigned = assignments;
+        Ok(moves.into_iter().map(|(_, old, new)| (old, new)).collect())
     }
 
     /// Forgets restored identities no endpoint came back for.
@@ -244,9 +352,15 @@ impl IdentityAllocator {
             a.refs += 1;
             return Ok(a.id);
         }
-        let id = match self.reserved.remove(labels) {
-            Some(id) => id,
-            None => self.next_free_workload()?,
+        let id = match (self.reserved.remove(labels), self.assigned.get(labels)) {
+            (_, Some(id)) if self.cluster => *id,
+            (Some(id), _) => id,
+            (None, _) if self.cluster => {
+                return Err(IdentityError::NotAssigned {
+                    labels: labels.clone(),
+                });
+            }
+            (None, _) => self.next_free_workload()?,
         };
         self.workloads
             .insert(labels.clone(), Allocation { id, refs: 1 });
@@ -367,6 +481,62 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
+    }
+
+    #[test]
+    fn cluster_scope_takes_the_clusters_numbers_and_never_invents_one() {
+        let mut a = IdentityAllocator::default();
+        a.set_cluster_scope();
+        let web = labels(&[("app", "web")]);
+        let db = labels(&[("app", "db")]);
+        assert_eq!(
+            a.acquire(&web),
+            Err(IdentityError::NotAssigned {
+                labels: web.clone()
+            })
+        );
+        let moved = a
+            .assign([(web.clone(), Identity(9000)), (db.clone(), Identity(9001))].into())
+            .unwrap();
+        assert!(moved.is_empty());
+        assert_eq!(a.acquire(&web).unwrap(), Identity(9000));
+        assert_eq!(a.acquire(&db).unwrap(), Identity(9001));
+        // The two swap numbers (another node won the race for both): both move, nothing lost.
+        let moved = a
+            .assign([(web.clone(), Identity(9001)), (db.clone(), Identity(9000))].into())
+            .unwrap();
+        assert_eq!(moved.len(), 2);
+        assert_eq!(a.acquire(&web).unwrap(), Identity(9001));
+        assert_eq!(a.refs(Identity(9001)), 2);
+        let t = a.table();
+        assert_eq!(t[&Identity(9000)].workload_labels(), Some(&db));
+    }
+
+    #[test]
+    fn a_bad_assignment_changes_nothing() {
+        let mut a = IdentityAllocator::default();
+        a.set_cluster_scope();
+        let web = labels(&[("app", "web")]);
+        let db = labels(&[("app", "db")]);
+        a.assign([(web.clone(), Identity(300))].into()).unwrap();
+        a.acquire(&web).unwrap();
+        let dup = a.assign([(web.clone(), Identity(301)), (db.clone(), Identity(301))].into());
+        assert!(matches!(
+            dup,
+            Err(IdentityError::DuplicateAssignment { .. })
+        ));
+        // db would take web's number while web, in use, has no other.
+        let taken = a.assign([(db.clone(), Identity(300))].into());
+        assert!(
+            matches!(taken, Err(IdentityError::AssignmentTaken { .. })),
+            "{taken:?}"
+        );
+        assert!(matches!(
+            a.assign([(db.clone(), Identity(3))].into()),
+            Err(IdentityError::OutOfScope { .. })
+        ));
+        assert_eq!(a.acquire(&web).unwrap(), Identity(300));
+        assert_eq!(a.assigned(&web), Some(Identity(300)));
     }
 
     #[test]

@@ -15,8 +15,10 @@
 )]
 
 mod bench;
+mod bench_k8s;
 mod demo;
 mod fuzz;
+mod gen_crds;
 mod install;
 mod install_cni;
 
@@ -70,9 +72,11 @@ enum Task {
         #[arg(last = true)]
         filter: Vec<String>,
     },
-    /// Benchmarks (needs root): policy-scale, flow-ingest, l7-proxy (default: all). Results go to
-    /// docs/benchmarks/.
+    /// Benchmarks (needs root): policy-scale, flow-ingest, l7-proxy, kubernetes-scale (default:
+    /// all). Results go to docs/benchmarks/.
     Bench { which: Option<String> },
+    /// Write the CRD YAML of controller/k8s/src/crd.rs into policies/crds/.
+    GenCrds,
     /// Every fuzz target (or the named ones) in turn, from the crate it fuzzes (`<crate>/fuzz`,
     /// cargo-fuzz on nightly, installed when missing), with seed inputs. Fails naming the target
     /// and the input when one crashes, hangs or runs out of memory.
@@ -255,6 +259,7 @@ fn main() -> anyhow::Result<()> {
         }
         Task::Fuzz { seconds, targets } => fuzz::run(seconds, &targets),
         Task::Integration { filter } => integration(&filter),
+        Task::GenCrds => gen_crds::run(),
         Task::Bench { which } => bench::run(which),
     }
 }

@@ -12,6 +12,7 @@
 
 pub mod datapath;
 pub mod flows;
+pub mod kubernetes;
 pub mod metrics;
 pub mod plumbing;
 pub mod policy_dir;

@@ -26,7 +26,7 @@ use crate::flows::{Clock, enrich};
 use crate::metrics::Telemetry;
 use crate::plumbing::NetlinkPlumbing;
 use crate::policy_dir::PolicyDir;
-use crate::server::{ApiState, serve};
+use crate::server::{ApiState, LabelSource, serve};
 use crate::state_file::{FileStore, StateDir};
 use crate::status::StatusSource;
 
@@ -44,8 +44,43 @@ fn parse_seconds(s: &str) -> Result<u32, String> {
 #[command(name = "palisade-agent", version)]
 pub struct AgentArgs {
     /// Local mode: workloads and policies come from this agent's API and --policy-dir.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "kubernetes")]
     pub local: bool,
+    /// Kubernetes mode: pods, namespaces, nodes and policies come from the API server;
+    /// palisade-cni attaches this node's pods.
+    #[arg(long)]
+    pub kubernetes: bool,
+    /// Kubernetes mode: the kubeconfig (default: in-cluster, else ~/.kube/config).
+    #[arg(long, env = "KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Kubernetes mode: the Node this agent runs on.
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: Option<String>,
+    /// Kubernetes mode: the agent's namespace (its status Lease).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "palisade")]
+    pub k8s_namespace: String,
+    /// Kubernetes mode: where the agent writes this node's CNI network once the Node says
+    /// its pod CIDR.
+    #[arg(long)]
+    pub cni_conf_dir: Option<PathBuf>,
+    /// Kubernetes mode: host-local's address directory in that network.
+    #[arg(long, default_value = "/var/lib/palisade/cni-ipam")]
+    pub cni_ipam_dir: PathBuf,
+    /// Kubernetes mode: route other nodes' pod CIDRs via those nodes (nodes on one link).
+    #[arg(long, default_value_t = true, action = ArgAction::Set)]
+    pub direct_node_routes: bool,
+    /// Kubernetes mode: API events closer together than this are one change.
+    #[arg(long, default_value = "20ms", value_parser = humantime::parse_duration)]
+    pub batch_window: std::time::Duration,
+    /// Kubernetes mode: the status Lease's duration.
+    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+    pub lease_duration: std::time::Duration,
+    /// Kubernetes mode: how often the Lease holder renews it.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub lease_renew: std::time::Duration,
+    /// Kubernetes mode: how long an identity no pod uses is kept before it is collected.
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    pub identity_gc_grace: std::time::Duration,
     /// Unix socket of the agent API.
     #[arg(long, default_value = "/run/palisade/agent.sock")]
     pub api: PathBuf,
@@ -111,8 +146,10 @@ async fn shutdown_signal() {
 }
 
 pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
-    if !args.local {
-        bail!("only local mode is available in this build: run `palisade-agent --local`");
+    if !args.local && !args.kubernetes {
+        bail!(
+            "say which mode: `palisade-agent --local` (workloads and policies from this agent's API) or `palisade-agent --kubernetes --node-name NAME`"
+        );
     }
     if !nix::unistd::geteuid().is_root() {
         bail!(
@@ -181,6 +218,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
                 audit: args.audit,
                 proxy_port: proxy_socket.as_ref().map(|_| args.proxy_port),
             },
+            cluster_identities: args.kubernetes,
             file_policies,
         },
         datapath,
@@ -267,7 +305,19 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         }
         None => None,
     };
-    info!(node_ip = %node_ip, pod_cidr = %args.pod_cidr, "palisade agent ready");
+    let adapter = if args.kubernetes {
+        Some(crate::kubernetes::start(&args, cmd_tx.clone()).await?)
+    } else {
+        None
+    };
+    let labels = match &adapter {
+        Some(a) => LabelSource::Kubernetes(a.directory.clone()),
+        None => LabelSource::Runtimes(crate::runtime::Runtimes {
+            containerd_socket: args.containerd_socket.clone(),
+        }),
+    };
+    let mode = if args.kubernetes { "kubernetes" } else { "local" };
+    info!(node_ip = %node_ip, pod_cidr = %args.pod_cidr, mode, "palisade agent ready");
     let served = serve(
         &args.api,
         ApiState {
@@ -275,14 +325,16 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
             flows,
             status,
             catalog: catalog_rx,
-            mode: "local",
-            runtimes: crate::runtime::Runtimes {
-                containerd_socket: args.containerd_socket.clone(),
-            },
+            mode,
+            labels,
         },
         shutdown_signal(),
     )
     .await;
+    // The adapter holds the engine; it stops first so the engine can.
+    if let Some(a) = adapter {
+        a.task.abort();
+    }
     let _ = std::fs::remove_file(&args.api);
     if let Some(t) = metrics_task {
         t.abort();

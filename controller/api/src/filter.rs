@@ -8,7 +8,8 @@ use crate::flow::{Flow, FlowPeer};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Field {
-    /// `NS/NAME` of the source endpoint.
+    /// The source endpoint, as hubble's `--from-pod`: `[NAMESPACE/]NAME-PREFIX` (see
+    /// [`pod_matches`]).
     FromPod,
     ToPod,
     /// Either side.
@@ -71,8 +72,28 @@ fn status_matches(status: u16, want: &str) -> bool {
     }
 }
 
-fn pod_name(p: &FlowPeer) -> Option<String> {
-    (!p.name.is_empty()).then(|| format!("{}/{}", p.namespace, p.name))
+/// The namespace pod filters mean when they name none, as in hubble.
+pub const DEFAULT_POD_NAMESPACE: &str = "default";
+
+/// A pod filter value, `[NAMESPACE/]NAME-PREFIX`, as (namespace, prefix); None when malformed
+/// (empty, an empty namespace, or a second `/`).
+fn pod_filter(v: &str) -> Option<(&str, &str)> {
+    match v.split_once('/') {
+        Some((namespace, prefix)) => {
+            (!namespace.is_empty() && !prefix.contains('/')).then_some((namespace, prefix))
+        }
+        None => (!v.is_empty()).then_some((DEFAULT_POD_NAMESPACE, v)),
+    }
+}
+
+/// Hubble's pod filter: the peer is an endpoint in the namespace (`default` when the value
+/// names none) whose name starts with the prefix, so `shop/web-` matches every pod of a
+/// Deployment `web` and `shop/` every pod of the namespace. Peers that are no endpoint
+/// (world, host) never match.
+pub fn pod_matches(peer: &FlowPeer, want: &str) -> bool {
+    pod_filter(want).is_some_and(|(namespace, prefix)| {
+        !peer.name.is_empty() && peer.namespace == namespace && peer.name.starts_with(prefix)
+    })
 }
 
 fn label_matches(p: &FlowPeer, want: &str) -> bool {
@@ -92,12 +113,9 @@ impl Criterion {
         let src_port = flow.l4.source_port.to_string();
         let dst_port = flow.l4.destination_port.to_string();
         match self.field {
-            Field::FromPod => pod_name(&flow.source).as_deref() == Some(v),
-            Field::ToPod => pod_name(&flow.destination).as_deref() == Some(v),
-            Field::Pod => {
-                pod_name(&flow.source).as_deref() == Some(v)
-                    || pod_name(&flow.destination).as_deref() == Some(v)
-            }
+            Field::FromPod => pod_matches(&flow.source, v),
+            Field::ToPod => pod_matches(&flow.destination, v),
+            Field::Pod => pod_matches(&flow.source, v) || pod_matches(&flow.destination, v),
             Field::FromLabel => label_matches(&flow.source, v),
             Field::ToLabel => label_matches(&flow.destination, v),
             Field::Label => label_matches(&flow.source, v) || label_matches(&flow.destination, v),
@@ -170,8 +188,10 @@ impl Criterion {
                 why,
             };
             match self.field {
-                Field::FromPod | Field::ToPod | Field::Pod if !v.contains('/') => {
-                    return Err(bad("expected NAMESPACE/NAME"));
+                Field::FromPod | Field::ToPod | Field::Pod if pod_filter(v).is_none() => {
+                    return Err(bad(
+                        "expected [NAMESPACE/]POD: a namespace (default: default) and a pod name prefix",
+                    ));
                 }
                 Field::FromIdentity | Field::ToIdentity | Field::Identity
                     if v.parse::<u32>().is_err() =>
@@ -405,8 +425,42 @@ mod tests {
     }
 
     #[test]
+    fn pod_filters_match_a_name_prefix_in_a_namespace_as_hubble_does() {
+        let f = flow(
+            "FORWARDED",
+            ("shop", "web-5d8f7c-x2x4z"),
+            ("default", "db-0"),
+            5432,
+        );
+        for (field, value, expected) in [
+            (Field::FromPod, "shop/web-5d8f7c-x2x4z", true),
+            (Field::FromPod, "shop/web-", true),
+            (Field::FromPod, "shop/", true),
+            (Field::FromPod, "shop/db", false),
+            (Field::FromPod, "other/web-", false),
+            (Field::FromPod, "web-", false),
+            (Field::ToPod, "db-0", true),
+            (Field::ToPod, "default/db", true),
+            (Field::ToPod, "shop/db", false),
+            (Field::Pod, "shop/web", true),
+            (Field::Pod, "db", true),
+            (Field::Pod, "shop/db", false),
+        ] {
+            let c = crit(field, &[value], false);
+            assert!(c.validate().is_ok(), "{value}");
+            assert_eq!(c.matches(&f), expected, "{field:?} {value}");
+        }
+        let mut world = f.clone();
+        world.source.name = String::new();
+        assert!(!crit(Field::FromPod, &["shop/"], false).matches(&world));
+    }
+
+    #[test]
     fn malformed_values_are_rejected() {
-        assert!(crit(Field::Pod, &["db"], false).validate().is_err());
+        for pod in ["", "/db", "a/b/c"] {
+            let err = crit(Field::Pod, &[pod], false).validate().unwrap_err();
+            assert!(err.to_string().contains("[NAMESPACE/]POD"), "{err}");
+        }
         assert!(crit(Field::Port, &["http"], false).validate().is_err());
         assert!(
             crit(Field::Verdict, &["ALLOWED"], false)

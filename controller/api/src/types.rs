@@ -162,6 +162,9 @@ pub struct TraceSide {
     /// The rule that decided it, when one did.
     pub rule: Option<String>,
     pub policy: Option<String>,
+    /// Kubernetes mode: the side is a pod of that node, which judges it (not this one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub judged_on: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

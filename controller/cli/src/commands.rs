@@ -187,14 +187,15 @@ pub enum PolicyCmd {
 
 #[derive(Debug, Args)]
 pub struct ObserveArgs {
-    /// Flows from this pod (NS/NAME).
-    #[arg(long)]
+    /// Flows from pods whose name starts with this: [NAMESPACE/]POD, namespace `default`
+    /// when none is given (`shop/web-` is every pod of Deployment web, `shop/` the namespace).
+    #[arg(long, value_name = "[NS/]POD")]
     from_pod: Vec<String>,
-    /// Flows to this pod (NS/NAME).
-    #[arg(long)]
+    /// Flows to pods whose name starts with this ([NAMESPACE/]POD).
+    #[arg(long, value_name = "[NS/]POD")]
     to_pod: Vec<String>,
-    /// Flows from or to this pod.
-    #[arg(long)]
+    /// Flows from or to pods whose name starts with this ([NAMESPACE/]POD), as hubble's --pod.
+    #[arg(long, value_name = "[NS/]POD")]
     pod: Vec<String>,
     /// Source identity label (`key=value` or `key`).
     #[arg(long)]
@@ -356,15 +357,30 @@ fn print_endpoints(eps: &[EndpointView]) {
 }
 
 fn print_trace(t: &TraceResult) {
+    let elsewhere = [&t.egress, &t.ingress]
+        .iter()
+        .any(|s| s.judged_on.is_some());
     println!(
-        "{} {} -> {} on {}/{}",
-        t.verdict, t.egress.endpoint, t.ingress.endpoint, t.port, t.protocol
+        "{} {} -> {} on {}/{}{}",
+        t.verdict,
+        t.egress.endpoint,
+        t.ingress.endpoint,
+        t.port,
+        t.protocol,
+        if elsewhere { " (this node's side)" } else { "" }
     );
     println!(
         "  identities: source {} -> destination {}",
         t.source_identity, t.destination_identity
     );
     for side in [&t.egress, &t.ingress] {
+        if let Some(node) = &side.judged_on {
+            println!(
+                "  {} of {}: judged on node {node} — {}",
+                side.direction, side.endpoint, side.reason
+            );
+            continue;
+        }
         println!(
             "  {} of {}: {} — {}",
             side.direction, side.endpoint, side.verdict, side.reason
@@ -846,6 +862,24 @@ mod tests {
         );
         assert_eq!(f.criteria.len(), 1);
         assert_eq!(f.criteria[0].values.len(), 2);
+    }
+
+    #[test]
+    fn pod_flag_filters_either_side() {
+        use clap::CommandFactory as _;
+        let m = Cli::command()
+            .try_get_matches_from(["palisade", "observe", "--pod", "shop/web-", "--pod", "db"])
+            .unwrap();
+        let f = observe_filter(m.subcommand_matches("observe").unwrap());
+        assert_eq!(
+            f.criteria,
+            vec![Criterion {
+                field: Field::Pod,
+                values: vec!["shop/web-".into(), "db".into()],
+                negate: false,
+            }]
+        );
+        assert!(f.validate().is_ok());
     }
 
     #[test]

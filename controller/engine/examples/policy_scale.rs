@@ -76,6 +76,7 @@ async fn main() -> anyhow::Result<()> {
             pod_cidr: "10.200.0.0/16".parse()?,
             node_ip: "10.200.0.1".parse()?,
             settings: Settings::default(),
+            cluster_identities: false,
             file_policies: Vec::new(),
         },
         MemoryDatapath::default(),

@@ -6,7 +6,8 @@
 use std::collections::BTreeSet;
 
 use palisade_policies::{
-    endpoint::EndpointId, identity::Identity, identity::workload_identity_labels, labels::Labels,
+    endpoint::EndpointId, identity::Identity, identity::IdentityError,
+    identity::workload_identity_labels, labels::Labels,
 };
 use tracing::{info, warn};
 
@@ -110,16 +111,19 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
                     }
                 }
             }
-            let (identity, pending) = match &spec.labels {
-                Some(labels) => (
-                    m.identities.acquire(&workload_identity_labels(
-                        &spec.namespace,
-                        &ns_labels,
-                        labels,
-                    ))?,
-                    false,
-                ),
-                None => (Identity::INIT, true),
+            let (identity, pending, awaiting) = match &spec.labels {
+                Some(labels) => match m.identities.acquire(&workload_identity_labels(
+                    &spec.namespace,
+                    &ns_labels,
+                    labels,
+                )) {
+                    Ok(id) => (id, false, false),
+                    // Kubernetes mode, labels the cluster has not numbered yet: `init` until
+                    // the number arrives.
+                    Err(IdentityError::NotAssigned { .. }) => (Identity::INIT, true, true),
+                    Err(e) => return Err(e.into()),
+                },
+                None => (Identity::INIT, true, false),
             };
             m.next_endpoint_id += 1;
             m.namespaces.entry(spec.namespace.clone()).or_default();
@@ -137,6 +141,7 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
                     ifindex,
                     origin: EndpointOrigin::Cni(spec.attachment.clone()),
                     pending_labels: pending,
+                    awaiting_identity: awaiting,
                     link,
                 },
             );

@@ -13,7 +13,8 @@ use crate::attachments::AttachmentStatus;
 use crate::datapath::Datapath;
 use crate::engine::Engine;
 use crate::error::EngineError;
-use crate::model::{AttachmentSpec, EndpointSpec, FilePolicies, LabelChange};
+use crate::cluster::{ClusterKnown, ClusterReport};
+use crate::model::{AttachmentSpec, ClusterDelta, EndpointSpec, FilePolicies, LabelChange};
 use crate::plumbing::Plumbing;
 use crate::policies::PolicyUpdate;
 use crate::store::{PersistError, SaveTicket};
@@ -65,6 +66,10 @@ pub enum Command {
     AttachmentGc(String, BTreeSet<(String, String)>, Reply<Vec<String>>),
     /// Endpoint key, namespace and labels, once the runtime told them.
     EndpointResolve(String, String, Labels, Reply<EndpointView>),
+    /// Kubernetes mode: a batch of what the cluster changed.
+    ClusterUpdate(ClusterDelta, Reply<ClusterReport>),
+    /// Kubernetes mode: what the engine holds of the cluster.
+    ClusterKnown(Reply<ClusterKnown>),
 }
 
 /// How often expired conntrack entries are swept.
@@ -128,6 +133,11 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
                 let result = self.endpoint_resolve(&key, &namespace, labels);
                 self.settle(r, result).await;
             }
+            Command::ClusterUpdate(delta, r) => {
+                let result = self.cluster_update(delta);
+                self.settle(r, result).await;
+            }
+            Command::ClusterKnown(r) => answer(r, Ok(self.cluster_known())),
             Command::Status(r) => answer(r, Ok(self.status())),
         }
     }

@@ -137,6 +137,7 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
                     ifindex: plumbed.host_ifindex,
                     origin: EndpointOrigin::Local,
                     pending_labels: false,
+                    awaiting_identity: false,
                     link,
                 },
             );
@@ -235,6 +236,11 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
     ) -> Result<Labels, EngineError> {
         validate_dns_label("namespace", ns)?;
         validate_labels(&change.set)?;
+        if self.cfg.cluster_identities {
+            return Err(EngineError::ClusterNamespace {
+                namespace: ns.to_string(),
+            });
+        }
         if change.set.contains_key(NAMESPACE_NAME_LABEL)
             || change.remove.iter().any(|k| k == NAMESPACE_NAME_LABEL)
         {

@@ -11,9 +11,9 @@ use ipnetwork::Ipv4Network;
 use palisade_policies::{
     compile::{self, CompileInput, RuleTable, Settings},
     endpoint::{Endpoint, EndpointId, LinkLayer},
-    identity::{IdentityAllocator, IdentityTable, workload_identity_labels},
+    identity::{Identity, IdentityAllocator, IdentityTable, workload_identity_labels},
     l7::ProxyPolicy,
-    labels::{Labels, NAMESPACE_NAME_LABEL},
+    labels::Labels,
     mapstate::{self, MapState},
     model::{Policy, PolicyRef},
 };
@@ -23,7 +23,7 @@ use tracing::{info, warn};
 use crate::catalog::{Catalog, CatalogEndpoint, CatalogRule};
 use crate::datapath::Datapath;
 use crate::error::EngineError;
-use crate::model::{EndpointOrigin, FilePolicies, Model, PolicySource};
+use crate::model::{EndpointOrigin, FilePolicies, Model, PolicySource, RemoteSpec};
 use crate::plumbing::Plumbing;
 use crate::store::{STATE_VERSION, SaveTicket, StateFile, StateStore};
 
@@ -38,6 +38,9 @@ pub struct EngineConfig {
     pub pod_cidr: Ipv4Network,
     pub node_ip: Ipv4Addr,
     pub settings: Settings,
+    /// Kubernetes mode: workload identity numbers are the cluster's (`ClusterDelta`), never
+    /// chosen by this node.
+    pub cluster_identities: bool,
     /// Policies of `--policy-dir`, read before the start so the first sync includes them.
     pub file_policies: Vec<FilePolicies>,
 }
@@ -89,7 +92,10 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
             next_endpoint_id: 1,
             ..StateFile::default()
         });
-        let identities = IdentityAllocator::restore(&saved.identities)?;
+        let mut identities = IdentityAllocator::restore(&saved.identities)?;
+        if cfg.cluster_identities {
+            identities.set_cluster_scope();
+        }
         let applied = datapath.read_state()?;
         let file_policies = std::mem::take(&mut cfg.file_policies);
         let mut engine = Self {
@@ -109,6 +115,7 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
                     .collect(),
                 identities,
                 next_endpoint_id: saved.next_endpoint_id.max(1),
+                remotes: BTreeMap::new(),
             },
             rules: RuleTable::default(),
             applied,
@@ -155,6 +162,26 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
                     }
                 }
             }
+        }
+        for p in &saved.cluster_policies {
+            engine
+                .model
+                .policy_sources
+                .insert(p.id.clone(), PolicySource::Cluster);
+            engine.model.policies.insert(p.id.clone(), p.clone());
+        }
+        for (key, mut rec) in saved.remotes {
+            if let RemoteSpec::Pod {
+                namespace, labels, ..
+            } = &rec.spec
+            {
+                let ns_labels = engine.namespace_labels(namespace);
+                rec.identity = engine
+                    .model
+                    .identities
+                    .acquire(&workload_identity_labels(namespace, &ns_labels, labels))?;
+            }
+            engine.model.remotes.insert(key, rec);
         }
         engine.model.identities.drop_unreferenced();
         // In the first sync, so a restart never drops what the directory's policies allow.
@@ -217,9 +244,7 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
     }
 
     pub(crate) fn namespace_labels(&self, ns: &str) -> Labels {
-        let mut l = self.model.namespaces.get(ns).cloned().unwrap_or_default();
-        l.insert(NAMESPACE_NAME_LABEL.to_string(), ns.to_string());
-        l
+        self.model.namespace_labels(ns)
     }
 
     fn compile_endpoints(&self) -> BTreeMap<EndpointId, Endpoint> {
@@ -228,6 +253,29 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
             .values()
             .map(|r| (r.id, r.to_endpoint()))
             .collect()
+    }
+
+    /// Other nodes' pods and nodes by address. A pod's address wins over a node's (a node
+    /// announcing a pod's address is a misconfiguration, and the pod is the precise answer).
+    fn remote_addresses(&self) -> BTreeMap<Ipv4Addr, Identity> {
+        let mut out = BTreeMap::new();
+        for r in self.model.remotes.values() {
+            if let RemoteSpec::Node { ips, .. } = &r.spec {
+                for ip in ips {
+                    out.insert(*ip, r.identity);
+                }
+            }
+        }
+        for r in self.model.remotes.values() {
+            // A pod the cluster has not numbered yet is not given `init` here: its address
+            // stays world, which only CIDR rules allow.
+            if let RemoteSpec::Pod { ip, .. } = &r.spec
+                && r.identity != Identity::INIT
+            {
+                out.insert(*ip, r.identity);
+            }
+        }
+        out
     }
 
     pub(crate) fn policies(&self) -> &BTreeMap<PolicyRef, Policy> {
@@ -242,11 +290,13 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
         self.model.identities.sync_cidrs(&cidrs)?;
         let table = self.model.identities.table();
         let endpoints = self.compile_endpoints();
+        let remote = self.remote_addresses();
         let input = CompileInput {
             endpoints: &endpoints,
             identities: &table,
             policies: &self.model.policies,
             host_addresses: &self.host_addresses,
+            remote: &remote,
             settings: self.cfg.settings,
         };
         let (desired, l7) = compile::compile_with_l7(&input, &mut self.rules);
@@ -329,6 +379,19 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
                 .collect(),
             identities: self.model.identities.snapshot(),
             next_endpoint_id: self.model.next_endpoint_id,
+            remotes: self
+                .model
+                .remotes
+                .iter()
+                .map(|(k, r)| (k.clone(), r.clone()))
+                .collect(),
+            cluster_policies: self
+                .model
+                .policies
+                .values()
+                .filter(|p| self.model.policy_sources.get(&p.id) == Some(&PolicySource::Cluster))
+                .cloned()
+                .collect(),
         };
         self.saved = Some(store.save(state));
     }
@@ -353,6 +416,16 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
             );
             c.endpoints_by_ip
                 .insert(r.ip, (r.namespace.clone(), r.name.clone()));
+        }
+        for r in self.model.remotes.values() {
+            if let RemoteSpec::Pod {
+                namespace, name, ip, ..
+            } = &r.spec
+            {
+                c.endpoints_by_ip
+                    .entry(*ip)
+                    .or_insert_with(|| (namespace.clone(), name.clone()));
+            }
         }
         for (id, src) in table {
             c.identities.insert(id.0, src.label_strings());

@@ -131,6 +131,15 @@ pub enum EngineError {
     },
     #[error(transparent)]
     Persist(#[from] PersistError),
+    /// Kubernetes mode: policies come from the API server.
+    #[error("policy {policy} comes from the Kubernetes API: change it there (kubectl apply / delete)")]
+    ClusterManaged { policy: String },
+    /// Kubernetes mode: a trace between two pods of other nodes.
+    #[error("neither {from} nor {to} runs on this node: trace on the node of either")]
+    NotOnThisNode { from: String, to: String },
+    /// Kubernetes mode: namespace labels come from the API server.
+    #[error("namespace {namespace:?} is a Kubernetes namespace: change its labels there (kubectl label namespace)")]
+    ClusterNamespace { namespace: String },
 }
 
 /// How a caller should read an error.
@@ -166,6 +175,9 @@ impl EngineError {
             | EngineError::Manifest(_)
             | EngineError::EmptyManifest
             | EngineError::UnsupportedTraceProtocol { .. }
+            | EngineError::ClusterManaged { .. }
+            | EngineError::ClusterNamespace { .. }
+            | EngineError::NotOnThisNode { .. }
             | EngineError::L7Policy(_) => ErrorClass::Invalid,
             EngineError::NoSuchEndpoint { .. }
             | EngineError::NoSuchAttachment { .. }

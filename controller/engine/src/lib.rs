@@ -21,6 +21,7 @@
 
 pub mod attachments;
 pub mod catalog;
+pub mod cluster;
 pub mod command;
 pub mod datapath;
 mod endpoints;

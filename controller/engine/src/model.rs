@@ -32,6 +32,10 @@ pub struct EndpointRecord {
     /// the reserved `init` identity, and both its directions are enforced.
     #[serde(default)]
     pub pending_labels: bool,
+    /// Kubernetes mode: its labels are known but the cluster has not numbered them yet; it
+    /// holds `init` (and `pending_labels`) until it has.
+    #[serde(default)]
+    pub awaiting_identity: bool,
     /// Its veth's link layer, as last read from the interfaces (read again at every start).
     #[serde(default)]
     pub link: LinkLayer,
@@ -72,6 +76,18 @@ pub enum NetnsRef {
     Named(String),
     /// A path to a namespace file.
     Path(PathBuf),
+}
+
+impl Model {
+    /// A namespace's labels, the name label included.
+    pub(crate) fn namespace_labels(&self, ns: &str) -> Labels {
+        let mut l = self.namespaces.get(ns).cloned().unwrap_or_default();
+        l.insert(
+            palisade_policies::labels::NAMESPACE_NAME_LABEL.to_string(),
+            ns.to_string(),
+        );
+        l
+    }
 }
 
 impl EndpointRecord {
@@ -128,6 +144,8 @@ pub enum PolicySource {
     Api,
     /// A file of `--policy-dir`.
     File(PathBuf),
+    /// An object of the Kubernetes API (Kubernetes mode).
+    Cluster,
 }
 
 impl std::fmt::Display for PolicySource {
@@ -135,6 +153,7 @@ impl std::fmt::Display for PolicySource {
         match self {
             PolicySource::Api => f.write_str("api"),
             PolicySource::File(p) => write!(f, "{}", p.display()),
+            PolicySource::Cluster => f.write_str("kubernetes"),
         }
     }
 }
@@ -192,6 +211,91 @@ impl LabelChange {
 /// Policies read from one file of the policy directory.
 pub type FilePolicies = (PathBuf, Vec<Policy>);
 
+/// Something of the cluster outside this node that policy must know by address.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "kebab-case")]
+pub enum RemoteSpec {
+    /// A pod of another node: peers see it by its workload identity.
+    Pod {
+        namespace: String,
+        name: String,
+        labels: Labels,
+        ip: Ipv4Addr,
+        node: String,
+    },
+    /// Another node: its addresses are `remote-node`.
+    Node { name: String, ips: Vec<Ipv4Addr> },
+}
+
+impl RemoteSpec {
+    pub fn ips(&self) -> Vec<Ipv4Addr> {
+        match self {
+            RemoteSpec::Pod { ip, .. } => vec![*ip],
+            RemoteSpec::Node { ips, .. } => ips.clone(),
+        }
+    }
+}
+
+/// A remote pod or node as the engine keeps it (and persists it), with its identity.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemoteRecord {
+    pub spec: RemoteSpec,
+    pub identity: Identity,
+}
+
+/// Changes to one kind of cluster state. `replace_all`: what is not upserted here is gone
+/// (a relist, or the first sync after a start).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Changes<K, V> {
+    pub replace_all: bool,
+    pub upsert: Vec<(K, V)>,
+    pub delete: Vec<K>,
+}
+
+impl<K, V> Default for Changes<K, V> {
+    fn default() -> Self {
+        Self {
+            replace_all: false,
+            upsert: Vec::new(),
+            delete: Vec::new(),
+        }
+    }
+}
+
+impl<K, V> Changes<K, V> {
+    pub fn is_empty(&self) -> bool {
+        !self.replace_all && self.upsert.is_empty() && self.delete.is_empty()
+    }
+}
+
+/// What the cluster changed, applied together in one transaction (Kubernetes mode): the
+/// watchers batch what arrives close together, so a relist of thousands of objects is one
+/// compile, not thousands.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ClusterDelta {
+    /// The cluster's identity numbers, replacing the ones known (None: unchanged).
+    pub identities: Option<BTreeMap<Labels, Identity>>,
+    /// Namespace labels as the cluster has them.
+    pub namespaces: Changes<String, Labels>,
+    /// Pods of other nodes and other nodes, by key (`pod/NS/NAME`, `node/NAME`).
+    pub remotes: Changes<String, RemoteSpec>,
+    /// Policy objects, already parsed and validated by the sender.
+    pub policies: Changes<PolicyRef, Policy>,
+    /// Labels of this node's pods (endpoint key `ns/name`), replacing what they had; a pod
+    /// whose labels were pending leaves `init`.
+    pub endpoint_labels: Vec<(String, Labels)>,
+}
+
+impl ClusterDelta {
+    pub fn is_empty(&self) -> bool {
+        self.identities.is_none()
+            && self.namespaces.is_empty()
+            && self.remotes.is_empty()
+            && self.policies.is_empty()
+            && self.endpoint_labels.is_empty()
+    }
+}
+
 /// Everything a transaction may change.
 #[derive(Clone)]
 pub(crate) struct Model {
@@ -204,4 +308,6 @@ pub(crate) struct Model {
     pub policy_sources: BTreeMap<PolicyRef, PolicySource>,
     pub identities: IdentityAllocator,
     pub next_endpoint_id: u32,
+    /// Kubernetes mode: other nodes' pods and the other nodes, by key.
+    pub remotes: BTreeMap<String, RemoteRecord>,
 }

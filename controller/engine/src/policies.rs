@@ -52,6 +52,11 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
         if parsed.is_empty() {
             return Err(EngineError::EmptyManifest);
         }
+        if self.cfg.cluster_identities {
+            return Err(EngineError::ClusterManaged {
+                policy: parsed[0].id.to_string(),
+            });
+        }
         let report: Vec<PolicyChange> = parsed
             .iter()
             .map(|p| PolicyChange {
@@ -95,6 +100,14 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
             return Err(EngineError::NoSuchPolicy {
                 name: name.to_string(),
                 namespace: namespace.map(str::to_string),
+            });
+        }
+        if let Some(r) = doomed
+            .iter()
+            .find(|r| self.model.policy_sources.get(*r) == Some(&PolicySource::Cluster))
+        {
+            return Err(EngineError::ClusterManaged {
+                policy: r.to_string(),
             });
         }
         let deleted: Vec<PolicyChange> = doomed

@@ -11,7 +11,7 @@ use palisade_policies::labels::Labels;
 use palisade_policies::model::Policy;
 use serde::{Deserialize, Serialize};
 
-use crate::model::EndpointRecord;
+use crate::model::{EndpointRecord, RemoteRecord};
 
 /// The version of `StateFile` this engine reads and writes.
 pub const STATE_VERSION: u32 = 1;
@@ -25,6 +25,13 @@ pub struct StateFile {
     pub policies: Vec<Policy>,
     pub identities: AllocatorSnapshot,
     pub next_endpoint_id: u32,
+    /// Kubernetes mode: other nodes' pods and the other nodes, so a restart enforces what it
+    /// enforced before its watchers have synced.
+    #[serde(default)]
+    pub remotes: Vec<(String, RemoteRecord)>,
+    /// Kubernetes mode: the policies of the API, for the same reason.
+    #[serde(default)]
+    pub cluster_policies: Vec<Policy>,
 }
 
 /// A failure of the store; its own typed error (naming the file) is the source.

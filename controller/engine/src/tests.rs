@@ -11,7 +11,9 @@ use palisade_policies::mapstate::Verdict;
 use palisade_policies::model::Direction;
 
 use crate::datapath::memory::MemoryDatapath;
-use crate::model::{EndpointSpec, LabelChange};
+use std::collections::BTreeMap;
+
+use crate::model::{Changes, ClusterDelta, EndpointSpec, LabelChange, RemoteSpec};
 use crate::plumbing::memory::MemoryPlumbing;
 use crate::store::{MemoryStore, StateStore};
 use crate::views::{EndpointView, TraceQuery};
@@ -24,6 +26,7 @@ fn config() -> EngineConfig {
         pod_cidr: "10.200.0.0/16".parse().unwrap(),
         node_ip: Ipv4Addr::new(10, 200, 0, 1),
         settings: Settings::default(),
+        cluster_identities: false,
         file_policies: Vec::new(),
     }
 }
@@ -1013,4 +1016,273 @@ async fn a_restarted_engine_keeps_attachments_whose_container_is_still_there() {
         restarted.plumbing.links.contains_key("palgone"),
         "a runtime's veth is never palisade's to delete"
     );
+}
+
+// Kubernetes mode: the cluster's identities, namespaces, remote pods and policies.
+
+async fn cluster_engine(
+    datapath: MemoryDatapath,
+    plumbing: MemoryPlumbing,
+    store: MemoryStore,
+) -> TestEngine {
+    Engine::start(
+        EngineConfig {
+            cluster_identities: true,
+            ..config()
+        },
+        datapath,
+        plumbing,
+        Some(Box::new(store) as Box<dyn StateStore>),
+        Outputs::default(),
+    )
+    .await
+    .unwrap()
+}
+
+const SHOP_WEB_FROM_CLIENTS: &str = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: web, namespace: shop}\nspec:\n  podSelector: {matchLabels: {app: web}}\n  ingress:\n  - from: [{podSelector: {matchLabels: {app: client}}}]\n    ports: [{port: 80}]\n";
+
+fn shop_labels() -> Labels {
+    labels("team=blue")
+}
+
+/// The identity labels of a pod of `shop` with `pod` labels, as every node computes them.
+fn shop_identity(pod: &str) -> Labels {
+    let mut ns = shop_labels();
+    ns.insert(labels::NAMESPACE_NAME_LABEL.into(), "shop".into());
+    palisade_policies::identity::workload_identity_labels("shop", &ns, &labels(pod))
+}
+
+fn remote_pod(name: &str, pod: &str, ip: [u8; 4]) -> (String, RemoteSpec) {
+    (
+        format!("pod/shop/{name}"),
+        RemoteSpec::Pod {
+            namespace: "shop".into(),
+            name: name.into(),
+            labels: labels(pod),
+            ip: ip.into(),
+            node: "node-b".into(),
+        },
+    )
+}
+
+fn policy(
+    text: &str,
+) -> (
+    palisade_policies::model::PolicyRef,
+    palisade_policies::model::Policy,
+) {
+    let p = manifest::parse_manifests(text).unwrap().remove(0);
+    (p.id.clone(), p)
+}
+
+/// The first sync of a node: the cluster's numbers, a namespace, two pods of another node,
+/// that node, and a policy; then this node's pod, attached by CNI, takes its labels.
+fn first_sync() -> ClusterDelta {
+    ClusterDelta {
+        identities: Some(
+            [
+                (shop_identity("app=web"), Identity(70_000)),
+                (shop_identity("app=client"), Identity(70_001)),
+                (shop_identity("app=other"), Identity(70_002)),
+            ]
+            .into(),
+        ),
+        namespaces: Changes {
+            replace_all: true,
+            upsert: vec![("shop".into(), shop_labels())],
+            delete: vec![],
+        },
+        remotes: Changes {
+            replace_all: true,
+            upsert: vec![
+                remote_pod("client", "app=client", [10, 1, 0, 5]),
+                remote_pod("other", "app=other", [10, 1, 0, 6]),
+                (
+                    "node/node-b".into(),
+                    RemoteSpec::Node {
+                        name: "node-b".into(),
+                        ips: vec![Ipv4Addr::new(192, 168, 0, 2)],
+                    },
+                ),
+            ],
+            delete: vec![],
+        },
+        policies: Changes {
+            replace_all: true,
+            upsert: vec![policy(SHOP_WEB_FROM_CLIENTS)],
+            delete: vec![],
+        },
+        endpoint_labels: vec![],
+    }
+}
+
+fn ingress(e: &TestEngine, to: &str, from: [u8; 4], port: u16) -> Verdict {
+    let d = e.record(to).unwrap();
+    e.applied
+        .decide(d.id, Direction::Ingress, from.into(), 6, port)
+        .unwrap()
+        .verdict
+}
+
+#[tokio::test]
+async fn pods_of_other_nodes_are_judged_by_the_identity_the_cluster_gave_them() {
+    let mut e = cluster_engine(
+        MemoryDatapath::default(),
+        MemoryPlumbing::default(),
+        MemoryStore::default(),
+    )
+    .await;
+    let report = e.cluster_update(first_sync()).unwrap();
+    assert!(report.rejected.is_empty() && report.skipped.is_empty());
+    cni_veth(&mut e, "palweb", 500, "/run/netns/cni-web");
+    let mut web = attachment("web", "palweb", Ipv4Addr::new(10, 0, 0, 9), None);
+    web.name = "web".into();
+    e.attachment_add(web).await.unwrap();
+    assert_eq!(e.record("shop/web").unwrap().identity, Identity::INIT);
+    e.cluster_update(ClusterDelta {
+        endpoint_labels: vec![("shop/web".into(), labels("app=web"))],
+        ..ClusterDelta::default()
+    })
+    .unwrap();
+    let rec = e.record("shop/web").unwrap();
+    assert_eq!(
+        rec.identity,
+        Identity(70_000),
+        "the cluster's number, not one of ours"
+    );
+    assert!(!rec.pending_labels);
+    let client_ip = "10.1.0.5/32".parse().unwrap();
+    assert_eq!(e.applied.ipcache[&client_ip].identity, Identity(70_001));
+    assert_eq!(
+        e.applied.ipcache[&"192.168.0.2/32".parse().unwrap()].identity,
+        Identity::REMOTE_NODE
+    );
+    assert_eq!(ingress(&e, "shop/web", [10, 1, 0, 5], 80), Verdict::Allowed);
+    assert_ne!(ingress(&e, "shop/web", [10, 1, 0, 6], 80), Verdict::Allowed);
+    assert_ne!(ingress(&e, "shop/web", [10, 1, 0, 5], 22), Verdict::Allowed);
+    assert_eq!(e.datapath.state, e.applied);
+
+    // The policy is the cluster's: the node's API cannot change it.
+    let err = apply(&mut e, SHOP_WEB_FROM_CLIENTS).unwrap_err();
+    assert!(matches!(err, EngineError::ClusterManaged { .. }), "{err}");
+    let err = e.policy_delete(Some("shop"), "web").unwrap_err();
+    assert!(matches!(err, EngineError::ClusterManaged { .. }), "{err}");
+    let err = e
+        .namespace_label("shop", &LabelChange::default())
+        .unwrap_err();
+    assert!(matches!(err, EngineError::ClusterNamespace { .. }), "{err}");
+}
+
+#[tokio::test]
+async fn labels_the_cluster_has_not_numbered_hold_init_until_it_has() {
+    let mut e = cluster_engine(
+        MemoryDatapath::default(),
+        MemoryPlumbing::default(),
+        MemoryStore::default(),
+    )
+    .await;
+    e.cluster_update(first_sync()).unwrap();
+    // A new pod elsewhere whose labels have no number yet, and a local pod relabelled so.
+    e.cluster_update(ClusterDelta {
+        remotes: Changes {
+            upsert: vec![remote_pod("new", "app=client,v=2", [10, 1, 0, 7])],
+            ..Changes::default()
+        },
+        ..ClusterDelta::default()
+    })
+    .unwrap();
+    assert!(
+        !e.applied
+            .ipcache
+            .contains_key(&"10.1.0.7/32".parse().unwrap()),
+        "an unnumbered pod is world, not init"
+    );
+    let mut ids: BTreeMap<Labels, Identity> = first_sync().identities.unwrap();
+    ids.insert(shop_identity("app=client,v=2"), Identity(70_003));
+    e.cluster_update(ClusterDelta {
+        identities: Some(ids),
+        ..ClusterDelta::default()
+    })
+    .unwrap();
+    assert_eq!(
+        e.applied.ipcache[&"10.1.0.7/32".parse().unwrap()].identity,
+        Identity(70_003)
+    );
+}
+
+#[tokio::test]
+async fn a_relist_removes_what_is_gone_and_renumbering_moves_every_holder() {
+    let mut e = cluster_engine(
+        MemoryDatapath::default(),
+        MemoryPlumbing::default(),
+        MemoryStore::default(),
+    )
+    .await;
+    e.cluster_update(first_sync()).unwrap();
+    // While the watch was down: `other` and the policy were deleted, and another node won
+    // the race for client's labels, so their number changed.
+    let mut relist = first_sync();
+    relist.remotes.upsert.retain(|(k, _)| k != "pod/shop/other");
+    relist.policies.upsert.clear();
+    relist.identities = Some(
+        [
+            (shop_identity("app=web"), Identity(70_000)),
+            (shop_identity("app=client"), Identity(80_001)),
+        ]
+        .into(),
+    );
+    e.cluster_update(relist).unwrap();
+    assert!(!e.model.remotes.contains_key("pod/shop/other"));
+    assert!(
+        !e.applied
+            .ipcache
+            .contains_key(&"10.1.0.6/32".parse().unwrap())
+    );
+    assert!(e.model.policies.is_empty());
+    assert_eq!(
+        e.applied.ipcache[&"10.1.0.5/32".parse().unwrap()].identity,
+        Identity(80_001)
+    );
+    assert_eq!(e.model.identities.refs(Identity(80_001)), 1);
+    assert_eq!(e.model.identities.refs(Identity(70_001)), 0);
+}
+
+#[tokio::test]
+async fn a_restarted_agent_enforces_the_clusters_state_before_its_watchers_sync() {
+    let store = MemoryStore::default();
+    let mut e = cluster_engine(
+        MemoryDatapath::default(),
+        MemoryPlumbing::default(),
+        store.clone(),
+    )
+    .await;
+    e.cluster_update(first_sync()).unwrap();
+    cni_veth(&mut e, "palweb", 500, "/run/netns/cni-web");
+    let mut web = attachment("web", "palweb", Ipv4Addr::new(10, 0, 0, 9), Some("app=web"));
+    web.name = "web".into();
+    // Labels known at ADD (the agent read the Pod first): the cluster's number at once.
+    e.attachment_add(web).await.unwrap();
+    assert_eq!(e.record("shop/web").unwrap().identity, Identity(70_000));
+    let maps = e.datapath.state.clone();
+    let Engine {
+        datapath, plumbing, ..
+    } = e;
+    let restarted = cluster_engine(
+        MemoryDatapath {
+            state: datapath.state,
+            ..MemoryDatapath::default()
+        },
+        plumbing,
+        store,
+    )
+    .await;
+    assert_eq!(
+        restarted.datapath.state, maps,
+        "nothing rewritten, nothing dropped"
+    );
+    assert_eq!(
+        ingress(&restarted, "shop/web", [10, 1, 0, 5], 80),
+        Verdict::Allowed
+    );
+    assert_eq!(restarted.model.remotes.len(), 3);
 }

@@ -18,7 +18,28 @@ use palisade_policies::{
 use crate::datapath::Datapath;
 use crate::engine::Engine;
 use crate::error::EngineError;
-use crate::model::{CniAttachment, EndpointRecord, NetnsRef, PolicySource};
+use crate::model::{CniAttachment, EndpointRecord, NetnsRef, PolicySource, RemoteSpec};
+
+/// The protocol a trace asks about, and its number.
+fn trace_protocol(req: &TraceQuery) -> Result<(Protocol, u8), EngineError> {
+    let protocol = match req.protocol.as_deref() {
+        None => Protocol::Tcp,
+        Some(p) => match Protocol::parse(p) {
+            Some(Protocol::Any) | None => {
+                return Err(EngineError::UnsupportedTraceProtocol {
+                    value: p.to_string(),
+                });
+            }
+            Some(p) => p,
+        },
+    };
+    let Some(number) = protocol.number() else {
+        return Err(EngineError::UnsupportedTraceProtocol {
+            value: protocol.to_string(),
+        });
+    };
+    Ok((protocol, number))
+}
 use crate::plumbing::Plumbing;
 
 /// Policies selecting an endpoint, per direction.
@@ -132,6 +153,8 @@ pub struct TraceSide {
     /// The rule that decided it, in words, when one did.
     pub rule: Option<String>,
     pub policy: Option<PolicyRef>,
+    /// Kubernetes mode: the side is a pod of that node, which judges it; this node does not.
+    pub judged_on: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -365,28 +388,47 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
             reason,
             rule,
             policy,
+            judged_on: None,
+        }
+    }
+
+    /// A pod of another node (Kubernetes mode), by `ns/name`: its address, identity, node.
+    fn find_remote(&self, ns_name: &str) -> Option<(Ipv4Addr, Identity, String)> {
+        match self.model.remotes.get(&format!("pod/{ns_name}")).map(|r| (&r.spec, r.identity)) {
+            Some((RemoteSpec::Pod { ip, node, .. }, identity)) => Some((*ip, identity, node.clone())),
+            _ => None,
+        }
+    }
+
+    /// The side of a trace another node judges.
+    fn remote_side(ns_name: &str, direction: Direction, node: &str, peer: Identity) -> TraceSide {
+        TraceSide {
+            endpoint: ns_name.to_string(),
+            direction,
+            enforced: false,
+            enforcing_policies: Vec::new(),
+            peer_identity: peer,
+            peer_labels: Vec::new(),
+            allowed: true,
+            reason: format!(
+                "{ns_name} runs on node {node}, whose agent judges its {direction}; trace there for that side"
+            ),
+            rule: None,
+            policy: None,
+            judged_on: Some(node.to_string()),
         }
     }
 
     pub fn trace(&self, req: &TraceQuery) -> Result<TraceResult, EngineError> {
+        // Kubernetes mode: one side may be a pod of another node.
+        let remote_src = self.find(&req.from).err().and(self.find_remote(&req.from));
+        let remote_dst = self.find(&req.to).err().and(self.find_remote(&req.to));
+        if remote_src.is_some() || remote_dst.is_some() {
+            return self.trace_across_nodes(req, remote_src, remote_dst);
+        }
         let src = self.find(&req.from)?;
         let dst = self.find(&req.to)?;
-        let protocol = match req.protocol.as_deref() {
-            None => Protocol::Tcp,
-            Some(p) => match Protocol::parse(p) {
-                Some(Protocol::Any) | None => {
-                    return Err(EngineError::UnsupportedTraceProtocol {
-                        value: p.to_string(),
-                    });
-                }
-                Some(p) => p,
-            },
-        };
-        let Some(proto_num) = protocol.number() else {
-            return Err(EngineError::UnsupportedTraceProtocol {
-                value: protocol.to_string(),
-            });
-        };
+        let (protocol, proto_num) = trace_protocol(req)?;
         let what = format!("{}/{}", req.port, protocol);
         let table = self.model.identities.table();
         let missing = |r: &EndpointRecord| EngineError::EndpointNotInDatapath {
@@ -411,6 +453,61 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
             egress,
             ingress,
         })
+    }
+
+    /// A trace where one side is a pod of another node: this node judges its own side.
+    fn trace_across_nodes(
+        &self,
+        req: &TraceQuery,
+        remote_src: Option<(Ipv4Addr, Identity, String)>,
+        remote_dst: Option<(Ipv4Addr, Identity, String)>,
+    ) -> Result<TraceResult, EngineError> {
+        let (protocol, proto_num) = trace_protocol(req)?;
+        let what = format!("{}/{}", req.port, protocol);
+        let table = self.model.identities.table();
+        let missing = |r: &EndpointRecord| EngineError::EndpointNotInDatapath {
+            name: r.name.clone(),
+        };
+        match (remote_src, remote_dst) {
+            (None, Some((ip, identity, node))) => {
+                let src = self.find(&req.from)?;
+                let decision = self
+                    .applied
+                    .decide(src.id, Direction::Egress, ip, proto_num, req.port)
+                    .ok_or_else(|| missing(src))?;
+                let egress = self.trace_side(src, Direction::Egress, &decision, &table, &what);
+                Ok(TraceResult {
+                    allowed: egress.allowed,
+                    protocol,
+                    port: req.port,
+                    source_identity: src.identity,
+                    destination_identity: identity,
+                    ingress: Self::remote_side(&req.to, Direction::Ingress, &node, src.identity),
+                    egress,
+                })
+            }
+            (Some((ip, identity, node)), None) => {
+                let dst = self.find(&req.to)?;
+                let decision = self
+                    .applied
+                    .decide(dst.id, Direction::Ingress, ip, proto_num, req.port)
+                    .ok_or_else(|| missing(dst))?;
+                let ingress = self.trace_side(dst, Direction::Ingress, &decision, &table, &what);
+                Ok(TraceResult {
+                    allowed: ingress.allowed,
+                    protocol,
+                    port: req.port,
+                    source_identity: identity,
+                    destination_identity: dst.identity,
+                    egress: Self::remote_side(&req.from, Direction::Egress, &node, dst.identity),
+                    ingress,
+                })
+            }
+            _ => Err(EngineError::NotOnThisNode {
+                from: req.from.clone(),
+                to: req.to.clone(),
+            }),
+        }
     }
 
     pub fn status(&self) -> EngineStatus {

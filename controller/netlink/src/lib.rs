@@ -18,6 +18,11 @@ use netlink_packet_route::link::{LinkAttribute, LinkMessage};
 use netlink_packet_route::neighbour::NeighbourState;
 use netlink_packet_route::route::RouteScope;
 use rtnetlink::{Handle, LinkUnspec, LinkVeth, RouteMessageBuilder};
+
+/// The routing protocol number of routes to other nodes' pods (Kubernetes mode), so they are
+/// told apart from the host's own (as BIRD or Cilium mark theirs).
+pub const NODE_ROUTE_PROTOCOL: netlink_packet_route::route::RouteProtocol =
+    netlink_packet_route::route::RouteProtocol::Other(0xba);
 use tracing::debug;
 
 pub mod netns;
@@ -420,6 +425,84 @@ impl Netlink {
             .execute()
             .await
             .map_err(nl(format!("add route to {ip}")))
+    }
+
+    /// Routes `cidr` (another node's pods) via `gateway` (that node), marked as palisade's
+    /// so `routes_to_nodes` finds them again after a restart. Idempotent.
+    pub async fn route_to_node(
+        &mut self,
+        cidr: ipnetwork::Ipv4Network,
+        gateway: Ipv4Addr,
+    ) -> Result<(), NetlinkError> {
+        self.node
+            .route()
+            .add(
+                RouteMessageBuilder::<Ipv4Addr>::new()
+                    .destination_prefix(cidr.network(), cidr.prefix())
+                    .gateway(gateway)
+                    .protocol(NODE_ROUTE_PROTOCOL)
+                    .build(),
+            )
+            .replace()
+            .execute()
+            .await
+            .map_err(nl(format!("route {cidr} via {gateway}")))
+    }
+
+    pub async fn delete_route_to_node(
+        &mut self,
+        cidr: ipnetwork::Ipv4Network,
+        gateway: Ipv4Addr,
+    ) -> Result<(), NetlinkError> {
+        let r = self
+            .node
+            .route()
+            .del(
+                RouteMessageBuilder::<Ipv4Addr>::new()
+                    .destination_prefix(cidr.network(), cidr.prefix())
+                    .gateway(gateway)
+                    .protocol(NODE_ROUTE_PROTOCOL)
+                    .build(),
+            )
+            .execute()
+            .await;
+        match r {
+            Err(rtnetlink::Error::NetlinkError(m)) if m.raw_code() == -libc::ESRCH => Ok(()),
+            other => other.map_err(nl(format!("delete the route {cidr} via {gateway}"))),
+        }
+    }
+
+    /// The routes to other nodes' pods this agent (or an earlier one) made.
+    pub async fn routes_to_nodes(
+        &mut self,
+    ) -> Result<Vec<(ipnetwork::Ipv4Network, Ipv4Addr)>, NetlinkError> {
+        use netlink_packet_route::route::{RouteAddress, RouteAttribute};
+        let mut out = Vec::new();
+        let mut routes = self
+            .node
+            .route()
+            .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+            .execute();
+        while let Some(r) = routes.try_next().await.map_err(nl("list routes"))? {
+            if r.header.protocol != NODE_ROUTE_PROTOCOL {
+                continue;
+            }
+            let mut dst = None;
+            let mut via = None;
+            for a in &r.attributes {
+                match a {
+                    RouteAttribute::Destination(RouteAddress::Inet(d)) => dst = Some(*d),
+                    RouteAttribute::Gateway(RouteAddress::Inet(g)) => via = Some(*g),
+                    _ => {}
+                }
+            }
+            if let (Some(d), Some(g)) = (dst, via)
+                && let Ok(cidr) = ipnetwork::Ipv4Network::new(d, r.header.destination_prefix_length)
+            {
+                out.push((cidr, g));
+            }
+        }
+        Ok(out)
     }
 
     /// Removes a named namespace and its veth (idempotent).

@@ -1358,6 +1358,7 @@ impl Cluster {
             identities: &table,
             policies: &policies,
             host_addresses: &host,
+            remote: &BTreeMap::new(),
             settings: self.settings,
         };
         let (mut state, l7) = compile::compile_with_l7(&input, &mut self.rules);

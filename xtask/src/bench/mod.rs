@@ -19,7 +19,7 @@ mod stats;
 mod svg;
 mod tools;
 
-fn write_result(name: &str, title: &str, body: &str) -> anyhow::Result<()> {
+pub(crate) fn write_result(name: &str, title: &str, body: &str) -> anyhow::Result<()> {
     let dir = workspace_root().join("docs/benchmarks");
     std::fs::create_dir_all(&dir)?;
     let machine = format!(
@@ -354,6 +354,9 @@ pub fn run(which: Option<String>) -> anyhow::Result<()> {
             "The datapath programs' own cost per packet",
             &body,
         )?;
+    }
+    if all || which == "kubernetes-scale" {
+        crate::bench_k8s::run()?;
     }
     Ok(())
 }

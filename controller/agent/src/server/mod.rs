@@ -45,9 +45,22 @@ pub struct ApiState {
     pub catalog: watch::Receiver<Arc<Catalog>>,
     /// `local` or `kubernetes`.
     pub mode: &'static str,
-    /// Where containers' labels are asked for.
-    pub runtimes: crate::runtime::Runtimes,
+    /// Where the labels of attached containers come from.
+    pub labels: LabelSource,
 }
+
+/// Where the labels of containers palisade-cni attaches come from.
+#[derive(Clone)]
+pub enum LabelSource {
+    /// Their runtime (podman, containerd), asked after ADD.
+    Runtimes(crate::runtime::Runtimes),
+    /// Their Pod (Kubernetes mode).
+    Kubernetes(palisade_k8s::PodDirectory),
+}
+
+/// How long ADD waits for a new pod's labels (the Pod object usually arrives first; a pod the
+/// agent has not heard of yet holds `init` until it has).
+const POD_LABELS_WAIT: Duration = Duration::from_secs(2);
 
 /// Why a request failed.
 #[derive(Debug, thiserror::Error)]
@@ -211,21 +224,34 @@ async fn policy_delete(
 
 async fn attachment_add(
     State(s): State<ApiState>,
-    Json(req): Json<AttachmentRequest>,
+    Json(mut req): Json<AttachmentRequest>,
 ) -> Result<impl IntoResponse, ApiError> {
+    if let (LabelSource::Kubernetes(pods), None) = (&s.labels, &req.labels) {
+        // The pod's own labels and named ports, so it has its identity from its first packet.
+        let key = format!("{}/{}", req.namespace, req.name);
+        if let Some(pod) = pods.labels_for(&key, POD_LABELS_WAIT).await {
+            req.labels = Some(pod.labels);
+            req.named_ports = pod.named_ports;
+        }
+    }
     let (container_id, pending) = (req.container_id.clone(), req.labels.is_none());
     let spec = wire::attachment_spec(req);
     let view = call(&s, |r| Command::AttachmentAdd(spec, r)).await?;
-    if pending {
-        // Runtimes tell a container's labels only once it is created (podman holds the
-        // container while its network is set up): ask, off this request.
-        let key = format!("{}/{}", view.namespace, view.name);
-        tokio::spawn(crate::runtime::resolve_labels(
-            s.runtimes.clone(),
-            s.engine.downgrade(),
-            key,
-            container_id,
-        ));
+    let key = format!("{}/{}", view.namespace, view.name);
+    match &s.labels {
+        // Its labels reach it once known (and again if they change).
+        LabelSource::Kubernetes(pods) => pods.attached(&key),
+        LabelSource::Runtimes(runtimes) if pending => {
+            // Runtimes tell a container's labels only once it is created (podman holds the
+            // container while its network is set up): ask, off this request.
+            tokio::spawn(crate::runtime::resolve_labels(
+                runtimes.clone(),
+                s.engine.downgrade(),
+                key,
+                container_id,
+            ));
+        }
+        LabelSource::Runtimes(_) => {}
     }
     Ok((StatusCode::CREATED, Json(wire::endpoint(view))))
 }

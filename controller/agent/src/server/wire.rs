@@ -163,6 +163,7 @@ fn trace_side(s: TraceSide) -> wire::TraceSide {
         reason: s.reason,
         rule: s.rule,
         policy: s.policy.map(|p| p.to_string()),
+        judged_on: s.judged_on,
     }
 }
 
