@@ -3,9 +3,11 @@
 //! times the runs itself, so what the machine's other work adds is the noise between rounds,
 //! not a share of every figure; rounds are interleaved across cases and reported as medians.
 
+use std::fmt::Write as _;
 use std::net::Ipv4Addr;
 
 use anyhow::{Context as _, bail};
+use palisade_integration::differential::DatapathConfig;
 use palisade_integration::differential::frames::{self, L4, Tuple};
 use palisade_integration::differential::{DiffEnv, RealDatapath};
 use palisade_integration::traffic;
@@ -133,14 +135,14 @@ fn pass(real: &RealDatapath, c: &Case, ifindexes: [u32; 2]) -> Result<(), String
 }
 
 /// ns per packet for each case, over `ROUNDS` interleaved rounds.
-fn measure(peers: u32) -> anyhow::Result<Vec<(String, Summary)>> {
+fn measure(peers: u32, cfg: DatapathConfig) -> anyhow::Result<Vec<(String, Summary)>> {
     let env = DiffEnv::create("micro", 2);
     let interfaces = env.interfaces.clone();
     let bpffs = env.bpffs();
     let result = traffic::in_netns(&env.netns, move || -> Result<_, String> {
         let idx = |n: &str| nix::net::if_::if_nametoindex(n).map_err(|e| format!("{n}: {e}"));
         let ifindexes = [idx(&interfaces[0])?, idx(&interfaces[2])?];
-        let mut real = RealDatapath::load(&bpffs);
+        let mut real = RealDatapath::load_with(&bpffs, cfg);
         real.set_maps(&maps(ifindexes, peers))?;
         // The connection, opened at both hops in both directions.
         let open = [
@@ -224,21 +226,58 @@ fn measure(peers: u32) -> anyhow::Result<Vec<(String, Summary)>> {
     result.map_err(anyhow::Error::msg)
 }
 
-/// The table: ns per packet for each case, with and without 10,000 CIDR peers in the maps.
+/// The table: ns per packet for each case, in four settings: every packet counted in its
+/// conntrack entry and no fast path (the datapath before its trimming), trimmed, trimmed with
+/// the fast path, and that with 10,000 CIDR peers.
 pub fn run() -> anyhow::Result<String> {
-    let small = measure(0).context("the programs with no peers beyond the two endpoints")?;
-    let big = measure(10_000).context("the programs with 10,000 CIDR peers")?;
-    if small.len() != big.len() {
-        bail!("the two runs measured different cases");
+    let settings = [
+        (
+            "per-packet conntrack writes, no fast path",
+            0,
+            DatapathConfig {
+                fast_path: false,
+                conntrack_accounting: true,
+                ..DatapathConfig::default()
+            },
+        ),
+        (
+            "trimmed, no fast path",
+            0,
+            DatapathConfig {
+                fast_path: false,
+                ..DatapathConfig::default()
+            },
+        ),
+        ("trimmed, fast path", 0, DatapathConfig::default()),
+        (
+            "trimmed, fast path, 10,000 CIDR peers",
+            10_000,
+            DatapathConfig::default(),
+        ),
+    ];
+    let mut columns = Vec::new();
+    for (name, peers, cfg) in settings {
+        columns.push(measure(peers, cfg).with_context(|| format!("the programs, {name}"))?);
+    }
+    if columns.iter().any(|c| c.len() != columns[0].len()) {
+        bail!("the runs measured different cases");
     }
     let mut out = format!(
         "BPF_PROG_TEST_RUN, {REPEAT} runs per sample, {ROUNDS} rounds interleaved across cases \
          (median, min–max, ns per packet, the kernel's own timing of the program). One TCP \
-         connection between endpoints A and B, tracked at both hops; B's ingress enforced.\n\n\
-         | packet: program | ns, 2 peers | ns, 10,000 CIDR peers |\n|---|---|---|\n"
+         connection between endpoints A and B, tracked at both hops; B's ingress enforced. With \
+         the fast path, an egress program also runs the destination's ingress verdict (and \
+         rewrites the frame for `bpf_redirect_peer`), so its rows are the cost of both hops; \
+         the ingress programs' rows are then what the node's path would still run (the fast \
+         path skips them). One CPU runs each sample, so what the trimming saves in cache lines \
+         shared between CPUs shows in `datapath` rather than here.\n\n\
+         | packet: program | {} |\n|---|{}\n",
+        settings.map(|s| s.0).join(" | "),
+        "---|".repeat(settings.len())
     );
-    for ((name, s), (_, b)) in small.iter().zip(&big) {
-        out.push_str(&format!("| {name} | {} | {} |\n", s.show(1.0, 0), b.show(1.0, 0)));
+    for (k, (name, _)) in columns[0].iter().enumerate() {
+        let cells: Vec<String> = columns.iter().map(|c| c[k].1.show(1.0, 0)).collect();
+        let _ = writeln!(out, "| {name} | {} |", cells.join(" | "));
     }
     Ok(out)
 }

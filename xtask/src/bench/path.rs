@@ -178,9 +178,9 @@ impl Drop for PlainNode {
 fn peers(n: usize) -> Vec<Ipv4Addr> {
     (0..n)
         .map(|k| {
-            let k = u32::try_from(k).expect("few peers");
-            let [_, a, b, c] = k.to_be_bytes();
-            Ipv4Addr::new(172, 16 + a, b, c)
+            let index = u32::try_from(k).expect("few peers");
+            let [_, hi, mid, lo] = index.to_be_bytes();
+            Ipv4Addr::new(172, 16 + hi, mid, lo)
         })
         .collect()
 }
@@ -190,7 +190,8 @@ fn peers(n: usize) -> Vec<Ipv4Addr> {
 /// the first rule; `established`: a conntrack ESTABLISHED rule first, so only new connections
 /// walk them.
 fn iptables_rules(n: usize, established: bool, client: Ipv4Addr, server: Ipv4Addr) -> String {
-    let mut r = String::from("*filter\n:INPUT ACCEPT [0:0]\n:FORWARD DROP [0:0]\n:OUTPUT ACCEPT [0:0]\n");
+    let mut r =
+        String::from("*filter\n:INPUT ACCEPT [0:0]\n:FORWARD DROP [0:0]\n:OUTPUT ACCEPT [0:0]\n");
     if established {
         r.push_str("-A FORWARD -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT\n");
     } else {
@@ -229,9 +230,9 @@ fn cidr_policy(n: usize, client: Ipv4Addr) -> String {
     for p in peers(n.saturating_sub(1)).into_iter().chain([client]) {
         let _ = writeln!(y, "    - cidr: {p}/32");
     }
-    let _ = write!(
+    let _ = writeln!(
         y,
-        "    toPorts: [{{ports: [{{port: \"80\", protocol: TCP}}, {{port: \"{IPERF_PORT}\", protocol: TCP}}]}}]\n"
+        "    toPorts: [{{ports: [{{port: \"80\", protocol: TCP}}, {{port: \"{IPERF_PORT}\", protocol: TCP}}]}}]"
     );
     y
 }
@@ -261,10 +262,18 @@ fn peer_labels(k: usize, counts: &[usize]) -> String {
 #[derive(Clone, Debug)]
 enum Setup {
     Plain,
-    Iptables { peers: usize, established: bool },
-    Nftables { peers: usize },
+    Iptables {
+        peers: usize,
+        established: bool,
+    },
+    Nftables {
+        peers: usize,
+    },
     /// Palisade node 0 (fast path on) or 1 (off), with no policy or one of these.
-    Palisade { node: usize, policy: Option<PeerPolicy> },
+    Palisade {
+        node: usize,
+        policy: Option<PeerPolicy>,
+    },
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -306,11 +315,13 @@ fn serve(server_ns: &str, dir: &std::path::Path, name: &str) -> anyhow::Result<(
 pub struct Options {
     pub rounds: usize,
     pub seconds: u32,
-    /// Peer counts of the filter scenarios.
+    /// Peer counts of Palisade's CIDR policies.
     pub peer_counts: Vec<usize>,
+    /// Peer counts of the iptables and nftables scenarios.
+    pub filter_peers: Vec<usize>,
     /// Label peers (each an endpoint) up to this many.
     pub label_peers: Vec<usize>,
-    /// Also measure an agent with `--fast-path false`.
+    /// Also measure an agent with `--no-fast-path`.
     pub without_fast_path: bool,
 }
 
@@ -318,24 +329,29 @@ impl Default for Options {
     fn default() -> Self {
         Options {
             rounds: 3,
-            seconds: 5,
+            seconds: 3,
             peer_counts: vec![10, 1_000, 10_000],
-            label_peers: vec![10, 1_000],
+            filter_peers: vec![10_000],
+            label_peers: vec![10, 100],
             without_fast_path: true,
         }
     }
 }
 
 impl Options {
-    /// The defaults, or what `PALISADE_BENCH_ROUNDS`, `_SECONDS`, `_PEERS` and `_LABEL_PEERS`
-    /// (comma-separated counts) say, for shorter runs.
+    /// The defaults, or what `PALISADE_BENCH_ROUNDS`, `_SECONDS`, `_PEERS`, `_FILTER_PEERS`
+    /// and `_LABEL_PEERS` (comma-separated counts) say, for shorter or longer runs.
     pub fn from_env() -> anyhow::Result<Options> {
         let mut o = Options::default();
         let var = |name: &str| std::env::var(format!("PALISADE_BENCH_{name}")).ok();
         let list = |v: String| -> anyhow::Result<Vec<usize>> {
             v.split(',')
                 .filter(|s| !s.is_empty())
-                .map(|s| s.trim().parse().with_context(|| format!("{s:?} is not a count")))
+                .map(|s| {
+                    s.trim()
+                        .parse()
+                        .with_context(|| format!("{s:?} is not a count"))
+                })
                 .collect()
         };
         if let Some(v) = var("ROUNDS") {
@@ -347,6 +363,9 @@ impl Options {
         if let Some(v) = var("PEERS") {
             o.peer_counts = list(v)?;
         }
+        if let Some(v) = var("FILTER_PEERS") {
+            o.filter_peers = list(v)?;
+        }
         if let Some(v) = var("LABEL_PEERS") {
             o.label_peers = list(v)?;
         }
@@ -356,9 +375,14 @@ impl Options {
 
 fn measure(pair: &Pair, seconds: u32) -> anyhow::Result<Sample> {
     let url = format!("http://{}/", pair.server_ip);
-    let rps = tools::wrk(&pair.client_ns, &url, 1, 16, seconds, false)?.requests_per_second;
+    let keep_alive = tools::wrk(&pair.client_ns, &url, 1, 16, seconds, false)?;
     let cps = tools::wrk(&pair.client_ns, &url, 1, 16, seconds, true)?.requests_per_second;
     let gbps = tools::iperf3(&pair.client_ns, pair.server_ip, seconds)?;
+    let rps = keep_alive.requests_per_second;
+    eprintln!(
+        "xtask:   {rps:.0} req/s (p50 {:.0} µs, p99 {:.0} µs, p99.9 {:.0} µs), {cps:.0} conn/s, {gbps:.1} Gbit/s",
+        keep_alive.p50_us, keep_alive.p99_us, keep_alive.p999_us
+    );
     Ok(Sample { rps, cps, gbps })
 }
 
@@ -380,7 +404,7 @@ pub fn run(opts: &Options, dir: &std::path::Path) -> anyhow::Result<(String, Str
     let mut nodes = Vec::new();
     let mut pal_pairs = Vec::new();
     let variants: &[(usize, &[&str])] = if opts.without_fast_path {
-        &[(0, &[]), (1, &["--fast-path", "false"])]
+        &[(0, &[]), (1, &["--no-fast-path"])]
     } else {
         &[(0, &[])]
     };
@@ -401,9 +425,11 @@ pub fn run(opts: &Options, dir: &std::path::Path) -> anyhow::Result<(String, Str
     let most_labels = opts.label_peers.iter().copied().max().unwrap_or(0);
     let made = Instant::now();
     for k in 1..most_labels {
-        nodes[0]
-            .0
-            .add_endpoint(&format!("p{k}"), "bench", &peer_labels(k, &opts.label_peers));
+        nodes[0].0.add_endpoint(
+            &format!("p{k}"),
+            "bench",
+            &peer_labels(k, &opts.label_peers),
+        );
     }
     let label_setup = made.elapsed();
 
@@ -411,7 +437,7 @@ pub fn run(opts: &Options, dir: &std::path::Path) -> anyhow::Result<(String, Str
         name: "plain veth path, no filtering".into(),
         setup: Setup::Plain,
     }];
-    for &n in &opts.peer_counts {
+    for &n in &opts.filter_peers {
         scenarios.push(Scenario {
             name: format!("iptables, {n} rules, linear"),
             setup: Setup::Iptables {
@@ -465,7 +491,12 @@ pub fn run(opts: &Options, dir: &std::path::Path) -> anyhow::Result<(String, Str
             },
         });
     }
-    if let Some(&n) = opts.peer_counts.iter().max().filter(|_| opts.without_fast_path) {
+    if let Some(&n) = opts
+        .peer_counts
+        .iter()
+        .max()
+        .filter(|_| opts.without_fast_path)
+    {
         scenarios.push(Scenario {
             name: format!("Palisade, fast path off, {n} CIDR peers"),
             setup: Setup::Palisade {
@@ -518,16 +549,38 @@ pub fn run(opts: &Options, dir: &std::path::Path) -> anyhow::Result<(String, Str
                         "*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\nCOMMIT\n",
                     )?;
                     // conntrack entries made under the ESTABLISHED rule would speed up the next.
-                    let _ = sh(&["ip", "netns", "exec", &plain.node, "sh", "-c", "command -v conntrack >/dev/null && conntrack -F"]);
+                    let _ = sh(&[
+                        "ip",
+                        "netns",
+                        "exec",
+                        &plain.node,
+                        "sh",
+                        "-c",
+                        "command -v conntrack >/dev/null && conntrack -F",
+                    ]);
                 }
                 Setup::Nftables { .. } => {
-                    let _ = sh(&["ip", "netns", "exec", &plain.node, "nft", "delete", "table", "inet", "palbench"]);
+                    let _ = sh(&[
+                        "ip",
+                        "netns",
+                        "exec",
+                        &plain.node,
+                        "nft",
+                        "delete",
+                        "table",
+                        "inet",
+                        "palbench",
+                    ]);
                 }
                 Setup::Palisade { node, policy } => {
                     if policy.is_some() {
-                        nodes[*node]
-                            .0
-                            .palisade_ok(&["policy", "delete", "bench-peers", "--namespace", "bench"]);
+                        nodes[*node].0.palisade_ok(&[
+                            "policy",
+                            "delete",
+                            "bench-peers",
+                            "--namespace",
+                            "bench",
+                        ]);
                     }
                 }
             }
@@ -572,7 +625,11 @@ pub fn run(opts: &Options, dir: &std::path::Path) -> anyhow::Result<(String, Str
     }
     let plot = svg::bars(
         "Throughput as % of the plain veth path (median of interleaved rounds)",
-        &["keep-alive requests/s", "new connections/s", "TCP throughput"],
+        &[
+            "keep-alive requests/s",
+            "new connections/s",
+            "TCP throughput",
+        ],
         &bars,
     );
     let body = format!(

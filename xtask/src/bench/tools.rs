@@ -186,7 +186,11 @@ pub fn wrk(
     let pct: Vec<f64> = text
         .lines()
         .find_map(|l| l.strip_prefix("PCT "))
-        .map(|l| l.split_whitespace().filter_map(|v| v.parse().ok()).collect())
+        .map(|l| {
+            l.split_whitespace()
+                .filter_map(|v| v.parse().ok())
+                .collect()
+        })
         .unwrap_or_default();
     let errors = text
         .lines()
