@@ -59,17 +59,22 @@ fn for_delegate(env: &CniEnv, plugin: &str, config: &[u8]) -> Vec<u8> {
     serde_json::to_vec(&conf).unwrap_or_else(|_| config.to_vec())
 }
 
-/// The versions the plugin's VERSION reports (empty when it does not say).
+/// The versions the plugin's VERSION reports (empty when it does not say). Asked up to three
+/// times: on a loaded node a VERSION run has been seen to fail once and pass the next time, and
+/// without its answer the configuration would go to the plugin in a version it refuses.
 fn supported_versions(env: &CniEnv, plugin: &str) -> Vec<String> {
-    run_raw(env, plugin, Verb::Version, br#"{"cniVersion":"1.0.0"}"#)
-        .ok()
-        .and_then(|out| serde_json::from_slice::<serde_json::Value>(&out).ok())
-        .and_then(|v| {
-            v["supportedVersions"].as_array().map(|vs| {
-                vs.iter()
-                    .filter_map(|v| v.as_str().map(str::to_string))
-                    .collect()
-            })
+    (0..3)
+        .find_map(|_| {
+            run_raw(env, plugin, Verb::Version, br#"{"cniVersion":"1.0.0"}"#)
+                .ok()
+                .and_then(|out| serde_json::from_slice::<serde_json::Value>(&out).ok())
+                .and_then(|v| {
+                    v["supportedVersions"].as_array().map(|vs| {
+                        vs.iter()
+                            .filter_map(|v| v.as_str().map(str::to_string))
+                            .collect::<Vec<_>>()
+                    })
+                })
         })
         .unwrap_or_default()
 }
@@ -94,9 +99,14 @@ fn run_raw(env: &CniEnv, plugin: &str, verb: Verb, config: &[u8]) -> Result<Vec<
         .spawn()
         .map_err(|e| failed(format!("cannot run {}: {e}", exe.display())))?;
     if let Some(mut stdin) = child.stdin.take() {
-        stdin
-            .write_all(config)
-            .map_err(|e| failed(format!("writing its configuration: {e}")))?;
+        // A plugin may exit without reading its input (VERSION does): a broken pipe is not
+        // its failure; its exit status and output say what happened.
+        match stdin.write_all(config) {
+            Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+                return Err(failed(format!("writing its configuration: {e}")));
+            }
+            _ => {}
+        }
     }
     let out = child
         .wait_with_output()
