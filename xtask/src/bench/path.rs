@@ -269,7 +269,8 @@ enum Setup {
     Nftables {
         peers: usize,
     },
-    /// Palisade node 0 (fast path on) or 1 (off), with no policy or one of these.
+    /// Palisade node 0 (the defaults), 1 (`--no-fast-path`) or 2 (also
+    /// `--conntrack-accounting`), with no policy or one of these.
     Palisade {
         node: usize,
         policy: Option<PeerPolicy>,
@@ -404,7 +405,11 @@ pub fn run(opts: &Options, dir: &std::path::Path) -> anyhow::Result<(String, Str
     let mut nodes = Vec::new();
     let mut pal_pairs = Vec::new();
     let variants: &[(usize, &[&str])] = if opts.without_fast_path {
-        &[(0, &[]), (1, &["--no-fast-path"])]
+        &[
+            (0, &[]),
+            (1, &["--no-fast-path"]),
+            (2, &["--no-fast-path", "--conntrack-accounting"]),
+        ]
     } else {
         &[(0, &[])]
     };
@@ -482,15 +487,6 @@ pub fn run(opts: &Options, dir: &std::path::Path) -> anyhow::Result<(String, Str
             },
         });
     }
-    if opts.without_fast_path {
-        scenarios.push(Scenario {
-            name: "Palisade, fast path off, no policy".into(),
-            setup: Setup::Palisade {
-                node: 1,
-                policy: None,
-            },
-        });
-    }
     if let Some(&n) = opts
         .peer_counts
         .iter()
@@ -498,9 +494,18 @@ pub fn run(opts: &Options, dir: &std::path::Path) -> anyhow::Result<(String, Str
         .filter(|_| opts.without_fast_path)
     {
         scenarios.push(Scenario {
-            name: format!("Palisade, fast path off, {n} CIDR peers"),
+            name: format!("Palisade --no-fast-path, {n} CIDR peers"),
             setup: Setup::Palisade {
                 node: 1,
+                policy: Some(PeerPolicy::Cidr(n)),
+            },
+        });
+        scenarios.push(Scenario {
+            name: format!(
+                "Palisade --no-fast-path --conntrack-accounting (as before this change), {n} CIDR peers"
+            ),
+            setup: Setup::Palisade {
+                node: 2,
                 policy: Some(PeerPolicy::Cidr(n)),
             },
         });
