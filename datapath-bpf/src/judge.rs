@@ -364,7 +364,8 @@ fn revalidate(
         peer_identity,
         rule_id: decision.rule_id,
     };
-    if matches!(decision.action, action::ALLOW | action::REDIRECT) {
+    let mut rule_id = decision.rule_id;
+    let audited = if matches!(decision.action, action::ALLOW | action::REDIRECT) {
         if proxy_client.is_none() && e.flags & CT_FLAG_PROXY_REDIRECT == 0 {
             if key.protocol != proto::TCP && decision.action == action::REDIRECT {
                 conntrack::remove(key);
@@ -375,8 +376,21 @@ fn revalidate(
                 return Err(stop(drop::PROXY_REQUIRED));
             }
         }
-        e.flags &= !CT_FLAG_AUDIT;
+        // Allowed, but the policies in audit would stop it: it goes on audited (unless the
+        // proxy carries it), by their rule.
+        if decision.staged_deny && e.flags & CT_FLAG_PROXY_REDIRECT == 0 {
+            rule_id = decision.staged_rule_id;
+            true
+        } else {
+            false
+        }
     } else if ep.flags & FLAG_AUDIT != 0 {
+        true
+    } else {
+        conntrack::remove(key);
+        return Err(stop(deny_reason(decision.action)));
+    };
+    if audited {
         e.flags |= CT_FLAG_AUDIT;
         report(
             cfg,
@@ -387,16 +401,15 @@ fn revalidate(
             ifindex,
             len,
             peer_identity,
-            decision.rule_id,
+            rule_id,
             verdict::AUDIT,
             EVENT_REVALIDATION_AUDIT,
         );
     } else {
-        conntrack::remove(key);
-        return Err(stop(deny_reason(decision.action)));
+        e.flags &= !CT_FLAG_AUDIT;
     }
     e.policy_revision = cfg.policy_revision;
-    e.rule_id = decision.rule_id;
+    e.rule_id = rule_id;
     e.peer_identity = peer_identity;
     Ok(())
 }
@@ -512,6 +525,14 @@ fn new_connection(
     if proxied_from.is_some() {
         ct_flags |= CT_FLAG_FROM_PROXY;
     }
+    // Forwarded, but the policies in audit would drop it: audited, by their rule.
+    let mut rule_id = decision.rule_id;
+    if decision.staged_deny && outcome == OUTCOME_FORWARDED {
+        outcome = OUTCOME_AUDIT;
+        verdict_code = verdict::AUDIT;
+        ct_flags |= CT_FLAG_AUDIT;
+        rule_id = decision.staged_rule_id;
+    }
     // Only a SYN opens a TCP connection, only a request an ICMP one (and ICMP that is no
     // query opens none). Anything else that policy allows is forwarded but tracks nothing:
     // otherwise a peer could turn the other side's packets into "replies" of a connection
@@ -528,7 +549,7 @@ fn new_connection(
                 ifindex,
                 len,
                 peer_identity,
-                decision.rule_id,
+                rule_id,
                 verdict_code,
                 EVENT_NEW_CONNECTION,
             );
@@ -542,7 +563,7 @@ fn new_connection(
         len,
         ep.endpoint_id,
         peer_identity,
-        decision.rule_id,
+        rule_id,
         ct_flags,
         proxy_port_be,
         if proxied_from.is_some() {
@@ -570,7 +591,7 @@ fn new_connection(
         ifindex,
         len,
         peer_identity,
-        decision.rule_id,
+        rule_id,
         verdict_code,
         EVENT_NEW_CONNECTION,
     );

@@ -1,14 +1,18 @@
 //! Policy lookup: the peer's identity, its CIDR alias (endpoint addresses inside policy
 //! CIDRs) and the any-identity wildcard are each looked up in the LPM policy map; within one
 //! identity the longest match already carries the right action (userspace guarantees it), and
-//! across identities deny beats redirect beats allow.
+//! across identities deny beats redirect beats allow. Entries also say what the policies in
+//! audit would do (`flags::STAGED_DENY`): what the decision allows, they may deny.
 
 use aya_ebpf::maps::lpm_trie::Key;
 use palisade_common::{
     direction,
-    endpoint::{EndpointInfo, FLAG_EGRESS_ENFORCED, FLAG_INGRESS_ENFORCED},
+    endpoint::{
+        EndpointInfo, FLAG_EGRESS_ENFORCED, FLAG_INGRESS_ENFORCED, FLAG_STAGED_EGRESS_ENFORCED,
+        FLAG_STAGED_INGRESS_ENFORCED,
+    },
     identity,
-    policy::{POLICY_PREFIX_FULL, PolicyKey, PolicyValue, action},
+    policy::{POLICY_PREFIX_FULL, PolicyKey, PolicyValue, action, flags},
 };
 
 use crate::maps::POLICY;
@@ -22,6 +26,12 @@ pub struct Decision {
     pub proxy_port_be: u16,
     /// The endpoint enforces policy in this direction.
     pub enforced: bool,
+    /// `decide`: the policies in audit would deny what `action` (allow) lets through, by
+    /// `staged_rule_id` (0: their default deny). `best_match`: an entry says so.
+    pub staged_deny: bool,
+    /// Some entry matched, of the policies in force or of those in audit.
+    pub matched: bool,
+    pub staged_rule_id: u32,
 }
 
 #[inline(always)]
@@ -51,9 +61,13 @@ fn rank(action: u8) -> u8 {
 
 #[inline(always)]
 fn merge(best: &mut Decision, found: Option<PolicyValue>) {
-    if let Some(v) = found
-        && rank(v.action) > rank(best.action)
-    {
+    let Some(v) = found else { return };
+    best.matched = true;
+    if !best.staged_deny && v.flags & flags::STAGED_DENY != 0 {
+        best.staged_deny = true;
+        best.staged_rule_id = v.rule_id;
+    }
+    if rank(v.action) > rank(best.action) {
         best.action = v.action;
         best.rule_id = v.rule_id;
         best.proxy_port_be = v.proxy_port_be;
@@ -72,10 +86,13 @@ pub fn best_match(
     port_be: u16,
 ) -> Decision {
     let mut best = Decision {
-        action: 0,
+        action: action::NONE,
         rule_id: 0,
         proxy_port_be: 0,
         enforced: false,
+        staged_deny: false,
+        matched: false,
+        staged_rule_id: 0,
     };
     merge(
         &mut best,
@@ -95,7 +112,8 @@ pub fn best_match(
 }
 
 /// The verdict for `ep` in `dir`: the best match, or, when nothing matched, allow unless the
-/// endpoint enforces that direction.
+/// endpoint enforces that direction. For an allow, also whether the policies in audit would
+/// deny it: an entry's staged deny, or, when no entry matched at all, their default deny.
 #[inline(always)]
 pub fn decide(
     ep: &EndpointInfo,
@@ -121,8 +139,19 @@ pub fn decide(
         port_be,
     );
     best.enforced = ep.flags & enforced_flag != 0;
-    if best.action == 0 && !best.enforced {
+    if best.action == action::NONE && !best.enforced {
         best.action = action::ALLOW;
+    }
+    let staged_flag = if dir == direction::INGRESS {
+        FLAG_STAGED_INGRESS_ENFORCED
+    } else {
+        FLAG_STAGED_EGRESS_ENFORCED
+    };
+    if best.action != action::ALLOW {
+        best.staged_deny = false;
+    } else if !best.matched && ep.flags & staged_flag != 0 {
+        best.staged_deny = true;
+        best.staged_rule_id = 0;
     }
     best
 }

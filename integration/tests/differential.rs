@@ -840,6 +840,86 @@ fn revalidation_in_audit_mode_audits_what_is_now_denied() {
     );
 }
 
+/// A policy in audit (staged) enforces nothing: what it would deny is forwarded as AUDIT, by
+/// the entry and endpoint flags the compiler merges in, and the connection's entry says so.
+/// Once the same policy is in force, a policy change like any other, the open connection it
+/// denies stops and the one it allows goes on, no longer audited.
+#[test]
+fn a_policy_in_audit_audits_what_it_would_deny_until_it_is_in_force() {
+    use Program::ToEndpoint as In;
+    let tcp = |port| PortGen {
+        protocol: 1,
+        port: PortChoice::Single(port),
+    };
+    // ep1 takes TCP 80 from ep0, and denies it TCP 443.
+    let server = PolicyGen::Cilium {
+        namespace: Some(1),
+        subject: selector(1, None),
+        ingress: vec![CiliumRuleGen {
+            to_ports: vec![(vec![tcp(1)], false)],
+            icmp: None,
+            ..icmp_rule(selector(0, Some(0)), true)
+        }],
+        ingress_deny: vec![CiliumRuleGen {
+            to_ports: vec![(vec![tcp(3)], false)],
+            icmp: None,
+            ..icmp_rule(selector(0, Some(0)), true)
+        }],
+        egress: vec![],
+        egress_deny: vec![],
+        default_deny: (None, None),
+    };
+    let ack = |flow| StepGen::Packet {
+        flow,
+        reply: false,
+        hop: HopGen::ReceiverIngress,
+        flags: Ok(2),
+        mark: MarkGen::None,
+        mutation: None,
+    };
+    let open = |flow| StepGen::Exchange {
+        flow,
+        close: Close::Open,
+    };
+    let mut s = fixed_cluster(vec![
+        // 0: allowed by both; 1: only the staged default deny; 2: the staged deny rule.
+        open(0),
+        open(1),
+        open(2),
+        StepGen::PolicyChange,
+        // 4: goes on; 5, 6: stop.
+        ack(0),
+        ack(1),
+        ack(2),
+    ]);
+    s.policies = vec![PolicyGen::Staged(Box::new(server.clone()))];
+    s.change = Some(ChangeGen {
+        keep: false,
+        policies: vec![server],
+        relabel: None,
+    });
+    let flow = |client_port, server_port| FlowGen {
+        client: AddrGen::Endpoint(0),
+        server: AddrGen::Endpoint(1),
+        proto: FlowProto::Tcp,
+        client_port,
+        server_port,
+    };
+    s.flows = vec![flow(40000, 80), flow(40001, 81), flow(40002, 443)];
+    run_expecting(
+        "staged",
+        s,
+        vec![
+            (0, In, 1, Outcome::Forwarded),
+            (1, In, 1, Outcome::Audit),
+            (2, In, 1, Outcome::Audit),
+            (4, In, 1, Outcome::Forwarded),
+            (5, In, 1, Outcome::Dropped(drop::POLICY_DENIED)),
+            (6, In, 1, Outcome::Dropped(drop::POLICY_DENY_RULE)),
+        ],
+    );
+}
+
 /// A flow other than TCP that a policy change sends to the L7 proxy (which takes TCP only)
 /// stops, as a new one is dropped; an open TCP connection stops as ever.
 #[test]

@@ -382,3 +382,48 @@ fn namespace_labels_clusterwide_policies_deleted_pods_and_unused_identities() {
         "an identity in use stays"
     );
 }
+
+#[test]
+fn a_namespace_label_sets_its_mode_and_monitor_reports_without_dropping() {
+    let c = Cluster::start("k8s-mode", 1, true, &[]);
+    c.namespace("shop", &[]);
+    let web = c.pod(0, "shop", "web", &[("app", "web")]);
+    let client = c.pod(0, "shop", "client", &[("app", "client")]);
+    c.endpoint(0, &web);
+    c.endpoint(0, &client);
+    let _srv = tcp_server(&web.container.netns, 80);
+    c.kubectl_stdin(
+        &["create"],
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: web-from-friends, namespace: shop}\nspec:\n  podSelector: {matchLabels: {app: web}}\n  ingress:\n  - from: [{podSelector: {matchLabels: {app: friend}}}]\n",
+    );
+    until_connects(&c, &client, &web, false, "protected: the client is denied");
+    let identity = c.endpoint(0, &web)["identity"].clone();
+
+    c.namespace("shop", &[("palisade.io/mode", "monitor")]);
+    until_connects(&c, &client, &web, true, "monitor: the violation passes");
+    let node = &c.nodes[0].node;
+    let status = node.json(&["status"]);
+    assert_eq!(status["audit"]["namespace_modes"]["shop"], "monitor", "{status}");
+    assert_eq!(
+        c.endpoint(0, &web)["identity"],
+        identity,
+        "the mode label never reaches identities"
+    );
+    let audited = node.flows(&["--verdict", "AUDIT", "--namespace", "shop"]);
+    assert!(
+        audited
+            .iter()
+            .any(|f| f["policy"]["name"] == "shop/web-from-friends"),
+        "{audited:?}"
+    );
+    let refused = node.palisade(&["namespace", "mode", "shop", "protect"]);
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("palisade.io/mode=protect"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+
+    c.namespace("shop", &[]);
+    until_connects(&c, &client, &web, false, "the label removed: protected again");
+}

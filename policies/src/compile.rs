@@ -18,7 +18,7 @@ use crate::identity::{Identity, IdentitySource, IdentityTable};
 use crate::labels::Labels;
 use crate::mapstate::{
     Action, EndpointEntry, IpcacheEntry, MapState, PolicyEntry, PolicyKey, PortPrefix, RuleId,
-    port_range_prefixes,
+    Staged, StagedEnforcement, port_range_prefixes,
 };
 use crate::model::{
     Direction, Entity, Peer, Peers, Policy, PolicyRef, PolicySpec, Port, PortSpec, Protocol, Rule,
@@ -624,6 +624,7 @@ pub fn compile_with_l7(input: &CompileInput<'_>, rules: &mut RuleTable) -> (MapS
                         let entry = PolicyEntry {
                             action,
                             rule: rules.intern(&origin),
+                            staged: Staged::Same,
                         };
                         let keys = rule_keys(&ctx, &mut cache, rule);
                         for k in &keys {
@@ -653,6 +654,7 @@ pub fn compile_with_l7(input: &CompileInput<'_>, rules: &mut RuleTable) -> (MapS
                 let entry = PolicyEntry {
                     action: Action::Allow,
                     rule: rules.intern(&RuleOrigin::HostAccess),
+                    staged: Staged::Same,
                 };
                 let key = PolicyKey {
                     endpoint: ep.id,
@@ -675,6 +677,7 @@ pub fn compile_with_l7(input: &CompileInput<'_>, rules: &mut RuleTable) -> (MapS
                 ingress_enforced: flags[0],
                 egress_enforced: flags[1],
                 audit: input.settings.audit,
+                staged: StagedEnforcement::default(),
                 link: ep.link,
             },
         );
@@ -858,6 +861,7 @@ mod tests {
                 egress: dir(egress),
                 description: None,
             }],
+            audit: false,
         }
     }
 

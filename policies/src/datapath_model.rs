@@ -523,11 +523,14 @@ fn ct_update(e: &mut CtEntry, pkt: &Packet, is_reply: bool, len: u64) -> bool {
 
 // ---- policy.rs ------------------------------------------------------------------------------
 
-/// `policy::Decision`: `action` None when nothing matched and the direction is enforced.
+/// `policy::Decision`: `action` None when nothing matched and the direction is enforced;
+/// `staged` the rule by which the policies in audit would deny what `action` allows
+/// (`RuleId::NONE`: their default deny).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Decision {
     action: Option<Action>,
     rule: RuleId,
+    staged: Option<RuleId>,
 }
 
 impl Decision {
@@ -544,7 +547,9 @@ impl Decision {
 }
 
 /// `policy::decide`: the best match across the peer's identity, the wildcard and the CIDR
-/// alias (`MapState::best_match`), else allow unless the direction is enforced.
+/// alias (`MapState::best_match_staged`), else allow unless the direction is enforced; and
+/// for what that allows (not redirects), whether the policies in audit would deny it: a
+/// matching entry's staged deny, or else, when no entry matched at all, their default deny.
 fn decide(
     maps: &MapState,
     id: EndpointId,
@@ -558,16 +563,23 @@ fn decide(
         Direction::Ingress => ep.ingress_enforced,
         Direction::Egress => ep.egress_enforced,
     };
-    match maps.best_match(id, dir, peer, protocol, port) {
+    let (best, staged_rule, any) = maps.best_match_staged(id, dir, peer, protocol, port);
+    let mut decision = match best {
         Some((_, entry)) => Decision {
             action: Some(entry.action),
             rule: entry.rule,
+            staged: None,
         },
         None => Decision {
             action: (!enforced).then_some(Action::Allow),
             rule: RuleId::NONE,
+            staged: None,
         },
+    };
+    if decision.action == Some(Action::Allow) {
+        decision.staged = staged_rule.or((!any && ep.staged.get(dir)).then_some(RuleId::NONE));
     }
+    decision
 }
 
 // ---- judge.rs -------------------------------------------------------------------------------
@@ -867,13 +879,18 @@ impl DatapathModel {
             return Err(reason);
         }
         let e = self.conntrack.get_mut(&key).expect("present: read above");
-        if allowed {
+        // Allowed, but the policies in audit would stop it: it goes on audited (unless it
+        // goes through the proxy), by their rule.
+        let staged = decision
+            .staged
+            .filter(|_| allowed && e.flags & CT_FLAG_PROXY_REDIRECT == 0);
+        if allowed && staged.is_none() {
             e.flags &= !CT_FLAG_AUDIT;
         } else {
             e.flags |= CT_FLAG_AUDIT;
         }
         e.policy_revision = cfg.policy_revision;
-        e.rule = decision.rule;
+        e.rule = staged.unwrap_or(decision.rule);
         e.peer_identity = peer_identity;
         ctx.changes.push(CtChange::Revalidated(key));
         Ok(())
@@ -930,6 +947,15 @@ impl DatapathModel {
         if proxied_from.is_some() {
             flags |= CT_FLAG_FROM_PROXY;
         }
+        // Forwarded, but the policies in audit would drop it: audited, by their rule.
+        let mut rule = decision.rule;
+        if let Some(staged) = decision.staged
+            && outcome == Outcome::Forwarded
+        {
+            outcome = Outcome::Audit;
+            flags |= CT_FLAG_AUDIT;
+            rule = staged;
+        }
         if !pkt.opens {
             // A TCP segment other than a SYN, an ICMP reply, ICMP that is no query: forwarded
             // as policy says, opening nothing.
@@ -940,7 +966,7 @@ impl DatapathModel {
             CtEntry {
                 endpoint: ctx.id,
                 peer_identity,
-                rule: decision.rule,
+                rule,
                 policy_revision: cfg.policy_revision,
                 flags,
                 proxy_port,
@@ -1034,6 +1060,7 @@ mod tests {
             ingress_enforced: false,
             egress_enforced: false,
             audit: false,
+            staged: crate::mapstate::StagedEnforcement::default(),
             link: crate::endpoint::LinkLayer::default(),
         }
     }
@@ -1080,6 +1107,7 @@ mod tests {
             PolicyEntry {
                 action,
                 rule: RuleId(rule),
+                staged: crate::mapstate::Staged::Same,
             },
         );
     }

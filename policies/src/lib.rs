@@ -1,6 +1,9 @@
 //! Palisade's policy language and compiler. Pure: plain functions over plain data, no I/O.
 //!
+//! - `audit`: audit at every scope (agent, namespace modes, endpoints, policies in audit) and
+//!   the compile that merges policies in audit into the map state as flags;
 //! - `labels`: labels, selectors and their Kubernetes semantics;
+//! - `learn`: the aggregate of observed connections, and policies suggested from it;
 //! - `model`: the internal policy form every manifest kind becomes;
 //! - `manifest`: parsing and validating manifests (Kubernetes NetworkPolicy, palisade.io/v1,
 //!   cilium.io/v2) into the model;
@@ -10,12 +13,14 @@
 //! - `datapath_model`: the BPF programs' per-packet verdict (parse, conntrack, policy, proxy
 //!   redirect, audit) again in plain Rust over a map state, to test the programs against.
 
+pub mod audit;
 pub mod compile;
 pub mod datapath_model;
 pub mod endpoint;
 pub mod identity;
 pub mod l7;
 pub mod labels;
+pub mod learn;
 pub mod manifest;
 pub mod mapstate;
 pub mod model;

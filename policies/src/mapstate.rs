@@ -155,6 +155,59 @@ impl Action {
 pub struct PolicyEntry {
     pub action: Action,
     pub rule: RuleId,
+    /// What the policies in audit change here (`audit::compile` merges them in).
+    #[serde(default)]
+    pub staged: Staged,
+}
+
+/// How the policies in audit ("staged": evaluated, not enforced) differ from the policies in
+/// force at one entry. The datapath enforces the policies in force and reports, as AUDIT, what
+/// the staged ones would deny that those let through.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Staged {
+    /// No difference: `action` and `rule` are what every policy says here.
+    #[default]
+    Same,
+    /// The policies in force allow it (`action` is allow); the staged ones would deny it, by
+    /// `rule` (the allowing rule is not kept: what matches is audited, by the staged rule).
+    Deny,
+    /// Only the staged policies have an entry here: `action` (allow or deny, never redirect)
+    /// and `rule` are theirs; for the policies in force nothing matches at this key. The
+    /// datapath stores it with action 0, which never wins a lookup.
+    Only,
+}
+
+impl PolicyEntry {
+    /// The entry as the policies in force see it: None for `Staged::Only`.
+    pub fn in_force(self) -> Option<PolicyEntry> {
+        (self.staged != Staged::Only).then_some(self)
+    }
+
+    /// Whether the staged policies would deny what matches this entry.
+    pub fn staged_denies(self) -> bool {
+        match self.staged {
+            Staged::Same => false,
+            Staged::Deny => true,
+            Staged::Only => self.action == Action::Deny,
+        }
+    }
+}
+
+/// Directions in which the staged policies (those in audit) put an endpoint in default deny
+/// while the policies in force do not.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct StagedEnforcement {
+    pub ingress: bool,
+    pub egress: bool,
+}
+
+impl StagedEnforcement {
+    pub fn get(self, d: Direction) -> bool {
+        match d {
+            Direction::Ingress => self.ingress,
+            Direction::Egress => self.egress,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -165,6 +218,9 @@ pub struct EndpointEntry {
     pub ingress_enforced: bool,
     pub egress_enforced: bool,
     pub audit: bool,
+    /// Default deny that only policies in audit ask for.
+    #[serde(default)]
+    pub staged: StagedEnforcement,
     #[serde(default)]
     pub link: LinkLayer,
 }
@@ -193,6 +249,10 @@ pub struct Decision {
     pub peer: IpcacheEntry,
     /// The entry that decided it (when one did).
     pub matched: Option<(PolicyKey, PolicyEntry)>,
+    /// The policies in force allow it (`Verdict::Allowed`), but those in audit would deny it:
+    /// the rule that would (`RuleId::NONE` for their default deny). The datapath forwards it
+    /// as AUDIT (unless it goes through the L7 proxy).
+    pub staged_deny: Option<RuleId>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -260,17 +320,43 @@ impl MapState {
         protocol: u8,
         port: u16,
     ) -> Option<(PolicyKey, PolicyEntry)> {
+        self.best_match_staged(endpoint, direction, peer, protocol, port)
+            .0
+    }
+
+    /// `best_match`, and what the staged policies say across the same lookups: the rule of
+    /// the first entry (peer, wildcard, alias order) whose staged verdict is deny, and whether
+    /// any entry matched at all (for the staged default deny). Entries only the staged
+    /// policies have never win the first answer.
+    pub fn best_match_staged(
+        &self,
+        endpoint: EndpointId,
+        direction: Direction,
+        peer: &IpcacheEntry,
+        protocol: u8,
+        port: u16,
+    ) -> (Option<(PolicyKey, PolicyEntry)>, Option<RuleId>, bool) {
         let mut candidates = vec![peer.identity, Identity::ANY];
         candidates.extend(peer.cidr_identity);
         let mut best: Option<(PolicyKey, PolicyEntry)> = None;
+        let mut staged_deny = None;
+        let mut any = false;
         for id in candidates {
-            if let Some(found) = self.policy_lookup(endpoint, id, direction, protocol, port)
-                && best.is_none_or(|(_, b)| found.1.action.rank() > b.action.rank())
+            let Some((key, entry)) = self.policy_lookup(endpoint, id, direction, protocol, port)
+            else {
+                continue;
+            };
+            any = true;
+            if staged_deny.is_none() && entry.staged_denies() {
+                staged_deny = Some(entry.rule);
+            }
+            if let Some(e) = entry.in_force()
+                && best.is_none_or(|(_, b)| e.action.rank() > b.action.rank())
             {
-                best = Some(found);
+                best = Some((key, e));
             }
         }
-        best
+        (best, staged_deny, any)
     }
 
     /// The datapath's policy decision (see datapath-bpf/src/policy.rs) for a new connection
@@ -289,7 +375,8 @@ impl MapState {
             Direction::Ingress => ep.ingress_enforced,
             Direction::Egress => ep.egress_enforced,
         };
-        let best = self.best_match(endpoint, direction, &peer, protocol, port);
+        let (best, staged_rule, any) =
+            self.best_match_staged(endpoint, direction, &peer, protocol, port);
         let verdict = match best.map(|(_, e)| e.action) {
             Some(Action::Deny) => Verdict::DeniedByRule,
             Some(Action::Redirect { proxy_port }) => Verdict::Redirected { proxy_port },
@@ -297,11 +384,18 @@ impl MapState {
             None if enforced => Verdict::DeniedByDefault,
             None => Verdict::Allowed,
         };
+        let staged_deny = match verdict {
+            Verdict::Allowed => {
+                staged_rule.or((!any && ep.staged.get(direction)).then_some(RuleId::NONE))
+            }
+            _ => None,
+        };
         Some(Decision {
             verdict,
             enforced,
             peer,
             matched: best,
+            staged_deny,
         })
     }
 
@@ -343,6 +437,7 @@ impl MapState {
                 PolicyEntry {
                     action: Action::Redirect { proxy_port },
                     rule,
+                    ..
                 },
             )) => Some((proxy_port, rule)),
             _ => None,
@@ -532,6 +627,7 @@ mod tests {
                 ingress_enforced: enforced,
                 egress_enforced: false,
                 audit: false,
+                staged: StagedEnforcement::default(),
                 link: LinkLayer::default(),
             },
         );
@@ -549,6 +645,7 @@ mod tests {
                 PolicyEntry {
                     action: *a,
                     rule: RuleId(u32::try_from(i).unwrap() + 1),
+                    staged: Staged::Same,
                 },
             );
         }

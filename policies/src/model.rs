@@ -295,4 +295,9 @@ impl PolicySpec {
 pub struct Policy {
     pub id: PolicyRef,
     pub specs: Vec<PolicySpec>,
+    /// In audit: evaluated, never enforced. What it would drop that the policies in force let
+    /// through is forwarded and reported as AUDIT, naming its rule (`palisade.io/audit: "true"`
+    /// or palisade.io/v1 `spec.audit: true`; see `audit`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub audit: bool,
 }

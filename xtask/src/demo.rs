@@ -1,7 +1,8 @@
 //! `cargo xtask demo`: Palisade in one run. A node namespace with no uplink runs the agent;
 //! three shop workloads get identities from their labels; the policies in policies/demo/ are
 //! applied; real connections are attempted; a table says what happened and why (from the
-//! agent's own flow records); then everything is removed.
+//! agent's own flow records); then the learning loop (discover, suggest, what-if, protect) on
+//! a second namespace; then everything is removed.
 
 use std::time::Instant;
 
@@ -199,6 +200,68 @@ fn run_probes(node: &Node, eps: &[Endpoint], probes: &[Probe]) -> Vec<bool> {
         println!("{r}");
     }
     results
+}
+
+/// The learning loop in namespace `lab`: discover, suggest, what-if, protect. True when every
+/// verdict was the expected one.
+fn learning(node: &Node) -> anyhow::Result<bool> {
+    section("Learning: discover -> suggest -> what-if -> protect (namespace lab)");
+    let mut eps = Vec::new();
+    for (name, labels) in [
+        ("lab-web", "app=web,pod-template-hash=7d9f"),
+        ("lab-api", "app=api"),
+        ("lab-db", "app=db"),
+        ("lab-new", "app=new"),
+    ] {
+        eps.push(node.add_endpoint(name, "lab", labels));
+    }
+    let _servers = [tcp_server(&eps[1].name, 80), tcp_server(&eps[2].name, 5432)];
+    show(node, &["namespace", "mode", "lab", "discover"]);
+    let probe = |from, to, port, expect| Probe {
+        from,
+        to,
+        what: What::Tcp(port),
+        expect,
+        note: "",
+    };
+    let mix = [
+        probe("lab-web", "lab-api", 80, true),
+        probe("lab-api", "lab-db", 5432, true),
+    ];
+    let learned = run_probes(node, &eps, &mix);
+    println!("$ palisade policy suggest --namespace lab > suggested.yaml");
+    let yaml = node.palisade_ok(&["policy", "suggest", "--namespace", "lab"]);
+    // The policies and, above each rule, the flows behind it.
+    let shown = |l: &&str| {
+        l.starts_with("# lab/")
+            || l.trim_start().starts_with("# from ")
+            || l.trim_start().starts_with("# to ")
+    };
+    for line in yaml.lines().filter(shown) {
+        println!("  {line}");
+    }
+    let file = node.dir.join("suggested.yaml");
+    std::fs::write(&file, &yaml)?;
+    let file = file.to_str().expect("utf-8 path");
+    // Something the mix never did, while the namespace still learns.
+    let newcomer = run_probes(node, &eps, &[probe("lab-new", "lab-db", 5432, true)]);
+    println!("$ palisade policy what-if -f suggested.yaml   # exit 2: something would change");
+    let what_if = node.palisade(&["policy", "what-if", "-f", file]);
+    print!("{}", String::from_utf8_lossy(&what_if.stdout));
+    let what_if_ok = what_if.status.code() == Some(2);
+    show(node, &["policy", "apply", "-f", file]);
+    show(node, &["namespace", "mode", "lab", "protect"]);
+    let protect_probes = [
+        probe("lab-web", "lab-api", 80, true),
+        probe("lab-api", "lab-db", 5432, true),
+        probe("lab-new", "lab-db", 5432, false),
+        probe("lab-web", "lab-db", 5432, false),
+    ];
+    let protected = run_probes(node, &eps, &protect_probes);
+    Ok(learned == vec![true; 2]
+        && newcomer == vec![true]
+        && what_if_ok
+        && protected == protect_probes.iter().map(|p| p.expect).collect::<Vec<_>>())
 }
 
 pub fn run() -> anyhow::Result<()> {
@@ -412,13 +475,16 @@ pub fn run() -> anyhow::Result<()> {
         );
     }
 
+    let learned = learning(&node)?;
+
     section("Agent status");
     show(&node, &["status"]);
     let (rss, hwm) = node.agent_pid().map_or((0, 0), rss_kib);
 
     let expected: Vec<bool> = probes.iter().map(|p| p.expect).collect();
     let expected_relabel: Vec<bool> = relabeled_probes.iter().map(|p| p.expect).collect();
-    let all_ok = open == vec![true] && enforced == expected && relabeled == expected_relabel;
+    let all_ok =
+        open == vec![true] && enforced == expected && relabeled == expected_relabel && learned;
     let agent_secs = agent_started.elapsed().as_secs_f64();
     drop(node);
     section("Done");

@@ -73,7 +73,11 @@ impl Telemetry {
     /// A flow of the L7 proxy: one request, judged at `direction` (`ingress` or `egress`).
     pub fn count_request(&self, direction: &'static str, r: &RequestRecord) {
         const CLASSES: [&str; 6] = ["0xx", "1xx", "2xx", "3xx", "4xx", "5xx"];
-        let verdict = if r.allowed { "FORWARDED" } else { "DROPPED" };
+        let verdict = match (r.allowed, r.audited) {
+            (true, false) => "FORWARDED",
+            (true, true) => "AUDIT",
+            (false, _) => "DROPPED",
+        };
         self.proxy_requests
             .get_or_create(&RequestLabels {
                 verdict,
@@ -235,6 +239,17 @@ pub fn render(s: &NodeStatus, t: &Telemetry) -> String {
         "Flow events the datapath could not deliver",
         lost,
     );
+    let violations = Family::<Labels, Counter>::default();
+    for (ns, n) in &s.violations {
+        violations
+            .get_or_create(&vec![("namespace".into(), ns.clone())])
+            .inc_by(*n);
+    }
+    reg.register(
+        "policy_violations",
+        "AUDIT flows (what policy would drop but audit let through) at endpoints of namespaces not in discover mode, by namespace",
+        violations,
+    );
     reg.register(
         "flows",
         "Flows recorded, by verdict, direction and drop reason",
@@ -323,6 +338,10 @@ mod tests {
                 ipcache_entries: 5,
                 maps_in_sync: true,
                 namespaces: std::collections::BTreeMap::default(),
+                audit: false,
+                namespace_modes: std::collections::BTreeMap::default(),
+                audit_endpoints: vec![],
+                audit_policies: vec![],
             },
             conntrack_entries: 4,
             flows_stored: 9,
@@ -340,6 +359,7 @@ mod tests {
                     bytes: 0,
                 },
             ],
+            violations: [("shop".to_string(), 3)].into(),
         }
     }
 
@@ -362,6 +382,10 @@ mod tests {
         );
         assert!(
             text.contains("palisade_policy_compile_seconds_count 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("palisade_policy_violations_total{namespace=\"shop\"} 3"),
             "{text}"
         );
         assert!(text.ends_with("# EOF\n"));

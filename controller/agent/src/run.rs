@@ -13,13 +13,16 @@ use palisade_engine::catalog::Catalog;
 use palisade_engine::revalidate::EngineEvent;
 use palisade_engine::store::StateStore;
 use palisade_engine::{Engine, EngineConfig, Outputs, ipam};
+use palisade_policies::audit::NamespaceMode;
 use palisade_policies::compile::{EnforcementMode, Settings};
 use palisade_policies::l7::ProxyPolicy;
+use palisade_policies::learn::{ConnectionLog, LogLimits};
 use palisade_proxy::listener::{self as proxy_listener, ProxyContext};
 use tokio::sync::{mpsc, watch};
 use tracing::{error, info, warn};
 
 use crate::datapath::{BpfDatapath, DatapathConfig, events::read_events};
+use crate::flows::learn::LogFile;
 use crate::flows::proxy::ProxyFlows;
 use crate::flows::store::FlowStore;
 use crate::flows::{Clock, enrich};
@@ -119,6 +122,10 @@ pub struct AgentArgs {
     /// Flows kept in memory for `palisade observe`.
     #[arg(long, default_value_t = 65_536)]
     pub flow_buffer: usize,
+    /// How long the aggregate of connections (`policy suggest`, `what-if`, `map`) remembers
+    /// one not seen again; it is kept in the state directory across restarts.
+    #[arg(long, default_value = "7d", value_parser = humantime::parse_duration)]
+    pub learn_retention: std::time::Duration,
     /// Flow events each endpoint may emit per second (per CPU); 0 = unlimited.
     #[arg(long, default_value_t = 1_000)]
     pub events_per_second: u32,
@@ -137,6 +144,25 @@ pub struct AgentArgs {
     /// Conntrack lifetime of UDP/ICMP flows and of TCP connections before the handshake ends.
     #[arg(long, default_value = "60s", value_parser = parse_seconds)]
     pub ct_other_timeout: u32,
+}
+
+/// How often the connection log is saved when it changed.
+const LOG_SAVE_EVERY: std::time::Duration = std::time::Duration::from_mins(1);
+
+/// Saves the connection log if it changed, on a blocking thread.
+async fn save_log(flows: &Arc<FlowStore>, file: &LogFile) {
+    let (flows, file) = (Arc::clone(flows), file.clone());
+    let saved = tokio::task::spawn_blocking(move || {
+        flows
+            .log_if_changed(std::time::SystemTime::now())
+            .map(|log| file.save(&log))
+    })
+    .await;
+    match saved {
+        Ok(Some(Err(e))) => warn!(error = %e, "the connection log was not saved"),
+        Err(e) => warn!(error = %e, "saving the connection log failed"),
+        Ok(_) => {}
+    }
 }
 
 async fn shutdown_signal() {
@@ -247,7 +273,54 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     .await
     .context("starting the engine")?;
 
-    let flows = Arc::new(FlowStore::new(args.flow_buffer));
+    let log_file = LogFile::in_dir(&args.state_dir);
+    let limits = LogLimits {
+        retention_secs: args.learn_retention.as_secs(),
+        ..LogLimits::default()
+    };
+    let log = match log_file.load() {
+        Ok(Some(snapshot)) => ConnectionLog::restore(snapshot, limits),
+        Ok(None) => ConnectionLog::new(limits),
+        Err(e) => {
+            warn!(error = %e, "the connection log is unreadable; starting a new one");
+            ConnectionLog::new(limits)
+        }
+    };
+    let (kept, kept_http, _) = log.len();
+    info!(
+        connections = kept,
+        http = kept_http,
+        memory_bound_bytes = limits.memory_bound(),
+        "connection log ready"
+    );
+    let flows = Arc::new(FlowStore::with_log(args.flow_buffer, log));
+    // Namespaces in discover mode learn; elsewhere an AUDIT flow is a violation.
+    let (discover_flows, mut discover_catalog) = (Arc::clone(&flows), catalog_rx.clone());
+    tokio::spawn(async move {
+        loop {
+            let discovering = discover_catalog
+                .borrow_and_update()
+                .namespace_modes
+                .iter()
+                .filter(|(_, m)| **m == NamespaceMode::Discover)
+                .map(|(ns, _)| ns.clone())
+                .collect();
+            discover_flows.set_discovering(discovering);
+            if discover_catalog.changed().await.is_err() {
+                return;
+            }
+        }
+    });
+    // The log is saved every minute it changed, and when the agent stops.
+    let (saved_flows, saver_file) = (Arc::clone(&flows), log_file.clone());
+    let saver = tokio::spawn(async move {
+        let mut every = tokio::time::interval(LOG_SAVE_EVERY);
+        every.tick().await;
+        loop {
+            every.tick().await;
+            save_log(&saved_flows, &saver_file).await;
+        }
+    });
     let (ev_tx, mut ev_rx) = mpsc::channel(8_192);
     tokio::spawn(read_events(ring, ev_tx));
     let store = Arc::clone(&flows);
@@ -303,6 +376,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         maps,
         flows: Arc::clone(&flows),
     };
+    let flows_for_exit = Arc::clone(&flows);
     let metrics_task = match args.metrics_addr {
         Some(addr) => {
             let (status, telemetry) = (status.clone(), Arc::clone(&telemetry));
@@ -356,6 +430,8 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     if let Some(t) = metrics_task {
         t.abort();
     }
+    saver.abort();
+    save_log(&flows_for_exit, &log_file).await;
     served.with_context(|| format!("serving the API on {}", args.api.display()))?;
     engine_task.await.context("engine task")?;
     // What the engine handed the store last is on disk before the agent exits.

@@ -17,6 +17,8 @@ pub struct NodeStatus {
     pub conntrack_entries: usize,
     pub flows_stored: usize,
     pub counters: Vec<CounterSample>,
+    /// AUDIT flows of namespaces not in discover mode, by namespace.
+    pub violations: std::collections::BTreeMap<String, u64>,
 }
 
 /// Where the status comes from; cheap to clone.
@@ -41,6 +43,7 @@ impl StatusSource {
             conntrack_entries,
             flows_stored: self.flows.len(),
             counters,
+            violations: self.flows.violations(),
         })
     }
 }

@@ -478,7 +478,11 @@ mod tests {
             .validate()
             .unwrap_err();
         assert_eq!(err.value, "(?x)/admin #");
-        assert!(crit(Field::HttpPath, &["(?x)/admin"], false).validate().is_ok());
+        assert!(
+            crit(Field::HttpPath, &["(?x)/admin"], false)
+                .validate()
+                .is_ok()
+        );
     }
 
     #[test]

@@ -73,6 +73,10 @@ pub struct EndpointView {
     /// Its labels are not known yet: it holds the reserved `init` identity (5).
     #[serde(default)]
     pub pending_labels: bool,
+    /// In audit (what policy would drop at it is forwarded, as AUDIT flows), and why: `agent`,
+    /// `namespace (discover)`, `namespace (monitor)` or `endpoint`. Absent when enforced.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audit: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -130,6 +134,10 @@ pub struct PolicyView {
     pub egress_deny_rules: usize,
     pub ingress_default_deny: bool,
     pub egress_default_deny: bool,
+    /// In audit (`palisade.io/audit: "true"` or `spec.audit`): evaluated and reported as
+    /// AUDIT flows, never enforced.
+    #[serde(default)]
+    pub audit: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -208,6 +216,128 @@ pub struct StatusView {
     pub flows_stored: usize,
     pub counters: Vec<CounterView>,
     pub namespaces: BTreeMap<String, Labels>,
+    /// Which scopes are in audit.
+    #[serde(default)]
+    pub audit: AuditView,
+}
+
+/// The audit scopes in force (`palisade status`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditView {
+    /// Agent-wide audit (`--audit`).
+    pub agent: bool,
+    /// Every namespace known, with its mode: `discover`, `monitor` or `protect`.
+    pub namespace_modes: BTreeMap<String, String>,
+    /// Endpoints (`ns/name`) in audit on their own.
+    pub endpoints: Vec<String>,
+    /// Policies in audit (`ns/name`, or `name` for clusterwide ones).
+    pub policies: Vec<String>,
+    /// AUDIT flows at endpoints of namespaces not in discover mode, by namespace, since the
+    /// agent started (`palisade_policy_violations_total`).
+    pub violations: BTreeMap<String, u64>,
+}
+
+/// Body of `POST /v1/namespaces/{ns}/mode`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NamespaceModeRequest {
+    /// `discover`, `monitor` or `protect`.
+    pub mode: String,
+}
+
+/// A namespace's mode after a change.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NamespaceModeView {
+    pub namespace: String,
+    pub mode: String,
+    pub previous: String,
+    /// Endpoints of the namespace.
+    pub endpoints: usize,
+    /// Map writes it took; the datapath enforces the mode when this returns.
+    pub map_operations: usize,
+}
+
+/// Body of `POST /v1/endpoints/{name}/audit`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointAuditRequest {
+    pub audit: bool,
+}
+
+/// `GET /v1/connections?namespace=NS&since_seconds=N`: the aggregate of connections and
+/// HTTP requests the agent keeps for learning (either end in `namespace`, last seen within
+/// `since_seconds`), as `palisade policy suggest` and `palisade map` read it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConnectionsView {
+    #[serde(flatten)]
+    pub log: palisade_policies::learn::LogSnapshot,
+    /// Unix seconds when the agent answered.
+    pub now: u64,
+    /// How long aggregates are kept since last seen, in seconds.
+    pub retention_seconds: u64,
+}
+
+/// Body of `POST /v1/policies/what-if`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WhatIfRequest {
+    /// The proposed policies, multi-document YAML as `policy apply` takes it.
+    pub manifest: String,
+    /// Replay what was seen within this many seconds (default: everything kept).
+    #[serde(default)]
+    pub since_seconds: Option<u64>,
+}
+
+/// One recorded aggregate whose verdict the proposed policies change.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WhatIfChange {
+    /// The connection's source and destination (group in words: `ns/k=v,...`, an address,
+    /// `host`), and their sample endpoints or addresses.
+    pub source: String,
+    pub destination: String,
+    pub source_sample: String,
+    pub destination_sample: String,
+    /// Whose side judges it: `egress of ns/name` or `ingress of ns/name`.
+    pub side: String,
+    pub protocol: String,
+    pub port: u16,
+    /// For an HTTP request: `METHOD path`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<String>,
+    /// `newly-denied`, `newly-allowed`, `newly-audited` (a policy in audit would deny it) or
+    /// `no-longer-audited`.
+    pub change: String,
+    /// The verdict now and with the proposed policies, in words.
+    pub before: String,
+    pub after: String,
+    /// The endpoint is in audit: a new denial is reported as AUDIT, not dropped, until its
+    /// namespace (or itself) is protected.
+    pub endpoint_in_audit: bool,
+    /// How many flows the aggregate holds, and when they were seen (Unix seconds).
+    pub flows: u64,
+    pub first_seen: u64,
+    pub last_seen: u64,
+}
+
+/// `policy what-if`'s answer: what would change, grouped by source and destination (sorted).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WhatIfResult {
+    /// Aggregates replayed (connections and HTTP requests), and the flows behind them.
+    pub replayed: usize,
+    pub flows: u64,
+    /// Aggregates whose endpoint no longer exists (not replayed).
+    pub skipped: usize,
+    pub newly_denied: usize,
+    pub newly_allowed: usize,
+    pub newly_audited: usize,
+    pub changes: Vec<WhatIfChange>,
+}
+
+impl WhatIfResult {
+    /// Whether applying the proposed policies changes any recorded verdict.
+    pub fn changes_anything(&self) -> bool {
+        !self.changes.is_empty()
+    }
 }
 
 /// One conntrack entry (`palisade conntrack list`).

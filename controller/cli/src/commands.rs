@@ -14,10 +14,14 @@ use palisade_api::client::Client;
 use palisade_api::filter::{Criterion, Field, FlowFilter};
 use palisade_api::flow::Flow;
 use palisade_api::types::{
-    ConntrackView, EndpointAddRequest, EndpointView, FlowQuery, IdentityView, LabelChange,
+    ConnectionsView, ConntrackView, EndpointAddRequest, EndpointAuditRequest, EndpointView,
+    FlowQuery, IdentityView, LabelChange, NamespaceModeRequest, NamespaceModeView,
     PolicyApplyRequest, PolicyApplyResult, PolicyDeleteResult, PolicyView, StatusView,
-    TraceRequest, TraceResult,
+    TraceRequest, TraceResult, WhatIfRequest, WhatIfResult,
 };
+use palisade_policies::learn::map::{ServiceMap, workload_group};
+use palisade_policies::learn::suggest::{self, Format as SuggestFormat};
+use palisade_policies::learn::time::rfc3339;
 
 use crate::output::table;
 
@@ -83,6 +87,50 @@ pub enum Command {
     /// Connection tracking entries in the datapath.
     #[command(subcommand)]
     Conntrack(ConntrackCmd),
+    /// The service map: workloads and the connections observed between them, coloured by
+    /// verdict, as SVG (opens in a browser) or Graphviz dot, on stdout.
+    Map {
+        /// Only connections with either end in this namespace.
+        #[arg(long, short = 'n')]
+        namespace: Option<String>,
+        /// Only connections seen within this long (e.g. 1h, 2d).
+        #[arg(long)]
+        since: Option<String>,
+        #[arg(short, long, value_enum, default_value_t)]
+        output: MapOutput,
+    },
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum MapOutput {
+    #[default]
+    Svg,
+    Dot,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum SuggestOutput {
+    /// palisade.io/v1 NetworkPolicy (HTTP rules, entities).
+    #[default]
+    Palisade,
+    /// networking.k8s.io/v1 NetworkPolicy.
+    K8s,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Mode {
+    /// Everything is allowed and learned (policy evaluated in audit, AUDIT flows are learning).
+    Discover,
+    /// Policy is evaluated in audit: what it would drop passes, as AUDIT flows (violations).
+    Monitor,
+    /// Policy is enforced.
+    Protect,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum OnOff {
+    On,
+    Off,
 }
 
 #[derive(Debug, Subcommand)]
@@ -128,6 +176,15 @@ pub enum EndpointCmd {
         #[arg(short, long, value_enum, default_value_t)]
         output: Output,
     },
+    /// Put one endpoint in audit (what policy would drop at it passes, as AUDIT flows), or
+    /// take it out.
+    Audit {
+        name: String,
+        #[arg(value_enum)]
+        state: OnOff,
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Output,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -138,6 +195,15 @@ pub enum NamespaceCmd {
         set: Vec<String>,
         #[arg(long)]
         remove: Vec<String>,
+    },
+    /// Set a namespace's mode: discover, monitor or protect (in Kubernetes: the namespace
+    /// label palisade.io/mode).
+    Mode {
+        namespace: String,
+        #[arg(value_enum)]
+        mode: Mode,
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Output,
     },
 }
 
@@ -168,6 +234,30 @@ pub enum PolicyCmd {
         clusterwide: bool,
     },
     List {
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Least-privilege policies from the connections observed (one per workload group), as
+    /// YAML on stdout that `policy apply -f` takes as it is.
+    Suggest {
+        /// Only policies for workloads of this namespace.
+        #[arg(long, short = 'n')]
+        namespace: Option<String>,
+        /// Only connections seen within this long (e.g. 1h, 2d).
+        #[arg(long)]
+        since: Option<String>,
+        #[arg(long, value_enum, default_value_t)]
+        format: SuggestOutput,
+    },
+    /// Replay the connections observed against the policies in force plus those of FILE
+    /// (nothing is applied) and report what would change. Exit code 0: nothing changes;
+    /// 2: something does; 1: an error.
+    WhatIf {
+        #[arg(short = 'f', long = "filename")]
+        file: PathBuf,
+        /// Only connections seen within this long (e.g. 1h, 2d).
+        #[arg(long)]
+        since: Option<String>,
         #[arg(short, long, value_enum, default_value_t)]
         output: Output,
     },
@@ -334,6 +424,9 @@ fn print_endpoints(eps: &[EndpointView]) {
                 e.identity.to_string(),
                 enf(e.ingress_enforced).to_string(),
                 enf(e.egress_enforced).to_string(),
+                e.audit
+                    .as_deref()
+                    .map_or("-".to_string(), |why| format!("audit ({why})")),
                 labels_text(&e.labels),
             ]
         })
@@ -349,6 +442,7 @@ fn print_endpoints(eps: &[EndpointView]) {
                 "IDENTITY",
                 "INGRESS",
                 "EGRESS",
+                "AUDIT",
                 "LABELS"
             ],
             &rows
@@ -538,8 +632,246 @@ async fn observe(client: &Client, a: ObserveArgs, m: &clap::ArgMatches) -> anyho
     Ok(())
 }
 
+/// `--since 2h` in seconds.
+fn since_seconds(since: Option<&str>) -> anyhow::Result<Option<u64>> {
+    since
+        .map(|s| {
+            humantime::parse_duration(s)
+                .map(|d| d.as_secs())
+                .with_context(|| format!("--since {s:?}"))
+        })
+        .transpose()
+}
+
+/// A query string value, percent-encoded.
+fn query_value(v: &str) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    for b in v.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(char::from(b));
+        } else {
+            let _ = write!(out, "%{b:02X}");
+        }
+    }
+    out
+}
+
+/// The agent's aggregate of connections.
+async fn connections(
+    client: &Client,
+    namespace: Option<&str>,
+    since: Option<&str>,
+) -> anyhow::Result<ConnectionsView> {
+    let mut query = Vec::new();
+    if let Some(ns) = namespace {
+        query.push(format!("namespace={}", query_value(ns)));
+    }
+    if let Some(secs) = since_seconds(since)? {
+        query.push(format!("since_seconds={secs}"));
+    }
+    let path = if query.is_empty() {
+        "/v1/connections".to_string()
+    } else {
+        format!("/v1/connections?{}", query.join("&"))
+    };
+    Ok(client.get(&path).await?)
+}
+
+/// `policy what-if` in words: the changes grouped by source and destination.
+pub fn what_if_text(r: &WhatIfResult) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "replayed {} recorded connections and requests ({} flows){}",
+        r.replayed,
+        r.flows,
+        if r.skipped > 0 {
+            format!("; {} skipped (their endpoint is gone)", r.skipped)
+        } else {
+            String::new()
+        }
+    );
+    if !r.changes_anything() {
+        out.push_str("nothing would change\n");
+        return out;
+    }
+    let _ = writeln!(
+        out,
+        "would change {}: {} newly denied, {} newly allowed, {} newly audited",
+        r.changes.len(),
+        r.newly_denied,
+        r.newly_allowed,
+        r.newly_audited
+    );
+    let mut last: Option<(&str, &str)> = None;
+    for c in &r.changes {
+        if last != Some((&c.source, &c.destination)) {
+            let _ = writeln!(out, "{} -> {}", c.source, c.destination);
+            last = Some((&c.source, &c.destination));
+        }
+        let what = match &c.http {
+            Some(h) => format!("{}/{} {h}", c.port, c.protocol),
+            None => format!("{}/{}", c.port, c.protocol),
+        };
+        let audit = if c.endpoint_in_audit && c.change == "newly-denied" {
+            " (reported as AUDIT while the endpoint is in audit)"
+        } else {
+            ""
+        };
+        let _ = writeln!(
+            out,
+            "  {what} {}{audit}: {} flow{} ({} -> {}), last seen {}",
+            c.change.to_uppercase(),
+            c.flows,
+            if c.flows == 1 { "" } else { "s" },
+            c.source_sample,
+            c.destination_sample,
+            rfc3339(c.last_seen)
+        );
+        let _ = writeln!(out, "    at {}: {} -> {}", c.side, c.before, c.after);
+    }
+    out
+}
+
+/// Exit code of `policy what-if` when something would change.
+pub const WHAT_IF_CHANGES: u8 = 2;
+
+async fn what_if(
+    client: &Client,
+    file: &std::path::Path,
+    since: Option<&str>,
+    output: Output,
+) -> anyhow::Result<u8> {
+    let manifest = read_manifest(file)?;
+    let r: WhatIfResult = client
+        .post(
+            "/v1/policies/what-if",
+            &WhatIfRequest {
+                manifest,
+                since_seconds: since_seconds(since)?,
+            },
+        )
+        .await?;
+    if output == Output::Json {
+        print_json(&r)?;
+    } else {
+        print!("{}", what_if_text(&r));
+    }
+    Ok(if r.changes_anything() {
+        WHAT_IF_CHANGES
+    } else {
+        0
+    })
+}
+
+/// The service map of the agent's connections, every endpoint (of the namespace) on it.
+async fn service_map(
+    client: &Client,
+    namespace: Option<&str>,
+    since: Option<&str>,
+) -> anyhow::Result<ServiceMap> {
+    let log = connections(client, namespace, since).await?;
+    let mut map = ServiceMap::from_log(&log.log, namespace);
+    let eps: Vec<EndpointView> = client.get("/v1/endpoints").await?;
+    for e in eps
+        .iter()
+        .filter(|e| namespace.is_none_or(|ns| ns == e.namespace) && !e.pending_labels)
+    {
+        map.add_endpoint(
+            workload_group(&e.namespace, &e.labels),
+            &format!("{}/{}", e.namespace, e.name),
+        );
+    }
+    Ok(map)
+}
+
+fn print_status(s: &StatusView) {
+    println!("Palisade {} ({} mode)", s.version, s.mode);
+    println!("  node ip:       {}  (pod CIDR {})", s.node_ip, s.pod_cidr);
+    println!("  enforcement:   {}", s.enforcement);
+    println!("  endpoints:     {}", s.endpoints);
+    println!("  identities:    {}", s.identities);
+    println!("  policies:      {}", s.policies);
+    println!(
+        "  maps:          {} policy entries, {} ipcache entries, {} conntrack entries ({})",
+        s.policy_map_entries,
+        s.ipcache_entries,
+        s.conntrack_entries,
+        if s.maps_in_sync {
+            "in sync"
+        } else {
+            "OUT OF SYNC"
+        }
+    );
+    println!("  flows stored:  {}", s.flows_stored);
+    let a = &s.audit;
+    let list = |v: &[String]| {
+        if v.is_empty() {
+            "none".to_string()
+        } else {
+            v.join(", ")
+        }
+    };
+    let modes: Vec<String> = a
+        .namespace_modes
+        .iter()
+        .map(|(ns, m)| format!("{ns} ({m})"))
+        .collect();
+    println!(
+        "  audit:         agent {}; namespaces {}; endpoints {}; policies {}",
+        if a.agent { "on" } else { "off" },
+        list(&modes),
+        list(&a.endpoints),
+        list(&a.policies)
+    );
+    if !a.violations.is_empty() {
+        let v: Vec<String> = a
+            .violations
+            .iter()
+            .map(|(ns, n)| format!("{ns} {n}"))
+            .collect();
+        println!(
+            "  violations:    {} (AUDIT flows outside discover mode)",
+            v.join(", ")
+        );
+    }
+    if !s.counters.is_empty() {
+        let rows: Vec<Vec<String>> = s
+            .counters
+            .iter()
+            .map(|c| {
+                vec![
+                    c.direction.clone(),
+                    c.outcome.clone(),
+                    c.packets.to_string(),
+                    c.bytes.to_string(),
+                ]
+            })
+            .collect();
+        println!(
+            "{}",
+            table(&["DIRECTION", "OUTCOME", "PACKETS", "BYTES"], &rows)
+        );
+    }
+}
+
 /// Runs a parsed command line; `matches` keeps the order of flags (for `observe --not`).
-pub async fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<()> {
+/// Returns the exit code (`policy what-if` says with it whether anything changes).
+pub async fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<u8> {
+    if let Command::Policy(PolicyCmd::WhatIf {
+        file,
+        since,
+        output,
+    }) = &cli.command
+    {
+        return what_if(&Client::new(&cli.api), file, since.as_deref(), *output).await;
+    }
+    run_command(cli, matches).await.map(|()| 0)
+}
+
+async fn run_command(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<()> {
     let client = Client::new(&cli.api);
     match cli.command {
         Command::Status { output } => {
@@ -547,42 +879,7 @@ pub async fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<()> {
             if output == Output::Json {
                 return print_json(&s);
             }
-            println!("Palisade {} ({} mode)", s.version, s.mode);
-            println!("  node ip:       {}  (pod CIDR {})", s.node_ip, s.pod_cidr);
-            println!("  enforcement:   {}", s.enforcement);
-            println!("  endpoints:     {}", s.endpoints);
-            println!("  identities:    {}", s.identities);
-            println!("  policies:      {}", s.policies);
-            println!(
-                "  maps:          {} policy entries, {} ipcache entries, {} conntrack entries ({})",
-                s.policy_map_entries,
-                s.ipcache_entries,
-                s.conntrack_entries,
-                if s.maps_in_sync {
-                    "in sync"
-                } else {
-                    "OUT OF SYNC"
-                }
-            );
-            println!("  flows stored:  {}", s.flows_stored);
-            if !s.counters.is_empty() {
-                let rows: Vec<Vec<String>> = s
-                    .counters
-                    .iter()
-                    .map(|c| {
-                        vec![
-                            c.direction.clone(),
-                            c.outcome.clone(),
-                            c.packets.to_string(),
-                            c.bytes.to_string(),
-                        ]
-                    })
-                    .collect();
-                println!(
-                    "{}",
-                    table(&["DIRECTION", "OUTCOME", "PACKETS", "BYTES"], &rows)
-                );
-            }
+            print_status(&s);
         }
         Command::Endpoint(EndpointCmd::Add {
             name,
@@ -734,6 +1031,7 @@ pub async fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<()> {
                         format!("{}/{}", p.ingress_rules, p.ingress_deny_rules),
                         format!("{}/{}", p.egress_rules, p.egress_deny_rules),
                         p.selects.join(","),
+                        if p.audit { "audit" } else { "enforced" }.to_string(),
                         p.source.clone(),
                     ]
                 })
@@ -748,6 +1046,7 @@ pub async fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<()> {
                         "INGRESS(allow/deny)",
                         "EGRESS(allow/deny)",
                         "SELECTS",
+                        "MODE",
                         "SOURCE"
                     ],
                     &rows
@@ -786,6 +1085,91 @@ pub async fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<()> {
         Command::Observe(args) => {
             let sub = matches.subcommand_matches("observe").unwrap_or(matches);
             observe(&client, args, sub).await?;
+        }
+        Command::Endpoint(EndpointCmd::Audit {
+            name,
+            state,
+            output,
+        }) => {
+            let e: EndpointView = client
+                .post(
+                    &format!("/v1/endpoints/{name}/audit"),
+                    &EndpointAuditRequest {
+                        audit: state == OnOff::On,
+                    },
+                )
+                .await?;
+            if output == Output::Json {
+                return print_json(&e);
+            }
+            println!(
+                "endpoint {}/{}: {}",
+                e.namespace,
+                e.name,
+                e.audit
+                    .as_deref()
+                    .map_or("enforced".to_string(), |why| format!("in audit ({why})"))
+            );
+        }
+        Command::Namespace(NamespaceCmd::Mode {
+            namespace,
+            mode,
+            output,
+        }) => {
+            let mode = match mode {
+                Mode::Discover => "discover",
+                Mode::Monitor => "monitor",
+                Mode::Protect => "protect",
+            };
+            let v: NamespaceModeView = client
+                .post(
+                    &format!("/v1/namespaces/{namespace}/mode"),
+                    &NamespaceModeRequest { mode: mode.into() },
+                )
+                .await?;
+            if output == Output::Json {
+                return print_json(&v);
+            }
+            println!(
+                "namespace {} mode {} (was {}; {} endpoints, {} map updates)",
+                v.namespace, v.mode, v.previous, v.endpoints, v.map_operations
+            );
+        }
+        Command::Policy(PolicyCmd::Suggest {
+            namespace,
+            since,
+            format,
+        }) => {
+            let log = connections(&client, namespace.as_deref(), since.as_deref()).await?;
+            let s = suggest::suggest(
+                &log.log,
+                &suggest::Options {
+                    namespace,
+                    format: match format {
+                        SuggestOutput::Palisade => SuggestFormat::Palisade,
+                        SuggestOutput::K8s => SuggestFormat::Kubernetes,
+                    },
+                },
+            );
+            print!("{}", s.yaml);
+            eprintln!(
+                "palisade: {} policies, {} rules, from {} flows",
+                s.policies, s.rules, s.flows
+            );
+        }
+        Command::Policy(PolicyCmd::WhatIf { .. }) => {
+            unreachable!("`run` answers policy what-if itself")
+        }
+        Command::Map {
+            namespace,
+            since,
+            output,
+        } => {
+            let map = service_map(&client, namespace.as_deref(), since.as_deref()).await?;
+            match output {
+                MapOutput::Svg => print!("{}", map.to_svg()),
+                MapOutput::Dot => print!("{}", map.to_dot()),
+            }
         }
         Command::Conntrack(ConntrackCmd::List { output }) => {
             let entries: Vec<ConntrackView> = client.get("/v1/conntrack").await?;
@@ -833,6 +1217,53 @@ pub async fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn what_if_groups_changes_by_source_and_destination() {
+        use palisade_api::types::WhatIfChange;
+        let change = |src: &str, port: u16| WhatIfChange {
+            source: src.into(),
+            destination: "shop/app=db".into(),
+            source_sample: format!("{src}-1"),
+            destination_sample: "shop/db-1".into(),
+            side: "ingress of shop/db-1".into(),
+            protocol: "TCP".into(),
+            port,
+            http: None,
+            change: "newly-denied".into(),
+            before: "allowed (no policy restricts it)".into(),
+            after: "default deny (ingress)".into(),
+            endpoint_in_audit: false,
+            flows: 1,
+            first_seen: 0,
+            last_seen: 0,
+        };
+        let r = WhatIfResult {
+            replayed: 5,
+            flows: 9,
+            skipped: 0,
+            newly_denied: 3,
+            newly_allowed: 0,
+            newly_audited: 0,
+            changes: vec![
+                change("shop/app=a", 5432),
+                change("shop/app=a", 22),
+                change("shop/app=b", 5432),
+            ],
+        };
+        let text = what_if_text(&r);
+        assert_eq!(
+            text.matches("shop/app=a -> shop/app=db").count(),
+            1,
+            "{text}"
+        );
+        assert!(text.contains("shop/app=b -> shop/app=db"), "{text}");
+        assert!(text.contains("  22/TCP NEWLY-DENIED: 1 flow (shop/app=a-1 -> shop/db-1), last seen 1970-01-01T00:00:00Z"), "{text}");
+        assert!(text.contains("would change 3: 3 newly denied"), "{text}");
+        let none = what_if_text(&WhatIfResult::default());
+        assert!(none.ends_with("nothing would change\n"), "{none}");
+        assert_eq!(query_value("a b&c"), "a%20b%26c");
+    }
 
     #[test]
     fn not_negates_only_the_next_filter() {

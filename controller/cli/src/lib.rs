@@ -50,7 +50,7 @@ pub fn main() -> ExitCode {
         }
     };
     match runtime.block_on(run(cli, &matches)) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("palisade: {e:#}");
             ExitCode::FAILURE

@@ -153,6 +153,7 @@ fn kubectl_palisade_status_talks_to_the_agent() {
             bytes: 600,
         }],
         namespaces: std::collections::BTreeMap::default(),
+        audit: palisade_api::types::AuditView::default(),
     };
     let agent = serve_status_once(&socket, &status);
     let api = socket.display().to_string();

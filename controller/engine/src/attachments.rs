@@ -141,6 +141,7 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
                     ifindex,
                     origin: EndpointOrigin::Cni(spec.attachment.clone()),
                     pending_labels: pending,
+                    audit: false,
                     awaiting_identity: awaiting,
                     link,
                 },

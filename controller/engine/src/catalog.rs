@@ -25,6 +25,13 @@ pub struct CatalogRule {
     pub rule: String,
 }
 
+/// The policies (`ns/name`) selecting an endpoint for each direction.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DefaultDenyBy {
+    pub ingress: Vec<String>,
+    pub egress: Vec<String>,
+}
+
 #[derive(Clone, Debug, Default)]
 pub struct Catalog {
     pub endpoints_by_id: BTreeMap<u32, CatalogEndpoint>,
@@ -32,4 +39,9 @@ pub struct Catalog {
     pub endpoints_by_ip: BTreeMap<Ipv4Addr, (String, String)>,
     pub identities: BTreeMap<u32, Vec<String>>,
     pub rules: BTreeMap<u32, CatalogRule>,
+    /// For endpoints in audit (or with policies in audit): the policies whose default deny
+    /// applies to each direction, so that an AUDIT flow of a default deny names them.
+    pub default_deny: BTreeMap<u32, DefaultDenyBy>,
+    /// Namespaces not in protect mode.
+    pub namespace_modes: BTreeMap<String, palisade_policies::audit::NamespaceMode>,
 }

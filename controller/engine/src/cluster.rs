@@ -4,6 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use palisade_policies::audit::{MODE_LABEL, NamespaceMode};
 use palisade_policies::identity::{Identity, IdentityError, workload_identity_labels};
 use palisade_policies::labels::Labels;
 use palisade_policies::model::PolicyRef;
@@ -116,6 +117,22 @@ fn acquire_or_init(m: &mut Model, labels: &Labels, holder: &str) -> Result<Ident
     }
 }
 
+/// A Kubernetes namespace's mode from its `palisade.io/mode` label: absent, protect; a value
+/// that names no mode is enforced too (fail closed), and said.
+fn namespace_mode_of(namespace: &str, label: Option<&str>) -> NamespaceMode {
+    match label.map(|v| (v, NamespaceMode::parse(v))) {
+        None => NamespaceMode::Protect,
+        Some((_, Some(mode))) => mode,
+        Some((value, None)) => {
+            warn!(
+                namespace,
+                value, "label {MODE_LABEL} names no mode (discover, monitor, protect): protected"
+            );
+            NamespaceMode::Protect
+        }
+    }
+}
+
 /// The delta without what is not valid (said in `skipped`).
 fn valid_part(mut delta: ClusterDelta) -> (ClusterDelta, Vec<String>) {
     let mut skipped = Vec::new();
@@ -194,12 +211,20 @@ fn apply(
     let ns = &delta.namespaces;
     if ns.replace_all {
         m.namespaces.clear();
+        m.namespace_modes.clear();
     }
     for n in &ns.delete {
         m.namespaces.remove(n);
+        m.namespace_modes.remove(n);
     }
     for (n, labels) in &ns.upsert {
-        m.namespaces.insert(n.clone(), labels.clone());
+        // The mode label is the namespace's mode, not a label of its workloads' identities.
+        let mut labels = labels.clone();
+        match namespace_mode_of(n, labels.remove(MODE_LABEL).as_deref()) {
+            NamespaceMode::Protect => m.namespace_modes.remove(n),
+            mode => m.namespace_modes.insert(n.clone(), mode),
+        };
+        m.namespaces.insert(n.clone(), labels);
     }
 
     // Records whose identity was acquired before this batch: released once every record has
@@ -338,4 +363,27 @@ fn apply(
         m.policies.insert(r.clone(), p.clone());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod mode_label_tests {
+    use super::*;
+
+    #[test]
+    fn the_mode_label_names_the_mode_and_anything_else_protects() {
+        assert_eq!(namespace_mode_of("a", None), NamespaceMode::Protect);
+        assert_eq!(
+            namespace_mode_of("a", Some("discover")),
+            NamespaceMode::Discover
+        );
+        assert_eq!(
+            namespace_mode_of("a", Some("monitor")),
+            NamespaceMode::Monitor
+        );
+        assert_eq!(
+            namespace_mode_of("a", Some("protect")),
+            NamespaceMode::Protect
+        );
+        assert_eq!(namespace_mode_of("a", Some("off")), NamespaceMode::Protect);
+    }
 }

@@ -4,21 +4,24 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
+use palisade_policies::audit::NamespaceMode;
 use palisade_policies::labels::Labels;
 use palisade_policies::model::Policy;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, warn};
 
 use crate::attachments::AttachmentStatus;
+use crate::cluster::{ClusterKnown, ClusterReport};
 use crate::datapath::Datapath;
 use crate::engine::Engine;
 use crate::error::EngineError;
-use crate::cluster::{ClusterKnown, ClusterReport};
 use crate::model::{AttachmentSpec, ClusterDelta, EndpointSpec, FilePolicies, LabelChange};
+use crate::modes::ModeChange;
 use crate::plumbing::Plumbing;
 use crate::policies::PolicyUpdate;
 use crate::store::{PersistError, SaveTicket};
 use crate::views::{EndpointView, EngineStatus, IdentityView, PolicyView, TraceQuery, TraceResult};
+use crate::whatif::{ReplayQuery, Replayed};
 
 /// A command's answer: its result and, for a change, the save of the state it left, which the
 /// caller (not the engine's task) waits on.
@@ -66,6 +69,13 @@ pub enum Command {
     AttachmentGc(String, BTreeSet<(String, String)>, Reply<Vec<String>>),
     /// Endpoint key, namespace and labels, once the runtime told them.
     EndpointResolve(String, String, Labels, Reply<EndpointView>),
+    /// A namespace's mode (discover, monitor, protect).
+    NamespaceMode(String, NamespaceMode, Reply<ModeChange>),
+    /// An endpoint in audit on its own, or not.
+    EndpointAudit(String, bool, Reply<EndpointView>),
+    /// Proposed policies (parsed by the sender) and the recorded flows to judge against
+    /// them; answers each query judged before and after, None when its endpoint is gone.
+    WhatIf(Vec<Policy>, Vec<ReplayQuery>, Reply<Vec<Option<Replayed>>>),
     /// Kubernetes mode: a batch of what the cluster changed.
     ClusterUpdate(ClusterDelta, Reply<ClusterReport>),
     /// Kubernetes mode: what the engine holds of the cluster.
@@ -139,6 +149,15 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
             }
             Command::ClusterKnown(r) => answer(r, Ok(self.cluster_known())),
             Command::Status(r) => answer(r, Ok(self.status())),
+            Command::NamespaceMode(ns, mode, r) => {
+                let result = self.set_namespace_mode(&ns, mode);
+                self.settle(r, result).await;
+            }
+            Command::EndpointAudit(name, audit, r) => {
+                let result = self.set_endpoint_audit(&name, audit);
+                self.settle(r, result).await;
+            }
+            Command::WhatIf(proposed, queries, r) => answer(r, self.what_if(proposed, &queries)),
         }
     }
 

@@ -6,6 +6,7 @@ use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 
 use palisade_policies::{
+    audit::MODE_LABEL,
     endpoint::EndpointId,
     identity::workload_identity_labels,
     labels::{self, Labels, NAMESPACE_NAME_LABEL},
@@ -137,6 +138,7 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
                     ifindex: plumbed.host_ifindex,
                     origin: EndpointOrigin::Local,
                     pending_labels: false,
+                    audit: false,
                     awaiting_identity: false,
                     link,
                 },
@@ -247,6 +249,9 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
             return Err(EngineError::ReservedNamespaceLabel {
                 key: NAMESPACE_NAME_LABEL,
             });
+        }
+        if change.set.contains_key(MODE_LABEL) || change.remove.iter().any(|k| k == MODE_LABEL) {
+            return Err(EngineError::ModeLabel { key: MODE_LABEL });
         }
         let members: Vec<EndpointRecord> = self
             .model

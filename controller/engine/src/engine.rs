@@ -2,13 +2,14 @@
 //! (change a copy of the model, compile, diff against what the maps hold, write the diff, and
 //! only then publish and persist).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ipnetwork::Ipv4Network;
 use palisade_policies::{
+    audit::{self, AuditScopes},
     compile::{self, CompileInput, RuleTable, Settings},
     endpoint::{Endpoint, EndpointId, LinkLayer},
     identity::{Identity, IdentityAllocator, IdentityTable, workload_identity_labels},
@@ -20,7 +21,7 @@ use palisade_policies::{
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use crate::catalog::{Catalog, CatalogEndpoint, CatalogRule};
+use crate::catalog::{Catalog, CatalogEndpoint, CatalogRule, DefaultDenyBy};
 use crate::datapath::Datapath;
 use crate::error::EngineError;
 use crate::model::{EndpointOrigin, FilePolicies, Model, PolicySource, RemoteSpec};
@@ -115,6 +116,7 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
                     .collect(),
                 identities,
                 next_endpoint_id: saved.next_endpoint_id.max(1),
+                namespace_modes: saved.namespace_modes.clone(),
                 remotes: BTreeMap::new(),
             },
             rules: RuleTable::default(),
@@ -247,7 +249,7 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
         self.model.namespace_labels(ns)
     }
 
-    fn compile_endpoints(&self) -> BTreeMap<EndpointId, Endpoint> {
+    pub(crate) fn compile_endpoints(&self) -> BTreeMap<EndpointId, Endpoint> {
         self.model
             .endpoints
             .values()
@@ -257,7 +259,7 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
 
     /// Other nodes' pods and nodes by address. A pod's address wins over a node's (a node
     /// announcing a pod's address is a misconfiguration, and the pod is the precise answer).
-    fn remote_addresses(&self) -> BTreeMap<Ipv4Addr, Identity> {
+    pub(crate) fn remote_addresses(&self) -> BTreeMap<Ipv4Addr, Identity> {
         let mut out = BTreeMap::new();
         for r in self.model.remotes.values() {
             if let RemoteSpec::Node { ips, .. } = &r.spec {
@@ -282,6 +284,16 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
         &self.model.policies
     }
 
+    /// Endpoints put in audit one by one.
+    pub(crate) fn audit_endpoints(&self) -> BTreeSet<EndpointId> {
+        self.model
+            .endpoints
+            .values()
+            .filter(|r| r.audit)
+            .map(|r| r.id)
+            .collect()
+    }
+
     /// Compiles the model and writes the difference to the maps. On a failed write, rolls
     /// the maps back to what they held and reports the error.
     pub(crate) fn sync(&mut self) -> Result<usize, EngineError> {
@@ -299,7 +311,12 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
             remote: &remote,
             settings: self.cfg.settings,
         };
-        let (desired, l7) = compile::compile_with_l7(&input, &mut self.rules);
+        let audit_endpoints = self.audit_endpoints();
+        let scopes = AuditScopes {
+            namespaces: &self.model.namespace_modes,
+            endpoints: &audit_endpoints,
+        };
+        let (desired, l7) = audit::compile(&input, &scopes, &mut self.rules);
         // Built before any map changes, so a policy the proxy cannot enforce changes nothing.
         let proxy_policy = ProxyPolicy::new(&l7, &desired)?;
         let diff = mapstate::diff(&self.applied, &desired);
@@ -379,6 +396,7 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
                 .collect(),
             identities: self.model.identities.snapshot(),
             next_endpoint_id: self.model.next_endpoint_id,
+            namespace_modes: self.model.namespace_modes.clone(),
             remotes: self
                 .model
                 .remotes
@@ -416,10 +434,33 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
             );
             c.endpoints_by_ip
                 .insert(r.ip, (r.namespace.clone(), r.name.clone()));
+            // Only where AUDIT flows of a default deny can be (selecting costs a selector
+            // match per policy).
+            let audited = self
+                .applied
+                .endpoints
+                .get(&r.id)
+                .is_some_and(|e| e.audit || e.staged.ingress || e.staged.egress);
+            if audited {
+                let by = self.selecting_policies(r, table);
+                let names = |v: &[palisade_policies::model::PolicyRef]| {
+                    v.iter().map(ToString::to_string).collect()
+                };
+                c.default_deny.insert(
+                    r.id.0,
+                    DefaultDenyBy {
+                        ingress: names(&by.ingress),
+                        egress: names(&by.egress),
+                    },
+                );
+            }
         }
         for r in self.model.remotes.values() {
             if let RemoteSpec::Pod {
-                namespace, name, ip, ..
+                namespace,
+                name,
+                ip,
+                ..
             } = &r.spec
             {
                 c.endpoints_by_ip
@@ -430,6 +471,7 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
         for (id, src) in table {
             c.identities.insert(id.0, src.label_strings());
         }
+        c.namespace_modes.clone_from(&self.model.namespace_modes);
         // Every rule a map entry or an HTTP rule refers to (the table keeps only those): a
         // rule that lost its map entry to another one's still decides requests in the proxy.
         for (id, origin) in self.rules.iter() {

@@ -132,14 +132,29 @@ pub enum EngineError {
     #[error(transparent)]
     Persist(#[from] PersistError),
     /// Kubernetes mode: policies come from the API server.
-    #[error("policy {policy} comes from the Kubernetes API: change it there (kubectl apply / delete)")]
+    #[error(
+        "policy {policy} comes from the Kubernetes API: change it there (kubectl apply / delete)"
+    )]
     ClusterManaged { policy: String },
     /// Kubernetes mode: a trace between two pods of other nodes.
     #[error("neither {from} nor {to} runs on this node: trace on the node of either")]
     NotOnThisNode { from: String, to: String },
     /// Kubernetes mode: namespace labels come from the API server.
-    #[error("namespace {namespace:?} is a Kubernetes namespace: change its labels there (kubectl label namespace)")]
+    #[error(
+        "namespace {namespace:?} is a Kubernetes namespace: change its labels there (kubectl label namespace)"
+    )]
     ClusterNamespace { namespace: String },
+    /// Kubernetes mode: a namespace's mode is its `palisade.io/mode` label.
+    #[error(
+        "namespace {namespace:?} is a Kubernetes namespace: its mode is its label (kubectl label namespace {namespace} palisade.io/mode={mode})"
+    )]
+    ClusterNamespaceMode {
+        namespace: String,
+        mode: &'static str,
+    },
+    /// Local mode: the mode label is not a label (`palisade namespace mode` sets the mode).
+    #[error("label {key} is a namespace's mode, not a label: use `palisade namespace mode`")]
+    ModeLabel { key: &'static str },
 }
 
 /// How a caller should read an error.
@@ -177,6 +192,8 @@ impl EngineError {
             | EngineError::UnsupportedTraceProtocol { .. }
             | EngineError::ClusterManaged { .. }
             | EngineError::ClusterNamespace { .. }
+            | EngineError::ClusterNamespaceMode { .. }
+            | EngineError::ModeLabel { .. }
             | EngineError::NotOnThisNode { .. }
             | EngineError::L7Policy(_) => ErrorClass::Invalid,
             EngineError::NoSuchEndpoint { .. }

@@ -12,6 +12,8 @@
 //!
 //! - `engine`: start-up reconciliation and the transaction every change runs in;
 //! - `endpoints`, `policies`: the changes; `views`: read-only answers and `policy trace`;
+//! - `modes`: namespace modes and endpoints in audit; `whatif`: `policy what-if`, recorded
+//!   flows judged against the policies in force and proposed ones, applying nothing;
 //! - `attachments`: containers a runtime attached through the CNI plugin;
 //! - `revalidate`: ending the connections a change sends through the L7 proxy;
 //! - `command`: the engine's task and the commands it serves;
@@ -29,11 +31,13 @@ mod engine;
 pub mod error;
 pub mod ipam;
 pub mod model;
+pub mod modes;
 pub mod plumbing;
 mod policies;
 pub mod revalidate;
 pub mod store;
 pub mod views;
+pub mod whatif;
 
 pub use command::{AskError, Command, Reply, ask};
 pub use engine::{Engine, EngineConfig, EngineMetrics, Outputs};

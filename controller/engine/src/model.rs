@@ -6,6 +6,7 @@ use std::net::Ipv4Addr;
 use std::path::PathBuf;
 
 use palisade_policies::{
+    audit::NamespaceMode,
     endpoint::{Endpoint, EndpointId, LinkLayer, NamedPort},
     identity::{Identity, IdentityAllocator},
     labels::Labels,
@@ -32,6 +33,10 @@ pub struct EndpointRecord {
     /// the reserved `init` identity, and both its directions are enforced.
     #[serde(default)]
     pub pending_labels: bool,
+    /// Put in audit on its own (`palisade endpoint audit`): what policy would drop at it is
+    /// forwarded and reported as AUDIT.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub audit: bool,
     /// Kubernetes mode: its labels are known but the cluster has not numbered them yet; it
     /// holds `init` (and `pending_labels`) until it has.
     #[serde(default)]
@@ -308,6 +313,9 @@ pub(crate) struct Model {
     pub policy_sources: BTreeMap<PolicyRef, PolicySource>,
     pub identities: IdentityAllocator,
     pub next_endpoint_id: u32,
+    /// Namespaces not in protect mode (`palisade namespace mode`; in Kubernetes the
+    /// `palisade.io/mode` label, which the adapter turns into the same command).
+    pub namespace_modes: BTreeMap<String, NamespaceMode>,
     /// Kubernetes mode: other nodes' pods and the other nodes, by key.
     pub remotes: BTreeMap<String, RemoteRecord>,
 }

@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::oneshot;
 
+use palisade_policies::audit::NamespaceMode;
 use palisade_policies::identity::AllocatorSnapshot;
 use palisade_policies::labels::Labels;
 use palisade_policies::model::Policy;
@@ -25,6 +26,9 @@ pub struct StateFile {
     pub policies: Vec<Policy>,
     pub identities: AllocatorSnapshot,
     pub next_endpoint_id: u32,
+    /// Namespaces not in protect mode.
+    #[serde(default)]
+    pub namespace_modes: BTreeMap<String, NamespaceMode>,
     /// Kubernetes mode: other nodes' pods and the other nodes, so a restart enforces what it
     /// enforced before its watchers have synced.
     #[serde(default)]

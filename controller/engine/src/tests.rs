@@ -2,6 +2,7 @@
 
 use std::net::Ipv4Addr;
 
+use palisade_policies::audit::NamespaceMode;
 use palisade_policies::compile::Settings;
 use palisade_policies::endpoint::EndpointId;
 use palisade_policies::identity::Identity;
@@ -1285,4 +1286,70 @@ async fn a_restarted_agent_enforces_the_clusters_state_before_its_watchers_sync(
         Verdict::Allowed
     );
     assert_eq!(restarted.model.remotes.len(), 3);
+}
+
+#[tokio::test]
+async fn the_mode_label_of_a_kubernetes_namespace_is_its_mode_and_no_identity_label() {
+    let mut e = cluster_engine(
+        MemoryDatapath::default(),
+        MemoryPlumbing::default(),
+        MemoryStore::default(),
+    )
+    .await;
+    e.cluster_update(first_sync()).unwrap();
+    cni_veth(&mut e, "palweb", 500, "/run/netns/cni-web");
+    let mut web = attachment("web", "palweb", Ipv4Addr::new(10, 0, 0, 9), None);
+    web.name = "web".into();
+    e.attachment_add(web).await.unwrap();
+    e.cluster_update(ClusterDelta {
+        endpoint_labels: vec![("shop/web".into(), labels("app=web"))],
+        ..ClusterDelta::default()
+    })
+    .unwrap();
+    let id = e.record("shop/web").unwrap().identity;
+    assert_ne!(ingress(&e, "shop/web", [10, 1, 0, 6], 80), Verdict::Allowed);
+
+    let mut monitored = shop_labels();
+    monitored.insert(
+        palisade_policies::audit::MODE_LABEL.into(),
+        "monitor".into(),
+    );
+    e.cluster_update(ClusterDelta {
+        namespaces: Changes {
+            replace_all: false,
+            upsert: vec![("shop".into(), monitored)],
+            delete: vec![],
+        },
+        ..ClusterDelta::default()
+    })
+    .unwrap();
+    let rec = e.record("shop/web").unwrap().clone();
+    assert_eq!(rec.identity, id, "the mode label never reaches identities");
+    assert_eq!(e.namespace_mode("shop"), NamespaceMode::Monitor);
+    assert!(
+        e.applied.endpoints[&rec.id].audit,
+        "monitor: the endpoint is in audit"
+    );
+    assert_eq!(e.datapath.state, e.applied);
+    // The CLI's mode is refused: the label is the mode.
+    let err = e
+        .set_namespace_mode("shop", NamespaceMode::Protect)
+        .unwrap_err();
+    assert!(
+        matches!(err, EngineError::ClusterNamespaceMode { .. }),
+        "{err}"
+    );
+
+    // The label removed: protected again.
+    e.cluster_update(ClusterDelta {
+        namespaces: Changes {
+            replace_all: false,
+            upsert: vec![("shop".into(), shop_labels())],
+            delete: vec![],
+        },
+        ..ClusterDelta::default()
+    })
+    .unwrap();
+    assert_eq!(e.namespace_mode("shop"), NamespaceMode::Protect);
+    assert!(!e.applied.endpoints[&rec.id].audit);
 }

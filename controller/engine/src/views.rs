@@ -7,6 +7,7 @@ use std::net::Ipv4Addr;
 
 use ipnetwork::Ipv4Network;
 use palisade_policies::{
+    audit::{AuditReason, AuditScopes, NamespaceMode},
     compile::{self, EnforcementMode, RuleOrigin},
     endpoint::{EndpointId, NamedPort},
     identity::{Identity, IdentitySource, IdentityTable},
@@ -70,6 +71,8 @@ pub struct EndpointView {
     pub attachment: Option<CniAttachment>,
     /// Its labels are not known yet; it holds the `init` identity.
     pub pending_labels: bool,
+    /// Which scope puts it in audit, if any (agent, its namespace's mode, or itself).
+    pub audit: Option<AuditReason>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -122,6 +125,8 @@ pub struct PolicyView {
     pub egress_deny_rules: usize,
     pub ingress_default_deny: bool,
     pub egress_default_deny: bool,
+    /// In audit: evaluated and reported, not enforced.
+    pub audit: bool,
 }
 
 /// What `policy trace` is asked.
@@ -183,9 +188,25 @@ pub struct EngineStatus {
     pub maps_in_sync: bool,
     /// Every namespace known, with its effective labels.
     pub namespaces: BTreeMap<String, Labels>,
+    /// Agent-wide audit (`--audit`).
+    pub audit: bool,
+    /// Every namespace known, with its mode.
+    pub namespace_modes: BTreeMap<String, NamespaceMode>,
+    /// Endpoints (`ns/name`) in audit on their own.
+    pub audit_endpoints: Vec<String>,
+    /// Policies in audit.
+    pub audit_policies: Vec<PolicyRef>,
 }
 
 impl<D: Datapath, P: Plumbing> Engine<D, P> {
+    pub(crate) fn selecting_policies(
+        &self,
+        rec: &EndpointRecord,
+        table: &IdentityTable,
+    ) -> SelectingPolicies {
+        self.selecting(rec, table)
+    }
+
     fn selecting(&self, rec: &EndpointRecord, table: &IdentityTable) -> SelectingPolicies {
         let policies = self.policies();
         let specs = compile::selecting_specs(policies, table, &rec.to_endpoint());
@@ -227,7 +248,18 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
             policies: self.selecting(rec, table),
             attachment: rec.attachment().cloned(),
             pending_labels: rec.pending_labels,
+            audit: self.audit_reason(rec),
         }
+    }
+
+    /// Which scope puts an endpoint in audit.
+    pub(crate) fn audit_reason(&self, rec: &EndpointRecord) -> Option<AuditReason> {
+        let own = self.audit_endpoints();
+        AuditScopes {
+            namespaces: &self.model.namespace_modes,
+            endpoints: &own,
+        }
+        .reason(self.cfg.settings.audit, rec.id, &rec.namespace)
     }
 
     pub fn endpoint_view(&self, name: &str) -> Result<EndpointView, EngineError> {
@@ -296,6 +328,7 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
                     egress_deny_rules: count(|s| s.egress.deny.len()),
                     ingress_default_deny: p.specs.iter().any(|s| s.ingress.default_deny),
                     egress_default_deny: p.specs.iter().any(|s| s.egress.default_deny),
+                    audit: p.audit,
                 }
             })
             .collect()
@@ -333,13 +366,29 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
                 .filter(|(_, _, s)| s.direction(direction).default_deny)
                 .map(|(p, _, _)| p.id.clone())
                 .collect();
-        let origin: Option<&RuleOrigin> =
-            decision.matched.and_then(|(_, e)| self.rules.get(e.rule));
+        // A staged deny's entry names the staged rule, not the allowing one.
+        let origin: Option<&RuleOrigin> = decision
+            .matched
+            .filter(|_| decision.staged_deny.is_none())
+            .and_then(|(_, e)| self.rules.get(e.rule));
         let rule = origin.map(RuleOrigin::describe);
         let policy = origin.and_then(|o| o.policy()).cloned();
         let peer = decision.peer.identity;
         let ep = rec.qualified_name();
+        let staged = decision.staged_deny.map(|r| {
+            self.rules.get(r).map_or_else(
+                || "the default deny of a policy in audit".to_string(),
+                RuleOrigin::describe,
+            )
+        });
         let (allowed, reason) = match decision.verdict {
+            Verdict::Allowed if staged.is_some() => (
+                true,
+                format!(
+                    "allowed by the policies in force, but {} would deny it (in audit: reported as AUDIT)",
+                    staged.clone().unwrap_or_default()
+                ),
+            ),
             Verdict::Allowed if decision.matched.is_some() => (
                 true,
                 format!(
@@ -394,8 +443,15 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
 
     /// A pod of another node (Kubernetes mode), by `ns/name`: its address, identity, node.
     fn find_remote(&self, ns_name: &str) -> Option<(Ipv4Addr, Identity, String)> {
-        match self.model.remotes.get(&format!("pod/{ns_name}")).map(|r| (&r.spec, r.identity)) {
-            Some((RemoteSpec::Pod { ip, node, .. }, identity)) => Some((*ip, identity, node.clone())),
+        match self
+            .model
+            .remotes
+            .get(&format!("pod/{ns_name}"))
+            .map(|r| (&r.spec, r.identity))
+        {
+            Some((RemoteSpec::Pod { ip, node, .. }, identity)) => {
+                Some((*ip, identity, node.clone()))
+            }
             _ => None,
         }
     }
@@ -511,11 +567,12 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
     }
 
     pub fn status(&self) -> EngineStatus {
-        let namespaces = self
+        let namespaces: BTreeMap<String, Labels> = self
             .model
             .namespaces
             .keys()
             .chain(self.model.endpoints.values().map(|e| &e.namespace))
+            .chain(self.model.namespace_modes.keys())
             .map(|ns| (ns.clone(), self.namespace_labels(ns)))
             .collect();
         EngineStatus {
@@ -528,7 +585,26 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
             policy_map_entries: self.applied.policy.len(),
             ipcache_entries: self.applied.ipcache.len(),
             maps_in_sync: self.datapath.read_state().is_ok_and(|s| s == self.applied),
+            namespace_modes: namespaces
+                .keys()
+                .map(|ns: &String| (ns.clone(), self.namespace_mode(ns)))
+                .collect(),
             namespaces,
+            audit: self.cfg.settings.audit,
+            audit_endpoints: self
+                .model
+                .endpoints
+                .values()
+                .filter(|e| e.audit)
+                .map(EndpointRecord::qualified_name)
+                .collect(),
+            audit_policies: self
+                .model
+                .policies
+                .values()
+                .filter(|p| p.audit)
+                .map(|p| p.id.clone())
+                .collect(),
         }
     }
 }

@@ -218,6 +218,11 @@ pub struct Rule {
     /// for a direction it has rules for).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub enable_default_deny: Option<DefaultDeny>,
+    /// Palisade: the policy is in audit (as with the annotation `palisade.io/audit: "true"`):
+    /// its verdicts are computed and what it would drop is forwarded and reported as an AUDIT
+    /// flow naming its rule. Every rule of a policy that sets it must agree.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub audit: Option<bool>,
 }
 
 /// `enableDefaultDeny`.

@@ -295,6 +295,7 @@ spec:
     matchExpressions: [{key: tier, operator: In, values: [web, edge]}]
   labels: [{key: team, value: payments, source: k8s}]
   enableDefaultDeny: {ingress: true, egress: true}
+  audit: false
   ingress:
   - fromEndpoints: [{matchLabels: {app: lb}, matchExpressions: [{key: env, operator: NotIn, values: [dev]}, {key: zone, operator: Exists}]}]
     fromCIDR: [10.0.0.0/8, 192.0.2.1]

@@ -72,6 +72,7 @@ impl ConnectionJudge {
         let verdict = policy.judge_ends(&ends, &HeadView(head));
         let rule = verdict.rule.0;
         match (verdict.allowed, verdict.refused_upgrade) {
+            (true, _) if verdict.audit => Decision::Audit { rule },
             (true, _) => Decision::Allow { rule },
             (false, Some(protocol)) => Decision::DenyUpgrade { rule, protocol },
             (false, None) => Decision::Deny { rule },

@@ -16,6 +16,11 @@ pub const FLAG_AUDIT: u32 = 1 << 2;
 /// bridge's. Not passed up through the bridge's port: bridge netfilter (br_netfilter, with
 /// `bridge-nf-call-iptables`) orphans a bridged frame's socket, the one assigned for the proxy.
 pub const FLAG_BRIDGE_PORT: u32 = 1 << 3;
+/// Only policies in audit put ingress in default deny: ingress no entry matches is forwarded
+/// as AUDIT (see `policy::flags::STAGED_DENY` for what entries say).
+pub const FLAG_STAGED_INGRESS_ENFORCED: u32 = 1 << 4;
+/// Same for egress.
+pub const FLAG_STAGED_EGRESS_ENFORCED: u32 = 1 << 5;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]

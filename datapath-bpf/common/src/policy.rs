@@ -31,16 +31,29 @@ pub const POLICY_PREFIX_ANY_PORT: u32 = 80;
 pub const POLICY_PREFIX_FULL: u32 = 96;
 
 pub mod action {
+    /// No action of the policies in force: an entry only the policies in audit have (see
+    /// `flags::STAGED_DENY`). It never wins a lookup.
+    pub const NONE: u8 = 0;
     pub const ALLOW: u8 = 1;
     pub const DENY: u8 = 2;
     /// Allow, and hand the connection to the L7 proxy listening on `proxy_port_be`.
     pub const REDIRECT: u8 = 3;
 }
 
+/// `PolicyValue::flags`.
+pub mod flags {
+    /// The policies in audit would deny what this entry matches, although the policies in
+    /// force allow it (or, with `action::NONE`, have no entry here): it is forwarded as AUDIT,
+    /// naming `rule_id`. An entry with `action::NONE` and no such flag is one where only the
+    /// policies in audit allow.
+    pub const STAGED_DENY: u8 = 1 << 0;
+}
+
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct PolicyValue {
     pub action: u8,
+    /// `flags::*` bits.
     pub flags: u8,
     pub proxy_port_be: u16,
     /// Which policy rule produced this entry (the agent's rule table resolves it), so flows

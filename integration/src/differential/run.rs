@@ -830,7 +830,8 @@ fn compare(
 /// namespace. Must run on a thread inside the test's namespace.
 pub fn probe_proxy_listener(real: &RefCell<RealDatapath>, ifindex: u32) -> Result<Outcome, String> {
     use palisade_policies::mapstate::{
-        Action, EndpointEntry, IpcacheEntry, PolicyEntry, PolicyKey, PortPrefix,
+        Action, EndpointEntry, IpcacheEntry, PolicyEntry, PolicyKey, PortPrefix, Staged,
+        StagedEnforcement,
     };
     let client = Ipv4Addr::new(10, 200, 0, 1);
     let mut maps = MapState::default();
@@ -843,6 +844,7 @@ pub fn probe_proxy_listener(real: &RefCell<RealDatapath>, ifindex: u32) -> Resul
             ingress_enforced: false,
             egress_enforced: false,
             audit: false,
+            staged: StagedEnforcement::default(),
             link: palisade_policies::endpoint::LinkLayer::default(),
         },
     );
@@ -867,6 +869,7 @@ pub fn probe_proxy_listener(real: &RefCell<RealDatapath>, ifindex: u32) -> Resul
                 proxy_port: PROXY_PORT,
             },
             rule: RuleId(1),
+            staged: Staged::Same,
         },
     );
     let mut real = real.borrow_mut();

@@ -1,6 +1,7 @@
 //! What the differential test generates: a small cluster (endpoints with labels, namespaces,
 //! addresses, audit flags, named ports), policies as manifest text (Kubernetes NetworkPolicy,
-//! cilium.io/v2 CiliumNetworkPolicy and CiliumClusterwideNetworkPolicy), compiler settings,
+//! cilium.io/v2 CiliumNetworkPolicy and CiliumClusterwideNetworkPolicy, some of them in audit,
+//! which the datapath sees as staged entry and endpoint flags), compiler settings,
 //! an optional policy change, flows between endpoints, the world and the node, and the steps
 //! that send packets of those flows through the programs. Everything is a proptest strategy
 //! over small indices, so a failing case shrinks to a readable one.
@@ -9,6 +10,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::net::Ipv4Addr;
 
+use palisade_policies::audit::{self, AuditScopes};
 use palisade_policies::compile::{self, CompileInput, EnforcementMode, RuleTable, Settings};
 use palisade_policies::endpoint::{Endpoint, EndpointId, NamedPort};
 use palisade_policies::identity::{Identity, IdentityAllocator, workload_identity_labels};
@@ -553,6 +555,8 @@ pub enum PolicyGen {
         /// enableDefaultDeny: (ingress, egress), each unset or a value.
         default_deny: (Option<bool>, Option<bool>),
     },
+    /// The policy in audit (`palisade.io/audit: "true"`): staged, reported, not enforced.
+    Staged(Box<PolicyGen>),
 }
 
 fn policy_gen() -> impl Strategy<Value = PolicyGen> {
@@ -649,12 +653,27 @@ fn policy_gen() -> impl Strategy<Value = PolicyGen> {
                 }
             },
         );
-    prop_oneof![2 => k8s, 3 => cilium, 1 => http]
+    (
+        prop_oneof![2 => k8s, 3 => cilium, 1 => http],
+        proptest::bool::weighted(0.25),
+    )
+        .prop_map(|(p, staged)| {
+            if staged {
+                PolicyGen::Staged(Box::new(p))
+            } else {
+                p
+            }
+        })
 }
 
 impl PolicyGen {
     fn render(&self, name: &str) -> Value {
         match self {
+            PolicyGen::Staged(inner) => {
+                let mut doc = inner.render(name);
+                doc["metadata"]["annotations"] = json!({"palisade.io/audit": "true"});
+                doc
+            }
             PolicyGen::Kubernetes {
                 namespace,
                 subject,
@@ -1341,8 +1360,8 @@ impl Cluster {
         self.labels[i] = l;
     }
 
-    /// Parses and compiles `yaml`, as the engine's sync does; endpoints marked for audit get
-    /// the audit flag.
+    /// Parses and compiles `yaml`, as the engine's sync does (policies in audit merged in as
+    /// staged flags); endpoints marked for audit get the audit flag.
     pub fn compile(&mut self, yaml: &str) -> Result<MapState, String> {
         let parsed = parse_manifests(yaml).map_err(|e| format!("{e}"))?;
         let policies: BTreeMap<PolicyRef, Policy> =
@@ -1361,7 +1380,12 @@ impl Cluster {
             remote: &BTreeMap::new(),
             settings: self.settings,
         };
-        let (mut state, l7) = compile::compile_with_l7(&input, &mut self.rules);
+        let (no_modes, no_endpoints) = (BTreeMap::new(), BTreeSet::new());
+        let scopes = AuditScopes {
+            namespaces: &no_modes,
+            endpoints: &no_endpoints,
+        };
+        let (mut state, l7) = audit::compile(&input, &scopes, &mut self.rules);
         self.rules.retain_used_with(&state, &l7);
         for (i, e) in state.endpoints.values_mut().enumerate() {
             e.audit = self.audit.get(i).copied().unwrap_or(false);

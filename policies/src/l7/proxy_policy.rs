@@ -2,10 +2,12 @@
 //! the engine after every change and handed to the proxy (so requests on connections that are
 //! already open are judged by the current policy). Judging a request is a plain function of it.
 
+use std::collections::BTreeSet;
 use std::net::SocketAddrV4;
 
 use super::{L7Error, L7Matcher, L7Verdict, RequestView, restricted_upgrades};
 use crate::compile::L7Policy;
+use crate::endpoint::EndpointId;
 use crate::identity::Identity;
 use crate::mapstate::{IpcacheEntry, MapState, RuleId};
 use crate::model::Direction;
@@ -15,12 +17,16 @@ pub struct ProxyPolicy {
     matcher: L7Matcher,
     /// Only the ipcache is filled: the datapath's view of addresses.
     addresses: MapState,
+    /// Endpoints in audit: what their HTTP rules deny is forwarded, as audited.
+    audited: BTreeSet<EndpointId>,
 }
 
 /// The proxy's verdict on one request.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RequestVerdict {
     pub allowed: bool,
+    /// Allowed only because the side whose rules deny it is in audit (`rule` denies it).
+    pub audit: bool,
     pub rule: RuleId,
     /// When denied only because of an upgrade: the protocol no rule allows.
     pub refused_upgrade: Option<String>,
@@ -34,6 +40,12 @@ impl ProxyPolicy {
                 ipcache: state.ipcache.clone(),
                 ..MapState::default()
             },
+            audited: state
+                .endpoints
+                .iter()
+                .filter(|(_, e)| e.audit)
+                .map(|(id, _)| *id)
+                .collect(),
         })
     }
 
@@ -77,15 +89,29 @@ impl ProxyPolicy {
             self.matcher
                 .decide(ep, Direction::Ingress, &Self::identities(c), port, req)
         });
-        if let Some(denied) = [&egress, &ingress]
-            .into_iter()
-            .flatten()
-            .find(|v| !v.allowed)
-        {
+        let in_audit = |ep: Option<EndpointId>| ep.is_some_and(|e| self.audited.contains(&e));
+        let sides = [(&egress, c.endpoint), (&ingress, d.endpoint)];
+        let denying = sides
+            .iter()
+            .filter_map(|(v, ep)| v.as_ref().filter(|v| !v.allowed).map(|v| (v, *ep)));
+        let mut audited = None;
+        for (denied, ep) in denying {
+            if !in_audit(ep) {
+                return RequestVerdict {
+                    allowed: false,
+                    audit: false,
+                    rule: denied.rule,
+                    refused_upgrade: denied.refused_upgrade.clone(),
+                };
+            }
+            audited.get_or_insert(denied.rule);
+        }
+        if let Some(rule) = audited {
             return RequestVerdict {
-                allowed: false,
-                rule: denied.rule,
-                refused_upgrade: denied.refused_upgrade.clone(),
+                allowed: true,
+                audit: true,
+                rule,
+                refused_upgrade: None,
             };
         }
         let rule = ingress.as_ref().or(egress.as_ref()).map(|v| v.rule);
@@ -94,12 +120,14 @@ impl ProxyPolicy {
         {
             return RequestVerdict {
                 allowed: false,
+                audit: false,
                 rule: RuleId::NONE,
                 refused_upgrade: Some(protocol.to_owned()),
             };
         }
         RequestVerdict {
             allowed: true,
+            audit: false,
             rule: rule.unwrap_or(RuleId::NONE),
             refused_upgrade: None,
         }
@@ -208,6 +236,7 @@ mod tests {
             p.judge(c, d, &Get("/public/a1")),
             RequestVerdict {
                 allowed: true,
+                audit: false,
                 rule: RuleId(5),
                 refused_upgrade: None,
             }
@@ -216,6 +245,7 @@ mod tests {
             p.judge(c, d, &Get("/public/b1")),
             RequestVerdict {
                 allowed: false,
+                audit: false,
                 rule: RuleId(9),
                 refused_upgrade: None,
             }
@@ -224,10 +254,43 @@ mod tests {
             p.judge(c, d, &Get("/private")),
             RequestVerdict {
                 allowed: false,
+                audit: false,
                 rule: RuleId(9),
                 refused_upgrade: None,
             }
         );
+    }
+
+    #[test]
+    fn a_denial_by_a_side_in_audit_is_forwarded_as_audited() {
+        let mut p = policy();
+        // The client (endpoint 1) is in audit: its egress rule 9 denies /public/b1, the
+        // server's ingress allows it.
+        p.audited.insert(EndpointId(1));
+        let (c, d) = (
+            "10.0.0.2:40000".parse().unwrap(),
+            "10.0.0.3:80".parse().unwrap(),
+        );
+        assert_eq!(
+            p.judge(c, d, &Get("/public/b1")),
+            RequestVerdict {
+                allowed: true,
+                audit: true,
+                rule: RuleId(9),
+                refused_upgrade: None,
+            }
+        );
+        // The server is enforced: what its ingress denies stays denied.
+        assert_eq!(
+            p.judge(c, d, &Get("/private")),
+            RequestVerdict {
+                allowed: false,
+                audit: false,
+                rule: RuleId(5),
+                refused_upgrade: None,
+            }
+        );
+        assert!(!p.judge(c, d, &Get("/public/a1")).audit);
     }
 
     #[test]
@@ -254,6 +317,7 @@ mod tests {
             p.judge(c, d, &spdy),
             RequestVerdict {
                 allowed: false,
+                audit: false,
                 rule: RuleId::NONE,
                 refused_upgrade: Some("spdy/3.1".into()),
             }

@@ -65,6 +65,8 @@ struct RuleDoc {
     #[serde(rename = "labels")]
     _labels: Option<IgnoredAny>,
     enable_default_deny: Option<DefaultDenyDoc>,
+    /// palisade.io/v1 only: the policy is in audit (see `crate::audit`).
+    audit: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -244,12 +246,28 @@ pub(crate) fn translate(doc: CiliumPolicyDoc, scope: Scope) -> Result<Policy, In
     let ctx = Context { namespace, group };
     let root = FieldPath::root();
     let mut specs = Vec::new();
-    if let Some(rule) = &doc.spec {
-        specs.push(translate_rule(rule, ctx, &root.key("spec"))?);
-    }
+    let mut audit: Option<bool> = None;
     let specs_path = root.key("specs");
-    for (i, rule) in doc.specs.iter().flatten().enumerate() {
-        specs.push(translate_rule(rule, ctx, &specs_path.index(i))?);
+    let rules = doc.spec.iter().map(|r| (r, root.key("spec"))).chain(
+        doc.specs
+            .iter()
+            .flatten()
+            .enumerate()
+            .map(|(i, r)| (r, specs_path.index(i))),
+    );
+    for (rule, path) in rules {
+        specs.push(translate_rule(rule, ctx, &path)?);
+        if let Some(a) = rule.audit {
+            if group != ApiGroup::Palisade {
+                return Err(path
+                    .key("audit")
+                    .invalid(Problem::PalisadeOnlyField("audit")));
+            }
+            if audit.is_some_and(|seen| seen != a) {
+                return Err(path.key("audit").invalid(Problem::AuditDisagrees));
+            }
+            audit = Some(a);
+        }
     }
     if specs.is_empty() {
         return Err(root.key("spec").invalid(Problem::NoSpecs));
@@ -265,6 +283,7 @@ pub(crate) fn translate(doc: CiliumPolicyDoc, scope: Scope) -> Result<Policy, In
             name: id.name,
         },
         specs,
+        audit: id.audit || audit == Some(true),
     })
 }
 

@@ -159,6 +159,10 @@ pub(crate) enum Problem {
     NoIcmpFields,
     #[error("spec or specs must define at least one rule")]
     NoSpecs,
+    #[error("must be the string \"true\" or \"false\", not {0}")]
+    InvalidAuditAnnotation(String),
+    #[error("every spec of a policy must agree on `audit` (a policy is in audit as a whole)")]
+    AuditDisagrees,
 }
 
 /// Why a CIDR string does not parse.

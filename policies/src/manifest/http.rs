@@ -265,7 +265,11 @@ mod tests {
         // Found by fuzzing: 100 such paths made one 6.5 KB manifest take 2 s to parse.
         let err = rule("{path: '[^/]{2,3}{2,3}{2,3}{2,3}{2,3}{2,3}{2,3}{2,3}'}").unwrap_err();
         assert_eq!(err.field.as_deref(), Some("http[0].path"));
-        assert!(err.problem.to_string().contains("size limit"), "{}", err.problem);
+        assert!(
+            err.problem.to_string().contains("size limit"),
+            "{}",
+            err.problem
+        );
         // The same comment trick as the flow filters': valid alone, not once anchored.
         assert!(rule("{path: '(?x)/admin #'}").is_err());
     }

@@ -98,6 +98,7 @@ pub(crate) fn translate(doc: NetworkPolicyDoc) -> Result<Policy, Invalid> {
             name: id.name,
         },
         specs: vec![spec],
+        audit: id.audit,
     })
 }
 

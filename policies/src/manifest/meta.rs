@@ -1,5 +1,7 @@
 //! Kubernetes object metadata: which fields are accepted, and name/namespace validation.
 
+use std::collections::BTreeMap;
+
 use serde::Deserialize;
 use serde::de::IgnoredAny;
 
@@ -9,9 +11,10 @@ use super::error::{FieldPath, Invalid, Problem};
 /// default context.
 pub(crate) const DEFAULT_NAMESPACE: &str = "default";
 
-/// Kubernetes ObjectMeta. Only name and namespace matter; the other standard fields are
-/// accepted, unread, so that manifests exported from a cluster (`kubectl get -o yaml`) apply
-/// unchanged. Anything else is a typo worth reporting.
+/// Kubernetes ObjectMeta. Name, namespace and the `palisade.io/audit` annotation matter; the
+/// other standard fields (and other annotations) are accepted, unread, so that manifests
+/// exported from a cluster (`kubectl get -o yaml`) apply unchanged. Anything else is a typo
+/// worth reporting.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub(crate) struct ObjectMeta {
@@ -19,8 +22,7 @@ pub(crate) struct ObjectMeta {
     pub namespace: Option<String>,
     #[serde(rename = "labels")]
     _labels: Option<IgnoredAny>,
-    #[serde(rename = "annotations")]
-    _annotations: Option<IgnoredAny>,
+    pub annotations: Option<BTreeMap<String, serde_norway::Value>>,
     #[serde(rename = "uid")]
     _uid: Option<IgnoredAny>,
     #[serde(rename = "resourceVersion")]
@@ -57,6 +59,8 @@ pub(crate) enum Scope {
 pub(crate) struct ObjectId {
     pub namespace: Option<String>,
     pub name: String,
+    /// `metadata.annotations["palisade.io/audit"]` is `"true"`.
+    pub audit: bool,
 }
 
 /// Validates metadata.name and metadata.namespace for an object of `scope`.
@@ -82,7 +86,31 @@ pub(crate) fn object_id(meta: Option<ObjectMeta>, scope: Scope) -> Result<Object
                 .invalid(Problem::NamespaceOnClusterwide(ns)));
         }
     };
-    Ok(ObjectId { namespace, name })
+    let audit = match meta
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(crate::audit::AUDIT_ANNOTATION))
+    {
+        None => false,
+        Some(serde_norway::Value::String(v)) if v == "true" => true,
+        Some(serde_norway::Value::String(v)) if v == "false" => false,
+        Some(other) => {
+            return Err(path
+                .key("annotations")
+                .key(crate::audit::AUDIT_ANNOTATION)
+                .invalid(Problem::InvalidAuditAnnotation(
+                    serde_norway::to_string(other)
+                        .unwrap_or_default()
+                        .trim()
+                        .to_string(),
+                )));
+        }
+    };
+    Ok(ObjectId {
+        namespace,
+        name,
+        audit,
+    })
 }
 
 /// metadata.name: a DNS-1123 subdomain.
@@ -189,6 +217,43 @@ mod tests {
         let err = object_id(Some(meta(Some("p"), Some("demo"))), Scope::Clusterwide).unwrap_err();
         assert_eq!(err.field.as_deref(), Some("metadata.namespace"));
         assert_eq!(err.problem, Problem::NamespaceOnClusterwide("demo".into()));
+    }
+
+    #[test]
+    fn the_audit_annotation_is_the_string_true_or_false() {
+        let with = |value: serde_norway::Value| ObjectMeta {
+            annotations: Some(BTreeMap::from([
+                ("palisade.io/audit".to_string(), value),
+                (
+                    "kubectl.kubernetes.io/last-applied-configuration".to_string(),
+                    serde_norway::Value::Bool(true),
+                ),
+            ])),
+            ..meta(Some("p"), Some("demo"))
+        };
+        let s = |v: &str| serde_norway::Value::String(v.to_string());
+        assert!(
+            object_id(Some(with(s("true"))), Scope::Namespaced)
+                .unwrap()
+                .audit
+        );
+        assert!(
+            !object_id(Some(with(s("false"))), Scope::Namespaced)
+                .unwrap()
+                .audit
+        );
+        assert!(
+            !object_id(Some(meta(Some("p"), None)), Scope::Namespaced)
+                .unwrap()
+                .audit
+        );
+        for bad in [s("yes"), serde_norway::Value::Bool(true)] {
+            let err = object_id(Some(with(bad)), Scope::Namespaced).unwrap_err();
+            assert_eq!(
+                err.field.as_deref(),
+                Some("metadata.annotations.palisade.io/audit")
+            );
+        }
     }
 
     #[test]

@@ -19,7 +19,10 @@ use palisade_engine::datapath::TrackedConnection;
 use palisade_policies::{
     endpoint::{BridgeLink, EndpointId, LinkLayer},
     identity::Identity,
-    mapstate::{Action, EndpointEntry, IpcacheEntry, PolicyEntry, PolicyKey, PortPrefix, RuleId},
+    mapstate::{
+        Action, EndpointEntry, IpcacheEntry, PolicyEntry, PolicyKey, PortPrefix, RuleId, Staged,
+        StagedEnforcement,
+    },
     model::Direction,
 };
 
@@ -30,8 +33,10 @@ pub enum DecodeError {
     PolicyPrefix(u32),
     #[error("policy key has invalid direction {0}")]
     Direction(u8),
-    #[error("policy value has invalid action {0}")]
+    #[error("policy value has invalid action {0} (or one its flags do not allow)")]
     Action(u8),
+    #[error("policy value has unknown flags {0:#x}")]
+    PolicyFlags(u8),
     #[error("ipcache key has family {family} / prefix length {prefix_len}")]
     IpcacheKey { family: u8, prefix_len: u32 },
 }
@@ -99,31 +104,50 @@ pub fn policy_key_from(
 }
 
 pub fn policy_value(e: PolicyEntry) -> PolicyValue {
-    let (action, proxy_port) = match e.action {
+    let (mut action, proxy_port) = match e.action {
         Action::Allow => (common_policy::action::ALLOW, 0),
         Action::Deny => (common_policy::action::DENY, 0),
         Action::Redirect { proxy_port } => (common_policy::action::REDIRECT, proxy_port),
     };
+    let flags = if e.staged_denies() {
+        common_policy::flags::STAGED_DENY
+    } else {
+        0
+    };
+    if e.staged == Staged::Only {
+        action = common_policy::action::NONE;
+    }
     PolicyValue {
         action,
-        flags: 0,
+        flags,
         proxy_port_be: proxy_port.to_be(),
         rule_id: e.rule.0,
     }
 }
 
 pub fn policy_entry_from(v: PolicyValue) -> Result<PolicyEntry, DecodeError> {
-    let action = match v.action {
-        common_policy::action::ALLOW => Action::Allow,
-        common_policy::action::DENY => Action::Deny,
-        common_policy::action::REDIRECT => Action::Redirect {
-            proxy_port: u16::from_be(v.proxy_port_be),
-        },
-        other => return Err(DecodeError::Action(other)),
+    let staged_deny = v.flags & common_policy::flags::STAGED_DENY != 0;
+    if v.flags & !common_policy::flags::STAGED_DENY != 0 {
+        return Err(DecodeError::PolicyFlags(v.flags));
+    }
+    let (action, staged) = match (v.action, staged_deny) {
+        (common_policy::action::NONE, true) => (Action::Deny, Staged::Only),
+        (common_policy::action::NONE, false) => (Action::Allow, Staged::Only),
+        (common_policy::action::ALLOW, true) => (Action::Allow, Staged::Deny),
+        (common_policy::action::ALLOW, false) => (Action::Allow, Staged::Same),
+        (common_policy::action::DENY, false) => (Action::Deny, Staged::Same),
+        (common_policy::action::REDIRECT, false) => (
+            Action::Redirect {
+                proxy_port: u16::from_be(v.proxy_port_be),
+            },
+            Staged::Same,
+        ),
+        (other, _) => return Err(DecodeError::Action(other)),
     };
     Ok(PolicyEntry {
         action,
         rule: RuleId(v.rule_id),
+        staged,
     })
 }
 
@@ -177,6 +201,12 @@ pub fn endpoint_info(id: EndpointId, e: &EndpointEntry) -> EndpointInfo {
     if e.audit {
         flags |= ep_flags::FLAG_AUDIT;
     }
+    if e.staged.ingress {
+        flags |= ep_flags::FLAG_STAGED_INGRESS_ENFORCED;
+    }
+    if e.staged.egress {
+        flags |= ep_flags::FLAG_STAGED_EGRESS_ENFORCED;
+    }
     let bridge = e.link.bridge.unwrap_or(BridgeLink {
         ifindex: 0,
         mac: [0; 6],
@@ -210,6 +240,10 @@ pub fn endpoint_entry_from(ifindex: u32, v: &EndpointInfo) -> (EndpointId, Endpo
             ingress_enforced: v.flags & ep_flags::FLAG_INGRESS_ENFORCED != 0,
             egress_enforced: v.flags & ep_flags::FLAG_EGRESS_ENFORCED != 0,
             audit: v.flags & ep_flags::FLAG_AUDIT != 0,
+            staged: StagedEnforcement {
+                ingress: v.flags & ep_flags::FLAG_STAGED_INGRESS_ENFORCED != 0,
+                egress: v.flags & ep_flags::FLAG_STAGED_EGRESS_ENFORCED != 0,
+            },
             link: LinkLayer {
                 mac: v.mac,
                 host_mac: v.host_mac,
@@ -276,17 +310,39 @@ mod tests {
 
     #[test]
     fn policy_values_round_trip() {
-        for action in [
-            Action::Allow,
-            Action::Deny,
-            Action::Redirect { proxy_port: 15001 },
+        for (action, staged) in [
+            (Action::Allow, Staged::Same),
+            (Action::Deny, Staged::Same),
+            (Action::Redirect { proxy_port: 15001 }, Staged::Same),
+            (Action::Allow, Staged::Deny),
+            (Action::Allow, Staged::Only),
+            (Action::Deny, Staged::Only),
         ] {
             let e = PolicyEntry {
                 action,
                 rule: RuleId(42),
+                staged,
             };
             assert_eq!(policy_entry_from(policy_value(e)).unwrap(), e);
         }
+        let only = policy_value(PolicyEntry {
+            action: Action::Deny,
+            rule: RuleId(1),
+            staged: Staged::Only,
+        });
+        assert_eq!(
+            (only.action, only.flags),
+            (
+                common_policy::action::NONE,
+                common_policy::flags::STAGED_DENY
+            )
+        );
+        let unknown_flag = PolicyValue {
+            action: common_policy::action::ALLOW,
+            flags: 0x80,
+            ..PolicyValue::default()
+        };
+        assert!(policy_entry_from(unknown_flag).is_err());
         let bad = PolicyValue {
             action: 9,
             ..PolicyValue::default()
@@ -318,6 +374,10 @@ mod tests {
             ingress_enforced: true,
             egress_enforced: false,
             audit: true,
+            staged: StagedEnforcement {
+                ingress: false,
+                egress: true,
+            },
             link: LinkLayer {
                 mac: [2, 0, 0, 0, 0, 1],
                 host_mac: [2, 0, 0, 0, 0, 2],
@@ -330,9 +390,15 @@ mod tests {
         let info = endpoint_info(EndpointId(4), &e);
         assert_eq!(
             info.flags,
-            ep_flags::FLAG_INGRESS_ENFORCED | ep_flags::FLAG_AUDIT | ep_flags::FLAG_BRIDGE_PORT
+            ep_flags::FLAG_INGRESS_ENFORCED
+                | ep_flags::FLAG_AUDIT
+                | ep_flags::FLAG_STAGED_EGRESS_ENFORCED
+                | ep_flags::FLAG_BRIDGE_PORT
         );
-        assert_eq!((info.bridge_ifindex, info.bridge_mac), (3, [2, 0, 0, 0, 0, 3]));
+        assert_eq!(
+            (info.bridge_ifindex, info.bridge_mac),
+            (3, [2, 0, 0, 0, 0, 3])
+        );
         assert_eq!(endpoint_entry_from(9, &info), (EndpointId(4), e));
     }
 }

@@ -1,6 +1,8 @@
-//! Flows: datapath events and the proxy's requests turned into named flow records, and the
-//! bounded store that keeps them for `palisade observe`.
+//! Flows: datapath events and the proxy's requests turned into named flow records, the
+//! bounded store that keeps them for `palisade observe`, and the connection log that keeps
+//! their aggregate for learning (`learn`).
 
+pub mod learn;
 pub mod proxy;
 pub mod store;
 
@@ -95,6 +97,29 @@ pub fn peer(catalog: &Catalog, identity: u32, addr: Ipv4Addr) -> FlowPeer {
     }
 }
 
+/// An AUDIT flow no rule decided: the default deny of the policies selecting the endpoint in
+/// that direction would have dropped it.
+fn audited_default_deny(event: &FlowEvent, catalog: &Catalog) -> Option<FlowPolicy> {
+    if event.verdict != palisade_common::reason::verdict::AUDIT || event.rule_id != 0 {
+        return None;
+    }
+    let by = catalog.default_deny.get(&event.endpoint_id)?;
+    let (policies, direction) = if event.direction == direction::INGRESS {
+        (&by.ingress, "ingress")
+    } else {
+        (&by.egress, "egress")
+    };
+    if policies.is_empty() {
+        return None;
+    }
+    let names = policies.join(", ");
+    Some(FlowPolicy {
+        rule: format!("default deny ({direction}) of {names}"),
+        name: names,
+        kind: "default-deny".to_string(),
+    })
+}
+
 /// Turns a raw datapath event into a flow record.
 pub fn enrich(event: &FlowEvent, catalog: &Catalog, clock: &Clock, seq: u64) -> Flow {
     let src = v4(&event.src_addr);
@@ -167,7 +192,11 @@ pub fn enrich(event: &FlowEvent, catalog: &Catalog, clock: &Clock, seq: u64) -> 
                 Vec::new()
             },
         },
-        policy: catalog.rules.get(&event.rule_id).map(flow_policy),
+        policy: catalog
+            .rules
+            .get(&event.rule_id)
+            .map(flow_policy)
+            .or_else(|| audited_default_deny(event, catalog)),
         packet_bytes: event.packet_len,
         http: None,
         tunnel: None,
@@ -304,6 +333,32 @@ mod tests {
             "{line}"
         );
         assert!(line.contains("default deny on demo/db ingress"), "{line}");
+    }
+
+    #[test]
+    fn an_audited_default_deny_names_the_selecting_policies() {
+        let mut e = event();
+        e.verdict = reason::verdict::AUDIT;
+        e.drop_reason = 0;
+        let mut c = catalog();
+        assert!(
+            enrich(&e, &c, &Clock::now(), 1).policy.is_none(),
+            "not known: none"
+        );
+        c.default_deny.insert(
+            2,
+            palisade_engine::catalog::DefaultDenyBy {
+                ingress: vec!["demo/db-in".into()],
+                egress: vec![],
+            },
+        );
+        let f = enrich(&e, &c, &Clock::now(), 1);
+        let p = f.policy.unwrap();
+        assert_eq!(p.name, "demo/db-in");
+        assert_eq!(p.rule, "default deny (ingress) of demo/db-in");
+        // A drop is not an audit.
+        e.verdict = reason::verdict::DROPPED;
+        assert!(enrich(&e, &c, &Clock::now(), 1).policy.is_none());
     }
 
     #[test]

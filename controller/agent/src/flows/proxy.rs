@@ -110,7 +110,13 @@ impl FlowBase {
     fn flow(&self, r: &RequestRecord) -> Flow {
         let mut flow = self.flow.clone();
         flow.time = humantime::format_rfc3339_micros(SystemTime::now()).to_string();
-        flow.verdict = if r.allowed { "FORWARDED" } else { "DROPPED" }.to_string();
+        flow.verdict = match (r.allowed, r.audited) {
+            (true, false) => "FORWARDED",
+            // Forwarded by audit mode: `rule` is the one that denies it.
+            (true, true) => "AUDIT",
+            (false, _) => "DROPPED",
+        }
+        .to_string();
         // A policy denial may carry an explanation (a refused upgrade names its protocol);
         // it is still a policy denial.
         flow.drop_reason = (!r.allowed).then(|| match &r.error {
@@ -237,6 +243,7 @@ mod tests {
             host: Some("api".into()),
             status: 403,
             allowed: false,
+            audited: false,
             rule: 5,
             latency: Duration::from_micros(3),
             error: Some("upgrade to \"spdy/3.1\" is not allowed by any HTTP rule".into()),

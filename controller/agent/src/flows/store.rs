@@ -1,11 +1,16 @@
-//! The agent's bounded flow buffer: the newest `capacity` flows, and a broadcast for followers.
+//! The agent's bounded flow buffer: the newest `capacity` flows, and a broadcast for
+//! followers; beside it, the connection log that keeps their aggregate for learning, and the
+//! count of audit violations.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use palisade_api::flow::Flow;
+use palisade_policies::learn::{ConnectionLog, Group, LogLimits, LogSnapshot};
 use tokio::sync::broadcast;
+
+use super::learn::observation;
 
 pub struct StoredFlow {
     pub wall: SystemTime,
@@ -17,20 +22,88 @@ pub struct FlowStore {
     inner: Mutex<(VecDeque<StoredFlow>, u64)>,
     capacity: usize,
     live: broadcast::Sender<Arc<Flow>>,
+    /// The aggregate of connections, for `policy suggest`, `what-if` and `map`.
+    log: Mutex<ConnectionLog>,
+    /// Namespaces in discover mode: their AUDIT flows are learning, not violations.
+    discovering: Mutex<BTreeSet<String>>,
+    /// AUDIT flows elsewhere, by the namespace of the endpoint that judged them.
+    violations: Mutex<BTreeMap<String, u64>>,
+}
+
+fn unix_seconds(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl FlowStore {
     pub fn new(capacity: usize) -> Self {
+        Self::with_log(capacity, ConnectionLog::new(LogLimits::default()))
+    }
+
+    /// A store whose connection log starts as `log` (restored from the state directory).
+    pub fn with_log(capacity: usize, log: ConnectionLog) -> Self {
         let (live, _) = broadcast::channel(4096);
         Self {
             inner: Mutex::new((VecDeque::with_capacity(capacity.min(1 << 16)), 1)),
             capacity: capacity.max(1),
             live,
+            log: Mutex::new(log),
+            discovering: Mutex::new(BTreeSet::new()),
+            violations: Mutex::new(BTreeMap::new()),
         }
+    }
+
+    /// The namespaces in discover mode now (the engine's catalog says).
+    pub fn set_discovering(&self, namespaces: BTreeSet<String>) {
+        *lock(&self.discovering) = namespaces;
+    }
+
+    /// AUDIT flows of namespaces not in discover mode, by namespace.
+    pub fn violations(&self) -> BTreeMap<String, u64> {
+        lock(&self.violations).clone()
+    }
+
+    /// The connection log's aggregates with either end in `namespace` (all when None), last
+    /// seen at or after `since` (Unix seconds); expired ones are forgotten first.
+    pub fn connections(
+        &self,
+        namespace: Option<&str>,
+        since: Option<u64>,
+        now: SystemTime,
+    ) -> LogSnapshot {
+        let mut log = lock(&self.log);
+        log.expire(unix_seconds(now));
+        log.snapshot_where(|a: &Group, b: &Group, last| {
+            super::learn::touches(namespace, a, b) && since.is_none_or(|s| last >= s)
+        })
+    }
+
+    /// The whole log, when it changed since the last call (for saving it).
+    pub fn log_if_changed(&self, now: SystemTime) -> Option<LogSnapshot> {
+        let mut log = lock(&self.log);
+        log.expire(unix_seconds(now));
+        log.take_changed().then(|| log.snapshot())
+    }
+
+    pub fn log_limits(&self) -> LogLimits {
+        lock(&self.log).limits()
     }
 
     /// Stores a flow, numbering it (datapath and proxy flows share one sequence).
     pub fn push(&self, wall: SystemTime, mut flow: Flow) {
+        if let Some(o) = observation(&flow) {
+            lock(&self.log).record(o, unix_seconds(wall));
+        }
+        if flow.verdict == "AUDIT" && !flow.endpoint.namespace.is_empty() {
+            let ns = &flow.endpoint.namespace;
+            if !lock(&self.discovering).contains(ns) {
+                *lock(&self.violations).entry(ns.clone()).or_default() += 1;
+            }
+        }
         let flow = {
             let mut guard = self
                 .inner

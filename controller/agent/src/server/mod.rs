@@ -23,10 +23,12 @@ use palisade_api::filter::FilterError;
 use palisade_api::flow::Flow;
 use palisade_api::types::{
     AttachmentDeleteResult, AttachmentGcRequest, AttachmentGcResult, AttachmentRequest,
-    EndpointAddRequest, ErrorBody, FlowQuery, LabelChange, PolicyApplyRequest, TraceRequest,
+    ConnectionsView, EndpointAddRequest, EndpointAuditRequest, ErrorBody, FlowQuery, LabelChange,
+    NamespaceModeRequest, PolicyApplyRequest, TraceRequest, WhatIfRequest,
 };
 use palisade_engine::catalog::Catalog;
 use palisade_engine::{AskError, Command, EngineError, ErrorClass, Reply, ask};
+use palisade_policies::audit::NamespaceMode;
 use palisade_policies::manifest;
 use serde::Deserialize;
 use tokio::net::UnixListener;
@@ -76,6 +78,8 @@ pub enum ApiError {
     Filter(#[from] FilterError),
     #[error(transparent)]
     Datapath(#[from] BpfError),
+    #[error("unknown namespace mode {0:?}; expected discover, monitor or protect")]
+    UnknownMode(String),
     /// A blocking job (a parse or a map dump) did not finish.
     #[error("internal error: {0}")]
     Task(#[from] tokio::task::JoinError),
@@ -100,7 +104,7 @@ impl ApiError {
                 ErrorClass::Internal => StatusCode::INTERNAL_SERVER_ERROR,
             },
             ApiError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
-            ApiError::Filter(_) => StatusCode::BAD_REQUEST,
+            ApiError::Filter(_) | ApiError::UnknownMode(_) => StatusCode::BAD_REQUEST,
             ApiError::Datapath(_) | ApiError::Task(_) | ApiError::NotSaved(_) => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
@@ -173,6 +177,76 @@ async fn namespace_label(
     Ok(Json(
         call(&s, |r| Command::NamespaceLabel(ns, change, r)).await?,
     ))
+}
+
+async fn namespace_mode(
+    State(s): State<ApiState>,
+    UrlPath(ns): UrlPath<String>,
+    Json(req): Json<NamespaceModeRequest>,
+) -> Result<impl IntoResponse, ApiError> {
+    let mode = NamespaceMode::parse(&req.mode).ok_or(ApiError::UnknownMode(req.mode))?;
+    let change = call(&s, |r| Command::NamespaceMode(ns, mode, r)).await?;
+    Ok(Json(wire::mode_change(change)))
+}
+
+async fn endpoint_audit(
+    State(s): State<ApiState>,
+    UrlPath(name): UrlPath<String>,
+    Json(req): Json<EndpointAuditRequest>,
+) -> Result<impl IntoResponse, ApiError> {
+    let view = call(&s, |r| Command::EndpointAudit(name, req.audit, r)).await?;
+    Ok(Json(wire::endpoint(view)))
+}
+
+#[derive(Deserialize)]
+struct ConnectionsQuery {
+    namespace: Option<String>,
+    since_seconds: Option<u64>,
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// The connection log, copied on a blocking thread (it may hold many thousand aggregates).
+async fn connections(
+    State(s): State<ApiState>,
+    Query(q): Query<ConnectionsQuery>,
+) -> Result<impl IntoResponse, ApiError> {
+    let flows = Arc::clone(&s.flows);
+    let now = unix_now();
+    let since = q.since_seconds.map(|d| now.saturating_sub(d));
+    let log = tokio::task::spawn_blocking(move || {
+        flows.connections(q.namespace.as_deref(), since, SystemTime::now())
+    })
+    .await?;
+    Ok(Json(ConnectionsView {
+        log,
+        now,
+        retention_seconds: s.flows.log_limits().retention_secs,
+    }))
+}
+
+/// Parses the proposed manifest off the engine's task, builds the queries from the connection
+/// log, and has the engine judge them twice (it applies nothing).
+async fn what_if(
+    State(s): State<ApiState>,
+    Json(req): Json<WhatIfRequest>,
+) -> Result<impl IntoResponse, ApiError> {
+    let parsed = tokio::task::spawn_blocking(move || manifest::parse_manifests(&req.manifest))
+        .await?
+        .map_err(EngineError::from)?;
+    let flows = Arc::clone(&s.flows);
+    let since = req.since_seconds.map(|d| unix_now().saturating_sub(d));
+    let queries = tokio::task::spawn_blocking(move || {
+        crate::flows::learn::replay_queries(&flows.connections(None, since, SystemTime::now()))
+    })
+    .await?;
+    let asked: Vec<_> = queries.iter().map(|(q, _)| q.clone()).collect();
+    let judged = call(&s, |r| Command::WhatIf(parsed, asked, r)).await?;
+    Ok(Json(crate::flows::learn::what_if_result(&queries, &judged)))
 }
 
 /// Read from the map directly, on a blocking thread: a large table never stalls the engine.
@@ -358,7 +432,11 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/endpoints", get(endpoint_list).post(endpoint_add))
         .route("/v1/endpoints/{name}", delete(endpoint_delete))
         .route("/v1/endpoints/{name}/labels", post(endpoint_label))
+        .route("/v1/endpoints/{name}/audit", post(endpoint_audit))
         .route("/v1/namespaces/{ns}/labels", post(namespace_label))
+        .route("/v1/namespaces/{ns}/mode", post(namespace_mode))
+        .route("/v1/connections", get(connections))
+        .route("/v1/policies/what-if", post(what_if))
         .route("/v1/identities", get(identity_list))
         .route("/v1/conntrack", get(conntrack))
         .route("/v1/policies", get(policy_list).post(policy_apply))

@@ -9,6 +9,7 @@ use palisade_common::{conntrack as ct, direction as dir_code, metrics, proto};
 use palisade_engine::attachments::AttachmentStatus;
 use palisade_engine::catalog::Catalog;
 use palisade_engine::model::{AttachmentSpec, CniAttachment, EndpointSpec, LabelChange};
+use palisade_engine::modes::ModeChange;
 use palisade_engine::views::{
     EndpointView, IdentityView, PolicyView, TraceQuery, TraceResult, TraceSide,
 };
@@ -73,6 +74,7 @@ pub fn endpoint(v: EndpointView) -> wire::EndpointView {
         },
         container_id: v.attachment.map(|a| a.container_id),
         pending_labels: v.pending_labels,
+        audit: v.audit.map(|r| r.to_string()),
     }
 }
 
@@ -125,6 +127,7 @@ pub fn policy(v: PolicyView) -> wire::PolicyView {
         egress_deny_rules: v.egress_deny_rules,
         ingress_default_deny: v.ingress_default_deny,
         egress_default_deny: v.egress_default_deny,
+        audit: v.audit,
     }
 }
 
@@ -205,7 +208,28 @@ pub fn status(s: NodeStatus, mode: &str) -> wire::StatusView {
                 bytes: c.bytes,
             })
             .collect(),
+        audit: wire::AuditView {
+            agent: e.audit,
+            namespace_modes: e
+                .namespace_modes
+                .iter()
+                .map(|(ns, m)| (ns.clone(), m.as_str().to_string()))
+                .collect(),
+            endpoints: e.audit_endpoints,
+            policies: names(&e.audit_policies),
+            violations: s.violations,
+        },
         namespaces: e.namespaces,
+    }
+}
+
+pub fn mode_change(c: ModeChange) -> wire::NamespaceModeView {
+    wire::NamespaceModeView {
+        namespace: c.namespace,
+        mode: c.mode.as_str().to_string(),
+        previous: c.previous.as_str().to_string(),
+        endpoints: c.endpoints,
+        map_operations: c.map_operations,
     }
 }
 

@@ -152,6 +152,11 @@ pub enum Decision {
     Allow {
         rule: u32,
     },
+    /// Policy denies it, but the side that denies is in audit: forwarded, and recorded as
+    /// audited, naming the denying rule.
+    Audit {
+        rule: u32,
+    },
     Deny {
         rule: u32,
     },
@@ -181,6 +186,8 @@ pub struct RequestRecord {
     /// The status the client got, or was getting when the exchange failed.
     pub status: u16,
     pub allowed: bool,
+    /// Forwarded although policy denies it: the denying side is in audit (`rule` denies it).
+    pub audited: bool,
     /// The deciding rule; 0 when policy was not consulted.
     pub rule: u32,
     /// From the complete request head to the response head sent.

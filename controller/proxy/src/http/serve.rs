@@ -159,6 +159,7 @@ where
         judge,
         record,
         limits,
+        audited: false,
         _connect: PhantomData,
     };
     connection.serve().await
@@ -272,6 +273,8 @@ struct Connection<'l, C, U, Co, Fut, J, Re> {
     judge: J,
     record: Re,
     limits: &'l Limits,
+    /// The request being served was let through by audit mode (policy denied it).
+    audited: bool,
     _connect: PhantomData<fn() -> Fut>,
 }
 
@@ -363,6 +366,7 @@ where
             host: None,
             status,
             allowed: false,
+            audited: false,
             rule: 0,
             latency: started.elapsed(),
             error: Some(why),
@@ -374,13 +378,17 @@ where
 
     async fn handle(&mut self, head: &RequestHead) -> Result<Next, ProxyError> {
         let started = Instant::now();
-        match (self.judge)(head) {
+        let decision = (self.judge)(head);
+        self.audited = matches!(decision, Decision::Audit { .. });
+        match decision {
             Decision::Deny { rule } => self.deny(head, rule, started, None).await,
             Decision::DenyUpgrade { rule, protocol } => {
                 let why = format!("upgrade to {protocol:?} is not allowed by any HTTP rule");
                 self.deny(head, rule, started, Some(why)).await
             }
-            Decision::Allow { rule } => self.forward(head, rule, started).await,
+            Decision::Allow { rule } | Decision::Audit { rule } => {
+                self.forward(head, rule, started).await
+            }
         }
     }
 
@@ -598,6 +606,7 @@ where
             host: head.host.clone(),
             status,
             allowed,
+            audited: allowed && self.audited,
             rule,
             latency,
             error,
