@@ -16,6 +16,7 @@ use palisade_policies::endpoint::{EndpointId, LinkLayer};
 use palisade_policies::identity::Identity;
 use palisade_policies::mapstate::{
     Action, EndpointEntry, IpcacheEntry, MapState, PolicyEntry, PolicyKey, PortPrefix, RuleId,
+    Staged, StagedEnforcement,
 };
 use palisade_policies::model::Direction;
 
@@ -72,6 +73,7 @@ fn maps(ifindexes: [u32; 2], peers: u32) -> MapState {
                 ingress_enforced: i == 1,
                 egress_enforced: false,
                 audit: false,
+                staged: StagedEnforcement::default(),
                 link: link(n),
             },
         );
@@ -104,6 +106,7 @@ fn maps(ifindexes: [u32; 2], peers: u32) -> MapState {
             PolicyEntry {
                 action: Action::Allow,
                 rule: RuleId(1),
+                staged: Staged::Same,
             },
         )
     };
