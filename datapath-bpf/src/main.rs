@@ -5,6 +5,7 @@
 //! ingress). Both share one pipeline (`judge`): parse, conntrack, policy, account. Between two
 //! endpoints of the node, `tc_from_endpoint` runs the destination's ingress verdict too and
 //! delivers the packet itself (`fast_path`).
+//! `xdp_prefilter` runs on the node's host-facing interfaces: the CIDR deny list (`prefilter`).
 #![no_std]
 #![no_main]
 #![expect(
@@ -20,6 +21,7 @@ mod judge;
 mod maps;
 mod packet;
 mod policy;
+mod prefilter;
 mod proxy;
 
 use palisade_common::direction;
@@ -30,6 +32,8 @@ palisade_common::bpf_classifier!(PROG_FROM_ENDPOINT, |ctx| judge::run(
 ));
 
 palisade_common::bpf_classifier!(PROG_TO_ENDPOINT, |ctx| judge::run(&ctx, direction::INGRESS));
+
+palisade_common::bpf_xdp!(PROG_PREFILTER, |ctx| prefilter::run(&ctx));
 
 #[cfg(not(test))]
 #[panic_handler]

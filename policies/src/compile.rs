@@ -21,8 +21,9 @@ use crate::mapstate::{
     Staged, StagedEnforcement, port_range_prefixes,
 };
 use crate::model::{
-    Direction, Entity, Peer, Peers, Policy, PolicyRef, PolicySpec, Port, PortSpec, Protocol, Rule,
+    Direction, Peer, Peers, Policy, PolicyRef, PolicySpec, Port, PortSpec, Protocol, Rule,
 };
+use crate::selector::{LazyIndex, SelectorCache};
 
 /// Agent-wide policy enforcement mode (Cilium's `enable-policy`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -173,6 +174,12 @@ impl RuleTable {
         self.by_origin.retain(|_, id| used.contains(id));
     }
 
+    /// Keeps the rules `used` accepts.
+    pub fn retain(&mut self, used: impl Fn(RuleId) -> bool) {
+        self.by_id.retain(|id, _| used(*id));
+        self.by_origin.retain(|_, id| used(*id));
+    }
+
     pub fn len(&self) -> usize {
         self.by_id.len()
     }
@@ -218,12 +225,8 @@ pub fn policy_cidrs<'a>(policies: impl IntoIterator<Item = &'a Policy>) -> BTree
     out
 }
 
-fn contains(outer: Ipv4Network, inner: Ipv4Network) -> bool {
-    outer.prefix() <= inner.prefix() && outer.contains(inner.network())
-}
-
 /// The workload labels of an endpoint's identity (empty if the identity is not a workload's).
-fn endpoint_labels<'a>(identities: &'a IdentityTable, ep: &Endpoint) -> Option<&'a Labels> {
+pub(crate) fn endpoint_labels<'a>(identities: &'a IdentityTable, ep: &Endpoint) -> Option<&'a Labels> {
     identities
         .get(&ep.identity)
         .and_then(IdentitySource::workload_labels)
@@ -255,88 +258,6 @@ pub fn enforced(
         EnforcementMode::Never => false,
         EnforcementMode::Always => true,
         EnforcementMode::Default => specs.iter().any(|(_, _, s)| s.direction(d).default_deny),
-    }
-}
-
-/// Resolves each distinct peer clause to identities once per compile.
-struct SelectorCache<'a> {
-    identities: &'a IdentityTable,
-    cache: HashMap<&'a Peer, BTreeSet<Identity>>,
-}
-
-impl<'a> SelectorCache<'a> {
-    fn new(identities: &'a IdentityTable) -> Self {
-        Self {
-            identities,
-            cache: HashMap::new(),
-        }
-    }
-
-    fn select(&mut self, peer: &'a Peer) -> &BTreeSet<Identity> {
-        let identities = self.identities;
-        self.cache
-            .entry(peer)
-            .or_insert_with(|| select_uncached(identities, peer))
-    }
-}
-
-const CLUSTER_RESERVED: [Identity; 7] = [
-    Identity::HOST,
-    Identity::REMOTE_NODE,
-    Identity::HEALTH,
-    Identity::INIT,
-    Identity::UNMANAGED,
-    Identity::KUBE_APISERVER,
-    Identity::INGRESS,
-];
-
-fn select_uncached(identities: &IdentityTable, peer: &Peer) -> BTreeSet<Identity> {
-    match peer {
-        Peer::Endpoints(sel) => identities
-            .iter()
-            .filter(|(_, src)| src.workload_labels().is_some_and(|l| sel.0.matches(l)))
-            .map(|(id, _)| *id)
-            .collect(),
-        Peer::Cidr { cidr, except } => {
-            let selected =
-                |p: &Ipv4Network| contains(*cidr, *p) && !except.iter().any(|e| contains(*e, *p));
-            let mut out: BTreeSet<Identity> = identities
-                .iter()
-                .filter(|(_, src)| match src {
-                    IdentitySource::Cidr { prefix }
-                    | IdentitySource::CidrEndpointAlias { prefix } => selected(prefix),
-                    _ => false,
-                })
-                .map(|(id, _)| *id)
-                .collect();
-            // Unknown addresses resolve to `world`, which stands for 0.0.0.0/0.
-            if cidr.prefix() == 0 {
-                out.insert(Identity::WORLD);
-            }
-            out
-        }
-        Peer::Entity(entity) => match entity {
-            Entity::All => [Identity::ANY].into(),
-            Entity::World => identities
-                .iter()
-                .filter(|(_, src)| matches!(src, IdentitySource::Cidr { .. }))
-                .map(|(id, _)| *id)
-                .chain([Identity::WORLD])
-                .collect(),
-            Entity::Cluster => identities
-                .iter()
-                .filter(|(_, src)| matches!(src, IdentitySource::Workload { .. }))
-                .map(|(id, _)| *id)
-                .chain(CLUSTER_RESERVED)
-                .collect(),
-            Entity::Host => [Identity::HOST].into(),
-            Entity::RemoteNode => [Identity::REMOTE_NODE].into(),
-            Entity::Init => [Identity::INIT].into(),
-            Entity::Health => [Identity::HEALTH].into(),
-            Entity::Unmanaged => [Identity::UNMANAGED].into(),
-            Entity::KubeApiserver => [Identity::KUBE_APISERVER].into(),
-            Entity::Ingress => [Identity::INGRESS].into(),
-        },
     }
 }
 
@@ -387,25 +308,24 @@ fn insert(entries: &mut DirectionEntries, key: PolicyKey, entry: PolicyEntry) {
     }
 }
 
-struct RuleContext<'a, 'b> {
+struct RuleContext<'a, 'b, 'c> {
     input: &'b CompileInput<'a>,
+    index: &'b LazyIndex<'c>,
     ep: &'b Endpoint,
     direction: Direction,
 }
 
 /// Every policy-map key a rule covers for the endpoint and direction in `ctx`.
-fn rule_keys<'a>(
-    ctx: &RuleContext<'a, '_>,
-    cache: &mut SelectorCache<'a>,
-    rule: &'a Rule,
-) -> Vec<PolicyKey> {
-    let peers: BTreeSet<Identity> = match &rule.peers {
-        Peers::All => [Identity::ANY].into(),
+fn rule_keys(ctx: &RuleContext<'_, '_, '_>, cache: &mut SelectorCache, rule: &Rule) -> Vec<PolicyKey> {
+    let peers: Vec<Identity> = match &rule.peers {
+        Peers::All => vec![Identity::ANY],
         Peers::Some(list) => {
-            let mut ids = BTreeSet::new();
+            let mut ids = Vec::new();
             for p in list {
-                ids.extend(cache.select(p).iter().copied());
+                ids.extend(cache.select(p, ctx.index).iter().copied());
             }
+            ids.sort_unstable();
+            ids.dedup();
             ids
         }
     };
@@ -427,7 +347,7 @@ fn rule_keys<'a>(
             // destination endpoint and keyed by that endpoint's identity.
             (Port::Named(name), Direction::Egress) => {
                 for dst in ctx.input.endpoints.values() {
-                    if !(peers.contains(&Identity::ANY) || peers.contains(&dst.identity)) {
+                    if !(peers.binary_search(&Identity::ANY).is_ok() || peers.binary_search(&dst.identity).is_ok()) {
                         continue;
                     }
                     for (proto, block) in port_blocks(spec, &named_ports_of(dst, name)) {
@@ -452,28 +372,39 @@ fn rule_keys<'a>(
 }
 
 /// Gives every entry the action of its highest-precedence less specific entry, when that
-/// outranks its own (e.g. a deny on all ports covers an allow on port 80).
+/// outranks its own (e.g. a deny on all ports covers an allow on port 80). Less specific
+/// entries share endpoint, identity and direction, so only runs of entries with more than one
+/// key per (endpoint, identity, direction) need looking at.
 fn push_down(entries: &mut DirectionEntries) {
-    let updates: Vec<(PolicyKey, PolicyEntry)> = entries
-        .iter()
-        .filter_map(|(k, e)| {
+    let mut updates: Vec<(PolicyKey, PolicyEntry)> = Vec::new();
+    let keys: Vec<(PolicyKey, PolicyEntry)> = entries.iter().map(|(k, e)| (*k, *e)).collect();
+    let same_run =
+        |a: &PolicyKey, b: &PolicyKey| (a.endpoint, a.identity, a.direction) == (b.endpoint, b.identity, b.direction);
+    for run in keys.chunk_by(|(a, _), (b, _)| same_run(a, b)) {
+        if run.len() < 2 {
+            continue;
+        }
+        let in_run: HashMap<PolicyKey, PolicyEntry> = run.iter().copied().collect();
+        for (k, e) in run {
             let mut best = *e;
             let mut cur = k.parent();
             while let Some(p) = cur {
-                if let Some(pe) = entries.get(&p)
+                if let Some(pe) = in_run.get(&p)
                     && pe.action.rank() > best.action.rank()
                 {
                     best = *pe;
                 }
                 cur = p.parent();
             }
-            (best != *e).then_some((*k, best))
-        })
-        .collect();
+            if best != *e {
+                updates.push((*k, best));
+            }
+        }
+    }
     entries.extend(updates);
 }
 
-fn build_ipcache(input: &CompileInput<'_>) -> BTreeMap<Ipv4Network, IpcacheEntry> {
+pub(crate) fn build_ipcache(input: &CompileInput<'_>) -> BTreeMap<Ipv4Network, IpcacheEntry> {
     let mut ipcache = BTreeMap::new();
     let world = Ipv4Network::new(Ipv4Addr::UNSPECIFIED, 0).expect("/0 is a valid prefix");
     ipcache.insert(
@@ -515,13 +446,21 @@ fn build_ipcache(input: &CompileInput<'_>) -> BTreeMap<Ipv4Network, IpcacheEntry
         );
     }
     // The most specific policy CIDR holding a cluster address, as its endpoint-address alias:
-    // ipBlock rules apply to pod addresses too.
+    // ipBlock rules apply to pod addresses too. Looked up by prefix length, longest first.
+    let by_prefix: HashMap<(u32, u8), Identity> = cidrs
+        .iter()
+        .map(|(p, id)| ((u32::from(p.network()), p.prefix()), *id))
+        .collect();
+    let mut lengths: Vec<u8> = cidrs.iter().map(|(p, _)| p.prefix()).collect();
+    lengths.sort_unstable_by(|a, b| b.cmp(a));
+    lengths.dedup();
     let alias = |ip: Ipv4Addr| {
-        cidrs
-            .iter()
-            .filter(|(p, _)| p.contains(ip))
-            .max_by_key(|(p, _)| p.prefix())
-            .map(|(_, id)| id.cidr_endpoint_alias())
+        lengths.iter().find_map(|len| {
+            let mask = u32::MAX.checked_shl(32 - u32::from(*len)).unwrap_or(0);
+            by_prefix
+                .get(&(u32::from(ip) & mask, *len))
+                .map(|id| id.cidr_endpoint_alias())
+        })
     };
     for (ip, identity) in input.remote {
         if input.host_addresses.contains(ip) {
@@ -573,6 +512,175 @@ pub struct L7Policy {
 
 const TCP: u8 = 6;
 
+/// What one endpoint compiles to: its endpoint-map entry, its policy-map entries (both
+/// directions), and its L7 rules.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EndpointCompiled {
+    pub entry: Option<EndpointEntry>,
+    pub policy: BTreeMap<PolicyKey, PolicyEntry>,
+    pub l7: Vec<(Direction, Vec<L7Rule>)>,
+    /// Some rule of it allows egress to a named port: its entries depend on every endpoint's
+    /// identity and named ports, not only on its own.
+    pub named_egress: bool,
+}
+
+impl EndpointCompiled {
+    /// Every rule its entries and L7 rules refer to.
+    pub fn rules(&self) -> BTreeSet<RuleId> {
+        self.policy
+            .values()
+            .map(|e| e.rule)
+            .chain(self.l7.iter().flat_map(|(_, rs)| rs.iter().map(|r| r.rule)))
+            .collect()
+    }
+}
+
+/// Identities and selections a compile shares between endpoints.
+pub(crate) struct Shared<'a, 'b, 'c> {
+    pub input: &'b CompileInput<'a>,
+    pub index: &'b LazyIndex<'c>,
+}
+
+/// Compiles one endpoint, given the specs selecting it (in policy order).
+pub(crate) fn compile_endpoint(
+    shared: &Shared<'_, '_, '_>,
+    cache: &mut SelectorCache,
+    rules: &mut RuleTable,
+    ep: &Endpoint,
+    specs: &[(&Policy, usize, &PolicySpec)],
+) -> EndpointCompiled {
+    let input = shared.input;
+    let mut out = EndpointCompiled::default();
+    let mut flags = [false; 2];
+    for (di, direction) in Direction::BOTH.into_iter().enumerate() {
+        // An endpoint still holding `init` (its labels not known yet) is enforced both
+        // ways: until it is known, only what policy allows the `init` entity reaches it.
+        let is_enforced = enforced(&input.settings, specs, direction)
+            || (ep.identity == Identity::INIT
+                && input.settings.enforcement != EnforcementMode::Never);
+        flags[di] = is_enforced;
+        if input.settings.enforcement == EnforcementMode::Never {
+            continue;
+        }
+        let ctx = RuleContext {
+            input,
+            index: shared.index,
+            ep,
+            direction,
+        };
+        let mut entries = DirectionEntries::new();
+        let mut l7_candidates: Vec<L7Rule> = Vec::new();
+        for (policy, spec_index, spec) in specs {
+            let dp = spec.direction(direction);
+            for (deny, list) in [(false, &dp.allow), (true, &dp.deny)] {
+                for (rule_index, rule) in list.iter().enumerate() {
+                    let origin = RuleOrigin::Policy {
+                        policy: policy.id.clone(),
+                        spec: *spec_index,
+                        direction,
+                        deny,
+                        rule: rule_index,
+                    };
+                    let action = if deny {
+                        Action::Deny
+                    } else if rule.http.is_some() {
+                        Action::Redirect {
+                            proxy_port: input.settings.proxy_port.unwrap_or(0),
+                        }
+                    } else {
+                        Action::Allow
+                    };
+                    let entry = PolicyEntry {
+                        action,
+                        rule: rules.intern(&origin),
+                        staged: Staged::Same,
+                    };
+                    if direction == Direction::Egress
+                        && rule.ports.iter().any(|p| matches!(p.port, Port::Named(_)))
+                    {
+                        out.named_egress = true;
+                    }
+                    let keys = rule_keys(&ctx, cache, rule);
+                    for k in &keys {
+                        insert(&mut entries, *k, entry);
+                    }
+                    if !deny {
+                        l7_candidates.push(L7Rule {
+                            keys: keys
+                                .iter()
+                                .filter(|k| matches!(k.protocol, None | Some(TCP)))
+                                .map(|k| (k.identity, k.port))
+                                .collect(),
+                            http: rule.http.clone(),
+                            rule: entry.rule,
+                        });
+                    }
+                }
+            }
+        }
+        // Where any rule of this endpoint and direction has HTTP rules, the proxy needs
+        // every allow rule: one without HTTP rules allows all requests of its peers and
+        // ports (Cilium's L4 wildcard).
+        if l7_candidates.iter().any(|c| c.http.is_some()) {
+            out.l7.push((direction, l7_candidates));
+        }
+        if direction == Direction::Ingress && is_enforced && input.settings.allow_host_ingress {
+            let entry = PolicyEntry {
+                action: Action::Allow,
+                rule: rules.intern(&RuleOrigin::HostAccess),
+                staged: Staged::Same,
+            };
+            let key = PolicyKey {
+                endpoint: ep.id,
+                identity: Identity::HOST,
+                direction,
+                protocol: None,
+                port: PortPrefix::ANY,
+            };
+            insert(&mut entries, key, entry);
+        }
+        push_down(&mut entries);
+        out.policy.extend(entries);
+    }
+    out.entry = Some(EndpointEntry {
+        ifindex: ep.ifindex,
+        identity: ep.identity,
+        ip: ep.ip,
+        ingress_enforced: flags[0],
+        egress_enforced: flags[1],
+        audit: input.settings.audit,
+        staged: StagedEnforcement::default(),
+        link: ep.link,
+    });
+    out
+}
+
+/// The specs (policy, spec index) selecting a workload identity's labels, in policy order.
+pub(crate) fn specs_selecting(
+    policies: &BTreeMap<PolicyRef, Policy>,
+    labels: &Labels,
+) -> Vec<(PolicyRef, usize)> {
+    policies
+        .values()
+        .flat_map(|p| p.specs.iter().enumerate().map(move |(i, s)| (p, i, s)))
+        .filter(|(_, _, s)| s.subject.0.matches(labels))
+        .map(|(p, i, _)| (p.id.clone(), i))
+        .collect()
+}
+
+/// Resolves (policy, spec index) pairs against the policies.
+pub(crate) fn resolve_specs<'p>(
+    policies: &'p BTreeMap<PolicyRef, Policy>,
+    refs: &[(PolicyRef, usize)],
+) -> Vec<(&'p Policy, usize, &'p PolicySpec)> {
+    refs.iter()
+        .filter_map(|(r, i)| {
+            let p = policies.get(r)?;
+            Some((p, *i, p.specs.get(*i)?))
+        })
+        .collect()
+}
+
 /// Compiles map state and the L7 policy the proxy enforces, from the same rules.
 pub fn compile_with_l7(input: &CompileInput<'_>, rules: &mut RuleTable) -> (MapState, L7Policy) {
     let mut l7 = L7Policy::default();
@@ -580,107 +688,29 @@ pub fn compile_with_l7(input: &CompileInput<'_>, rules: &mut RuleTable) -> (MapS
         ipcache: build_ipcache(input),
         ..MapState::default()
     };
-    let mut cache = SelectorCache::new(input.identities);
+    let index = LazyIndex::new(input.identities);
+    let shared = Shared {
+        input,
+        index: &index,
+    };
+    let mut cache = SelectorCache::default();
+    // Endpoints of one identity are selected by the same specs.
+    let mut subjects: HashMap<Identity, Vec<(PolicyRef, usize)>> = HashMap::new();
     for ep in input.endpoints.values() {
-        let specs = selecting_specs(input.policies, input.identities, ep);
-        let mut flags = [false; 2];
-        for (di, direction) in Direction::BOTH.into_iter().enumerate() {
-            // An endpoint still holding `init` (its labels not known yet) is enforced both
-            // ways: until it is known, only what policy allows the `init` entity reaches it.
-            let is_enforced = enforced(&input.settings, &specs, direction)
-                || (ep.identity == Identity::INIT
-                    && input.settings.enforcement != EnforcementMode::Never);
-            flags[di] = is_enforced;
-            if input.settings.enforcement == EnforcementMode::Never {
-                continue;
-            }
-            let ctx = RuleContext {
-                input,
-                ep,
-                direction,
-            };
-            let mut entries = DirectionEntries::new();
-            let mut l7_candidates: Vec<L7Rule> = Vec::new();
-            for (policy, spec_index, spec) in &specs {
-                let dp = spec.direction(direction);
-                for (deny, list) in [(false, &dp.allow), (true, &dp.deny)] {
-                    for (rule_index, rule) in list.iter().enumerate() {
-                        let origin = RuleOrigin::Policy {
-                            policy: policy.id.clone(),
-                            spec: *spec_index,
-                            direction,
-                            deny,
-                            rule: rule_index,
-                        };
-                        let action = if deny {
-                            Action::Deny
-                        } else if rule.http.is_some() {
-                            Action::Redirect {
-                                proxy_port: input.settings.proxy_port.unwrap_or(0),
-                            }
-                        } else {
-                            Action::Allow
-                        };
-                        let entry = PolicyEntry {
-                            action,
-                            rule: rules.intern(&origin),
-                            staged: Staged::Same,
-                        };
-                        let keys = rule_keys(&ctx, &mut cache, rule);
-                        for k in &keys {
-                            insert(&mut entries, *k, entry);
-                        }
-                        if !deny {
-                            l7_candidates.push(L7Rule {
-                                keys: keys
-                                    .iter()
-                                    .filter(|k| matches!(k.protocol, None | Some(TCP)))
-                                    .map(|k| (k.identity, k.port))
-                                    .collect(),
-                                http: rule.http.clone(),
-                                rule: entry.rule,
-                            });
-                        }
-                    }
-                }
-            }
-            // Where any rule of this endpoint and direction has HTTP rules, the proxy needs
-            // every allow rule: one without HTTP rules allows all requests of its peers and
-            // ports (Cilium's L4 wildcard).
-            if l7_candidates.iter().any(|c| c.http.is_some()) {
-                l7.rules.insert((ep.id, direction), l7_candidates);
-            }
-            if direction == Direction::Ingress && is_enforced && input.settings.allow_host_ingress {
-                let entry = PolicyEntry {
-                    action: Action::Allow,
-                    rule: rules.intern(&RuleOrigin::HostAccess),
-                    staged: Staged::Same,
-                };
-                let key = PolicyKey {
-                    endpoint: ep.id,
-                    identity: Identity::HOST,
-                    direction,
-                    protocol: None,
-                    port: PortPrefix::ANY,
-                };
-                insert(&mut entries, key, entry);
-            }
-            push_down(&mut entries);
-            state.policy.extend(entries);
+        let refs = subjects.entry(ep.identity).or_insert_with(|| {
+            endpoint_labels(input.identities, ep)
+                .map(|l| specs_selecting(input.policies, l))
+                .unwrap_or_default()
+        });
+        let specs = resolve_specs(input.policies, refs);
+        let compiled = compile_endpoint(&shared, &mut cache, rules, ep, &specs);
+        state.policy.extend(compiled.policy);
+        if let Some(entry) = compiled.entry {
+            state.endpoints.insert(ep.id, entry);
         }
-        state.endpoints.insert(
-            ep.id,
-            EndpointEntry {
-                ifindex: ep.ifindex,
-                identity: ep.identity,
-                ip: ep.ip,
-                ingress_enforced: flags[0],
-                egress_enforced: flags[1],
-                audit: input.settings.audit,
-                staged: StagedEnforcement::default(),
-                link: ep.link,
-            },
-        );
+        for (d, r) in compiled.l7 {
+            l7.rules.insert((ep.id, d), r);
+        }
     }
     (state, l7)
 }
@@ -694,7 +724,7 @@ mod tests {
         LabelSelector, NAMESPACE_LABEL, NAMESPACE_LABELS_PREFIX, Operator, Requirement,
     };
     use crate::mapstate::{Verdict, diff};
-    use crate::model::{DirectionPolicy, EndpointSelector, PolicyKind};
+    use crate::model::{DirectionPolicy, EndpointSelector, Entity, PolicyKind};
 
     const TCP: u8 = 6;
     const UDP: u8 = 17;

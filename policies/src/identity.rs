@@ -414,6 +414,7 @@ impl IdentityAllocator {
     /// allocates new ones, frees the rest.
     pub fn sync_cidrs(&mut self, prefixes: &BTreeSet<Ipv4Network>) -> Result<(), IdentityError> {
         self.cidrs.retain(|p, _| prefixes.contains(p));
+        let mut used: std::collections::HashSet<Identity> = self.cidrs.values().copied().collect();
         for p in prefixes {
             if self.cidrs.contains_key(p) {
                 continue;
@@ -427,12 +428,13 @@ impl IdentityAllocator {
                     n + 1
                 };
                 let candidate = Identity(reserved_ids::CIDR_SCOPE | n);
-                if !self.cidrs.values().any(|v| *v == candidate) {
+                if !used.contains(&candidate) {
                     found = Some(candidate);
                     break;
                 }
             }
             let id = found.ok_or(IdentityError::Exhausted { scope: "cidr" })?;
+            used.insert(id);
             self.cidrs.insert(*p, id);
         }
         Ok(())

@@ -15,6 +15,7 @@
 
 pub mod audit;
 pub mod compile;
+pub mod incremental;
 pub mod datapath_model;
 pub mod endpoint;
 pub mod identity;
@@ -24,3 +25,4 @@ pub mod learn;
 pub mod manifest;
 pub mod mapstate;
 pub mod model;
+pub mod selector;

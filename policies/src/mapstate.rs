@@ -475,6 +475,11 @@ impl MapDiff {
 }
 
 impl MapState {
+    /// Applies every operation of `diff`.
+    pub fn apply_diff(&mut self, diff: &MapDiff) {
+        self.apply_prefix(diff, usize::MAX);
+    }
+
     /// Applies the first `limit` operations of `diff`, in diff order: the state the maps are
     /// in when a diff fails part way (so the agent can roll back exactly what it wrote).
     pub fn apply_prefix(&mut self, diff: &MapDiff, limit: usize) {

@@ -16,6 +16,9 @@
 
 mod bench;
 mod bench_k8s;
+mod bench_l7;
+mod bench_prefilter;
+mod bench_scale;
 mod demo;
 mod fuzz;
 mod gen_crds;
@@ -72,7 +75,7 @@ enum Task {
         #[arg(last = true)]
         filter: Vec<String>,
     },
-    /// Benchmarks (needs root): policy-scale, flow-ingest, l7-proxy, kubernetes-scale (default:
+    /// Benchmarks (needs root): policy-scale, flow-ingest, l7-proxy, prefilter, kubernetes-scale (default:
     /// all). Results go to docs/benchmarks/.
     Bench { which: Option<String> },
     /// Write the CRD YAML of controller/k8s/src/crd.rs into policies/crds/.

@@ -7,6 +7,7 @@
 //! - `server`: the API routes and their wire shapes; `status`: the node's status;
 //! - `flows`: datapath events and proxy requests as flows, and their store;
 //! - `metrics`: Prometheus metrics and the health check;
+//! - `prefilter`: the XDP prefilter's CIDR deny list on host-facing interfaces;
 //! - `policy_dir`: `--policy-dir` read and watched; `state_file`: the state directory;
 //! - `runtime`: containers' labels from their runtime (podman, containerd).
 
@@ -16,6 +17,7 @@ pub mod kubernetes;
 pub mod metrics;
 pub mod plumbing;
 pub mod policy_dir;
+pub mod prefilter;
 pub mod run;
 pub mod runtime;
 pub mod server;

@@ -271,6 +271,18 @@ pub fn render(s: &NodeStatus, t: &Telemetry) -> String {
     out
 }
 
+/// The prefilter's families go before the exposition's closing `# EOF`.
+fn with_prefilter(
+    mut text: String,
+    view: Option<&palisade_api::prefilter::PrefilterView>,
+) -> String {
+    if let Some(v) = view {
+        let at = text.rfind("# EOF").unwrap_or(text.len());
+        text.insert_str(at, &crate::prefilter::metrics_text(v));
+    }
+    text
+}
+
 async fn metrics(State(s): State<MetricsState>) -> impl IntoResponse {
     match status(&s.status).await {
         Some(st) => (
@@ -279,7 +291,12 @@ async fn metrics(State(s): State<MetricsState>) -> impl IntoResponse {
                 header::CONTENT_TYPE,
                 "application/openmetrics-text; version=1.0.0; charset=utf-8",
             )],
-            render(&st, &s.telemetry),
+            with_prefilter(
+                render(&st, &s.telemetry),
+                crate::prefilter::api::view(Arc::clone(&s.status.prefilter))
+                    .await
+                    .as_ref(),
+            ),
         ),
         None => (
             StatusCode::SERVICE_UNAVAILABLE,

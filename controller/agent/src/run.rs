@@ -135,6 +135,9 @@ pub struct AgentArgs {
     /// Port of the transparent L7 proxy in the node namespace (HTTP rules redirect to it).
     #[arg(long, default_value_t = 15_001)]
     pub proxy_port: u16,
+    /// Threads of the L7 proxy, each owning the connections dealt to it (default: one per CPU).
+    #[arg(long)]
+    pub proxy_workers: Option<usize>,
     /// Serve Prometheus metrics and /healthz here (e.g. 127.0.0.1:9962); off when absent.
     #[arg(long)]
     pub metrics_addr: Option<std::net::SocketAddr>,
@@ -144,6 +147,15 @@ pub struct AgentArgs {
     /// Conntrack lifetime of UDP/ICMP flows and of TCP connections before the handshake ends.
     #[arg(long, default_value = "60s", value_parser = parse_seconds)]
     pub ct_other_timeout: u32,
+    /// A host-facing interface for the XDP prefilter (repeatable): packets from a CIDR in the
+    /// deny list are dropped there before any other processing. Native XDP where the driver
+    /// has it, generic otherwise. Never an endpoint's interface.
+    #[arg(long = "prefilter-device", value_name = "IFNAME")]
+    pub prefilter_devices: Vec<String>,
+    /// The prefilter's deny list, read at start: one CIDR a line, `#` comments. Entries added
+    /// with `palisade prefilter add` are kept beside it (in the state directory).
+    #[arg(long, value_name = "FILE")]
+    pub prefilter_file: Option<PathBuf>,
 }
 
 /// How often the connection log is saved when it changed.
@@ -192,6 +204,10 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         bail!(
             "palisade-agent must run as root (it loads BPF programs and manages network namespaces)"
         );
+    }
+    // A device that is not there fails the start before anything is changed.
+    for dev in &args.prefilter_devices {
+        crate::prefilter::bpf::Loaded::host_device(dev).context("--prefilter-device")?;
     }
     let node_ip: Ipv4Addr = ipam::node_ip(&args.pod_cidr);
     let (datapath, maps, ring) = BpfDatapath::load(
@@ -247,7 +263,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     };
     let (store, store_flusher) =
         FileStore::start(StateDir::new(&args.state_dir)?).context("state writer thread")?;
-    let engine = Engine::start(
+    let mut engine = Engine::start(
         EngineConfig {
             pod_cidr: args.pod_cidr,
             node_ip,
@@ -268,10 +284,24 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
             proxy: Some(proxy_tx),
             metrics: Some(Arc::clone(&telemetry) as Arc<dyn palisade_engine::EngineMetrics>),
             events: Some(engine_events_tx),
+            status: None,
         },
     )
     .await
     .context("starting the engine")?;
+
+    // After the engine has restored the endpoints, so that none of their interfaces can be
+    // taken for a host-facing one.
+    let prefilter = crate::prefilter::Prefilter::start(
+        &crate::prefilter::PrefilterConfig {
+            devices: args.prefilter_devices.clone(),
+            file: args.prefilter_file.clone(),
+        },
+        &args.bpffs,
+        &args.state_dir,
+    )
+    .context("starting the XDP prefilter")?;
+    let prefilter = Arc::new(std::sync::Mutex::new(prefilter));
 
     let log_file = LogFile::in_dir(&args.state_dir);
     let limits = LogLimits {
@@ -350,31 +380,38 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
 
     if let Some(socket) = proxy_socket {
         let listener = tokio::net::TcpListener::from_std(socket).context("proxy listener")?;
+        let (observer, recorder) = ProxyFlows::new(
+            proxy_rx.clone(),
+            catalog_rx.clone(),
+            Arc::clone(&flows),
+            Arc::clone(&telemetry),
+        );
+        tokio::spawn(recorder.run());
         let ctx = ProxyContext {
-            policy: proxy_rx.clone(),
-            observer: ProxyFlows {
-                policy: proxy_rx,
-                catalog: catalog_rx.clone(),
-                flows: Arc::clone(&flows),
-                telemetry: Arc::clone(&telemetry),
-            },
+            policy: proxy_rx,
+            observer,
             limits: Arc::new(palisade_proxy::http::Limits::default()),
         };
-        let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
-        let workers = proxy_listener::Workers::start(cpus).context("proxy worker threads")?;
-        info!(port = args.proxy_port, workers = cpus, "L7 proxy listening");
-        tokio::spawn(proxy_listener::run(listener, ctx, workers));
+        let workers = args
+            .proxy_workers
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, std::num::NonZero::get));
+        let workers_started =
+            proxy_listener::Workers::start(workers).context("proxy worker threads")?;
+        info!(port = args.proxy_port, workers, "L7 proxy listening");
+        tokio::spawn(proxy_listener::run(listener, ctx, workers_started));
     }
 
     let (cmd_tx, cmd_rx) = mpsc::channel(64);
+    let engine_status = engine.status_watch();
     let engine_task = tokio::spawn(engine.run(cmd_rx));
     if let Some(dir) = policy_dir {
         tokio::spawn(crate::policy_dir::watch(dir, cmd_tx.clone()));
     }
     let status = StatusSource {
-        engine: cmd_tx.clone(),
+        engine: engine_status,
         maps,
         flows: Arc::clone(&flows),
+        prefilter: Arc::clone(&prefilter),
     };
     let flows_for_exit = Arc::clone(&flows);
     let metrics_task = match args.metrics_addr {
@@ -418,6 +455,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
             catalog: catalog_rx,
             mode,
             labels,
+            prefilter,
         },
         shutdown_signal(),
     )

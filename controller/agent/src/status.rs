@@ -1,12 +1,14 @@
 //! The node's status: the engine's view of its state, joined with what only the maps know
 //! (counters, conntrack entries) and how many flows the agent holds. The maps are read on a
-//! blocking thread, never on the engine's task.
+//! blocking thread, never on the engine's task, and the engine's part is the status it
+//! published after its last command: a status request never waits for the engine's task
+//! (which may be busy with a large policy).
 
 use std::sync::Arc;
 
 use palisade_engine::views::EngineStatus;
-use palisade_engine::{AskError, Command, ask};
-use tokio::sync::mpsc;
+use palisade_engine::AskError;
+use tokio::sync::watch;
 
 use crate::datapath::{CounterSample, MapReader};
 use crate::flows::store::FlowStore;
@@ -24,14 +26,16 @@ pub struct NodeStatus {
 /// Where the status comes from; cheap to clone.
 #[derive(Clone)]
 pub struct StatusSource {
-    pub engine: mpsc::Sender<Command>,
+    pub engine: watch::Receiver<Arc<EngineStatus>>,
     pub maps: Arc<MapReader>,
     pub flows: Arc<FlowStore>,
+    /// The XDP prefilter, whose counters the metrics show.
+    pub prefilter: crate::prefilter::Handle,
 }
 
 impl StatusSource {
     pub async fn gather(&self) -> Result<NodeStatus, AskError> {
-        let engine = ask(&self.engine, Command::Status).await?;
+        let engine = EngineStatus::clone(&self.engine.borrow());
         let maps = Arc::clone(&self.maps);
         let (conntrack_entries, counters) = tokio::task::spawn_blocking(move || {
             (maps.conntrack_count(), maps.counters().unwrap_or_default())

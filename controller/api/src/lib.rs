@@ -10,4 +10,5 @@
 pub mod client;
 pub mod filter;
 pub mod flow;
+pub mod prefilter;
 pub mod types;

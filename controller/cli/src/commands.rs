@@ -87,6 +87,9 @@ pub enum Command {
     /// Connection tracking entries in the datapath.
     #[command(subcommand)]
     Conntrack(ConntrackCmd),
+    /// The XDP prefilter: a CIDR deny list on the node's host-facing interfaces.
+    #[command(subcommand)]
+    Prefilter(crate::prefilter::PrefilterCmd),
     /// The service map: workloads and the connections observed between them, coloured by
     /// verdict, as SVG (opens in a browser) or Graphviz dot, on stdout.
     Map {
@@ -385,7 +388,7 @@ fn read_manifest(file: &std::path::Path) -> anyhow::Result<String> {
     Ok(text)
 }
 
-fn print_json<T: Serialize>(v: &T) -> anyhow::Result<()> {
+pub(crate) fn print_json<T: Serialize>(v: &T) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(v)?);
     Ok(())
 }
@@ -1082,6 +1085,7 @@ async fn run_command(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<()>
             }
             print_trace(&t);
         }
+        Command::Prefilter(cmd) => crate::prefilter::run(&client, cmd).await?,
         Command::Observe(args) => {
             let sub = matches.subcommand_matches("observe").unwrap_or(matches);
             observe(&client, args, sub).await?;

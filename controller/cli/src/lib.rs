@@ -9,6 +9,7 @@
 
 mod commands;
 mod output;
+mod prefilter;
 
 use std::process::ExitCode;
 

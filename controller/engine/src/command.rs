@@ -159,6 +159,7 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
             }
             Command::WhatIf(proposed, queries, r) => answer(r, self.what_if(proposed, &queries)),
         }
+        self.publish_status();
     }
 
     async fn settle<T>(&mut self, reply: Reply<T>, result: Result<T, EngineError>) {
@@ -177,11 +178,17 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
                     Some(cmd) => self.handle(cmd).await,
                     None => break,
                 },
-                _ = gc.tick() => match self.gc() {
-                    Ok((deleted, live)) if deleted > 0 => debug!(deleted, live, "conntrack gc"),
-                    Ok(_) => {}
-                    Err(e) => warn!(error = %e, "conntrack gc failed"),
-                },
+                _ = gc.tick() => {
+                    match self.gc() {
+                        Ok((deleted, live)) if deleted > 0 => debug!(deleted, live, "conntrack gc"),
+                        Ok(_) => {}
+                        Err(e) => warn!(error = %e, "conntrack gc failed"),
+                    }
+                    // The maps are read back now and then, so the published status notices
+                    // maps changed behind the engine's back.
+                    self.verify_maps();
+                    self.publish_status();
+                }
             }
         }
     }

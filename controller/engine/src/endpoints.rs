@@ -116,7 +116,8 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
             .await;
 
         let ns_labels = self.namespace_labels(&req.namespace);
-        let record_result = self.transact(|m| {
+        let new_key = qualified(&req.namespace, &req.name);
+        let record_result = self.transact_endpoint(&new_key, |m| {
             let identity = m.identities.acquire(&workload_identity_labels(
                 &req.namespace,
                 &ns_labels,
@@ -171,7 +172,7 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
     pub async fn endpoint_delete(&mut self, name: &str) -> Result<(), EngineError> {
         let rec = self.record(name)?.clone();
         let key = rec.qualified_name();
-        self.transact(|m| {
+        self.transact_endpoint(&key, |m| {
             m.endpoints.remove(&key);
             if !rec.pending_labels {
                 m.identities.release(rec.identity)?;

@@ -11,6 +11,7 @@ use ipnetwork::Ipv4Network;
 use palisade_policies::{
     audit::{self, AuditScopes},
     compile::{self, CompileInput, RuleTable, Settings},
+    incremental::{self, Compiler},
     endpoint::{Endpoint, EndpointId, LinkLayer},
     identity::{Identity, IdentityAllocator, IdentityTable, workload_identity_labels},
     l7::ProxyPolicy,
@@ -55,12 +56,16 @@ pub struct Outputs {
     pub metrics: Option<Arc<dyn EngineMetrics>>,
     /// What the engine did that others report (connections it ended).
     pub events: Option<tokio::sync::mpsc::UnboundedSender<crate::revalidate::EngineEvent>>,
+    /// The engine's status after every command (see `Engine::status_watch`).
+    pub status: Option<watch::Sender<Arc<crate::views::EngineStatus>>>,
 }
 
 pub struct Engine<D: Datapath, P: Plumbing> {
     pub(crate) cfg: EngineConfig,
     pub(crate) model: Model,
     pub(crate) rules: RuleTable,
+    /// Recompiles only what a change touches; reset whenever a sync fails.
+    pub(crate) compiler: Compiler,
     /// What the datapath maps hold.
     pub(crate) applied: MapState,
     pub(crate) host_addresses: Vec<Ipv4Addr>,
@@ -72,6 +77,9 @@ pub struct Engine<D: Datapath, P: Plumbing> {
     pub(crate) revalidate: bool,
     /// The save of the last change, for its caller to wait on.
     pub(crate) saved: Option<SaveTicket>,
+    /// Whether the maps held what the engine wrote when last read back (at the start, after
+    /// a failed write, and at every housekeeping tick).
+    pub(crate) maps_verified: bool,
 }
 
 impl<D: Datapath, P: Plumbing> Engine<D, P> {
@@ -120,6 +128,7 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
                 remotes: BTreeMap::new(),
             },
             rules: RuleTable::default(),
+            compiler: Compiler::default(),
             applied,
             host_addresses: Vec::new(),
             datapath,
@@ -128,6 +137,7 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
             outputs,
             revalidate: false,
             saved: None,
+            maps_verified: true,
         };
         engine.host_addresses = engine.plumbing.node_addresses().await?;
         if !engine.host_addresses.contains(&engine.cfg.node_ip) {
@@ -218,6 +228,8 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
         // Nobody waits on the start's save; the store reports a failure itself.
         engine.saved = None;
         engine.end_connections_needing_proxy().await;
+        engine.verify_maps();
+        engine.publish_status();
         info!(
             endpoints = engine.model.endpoints.len(),
             policies = engine.model.policies.len(),
@@ -295,8 +307,41 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
     }
 
     /// Compiles the model and writes the difference to the maps. On a failed write, rolls
-    /// the maps back to what they held and reports the error.
+    /// the maps back to what they held and reports the error. Only what the change touches
+    /// is recompiled; after a failure the next sync recompiles everything.
     pub(crate) fn sync(&mut self) -> Result<usize, EngineError> {
+        let result = self.sync_incremental();
+        if result.is_err() {
+            self.compiler.reset();
+            self.verify_maps();
+        }
+        result
+    }
+
+    /// Reads the maps back and compares them with what the engine wrote.
+    pub(crate) fn verify_maps(&mut self) {
+        self.maps_verified = self
+            .datapath
+            .read_state()
+            .is_ok_and(|s| s == self.applied);
+    }
+
+    /// A watch of the engine's status, updated after every command: status requests read it
+    /// instead of waiting for the engine's task.
+    pub fn status_watch(&mut self) -> watch::Receiver<Arc<crate::views::EngineStatus>> {
+        let (tx, rx) = watch::channel(Arc::new(self.status_snapshot()));
+        self.outputs.status = Some(tx);
+        rx
+    }
+
+    /// Hands the current status to whoever answers status requests.
+    pub(crate) fn publish_status(&self) {
+        if let Some(tx) = &self.outputs.status {
+            tx.send_replace(Arc::new(self.status_snapshot()));
+        }
+    }
+
+    fn sync_incremental(&mut self) -> Result<usize, EngineError> {
         let started = Instant::now();
         let cidrs = compile::policy_cidrs(self.model.policies.values());
         self.model.identities.sync_cidrs(&cidrs)?;
@@ -316,10 +361,34 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
             namespaces: &self.model.namespace_modes,
             endpoints: &audit_endpoints,
         };
-        let (desired, l7) = audit::compile(&input, &scopes, &mut self.rules);
-        // Built before any map changes, so a policy the proxy cannot enforce changes nothing.
-        let proxy_policy = ProxyPolicy::new(&l7, &desired)?;
-        let diff = mapstate::diff(&self.applied, &desired);
+        let audited = input.policies.values().any(|p| p.audit)
+            || !audit_endpoints.is_empty()
+            || self.model.namespace_modes.values().any(|m| m.audits());
+        let (diff, proxy_policy, whole_l7) = if audited {
+            // Staged policies and audit scopes are compiled whole (twice where policies are
+            // staged): the incremental compiler knows neither, and it starts over with a
+            // full compile once they are gone.
+            self.compiler.reset();
+            let (desired, l7) = audit::compile(&input, &scopes, &mut self.rules);
+            // Built before any map changes, so a policy the proxy cannot enforce changes
+            // nothing.
+            let proxy_policy = ProxyPolicy::new(&l7, &desired)?;
+            (mapstate::diff(&self.applied, &desired), proxy_policy, Some(l7))
+        } else {
+            let delta = self.compiler.compile(&input, &mut self.rules);
+            // Built before any map changes, so a policy the proxy cannot enforce changes
+            // nothing.
+            let addresses = MapState {
+                ipcache: delta.ipcache,
+                ..MapState::default()
+            };
+            let proxy_policy = ProxyPolicy::new(self.compiler.l7(), &addresses)?;
+            let delta = incremental::Delta {
+                ipcache: addresses.ipcache,
+                ..delta
+            };
+            (incremental::diff(&self.applied, &delta), proxy_policy, None)
+        };
         if let Some(m) = &self.outputs.metrics {
             m.policy_compiled(started.elapsed());
         }
@@ -339,6 +408,8 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
             // Established connections are re-checked only once the revision moves; without it
             // the new policy would hold for new connections alone, so the change is undone.
             if let Err(e) = self.datapath.bump_revision() {
+                let mut desired = self.applied.clone();
+                desired.apply_diff(&diff);
                 let back = mapstate::diff(&desired, &self.applied);
                 if let Err(rollback) = self.datapath.apply(&back) {
                     // The maps are in an unknown mix: believe them, so the next sync repairs.
@@ -347,10 +418,15 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
                 }
                 return Err(EngineError::RevisionNotBumped(e));
             }
-            self.applied = desired;
+            self.applied.apply_diff(&diff);
             self.revalidate = true;
         }
-        self.rules.retain_used_with(&self.applied, &l7);
+        if let Some(l7) = &whole_l7 {
+            self.rules.retain_used_with(&self.applied, l7);
+        } else {
+            let compiler = &self.compiler;
+            self.rules.retain(|id| compiler.uses(id));
+        }
         self.publish_catalog(&table);
         if let Some(tx) = &self.outputs.proxy {
             tx.send_replace(Arc::new(proxy_policy));
@@ -374,6 +450,79 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
             }
             Err(e) => {
                 self.model = backup;
+                Err(e)
+            }
+        }
+    }
+
+    /// `transact` for a change to the policies named in `touched` alone (their entries in
+    /// `policies` and `policy_sources`): only those entries and the identities (which a sync
+    /// changes) are kept for the undo, not the whole model.
+    pub(crate) fn transact_policies<T>(
+        &mut self,
+        touched: &[PolicyRef],
+        change: impl FnOnce(&mut Model) -> Result<T, EngineError>,
+    ) -> Result<(T, usize), EngineError> {
+        let kept: Vec<(PolicyRef, Option<Policy>, Option<PolicySource>)> = touched
+            .iter()
+            .map(|r| {
+                (
+                    r.clone(),
+                    self.model.policies.get(r).cloned(),
+                    self.model.policy_sources.get(r).cloned(),
+                )
+            })
+            .collect();
+        let identities = self.model.identities.clone();
+        let result = change(&mut self.model).and_then(|t| self.sync().map(|ops| (t, ops)));
+        match result {
+            Ok(r) => {
+                self.persist();
+                Ok(r)
+            }
+            Err(e) => {
+                for (r, policy, source) in kept {
+                    match policy {
+                        Some(p) => self.model.policies.insert(r.clone(), p),
+                        None => self.model.policies.remove(&r),
+                    };
+                    match source {
+                        Some(s) => self.model.policy_sources.insert(r, s),
+                        None => self.model.policy_sources.remove(&r),
+                    };
+                }
+                self.model.identities = identities;
+                Err(e)
+            }
+        }
+    }
+
+    /// `transact` for a change to one endpoint (the record under `key`), with the namespaces,
+    /// the identities and the next endpoint id it may move: only those are kept for the undo,
+    /// not the whole model.
+    pub(crate) fn transact_endpoint<T>(
+        &mut self,
+        key: &str,
+        change: impl FnOnce(&mut Model) -> Result<T, EngineError>,
+    ) -> Result<(T, usize), EngineError> {
+        let record = self.model.endpoints.get(key).cloned();
+        let namespaces = self.model.namespaces.clone();
+        let identities = self.model.identities.clone();
+        let next_endpoint_id = self.model.next_endpoint_id;
+        let result = change(&mut self.model).and_then(|t| self.sync().map(|ops| (t, ops)));
+        match result {
+            Ok(r) => {
+                self.persist();
+                Ok(r)
+            }
+            Err(e) => {
+                match record {
+                    Some(r) => self.model.endpoints.insert(key.to_string(), r),
+                    None => self.model.endpoints.remove(key),
+                };
+                self.model.namespaces = namespaces;
+                self.model.identities = identities;
+                self.model.next_endpoint_id = next_endpoint_id;
                 Err(e)
             }
         }

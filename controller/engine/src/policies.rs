@@ -68,7 +68,8 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
                 },
             })
             .collect();
-        let ((), ops) = self.transact(|m| {
+        let touched: Vec<PolicyRef> = parsed.iter().map(|p| p.id.clone()).collect();
+        let ((), ops) = self.transact_policies(&touched, |m| {
             for p in parsed {
                 m.policy_sources.insert(p.id.clone(), PolicySource::Api);
                 m.policies.insert(p.id.clone(), p);
@@ -117,7 +118,7 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
                 action: PolicyAction::Deleted,
             })
             .collect();
-        let ((), ops) = self.transact(|m| {
+        let ((), ops) = self.transact_policies(&doomed, |m| {
             for r in &doomed {
                 m.policies.remove(r);
                 m.policy_sources.remove(r);

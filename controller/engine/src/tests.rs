@@ -1353,3 +1353,134 @@ async fn the_mode_label_of_a_kubernetes_namespace_is_its_mode_and_no_identity_la
     assert_eq!(e.namespace_mode("shop"), NamespaceMode::Protect);
     assert!(!e.applied.endpoints[&rec.id].audit);
 }
+
+/// A datapath whose map writes wait for the test's word, to catch the engine mid-apply.
+struct GatedDatapath {
+    inner: MemoryDatapath,
+    /// Told when a write starts.
+    started: std::sync::mpsc::Sender<()>,
+    /// Waited on before each write is let through.
+    release: std::sync::mpsc::Receiver<()>,
+    gate: bool,
+}
+
+impl crate::datapath::Datapath for GatedDatapath {
+    fn apply(
+        &mut self,
+        diff: &palisade_policies::mapstate::MapDiff,
+    ) -> Result<(), crate::datapath::ApplyError> {
+        if self.gate {
+            let _ = self.started.send(());
+            let _ = self.release.recv();
+        }
+        self.inner.apply(diff)
+    }
+    fn read_state(
+        &self,
+    ) -> Result<palisade_policies::mapstate::MapState, crate::datapath::DatapathError> {
+        self.inner.read_state()
+    }
+    fn bump_revision(&mut self) -> Result<u32, crate::datapath::DatapathError> {
+        self.inner.bump_revision()
+    }
+    fn attach(&mut self, ifname: &str, ifindex: u32) -> Result<(), crate::datapath::DatapathError> {
+        self.inner.attach(ifname, ifindex)
+    }
+    fn detach(&mut self, ifname: &str, ifindex: u32) -> Result<(), crate::datapath::DatapathError> {
+        self.inner.detach(ifname, ifindex)
+    }
+    fn flush_conntrack(
+        &mut self,
+        endpoint: EndpointId,
+    ) -> Result<usize, crate::datapath::DatapathError> {
+        self.inner.flush_conntrack(endpoint)
+    }
+    fn gc_conntrack(&mut self) -> Result<(usize, usize), crate::datapath::DatapathError> {
+        self.inner.gc_conntrack()
+    }
+    fn prune_links(&mut self, live: &[(String, u32)]) {
+        self.inner.prune_links(live);
+    }
+    fn connections(
+        &self,
+    ) -> Result<Vec<crate::datapath::TrackedConnection>, crate::datapath::DatapathError> {
+        self.inner.connections()
+    }
+    fn endpoint_health(
+        &self,
+        endpoint: EndpointId,
+        ifname: &str,
+        ifindex: u32,
+    ) -> Result<crate::datapath::EndpointHealth, crate::datapath::DatapathError> {
+        self.inner.endpoint_health(endpoint, ifname, ifindex)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_answers_while_a_large_apply_is_in_progress() {
+    let (started_tx, started) = std::sync::mpsc::channel();
+    let (release, release_rx) = std::sync::mpsc::channel();
+    let mut e = Engine::start(
+        config(),
+        GatedDatapath {
+            inner: MemoryDatapath::default(),
+            started: started_tx,
+            release: release_rx,
+            gate: false,
+        },
+        MemoryPlumbing::default(),
+        None,
+        Outputs::default(),
+    )
+    .await
+    .unwrap();
+    e.endpoint_add(EndpointSpec {
+        name: "server".into(),
+        namespace: "x".into(),
+        labels: labels("app=server"),
+        ip: None,
+        named_ports: vec![],
+    })
+    .await
+    .unwrap();
+    e.datapath.gate = true;
+    let status = e.status_watch();
+    assert_eq!(status.borrow().policies, 0);
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let engine = tokio::spawn(e.run(rx));
+    // A policy with 2,000 CIDR peers: its map writes wait until the test lets them through.
+    let mut peers = String::new();
+    for i in 0..2_000 {
+        std::fmt::Write::write_fmt(
+            &mut peers,
+            format_args!("    - ipBlock: {{cidr: 20.{}.{}.0/24}}\n", i / 256, i % 256),
+        )
+        .unwrap();
+    }
+    let big = manifest::parse_manifests(&format!(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: big, namespace: x}}\nspec:\n  podSelector: {{matchLabels: {{app: server}}}}\n  ingress:\n  - from:\n{peers}    ports: [{{port: 80}}]\n"
+    ))
+    .unwrap();
+    let apply = {
+        let tx = tx.clone();
+        tokio::spawn(async move { crate::ask(&tx, |r| crate::Command::PolicyApply(big, r)).await })
+    };
+    // The engine's task is inside the apply, blocked on the map writes.
+    tokio::task::spawn_blocking(move || started.recv())
+        .await
+        .unwrap()
+        .expect("the apply reached the datapath");
+    // The status still answers (from before the apply), without the engine's task.
+    let during = status.borrow().clone();
+    assert_eq!((during.endpoints, during.policies), (1, 0));
+    assert!(!apply.is_finished());
+    release.send(()).unwrap();
+    let update = apply.await.unwrap().unwrap();
+    assert_eq!(update.policies[0].action, PolicyAction::Created);
+    // Afterwards it tells the new state.
+    let after = status.borrow().clone();
+    assert_eq!(after.policies, 1);
+    assert!(after.policy_map_entries > 2_000 && after.maps_in_sync);
+    drop(tx);
+    engine.await.unwrap();
+}

@@ -566,7 +566,16 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
         }
     }
 
+    /// The status, with the maps read back now to tell whether they are in sync.
     pub fn status(&self) -> EngineStatus {
+        EngineStatus {
+            maps_in_sync: self.datapath.read_state().is_ok_and(|s| s == self.applied),
+            ..self.status_snapshot()
+        }
+    }
+
+    /// The status as of the last read-back of the maps (cheap: nothing is read).
+    pub fn status_snapshot(&self) -> EngineStatus {
         let namespaces: BTreeMap<String, Labels> = self
             .model
             .namespaces
@@ -584,7 +593,7 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
             policies: self.model.policies.len(),
             policy_map_entries: self.applied.policy.len(),
             ipcache_entries: self.applied.ipcache.len(),
-            maps_in_sync: self.datapath.read_state().is_ok_and(|s| s == self.applied),
+            maps_in_sync: self.maps_verified,
             namespace_modes: namespaces
                 .keys()
                 .map(|ns: &String| (ns.clone(), self.namespace_mode(ns)))

@@ -12,6 +12,9 @@ pub const EVENT_REVALIDATION_DROP: u8 = 3;
 /// An established connection was re-checked after a policy change and is no longer allowed,
 /// but the endpoint is in audit mode: it goes on, audited.
 pub const EVENT_REVALIDATION_AUDIT: u8 = 4;
+/// A packet from a denied source CIDR was dropped by the XDP prefilter on a host-facing
+/// interface (`ifindex`), before any other processing; `endpoint_id` is 0.
+pub const EVENT_PREFILTER_DROP: u8 = 5;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]

@@ -18,6 +18,7 @@ pub mod maps;
 pub mod mark;
 pub mod metrics;
 pub mod policy;
+pub mod prefilter;
 pub mod reason;
 
 /// Address family tags stored in keys that carry an IP address.

@@ -13,9 +13,11 @@ macro_rules! abi_names {
         $d:tt
         maps { $( $(#[$mdoc:meta])* $map:ident = $map_name:literal, )* }
         classifiers { $( $(#[$pdoc:meta])* $prog:ident = $prog_fn:ident, )* }
+        xdp { $( $(#[$xdoc:meta])* $xprog:ident = $xprog_fn:ident, )* }
     ) => {
         $( $(#[$mdoc])* pub const $map: &str = $map_name; )*
         $( $(#[$pdoc])* pub const $prog: &str = stringify!($prog_fn); )*
+        $( $(#[$xdoc])* pub const $xprog: &str = stringify!($xprog_fn); )*
 
         /// Declares a BPF map under its ABI name:
         /// `palisade_common::bpf_map!(IPCACHE, pub static IPCACHE: LpmTrie<K, V> = ...;)`.
@@ -42,6 +44,20 @@ macro_rules! abi_names {
                 };
             )*
         }
+
+        /// Declares an XDP program under its ABI name:
+        /// `palisade_common::bpf_xdp!(PROG_PREFILTER, |ctx| body)`.
+        #[macro_export]
+        macro_rules! bpf_xdp {
+            $(
+                ($xprog, |$d ctx:ident| $d body:expr) => {
+                    #[aya_ebpf::macros::xdp]
+                    pub fn $xprog_fn($d ctx: aya_ebpf::programs::XdpContext) -> u32 {
+                        $d body
+                    }
+                };
+            )*
+        }
     };
 }
 
@@ -62,12 +78,22 @@ abi_names! { $
         /// host-side veth: where the fast path delivers. A hint only: the endpoint behind the
         /// ifindex must own the address.
         ENDPOINT_BY_ADDR = "ENDPOINT_BY_ADDR_V1",
+        /// The XDP prefilter's deny list: source prefix -> counter slot.
+        PREFILTER = "PREFILTER_V1",
+        /// Per-CPU packets and bytes the prefilter dropped, per counter slot.
+        PREFILTER_COUNTERS = "PREFILTER_COUNTERS_V1",
+        /// The prefilter's own flow-event token bucket (one slot, per CPU).
+        PREFILTER_EVENT_RATE = "PREFILTER_EVENT_RATE_V1",
     }
     classifiers {
         /// TC ingress of an endpoint's host-side veth: what the endpoint sends.
         PROG_FROM_ENDPOINT = tc_from_endpoint,
         /// TC egress of an endpoint's host-side veth: what the endpoint receives.
         PROG_TO_ENDPOINT = tc_to_endpoint,
+    }
+    xdp {
+        /// XDP on a host-facing interface: the CIDR deny list, before any other processing.
+        PROG_PREFILTER = xdp_prefilter,
     }
 }
 

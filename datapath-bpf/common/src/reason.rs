@@ -81,6 +81,8 @@ codes! {
     /// Policy sends a flow that is not TCP (new, or open when the policy changed) to the L7
     /// proxy, which takes TCP only.
     PROXY_UNSUPPORTED_PROTOCOL = 194 => "Proxy redirection not supported for protocol",
+    /// The XDP prefilter on a host-facing interface: the source is in its CIDR deny list.
+    PREFILTER_DENIED = 195 => "Denied by prefilter",
 }
 
 #[cfg(test)]

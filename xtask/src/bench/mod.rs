@@ -2,7 +2,6 @@
 //! docs/benchmarks/<name>.md.
 
 use std::net::{Ipv4Addr, UdpSocket};
-use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -11,7 +10,7 @@ use anyhow::{Context as _, bail};
 use palisade_integration::Node;
 use palisade_integration::traffic;
 
-use crate::{build_binaries, cargo, workspace_root};
+use crate::{build_binaries, workspace_root};
 
 mod micro;
 mod path;
@@ -34,38 +33,6 @@ pub(crate) fn write_result(name: &str, title: &str, body: &str) -> anyhow::Resul
     std::fs::write(dir.join(format!("{name}.md")), text)?;
     println!("\n{body}\n(written to docs/benchmarks/{name}.md)");
     Ok(())
-}
-
-/// Engine at 1,000 endpoints x 500 policies (in-memory maps).
-fn policy_scale() -> anyhow::Result<()> {
-    let out = cargo()
-        .args([
-            "run",
-            "--release",
-            "--quiet",
-            "--package",
-            "palisade-engine",
-            "--example",
-            "policy_scale",
-        ])
-        .output()
-        .context("running the policy_scale example")?;
-    if !out.status.success() {
-        bail!(
-            "policy_scale failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    let table = String::from_utf8_lossy(&out.stdout).into_owned();
-    write_result(
-        "policy-scale",
-        "Policy compilation at scale",
-        &format!(
-            "The agent's engine with in-memory maps and plumbing (so the numbers are the agent's own \
-             work): 1,000 endpoints in 20 namespaces, 500 policies of five shapes (pod and namespace \
-             selectors, port ranges, ipBlock with except, deny rules, entities).\n\n{table}"
-        ),
-    )
 }
 
 fn cpu_ticks(pid: u32) -> u64 {
@@ -193,129 +160,6 @@ fn flow_ingest() -> anyhow::Result<()> {
     )
 }
 
-/// wrk's figures: requests/s, p50 and p99 in microseconds.
-fn wrk(netns: &str, url: &str) -> anyhow::Result<(f64, f64, f64)> {
-    let out = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            netns,
-            "wrk",
-            "-t2",
-            "-c32",
-            "-d10s",
-            "--latency",
-            url,
-        ])
-        .output()
-        .context("running wrk")?;
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let us = |v: &str| -> Option<f64> {
-        let (num, unit) = v.split_at(v.find(|c: char| c.is_ascii_alphabetic())?);
-        let n: f64 = num.parse().ok()?;
-        Some(match unit {
-            "us" => n,
-            "ms" => n * 1e3,
-            "s" => n * 1e6,
-            _ => return None,
-        })
-    };
-    let pct = |p: &str| {
-        text.lines()
-            .find(|l| l.trim_start().starts_with(p))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(us)
-    };
-    let rps = text
-        .lines()
-        .find(|l| l.starts_with("Requests/sec:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse::<f64>().ok());
-    let non2xx = text.lines().any(|l| l.contains("Non-2xx"));
-    match (rps, pct("50%"), pct("99%")) {
-        (Some(r), Some(p50), Some(p99)) if !non2xx => Ok((r, p50, p99)),
-        _ => bail!("unexpected wrk output for {url}:\n{text}"),
-    }
-}
-
-/// HTTP through Palisade's L7 proxy, directly (L3/L4 only), and through nginx configured as an
-/// equivalent filtering reverse proxy.
-fn l7() -> anyhow::Result<()> {
-    const L7_POLICY: &str = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: l7, namespace: x}\nspec:\n  endpointSelector: {matchLabels: {app: server}}\n  ingress:\n  - fromEndpoints: [{matchLabels: {app: client}}]\n    toPorts:\n    - ports: [{port: \"80\", protocol: TCP}]\n      rules:\n        http: [{method: GET, path: \"/public/.*\"}]\n";
-    tools::ensure_packages()?;
-    let bin_dir = build_binaries(true)?;
-    // SAFETY: single-threaded here; the fixture reads it.
-    unsafe { std::env::set_var("PALISADE_BIN_DIR", &bin_dir) };
-    let node = Node::start_tagged("pal-bench", "l7", &[]);
-    let client = node.add_endpoint("client", "x", "app=client");
-    let server = node.add_endpoint("server", "x", "app=server");
-    let gateway = node.add_endpoint("gateway", "x", "app=gateway");
-    let _backend = tools::nginx(
-        &server.name,
-        &node.dir,
-        "backend",
-        2,
-        "  server { listen 80; location / { return 200 \"ok\\n\"; } }",
-    )?;
-    let proxy_block = format!(
-        "  upstream backend {{ server {}:80; keepalive 64; }}\n  server {{\n    listen 80;\n    location ~ ^/public/ {{\n      limit_except GET {{ deny all; }}\n      proxy_pass http://backend;\n      proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n    }}\n    location / {{ return 403; }}\n  }}",
-        server.ip
-    );
-    let _gateway = tools::nginx(&gateway.name, &node.dir, "gateway", 2, &proxy_block)?;
-    let url = |ip: std::net::Ipv4Addr| format!("http://{ip}/public/index.html");
-
-    // Interleaved rounds, medians reported: the two CPUs are shared with wrk and the backend,
-    // so a single run of each would mostly measure whatever else the machine was doing.
-    let (mut direct_runs, mut nginx_runs, mut palisade_runs) = (Vec::new(), Vec::new(), Vec::new());
-    for _ in 0..3 {
-        direct_runs.push(wrk(&client.name, &url(server.ip))?);
-        nginx_runs.push(wrk(&client.name, &url(gateway.ip))?);
-        node.apply(L7_POLICY);
-        palisade_runs.push(wrk(&client.name, &url(server.ip))?);
-        let denied = palisade_integration::http::get(&client.name, server.ip, 80, "/private", "")
-            .map(|r| r.status);
-        if denied != Some(403) {
-            bail!(
-                "the L7 policy did not deny /private (got {denied:?}): the benchmark would measure nothing"
-            );
-        }
-        node.palisade_ok(&["policy", "delete", "l7", "--namespace", "x"]);
-    }
-    let median = |mut runs: Vec<(f64, f64, f64)>| {
-        let mid = runs.len() / 2;
-        let pick = |f: fn(&(f64, f64, f64)) -> f64, runs: &mut Vec<(f64, f64, f64)>| {
-            runs.sort_by(|a, b| f(a).total_cmp(&f(b)));
-            f(&runs[mid])
-        };
-        (
-            pick(|r| r.0, &mut runs),
-            pick(|r| r.1, &mut runs),
-            pick(|r| r.2, &mut runs),
-        )
-    };
-    let (direct, via_nginx, via_palisade) = (
-        median(direct_runs),
-        median(nginx_runs),
-        median(palisade_runs),
-    );
-    let row = |name: &str, (rps, p50, p99): (f64, f64, f64)| {
-        format!(
-            "| {name} | {rps:.0} | {p50:.0} | {p99:.0} | {:+.0} |",
-            p99 - direct.2
-        )
-    };
-    let body = format!(
-        "wrk -t2 -c32 -d10s against nginx returning a fixed 200, from a client endpoint, on one node \
-         (release build; the two CPUs are shared by wrk, the proxy and the backend; median of 3 \
-         interleaved rounds). Rules: GET /public/.* allowed, everything else 403.\n\n\
-         | path | requests/s | p50 (µs) | p99 (µs) | p99 added vs direct (µs) |\n|---|---|---|---|---|\n{}\n{}\n{}",
-        row("direct (L3/L4 only, no proxy)", direct),
-        row("Palisade L7 proxy (transparent redirect)", via_palisade),
-        row("nginx as a filtering reverse proxy", via_nginx),
-    );
-    write_result("l7-proxy", "L7 proxy throughput and latency", &body)
-}
-
 pub fn run(which: Option<String>) -> anyhow::Result<()> {
     if !nix::unistd::geteuid().is_root() {
         bail!("benchmarks need root (BPF, namespaces); run `cargo xtask bench` as root");
@@ -323,13 +167,16 @@ pub fn run(which: Option<String>) -> anyhow::Result<()> {
     let all = which.is_none();
     let which = which.unwrap_or_default();
     if all || which == "policy-scale" {
-        policy_scale()?;
+        crate::bench_scale::run()?;
     }
     if all || which == "flow-ingest" {
         flow_ingest()?;
     }
     if all || which == "l7-proxy" {
-        l7()?;
+        crate::bench_l7::run()?;
+    }
+    if all || which == "prefilter" {
+        crate::bench_prefilter::run()?;
     }
     if all || which == "datapath" || which == "datapath-baseline" {
         tools::ensure_packages()?;

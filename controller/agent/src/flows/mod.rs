@@ -133,7 +133,10 @@ pub fn enrich(event: &FlowEvent, catalog: &Catalog, clock: &Clock, seq: u64) -> 
         .get(&event.endpoint_id)
         .cloned()
         .unwrap_or_default();
-    let ep_identity = if event.direction == direction::EGRESS {
+    let ep_identity = if event.kind == ev::EVENT_PREFILTER_DROP {
+        // The node's XDP prefilter judged it, on a host-facing interface, not an endpoint.
+        palisade_common::identity::HOST
+    } else if event.direction == direction::EGRESS {
         event.src_identity
     } else {
         event.dst_identity
@@ -153,6 +156,7 @@ pub fn enrich(event: &FlowEvent, catalog: &Catalog, clock: &Clock, seq: u64) -> 
             ev::EVENT_NEW_CONNECTION => "new-connection",
             ev::EVENT_REVALIDATION_DROP => "revalidation-drop",
             ev::EVENT_REVALIDATION_AUDIT => "revalidation-audit",
+            ev::EVENT_PREFILTER_DROP => "prefilter-drop",
             _ => "drop",
         }
         .to_string(),
@@ -166,7 +170,15 @@ pub fn enrich(event: &FlowEvent, catalog: &Catalog, clock: &Clock, seq: u64) -> 
             identity: ep_identity,
             namespace: ep_ns,
             name: ep_name,
-            labels: ep_labels,
+            labels: if event.kind == ev::EVENT_PREFILTER_DROP {
+                catalog
+                    .identities
+                    .get(&ep_identity)
+                    .cloned()
+                    .unwrap_or_default()
+            } else {
+                ep_labels
+            },
         },
         source: peer(catalog, event.src_identity, src),
         destination: peer(catalog, event.dst_identity, dst),

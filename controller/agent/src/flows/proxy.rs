@@ -3,10 +3,18 @@
 //! names change. A request is an `http-request` flow; a tunnel a 101 opened is a flow of its
 //! own when it opens (`tunnel-opened`) and when it closes (`tunnel-closed`, with the bytes it
 //! relayed each way).
+//!
+//! Off the request's path: a proxy worker hands each report (its time, the connection's shared
+//! part, the record) to the [`Recorder`], which builds the flow, counts it and stores it on its
+//! own task. A worker never formats a flow, takes the store's lock or a metric family's lock.
+//! When the recorder falls behind by a full queue, the worker records the flow itself (slower,
+//! but no flow is lost).
 
 use std::net::SocketAddrV4;
 use std::sync::Arc;
 use std::time::SystemTime;
+
+use tokio::sync::mpsc;
 
 use palisade_api::flow::{Flow, FlowHttp, FlowIp, FlowL4, FlowTunnel};
 use palisade_engine::catalog::Catalog;
@@ -19,13 +27,106 @@ use super::store::FlowStore;
 use super::{flow_policy, peer};
 use crate::metrics::Telemetry;
 
+/// Reports queued for the recorder before a worker records a flow itself.
+const RECORDER_QUEUE: usize = 16_384;
+
 /// Turns the proxy's reports into flows in the store, and counts them.
 #[derive(Clone)]
 pub struct ProxyFlows {
     pub policy: watch::Receiver<Arc<ProxyPolicy>>,
     pub catalog: watch::Receiver<Arc<Catalog>>,
-    pub flows: Arc<FlowStore>,
-    pub telemetry: Arc<Telemetry>,
+    sink: Sink,
+}
+
+/// Where reports go: the recorder's queue, and what a worker needs to record one itself.
+#[derive(Clone)]
+struct Sink {
+    queue: mpsc::Sender<Report>,
+    flows: Arc<FlowStore>,
+    telemetry: Arc<Telemetry>,
+}
+
+/// One report of a proxy worker, as it hands it over.
+enum Report {
+    Request(SystemTime, Arc<FlowBase>, RequestRecord),
+    Tunnel(SystemTime, Arc<FlowBase>, TunnelRecord),
+}
+
+impl Sink {
+    fn record(&self, report: Report) {
+        match self.queue.try_send(report) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(r) | mpsc::error::TrySendError::Closed(r)) => {
+                record(&self.flows, &self.telemetry, r);
+            }
+        }
+    }
+}
+
+/// Builds, counts and stores the flow of one report.
+fn record(flows: &FlowStore, telemetry: &Telemetry, report: Report) {
+    match report {
+        Report::Request(at, base, r) => {
+            telemetry.count_request(base.direction, &r);
+            flows.push(at, base.flow(at, &r));
+        }
+        Report::Tunnel(at, base, t) => {
+            telemetry.count_tunnel(base.direction);
+            flows.push(at, base.tunnel_flow(at, &t));
+        }
+    }
+}
+
+/// Records what the proxy's workers report, on its own task.
+pub struct Recorder {
+    queue: mpsc::Receiver<Report>,
+    flows: Arc<FlowStore>,
+    telemetry: Arc<Telemetry>,
+}
+
+impl Recorder {
+    /// Runs until every `ProxyFlows` is gone.
+    pub async fn run(mut self) {
+        while let Some(report) = self.queue.recv().await {
+            record(&self.flows, &self.telemetry, report);
+        }
+    }
+
+    /// Records everything queued now (for tests).
+    #[cfg(test)]
+    fn drain(&mut self) {
+        while let Ok(report) = self.queue.try_recv() {
+            record(&self.flows, &self.telemetry, report);
+        }
+    }
+}
+
+impl ProxyFlows {
+    /// The observer for the proxy, and the recorder that must run for its flows to be stored.
+    pub fn new(
+        policy: watch::Receiver<Arc<ProxyPolicy>>,
+        catalog: watch::Receiver<Arc<Catalog>>,
+        flows: Arc<FlowStore>,
+        telemetry: Arc<Telemetry>,
+    ) -> (ProxyFlows, Recorder) {
+        let (queue, rx) = mpsc::channel(RECORDER_QUEUE);
+        (
+            ProxyFlows {
+                policy,
+                catalog,
+                sink: Sink {
+                    queue,
+                    flows: Arc::clone(&flows),
+                    telemetry: Arc::clone(&telemetry),
+                },
+            },
+            Recorder {
+                queue: rx,
+                flows,
+                telemetry,
+            },
+        )
+    }
 }
 
 impl Observer for ProxyFlows {
@@ -45,7 +146,7 @@ pub struct ConnectionFlows {
     shared: ProxyFlows,
     client: SocketAddrV4,
     destination: SocketAddrV4,
-    base: Option<FlowBase>,
+    base: Option<Arc<FlowBase>>,
 }
 
 /// The part of a connection's flows that does not change from request to request.
@@ -107,9 +208,9 @@ impl FlowBase {
         }
     }
 
-    fn flow(&self, r: &RequestRecord) -> Flow {
+    fn flow(&self, at: SystemTime, r: &RequestRecord) -> Flow {
         let mut flow = self.flow.clone();
-        flow.time = humantime::format_rfc3339_micros(SystemTime::now()).to_string();
+        flow.time = humantime::format_rfc3339_micros(at).to_string();
         flow.verdict = match (r.allowed, r.audited) {
             (true, false) => "FORWARDED",
             // Forwarded by audit mode: `rule` is the one that denies it.
@@ -135,9 +236,9 @@ impl FlowBase {
         flow
     }
 
-    fn tunnel_flow(&self, t: &TunnelRecord) -> Flow {
+    fn tunnel_flow(&self, at: SystemTime, t: &TunnelRecord) -> Flow {
         let mut flow = self.flow.clone();
-        flow.time = humantime::format_rfc3339_micros(SystemTime::now()).to_string();
+        flow.time = humantime::format_rfc3339_micros(at).to_string();
         // The tunnel exists because its request was allowed.
         flow.verdict = "FORWARDED".to_string();
         let closed = t.event == TunnelEvent::Closed;
@@ -160,7 +261,7 @@ impl FlowBase {
 
 impl ConnectionFlows {
     /// The connection's shared flow part, rebuilt when the policy or the names changed.
-    fn base(&mut self) -> &FlowBase {
+    fn base(&mut self) -> Arc<FlowBase> {
         let (policy, catalog) = (
             Arc::clone(&self.shared.policy.borrow()),
             Arc::clone(&self.shared.catalog.borrow()),
@@ -173,24 +274,26 @@ impl ConnectionFlows {
             self.base = None;
         }
         let (client, destination) = (self.client, self.destination);
-        self.base
-            .get_or_insert_with(|| FlowBase::new(client, destination, policy, catalog))
+        Arc::clone(
+            self.base
+                .get_or_insert_with(|| Arc::new(FlowBase::new(client, destination, policy, catalog))),
+        )
     }
 }
 
 impl ConnectionObserver for ConnectionFlows {
     fn request(&mut self, r: RequestRecord) {
-        let b = self.base();
-        let (flow, direction) = (b.flow(&r), b.direction);
-        self.shared.telemetry.count_request(direction, &r);
-        self.shared.flows.push(SystemTime::now(), flow);
+        let base = self.base();
+        self.shared
+            .sink
+            .record(Report::Request(SystemTime::now(), base, r));
     }
 
     fn tunnel(&mut self, t: TunnelRecord) {
-        let b = self.base();
-        let (flow, direction) = (b.tunnel_flow(&t), b.direction);
-        self.shared.telemetry.count_tunnel(direction);
-        self.shared.flows.push(SystemTime::now(), flow);
+        let base = self.base();
+        self.shared
+            .sink
+            .record(Report::Tunnel(SystemTime::now(), base, t));
     }
 }
 
@@ -202,7 +305,7 @@ mod tests {
 
     use super::*;
 
-    fn observer() -> (ConnectionFlows, Arc<FlowStore>) {
+    fn observer() -> (ConnectionFlows, Recorder, Arc<FlowStore>) {
         let mut catalog = Catalog::default();
         catalog.rules.insert(
             5,
@@ -213,17 +316,17 @@ mod tests {
             },
         );
         let flows = Arc::new(FlowStore::new(16));
-        let shared = ProxyFlows {
-            policy: watch::channel(Arc::new(ProxyPolicy::default())).1,
-            catalog: watch::channel(Arc::new(catalog)).1,
-            flows: Arc::clone(&flows),
-            telemetry: Arc::new(Telemetry::default()),
-        };
+        let (shared, recorder) = ProxyFlows::new(
+            watch::channel(Arc::new(ProxyPolicy::default())).1,
+            watch::channel(Arc::new(catalog)).1,
+            Arc::clone(&flows),
+            Arc::new(Telemetry::default()),
+        );
         let connection = shared.connection(
             "10.200.0.2:40000".parse().unwrap(),
             "10.200.0.3:80".parse().unwrap(),
         );
-        (connection, flows)
+        (connection, recorder, flows)
     }
 
     fn stored(flows: &FlowStore) -> Vec<Flow> {
@@ -236,7 +339,8 @@ mod tests {
 
     #[test]
     fn a_refused_upgrade_is_a_policy_denial() {
-        let (mut connection, flows) = observer();
+        let (mut connection, mut recorder, flows) = observer();
+        assert!(stored(&flows).is_empty());
         connection.request(RequestRecord {
             method: "GET".into(),
             path: "/public/x".into(),
@@ -248,6 +352,11 @@ mod tests {
             latency: Duration::from_micros(3),
             error: Some("upgrade to \"spdy/3.1\" is not allowed by any HTTP rule".into()),
         });
+        assert!(
+            stored(&flows).is_empty(),
+            "the worker hands the report over; the recorder stores it"
+        );
+        recorder.drain();
         let flow = &stored(&flows)[0];
         assert_eq!(flow.event, "http-request");
         assert_eq!(flow.verdict, "DROPPED");
@@ -260,7 +369,7 @@ mod tests {
 
     #[test]
     fn tunnels_are_flows_of_their_own() {
-        let (mut connection, flows) = observer();
+        let (mut connection, mut recorder, flows) = observer();
         let record = |event, bytes_to_server, bytes_to_client, duration| TunnelRecord {
             event,
             protocol: "websocket".into(),
@@ -277,6 +386,7 @@ mod tests {
             3456,
             Duration::from_millis(7),
         ));
+        recorder.drain();
         let stored = stored(&flows);
         let events: Vec<&str> = stored.iter().map(|f| f.event.as_str()).collect();
         assert_eq!(events, ["tunnel-opened", "tunnel-closed"]);

@@ -49,6 +49,8 @@ pub struct ApiState {
     pub mode: &'static str,
     /// Where the labels of attached containers come from.
     pub labels: LabelSource,
+    /// The XDP prefilter's deny list (its routes: `crate::prefilter::api`).
+    pub prefilter: crate::prefilter::Handle,
 }
 
 /// Where the labels of containers palisade-cni attaches come from.
@@ -427,6 +429,7 @@ async fn flows(State(s): State<ApiState>, Json(q): Json<FlowQuery>) -> Result<Re
 }
 
 pub fn router(state: ApiState) -> Router {
+    let prefilter = crate::prefilter::api::routes(std::sync::Arc::clone(&state.prefilter));
     Router::new()
         .route("/v1/status", get(status))
         .route("/v1/endpoints", get(endpoint_list).post(endpoint_add))
@@ -455,6 +458,7 @@ pub fn router(state: ApiState) -> Router {
             2 * manifest::limits::MAX_MANIFEST_BYTES,
         ))
         .with_state(state)
+        .merge(prefilter)
 }
 
 /// Binds the socket (replacing a stale one), root-only, and serves until `shutdown` resolves.

@@ -1,0 +1,341 @@
+//! The selector cache: each distinct peer clause of the policies (an endpoint selector, a CIDR
+//! with its exceptions, an entity) resolved to the identities it selects, once. When
+//! identities come and go, the cache is updated by the delta alone, and says which clauses
+//! changed (added and removed identities), so only what depends on them is recompiled.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use ipnetwork::Ipv4Network;
+
+use crate::identity::{Identity, IdentitySource, IdentityTable};
+use crate::labels::Labels;
+use crate::model::{Entity, Peer};
+
+/// Reserved identities inside the cluster (the `cluster` entity besides workloads).
+const CLUSTER_RESERVED: [Identity; 7] = [
+    Identity::HOST,
+    Identity::REMOTE_NODE,
+    Identity::HEALTH,
+    Identity::INIT,
+    Identity::UNMANAGED,
+    Identity::KUBE_APISERVER,
+    Identity::INGRESS,
+];
+
+/// Identities arranged for selection: workloads with their labels, CIDR identities by
+/// (network, prefix length) so a CIDR clause is a range query instead of a scan.
+#[derive(Debug, Default)]
+pub struct IdentityIndex<'a> {
+    workloads: Vec<(Identity, &'a Labels)>,
+    /// (network address, prefix length) -> (identity, is it an endpoint-address alias).
+    cidrs: BTreeMap<(u32, u8), Vec<(Identity, bool)>>,
+}
+
+impl<'a> IdentityIndex<'a> {
+    pub fn new<I>(identities: I) -> Self
+    where
+        I: IntoIterator<Item = (&'a Identity, &'a IdentitySource)>,
+    {
+        let mut index = IdentityIndex::default();
+        for (id, src) in identities {
+            match src {
+                IdentitySource::Workload { labels } => index.workloads.push((*id, labels)),
+                IdentitySource::Cidr { prefix } => index.add_cidr(*prefix, *id, false),
+                IdentitySource::CidrEndpointAlias { prefix } => index.add_cidr(*prefix, *id, true),
+                IdentitySource::Reserved { .. } => {}
+            }
+        }
+        index
+    }
+
+    fn add_cidr(&mut self, prefix: Ipv4Network, id: Identity, alias: bool) {
+        self.cidrs
+            .entry((u32::from(prefix.network()), prefix.prefix()))
+            .or_default()
+            .push((id, alias));
+    }
+
+    /// CIDR identities (and their aliases) whose prefix lies inside `outer`.
+    fn cidrs_within(&self, outer: Ipv4Network) -> impl Iterator<Item = (Ipv4Network, Identity, bool)> + '_ {
+        let first = u32::from(outer.network());
+        let last = u32::from(outer.broadcast());
+        self.cidrs
+            .range((first, 0)..=(last, 32))
+            .filter(move |((_, len), _)| *len >= outer.prefix())
+            .flat_map(|((net, len), ids)| {
+                let prefix = Ipv4Network::new((*net).into(), *len).expect("indexed from a network");
+                ids.iter().map(move |(id, alias)| (prefix, *id, *alias))
+            })
+    }
+
+    /// The identities of this index that `peer` selects. Constant answers (entities naming
+    /// reserved identities, `world`'s stand-in for unknown addresses) are included whatever
+    /// the index holds.
+    pub fn select(&self, peer: &Peer) -> BTreeSet<Identity> {
+        match peer {
+            Peer::Endpoints(sel) => self
+                .workloads
+                .iter()
+                .filter(|(_, l)| sel.0.matches(l))
+                .map(|(id, _)| *id)
+                .collect(),
+            Peer::Cidr { cidr, except } => {
+                let mut out: BTreeSet<Identity> = self
+                    .cidrs_within(*cidr)
+                    .filter(|(p, _, _)| !except.iter().any(|e| contains(*e, *p)))
+                    .map(|(_, id, _)| id)
+                    .collect();
+                // Unknown addresses resolve to `world`, which stands for 0.0.0.0/0.
+                if cidr.prefix() == 0 {
+                    out.insert(Identity::WORLD);
+                }
+                out
+            }
+            Peer::Entity(entity) => match entity {
+                Entity::All => [Identity::ANY].into(),
+                Entity::World => self
+                    .cidrs
+                    .values()
+                    .flatten()
+                    .filter(|(_, alias)| !alias)
+                    .map(|(id, _)| *id)
+                    .chain([Identity::WORLD])
+                    .collect(),
+                Entity::Cluster => self
+                    .workloads
+                    .iter()
+                    .map(|(id, _)| *id)
+                    .chain(CLUSTER_RESERVED)
+                    .collect(),
+                Entity::Host => [Identity::HOST].into(),
+                Entity::RemoteNode => [Identity::REMOTE_NODE].into(),
+                Entity::Init => [Identity::INIT].into(),
+                Entity::Health => [Identity::HEALTH].into(),
+                Entity::Unmanaged => [Identity::UNMANAGED].into(),
+                Entity::KubeApiserver => [Identity::KUBE_APISERVER].into(),
+                Entity::Ingress => [Identity::INGRESS].into(),
+            },
+        }
+    }
+}
+
+/// An index built the first time a compile needs one (a compile whose clauses are all cached
+/// never builds it).
+pub struct LazyIndex<'a> {
+    table: &'a IdentityTable,
+    index: std::cell::OnceCell<IdentityIndex<'a>>,
+}
+
+impl<'a> LazyIndex<'a> {
+    pub fn new(table: &'a IdentityTable) -> Self {
+        Self {
+            table,
+            index: std::cell::OnceCell::new(),
+        }
+    }
+
+    pub fn get(&self) -> &IdentityIndex<'a> {
+        self.index.get_or_init(|| IdentityIndex::new(self.table))
+    }
+}
+
+fn contains(outer: Ipv4Network, inner: Ipv4Network) -> bool {
+    outer.prefix() <= inner.prefix() && outer.contains(inner.network())
+}
+
+/// How the identity table changed between two compiles.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct IdentityDelta {
+    /// New identities, and identities whose source changed (listed in `removed` too).
+    pub added: IdentityTable,
+    pub removed: BTreeSet<Identity>,
+}
+
+impl IdentityDelta {
+    pub fn between(old: &IdentityTable, new: &IdentityTable) -> Self {
+        let mut delta = IdentityDelta::default();
+        for (id, src) in new {
+            match old.get(id) {
+                Some(o) if o == src => {}
+                Some(_) => {
+                    delta.removed.insert(*id);
+                    delta.added.insert(*id, src.clone());
+                }
+                None => {
+                    delta.added.insert(*id, src.clone());
+                }
+            }
+        }
+        for id in old.keys() {
+            if !new.contains_key(id) {
+                delta.removed.insert(*id);
+            }
+        }
+        delta
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.added.is_empty() && self.removed.is_empty()
+    }
+}
+
+/// What one clause's selection gained and lost.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SelectionChange {
+    pub added: BTreeSet<Identity>,
+    pub removed: BTreeSet<Identity>,
+}
+
+/// Each distinct peer clause, resolved once and kept up to date by identity deltas.
+#[derive(Clone, Debug, Default)]
+pub struct SelectorCache {
+    selections: HashMap<Peer, BTreeSet<Identity>>,
+}
+
+impl SelectorCache {
+    /// The identities `peer` selects; resolved through `index` the first time it is asked for.
+    pub fn select(&mut self, peer: &Peer, index: &LazyIndex<'_>) -> &BTreeSet<Identity> {
+        if !self.selections.contains_key(peer) {
+            self.selections.insert(peer.clone(), index.get().select(peer));
+        }
+        &self.selections[peer]
+    }
+
+    /// The cached selection of `peer`, if it has been resolved.
+    pub fn cached(&self, peer: &Peer) -> Option<&BTreeSet<Identity>> {
+        self.selections.get(peer)
+    }
+
+    pub fn len(&self) -> usize {
+        self.selections.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.selections.is_empty()
+    }
+
+    /// Applies an identity delta to every cached clause; returns the clauses whose selection
+    /// changed, with what they gained and lost.
+    pub fn update(&mut self, delta: &IdentityDelta) -> HashMap<Peer, SelectionChange> {
+        let mut changed = HashMap::new();
+        if delta.is_empty() {
+            return changed;
+        }
+        let added = IdentityIndex::new(&delta.added);
+        for (peer, selected) in &mut self.selections {
+            let mut change = SelectionChange::default();
+            for id in &delta.removed {
+                if selected.remove(id) {
+                    change.removed.insert(*id);
+                }
+            }
+            for id in added.select(peer) {
+                if selected.insert(id) {
+                    change.added.insert(id);
+                }
+            }
+            // An identity whose source changed may be selected before and after.
+            let both: Vec<Identity> = change.added.intersection(&change.removed).copied().collect();
+            for id in both {
+                change.added.remove(&id);
+                change.removed.remove(&id);
+            }
+            if !(change.added.is_empty() && change.removed.is_empty()) {
+                changed.insert(peer.clone(), change);
+            }
+        }
+        changed
+    }
+
+    /// Forgets every clause `keep` rejects (clauses no policy names any more).
+    pub fn retain(&mut self, keep: impl Fn(&Peer) -> bool) {
+        self.selections.retain(|p, _| keep(p));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::labels::LabelSelector;
+    use crate::model::EndpointSelector;
+
+    fn workload(pairs: &[(&str, &str)]) -> IdentitySource {
+        IdentitySource::Workload {
+            labels: pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        }
+    }
+
+    fn cidr(s: &str) -> IdentitySource {
+        IdentitySource::Cidr {
+            prefix: s.parse().unwrap(),
+        }
+    }
+
+    fn web() -> Peer {
+        Peer::Endpoints(EndpointSelector(
+            LabelSelector::everything().with_label("app", "web"),
+        ))
+    }
+
+    #[test]
+    fn a_cidr_clause_selects_the_prefixes_inside_it_but_not_its_exceptions() {
+        let table: IdentityTable = [
+            (Identity(0x0100_0001), cidr("10.0.0.0/8")),
+            (Identity(0x0100_0002), cidr("10.1.0.0/16")),
+            (Identity(0x0100_0003), cidr("10.1.2.0/24")),
+            (Identity(0x0100_0004), cidr("11.0.0.0/8")),
+        ]
+        .into();
+        let index = IdentityIndex::new(&table);
+        let peer = Peer::Cidr {
+            cidr: "10.0.0.0/8".parse().unwrap(),
+            except: vec!["10.1.2.0/23".parse().unwrap()],
+        };
+        assert_eq!(
+            index.select(&peer),
+            [Identity(0x0100_0001), Identity(0x0100_0002)].into()
+        );
+        let inner = Peer::Cidr {
+            cidr: "10.1.0.0/16".parse().unwrap(),
+            except: vec![],
+        };
+        assert_eq!(
+            index.select(&inner),
+            [Identity(0x0100_0002), Identity(0x0100_0003)].into()
+        );
+    }
+
+    #[test]
+    fn identity_changes_flow_out_as_added_and_removed_per_clause() {
+        let old: IdentityTable = [
+            (Identity(300), workload(&[("app", "web")])),
+            (Identity(301), workload(&[("app", "db")])),
+        ]
+        .into();
+        let mut cache = SelectorCache::default();
+        let index = LazyIndex::new(&old);
+        assert_eq!(cache.select(&web(), &index), &[Identity(300)].into());
+        let db = Peer::Endpoints(EndpointSelector(
+            LabelSelector::everything().with_label("app", "db"),
+        ));
+        cache.select(&db, &index);
+        let new: IdentityTable = [
+            (Identity(301), workload(&[("app", "db")])),
+            (Identity(302), workload(&[("app", "web")])),
+        ]
+        .into();
+        let changed = cache.update(&IdentityDelta::between(&old, &new));
+        assert_eq!(
+            changed.get(&web()),
+            Some(&SelectionChange {
+                added: [Identity(302)].into(),
+                removed: [Identity(300)].into(),
+            })
+        );
+        assert!(!changed.contains_key(&db), "db's selection did not change");
+        assert_eq!(cache.cached(&web()), Some(&[Identity(302)].into()));
+    }
+}
