@@ -4,7 +4,7 @@
 
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use palisade_common::{
-    config::Config,
+    config::{CONFIG_FLAG_CT_ACCOUNTING, CT_REFRESH_NS, Config},
     conntrack::{CT_FLAG_FIN_FORWARD, CT_FLAG_FIN_REPLY, CT_FLAG_SEEN_REPLY, CtEntry, CtKey},
     direction, family, proto,
 };
@@ -128,8 +128,11 @@ pub fn create(
     CONNTRACK.insert(key, entry, 0).map_err(|_| ())
 }
 
-/// Accounts a packet of a tracked connection and advances TCP state. Returns true when the
-/// connection is over (RST), in which case the caller removes the entry after forwarding.
+/// Advances TCP state for a packet of a tracked connection and keeps the entry alive.
+/// Returns true when the connection is over (RST), in which case the caller removes the entry
+/// after forwarding. Writes the entry only when its state changes or its expiry is more than
+/// `CT_REFRESH_NS` stale (and per packet with `CONFIG_FLAG_CT_ACCOUNTING`): an established
+/// connection's packets, on whichever CPUs, share the entry's cache line read-only.
 #[inline(always)]
 pub fn update(
     entry: *mut CtEntry,
@@ -142,24 +145,33 @@ pub fn update(
     // SAFETY: `entry` comes from a map lookup in this program run; concurrent updates from
     // other CPUs can only lose counter increments, never corrupt control flow.
     let e = unsafe { &mut *entry };
-    e.packets += 1;
-    e.bytes += u64::from(len);
+    if cfg.flags & CONFIG_FLAG_CT_ACCOUNTING != 0 {
+        e.packets += 1;
+        e.bytes += u64::from(len);
+    }
+    let mut flags = e.flags;
     if pkt.protocol == proto::TCP {
         if pkt.tcp_flags & TCP_RST != 0 {
             return true;
         }
         if is_reply {
-            e.flags |= CT_FLAG_SEEN_REPLY;
+            flags |= CT_FLAG_SEEN_REPLY;
         }
         if pkt.tcp_flags & TCP_FIN != 0 {
-            e.flags |= if is_reply {
+            flags |= if is_reply {
                 CT_FLAG_FIN_REPLY
             } else {
                 CT_FLAG_FIN_FORWARD
             };
         }
     }
-    e.expires_ns = now + timeout_ns(cfg, pkt.protocol, e.flags);
+    let expires = now + timeout_ns(cfg, pkt.protocol, flags);
+    if flags != e.flags {
+        e.flags = flags;
+        e.expires_ns = expires;
+    } else if expires > e.expires_ns + CT_REFRESH_NS {
+        e.expires_ns = expires;
+    }
     false
 }
 

@@ -1,7 +1,9 @@
 //! The pipeline both classifiers share: parse -> conntrack -> policy -> account.
 //!
 //! `judge` returns `Ok(outcome)` to forward or `Err(drop)` to drop; `run` turns that into a TC
-//! action in exactly one place, so no error path can forward by accident.
+//! action, so no error path can forward by accident. Between two endpoints of the node `run`
+//! judges twice, the sender's egress and then the destination's ingress, and forwards only
+//! what both let through (`fast_path`).
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
@@ -25,6 +27,7 @@ use palisade_common::{
 use crate::{
     conntrack::{self, now_ns, opposite},
     events::{self, EventMeta},
+    fast_path,
     maps::{CONFIG, ENDPOINTS, IPCACHE},
     packet::{self, Packet, Parsed},
     policy::{self, Decision},
@@ -54,20 +57,38 @@ pub fn run(ctx: &TcContext, dir: u8) -> i32 {
     // SAFETY: reading a field of the context the kernel handed us.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     let len = ctx.len();
-    match judge(ctx, dir, ifindex, len) {
-        Ok(outcome) => {
-            events::count(dir, outcome, len);
-            if outcome == OUTCOME_REDIRECTED {
-                return proxy::deliver(ifindex);
-            }
-            TC_ACT_OK
-        }
-        Err(d) => {
-            events::count(dir, d.reason, len);
-            report_drop(ctx, dir, ifindex, len, &d);
-            TC_ACT_SHOT
-        }
+    let outcome = match judge(ctx, dir, ifindex, len) {
+        Ok(outcome) => outcome,
+        Err(d) => return dropped(ctx, dir, ifindex, len, &d),
+    };
+    events::count(dir, outcome, len);
+    if outcome == OUTCOME_REDIRECTED {
+        return proxy::deliver(ifindex);
     }
+    if dir != direction::EGRESS {
+        return TC_ACT_OK;
+    }
+    // Another endpoint of the node: its own ingress verdict, here, then straight to it.
+    let peer = fast_path::local_destination(ctx, ifindex);
+    if peer == 0 {
+        return TC_ACT_OK;
+    }
+    match judge(ctx, direction::INGRESS, peer, len) {
+        // An ingress verdict never redirects (only a sender's egress reaches the proxy).
+        Ok(OUTCOME_REDIRECTED) => TC_ACT_SHOT,
+        Ok(outcome) => {
+            events::count(direction::INGRESS, outcome, len);
+            fast_path::deliver(ctx, peer)
+        }
+        Err(d) => dropped(ctx, direction::INGRESS, peer, len, &d),
+    }
+}
+
+#[inline(always)]
+fn dropped(ctx: &TcContext, dir: u8, ifindex: u32, len: u32, d: &Drop) -> i32 {
+    events::count(dir, d.reason, len);
+    report_drop(ctx, dir, ifindex, len, d);
+    TC_ACT_SHOT
 }
 
 /// Emits the drop event. Best effort: without config or a parsable packet there is nothing
@@ -116,6 +137,8 @@ fn report_drop(ctx: &TcContext, dir: u8, ifindex: u32, len: u32, d: &Drop) {
     });
 }
 
+/// The verdict of `dir` at the endpoint on `ifindex`: the interface the packet is on, or for
+/// the fast path the destination's (see `run`).
 #[inline(never)]
 fn judge(ctx: &TcContext, dir: u8, ifindex: u32, len: u32) -> Result<u8, Drop> {
     let Some(cfg) = CONFIG.get(0) else {
@@ -143,7 +166,12 @@ fn judge(ctx: &TcContext, dir: u8, ifindex: u32, len: u32) -> Result<u8, Drop> {
     let now = now_ns();
     // The proxy's upstream connections carry the original client's identity in their mark
     // (and its address in their priority, see `mark::FROM_PROXY`).
-    let proxied_from = if dir == direction::INGRESS {
+    // Only a packet on the endpoint's own interface comes from the node's stack, so only there
+    // can a proxy mark be the proxy's: the fast path judges a destination's ingress on a
+    // packet straight from another endpoint, whose marks mean nothing.
+    // SAFETY: reading a field of the context the kernel handed us.
+    let from_node = unsafe { (*ctx.skb.skb).ifindex } == ifindex;
+    let proxied_from = if dir == direction::INGRESS && from_node {
         proxy::from_proxy_identity(ctx)
     } else {
         None

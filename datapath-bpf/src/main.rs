@@ -2,7 +2,9 @@
 //!
 //! `tc_from_endpoint` runs at TC ingress of the host-side veth and judges what the endpoint
 //! sends (its egress); `tc_to_endpoint` runs at TC egress and judges what it receives (its
-//! ingress). Both share one pipeline (`judge`): parse, conntrack, policy, account.
+//! ingress). Both share one pipeline (`judge`): parse, conntrack, policy, account. Between two
+//! endpoints of the node, `tc_from_endpoint` runs the destination's ingress verdict too and
+//! delivers the packet itself (`fast_path`).
 //! `xdp_prefilter` runs on the node's host-facing interfaces: the CIDR deny list (`prefilter`).
 #![no_std]
 #![no_main]
@@ -14,6 +16,7 @@
 
 mod conntrack;
 mod events;
+mod fast_path;
 mod judge;
 mod maps;
 mod packet;

@@ -26,6 +26,12 @@ palisade_common::bpf_map!(
 );
 
 palisade_common::bpf_map!(
+    ENDPOINT_BY_ADDR,
+    pub static ENDPOINT_BY_ADDR: HashMap<[u8; 16], u32> =
+        HashMap::pinned(names::ENDPOINT_BY_ADDR_MAX_ENTRIES, 0);
+);
+
+palisade_common::bpf_map!(
     POLICY,
     pub static POLICY: LpmTrie<PolicyKey, PolicyValue> =
         LpmTrie::pinned(names::POLICY_MAX_ENTRIES, 0);

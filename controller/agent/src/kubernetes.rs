@@ -16,10 +16,9 @@ use tracing::{info, warn};
 use crate::run::AgentArgs;
 
 pub async fn start(args: &AgentArgs, engine: mpsc::Sender<Command>) -> anyhow::Result<Adapter> {
-    let node_name = args
-        .node_name
-        .clone()
-        .context("--kubernetes needs --node-name NAME (or NODE_NAME): the Node this agent runs on")?;
+    let node_name = args.node_name.clone().context(
+        "--kubernetes needs --node-name NAME (or NODE_NAME): the Node this agent runs on",
+    )?;
     let cfg = AdapterConfig {
         kubeconfig: args.kubeconfig.clone(),
         node_name,
@@ -82,7 +81,9 @@ async fn node_routes(mut wanted: watch::Receiver<BTreeMap<Ipv4Network, Ipv4Addr>
                     info!(pod_cidr = %cidr, via = %via, "route to another node's pods");
                     have.insert(*cidr, *via);
                 }
-                Err(e) => warn!(pod_cidr = %cidr, via = %via, error = %e, "route to another node's pods not made; retried on the next change"),
+                Err(e) => {
+                    warn!(pod_cidr = %cidr, via = %via, error = %e, "route to another node's pods not made; retried on the next change");
+                }
             }
         }
         let stale: Vec<(Ipv4Network, Ipv4Addr)> = have

@@ -116,6 +116,17 @@ pub struct AgentArgs {
     /// Let the node itself reach every endpoint (health checks), as Cilium does by default.
     #[arg(long, default_value_t = true, action = ArgAction::Set)]
     pub allow_host_ingress: bool,
+    /// Deliver between this node's endpoints through the node's routing and netfilter, as
+    /// without Palisade, instead of straight into the destination's namespace from BPF
+    /// (after both the sender's egress and the destination's ingress verdict); for
+    /// comparison and debugging.
+    #[arg(long)]
+    pub no_fast_path: bool,
+    /// Count every packet and byte of each connection in its conntrack entry (shown by
+    /// `palisade conntrack list`): a map write per packet. Off, entries keep their first
+    /// packet's counts.
+    #[arg(long)]
+    pub conntrack_accounting: bool,
     /// Flows kept in memory for `palisade observe`.
     #[arg(long, default_value_t = 65_536)]
     pub flow_buffer: usize,
@@ -227,6 +238,8 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
             ct_other_timeout_s: args.ct_other_timeout,
             events_per_second: args.events_per_second,
             events_burst: args.events_per_second.saturating_mul(2),
+            fast_path: !args.no_fast_path,
+            conntrack_accounting: args.conntrack_accounting,
             ..DatapathConfig::default()
         },
     )

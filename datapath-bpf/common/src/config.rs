@@ -17,9 +17,24 @@ pub struct Config {
     pub events_per_second: u32,
     /// Burst allowance on top of the rate.
     pub events_burst: u32,
+    /// `CONFIG_FLAG_*` bits.
+    pub flags: u32,
 }
 
-assert_layout!(Config, size = 32, align = 4, { policy_revision: 0, initialized: 4, ct_tcp_syn_timeout_s: 8, events_per_second: 24 });
+/// Traffic between two endpoints of the node is judged by both verdicts in the sender's
+/// program and handed straight into the destination's namespace (`bpf_redirect_peer`),
+/// past the node's routing and netfilter.
+pub const CONFIG_FLAG_FAST_PATH: u32 = 1 << 0;
+/// Conntrack entries count every packet and byte of their connection (a write to the entry
+/// per packet); without it they keep the first packet's, and established packets write
+/// nothing but the expiry, at most once per `CT_REFRESH_NS`.
+pub const CONFIG_FLAG_CT_ACCOUNTING: u32 = 1 << 1;
+
+/// How stale a conntrack entry's expiry may get before a packet refreshes it: established
+/// connections write their entry at most this often.
+pub const CT_REFRESH_NS: u64 = 1_000_000_000;
+
+assert_layout!(Config, size = 36, align = 4, { policy_revision: 0, initialized: 4, ct_tcp_syn_timeout_s: 8, events_per_second: 24, flags: 32 });
 user_pod!(Config);
 
 /// Per-endpoint token bucket for flow events (one slot per endpoint id, per CPU).

@@ -71,8 +71,13 @@ abi_names! { $
         CONNTRACK = "CT_V2",
         METRICS = "METRICS_V1",
         FLOW_EVENTS = "FLOW_EVENTS_V1",
-        CONFIG = "CONFIG_V1",
+        /// V2: flags (fast path, conntrack accounting).
+        CONFIG = "CONFIG_V2",
         EVENT_RATE = "EVENT_RATE_V1",
+        /// A local endpoint's address (16 bytes, IPv4 in the first 4) -> the ifindex of its
+        /// host-side veth: where the fast path delivers. A hint only: the endpoint behind the
+        /// ifindex must own the address.
+        ENDPOINT_BY_ADDR = "ENDPOINT_BY_ADDR_V1",
         /// The XDP prefilter's deny list: source prefix -> counter slot.
         PREFILTER = "PREFILTER_V1",
         /// Per-CPU packets and bytes the prefilter dropped, per counter slot.
@@ -94,6 +99,7 @@ abi_names! { $
 
 pub const IPCACHE_MAX_ENTRIES: u32 = 65_536;
 pub const ENDPOINTS_MAX_ENTRIES: u32 = 16_384;
+pub const ENDPOINT_BY_ADDR_MAX_ENTRIES: u32 = ENDPOINTS_MAX_ENTRIES;
 pub const POLICY_MAX_ENTRIES: u32 = 1 << 20;
 pub const CONNTRACK_MAX_ENTRIES: u32 = 262_144;
 /// Ring buffer size in bytes (power of two, multiple of the page size).

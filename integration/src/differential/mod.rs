@@ -15,7 +15,8 @@ use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use aya::maps::{Array, HashMap, Map, MapData, RingBuf};
-use palisade_agent::datapath::{BpfDatapath, DatapathConfig, MapReader, monotonic_now_ns};
+pub use palisade_agent::datapath::DatapathConfig;
+use palisade_agent::datapath::{BpfDatapath, MapReader, monotonic_now_ns};
 use palisade_common::config::Config;
 use palisade_common::conntrack::{CtEntry as RawCtEntry, CtKey as RawCtKey};
 use palisade_common::{direction, family, maps as names};
@@ -144,8 +145,21 @@ fn v4(a: Ipv4Addr) -> [u8; 16] {
 impl RealDatapath {
     /// Loads the BPF object with its maps pinned under `bpffs` (mounted there by the loader).
     pub fn load(bpffs: &Path) -> RealDatapath {
-        let (dp, reader, events) = BpfDatapath::load(bpffs, DatapathConfig::default())
-            .unwrap_or_else(|e| panic!("loading the datapath: {e}"));
+        // One program's verdict at a time, every packet counted, as the model has it.
+        Self::load_with(
+            bpffs,
+            DatapathConfig {
+                fast_path: false,
+                conntrack_accounting: true,
+                ..DatapathConfig::default()
+            },
+        )
+    }
+
+    /// `load` with other settings (the benchmarks compare them).
+    pub fn load_with(bpffs: &Path, cfg: DatapathConfig) -> RealDatapath {
+        let (dp, reader, events) =
+            BpfDatapath::load(bpffs, cfg).unwrap_or_else(|e| panic!("loading the datapath: {e}"));
         let conntrack = HashMap::try_from(Map::LruHashMap(pinned(bpffs, names::CONNTRACK)))
             .expect("conntrack map");
         let config = Array::try_from(Map::Array(pinned(bpffs, names::CONFIG))).expect("config map");
@@ -279,6 +293,21 @@ impl RealDatapath {
         self.conntrack
             .insert(raw_key, raw, 0)
             .expect("conntrack insert");
+    }
+
+    /// Runs `program` `repeat` times on `frame` as arriving on `ifindex`: its return value
+    /// and the kernel's mean time per run (for the benchmarks). Must be called from a thread
+    /// inside the namespace that holds `ifindex`.
+    pub fn time_run(
+        &self,
+        program: Program,
+        frame: &[u8],
+        ifindex: u32,
+        repeat: u32,
+    ) -> Result<(u32, std::time::Duration), String> {
+        self.dp
+            .time_run(program.name(), frame, ifindex, repeat)
+            .map_err(|e| format!("timed test run: {e}"))
     }
 
     /// Runs `program` once on `frame` as arriving on `ifindex` with `mark` and `priority`.

@@ -210,6 +210,9 @@ pub struct BpfDatapath {
     policy: LpmTrie<MapData, RawPolicyKey, PolicyValue>,
     ipcache: LpmTrie<MapData, IpcacheKey, IpcacheValue>,
     endpoints: HashMap<MapData, u32, EndpointInfo>,
+    /// An endpoint's address -> its host-side ifindex, for the fast path; kept beside
+    /// `endpoints` by `apply`.
+    endpoint_by_addr: HashMap<MapData, [u8; 16], u32>,
     conntrack: HashMap<MapData, CtKey, CtEntry>,
     config: Array<MapData, Config>,
 }
@@ -223,6 +226,10 @@ pub struct DatapathConfig {
     pub ct_other_timeout_s: u32,
     pub events_per_second: u32,
     pub events_burst: u32,
+    /// Deliver between local endpoints in BPF (`CONFIG_FLAG_FAST_PATH`).
+    pub fast_path: bool,
+    /// Count every packet and byte in conntrack entries (`CONFIG_FLAG_CT_ACCOUNTING`).
+    pub conntrack_accounting: bool,
 }
 
 impl Default for DatapathConfig {
@@ -235,8 +242,21 @@ impl Default for DatapathConfig {
             ct_other_timeout_s: 60,
             events_per_second: 1_000,
             events_burst: 2_000,
+            fast_path: true,
+            conntrack_accounting: false,
         }
     }
+}
+
+fn config_flags(cfg: DatapathConfig) -> u32 {
+    let mut flags = 0;
+    if cfg.fast_path {
+        flags |= palisade_common::config::CONFIG_FLAG_FAST_PATH;
+    }
+    if cfg.conntrack_accounting {
+        flags |= palisade_common::config::CONFIG_FLAG_CT_ACCOUNTING;
+    }
+    flags
 }
 
 fn take_map(bpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, BpfError> {
@@ -284,6 +304,8 @@ impl BpfDatapath {
             .map_err(map_err(names::IPCACHE, "open"))?;
         let endpoints = HashMap::try_from(take_map(&mut bpf, names::ENDPOINTS)?)
             .map_err(map_err(names::ENDPOINTS, "open"))?;
+        let endpoint_by_addr = HashMap::try_from(take_map(&mut bpf, names::ENDPOINT_BY_ADDR)?)
+            .map_err(map_err(names::ENDPOINT_BY_ADDR, "open"))?;
         let conntrack = HashMap::try_from(take_map(&mut bpf, names::CONNTRACK)?)
             .map_err(map_err(names::CONNTRACK, "open"))?;
         let reader = MapReader::open(&maps_dir)?;
@@ -305,6 +327,7 @@ impl BpfDatapath {
             ct_other_timeout_s: cfg.ct_other_timeout_s,
             events_per_second: cfg.events_per_second,
             events_burst: cfg.events_burst,
+            flags: config_flags(cfg),
         };
         config
             .set(0, next, 0)
@@ -315,19 +338,63 @@ impl BpfDatapath {
             restarted = previous.initialized != 0,
             "datapath loaded"
         );
-        Ok((
-            Self {
-                bpf,
-                links_dir,
-                policy,
-                ipcache,
-                endpoints,
-                conntrack,
-                config,
-            },
-            reader,
-            events,
-        ))
+        let mut dp = Self {
+            bpf,
+            links_dir,
+            policy,
+            ipcache,
+            endpoints,
+            endpoint_by_addr,
+            conntrack,
+            config,
+        };
+        dp.rebuild_endpoint_addresses()?;
+        Ok((dp, reader, events))
+    }
+
+    /// Makes the address map say exactly what the endpoint map does: after a restart the
+    /// engine finds the endpoints already written and writes neither again (and an agent
+    /// from before the address map left it empty).
+    fn rebuild_endpoint_addresses(&mut self) -> Result<(), BpfError> {
+        let want: std::collections::BTreeMap<[u8; 16], u32> = self
+            .endpoints
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(ifindex, e)| (e.addr, ifindex))
+            .collect();
+        let stale: Vec<[u8; 16]> = self
+            .endpoint_by_addr
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(addr, ifindex)| want.get(addr) != Some(ifindex))
+            .map(|(addr, _)| addr)
+            .collect();
+        for addr in stale {
+            self.remove_endpoint_address(&addr, None)?;
+        }
+        for (addr, ifindex) in want {
+            self.endpoint_by_addr
+                .insert(addr, ifindex, 0)
+                .map_err(map_err(names::ENDPOINT_BY_ADDR, "insert"))?;
+        }
+        Ok(())
+    }
+
+    /// Removes `addr` from the address map, when it still names `ifindex` (any, with None).
+    fn remove_endpoint_address(
+        &mut self,
+        addr: &[u8; 16],
+        ifindex: Option<u32>,
+    ) -> Result<(), BpfError> {
+        if let Some(ifindex) = ifindex
+            && self.endpoint_by_addr.get(addr, 0).ok() != Some(ifindex)
+        {
+            return Ok(());
+        }
+        match self.endpoint_by_addr.remove(addr) {
+            Ok(()) | Err(MapError::KeyNotFound | MapError::ElementNotFound) => Ok(()),
+            Err(err) => Err(map_err(names::ENDPOINT_BY_ADDR, "remove")(err)),
+        }
     }
 
     fn link_pin(&self, ifname: &str, ifindex: u32, attach: &str) -> PathBuf {
@@ -447,13 +514,30 @@ impl Datapath for BpfDatapath {
             applied += 1;
         }
         for (id, e) in &diff.endpoint_upserts {
+            let info = convert::endpoint_info(*id, e);
+            let previous = self.endpoints.get(&e.ifindex, 0).ok();
             self.endpoints
-                .insert(e.ifindex, convert::endpoint_info(*id, e), 0)
+                .insert(e.ifindex, info, 0)
                 .map_err(map_err(names::ENDPOINTS, "insert"))
+                .map_err(fail(applied))?;
+            // The endpoint first, then the address that leads to it (the datapath checks the
+            // one against the other either way).
+            if let Some(old) = previous
+                && old.addr != info.addr
+            {
+                self.remove_endpoint_address(&old.addr, Some(e.ifindex))
+                    .map_err(fail(applied))?;
+            }
+            self.endpoint_by_addr
+                .insert(info.addr, e.ifindex, 0)
+                .map_err(map_err(names::ENDPOINT_BY_ADDR, "insert"))
                 .map_err(fail(applied))?;
             applied += 1;
         }
-        for (_, e) in &diff.endpoint_removals {
+        for (id, e) in &diff.endpoint_removals {
+            let addr = convert::endpoint_info(*id, e).addr;
+            self.remove_endpoint_address(&addr, Some(e.ifindex))
+                .map_err(fail(applied))?;
             match self.endpoints.remove(&e.ifindex) {
                 Ok(()) | Err(MapError::KeyNotFound | MapError::ElementNotFound) => {}
                 Err(err) => return Err(fail(applied)(map_err(names::ENDPOINTS, "remove")(err))),
@@ -706,6 +790,42 @@ const SK_BUFF_PRIORITY: usize = 32;
 const SK_BUFF_IFINDEX: usize = 40;
 
 impl BpfDatapath {
+    /// Runs one classifier `repeat` times on `frame` as `test_run` does (mark and priority 0)
+    /// and returns its last return value and the kernel's mean time per run: the program's
+    /// own cost per packet, for the benchmarks.
+    pub fn time_run(
+        &self,
+        program: &'static str,
+        frame: &[u8],
+        ifindex: u32,
+        repeat: u32,
+    ) -> Result<(u32, std::time::Duration), BpfError> {
+        use aya::programs::{TestRun as _, TestRunOptions};
+        let prog: &SchedClassifier = self
+            .bpf
+            .program(program)
+            .ok_or(BpfError::MissingProgram { name: program })?
+            .try_into()
+            .map_err(|source| BpfError::Program {
+                name: program,
+                source,
+            })?;
+        let mut ctx_in = [0u8; SK_BUFF_SIZE];
+        ctx_in[SK_BUFF_IFINDEX..SK_BUFF_IFINDEX + 4].copy_from_slice(&ifindex.to_ne_bytes());
+        let result = prog
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                ctx_in: Some(&ctx_in),
+                repeat,
+                ..TestRunOptions::default()
+            })
+            .map_err(|source| BpfError::Program {
+                name: program,
+                source,
+            })?;
+        Ok((result.return_value, result.duration))
+    }
+
     /// Runs one classifier (`names::PROG_FROM_ENDPOINT` or `PROG_TO_ENDPOINT`) once with
     /// BPF_PROG_TEST_RUN on `frame` (Ethernet header onwards, at least 14 bytes) as if it
     /// arrived on `ifindex` with skb mark `mark` and priority `priority`, against the live

@@ -12,6 +12,12 @@ use palisade_integration::traffic;
 
 use crate::{build_binaries, workspace_root};
 
+mod micro;
+mod path;
+mod stats;
+mod svg;
+mod tools;
+
 pub(crate) fn write_result(name: &str, title: &str, body: &str) -> anyhow::Result<()> {
     let dir = workspace_root().join("docs/benchmarks");
     std::fs::create_dir_all(&dir)?;
@@ -171,6 +177,30 @@ pub fn run(which: Option<String>) -> anyhow::Result<()> {
     }
     if all || which == "prefilter" {
         crate::bench_prefilter::run()?;
+    }
+    if all || which == "datapath" || which == "datapath-baseline" {
+        tools::ensure_packages()?;
+        let bin_dir = build_binaries(true)?;
+        // SAFETY: single-threaded here; the fixture reads it.
+        unsafe { std::env::set_var("PALISADE_BIN_DIR", &bin_dir) };
+        let mut opts = path::Options::from_env()?;
+        opts.without_fast_path = which != "datapath-baseline";
+        let dir = workspace_root().join("docs/benchmarks");
+        let (body, plot) = path::run(&opts, &dir)?;
+        std::fs::write(dir.join("datapath.svg"), plot)?;
+        write_result(
+            "datapath",
+            "The datapath between two endpoints, side by side with the plain path, iptables and nftables",
+            &body,
+        )?;
+    }
+    if all || which == "datapath-micro" {
+        let body = micro::run()?;
+        write_result(
+            "datapath-micro",
+            "The datapath programs' own cost per packet",
+            &body,
+        )?;
     }
     if all || which == "kubernetes-scale" {
         crate::bench_k8s::run()?;
