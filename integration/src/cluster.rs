@@ -124,10 +124,24 @@ impl Cluster {
         let (a, b) = (&self.nodes[0], &self.nodes[1]);
         let (ea, eb) = (format!("{}l", a.node.tag), format!("{}l", b.node.tag));
         let out = ip(&[
-            "link", "add", &ea, "netns", &a.node.netns, "type", "veth", "peer", "name", &eb,
-            "netns", &b.node.netns,
+            "link",
+            "add",
+            &ea,
+            "netns",
+            &a.node.netns,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &eb,
+            "netns",
+            &b.node.netns,
         ]);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         for (n, dev) in [(a, &ea), (b, &eb)] {
             for args in [
                 vec!["-n", &n.node.netns, "link", "set", "lo", "up"],
@@ -136,7 +150,11 @@ impl Cluster {
                 assert!(ip(&args).status.success());
             }
             let cidr = format!("{}/24", n.ip);
-            assert!(ip(&["-n", &n.node.netns, "addr", "add", &cidr, "dev", dev]).status.success());
+            assert!(
+                ip(&["-n", &n.node.netns, "addr", "add", &cidr, "dev", dev])
+                    .status
+                    .success()
+            );
         }
         self.link = Some(ea);
     }
@@ -293,7 +311,12 @@ impl Cluster {
             "status": {"phase": "Pending"},
         });
         self.api.upsert(&pod);
-        let container = n.node.container(&format!("{name}-{namespace}").chars().take(12).collect::<String>());
+        let container = n.node.container(
+            &format!("{name}-{namespace}")
+                .chars()
+                .take(12)
+                .collect::<String>(),
+        );
         let list = self.node_network(i);
         let mut conf = list["plugins"][0].clone();
         conf["cniVersion"] = list["cniVersion"].clone();
@@ -336,7 +359,16 @@ impl Cluster {
         let mut conf = list["plugins"][0].clone();
         conf["cniVersion"] = list["cniVersion"].clone();
         conf["name"] = list["name"].clone();
-        n.node.run_plugin("palisade-cni", "DEL", Some(&pod.container), "eth0", &conf, &[]).ok();
+        n.node
+            .run_plugin(
+                "palisade-cni",
+                "DEL",
+                Some(&pod.container),
+                "eth0",
+                &conf,
+                &[],
+            )
+            .ok();
         self.api
             .remove("v1", "Pod", &pod.namespace, &pod.name)
             .expect("the pod object");
@@ -358,18 +390,23 @@ impl Cluster {
     /// Node `i`'s endpoint for a pod, once it has its labels' identity.
     pub fn endpoint(&self, i: usize, pod: &KubePod) -> Value {
         let mut found = Value::Null;
-        self.eventually(i, &format!("{}/{} has its identity", pod.namespace, pod.name), || {
-            let list = self.nodes[i].node.json(&["endpoint", "list"]);
-            if let Some(e) = list.as_array().and_then(|l| {
-                l.iter()
-                    .find(|e| e["name"] == pod.name.as_str() && e["namespace"] == pod.namespace.as_str())
-            }) && e["pending_labels"] == false
-            {
-                found = e.clone();
-                return true;
-            }
-            false
-        });
+        self.eventually(
+            i,
+            &format!("{}/{} has its identity", pod.namespace, pod.name),
+            || {
+                let list = self.nodes[i].node.json(&["endpoint", "list"]);
+                if let Some(e) = list.as_array().and_then(|l| {
+                    l.iter().find(|e| {
+                        e["name"] == pod.name.as_str() && e["namespace"] == pod.namespace.as_str()
+                    })
+                }) && e["pending_labels"] == false
+                {
+                    found = e.clone();
+                    return true;
+                }
+                false
+            },
+        );
         found
     }
 }

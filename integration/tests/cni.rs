@@ -358,8 +358,7 @@ fn chained_after_bridge_and_after_ptp_palisade_judges_the_previous_plugins_veth(
         let http = node.flows(&["--protocol", "http", "--to-port", "8080"]);
         assert!(
             http.iter()
-                .any(|f| f["source"]["name"] == format!("{plugin}c")
-                    && f["verdict"] == "DROPPED"),
+                .any(|f| f["source"]["name"] == format!("{plugin}c") && f["verdict"] == "DROPPED"),
             "{plugin}: the proxy judged the client: {http:?}"
         );
         let _ = node.palisade(&["policy", "delete", "web-http", "--namespace", "shop"]);

@@ -86,12 +86,24 @@ fn pods_namespaces_and_every_policy_kind_from_the_api_are_enforced() {
         &["replace"],
         &WEB_FROM_CLIENTS.replace("{app: client}", "{}"),
     );
-    until_connects(&c, &other, &web, true, "the changed policy allows every pod");
+    until_connects(
+        &c,
+        &other,
+        &web,
+        true,
+        "the changed policy allows every pod",
+    );
     c.kubectl_stdin(&["delete"], WEB_FROM_CLIENTS);
 
     // palisade.io/v1, with its status.
     c.kubectl_stdin(&["create"], PALISADE_WEB);
-    until_connects(&c, &other, &web, false, "the palisade.io policy denies other");
+    until_connects(
+        &c,
+        &other,
+        &web,
+        false,
+        "the palisade.io policy denies other",
+    );
     assert!(connects(&client, &web));
     c.eventually(0, "the policy's Valid condition is True", || {
         valid_condition(&c, "web-l4").is_some_and(|(s, _)| s == "True")
@@ -106,27 +118,35 @@ fn pods_namespaces_and_every_policy_kind_from_the_api_are_enforced() {
         ),
     );
     c.eventually(0, "the policy's Valid condition is False", || {
-        valid_condition(&c, "web-l4").is_some_and(|(s, m)| s == "False" && m.contains("10.0.0.0/33"))
+        valid_condition(&c, "web-l4")
+            .is_some_and(|(s, m)| s == "False" && m.contains("10.0.0.0/33"))
     });
     c.eventually(0, "a PolicyRejected event", || {
-        c.api.events().iter().any(|e| {
-            e["reason"] == "PolicyRejected" && e["involvedObject"]["name"] == "web-l4"
-        })
+        c.api
+            .events()
+            .iter()
+            .any(|e| e["reason"] == "PolicyRejected" && e["involvedObject"]["name"] == "web-l4")
     });
     assert!(connects(&client, &web), "the previous version still holds");
     assert!(!connects(&other, &web), "the previous version still holds");
     let table = c.kubectl(0, &["get", "palisadenetworkpolicies", "-n", "shop"]);
     let table = String::from_utf8_lossy(&table.stdout).into_owned();
-    assert!(table.contains("VALID") && table.contains("False"), "{table}");
+    assert!(
+        table.contains("VALID") && table.contains("False"),
+        "{table}"
+    );
 
     // A pod's labels and a namespace's labels move it between identities.
-    let mut relabelled = c
-        .api
-        .get("v1", "Pod", "shop", "other")
-        .expect("the pod");
+    let mut relabelled = c.api.get("v1", "Pod", "shop", "other").expect("the pod");
     relabelled["metadata"]["labels"]["app"] = Value::from("client");
     c.api.upsert(&relabelled);
-    until_connects(&c, &other, &web, true, "other, relabelled a client, is allowed");
+    until_connects(
+        &c,
+        &other,
+        &web,
+        true,
+        "other, relabelled a client, is allowed",
+    );
     c.kubectl_stdin(&["delete"], PALISADE_WEB);
 }
 
@@ -144,10 +164,20 @@ fn cilium_policies_are_picked_up_when_their_crd_is_installed_later() {
         &["create"],
         "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: web, namespace: shop}\nspec:\n  endpointSelector: {matchLabels: {app: web}}\n  ingress:\n  - fromEndpoints: [{matchLabels: {app: client}}]\n",
     );
-    until_connects(&c, &other, &web, false, "the CiliumNetworkPolicy denies other");
+    until_connects(
+        &c,
+        &other,
+        &web,
+        false,
+        "the CiliumNetworkPolicy denies other",
+    );
     // The CRD removed: its policies go with it.
     let out = c.kubectl(0, &["delete", "crd", "ciliumnetworkpolicies.cilium.io"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     until_connects(&c, &other, &web, true, "without the CRD its policy is gone");
 }
 
@@ -209,14 +239,21 @@ fn a_dropped_watch_and_410_gone_relist_without_a_gap_and_remove_what_went_away()
     let mut spare_gone = false;
     while relist_started.elapsed() < Duration::from_secs(20) {
         let p = policies(&c);
-        assert!(p.contains(&"web".to_string()), "the policy web went missing: {p:?}");
+        assert!(
+            p.contains(&"web".to_string()),
+            "the policy web went missing: {p:?}"
+        );
         if !p.contains(&"spare".to_string()) {
             spare_gone = true;
             break;
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    assert!(spare_gone, "the relist did not remove what was deleted:\n{}", c.nodes[0].node.agent_log());
+    assert!(
+        spare_gone,
+        "the relist did not remove what was deleted:\n{}",
+        c.nodes[0].node.agent_log()
+    );
     assert!(!connects(&other, &web) && connects(&client, &web));
 }
 
@@ -258,23 +295,40 @@ fn a_restart_while_the_api_changes_resyncs_and_keeps_enforcing() {
     c.api.pause(PauseMode::Refuse);
     let node = &mut c.nodes[0].node;
     node.start_agent();
-    assert!(!connects(&other, &web) && connects(&client, &web), "enforcement kept while the API is away");
+    assert!(
+        !connects(&other, &web) && connects(&client, &web),
+        "enforcement kept while the API is away"
+    );
     c.api.resume();
-    until_connects(&c, &other, &web, true, "after the resync, the changed policy");
-    assert!(!connects(&client, &web), "the changed policy allows only other");
+    until_connects(
+        &c,
+        &other,
+        &web,
+        true,
+        "after the resync, the changed policy",
+    );
+    assert!(
+        !connects(&client, &web),
+        "the changed policy allows only other"
+    );
     let log = c.nodes[0].node.agent_log();
-    assert!(log.contains("watch failing") || log.contains("retrying"), "the outage is logged:\n{log}");
+    assert!(
+        log.contains("watch failing") || log.contains("retrying"),
+        "the outage is logged:\n{log}"
+    );
 }
 
 #[test]
 fn missing_rbac_is_named_in_one_line_and_enforcement_stays() {
     let c = Cluster::start("k8s-rbac", 1, true, &[]);
-    let id = c.api.inject(palisade_integration::kube_api::Fault::forbidden(
-        "system:serviceaccount:palisade:palisade",
-        "list",
-        "",
-        "pods",
-    ));
+    let id = c
+        .api
+        .inject(palisade_integration::kube_api::Fault::forbidden(
+            "system:serviceaccount:palisade:palisade",
+            "list",
+            "",
+            "pods",
+        ));
     c.api.drop_watches();
     c.api.compact();
     c.eventually(0, "the missing permission is named", || {
@@ -300,7 +354,10 @@ fn two_nodes_share_identities_and_enforce_across_the_link() {
     // Same labels, same number on both nodes.
     let twin = c.pod(1, "shop", "web-2", &[("app", "web")]);
     let web_b = c.endpoint(1, &twin);
-    assert_eq!(web_a["identity"], web_b["identity"], "identities equal across nodes");
+    assert_eq!(
+        web_a["identity"], web_b["identity"],
+        "identities equal across nodes"
+    );
     // Node a knows b's client by the number b gave it.
     c.eventually(0, "node a has the identity of node b's client", || {
         let ids = c.nodes[0].node.json(&["identity", "list"]);
@@ -311,23 +368,46 @@ fn two_nodes_share_identities_and_enforce_across_the_link() {
     c.eventually(0, "a cross-node connection", || connects(&client, &web));
     assert!(connects(&other, &web), "no policy yet");
     c.kubectl_stdin(&["create"], WEB_FROM_CLIENTS);
-    until_connects(&c, &other, &web, false, "other, on node b, is denied by web's policy on node a");
+    until_connects(
+        &c,
+        &other,
+        &web,
+        false,
+        "other, on node b, is denied by web's policy on node a",
+    );
     assert!(connects(&client, &web), "client, on node b, is allowed");
     // Trace from a pod of node b to one of node a, on node a: its side, and who judges the other.
     let trace = c.nodes[0].node.palisade_ok(&[
-        "policy", "trace", "--from", "shop/other", "--to", "shop/web", "--port", "80",
+        "policy",
+        "trace",
+        "--from",
+        "shop/other",
+        "--to",
+        "shop/web",
+        "--port",
+        "80",
     ]);
-    assert!(trace.starts_with("DENIED shop/other -> shop/web on 80/TCP (this node's side)"), "{trace}");
+    assert!(
+        trace.starts_with("DENIED shop/other -> shop/web on 80/TCP (this node's side)"),
+        "{trace}"
+    );
     assert!(trace.contains("judged on node node-b"), "{trace}");
     // Node a's flows name the pods of node b, with the identity the cluster gave them.
-    let flows = c.nodes[0].node.flows(&["--from-pod", "shop/other", "--verdict", "DROPPED"]);
+    let flows = c.nodes[0]
+        .node
+        .flows(&["--from-pod", "shop/other", "--verdict", "DROPPED"]);
     let denied = flows
         .iter()
         .find(|f| f["destination"]["name"] == "web")
         .unwrap_or_else(|| panic!("no flow of other's denied connection: {flows:?}"));
     assert_eq!(denied["source"]["namespace"], "shop");
     assert_eq!(denied["source"]["name"], "other");
-    assert!(denied["source"]["labels"].to_string().contains("k8s:app=other"), "{denied}");
+    assert!(
+        denied["source"]["labels"]
+            .to_string()
+            .contains("k8s:app=other"),
+        "{denied}"
+    );
 }
 
 #[test]
@@ -373,7 +453,10 @@ fn namespace_labels_clusterwide_policies_deleted_pods_and_unused_identities() {
             .iter()
             .any(|o| o["metadata"]["name"] == id.as_str())
     });
-    let web_id = c.endpoint(0, &web)["identity"].as_u64().expect("identity").to_string();
+    let web_id = c.endpoint(0, &web)["identity"]
+        .as_u64()
+        .expect("identity")
+        .to_string();
     assert!(
         c.api
             .list("palisade.io/v1", "PalisadeIdentity")
@@ -403,7 +486,10 @@ fn a_namespace_label_sets_its_mode_and_monitor_reports_without_dropping() {
     until_connects(&c, &client, &web, true, "monitor: the violation passes");
     let node = &c.nodes[0].node;
     let status = node.json(&["status"]);
-    assert_eq!(status["audit"]["namespace_modes"]["shop"], "monitor", "{status}");
+    assert_eq!(
+        status["audit"]["namespace_modes"]["shop"], "monitor",
+        "{status}"
+    );
     assert_eq!(
         c.endpoint(0, &web)["identity"],
         identity,
@@ -425,5 +511,11 @@ fn a_namespace_label_sets_its_mode_and_monitor_reports_without_dropping() {
     );
 
     c.namespace("shop", &[]);
-    until_connects(&c, &client, &web, false, "the label removed: protected again");
+    until_connects(
+        &c,
+        &client,
+        &web,
+        false,
+        "the label removed: protected again",
+    );
 }

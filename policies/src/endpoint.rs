@@ -74,7 +74,9 @@ pub fn is_iana_svc_name(s: &str) -> bool {
 /// Link-layer facts of an endpoint's veth that the datapath needs: read by the agent from the
 /// interfaces (never from a policy). All zero when unknown, which the datapath handles by
 /// taking the node's own path.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+)]
 pub struct LinkLayer {
     /// MAC of the endpoint's own interface, inside its namespace.
     pub mac: [u8; 6],

@@ -10,8 +10,8 @@
 //! ports, which depend on every endpoint's). [`diff`] turns the result into map operations
 //! against what the maps hold, reading only the touched endpoints' entries.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use ipnetwork::Ipv4Network;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use crate::compile::{
     CompileInput, EndpointCompiled, L7Policy, RuleTable, Settings, Shared, build_ipcache,
@@ -191,7 +191,10 @@ impl Compiler {
 
     /// The endpoints whose entries may differ from the last compile's.
     fn touched(&mut self, input: &CompileInput<'_>) -> BTreeSet<EndpointId> {
-        let prev = self.prev.as_ref().expect("an incremental compile has a previous one");
+        let prev = self
+            .prev
+            .as_ref()
+            .expect("an incremental compile has a previous one");
         let mut touched = BTreeSet::new();
 
         // Endpoints that came, went or changed.
@@ -272,10 +275,9 @@ impl Compiler {
             for (identity, refs) in &self.subjects {
                 let hit = refs.iter().any(|(r, _)| {
                     *affected.entry(r).or_insert_with(|| {
-                        input
-                            .policies
-                            .get(r)
-                            .is_some_and(|p| peers_of(p).any(|peer| changed_clauses.contains_key(peer)))
+                        input.policies.get(r).is_some_and(|p| {
+                            peers_of(p).any(|peer| changed_clauses.contains_key(peer))
+                        })
                     })
                 });
                 if hit {
@@ -327,7 +329,9 @@ pub fn diff(applied: &MapState, delta: &Delta) -> MapDiff {
         };
         for (id, c) in &delta.endpoints {
             if let Some(c) = c {
-                desired.policy.extend(c.policy.iter().map(|(k, v)| (*k, *v)));
+                desired
+                    .policy
+                    .extend(c.policy.iter().map(|(k, v)| (*k, *v)));
                 if let Some(e) = c.entry {
                     desired.endpoints.insert(*id, e);
                 }
@@ -441,7 +445,14 @@ mod tests {
 
     /// Policies of eight shapes: pod peers, CIDR peers with an exception, entities, deny
     /// rules, named ports both ways, HTTP rules, an egress-only policy.
-    fn policy(slot: usize, shape: usize, ns: usize, subject: usize, peer: usize, port: u16) -> Policy {
+    fn policy(
+        slot: usize,
+        shape: usize,
+        ns: usize,
+        subject: usize,
+        peer: usize,
+        port: u16,
+    ) -> Policy {
         let ns = NAMESPACES[ns];
         let peers = |p: Vec<Peer>| Peers::Some(p);
         let rule = |peers, ports| Rule {
@@ -482,7 +493,10 @@ mod tests {
                 }]),
                 dns: None,
             }),
-            _ => egress.push(rule(peers(vec![Peer::Entity(Entity::Cluster)]), vec![tcp(53)])),
+            _ => egress.push(rule(
+                peers(vec![Peer::Entity(Entity::Cluster)]),
+                vec![tcp(53)],
+            )),
         }
         let dir = |allow: Vec<Rule>, deny: Vec<Rule>| DirectionPolicy {
             default_deny: !allow.is_empty() || !deny.is_empty(),
@@ -520,7 +534,11 @@ mod tests {
         fn identity(&mut self, ns: &str, a: &str) -> Identity {
             let ns_labels = labels(&[("kubernetes.io/metadata.name", ns)]);
             self.alloc
-                .acquire(&workload_identity_labels(ns, &ns_labels, &labels(&[("app", a)])))
+                .acquire(&workload_identity_labels(
+                    ns,
+                    &ns_labels,
+                    &labels(&[("app", a)]),
+                ))
                 .unwrap()
         }
 
@@ -670,7 +688,10 @@ mod tests {
             let d = compiler.compile(&input, &mut rules);
             (d.full, d.endpoints.keys().copied().collect::<Vec<_>>())
         };
-        assert_eq!(compile(&mut world), (true, vec![EndpointId(1), EndpointId(2), EndpointId(3)]));
+        assert_eq!(
+            compile(&mut world),
+            (true, vec![EndpointId(1), EndpointId(2), EndpointId(3)])
+        );
         // The policy selects app a (endpoint 1); its port changes.
         world.step(&Step::Apply(0, 0, 0, 0, 1, 81));
         assert_eq!(compile(&mut world), (false, vec![EndpointId(1)]));

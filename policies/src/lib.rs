@@ -16,11 +16,11 @@
 
 pub mod audit;
 pub mod compile;
-pub mod incremental;
 pub mod datapath_model;
 pub mod endpoint;
 pub mod fqdn;
 pub mod identity;
+pub mod incremental;
 pub mod l7;
 pub mod labels;
 pub mod learn;

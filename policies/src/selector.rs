@@ -70,7 +70,10 @@ impl<'a> IdentityIndex<'a> {
     }
 
     /// CIDR identities (and their aliases) whose prefix lies inside `outer`.
-    fn cidrs_within(&self, outer: Ipv4Network) -> impl Iterator<Item = (Ipv4Network, Identity, bool)> + '_ {
+    fn cidrs_within(
+        &self,
+        outer: Ipv4Network,
+    ) -> impl Iterator<Item = (Ipv4Network, Identity, bool)> + '_ {
         let first = u32::from(outer.network());
         let last = u32::from(outer.broadcast());
         self.cidrs
@@ -227,7 +230,8 @@ impl SelectorCache {
     /// The identities `peer` selects; resolved through `index` the first time it is asked for.
     pub fn select(&mut self, peer: &Peer, index: &LazyIndex<'_>) -> &BTreeSet<Identity> {
         if !self.selections.contains_key(peer) {
-            self.selections.insert(peer.clone(), index.get().select(peer));
+            self.selections
+                .insert(peer.clone(), index.get().select(peer));
         }
         &self.selections[peer]
     }
@@ -270,7 +274,11 @@ impl SelectorCache {
                 }
             }
             // An identity whose source changed may be selected before and after.
-            let both: Vec<Identity> = change.added.intersection(&change.removed).copied().collect();
+            let both: Vec<Identity> = change
+                .added
+                .intersection(&change.removed)
+                .copied()
+                .collect();
             for id in both {
                 change.added.remove(&id);
                 change.removed.remove(&id);

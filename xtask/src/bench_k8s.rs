@@ -145,7 +145,8 @@ pub fn run() -> anyhow::Result<()> {
         let path = f?.path();
         let crd: Value = serde_norway::from_str(&std::fs::read_to_string(&path)?)
             .with_context(|| format!("{}", path.display()))?;
-        api.create(&crd).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        api.create(&crd)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     }
     let filled = Instant::now();
     let local = populate(&api);
@@ -190,7 +191,10 @@ pub fn run() -> anyhow::Result<()> {
     let started = Instant::now();
     node.start_agent();
     let remote_pods = (NAMESPACES * PODS_PER_NAMESPACE - local.len()) as u64;
-    let cold = started.elapsed() + wait_for("the first sync", Duration::from_mins(10), || synced(remote_pods))?;
+    let cold = started.elapsed()
+        + wait_for("the first sync", Duration::from_mins(10), || {
+            synced(remote_pods)
+        })?;
     let cold_requests = api.requests();
     let identities = api.list("palisade.io/v1", "PalisadeIdentity").len();
     let pid = node.agent_pid().context("the agent runs")?;
@@ -210,13 +214,21 @@ pub fn run() -> anyhow::Result<()> {
     for (i, (ns, name)) in local.iter().enumerate() {
         let c = node.container(&format!("p{i}"));
         let args = format!("IgnoreUnknown=1;K8S_POD_NAMESPACE={ns};K8S_POD_NAME={name}");
-        let r = node.run_plugin("palisade-cni", "ADD", Some(&c), "eth0", &conf, &[("CNI_ARGS", &args)]);
+        let r = node.run_plugin(
+            "palisade-cni",
+            "ADD",
+            Some(&c),
+            "eth0",
+            &conf,
+            &[("CNI_ARGS", &args)],
+        );
         if r.code != 0 {
             bail!("CNI ADD of {ns}/{name}: {}", r.stdout);
         }
     }
     let attach = attach_started.elapsed();
-    let entries = agent_status(&socket).map_or(0, |s| s["policy_map_entries"].as_u64().unwrap_or(0));
+    let entries =
+        agent_status(&socket).map_or(0, |s| s["policy_map_entries"].as_u64().unwrap_or(0));
     let rss_attached = rss_mib(pid);
 
     // A policy created in the API -> in force in the agent's maps.
@@ -227,7 +239,8 @@ pub fn run() -> anyhow::Result<()> {
         p["metadata"]["name"] = json!(format!("new-{n}"));
         let want = (policies + n + 1) as u64;
         let t = Instant::now();
-        api.create(&p).map_err(|e| anyhow::anyhow!("creating a policy: {e}"))?;
+        api.create(&p)
+            .map_err(|e| anyhow::anyhow!("creating a policy: {e}"))?;
         wait_for("a new policy in force", Duration::from_secs(30), || {
             agent_status(&socket).is_some_and(|s| s["policies"].as_u64() == Some(want))
         })?;

@@ -148,7 +148,10 @@ fn wrk(netns: &str, url: &str, script: &std::path::Path) -> anyhow::Result<Run> 
         .output()
         .context("running wrk")?;
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    if text.lines().any(|l| l.contains("Non-2xx") || l.contains("Socket errors")) {
+    if text
+        .lines()
+        .any(|l| l.contains("Non-2xx") || l.contains("Socket errors"))
+    {
         bail!("wrk saw errors for {url}:\n{text}");
     }
     parse_wrk(&text).with_context(|| format!("unexpected wrk output for {url}:\n{text}"))
@@ -235,7 +238,10 @@ pub(crate) fn run() -> anyhow::Result<()> {
          | path | requests/s (min–max) | p50 (µs) | p99 (µs) | p99.9 (µs) | p99 added vs direct (µs) |\n\
          |---|---|---|---|---|---|\n{}\n{}\n{}",
         row("direct (L3/L4 only, no proxy)", direct),
-        row("Palisade L7 proxy (transparent redirect)", summarize(&palisade)),
+        row(
+            "Palisade L7 proxy (transparent redirect)",
+            summarize(&palisade)
+        ),
         row("nginx as a filtering reverse proxy", summarize(&nginx)),
     );
     write_result("l7-proxy", "L7 proxy throughput and latency", &body)

@@ -6,8 +6,8 @@
 
 use std::sync::Arc;
 
-use palisade_engine::views::EngineStatus;
 use palisade_engine::AskError;
+use palisade_engine::views::EngineStatus;
 use tokio::sync::watch;
 
 use crate::datapath::{CounterSample, MapReader};

@@ -10,10 +10,15 @@ use palisade_agent::run::AgentArgs;
 use serde_json::Value;
 
 fn documents(file: &str) -> Vec<Value> {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../policies/deploy").join(file);
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../policies/deploy")
+        .join(file);
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     text.split("\n---")
-        .filter(|d| d.lines().any(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#')))
+        .filter(|d| {
+            d.lines()
+                .any(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#'))
+        })
         .map(|d| serde_norway::from_str(d).unwrap_or_else(|e| panic!("{file}: {e}")))
         .collect()
 }
@@ -41,7 +46,8 @@ fn the_daemonsets_agent_flags_parse_with_the_configmaps_values() {
                 .as_str()
                 .unwrap_or_else(|| panic!("ConfigMap key {key} missing"))
                 .to_string()
-        } else if e.pointer("/valueFrom/fieldRef/fieldPath") == Some(&Value::from("spec.nodeName")) {
+        } else if e.pointer("/valueFrom/fieldRef/fieldPath") == Some(&Value::from("spec.nodeName"))
+        {
             "node-a".to_string()
         } else if let Some(v) = e["value"].as_str() {
             v.to_string()
@@ -63,5 +69,8 @@ fn the_daemonsets_agent_flags_parse_with_the_configmaps_values() {
         .unwrap_or_else(|e| panic!("the DaemonSet's flags do not parse: {e}\n{argv:?}"));
     assert!(args.kubernetes);
     assert_eq!(args.node_name.as_deref(), Some("node-a"));
-    assert_eq!(args.cni_conf_dir.as_deref(), Some(std::path::Path::new("/etc/cni/net.d")));
+    assert_eq!(
+        args.cni_conf_dir.as_deref(),
+        Some(std::path::Path::new("/etc/cni/net.d"))
+    );
 }

@@ -96,7 +96,12 @@ fn ms(d: Duration) -> f64 {
 fn cidr_list(n: usize, skip: usize) -> String {
     let mut out = String::new();
     for i in skip..skip + n {
-        let _ = writeln!(out, "    - ipBlock: {{cidr: 20.{}.{}.0/24}}", i / 256, i % 256);
+        let _ = writeln!(
+            out,
+            "    - ipBlock: {{cidr: 20.{}.{}.0/24}}",
+            i / 256,
+            i % 256
+        );
     }
     out
 }
@@ -156,7 +161,11 @@ async fn cidr_scenario(out: &mut String) -> anyhow::Result<()> {
         "| identities / policy map entries / ipcache entries | {} / {} / {} |",
         status.identities, status.policy_map_entries, status.ipcache_entries
     )?;
-    writeln!(out, "| parsing the manifest (off the engine) | {:.1} ms |", ms(parse))?;
+    writeln!(
+        out,
+        "| parsing the manifest (off the engine) | {:.1} ms |",
+        ms(parse)
+    )?;
     writeln!(
         out,
         "| applying it (compile + diff + write {} map ops) | {:.1} ms |",
@@ -260,7 +269,11 @@ async fn cluster_scenario(out: &mut String) -> anyhow::Result<()> {
         "| endpoints / namespaces / policies | {ENDPOINTS} / {NAMESPACES} / {POLICIES} |"
     )?;
     writeln!(out, "| identities | {} |", status.identities)?;
-    writeln!(out, "| policy map entries | {} |", status.policy_map_entries)?;
+    writeln!(
+        out,
+        "| policy map entries | {} |",
+        status.policy_map_entries
+    )?;
     writeln!(out, "| ipcache entries | {} |", status.ipcache_entries)?;
     writeln!(
         out,

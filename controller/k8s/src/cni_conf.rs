@@ -38,8 +38,8 @@ pub fn write(
     std::fs::create_dir_all(dir)?;
     let path = dir.join(FILE);
     let tmp = dir.join(format!(".{FILE}.tmp"));
-    let text =
-        serde_json::to_string_pretty(&conflist(pod_cidr, api_socket, ipam_dir)).map_err(io::Error::other)?;
+    let text = serde_json::to_string_pretty(&conflist(pod_cidr, api_socket, ipam_dir))
+        .map_err(io::Error::other)?;
     std::fs::write(&tmp, text)?;
     std::fs::rename(&tmp, &path)?;
     Ok(path)

@@ -276,8 +276,9 @@ impl ConnectionFlows {
         }
         let (client, destination) = (self.client, self.destination);
         Arc::clone(
-            self.base
-                .get_or_insert_with(|| Arc::new(FlowBase::new(client, destination, policy, catalog))),
+            self.base.get_or_insert_with(|| {
+                Arc::new(FlowBase::new(client, destination, policy, catalog))
+            }),
         )
     }
 }

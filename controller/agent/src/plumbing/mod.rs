@@ -91,9 +91,7 @@ impl Plumbing for NetlinkPlumbing {
         Ok(LinkLayer {
             mac: l.mac,
             host_mac: l.host_mac,
-            bridge: l
-                .bridge
-                .map(|(ifindex, mac)| BridgeLink { ifindex, mac }),
+            bridge: l.bridge.map(|(ifindex, mac)| BridgeLink { ifindex, mac }),
         })
     }
 
