@@ -3,12 +3,11 @@
 //! requests/s with p50, p99 and p99.9 latency.
 
 use std::process::Command;
-use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use palisade_integration::Node;
 
-use crate::bench::write_result;
+use crate::bench::{tools, write_result};
 use crate::build_binaries;
 
 /// wrk's shape: one thread, 16 keep-alive connections (the figures of issue 12).
@@ -19,91 +18,6 @@ const ROUNDS: usize = 3;
 
 /// Prints the latency percentiles wrk's own report lacks (p99.9), in microseconds.
 const WRK_SCRIPT: &str = "done = function(summary, latency, requests)\n  io.write(string.format(\"PALISADE-PCT %d %d %d\\n\", latency:percentile(50), latency:percentile(99), latency:percentile(99.9)))\nend\n";
-
-/// Debian packages the L7 benchmark drives.
-fn ensure_bench_packages() -> anyhow::Result<()> {
-    let missing: Vec<&str> = [("wrk", "wrk"), ("nginx", "nginx-light")]
-        .into_iter()
-        .filter(|(cmd, _)| {
-            !Command::new("sh")
-                .args(["-c", &format!("command -v {cmd}")])
-                .output()
-                .is_ok_and(|o| o.status.success())
-        })
-        .map(|(_, pkg)| pkg)
-        .collect();
-    if missing.is_empty() {
-        return Ok(());
-    }
-    eprintln!("xtask: installing {missing:?} for the L7 benchmark");
-    crate::run(
-        Command::new("apt-get")
-            .arg("update")
-            .env("DEBIAN_FRONTEND", "noninteractive"),
-    )?;
-    crate::run(
-        Command::new("apt-get")
-            .args(["install", "-y", "--no-install-recommends"])
-            .args(&missing)
-            .env("DEBIAN_FRONTEND", "noninteractive"),
-    )?;
-    // The package may start a system nginx; the benchmark runs its own in namespaces.
-    let _ = Command::new("sh")
-        .args([
-            "-c",
-            "command -v systemctl >/dev/null && systemctl stop nginx; pkill -x nginx",
-        ])
-        .status();
-    Ok(())
-}
-
-/// An nginx in a namespace, stopped on drop.
-struct Nginx {
-    child: std::process::Child,
-}
-
-impl Nginx {
-    fn start(
-        netns: &str,
-        dir: &std::path::Path,
-        name: &str,
-        http_block: &str,
-    ) -> anyhow::Result<Nginx> {
-        let prefix = dir.join(name);
-        std::fs::create_dir_all(prefix.join("logs"))?;
-        let conf = prefix.join("nginx.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "daemon off;\nmaster_process on;\nworker_processes 2;\npid {p}/nginx.pid;\nerror_log {p}/logs/error.log warn;\nevents {{ worker_connections 4096; }}\nhttp {{\n  access_log off;\n  client_body_temp_path {p}/body;\n  proxy_temp_path {p}/proxy;\n  fastcgi_temp_path {p}/fastcgi;\n  uwsgi_temp_path {p}/uwsgi;\n  scgi_temp_path {p}/scgi;\n{http_block}\n}}\n",
-                p = prefix.display()
-            ),
-        )?;
-        let child = Command::new("ip")
-            .args(["netns", "exec", netns, "nginx", "-c"])
-            .arg(&conf)
-            .arg("-p")
-            .arg(&prefix)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .context("starting nginx")?;
-        std::thread::sleep(Duration::from_millis(500));
-        Ok(Nginx { child })
-    }
-}
-
-impl Drop for Nginx {
-    fn drop(&mut self) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(
-                i32::try_from(self.child.id()).expect("a pid fits in pid_t"),
-            ),
-            nix::sys::signal::Signal::SIGTERM,
-        );
-        let _ = self.child.wait();
-    }
-}
 
 /// One wrk run's figures.
 #[derive(Clone, Copy, Debug)]
@@ -179,7 +93,7 @@ fn summarize(runs: &[Run]) -> (Run, f64, f64) {
 
 pub(crate) fn run() -> anyhow::Result<()> {
     const L7_POLICY: &str = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: l7, namespace: x}\nspec:\n  endpointSelector: {matchLabels: {app: server}}\n  ingress:\n  - fromEndpoints: [{matchLabels: {app: client}}]\n    toPorts:\n    - ports: [{port: \"80\", protocol: TCP}]\n      rules:\n        http: [{method: GET, path: \"/public/.*\"}]\n";
-    ensure_bench_packages()?;
+    tools::ensure_packages()?;
     let bin_dir = build_binaries(true)?;
     // SAFETY: single-threaded here; the fixture reads it.
     unsafe { std::env::set_var("PALISADE_BIN_DIR", &bin_dir) };
@@ -187,17 +101,18 @@ pub(crate) fn run() -> anyhow::Result<()> {
     let client = node.add_endpoint("client", "x", "app=client");
     let server = node.add_endpoint("server", "x", "app=server");
     let gateway = node.add_endpoint("gateway", "x", "app=gateway");
-    let _backend = Nginx::start(
+    let _backend = tools::nginx(
         &server.name,
         &node.dir,
         "backend",
+        2,
         "  server { listen 80; location / { return 200 \"ok\\n\"; } }",
     )?;
     let proxy_block = format!(
         "  upstream backend {{ server {}:80; keepalive 64; }}\n  server {{\n    listen 80;\n    location ~ ^/public/ {{\n      limit_except GET {{ deny all; }}\n      proxy_pass http://backend;\n      proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n    }}\n    location / {{ return 403; }}\n  }}",
         server.ip
     );
-    let _gateway = Nginx::start(&gateway.name, &node.dir, "gateway", &proxy_block)?;
+    let _gateway = tools::nginx(&gateway.name, &node.dir, "gateway", 2, &proxy_block)?;
     let script = node.dir.join("percentiles.lua");
     std::fs::write(&script, WRK_SCRIPT)?;
     let url = |ip: std::net::Ipv4Addr| format!("http://{ip}/public/index.html");

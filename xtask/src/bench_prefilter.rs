@@ -384,34 +384,6 @@ fn round(s: &mut Scene, filter: Filter) -> anyhow::Result<(f64, f64, String)> {
     }
 }
 
-fn ensure_packages() -> anyhow::Result<()> {
-    let missing: Vec<&str> = [("iptables", "iptables"), ("nft", "nftables")]
-        .into_iter()
-        .filter(|(cmd, _)| {
-            !Command::new("sh")
-                .args(["-c", &format!("command -v {cmd}")])
-                .output()
-                .is_ok_and(|o| o.status.success())
-        })
-        .map(|(_, pkg)| pkg)
-        .collect();
-    if missing.is_empty() {
-        return Ok(());
-    }
-    eprintln!("xtask: installing {missing:?} for the prefilter benchmark");
-    crate::run(
-        Command::new("apt-get")
-            .arg("update")
-            .env("DEBIAN_FRONTEND", "noninteractive"),
-    )?;
-    crate::run(
-        Command::new("apt-get")
-            .args(["install", "-y", "--no-install-recommends"])
-            .args(&missing)
-            .env("DEBIAN_FRONTEND", "noninteractive"),
-    )
-}
-
 fn median(v: &[f64]) -> f64 {
     let mut s = v.to_vec();
     s.sort_by(f64::total_cmp);
@@ -423,7 +395,7 @@ fn mpps(x: f64) -> String {
 }
 
 pub fn run() -> anyhow::Result<()> {
-    ensure_packages()?;
+    crate::bench::tools::ensure_packages()?;
     let bin_dir = build_binaries(true)?;
     // SAFETY: set before any thread of ours starts; the harness reads it when spawning.
     unsafe { std::env::set_var("PALISADE_BIN_DIR", &bin_dir) };

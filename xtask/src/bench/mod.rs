@@ -16,7 +16,7 @@ mod micro;
 mod path;
 mod stats;
 mod svg;
-mod tools;
+pub(crate) mod tools;
 
 pub(crate) fn write_result(name: &str, title: &str, body: &str) -> anyhow::Result<()> {
     let dir = workspace_root().join("docs/benchmarks");
