@@ -4,7 +4,7 @@
 //! The policy kinds carry the CiliumNetworkPolicy rule language exactly as
 //! `palisade_policies::manifest` parses it: every field the parser reads is modelled here with
 //! its shape, and every Cilium field the parser names only to reject it
-//! (`fromRequires`, `toFQDNs`, `rules.dns`, ...) is kept as an opaque value
+//! (`fromRequires`, `toServices`, `kafka`, ...) is kept as an opaque value
 //! ([`Unsupported`]), so that the API server stores it and the agent can refuse the policy
 //! (condition `Valid=False`) instead of the API server silently pruning a field that narrows
 //! what a rule allows. The schema checks shapes only; what the values mean (CIDRs, regular
@@ -36,130 +36,106 @@ pub const VERSION: &str = "v1";
 /// The condition type a policy's status reports its validity under (the VALID column).
 pub const VALID_CONDITION: &str = "Valid";
 
-/// A namespaced Palisade network policy: CiliumNetworkPolicy's rule language, with endpoint
-/// selectors kept inside the policy's namespace unless they name a namespace.
-#[derive(CustomResource, JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
-#[expect(
-    clippy::duplicated_attributes,
-    reason = "each printcolumn(...) names its own type_; clippy takes them for repeats of one attribute"
-)]
-#[kube(
-    group = "palisade.io",
-    version = "v1",
-    kind = "NetworkPolicy",
-    label("app.kubernetes.io/part-of", "palisade"),
-    singular = "palisadenetworkpolicy",
-    plural = "palisadenetworkpolicies",
-    shortname = "pnp",
-    shortname = "palisadenp",
-    category = "palisade",
-    namespaced,
-    no_spec,
-    status = "PolicyStatus",
-    derive = "PartialEq",
-    doc = "A Palisade network policy (palisade.io/v1 NetworkPolicy): the CiliumNetworkPolicy rule language, namespaced.",
-    printcolumn(
-        name = "Valid",
-        type_ = "string",
-        json_path = ".status.conditions[?(@.type==\"Valid\")].status",
-        description = "Whether the agents accepted the policy"
-    ),
-    printcolumn(
-        name = "Reason",
-        type_ = "string",
-        json_path = ".status.conditions[?(@.type==\"Valid\")].reason",
-        description = "Why the policy is valid or not"
-    ),
-    printcolumn(
-        name = "Message",
-        type_ = "string",
-        json_path = ".status.conditions[?(@.type==\"Valid\")].message",
-        description = "The field and the problem, for a rejected policy",
-        priority = 1
-    ),
-    printcolumn(
-        name = "Age",
-        type_ = "date",
-        json_path = ".metadata.creationTimestamp"
-    )
-)]
-#[serde(rename_all = "camelCase")]
-pub struct NetworkPolicySpec {
-    /// The policy's rule. A policy has `spec`, `specs`, or both.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub spec: Option<Rule>,
-    /// More rules, each judged on its own, as in Cilium.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub specs: Option<Vec<Rule>>,
+/// Both policy kinds share everything but their names, scope and descriptions: one macro
+/// holds the derive (schema, printer columns, status), so the two cannot drift apart.
+macro_rules! policy_kind {
+    (
+        $(#[doc = $doc:tt])*
+        $spec:ident {
+            kind: $kind:tt,
+            singular: $singular:tt,
+            plural: $plural:tt,
+            shortnames: [$short:tt, $long:tt],
+            description: $description:tt,
+            scope: [$($scope:tt)?] $(,)?
+        }
+    ) => {
+        $(#[doc = $doc])*
+        #[derive(
+            CustomResource, JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq,
+        )]
+        #[kube(
+            group = "palisade.io",
+            version = "v1",
+            kind = $kind,
+            label("app.kubernetes.io/part-of", "palisade"),
+            singular = $singular,
+            plural = $plural,
+            shortname = $short,
+            shortname = $long,
+            category = "palisade",
+            $($scope,)?
+            no_spec,
+            status = "PolicyStatus",
+            derive = "PartialEq",
+            doc = $description,
+            printcolumn(
+                name = "Valid",
+                type_ = "string",
+                json_path = ".status.conditions[?(@.type==\"Valid\")].status",
+                description = "Whether the agents accepted the policy"
+            ),
+            printcolumn(
+                name = "Reason",
+                type_ = "string",
+                json_path = ".status.conditions[?(@.type==\"Valid\")].reason",
+                description = "Why the policy is valid or not"
+            ),
+            printcolumn(
+                name = "Message",
+                type_ = "string",
+                json_path = ".status.conditions[?(@.type==\"Valid\")].message",
+                description = "The field and the problem, for a rejected policy",
+                priority = 1
+            ),
+            printcolumn(
+                name = "Age",
+                type_ = "date",
+                json_path = ".metadata.creationTimestamp"
+            )
+        )]
+        #[serde(rename_all = "camelCase")]
+        pub struct $spec {
+            /// The policy's rule. A policy has `spec`, `specs`, or both.
+            #[serde(skip_serializing_if = "Option::is_none")]
+            pub spec: Option<Rule>,
+            /// More rules, each judged on its own, as in Cilium.
+            #[serde(skip_serializing_if = "Option::is_none")]
+            pub specs: Option<Vec<Rule>>,
+        }
+
+        impl $spec {
+            /// `spec`, then every entry of `specs`.
+            pub fn rules(&self) -> impl Iterator<Item = &Rule> {
+                self.spec.iter().chain(self.specs.iter().flatten())
+            }
+        }
+    };
 }
 
-/// A cluster-scoped Palisade network policy: the same rule language, with selectors that
-/// range over every namespace.
-#[derive(CustomResource, JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
-#[expect(
-    clippy::duplicated_attributes,
-    reason = "each printcolumn(...) names its own type_; clippy takes them for repeats of one attribute"
-)]
-#[kube(
-    group = "palisade.io",
-    version = "v1",
-    kind = "ClusterwideNetworkPolicy",
-    label("app.kubernetes.io/part-of", "palisade"),
-    singular = "palisadeclusterwidenetworkpolicy",
-    plural = "palisadeclusterwidenetworkpolicies",
-    shortname = "pcnp",
-    shortname = "palisadecnp",
-    category = "palisade",
-    no_spec,
-    status = "PolicyStatus",
-    derive = "PartialEq",
-    doc = "A cluster-wide Palisade network policy (palisade.io/v1 ClusterwideNetworkPolicy): the CiliumNetworkPolicy rule language, selecting endpoints in every namespace.",
-    printcolumn(
-        name = "Valid",
-        type_ = "string",
-        json_path = ".status.conditions[?(@.type==\"Valid\")].status",
-        description = "Whether the agents accepted the policy"
-    ),
-    printcolumn(
-        name = "Reason",
-        type_ = "string",
-        json_path = ".status.conditions[?(@.type==\"Valid\")].reason",
-        description = "Why the policy is valid or not"
-    ),
-    printcolumn(
-        name = "Message",
-        type_ = "string",
-        json_path = ".status.conditions[?(@.type==\"Valid\")].message",
-        description = "The field and the problem, for a rejected policy",
-        priority = 1
-    ),
-    printcolumn(
-        name = "Age",
-        type_ = "date",
-        json_path = ".metadata.creationTimestamp"
-    )
-)]
-#[serde(rename_all = "camelCase")]
-pub struct ClusterwideNetworkPolicySpec {
-    /// The policy's rule. A policy has `spec`, `specs`, or both.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub spec: Option<Rule>,
-    /// More rules, each judged on its own, as in Cilium.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub specs: Option<Vec<Rule>>,
-}
-
-impl NetworkPolicySpec {
-    /// `spec`, then every entry of `specs`.
-    pub fn rules(&self) -> impl Iterator<Item = &Rule> {
-        self.spec.iter().chain(self.specs.iter().flatten())
+policy_kind! {
+    /// A namespaced Palisade network policy: CiliumNetworkPolicy's rule language, with endpoint
+    /// selectors kept inside the policy's namespace unless they name a namespace.
+    NetworkPolicySpec {
+        kind: "NetworkPolicy",
+        singular: "palisadenetworkpolicy",
+        plural: "palisadenetworkpolicies",
+        shortnames: ["pnp", "palisadenp"],
+        description: "A Palisade network policy (palisade.io/v1 NetworkPolicy): the CiliumNetworkPolicy rule language, namespaced.",
+        scope: [namespaced],
     }
 }
 
-impl ClusterwideNetworkPolicySpec {
-    /// `spec`, then every entry of `specs`.
-    pub fn rules(&self) -> impl Iterator<Item = &Rule> {
-        self.spec.iter().chain(self.specs.iter().flatten())
+policy_kind! {
+    /// A cluster-scoped Palisade network policy: the same rule language, with selectors that
+    /// range over every namespace.
+    ClusterwideNetworkPolicySpec {
+        kind: "ClusterwideNetworkPolicy",
+        singular: "palisadeclusterwidenetworkpolicy",
+        plural: "palisadeclusterwidenetworkpolicies",
+        shortnames: ["pcnp", "palisadecnp"],
+        description: "A cluster-wide Palisade network policy (palisade.io/v1 ClusterwideNetworkPolicy): the CiliumNetworkPolicy rule language, selecting endpoints in every namespace.",
+        scope: [],
     }
 }
 
@@ -320,9 +296,10 @@ pub struct EgressRule {
     /// Not supported by Palisade: a rule that sets it is rejected.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub to_services: Option<Unsupported>,
-    /// Not supported by Palisade: a rule that sets it is rejected.
+    /// DNS names: the addresses the endpoint's own lookups of them returned, as long as the
+    /// answer's TTL lasts (the lookups must pass a `rules.dns` rule to be seen).
     #[serde(rename = "toFQDNs", skip_serializing_if = "Option::is_none")]
-    pub to_fqdns: Option<Unsupported>,
+    pub to_fqdns: Option<Vec<FqdnSelector>>,
     /// Not supported by Palisade: a rule that sets it is rejected.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub to_groups: Option<Unsupported>,
@@ -399,9 +376,10 @@ pub struct L7Rules {
     /// HTTP rules: a request is allowed when one of them matches it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub http: Option<Vec<HttpRule>>,
-    /// Not supported by Palisade: a rule that sets it is rejected.
+    /// DNS rules (egress only): a lookup is answered when one of them matches its name, and
+    /// refused otherwise.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub dns: Option<Unsupported>,
+    pub dns: Option<Vec<FqdnSelector>>,
     /// Not supported by Palisade: a rule that sets it is rejected.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub kafka: Option<Unsupported>,
@@ -411,6 +389,18 @@ pub struct L7Rules {
     /// Not supported by Palisade: a rule that sets it is rejected.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub l7: Option<Unsupported>,
+}
+
+/// A DNS name or pattern, as Cilium's FQDNSelector: exactly one of the two fields.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct FqdnSelector {
+    /// A full name (`api.example.com`), case-insensitive, trailing dot optional.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub match_name: Option<String>,
+    /// A name with `*` wildcards (`*.example.com`; `*` alone matches every name).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub match_pattern: Option<String>,
 }
 
 /// An HTTP rule: it matches a request when every field it names matches.
