@@ -160,7 +160,28 @@ fn flow_ingest() -> anyhow::Result<()> {
     )
 }
 
+/// Every benchmark `cargo xtask bench NAME` runs (none named: all of them, in this order).
+pub const BENCHMARKS: [&str; 9] = [
+    "policy-scale",
+    "flow-ingest",
+    "l7-proxy",
+    "prefilter",
+    "datapath",
+    "datapath-baseline",
+    "datapath-micro",
+    "kubernetes-scale",
+    "dns",
+];
+
 pub fn run(which: Option<String>) -> anyhow::Result<()> {
+    if let Some(name) = &which
+        && !BENCHMARKS.contains(&name.as_str())
+    {
+        bail!(
+            "no benchmark named {name:?}; the benchmarks are {}",
+            BENCHMARKS.join(", ")
+        );
+    }
     if !nix::unistd::geteuid().is_root() {
         bail!("benchmarks need root (BPF, namespaces); run `cargo xtask bench` as root");
     }
