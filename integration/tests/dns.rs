@@ -195,6 +195,51 @@ fn allowed_names_resolve_and_their_first_connection_passes_others_are_refused() 
     assert_eq!(entry["endpoint"], s.client.qualified());
     assert!(entry["identity"].is_u64());
 
+    // `policy trace --to-fqdn`: the selector, the lookup, and each learned address's verdict.
+    let from = s.client.qualified();
+    let trace = |name: &str| {
+        s.node.json(&[
+            "policy",
+            "trace",
+            "--from",
+            &from,
+            "--to-fqdn",
+            name,
+            "--port",
+            "8080",
+        ])
+    };
+    let api = trace("api.example.test");
+    assert_eq!(api["verdict"], "ALLOWED", "{api}");
+    assert_eq!(api["lookup"], "ANSWERED", "{api}");
+    assert_eq!(api["addresses"][0]["address"], API.to_string(), "{api}");
+    assert_eq!(api["addresses"][0]["egress"]["verdict"], "ALLOWED", "{api}");
+    assert!(
+        api["selected_by"][0]
+            .as_str()
+            .is_some_and(|r| r.contains("x/client-egress egress rule 1")),
+        "{api}"
+    );
+    let hidden = trace("hidden.example.test");
+    assert_eq!(hidden["verdict"], "DENIED", "{hidden}");
+    assert_eq!(hidden["lookup"], "REFUSED", "{hidden}");
+    assert!(hidden["addresses"].as_array().is_some_and(Vec::is_empty));
+    let text = s.node.palisade_ok(&[
+        "policy",
+        "trace",
+        "--from",
+        &from,
+        "--to-fqdn",
+        "api.example.test",
+        "--port",
+        "8080",
+    ]);
+    assert!(
+        text.starts_with(&format!("ALLOWED {from} -> api.example.test on 8080/TCP")),
+        "{text}"
+    );
+    assert!(text.contains(&API.to_string()), "{text}");
+
     // A restart keeps what was learned: the next connection passes at once, before any
     // new lookup.
     s.node.restart_agent();

@@ -48,6 +48,8 @@ pub enum NameError {
     EmptyLabel,
     #[error("character {0:?} cannot appear in a DNS name")]
     BadCharacter(char),
+    #[error("`**` may only begin a pattern, as `**.` (any number of labels, at least one)")]
+    MisplacedDoubleStar,
 }
 
 fn is_label_char(b: u8) -> bool {
@@ -64,7 +66,15 @@ fn normalize(text: &str, wildcards: bool) -> Result<String, NameError> {
     if lower.len() > MAX_NAME_LEN {
         return Err(NameError::TooLong(lower.len()));
     }
-    for label in lower.split('.') {
+    // Cilium's multi-level wildcard: a leading `**.`, and nowhere else.
+    let body = match lower.strip_prefix("**.") {
+        Some(rest) if wildcards => rest,
+        _ => &lower,
+    };
+    if wildcards && body.contains("**") {
+        return Err(NameError::MisplacedDoubleStar);
+    }
+    for label in body.split('.') {
         if label.is_empty() {
             return Err(NameError::EmptyLabel);
         }
@@ -98,7 +108,13 @@ impl FqdnSelector {
         match self {
             FqdnSelector::MatchName(n) => n == name,
             FqdnSelector::MatchPattern(p) if p == "*" => true,
-            FqdnSelector::MatchPattern(p) => glob(p.as_bytes(), name.as_bytes()),
+            // `**.rest`: one or more labels, then what `rest` matches.
+            FqdnSelector::MatchPattern(p) => match p.strip_prefix("**.") {
+                Some(rest) => name
+                    .match_indices('.')
+                    .any(|(i, _)| i > 0 && glob(rest.as_bytes(), &name.as_bytes()[i + 1..])),
+                None => glob(p.as_bytes(), name.as_bytes()),
+            },
         }
     }
 }
@@ -241,6 +257,29 @@ mod tests {
         let p = pattern("*cilium*.io");
         assert!(!p.matches("docs.cilium.io"));
         assert!(p.matches("mycilium-x.io"));
+    }
+
+    #[test]
+    fn a_leading_double_star_matches_any_number_of_labels() {
+        let p = pattern("**.cilium.io");
+        assert!(p.matches("app.cilium.io"));
+        assert!(p.matches("test.app.cilium.io"));
+        assert!(!p.matches("cilium.io"));
+        assert!(!p.matches("app.cilium.org"));
+        let p = pattern("**.api-*.example.com");
+        assert!(p.matches("a.b.api-v2.example.com"));
+        assert!(!p.matches("a.api.example.com"));
+        for misplaced in ["a.**.com", "**", "***.com", "x**.com", "**.a.**.b"] {
+            assert_eq!(
+                FqdnSelector::pattern(misplaced),
+                Err(NameError::MisplacedDoubleStar),
+                "{misplaced}"
+            );
+        }
+        assert_eq!(
+            FqdnSelector::name("**.a.com"),
+            Err(NameError::BadCharacter('*'))
+        );
     }
 
     #[test]

@@ -207,6 +207,53 @@ pub struct TraceResult {
     pub ingress: TraceSide,
 }
 
+/// `policy trace --to-fqdn`: an endpoint's egress to a DNS name.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FqdnTraceRequest {
+    /// `NS/NAME` of the source endpoint.
+    pub from: String,
+    /// The DNS name.
+    pub name: String,
+    pub port: u16,
+    /// TCP (default), UDP, SCTP or ICMP.
+    #[serde(default)]
+    pub protocol: Option<String>,
+}
+
+/// One address the name's answers taught, with the datapath's verdict on it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FqdnTraceAddress {
+    pub address: Ipv4Addr,
+    pub ttl_remaining: u64,
+    /// Expired, but kept while connections to it are open.
+    pub held_by_connections: bool,
+    pub egress: TraceSide,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FqdnTraceResult {
+    /// `ALLOWED` or `DENIED`.
+    pub verdict: String,
+    pub endpoint: String,
+    /// The name, normalized (lower case, no trailing dot).
+    pub name: String,
+    pub protocol: String,
+    pub port: u16,
+    pub source_identity: u32,
+    /// The endpoint's egress is in default deny.
+    pub enforced: bool,
+    /// The `toFQDNs` selectors that select the name, with the rules holding them.
+    pub selected_by: Vec<String>,
+    /// `ANSWERED`, `REFUSED` (by the DNS proxy) or `NOT-PROXIED`.
+    pub lookup: String,
+    /// The rules whose `rules.dns` answer the lookup, or (refused) the rules with DNS rules.
+    pub lookup_rules: Vec<String>,
+    pub addresses: Vec<FqdnTraceAddress>,
+    /// Why, in words.
+    pub reason: String,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CounterView {
     /// `ingress`, `egress` or `datapath`.

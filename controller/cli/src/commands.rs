@@ -15,9 +15,9 @@ use palisade_api::filter::{Criterion, Field, FlowFilter};
 use palisade_api::flow::Flow;
 use palisade_api::types::{
     ConnectionsView, ConntrackView, EndpointAddRequest, EndpointAuditRequest, EndpointView,
-    FlowQuery, IdentityView, LabelChange, NamespaceModeRequest, NamespaceModeView,
-    PolicyApplyRequest, PolicyApplyResult, PolicyDeleteResult, PolicyView, StatusView,
-    TraceRequest, TraceResult, WhatIfRequest, WhatIfResult,
+    FlowQuery, FqdnTraceRequest, FqdnTraceResult, IdentityView, LabelChange, NamespaceModeRequest,
+    NamespaceModeView, PolicyApplyRequest, PolicyApplyResult, PolicyDeleteResult, PolicyView,
+    StatusView, TraceRequest, TraceResult, WhatIfRequest, WhatIfResult,
 };
 use palisade_policies::learn::map::{ServiceMap, workload_group};
 use palisade_policies::learn::suggest::{self, Format as SuggestFormat};
@@ -275,12 +275,18 @@ pub enum PolicyCmd {
         #[arg(short, long, value_enum, default_value_t)]
         output: Output,
     },
-    /// Explain the verdict for a connection between two endpoints.
+    /// Explain the verdict for a connection between two endpoints, or from an endpoint to a
+    /// DNS name (`--to-fqdn`).
     Trace {
         #[arg(long)]
         from: String,
-        #[arg(long)]
-        to: String,
+        /// The destination endpoint, NS/NAME.
+        #[arg(long, required_unless_present = "to_fqdn", conflicts_with = "to_fqdn")]
+        to: Option<String>,
+        /// A DNS name: which toFQDNs selectors select it, whether the DNS proxy answers the
+        /// source's lookups of it, and the verdict for every address learned for it.
+        #[arg(long, value_name = "NAME")]
+        to_fqdn: Option<String>,
         /// PORT or PORT/PROTO (TCP, UDP, SCTP, ICMP).
         #[arg(long)]
         port: String,
@@ -503,6 +509,50 @@ fn print_trace(t: &TraceResult) {
             "    peer identity {} [{}]",
             side.peer_identity,
             side.peer_labels.join(" ")
+        );
+    }
+}
+
+fn print_fqdn_trace(t: &FqdnTraceResult) {
+    println!(
+        "{} {} -> {} on {}/{}",
+        t.verdict, t.endpoint, t.name, t.port, t.protocol
+    );
+    println!("  {}", t.reason);
+    println!("  source identity {}", t.source_identity);
+    if t.selected_by.is_empty() {
+        println!("  toFQDNs: no selector selects {}", t.name);
+    } else {
+        println!("  toFQDNs: selected by {}", t.selected_by.join(", "));
+    }
+    let lookup = match t.lookup.as_str() {
+        "ANSWERED" => format!("answered, by {}", t.lookup_rules.join(", ")),
+        "REFUSED" => format!(
+            "REFUSED by the DNS proxy: no rules.dns selector of {} matches it",
+            t.lookup_rules.join(", ")
+        ),
+        _ => {
+            "not proxied (no rule selecting the endpoint has rules.dns): its lookups teach nothing"
+                .to_string()
+        }
+    };
+    println!("  lookups of {}: {lookup}", t.name);
+    if t.addresses.is_empty() {
+        println!("  learned addresses: none");
+    } else {
+        println!("  learned addresses ({}):", t.addresses.len());
+    }
+    for a in &t.addresses {
+        let ttl = if a.held_by_connections {
+            "expired, held by open connections".to_string()
+        } else {
+            format!("ttl {}s", a.ttl_remaining)
+        };
+        println!(
+            "    {:<15} {:<8} {ttl} — {}",
+            a.address.to_string(),
+            a.egress.verdict,
+            a.egress.reason
         );
     }
 }
@@ -1100,6 +1150,7 @@ async fn run_command(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<()>
         Command::Policy(PolicyCmd::Trace {
             from,
             to,
+            to_fqdn,
             port,
             output,
         }) => {
@@ -1110,6 +1161,26 @@ async fn run_command(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<()>
             let port: u16 = port
                 .parse()
                 .with_context(|| format!("--port {port:?} is not a port number"))?;
+            if let Some(name) = to_fqdn {
+                let t: FqdnTraceResult = client
+                    .post(
+                        "/v1/trace/fqdn",
+                        &FqdnTraceRequest {
+                            from,
+                            name,
+                            port,
+                            protocol,
+                        },
+                    )
+                    .await?;
+                if output == Output::Json {
+                    return print_json(&t);
+                }
+                print_fqdn_trace(&t);
+                return Ok(());
+            }
+            // clap requires one of --to and --to-fqdn.
+            let to = to.unwrap_or_default();
             let t: TraceResult = client
                 .post(
                     "/v1/trace",

@@ -16,6 +16,7 @@ use crate::datapath::Datapath;
 use crate::engine::Engine;
 use crate::error::EngineError;
 use crate::fqdn_learning::{FqdnView, LearnReport, LearnRequest};
+use crate::fqdn_trace::{FqdnTraceQuery, FqdnTraceResult};
 use crate::model::{AttachmentSpec, ClusterDelta, EndpointSpec, FilePolicies, LabelChange};
 use crate::modes::ModeChange;
 use crate::plumbing::Plumbing;
@@ -59,6 +60,7 @@ pub enum Command {
     /// Everything the policy directory holds now, replacing what it held.
     ReplaceFilePolicies(Vec<FilePolicies>, Reply<usize>),
     Trace(TraceQuery, Reply<TraceResult>),
+    TraceFqdn(FqdnTraceQuery, Reply<FqdnTraceResult>),
     Status(Reply<EngineStatus>),
     /// A container the CNI plugin attached.
     AttachmentAdd(AttachmentSpec, Reply<EndpointView>),
@@ -136,6 +138,7 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
                 self.settle(r, result).await;
             }
             Command::Trace(q, r) => answer(r, self.trace(&q)),
+            Command::TraceFqdn(q, r) => answer(r, self.trace_fqdn(&q)),
             Command::AttachmentAdd(spec, r) => {
                 let result = self.attachment_add(spec).await;
                 self.settle(r, result).await;

@@ -101,6 +101,11 @@ pub enum EngineError {
     },
     #[error("protocol {value:?} is not TCP, UDP, SCTP or ICMP")]
     UnsupportedTraceProtocol { value: String },
+    #[error("{name:?} is not a DNS name: {reason}")]
+    InvalidDnsName {
+        name: String,
+        reason: palisade_policies::fqdn::NameError,
+    },
     /// HTTP rules the proxy cannot enforce (a regular expression that does not compile).
     #[error(transparent)]
     L7Policy(#[from] L7Error),
@@ -190,6 +195,7 @@ impl EngineError {
             | EngineError::Manifest(_)
             | EngineError::EmptyManifest
             | EngineError::UnsupportedTraceProtocol { .. }
+            | EngineError::InvalidDnsName { .. }
             | EngineError::ClusterManaged { .. }
             | EngineError::ClusterNamespace { .. }
             | EngineError::ClusterNamespaceMode { .. }

@@ -32,6 +32,7 @@ mod engine;
 pub mod error;
 pub mod fqdn;
 mod fqdn_learning;
+pub mod fqdn_trace;
 pub mod ipam;
 pub mod model;
 pub mod modes;

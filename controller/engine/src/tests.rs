@@ -1525,6 +1525,88 @@ fn learn(
     .unwrap()
 }
 
+fn trace_fqdn(e: &TestEngine, name: &str, port: u16) -> crate::fqdn_trace::FqdnTraceResult {
+    e.trace_fqdn(&crate::fqdn_trace::FqdnTraceQuery {
+        from: "demo/client".into(),
+        name: name.into(),
+        port,
+        protocol: None,
+    })
+    .unwrap()
+}
+
+#[tokio::test]
+async fn trace_to_a_name_tells_its_selectors_its_lookups_and_each_learned_address() {
+    use crate::fqdn_trace::LookupVerdict;
+    let mut e = engine().await;
+    let client = add(&mut e, "client", "demo", "app=client").await;
+    apply(&mut e, TO_FQDNS).unwrap();
+    // Selected, answered, but nothing learned yet: denied, and the trace says why.
+    let before = trace_fqdn(&e, "API.Example.Test.", 443);
+    assert_eq!(before.name, "api.example.test");
+    assert!(!before.allowed && before.enforced);
+    assert!(before.addresses.is_empty());
+    assert_eq!(
+        before.selected_by,
+        ["demo/to-api egress rule 1 (matchName: api.example.test)"]
+    );
+    assert_eq!(before.lookup, LookupVerdict::Answered);
+    assert_eq!(
+        before.lookup_rules,
+        ["demo/to-api egress rule 0 (matchName: api.example.test)"]
+    );
+    assert!(
+        before.reason.contains("no address has been learned"),
+        "{}",
+        before.reason
+    );
+    // Learned: the address is listed with its lifetime and allowed on 443, not on 80.
+    let api = Ipv4Addr::new(192, 0, 2, 10);
+    learn(&mut e, client.ip, "api.example.test", api, 7_200);
+    let after = trace_fqdn(&e, "api.example.test", 443);
+    assert!(after.allowed, "{}", after.reason);
+    assert_eq!(after.addresses.len(), 1);
+    assert_eq!(after.addresses[0].address, api);
+    assert!(after.addresses[0].ttl_remaining > 7_000);
+    assert!(
+        after.addresses[0]
+            .egress
+            .reason
+            .contains("demo/to-api egress rule 1"),
+        "{}",
+        after.addresses[0].egress.reason
+    );
+    let port_80 = trace_fqdn(&e, "api.example.test", 80);
+    assert!(!port_80.allowed);
+    assert!(
+        port_80.reason.contains("1 of the 1 addresses"),
+        "{}",
+        port_80.reason
+    );
+    // A name nothing selects, whose lookups the proxy refuses.
+    let other = trace_fqdn(&e, "other.test", 443);
+    assert!(!other.allowed && other.selected_by.is_empty());
+    assert_eq!(other.lookup, LookupVerdict::Refused);
+    assert!(
+        other.reason.contains("no toFQDNs selector"),
+        "{}",
+        other.reason
+    );
+    // Not a name at all: a client error naming it.
+    let bad = e
+        .trace_fqdn(&crate::fqdn_trace::FqdnTraceQuery {
+            from: "demo/client".into(),
+            name: "a..b".into(),
+            port: 443,
+            protocol: None,
+        })
+        .unwrap_err();
+    assert!(
+        bad.to_string().contains("\"a..b\" is not a DNS name"),
+        "{bad}"
+    );
+}
+
 #[tokio::test]
 async fn a_learned_answer_is_in_the_maps_when_learning_returns() {
     let mut e = engine().await;

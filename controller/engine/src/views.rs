@@ -22,8 +22,8 @@ use crate::error::EngineError;
 use crate::model::{CniAttachment, EndpointRecord, NetnsRef, PolicySource, RemoteSpec};
 
 /// The protocol a trace asks about, and its number.
-fn trace_protocol(req: &TraceQuery) -> Result<(Protocol, u8), EngineError> {
-    let protocol = match req.protocol.as_deref() {
+pub(crate) fn trace_protocol(requested: Option<&str>) -> Result<(Protocol, u8), EngineError> {
+    let protocol = match requested {
         None => Protocol::Tcp,
         Some(p) => match Protocol::parse(p) {
             Some(Protocol::Any) | None => {
@@ -334,7 +334,7 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
             .collect()
     }
 
-    fn find(&self, ns_name: &str) -> Result<&EndpointRecord, EngineError> {
+    pub(crate) fn find(&self, ns_name: &str) -> Result<&EndpointRecord, EngineError> {
         let (ns, name) = ns_name
             .split_once('/')
             .ok_or_else(|| EngineError::NotNamespacedName {
@@ -351,7 +351,7 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
         })
     }
 
-    fn trace_side(
+    pub(crate) fn trace_side(
         &self,
         rec: &EndpointRecord,
         direction: Direction,
@@ -484,7 +484,7 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
         }
         let src = self.find(&req.from)?;
         let dst = self.find(&req.to)?;
-        let (protocol, proto_num) = trace_protocol(req)?;
+        let (protocol, proto_num) = trace_protocol(req.protocol.as_deref())?;
         let what = format!("{}/{}", req.port, protocol);
         let table = self.model.identities.table();
         let missing = |r: &EndpointRecord| EngineError::EndpointNotInDatapath {
@@ -518,7 +518,7 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
         remote_src: Option<(Ipv4Addr, Identity, String)>,
         remote_dst: Option<(Ipv4Addr, Identity, String)>,
     ) -> Result<TraceResult, EngineError> {
-        let (protocol, proto_num) = trace_protocol(req)?;
+        let (protocol, proto_num) = trace_protocol(req.protocol.as_deref())?;
         let what = format!("{}/{}", req.port, protocol);
         let table = self.model.identities.table();
         let missing = |r: &EndpointRecord| EngineError::EndpointNotInDatapath {

@@ -4,7 +4,7 @@
 //! The policy kinds carry the CiliumNetworkPolicy rule language exactly as
 //! `palisade_policies::manifest` parses it: every field the parser reads is modelled here with
 //! its shape, and every Cilium field the parser names only to reject it
-//! (`fromRequires`, `toFQDNs`, `rules.dns`, ...) is kept as an opaque value
+//! (`fromRequires`, `toServices`, `kafka`, ...) is kept as an opaque value
 //! ([`Unsupported`]), so that the API server stores it and the agent can refuse the policy
 //! (condition `Valid=False`) instead of the API server silently pruning a field that narrows
 //! what a rule allows. The schema checks shapes only; what the values mean (CIDRs, regular
@@ -320,9 +320,10 @@ pub struct EgressRule {
     /// Not supported by Palisade: a rule that sets it is rejected.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub to_services: Option<Unsupported>,
-    /// Not supported by Palisade: a rule that sets it is rejected.
+    /// DNS names: the addresses the endpoint's own lookups of them returned, as long as the
+    /// answer's TTL lasts (the lookups must pass a `rules.dns` rule to be seen).
     #[serde(rename = "toFQDNs", skip_serializing_if = "Option::is_none")]
-    pub to_fqdns: Option<Unsupported>,
+    pub to_fqdns: Option<Vec<FqdnSelector>>,
     /// Not supported by Palisade: a rule that sets it is rejected.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub to_groups: Option<Unsupported>,
@@ -399,9 +400,10 @@ pub struct L7Rules {
     /// HTTP rules: a request is allowed when one of them matches it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub http: Option<Vec<HttpRule>>,
-    /// Not supported by Palisade: a rule that sets it is rejected.
+    /// DNS rules (egress only): a lookup is answered when one of them matches its name, and
+    /// refused otherwise.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub dns: Option<Unsupported>,
+    pub dns: Option<Vec<FqdnSelector>>,
     /// Not supported by Palisade: a rule that sets it is rejected.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub kafka: Option<Unsupported>,
@@ -411,6 +413,18 @@ pub struct L7Rules {
     /// Not supported by Palisade: a rule that sets it is rejected.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub l7: Option<Unsupported>,
+}
+
+/// A DNS name or pattern, as Cilium's FQDNSelector: exactly one of the two fields.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct FqdnSelector {
+    /// A full name (`api.example.com`), case-insensitive, trailing dot optional.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub match_name: Option<String>,
+    /// A name with `*` wildcards (`*.example.com`; `*` alone matches every name).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub match_pattern: Option<String>,
 }
 
 /// An HTTP rule: it matches a request when every field it names matches.

@@ -331,6 +331,13 @@ spec:
         http:
         - {method: POST, path: /ledger, host: "ledger(:8080)?", headers: [X-Token], headerMatches: [{name: X-Env, value: prod}], upgrades: [websocket]}
     icmps: [{fields: [{type: EchoRequest, family: IPv4}]}]
+  - toEndpoints: [{matchLabels: {k8s-app: kube-dns}}]
+    toPorts:
+    - ports: [{port: "53", protocol: ANY}]
+      rules:
+        dns: [{matchName: api.example.com}, {matchPattern: "*.cdn.example.com"}]
+  - toFQDNs: [{matchName: api.example.com}, {matchPattern: "*.cdn.example.com"}]
+    toPorts: [{ports: [{port: "443", protocol: TCP}]}]
   egressDeny:
   - toEndpoints: [{matchLabels: {tier: data}, matchExpressions: [{key: app, operator: In, values: [ledger]}]}]
     toCIDR: [169.254.169.254]
@@ -427,11 +434,14 @@ fn the_parser_accepts_a_typed_policy_with_every_supported_field() {
     let missing: Vec<&String> = paths
         .iter()
         .filter(|(path, sub)| {
-            // Rejected on purpose (their own test below), or L7 rules in deny rules, which the
-            // parser refuses.
+            // Rejected on purpose (their own test below), or what the parser refuses where the
+            // types share a shape: L7 rules in deny rules, toFQDNs in egressDeny, DNS rules
+            // on ingress.
             !is_opaque(sub)
                 && !paths.iter().any(|(p, s)| is_opaque(s) && path.starts_with(&format!("{p}.")))
                 && !(path.contains("Deny[].toPorts[].rules"))
+                && !path.starts_with("spec.egressDeny[].toFQDNs")
+                && !path.starts_with("spec.ingress[].toPorts[].rules.dns")
                 && !present.contains(path)
                 // A second rule need not repeat the first one's fields.
                 && !path.starts_with("specs[].")
@@ -1118,4 +1128,40 @@ fn an_identity_name_must_be_a_canonical_number() {
         );
     }
     assert!(named(None).identity().is_err());
+}
+
+/// Fields the types share between directions, which the parser refuses where Cilium does:
+/// they keep their value through the types and are rejected by name.
+#[test]
+fn dns_rules_on_ingress_and_to_fqdns_in_egress_deny_are_rejected_by_name() {
+    let cases = [
+        (
+            json!({"ingress": [{"toPorts": [{"ports": [{"port": "53", "protocol": "UDP"}],
+                                            "rules": {"dns": [{"matchPattern": "*"}]}}]}]}),
+            "spec.ingress[0].toPorts[0].rules.dns",
+            "rules.dns on ingress",
+        ),
+        (
+            json!({"egressDeny": [{"toFQDNs": [{"matchName": "a.example.com"}]}]}),
+            "spec.egressDeny[0].toFQDNs",
+            "toFQDNs in egressDeny",
+        ),
+    ];
+    for (rules, field, reason) in cases {
+        let mut document = json!({
+            "apiVersion": "palisade.io/v1",
+            "kind": "NetworkPolicy",
+            "metadata": {"name": "p", "namespace": "shop"},
+            "spec": {"endpointSelector": {}},
+        });
+        for (k, v) in rules.as_object().unwrap() {
+            document["spec"][k] = v.clone();
+        }
+        let typed: NetworkPolicy = serde_json::from_value(document.clone()).unwrap();
+        let serialized = serde_json::to_value(&typed).unwrap();
+        assert_eq!(serialized, document, "{field} is lost by the types");
+        let err = parse_manifests(&json_text(&serialized)).expect_err("rejected");
+        assert_eq!(err.field.as_deref(), Some(field), "{err}");
+        assert!(err.reason.contains(reason), "{err}");
+    }
 }

@@ -166,6 +166,8 @@ struct L7RulesDoc {
 
 /// Names of a direction's peer fields, for error paths.
 struct PeerFields {
+    /// Ingress (`from*`) or egress (`to*`).
+    ingress: bool,
     endpoints: &'static str,
     cidr: &'static str,
     cidr_set: &'static str,
@@ -173,6 +175,7 @@ struct PeerFields {
 }
 
 const FROM: PeerFields = PeerFields {
+    ingress: true,
     endpoints: "fromEndpoints",
     cidr: "fromCIDR",
     cidr_set: "fromCIDRSet",
@@ -180,6 +183,7 @@ const FROM: PeerFields = PeerFields {
 };
 
 const TO: PeerFields = PeerFields {
+    ingress: false,
     endpoints: "toEndpoints",
     cidr: "toCIDR",
     cidr_set: "toCIDRSet",
@@ -438,6 +442,12 @@ fn peer_rule(
     let to_ports_path = path.key("toPorts");
     for (i, port_rule) in rule.to_ports.iter().enumerate() {
         let (ports, l7) = port_rule_parts(port_rule, verdict, ctx.group, &to_ports_path.index(i))?;
+        if rule.fields.ingress && l7.dns.is_some() {
+            // DNS rules filter a workload's own lookups; on ingress there is nothing to filter.
+            return Err(to_ports_path.index(i).key("rules").key("dns").invalid(
+                Problem::Unsupported("rules.dns on ingress (egress only, as in Cilium)"),
+            ));
+        }
         out.push(Rule {
             peers: peers.clone(),
             ports,
@@ -1576,6 +1586,19 @@ mod tests {
             1,
             Some("spec.egress[0].toPorts[0].rules.dns[0].matchPattern"),
             "character ' ' cannot appear",
+        );
+    }
+
+    #[test]
+    fn dns_rules_on_ingress_are_rejected_by_name() {
+        let err = err_with(
+            "  ingress:\n  - toPorts: [{ports: [{port: '53', protocol: UDP}], rules: {dns: [{matchPattern: '*'}]}}]\n",
+        );
+        assert_err(
+            &err,
+            1,
+            Some("spec.ingress[0].toPorts[0].rules.dns"),
+            "rules.dns on ingress",
         );
     }
 

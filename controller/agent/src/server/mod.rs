@@ -23,8 +23,9 @@ use palisade_api::filter::FilterError;
 use palisade_api::flow::Flow;
 use palisade_api::types::{
     AttachmentDeleteResult, AttachmentGcRequest, AttachmentGcResult, AttachmentRequest,
-    ConnectionsView, EndpointAddRequest, EndpointAuditRequest, ErrorBody, FlowQuery, LabelChange,
-    NamespaceModeRequest, PolicyApplyRequest, TraceRequest, WhatIfRequest,
+    ConnectionsView, EndpointAddRequest, EndpointAuditRequest, ErrorBody, FlowQuery,
+    FqdnTraceRequest, LabelChange, NamespaceModeRequest, PolicyApplyRequest, TraceRequest,
+    WhatIfRequest,
 };
 use palisade_engine::catalog::Catalog;
 use palisade_engine::{AskError, Command, EngineError, ErrorClass, Reply, ask};
@@ -375,6 +376,15 @@ async fn trace(
     Ok(Json(wire::trace(result)))
 }
 
+async fn trace_fqdn(
+    State(s): State<ApiState>,
+    Json(req): Json<FqdnTraceRequest>,
+) -> Result<impl IntoResponse, ApiError> {
+    let query = wire::fqdn_trace_query(req);
+    let result = call(&s, |r| Command::TraceFqdn(query, r)).await?;
+    Ok(Json(wire::fqdn_trace(result)))
+}
+
 /// One flow as a JSON line. A Flow always serializes; an empty line would be skipped.
 fn ndjson_line(f: &Flow) -> Bytes {
     let mut v = serde_json::to_vec(f).unwrap_or_default();
@@ -451,6 +461,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/policies", get(policy_list).post(policy_apply))
         .route("/v1/policies/{name}", delete(policy_delete))
         .route("/v1/trace", post(trace))
+        .route("/v1/trace/fqdn", post(trace_fqdn))
         .route("/v1/attachments", post(attachment_add))
         .route("/v1/attachments/gc", post(attachment_gc))
         .route(

@@ -8,6 +8,7 @@ use palisade_api::types as wire;
 use palisade_common::{conntrack as ct, direction as dir_code, metrics, proto};
 use palisade_engine::attachments::AttachmentStatus;
 use palisade_engine::catalog::Catalog;
+use palisade_engine::fqdn_trace::{FqdnTraceQuery, FqdnTraceResult, LookupVerdict};
 use palisade_engine::model::{AttachmentSpec, CniAttachment, EndpointSpec, LabelChange};
 use palisade_engine::modes::ModeChange;
 use palisade_engine::views::{
@@ -49,6 +50,15 @@ pub fn trace_query(r: wire::TraceRequest) -> TraceQuery {
     TraceQuery {
         from: r.from,
         to: r.to,
+        port: r.port,
+        protocol: r.protocol,
+    }
+}
+
+pub fn fqdn_trace_query(r: wire::FqdnTraceRequest) -> FqdnTraceQuery {
+    FqdnTraceQuery {
+        from: r.from,
+        name: r.name,
         port: r.port,
         protocol: r.protocol,
     }
@@ -191,6 +201,37 @@ pub fn trace(t: TraceResult) -> wire::TraceResult {
         destination_identity: t.destination_identity.0,
         egress: trace_side(t.egress),
         ingress: trace_side(t.ingress),
+    }
+}
+
+pub fn fqdn_trace(t: FqdnTraceResult) -> wire::FqdnTraceResult {
+    wire::FqdnTraceResult {
+        verdict: verdict(t.allowed),
+        endpoint: t.endpoint,
+        name: t.name,
+        protocol: t.protocol.to_string(),
+        port: t.port,
+        source_identity: t.source_identity.0,
+        enforced: t.enforced,
+        selected_by: t.selected_by,
+        lookup: match t.lookup {
+            LookupVerdict::Answered => "ANSWERED",
+            LookupVerdict::Refused => "REFUSED",
+            LookupVerdict::NotProxied => "NOT-PROXIED",
+        }
+        .to_string(),
+        lookup_rules: t.lookup_rules,
+        addresses: t
+            .addresses
+            .into_iter()
+            .map(|a| wire::FqdnTraceAddress {
+                address: a.address,
+                ttl_remaining: a.ttl_remaining,
+                held_by_connections: a.held_by_connections,
+                egress: trace_side(a.egress),
+            })
+            .collect(),
+        reason: t.reason,
     }
 }
 
