@@ -557,7 +557,7 @@ mod tests {
                 });
                 egress.push(rule(
                     peers(vec![
-                        Peer::Fqdn(FqdnSelector::pattern("*.*.test").unwrap()),
+                        Peer::Fqdn(FqdnSelector::pattern("**.test").unwrap()),
                         Peer::Cidr {
                             cidr: "192.0.2.0/24".parse().unwrap(),
                             except: vec![],
