@@ -156,6 +156,45 @@ pub fn any_matches<'a>(selectors: impl IntoIterator<Item = &'a FqdnSelector>, na
 /// lookups together), which is what `toFQDNs` peers select.
 pub type LearnedNames = BTreeMap<String, BTreeSet<Ipv4Addr>>;
 
+/// The names whose learned addresses differ between `old` and `new` (learned, expired, or
+/// with addresses gained or lost): what a compile following learned names re-resolves.
+/// One merge walk over both (sorted) maps.
+pub fn changed_names(old: &LearnedNames, new: &LearnedNames) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    let (mut a, mut b) = (old.iter().peekable(), new.iter().peekable());
+    loop {
+        match (a.peek(), b.peek()) {
+            (None, None) => break,
+            (Some((name, _)), None) => {
+                out.insert((*name).clone());
+                a.next();
+            }
+            (None, Some((name, _))) => {
+                out.insert((*name).clone());
+                b.next();
+            }
+            (Some((na, ia)), Some((nb, ib))) => match na.cmp(nb) {
+                std::cmp::Ordering::Less => {
+                    out.insert((*na).clone());
+                    a.next();
+                }
+                std::cmp::Ordering::Greater => {
+                    out.insert((*nb).clone());
+                    b.next();
+                }
+                std::cmp::Ordering::Equal => {
+                    if ia != ib {
+                        out.insert((*na).clone());
+                    }
+                    a.next();
+                    b.next();
+                }
+            },
+        }
+    }
+    out
+}
+
 /// The addresses a `toFQDNs` selector stands for now.
 pub fn selected_addresses<'a>(
     selector: &FqdnSelector,
@@ -254,6 +293,26 @@ mod tests {
         let n = FqdnSelector::name("api.example.com").unwrap();
         assert!(n.matches("api.example.com"));
         assert!(!n.matches("x.api.example.com"));
+    }
+
+    #[test]
+    fn changed_names_are_those_learned_expired_or_with_other_addresses() {
+        let a = |o: u8| Ipv4Addr::new(192, 0, 2, o);
+        let old: LearnedNames = [
+            ("gone.test".to_string(), [a(1)].into()),
+            ("same.test".to_string(), [a(2)].into()),
+            ("moved.test".to_string(), [a(3)].into()),
+        ]
+        .into();
+        let new: LearnedNames = [
+            ("same.test".to_string(), [a(2)].into()),
+            ("moved.test".to_string(), [a(3), a(4)].into()),
+            ("zzz.new.test".to_string(), [a(5)].into()),
+        ]
+        .into();
+        let changed: Vec<_> = changed_names(&old, &new).into_iter().collect();
+        assert_eq!(changed, ["gone.test", "moved.test", "zzz.new.test"]);
+        assert!(changed_names(&new, &new).is_empty());
     }
 
     #[test]

@@ -3,11 +3,13 @@
 //!
 //! The compiler keeps what it compiled last (the inputs, the selector cache, which specs
 //! select each identity, what each endpoint's entries depend on). Given the new inputs it
-//! finds what changed (policies, identities, endpoints), turns identity changes into per-clause
-//! added/removed deltas in the selector cache, and recompiles only the endpoints that are
-//! new or changed, selected by a changed policy, or selected by a spec naming a clause whose
-//! selection changed (and, when endpoints come, go or change, those whose egress rules name
-//! ports, which depend on every endpoint's). [`diff`] turns the result into map operations
+//! finds what changed (policies, identities, endpoints, learned DNS names), turns identity
+//! and name changes into per-clause added/removed deltas in the selector cache (a name whose
+//! addresses changed re-resolves only the `toFQDNs` clauses selecting it), and recompiles only
+//! the endpoints that are new or changed, selected by a changed policy, or selected by a spec
+//! naming a clause whose selection changed (and, when endpoints come, go or change, those
+//! whose egress rules name ports, which depend on every endpoint's). DNS rules are compiled
+//! with the endpoint that has them: [`Compiler::l7`] holds the DNS proxy's rules too. [`diff`] turns the result into map operations
 //! against what the maps hold, reading only the touched endpoints' entries.
 
 use ipnetwork::Ipv4Network;
@@ -18,6 +20,7 @@ use crate::compile::{
     compile_endpoint, endpoint_labels, resolve_specs, specs_selecting,
 };
 use crate::endpoint::{Endpoint, EndpointId};
+use crate::fqdn::{LearnedNames, changed_names};
 use crate::identity::{Identity, IdentityTable};
 use crate::mapstate::{IpcacheEntry, MapDiff, MapState, PolicyKey, PortPrefix, RuleId};
 use crate::model::{Direction, Peer, Peers, Policy, PolicyRef};
@@ -29,6 +32,7 @@ struct Previous {
     endpoints: BTreeMap<EndpointId, Endpoint>,
     identities: IdentityTable,
     policies: BTreeMap<PolicyRef, Policy>,
+    fqdns: LearnedNames,
     settings: Settings,
 }
 
@@ -105,13 +109,13 @@ impl Compiler {
             .prev
             .as_ref()
             .is_none_or(|p| p.settings != input.settings);
+        let index = LazyIndex::new(input.identities, input.fqdns);
         let touched = if full {
             self.reset();
             input.endpoints.keys().copied().collect()
         } else {
-            self.touched(input)
+            self.touched(input, &index)
         };
-        let index = LazyIndex::new(input.identities, input.fqdns);
         let shared = Shared {
             input,
             index: &index,
@@ -181,16 +185,18 @@ impl Compiler {
             endpoints: BTreeMap::new(),
             identities: IdentityTable::new(),
             policies: BTreeMap::new(),
+            fqdns: LearnedNames::new(),
             settings: input.settings,
         });
         prev.settings = input.settings;
         sync_map(&mut prev.endpoints, input.endpoints);
         sync_map(&mut prev.identities, input.identities);
         sync_map(&mut prev.policies, input.policies);
+        sync_map(&mut prev.fqdns, input.fqdns);
     }
 
     /// The endpoints whose entries may differ from the last compile's.
-    fn touched(&mut self, input: &CompileInput<'_>) -> BTreeSet<EndpointId> {
+    fn touched(&mut self, input: &CompileInput<'_>, index: &LazyIndex<'_>) -> BTreeSet<EndpointId> {
         let prev = self
             .prev
             .as_ref()
@@ -220,7 +226,10 @@ impl Compiler {
 
         // Identities: the selector cache follows, and says which clauses changed.
         let identity_delta = IdentityDelta::between(&prev.identities, input.identities);
-        let changed_clauses = self.cache.update(&identity_delta, input.fqdns);
+        let mut changed_clauses = self.cache.update(&identity_delta, input.fqdns);
+        // Learned names: the `toFQDNs` clauses selecting a name whose addresses changed.
+        let names = changed_names(&prev.fqdns, input.fqdns);
+        self.cache.update_names(&names, index, &mut changed_clauses);
         for id in &identity_delta.removed {
             self.subjects.remove(id);
         }
@@ -385,7 +394,9 @@ mod tests {
     use super::*;
     use crate::compile::{EnforcementMode, compile_with_l7};
     use crate::endpoint::{LinkLayer, NamedPort};
+    use crate::fqdn::FqdnSelector;
     use crate::identity::{IdentityAllocator, IdentitySource, workload_identity_labels};
+    use crate::l7::DnsPolicy;
     use crate::labels::{LabelSelector, Labels, NAMESPACE_LABEL};
     use crate::mapstate;
     use crate::model::{
@@ -407,17 +418,34 @@ mod tests {
         Delete(usize),
         Enforcement(usize),
         Remote(u8, Option<usize>),
+        /// Name slot, address slot: the DNS proxy learned the address for the name.
+        Learn(usize, usize),
+        /// That address of that name expired.
+        Expire(usize, usize),
     }
+
+    /// Learned names: two under `*.a.test`, one beside them.
+    const NAMES: [&str; 3] = ["api.a.test", "www.a.test", "x.b.test"];
+    /// Addresses names learn: some inside the CIDR policies' prefixes (and their
+    /// exceptions), some shared between names.
+    const ADDRESSES: [[u8; 4]; 4] = [
+        [10, 100, 80, 5],
+        [10, 101, 7, 1],
+        [192, 0, 2, 1],
+        [192, 0, 2, 2],
+    ];
 
     fn step() -> impl Strategy<Value = Step> {
         prop_oneof![
             3 => (0..6u32, 0..2usize, 0..3usize).prop_map(|(s, n, a)| Step::Join(s, n, a)),
             1 => (0..6u32).prop_map(Step::Leave),
-            4 => (0..5usize, 0..8usize, 0..2usize, 0..3usize, 0..3usize, 79..82u16)
+            4 => (0..5usize, 0..11usize, 0..2usize, 0..3usize, 0..3usize, 79..82u16)
                 .prop_map(|(s, k, n, a, b, p)| Step::Apply(s, k, n, a, b, p)),
             1 => (0..5usize).prop_map(Step::Delete),
             1 => (0..3usize).prop_map(Step::Enforcement),
             1 => (0..3u8, proptest::option::of(0..3usize)).prop_map(|(i, a)| Step::Remote(i, a)),
+            3 => (0..3usize, 0..4usize).prop_map(|(n, a)| Step::Learn(n, a)),
+            2 => (0..3usize, 0..4usize).prop_map(|(n, a)| Step::Expire(n, a)),
         ]
     }
 
@@ -443,8 +471,9 @@ mod tests {
         }
     }
 
-    /// Policies of eight shapes: pod peers, CIDR peers with an exception, entities, deny
-    /// rules, named ports both ways, HTTP rules, an egress-only policy.
+    /// Policies of eleven shapes: pod peers, CIDR peers with an exception, entities, deny
+    /// rules, named ports both ways, HTTP rules, an egress-only policy, `toFQDNs` peers by
+    /// name and by pattern, DNS rules (to pods, and to the cluster beside a `toFQDNs` rule).
     fn policy(
         slot: usize,
         shape: usize,
@@ -493,10 +522,50 @@ mod tests {
                 }]),
                 dns: None,
             }),
-            _ => egress.push(rule(
+            7 => egress.push(rule(
                 peers(vec![Peer::Entity(Entity::Cluster)]),
                 vec![tcp(53)],
             )),
+            8 => egress.push(rule(
+                peers(vec![Peer::Fqdn(FqdnSelector::name(NAMES[peer]).unwrap())]),
+                vec![tcp(port)],
+            )),
+            9 => {
+                egress.push(Rule {
+                    peers: peers(vec![Peer::Entity(Entity::Cluster)]),
+                    ports: vec![PortSpec {
+                        protocol: Protocol::Udp,
+                        port: Port::Range { port: 53, end: 53 },
+                    }],
+                    http: None,
+                    dns: Some(vec![FqdnSelector::pattern("*.a.test").unwrap()]),
+                });
+                egress.push(rule(
+                    peers(vec![Peer::Fqdn(FqdnSelector::pattern("*.a.test").unwrap())]),
+                    vec![],
+                ));
+            }
+            _ => {
+                egress.push(Rule {
+                    peers: pods,
+                    ports: vec![PortSpec {
+                        protocol: Protocol::Any,
+                        port: Port::Range { port: 53, end: 53 },
+                    }],
+                    http: None,
+                    dns: Some(vec![FqdnSelector::name(NAMES[peer]).unwrap()]),
+                });
+                egress.push(rule(
+                    peers(vec![
+                        Peer::Fqdn(FqdnSelector::pattern("**.test").unwrap()),
+                        Peer::Cidr {
+                            cidr: "192.0.2.0/24".parse().unwrap(),
+                            except: vec![],
+                        },
+                    ]),
+                    vec![tcp(443)],
+                ));
+            }
         }
         let dir = |allow: Vec<Rule>, deny: Vec<Rule>| DirectionPolicy {
             default_deny: !allow.is_empty() || !deny.is_empty(),
@@ -527,6 +596,7 @@ mod tests {
         slots: BTreeMap<usize, PolicyRef>,
         policies: BTreeMap<PolicyRef, Policy>,
         remote: BTreeMap<Ipv4Addr, Identity>,
+        names: LearnedNames,
         settings: Settings,
     }
 
@@ -587,6 +657,20 @@ mod tests {
                         EnforcementMode::Never,
                     ][*m];
                 }
+                Step::Learn(n, a) => {
+                    self.names
+                        .entry(NAMES[*n].to_string())
+                        .or_default()
+                        .insert(Ipv4Addr::from(ADDRESSES[*a]));
+                }
+                Step::Expire(n, a) => {
+                    if let Some(ips) = self.names.get_mut(NAMES[*n]) {
+                        ips.remove(&Ipv4Addr::from(ADDRESSES[*a]));
+                        if ips.is_empty() {
+                            self.names.remove(NAMES[*n]);
+                        }
+                    }
+                }
                 Step::Remote(i, a) => {
                     let ip = Ipv4Addr::new(10, 101, *i, 7);
                     match a {
@@ -605,7 +689,12 @@ mod tests {
         /// The identity table a compile sees: workload identities only while something holds
         /// them (so identities also go away).
         fn table(&mut self) -> IdentityTable {
-            let cidrs = crate::compile::policy_cidrs(self.policies.values());
+            // As the engine: policy CIDRs, and a /32 for every address a `toFQDNs` peer selects.
+            let mut cidrs = crate::compile::policy_cidrs(self.policies.values());
+            cidrs.extend(crate::compile::fqdn_prefixes(
+                self.policies.values(),
+                &self.names,
+            ));
             self.alloc.sync_cidrs(&cidrs).unwrap();
             let held: BTreeSet<Identity> = self
                 .endpoints
@@ -638,7 +727,7 @@ mod tests {
                 policies: &world.policies,
                 host_addresses: &host,
                 remote: &world.remote,
-                fqdns: &crate::fqdn::LearnedNames::new(),
+                fqdns: &world.names,
                 settings: world.settings,
             };
             let delta = compiler.compile(&input, &mut rules);
@@ -649,6 +738,13 @@ mod tests {
             applied.apply_diff(&ops);
             prop_assert_eq!(&applied, &full, "after {:?}", s);
             prop_assert_eq!(compiler.l7(), &full_l7, "after {:?}", s);
+            // The DNS proxy's policy, as the engine builds it from each.
+            prop_assert_eq!(
+                DnsPolicy::new(compiler.l7(), &applied),
+                DnsPolicy::new(&full_l7, &full),
+                "after {:?}",
+                s
+            );
             for e in full.policy.values() {
                 prop_assert!(compiler.uses(e.rule));
             }
@@ -682,7 +778,7 @@ mod tests {
                 policies: &world.policies,
                 host_addresses: &host,
                 remote: &world.remote,
-                fqdns: &crate::fqdn::LearnedNames::new(),
+                fqdns: &world.names,
                 settings: world.settings,
             };
             let d = compiler.compile(&input, &mut rules);
@@ -708,5 +804,49 @@ mod tests {
             compile(&mut world),
             (false, vec![EndpointId(1), EndpointId(2), EndpointId(4)])
         );
+    }
+
+    #[test]
+    fn a_learned_name_recompiles_only_the_endpoints_whose_rules_select_it() {
+        let mut world = World::default();
+        for (slot, a) in [(0, 0), (1, 1), (2, 2)] {
+            world.step(&Step::Join(slot, 0, a));
+        }
+        // a: toFQDNs api.a.test; b: toFQDNs *.a.test with a DNS rule; c: pods, no names.
+        world.step(&Step::Apply(0, 8, 0, 0, 0, 80));
+        world.step(&Step::Apply(1, 9, 0, 1, 0, 80));
+        world.step(&Step::Apply(2, 0, 0, 2, 0, 80));
+        let mut compiler = Compiler::default();
+        let mut rules = RuleTable::default();
+        let host = [];
+        let mut compile = |world: &mut World| {
+            let table = world.table();
+            let input = CompileInput {
+                endpoints: &world.endpoints,
+                identities: &table,
+                policies: &world.policies,
+                host_addresses: &host,
+                remote: &world.remote,
+                fqdns: &world.names,
+                settings: world.settings,
+            };
+            let d = compiler.compile(&input, &mut rules);
+            (d.full, d.endpoints.keys().copied().collect::<Vec<_>>())
+        };
+        let (a, b) = (EndpointId(1), EndpointId(2));
+        assert_eq!(compile(&mut world), (true, vec![a, b, EndpointId(3)]));
+        // A new address for api.a.test: both names' clauses gain its identity.
+        world.step(&Step::Learn(0, 2));
+        assert_eq!(compile(&mut world), (false, vec![a, b]));
+        // www.a.test learns the same address: no selection changes.
+        world.step(&Step::Learn(1, 2));
+        assert_eq!(compile(&mut world), (false, vec![]));
+        // www.a.test learns another: only the pattern's endpoint.
+        world.step(&Step::Learn(1, 3));
+        assert_eq!(compile(&mut world), (false, vec![b]));
+        // api.a.test's address expires, but www.a.test keeps it (and its identity): only the
+        // name's endpoint loses it.
+        world.step(&Step::Expire(0, 2));
+        assert_eq!(compile(&mut world), (false, vec![a]));
     }
 }

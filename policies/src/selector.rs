@@ -3,8 +3,9 @@
 //! identities come and go, the cache is updated by the delta alone, and says which clauses
 //! changed (added and removed identities), so only what depends on them is recompiled.
 //! A `toFQDNs` clause selects the /32 CIDR identities of the addresses learned for its names
-//! (the learned names given to the index); the cache does not follow learned names, so a
-//! compile whose policies use DNS resolves its clauses afresh.
+//! (the learned names given to the index). The cache follows learned names as it follows
+//! identities: when names gain or lose addresses, only the `toFQDNs` clauses selecting one of
+//! those names are resolved again ([`SelectorCache::update_names`]).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -290,6 +291,45 @@ impl SelectorCache {
         changed
     }
 
+    /// Resolves again, through `index` (the identities and learned names now), every cached
+    /// `toFQDNs` clause selecting one of `names` (names whose learned addresses changed);
+    /// adds what their selections gained and lost to `changed`. An identity delta applied
+    /// first ([`SelectorCache::update`]) has already followed identities that came and went;
+    /// this follows addresses whose name changed while their identity stayed.
+    pub fn update_names(
+        &mut self,
+        names: &BTreeSet<String>,
+        index: &LazyIndex<'_>,
+        changed: &mut HashMap<Peer, SelectionChange>,
+    ) {
+        if names.is_empty() {
+            return;
+        }
+        for (peer, selected) in &mut self.selections {
+            let Peer::Fqdn(sel) = peer else { continue };
+            if !names.iter().any(|n| sel.matches(n)) {
+                continue;
+            }
+            let now = index.get().select(peer);
+            if now == *selected {
+                continue;
+            }
+            let change = changed.entry(peer.clone()).or_default();
+            for id in now.difference(selected) {
+                if !change.removed.remove(id) {
+                    change.added.insert(*id);
+                }
+            }
+            for id in selected.difference(&now) {
+                if !change.added.remove(id) {
+                    change.removed.insert(*id);
+                }
+            }
+            *selected = now;
+        }
+        changed.retain(|_, c| !(c.added.is_empty() && c.removed.is_empty()));
+    }
+
     /// Forgets every clause `keep` rejects (clauses no policy names any more).
     pub fn retain(&mut self, keep: impl Fn(&Peer) -> bool) {
         self.selections.retain(|p, _| keep(p));
@@ -352,6 +392,55 @@ mod tests {
         assert_eq!(index.select(&peer), [Identity(0x0100_0001)].into());
         // Without learned names it selects nothing.
         assert!(IdentityIndex::new(&table).select(&peer).is_empty());
+    }
+
+    #[test]
+    fn a_learned_name_re_resolves_only_the_fqdn_clauses_selecting_it() {
+        // 192.0.2.10 has its identity already (another name learned it): a new name for it
+        // changes no identity, only the clauses selecting the name.
+        let table: IdentityTable = [
+            (Identity(0x0100_0001), cidr("192.0.2.10/32")),
+            (Identity(0x0100_0002), cidr("192.0.2.11/32")),
+        ]
+        .into();
+        let ip = |s: &str| s.parse::<std::net::Ipv4Addr>().unwrap();
+        let before: LearnedNames = [
+            ("old.example.test".to_string(), [ip("192.0.2.10")].into()),
+            ("b.other.test".to_string(), [ip("192.0.2.11")].into()),
+        ]
+        .into();
+        let pattern = Peer::Fqdn(crate::fqdn::FqdnSelector::pattern("*.example.test").unwrap());
+        let other = Peer::Fqdn(crate::fqdn::FqdnSelector::name("b.other.test").unwrap());
+        let mut cache = SelectorCache::default();
+        let index = LazyIndex::new(&table, &before);
+        cache.select(&pattern, &index);
+        cache.select(&other, &index);
+        cache.select(&web(), &index);
+        // old.example.test moves to .11; b.other.test is unchanged.
+        let after: LearnedNames = [
+            ("old.example.test".to_string(), [ip("192.0.2.11")].into()),
+            ("b.other.test".to_string(), [ip("192.0.2.11")].into()),
+        ]
+        .into();
+        let names = crate::fqdn::changed_names(&before, &after);
+        let mut changed = HashMap::new();
+        cache.update_names(&names, &LazyIndex::new(&table, &after), &mut changed);
+        assert_eq!(
+            changed,
+            [(
+                pattern.clone(),
+                SelectionChange {
+                    added: [Identity(0x0100_0002)].into(),
+                    removed: [Identity(0x0100_0001)].into(),
+                }
+            )]
+            .into()
+        );
+        assert_eq!(
+            cache.cached(&pattern),
+            Some(&[Identity(0x0100_0002)].into())
+        );
+        assert_eq!(cache.cached(&other), Some(&[Identity(0x0100_0002)].into()));
     }
 
     #[test]

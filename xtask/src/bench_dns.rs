@@ -6,7 +6,10 @@
 //! it). Interleaved rounds, medians reported. Then a burst: 1,000 lookups of new names at
 //! 1,000/s, each followed at once by a TCP connection to the address it returned; every
 //! answer must be learned (a compile and a map write) before it is released, so no first
-//! connection may be dropped. They are counted.
+//! connection may be dropped. They are counted. Last, learned answers per second: another
+//! `BURST` new names asked as fast as answers come back (a window of lookups outstanding per
+//! socket), timed until the client holds every answer, each released only once the maps
+//! allow its address; the agent's compile-time histogram says what each cost the engine.
 
 use std::net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
 use std::sync::Arc;
@@ -37,6 +40,126 @@ fn burst_name(i: usize) -> (String, Ipv4Addr) {
             u8::try_from(lo).unwrap_or(0),
         ),
     )
+}
+
+/// The names of the open-loop burst: under the same pattern, other addresses.
+fn learned_name(i: usize) -> (String, Ipv4Addr) {
+    let (hi, lo) = (i / 250 + 8, i % 250 + 1);
+    (
+        format!("l{i}.burst.example.test"),
+        Ipv4Addr::new(
+            198,
+            18,
+            u8::try_from(hi).unwrap_or(0),
+            u8::try_from(lo).unwrap_or(0),
+        ),
+    )
+}
+
+const METRICS_PORT: u16 = 9962;
+
+/// The agent's compile-time histogram: (sum of seconds, count).
+fn compile_seconds(node_netns: &str) -> anyhow::Result<(f64, u64)> {
+    let text = in_netns(node_netns, || -> std::io::Result<String> {
+        use std::io::{Read, Write};
+        let mut s = TcpStream::connect((Ipv4Addr::LOCALHOST, METRICS_PORT))?;
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n")?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)?;
+        Ok(out)
+    })?;
+    let value = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name).map(str::trim))
+            .map(str::to_string)
+    };
+    let sum = value("palisade_policy_compile_seconds_sum ").and_then(|v| v.parse::<f64>().ok());
+    let count = value("palisade_policy_compile_seconds_count ").and_then(|v| v.parse::<u64>().ok());
+    match (sum, count) {
+        (Some(sum), Some(count)) => Ok((sum, count)),
+        _ => bail!("the agent's metrics have no palisade_policy_compile_seconds"),
+    }
+}
+
+/// What the learned-answers burst measured.
+struct Learned {
+    seconds: f64,
+    answered: usize,
+    /// Queries sent again after `RETRY` without an answer (lost on the way, as UDP may be).
+    retries: usize,
+}
+
+/// Lookups each socket keeps outstanding in the learned-answers burst.
+const WINDOW: usize = 16;
+/// How long a lookup waits for its answer before it is sent again (a stub resolver's timeout).
+const RETRY: Duration = Duration::from_secs(5);
+/// How long the learned-answers burst may take in all.
+const LEARNED_DEADLINE: Duration = Duration::from_mins(2);
+
+/// `BURST` new names (`learned_name`), asked from `WORKERS` sockets with `WINDOW` lookups
+/// outstanding on each (as fast as answers come back): how long until every answer, with its
+/// address, was received.
+fn learned_burst(netns: &str, server: Ipv4Addr) -> Learned {
+    let started = Instant::now();
+    let handles: Vec<_> = (0..WORKERS)
+        .map(|w| {
+            let netns = netns.to_string();
+            std::thread::spawn(move || {
+                in_netns(&netns, move || {
+                    let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).expect("socket");
+                    let _ = s.set_read_timeout(Some(Duration::from_millis(100)));
+                    s.connect((server, 53)).expect("connect");
+                    let mut todo = (w..BURST).step_by(WORKERS);
+                    // id -> (name, address, last sent).
+                    let mut waiting: std::collections::HashMap<u16, (String, Ipv4Addr, Instant)> =
+                        std::collections::HashMap::new();
+                    let (mut answered, mut retries) = (0usize, 0usize);
+                    let mut buf = [0u8; 1500];
+                    let end = Instant::now() + LEARNED_DEADLINE;
+                    loop {
+                        while waiting.len() < WINDOW {
+                            let Some(i) = todo.next() else { break };
+                            let (name, addr) = learned_name(i);
+                            let id = u16::try_from(i).unwrap_or(0);
+                            let _ = s.send(&build_query(id, &name));
+                            waiting.insert(id, (name, addr, Instant::now()));
+                        }
+                        if waiting.is_empty() || Instant::now() > end {
+                            break;
+                        }
+                        if let Ok(n) = s.recv(&mut buf) {
+                            let id = u16::from_be_bytes([buf[0], buf[1]]);
+                            if let Some((_, addr, _)) = waiting.get(&id)
+                                && read_reply(&buf[..n]).is_some_and(|r| r.addresses == [*addr])
+                            {
+                                waiting.remove(&id);
+                                answered += 1;
+                            }
+                        }
+                        for (id, (name, _, sent)) in &mut waiting {
+                            if sent.elapsed() > RETRY {
+                                let _ = s.send(&build_query(*id, name));
+                                *sent = Instant::now();
+                                retries += 1;
+                            }
+                        }
+                    }
+                    (answered, retries)
+                })
+            })
+        })
+        .collect();
+    let (mut answered, mut retries) = (0, 0);
+    for h in handles {
+        let (a, r) = h.join().unwrap_or_default();
+        answered += a;
+        retries += r;
+    }
+    Learned {
+        seconds: started.elapsed().as_secs_f64(),
+        answered,
+        retries,
+    }
 }
 
 fn policy(dns_ns: &str) -> String {
@@ -182,12 +305,16 @@ pub fn run() -> anyhow::Result<()> {
     let bin_dir = build_binaries(true)?;
     // SAFETY: single-threaded here; the fixture reads it.
     unsafe { std::env::set_var("PALISADE_BIN_DIR", &bin_dir) };
-    let node = Node::start_tagged("pal-bdns", "dns", &[]);
+    let metrics = format!("127.0.0.1:{METRICS_PORT}");
+    let node = Node::start_tagged("pal-bdns", "dns", &["--metrics-addr", &metrics]);
     let client = node.add_endpoint("client", "x", "app=client");
     let dns = node.add_endpoint("dns", "dnsbench", "k8s-app=kube-dns");
     let world = world_with(&node, &[BURST_NET]);
     let _server = traffic::tcp_server(&world, 8080);
-    let names: Vec<(String, Ipv4Addr)> = (0..BURST).map(burst_name).collect();
+    let names: Vec<(String, Ipv4Addr)> = (0..BURST)
+        .map(burst_name)
+        .chain((0..BURST).map(learned_name))
+        .collect();
     let mut records: Vec<(&str, Ipv4Addr)> =
         vec![("bench.example.test", Ipv4Addr::new(192, 0, 2, 10))];
     records.extend(names.iter().map(|(n, a)| (n.as_str(), *a)));
@@ -222,6 +349,16 @@ pub fn run() -> anyhow::Result<()> {
     node.apply(&policy);
     let b = burst(&client.name, dns.ip);
     let learned = node.json(&["fqdn", "list"]).as_array().map_or(0, Vec::len);
+    let uptime = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let (sum0, count0) = compile_seconds(&node.netns)?;
+    let l = learned_burst(&client.name, dns.ip);
+    let (sum1, count1) = compile_seconds(&node.netns)?;
+    if l.answered == 0 {
+        bail!("no answer of the open-loop burst came back: the benchmark would measure nothing");
+    }
+    let compiles = count1.saturating_sub(count0);
+    let per_answer_ms = 1e3 * (sum1 - sum0) / l.answered as f64;
+    let per_compile_ms = 1e3 * (sum1 - sum0) / compiles.max(1) as f64;
     let body = format!(
         "A client endpoint asks dnsmasq (in another endpoint, same node) for one name over UDP, \
          closed loop from {WORKERS} sockets for {}s per round, 3 interleaved rounds, medians \
@@ -236,7 +373,16 @@ pub fn run() -> anyhow::Result<()> {
          1,000/s, each followed at once by a TCP connection to the returned address. Every \
          answer means a compile and a map write before release.\n\n\
          | lookups answered | took (s) | first connections dropped | lookup p50 (µs) | lookup p99 (µs) | names in the cache after |\n|---|---|---|---|---|---|\n\
-         | {} | {:.2} | {} | {:.0} | {:.0} | {} |",
+         | {} | {:.2} | {} | {:.0} | {:.0} | {} |\n\n\
+         Learned answers per second: {BURST} more new names under the same `matchPattern` \
+         (`l<i>.burst.example.test`, one new address each) asked from {WORKERS} sockets with \
+         {WINDOW} lookups outstanding on each (a lookup unanswered after {}s is sent again); \
+         timed until the client received every answer, each held by the proxy until the maps \
+         allowed its address. Compile time is the agent's \
+         `palisade_policy_compile_seconds` over the burst (compile and diff, not the map \
+         write). Load average before: {}.\n\n\
+         | answers received | took (s) | learned answers/s | lookups sent again | compiles | compile time per learned answer (ms) | per compile (ms) |\n|---|---|---|---|---|---|---|\n\
+         | {} | {:.2} | {:.0} | {} | {} | {:.3} | {:.3} |",
         ROUND.as_secs(),
         d.0,
         d.1,
@@ -255,6 +401,19 @@ pub fn run() -> anyhow::Result<()> {
         b.lookup_p50_us,
         b.lookup_p99_us,
         learned,
+        RETRY.as_secs(),
+        uptime
+            .split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" "),
+        l.answered,
+        l.seconds,
+        l.answered as f64 / l.seconds,
+        l.retries,
+        compiles,
+        per_answer_ms,
+        per_compile_ms,
     );
     write_result(
         "dns",

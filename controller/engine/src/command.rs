@@ -93,6 +93,9 @@ pub enum Command {
 /// How often learned DNS names are checked for expiry.
 const FQDN_EXPIRY_EVERY: Duration = Duration::from_secs(1);
 
+/// At most this many DNS answers queued together are learned in one sync.
+const LEARN_BATCH: usize = 256;
+
 /// How often expired conntrack entries are swept.
 const CONNTRACK_GC_EVERY: Duration = Duration::from_secs(30);
 
@@ -161,14 +164,7 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
             }
             Command::ClusterKnown(r) => answer(r, Ok(self.cluster_known())),
             Command::Status(r) => answer(r, Ok(self.status())),
-            Command::FqdnLearn(req, r) => {
-                let result = self.fqdn_learn(&req);
-                if matches!(result, Ok(LearnReport { synced: true, .. })) {
-                    self.end_connections_needing_proxy().await;
-                }
-                self.saved = None;
-                answer(r, result);
-            }
+            Command::FqdnLearn(req, r) => self.learn_answers(vec![(req, r)]).await,
             Command::FqdnList(r) => answer(r, Ok(self.fqdn_list())),
             Command::NamespaceMode(ns, mode, r) => {
                 let result = self.set_namespace_mode(&ns, mode);
@@ -181,6 +177,23 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
             Command::WhatIf(proposed, queries, r) => answer(r, self.what_if(proposed, &queries)),
         }
         self.publish_status();
+    }
+
+    /// Learns a batch of answers in one sync and answers each.
+    async fn learn_answers(&mut self, batch: Vec<(LearnRequest, Reply<LearnReport>)>) {
+        let (reqs, replies): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
+        let results = self.fqdn_learn_all(&reqs);
+        if results
+            .iter()
+            .any(|r| matches!(r, Ok(LearnReport { synced: true, .. })))
+        {
+            self.end_connections_needing_proxy().await;
+        }
+        // Nobody waits on a learned name's save (see `Command::FqdnLearn`).
+        self.saved = None;
+        for (reply, result) in replies.into_iter().zip(results) {
+            answer(reply, result);
+        }
     }
 
     async fn settle<T>(&mut self, reply: Reply<T>, result: Result<T, EngineError>) {
@@ -210,6 +223,26 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
                     self.fqdn_flush();
                 },
                 cmd = rx.recv() => match cmd {
+                    // Answers queued behind this one are learned with it, in one sync.
+                    Some(Command::FqdnLearn(req, r)) => {
+                        let mut batch = vec![(req, r)];
+                        let mut next = None;
+                        while batch.len() < LEARN_BATCH {
+                            match rx.try_recv() {
+                                Ok(Command::FqdnLearn(req, r)) => batch.push((req, r)),
+                                Ok(other) => {
+                                    next = Some(other);
+                                    break;
+                                }
+                                Err(_) => break,
+                            }
+                        }
+                        self.learn_answers(batch).await;
+                        self.publish_status();
+                        if let Some(cmd) = next {
+                            self.handle(cmd).await;
+                        }
+                    }
                     Some(cmd) => self.handle(cmd).await,
                     None => break,
                 },

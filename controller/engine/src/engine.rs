@@ -376,13 +376,13 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
         let audited = input.policies.values().any(|p| p.audit)
             || !audit_endpoints.is_empty()
             || self.model.namespace_modes.values().any(|m| m.audits());
-        // `toFQDNs` peers select by the names learned, which the incremental compiler does not
-        // follow, and DNS rules need the whole L7 policy: policies using DNS are compiled whole.
-        let whole = audited || compile::uses_dns(input.policies);
+        // Staged policies and audit scopes are compiled whole; everything else (`toFQDNs`
+        // peers following learned names, DNS rules) incrementally.
+        let whole = audited;
         let (diff, proxy_policy, dns_policy, whole_l7) = if whole {
-            // Staged policies, audit scopes and DNS are compiled whole (twice where policies
-            // are staged): the incremental compiler knows none of them, and it starts over
-            // with a full compile once they are gone.
+            // Staged policies and audit scopes are compiled whole (twice where policies are
+            // staged): the incremental compiler knows neither, and it starts over with a full
+            // compile once they are gone.
             self.compiler.reset();
             let (desired, l7) = audit::compile(&input, &scopes, &mut self.rules);
             // Built before any map changes, so a policy the proxy cannot enforce changes
@@ -404,15 +404,16 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
                 ..MapState::default()
             };
             let proxy_policy = ProxyPolicy::new(self.compiler.l7(), &addresses)?;
+            // The DNS rules of every endpoint, kept by the compiler with its entries.
+            let dns_policy = DnsPolicy::new(self.compiler.l7(), &addresses);
             let delta = incremental::Delta {
                 ipcache: addresses.ipcache,
                 ..delta
             };
-            // No policy has DNS rules: the DNS proxy is sent nothing.
             (
                 incremental::diff(&self.applied, &delta),
                 proxy_policy,
-                DnsPolicy::default(),
+                dns_policy,
                 None,
             )
         };

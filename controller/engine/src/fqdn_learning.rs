@@ -1,8 +1,9 @@
 //! Learning DNS answers into the maps, and letting them expire. An answer that teaches an
 //! address some `toFQDNs` peer selects is a change like any other: the model (with the
 //! cache) is compiled and the diff written before the DNS proxy is answered, so the answer
-//! reaches the client only once the datapath allows its addresses. One that teaches nothing
-//! new to the compile (a known address, a name no policy selects) only refreshes lifetimes.
+//! reaches the client only once the datapath allows its addresses. Answers that arrive
+//! together are learned together (one compile, one map write). One that teaches nothing new
+//! to the compile (a known address, a name no policy selects) only refreshes lifetimes.
 
 use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
@@ -67,43 +68,81 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
             != compile::fqdn_prefixes(policies, &cache.names())
     }
 
+    /// Learns one answer (see [`Engine::fqdn_learn_all`]).
     pub(crate) fn fqdn_learn(&mut self, req: &LearnRequest) -> Result<LearnReport, EngineError> {
-        let endpoint = self
-            .model
-            .endpoints
-            .values()
-            .find(|r| r.ip == req.client)
-            .map(|r| r.id)
-            .ok_or_else(|| EngineError::NoSuchEndpoint {
-                name: req.client.to_string(),
-            })?;
+        self.fqdn_learn_all(std::slice::from_ref(req))
+            .pop()
+            .expect("one result per request")
+    }
+
+    /// Learns answers the DNS proxy holds, together: one compile and one map write for all
+    /// of them, so a burst of lookups costs a sync per batch, not per answer, and every
+    /// answer's addresses are in the maps when this returns. Each gets its own report (an
+    /// answer is `synced` when it taught something and the batch's maps changed). If the
+    /// batch's sync fails, each answer is learned alone, so one answer the maps cannot take
+    /// fails only itself, with its own error.
+    pub(crate) fn fqdn_learn_all(
+        &mut self,
+        reqs: &[LearnRequest],
+    ) -> Vec<Result<LearnReport, EngineError>> {
+        let now = unix_now();
         let mut cache = self.model.fqdns.clone();
-        let outcome = cache.learn(
-            endpoint,
-            &req.names,
-            &req.addresses,
-            req.ttl,
-            unix_now(),
-            self.cfg.fqdn,
-        );
-        if let Some(m) = &self.outputs_metrics() {
-            m.fqdn_evicted(outcome.evicted);
+        let mut taught = Vec::with_capacity(reqs.len());
+        let mut reports = Vec::with_capacity(reqs.len());
+        let mut evicted = 0;
+        for req in reqs {
+            let Some(endpoint) = self
+                .model
+                .endpoints
+                .values()
+                .find(|r| r.ip == req.client)
+                .map(|r| r.id)
+            else {
+                taught.push(false);
+                reports.push(Err(EngineError::NoSuchEndpoint {
+                    name: req.client.to_string(),
+                }));
+                continue;
+            };
+            let outcome = cache.learn(
+                endpoint,
+                &req.names,
+                &req.addresses,
+                req.ttl,
+                now,
+                self.cfg.fqdn,
+            );
+            evicted += outcome.evicted;
+            taught.push(outcome.new_address || outcome.evicted > 0);
+            reports.push(Ok(LearnReport {
+                synced: false,
+                evicted: outcome.evicted,
+            }));
         }
-        let synced =
-            (outcome.new_address || outcome.evicted > 0) && self.fqdn_compile_changes(&cache);
+        let synced = taught.contains(&true) && self.fqdn_compile_changes(&cache);
         if synced {
-            self.transact(move |m| {
+            if let Err(e) = self.transact(move |m| {
                 m.fqdns = cache;
                 Ok(())
-            })?;
+            }) {
+                if reqs.len() == 1 {
+                    return vec![Err(e)];
+                }
+                return reqs.iter().map(|r| self.fqdn_learn(r)).collect();
+            }
+            for (report, taught) in reports.iter_mut().zip(taught) {
+                if let Ok(r) = report {
+                    r.synced = taught;
+                }
+            }
         } else {
             self.model.fqdns = cache;
             self.fqdn_dirty = true;
         }
-        Ok(LearnReport {
-            synced,
-            evicted: outcome.evicted,
-        })
+        if let Some(m) = &self.outputs_metrics() {
+            m.fqdn_evicted(evicted);
+        }
+        reports
     }
 
     /// Drops what expired (but what open connections still use) and what deleted endpoints

@@ -1645,6 +1645,67 @@ async fn a_learned_answer_is_in_the_maps_when_learning_returns() {
 }
 
 #[tokio::test]
+async fn a_learned_answer_is_compiled_incrementally_and_the_dns_policy_follows() {
+    let (tx, rx) = tokio::sync::watch::channel(std::sync::Arc::new(
+        palisade_policies::l7::DnsPolicy::default(),
+    ));
+    let mut e = Engine::start(
+        config(),
+        MemoryDatapath::default(),
+        MemoryPlumbing::default(),
+        None,
+        Outputs {
+            dns: Some(tx),
+            ..Outputs::default()
+        },
+    )
+    .await
+    .unwrap();
+    let client = add(&mut e, "client", "demo", "app=client").await;
+    apply(&mut e, TO_FQDNS).unwrap();
+    let api = Ipv4Addr::new(192, 0, 2, 10);
+    assert!(learn(&mut e, client.ip, "api.example.test", api, 60).synced);
+    assert_eq!(egress_to(&e, "client", api, 443), Verdict::Allowed);
+    // The incremental compiler kept its selector cache: no whole compile reset it.
+    assert!(e.compiler.cached_selectors() > 0);
+    // The DNS proxy's policy came from the incremental compile.
+    let dns = rx.borrow().clone();
+    let server = std::net::SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 10), 53);
+    assert!(dns.judge(client.ip, server, 17, "api.example.test").allowed);
+    assert!(!dns.judge(client.ip, server, 17, "evil.test").allowed);
+}
+
+#[tokio::test]
+async fn answers_learned_together_take_one_map_write() {
+    let mut e = engine().await;
+    let client = add(&mut e, "client", "demo", "app=client").await;
+    apply(&mut e, TO_FQDNS).unwrap();
+    let (a, b) = (Ipv4Addr::new(192, 0, 2, 10), Ipv4Addr::new(192, 0, 2, 11));
+    let req = |client, ip| crate::LearnRequest {
+        client,
+        names: vec!["api.example.test".into()],
+        addresses: vec![ip],
+        ttl: 60,
+    };
+    let before = e.datapath.applies;
+    let results = e.fqdn_learn_all(&[
+        req(client.ip, a),
+        req(client.ip, b),
+        req(Ipv4Addr::new(10, 9, 9, 9), a),
+    ]);
+    assert_eq!(e.datapath.applies, before + 1, "one write for the batch");
+    assert!(results[0].as_ref().unwrap().synced);
+    assert!(results[1].as_ref().unwrap().synced);
+    assert!(
+        matches!(results[2], Err(EngineError::NoSuchEndpoint { .. })),
+        "an answer for no endpoint fails alone"
+    );
+    assert_eq!(egress_to(&e, "client", a, 443), Verdict::Allowed);
+    assert_eq!(egress_to(&e, "client", b, 443), Verdict::Allowed);
+    assert_eq!(e.datapath.state, e.applied);
+}
+
+#[tokio::test]
 async fn an_expired_answer_leaves_the_maps_unless_a_connection_holds_it() {
     let mut e = Engine::start(
         EngineConfig {

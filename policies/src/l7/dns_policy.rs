@@ -1,7 +1,8 @@
 //! What the DNS proxy enforces: each endpoint's egress allow rules that cover DNS servers,
 //! with the names they let be asked, and who is behind an address. Built by the engine after
-//! every change from the same compile that made the datapath redirect; judging a query is a
-//! plain function of it.
+//! every change from the same compile that made the datapath redirect (the incremental
+//! compiler keeps each endpoint's DNS rules with its entries); judging a query is a plain
+//! function of it.
 //!
 //! Semantics (Cilium's): a query is allowed if any allow rule covering the server's identity,
 //! the protocol and the port lets its name be asked; a covering rule without DNS rules lets
@@ -16,7 +17,7 @@ use crate::endpoint::EndpointId;
 use crate::identity::Identity;
 use crate::mapstate::{IpcacheEntry, MapState, RuleId};
 
-#[derive(Debug, Default)]
+#[derive(Debug, Default, PartialEq, Eq)]
 pub struct DnsPolicy {
     rules: BTreeMap<EndpointId, Vec<DnsRule>>,
     /// Only the ipcache is filled: the datapath's view of addresses.
