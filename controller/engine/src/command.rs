@@ -183,16 +183,19 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
     async fn learn_answers(&mut self, batch: Vec<(LearnRequest, Reply<LearnReport>)>) {
         let (reqs, replies): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
         let results = self.fqdn_learn_all(&reqs);
-        if results
+        let synced = results
             .iter()
-            .any(|r| matches!(r, Ok(LearnReport { synced: true, .. })))
-        {
-            self.end_connections_needing_proxy().await;
-        }
+            .any(|r| matches!(r, Ok(LearnReport { synced: true, .. })));
         // Nobody waits on a learned name's save (see `Command::FqdnLearn`).
         self.saved = None;
+        // The maps allow the answers' addresses now: release them before the (best-effort,
+        // conntrack-wide) sweep for connections the change sends through the proxy, which the
+        // datapath stops on their next packet anyway.
         for (reply, result) in replies.into_iter().zip(results) {
             answer(reply, result);
+        }
+        if synced {
+            self.end_connections_needing_proxy().await;
         }
     }
 
