@@ -36,130 +36,106 @@ pub const VERSION: &str = "v1";
 /// The condition type a policy's status reports its validity under (the VALID column).
 pub const VALID_CONDITION: &str = "Valid";
 
-/// A namespaced Palisade network policy: CiliumNetworkPolicy's rule language, with endpoint
-/// selectors kept inside the policy's namespace unless they name a namespace.
-#[derive(CustomResource, JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
-#[expect(
-    clippy::duplicated_attributes,
-    reason = "each printcolumn(...) names its own type_; clippy takes them for repeats of one attribute"
-)]
-#[kube(
-    group = "palisade.io",
-    version = "v1",
-    kind = "NetworkPolicy",
-    label("app.kubernetes.io/part-of", "palisade"),
-    singular = "palisadenetworkpolicy",
-    plural = "palisadenetworkpolicies",
-    shortname = "pnp",
-    shortname = "palisadenp",
-    category = "palisade",
-    namespaced,
-    no_spec,
-    status = "PolicyStatus",
-    derive = "PartialEq",
-    doc = "A Palisade network policy (palisade.io/v1 NetworkPolicy): the CiliumNetworkPolicy rule language, namespaced.",
-    printcolumn(
-        name = "Valid",
-        type_ = "string",
-        json_path = ".status.conditions[?(@.type==\"Valid\")].status",
-        description = "Whether the agents accepted the policy"
-    ),
-    printcolumn(
-        name = "Reason",
-        type_ = "string",
-        json_path = ".status.conditions[?(@.type==\"Valid\")].reason",
-        description = "Why the policy is valid or not"
-    ),
-    printcolumn(
-        name = "Message",
-        type_ = "string",
-        json_path = ".status.conditions[?(@.type==\"Valid\")].message",
-        description = "The field and the problem, for a rejected policy",
-        priority = 1
-    ),
-    printcolumn(
-        name = "Age",
-        type_ = "date",
-        json_path = ".metadata.creationTimestamp"
-    )
-)]
-#[serde(rename_all = "camelCase")]
-pub struct NetworkPolicySpec {
-    /// The policy's rule. A policy has `spec`, `specs`, or both.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub spec: Option<Rule>,
-    /// More rules, each judged on its own, as in Cilium.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub specs: Option<Vec<Rule>>,
+/// Both policy kinds share everything but their names, scope and descriptions: one macro
+/// holds the derive (schema, printer columns, status), so the two cannot drift apart.
+macro_rules! policy_kind {
+    (
+        $(#[doc = $doc:tt])*
+        $spec:ident {
+            kind: $kind:tt,
+            singular: $singular:tt,
+            plural: $plural:tt,
+            shortnames: [$short:tt, $long:tt],
+            description: $description:tt,
+            scope: [$($scope:tt)?] $(,)?
+        }
+    ) => {
+        $(#[doc = $doc])*
+        #[derive(
+            CustomResource, JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq,
+        )]
+        #[kube(
+            group = "palisade.io",
+            version = "v1",
+            kind = $kind,
+            label("app.kubernetes.io/part-of", "palisade"),
+            singular = $singular,
+            plural = $plural,
+            shortname = $short,
+            shortname = $long,
+            category = "palisade",
+            $($scope,)?
+            no_spec,
+            status = "PolicyStatus",
+            derive = "PartialEq",
+            doc = $description,
+            printcolumn(
+                name = "Valid",
+                type_ = "string",
+                json_path = ".status.conditions[?(@.type==\"Valid\")].status",
+                description = "Whether the agents accepted the policy"
+            ),
+            printcolumn(
+                name = "Reason",
+                type_ = "string",
+                json_path = ".status.conditions[?(@.type==\"Valid\")].reason",
+                description = "Why the policy is valid or not"
+            ),
+            printcolumn(
+                name = "Message",
+                type_ = "string",
+                json_path = ".status.conditions[?(@.type==\"Valid\")].message",
+                description = "The field and the problem, for a rejected policy",
+                priority = 1
+            ),
+            printcolumn(
+                name = "Age",
+                type_ = "date",
+                json_path = ".metadata.creationTimestamp"
+            )
+        )]
+        #[serde(rename_all = "camelCase")]
+        pub struct $spec {
+            /// The policy's rule. A policy has `spec`, `specs`, or both.
+            #[serde(skip_serializing_if = "Option::is_none")]
+            pub spec: Option<Rule>,
+            /// More rules, each judged on its own, as in Cilium.
+            #[serde(skip_serializing_if = "Option::is_none")]
+            pub specs: Option<Vec<Rule>>,
+        }
+
+        impl $spec {
+            /// `spec`, then every entry of `specs`.
+            pub fn rules(&self) -> impl Iterator<Item = &Rule> {
+                self.spec.iter().chain(self.specs.iter().flatten())
+            }
+        }
+    };
 }
 
-/// A cluster-scoped Palisade network policy: the same rule language, with selectors that
-/// range over every namespace.
-#[derive(CustomResource, JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
-#[expect(
-    clippy::duplicated_attributes,
-    reason = "each printcolumn(...) names its own type_; clippy takes them for repeats of one attribute"
-)]
-#[kube(
-    group = "palisade.io",
-    version = "v1",
-    kind = "ClusterwideNetworkPolicy",
-    label("app.kubernetes.io/part-of", "palisade"),
-    singular = "palisadeclusterwidenetworkpolicy",
-    plural = "palisadeclusterwidenetworkpolicies",
-    shortname = "pcnp",
-    shortname = "palisadecnp",
-    category = "palisade",
-    no_spec,
-    status = "PolicyStatus",
-    derive = "PartialEq",
-    doc = "A cluster-wide Palisade network policy (palisade.io/v1 ClusterwideNetworkPolicy): the CiliumNetworkPolicy rule language, selecting endpoints in every namespace.",
-    printcolumn(
-        name = "Valid",
-        type_ = "string",
-        json_path = ".status.conditions[?(@.type==\"Valid\")].status",
-        description = "Whether the agents accepted the policy"
-    ),
-    printcolumn(
-        name = "Reason",
-        type_ = "string",
-        json_path = ".status.conditions[?(@.type==\"Valid\")].reason",
-        description = "Why the policy is valid or not"
-    ),
-    printcolumn(
-        name = "Message",
-        type_ = "string",
-        json_path = ".status.conditions[?(@.type==\"Valid\")].message",
-        description = "The field and the problem, for a rejected policy",
-        priority = 1
-    ),
-    printcolumn(
-        name = "Age",
-        type_ = "date",
-        json_path = ".metadata.creationTimestamp"
-    )
-)]
-#[serde(rename_all = "camelCase")]
-pub struct ClusterwideNetworkPolicySpec {
-    /// The policy's rule. A policy has `spec`, `specs`, or both.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub spec: Option<Rule>,
-    /// More rules, each judged on its own, as in Cilium.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub specs: Option<Vec<Rule>>,
-}
-
-impl NetworkPolicySpec {
-    /// `spec`, then every entry of `specs`.
-    pub fn rules(&self) -> impl Iterator<Item = &Rule> {
-        self.spec.iter().chain(self.specs.iter().flatten())
+policy_kind! {
+    /// A namespaced Palisade network policy: CiliumNetworkPolicy's rule language, with endpoint
+    /// selectors kept inside the policy's namespace unless they name a namespace.
+    NetworkPolicySpec {
+        kind: "NetworkPolicy",
+        singular: "palisadenetworkpolicy",
+        plural: "palisadenetworkpolicies",
+        shortnames: ["pnp", "palisadenp"],
+        description: "A Palisade network policy (palisade.io/v1 NetworkPolicy): the CiliumNetworkPolicy rule language, namespaced.",
+        scope: [namespaced],
     }
 }
 
-impl ClusterwideNetworkPolicySpec {
-    /// `spec`, then every entry of `specs`.
-    pub fn rules(&self) -> impl Iterator<Item = &Rule> {
-        self.spec.iter().chain(self.specs.iter().flatten())
+policy_kind! {
+    /// A cluster-scoped Palisade network policy: the same rule language, with selectors that
+    /// range over every namespace.
+    ClusterwideNetworkPolicySpec {
+        kind: "ClusterwideNetworkPolicy",
+        singular: "palisadeclusterwidenetworkpolicy",
+        plural: "palisadeclusterwidenetworkpolicies",
+        shortnames: ["pcnp", "palisadecnp"],
+        description: "A cluster-wide Palisade network policy (palisade.io/v1 ClusterwideNetworkPolicy): the CiliumNetworkPolicy rule language, selecting endpoints in every namespace.",
+        scope: [],
     }
 }
 
