@@ -237,6 +237,55 @@ fn a_proxied_connection_keeps_working_when_the_http_rules_go() {
     assert_eq!(ask(&mut c, "/public/c"), None, "denied now");
 }
 
+#[test]
+fn a_connection_closed_before_the_change_leaves_the_servers_listener_alone() {
+    // Closed on both ends, the connection still has conntrack entries, so the change ends it
+    // too. For its address pair the kernel now finds the server's listening socket: ending
+    // that would stop the server accepting anything, through the proxy or not.
+    let s = scene("reval-closed", "app=client");
+    let mut old = Conn::open(&s.client.name, &s.api);
+    assert_eq!(old.get("/public/a"), Ok(200), "no policy yet");
+    let port = old.stream.local_addr().expect("local address").port();
+    drop(old);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let sockets = || {
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", &s.api.name, "ss", "-Htn", "state", "all"])
+            .output()
+            .expect("ss");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    while sockets().contains(&format!(":{port} ")) {
+        assert!(
+            Instant::now() < deadline,
+            "the server never closed its end: {}",
+            sockets()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        s.node
+            .json(&["conntrack", "list"])
+            .as_array()
+            .is_some_and(|entries| entries.iter().any(|e| e["source_port"] == port)),
+        "the closed connection is still tracked, so the change considers it"
+    );
+
+    s.node.apply(HTTP_RULES);
+    assert!(
+        sockets().contains("0.0.0.0:80 "),
+        "the server still listens: {}",
+        sockets()
+    );
+    for path in ["/public/b", "/public/c"] {
+        assert_eq!(
+            get(&s.client.name, s.api.ip, 80, path, "").map(|r| r.status),
+            Some(200),
+            "the server still accepts, through the proxy"
+        );
+    }
+}
+
 /// The server's conntrack entry (its ingress) of the connection from `client_port`.
 fn server_entry(node: &Node, server: &Endpoint, client_port: u16) -> serde_json::Value {
     let entries = node.json(&["conntrack", "list"]);

@@ -1,98 +1,76 @@
 //! `cargo xtask bench l7-proxy`: HTTP through Palisade's L7 proxy, directly (L3/L4 only), and
 //! through nginx configured as an equivalent filtering reverse proxy, in one run, interleaved;
-//! requests/s with p50, p99 and p99.9 latency.
-
-use std::process::Command;
+//! requests/s with p50, p99 and p99.9 latency, over keep-alive connections and with a new
+//! connection per request; and where the proxy's own share of a request's time goes, from the
+//! latency it reports in its flows.
 
 use anyhow::{Context as _, bail};
 use palisade_integration::Node;
 
-use crate::bench::{tools, write_result};
+use crate::bench::stats::Summary;
+use crate::bench::tools::{self, WrkResult};
+use crate::bench::write_result;
 use crate::build_binaries;
 
-/// wrk's shape: one thread, 16 keep-alive connections (the figures of issue 12).
-const WRK_THREADS: &str = "-t1";
-const WRK_CONNECTIONS: &str = "-c16";
-const WRK_SECONDS: &str = "-d10s";
+/// wrk's shape: one thread, 16 connections (the figures of issue 12).
+const WRK_THREADS: u32 = 1;
+const WRK_CONNECTIONS: u32 = 16;
+const WRK_SECONDS: u32 = 10;
 const ROUNDS: usize = 3;
 
-/// Prints the latency percentiles wrk's own report lacks (p99.9), in microseconds.
-const WRK_SCRIPT: &str = "done = function(summary, latency, requests)\n  io.write(string.format(\"PALISADE-PCT %d %d %d\\n\", latency:percentile(50), latency:percentile(99), latency:percentile(99.9)))\nend\n";
+/// HTTP rules for the client (GET /public/.* only); the gateway (nginx, the comparison) may
+/// reach the server on L3/L4 alone, so its pooled upstream connections are not the proxy's.
+const L7_POLICY: &str = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: l7, namespace: x}\nspec:\n  endpointSelector: {matchLabels: {app: server}}\n  ingress:\n  - fromEndpoints: [{matchLabels: {app: client}}]\n    toPorts:\n    - ports: [{port: \"80\", protocol: TCP}]\n      rules:\n        http: [{method: GET, path: \"/public/.*\"}]\n  - fromEndpoints: [{matchLabels: {app: gateway}}]\n    toPorts:\n    - ports: [{port: \"80\", protocol: TCP}]\n";
 
-/// One wrk run's figures.
-#[derive(Clone, Copy, Debug)]
-struct Run {
-    rps: f64,
-    p50_us: f64,
-    p99_us: f64,
-    p999_us: f64,
-}
+/// The paths measured, in the order of the table.
+const PATHS: [&str; 3] = [
+    "direct (L3/L4 only, no proxy)",
+    "Palisade L7 proxy (transparent redirect)",
+    "nginx as a filtering reverse proxy",
+];
+const DIRECT: usize = 0;
+const PALISADE: usize = 1;
+const NGINX: usize = 2;
 
-/// Reads wrk's report (with the percentile line `WRK_SCRIPT` prints).
-fn parse_wrk(text: &str) -> Option<Run> {
-    let rps = text
-        .lines()
-        .find(|l| l.starts_with("Requests/sec:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse::<f64>().ok())?;
-    let pct: Vec<f64> = text
-        .lines()
-        .find_map(|l| l.strip_prefix("PALISADE-PCT "))?
-        .split_whitespace()
-        .map(str::parse)
-        .collect::<Result<_, _>>()
-        .ok()?;
-    match pct[..] {
-        [p50_us, p99_us, p999_us] => Some(Run {
-            rps,
-            p50_us,
-            p99_us,
-            p999_us,
-        }),
-        _ => None,
+/// Keep-alive, then a new connection per request.
+const MODES: [(&str, bool); 2] = [("keep-alive", false), ("new connection per request", true)];
+
+/// The quantile of `sorted` at `permille` (500: the median), nearest rank.
+fn quantile(sorted: &[f64], permille: usize) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
     }
+    let rank = (permille * sorted.len()).div_ceil(1000);
+    sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
-fn wrk(netns: &str, url: &str, script: &std::path::Path) -> anyhow::Result<Run> {
-    let out = Command::new("ip")
-        .args(["netns", "exec", netns, "wrk"])
-        .args([WRK_THREADS, WRK_CONNECTIONS, WRK_SECONDS, "-s"])
-        .arg(script)
-        .arg(url)
-        .output()
-        .context("running wrk")?;
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    if text
-        .lines()
-        .any(|l| l.contains("Non-2xx") || l.contains("Socket errors"))
-    {
-        bail!("wrk saw errors for {url}:\n{text}");
-    }
-    parse_wrk(&text).with_context(|| format!("unexpected wrk output for {url}:\n{text}"))
+/// The latency the proxy reports for each request of its recent flows (judged to response head
+/// relayed, µs), sorted.
+fn proxy_latencies(flows: &[serde_json::Value]) -> Vec<f64> {
+    let mut v: Vec<f64> = flows
+        .iter()
+        .filter(|f| f["http"]["status"] == 200)
+        .filter_map(|f| f["http"]["latency_us"].as_f64())
+        .collect();
+    v.sort_by(f64::total_cmp);
+    v
 }
 
-/// The median of each figure, and the range of the request rate.
-fn summarize(runs: &[Run]) -> (Run, f64, f64) {
-    let median = |f: fn(&Run) -> f64| {
-        let mut v: Vec<f64> = runs.iter().map(f).collect();
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
-    let rps: Vec<f64> = runs.iter().map(|r| r.rps).collect();
-    (
-        Run {
-            rps: median(|r| r.rps),
-            p50_us: median(|r| r.p50_us),
-            p99_us: median(|r| r.p99_us),
-            p999_us: median(|r| r.p999_us),
-        },
-        rps.iter().copied().fold(f64::INFINITY, f64::min),
-        rps.iter().copied().fold(0.0, f64::max),
+/// One table row: medians over the rounds (the request rate also as min–max), and the p99
+/// added to the direct path's in the same mode.
+fn row(name: &str, runs: &[WrkResult], direct_p99: f64) -> String {
+    let of = |f: fn(&WrkResult) -> f64| Summary::of(&runs.iter().map(f).collect::<Vec<_>>());
+    let p99 = of(|r| r.p99_us).median;
+    format!(
+        "| {name} | {} | {:.0} | {p99:.0} | {:.0} | {:+.0} |",
+        of(|r| r.requests_per_second).show(1.0, 0),
+        of(|r| r.p50_us).median,
+        of(|r| r.p999_us).median,
+        p99 - direct_p99
     )
 }
 
 pub(crate) fn run() -> anyhow::Result<()> {
-    const L7_POLICY: &str = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: l7, namespace: x}\nspec:\n  endpointSelector: {matchLabels: {app: server}}\n  ingress:\n  - fromEndpoints: [{matchLabels: {app: client}}]\n    toPorts:\n    - ports: [{port: \"80\", protocol: TCP}]\n      rules:\n        http: [{method: GET, path: \"/public/.*\"}]\n";
     tools::ensure_packages()?;
     let bin_dir = build_binaries(true)?;
     // SAFETY: single-threaded here; the fixture reads it.
@@ -106,25 +84,51 @@ pub(crate) fn run() -> anyhow::Result<()> {
         &node.dir,
         "backend",
         2,
-        "  server { listen 80; location / { return 200 \"ok\\n\"; } }",
+        "  server { listen 80 backlog=4096; location / { return 200 \"ok\\n\"; } }",
     )?;
     let proxy_block = format!(
-        "  upstream backend {{ server {}:80; keepalive 64; }}\n  server {{\n    listen 80;\n    location ~ ^/public/ {{\n      limit_except GET {{ deny all; }}\n      proxy_pass http://backend;\n      proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n    }}\n    location / {{ return 403; }}\n  }}",
+        "  upstream backend {{ server {}:80; keepalive 64; }}\n  server {{\n    listen 80 backlog=4096;\n    location ~ ^/public/ {{\n      limit_except GET {{ deny all; }}\n      proxy_pass http://backend;\n      proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n    }}\n    location / {{ return 403; }}\n  }}",
         server.ip
     );
     let _gateway = tools::nginx(&gateway.name, &node.dir, "gateway", 2, &proxy_block)?;
-    let script = node.dir.join("percentiles.lua");
-    std::fs::write(&script, WRK_SCRIPT)?;
     let url = |ip: std::net::Ipv4Addr| format!("http://{ip}/public/index.html");
+    let wrk = |path: usize, (mode, close): (&str, bool)| {
+        let ip = if path == NGINX { gateway.ip } else { server.ip };
+        tools::wrk(
+            &client.name,
+            &url(ip),
+            WRK_THREADS,
+            WRK_CONNECTIONS,
+            WRK_SECONDS,
+            close,
+        )
+        .with_context(|| format!("the row {:?}, {mode}", PATHS[path]))
+    };
+    let load_before = tools::machine_load();
 
     // Interleaved rounds, medians reported: the two CPUs are shared with wrk and the backend,
     // so a single run of each would mostly measure whatever else the machine was doing.
-    let (mut direct, mut nginx, mut palisade) = (Vec::new(), Vec::new(), Vec::new());
+    // runs[mode][path]: one result per round.
+    let mut runs: [[Vec<WrkResult>; 3]; 2] = Default::default();
+    let mut inside = Vec::new();
     for _ in 0..ROUNDS {
-        direct.push(wrk(&client.name, &url(server.ip), &script)?);
-        nginx.push(wrk(&client.name, &url(gateway.ip), &script)?);
+        for (m, &mode) in MODES.iter().enumerate() {
+            runs[m][DIRECT].push(wrk(DIRECT, mode)?);
+            runs[m][NGINX].push(wrk(NGINX, mode)?);
+        }
         node.apply(L7_POLICY);
-        palisade.push(wrk(&client.name, &url(server.ip), &script)?);
+        for (m, &mode) in MODES.iter().enumerate() {
+            runs[m][PALISADE].push(wrk(PALISADE, mode)?);
+            if m == 0 {
+                // The keep-alive run's requests, as the proxy timed them.
+                inside.push(proxy_latencies(&node.flows(&[
+                    "--protocol",
+                    "http",
+                    "--last",
+                    "20000",
+                ])));
+            }
+        }
         let denied = palisade_integration::http::get(&client.name, server.ip, 80, "/private", "")
             .map(|r| r.status);
         if denied != Some(403) {
@@ -134,30 +138,65 @@ pub(crate) fn run() -> anyhow::Result<()> {
         }
         node.palisade_ok(&["policy", "delete", "l7", "--namespace", "x"]);
     }
-    let direct = summarize(&direct);
-    let row = |name: &str, (r, lo, hi): (Run, f64, f64)| {
-        format!(
-            "| {name} | {:.0} ({lo:.0}–{hi:.0}) | {:.0} | {:.0} | {:.0} | {:+.0} |",
-            r.rps,
-            r.p50_us,
-            r.p99_us,
-            r.p999_us,
-            r.p99_us - direct.0.p99_us
+    let load_after = tools::machine_load();
+
+    let mut tables = Vec::new();
+    for (m, (mode, _)) in MODES.iter().enumerate() {
+        let direct_p99 =
+            Summary::of(&runs[m][DIRECT].iter().map(|r| r.p99_us).collect::<Vec<_>>()).median;
+        let rows: Vec<String> = [DIRECT, PALISADE, NGINX]
+            .iter()
+            .map(|&p| row(PATHS[p], &runs[m][p], direct_p99))
+            .collect();
+        tables.push(format!(
+            "**{mode}**\n\n\
+             | path | requests/s (min–max) | p50 (µs) | p99 (µs) | p99.9 (µs) | p99 added vs direct (µs) |\n\
+             |---|---|---|---|---|---|\n{}",
+            rows.join("\n")
+        ));
+    }
+    let inside_row = |permille: usize| {
+        Summary::of(
+            &inside
+                .iter()
+                .map(|l| quantile(l, permille))
+                .collect::<Vec<_>>(),
         )
+        .median
     };
+    let wrk_ka = |f: fn(&WrkResult) -> f64| {
+        Summary::of(&runs[0][PALISADE].iter().map(f).collect::<Vec<_>>()).median
+    };
+    let direct_ka = |f: fn(&WrkResult) -> f64| {
+        Summary::of(&runs[0][DIRECT].iter().map(f).collect::<Vec<_>>()).median
+    };
+    let samples = inside.iter().map(Vec::len).min().unwrap_or(0);
+    let split = format!(
+        "Where a keep-alive request through the proxy spends its time (medians over the rounds; \
+         the proxy's own figure is the latency it reports in each request's flow, from the head \
+         judged to the response head relayed, over the last {samples}+ requests of each round):\n\n\
+         | | p50 (µs) | p99 (µs) | p99.9 (µs) |\n|---|---|---|---|\n\
+         | wrk, through the proxy | {:.0} | {:.0} | {:.0} |\n\
+         | proxy: judge + upstream exchange + response head relayed | {:.0} | {:.0} | {:.0} |\n\
+         | wrk, direct (the backend and the network alone) | {:.0} | {:.0} | {:.0} |",
+        wrk_ka(|r| r.p50_us),
+        wrk_ka(|r| r.p99_us),
+        wrk_ka(|r| r.p999_us),
+        inside_row(500),
+        inside_row(990),
+        inside_row(999),
+        direct_ka(|r| r.p50_us),
+        direct_ka(|r| r.p99_us),
+        direct_ka(|r| r.p999_us),
+    );
     let body = format!(
-        "wrk {WRK_THREADS} {WRK_CONNECTIONS} {WRK_SECONDS} (keep-alive) against nginx returning a \
-         fixed 200, from a client endpoint, on one node (release build; the two CPUs are shared by \
-         wrk, the proxy and the backend; median of {ROUNDS} interleaved rounds, request rate also \
-         as min–max). Rules: GET /public/.* allowed, everything else 403.\n\n\
-         | path | requests/s (min–max) | p50 (µs) | p99 (µs) | p99.9 (µs) | p99 added vs direct (µs) |\n\
-         |---|---|---|---|---|---|\n{}\n{}\n{}",
-        row("direct (L3/L4 only, no proxy)", direct),
-        row(
-            "Palisade L7 proxy (transparent redirect)",
-            summarize(&palisade)
-        ),
-        row("nginx as a filtering reverse proxy", summarize(&nginx)),
+        "wrk -t{WRK_THREADS} -c{WRK_CONNECTIONS} -d{WRK_SECONDS}s against nginx returning a fixed \
+         200, from a client endpoint, on one node (release build; the two CPUs are shared by wrk, \
+         the proxy and the backend; median of {ROUNDS} interleaved rounds, request rate also as \
+         min–max). Rules: GET /public/.* allowed, everything else 403. Every answer measured is a \
+         200 (a run with any other answer fails the benchmark).\n\n\
+         Before: {load_before}.\n\nAfter: {load_after}.\n\n{}\n\n{split}",
+        tables.join("\n\n"),
     );
     write_result("l7-proxy", "L7 proxy throughput and latency", &body)
 }
@@ -167,13 +206,26 @@ mod tests {
     use super::*;
 
     #[test]
-    fn reads_rate_and_percentiles_from_wrk() {
-        let text = "Running 10s test @ http://x/\n  1 threads and 16 connections\nRequests/sec:  76543.21\nTransfer/sec:      9.53MB\nPALISADE-PCT 180 1990 4100\n";
-        let r = parse_wrk(text).expect("parsed");
-        assert!((r.rps - 76543.21).abs() < 1e-6);
-        assert!((r.p50_us - 180.0).abs() < 1e-9);
-        assert!((r.p99_us - 1990.0).abs() < 1e-9);
-        assert!((r.p999_us - 4100.0).abs() < 1e-9);
-        assert!(parse_wrk("Requests/sec: 1\n").is_none());
+    fn quantiles_are_nearest_rank() {
+        let v: Vec<f64> = (1..=1000).map(f64::from).collect();
+        assert!((quantile(&v, 500) - 500.0).abs() < 1e-9);
+        assert!((quantile(&v, 990) - 990.0).abs() < 1e-9);
+        assert!((quantile(&v, 999) - 999.0).abs() < 1e-9);
+        assert!((quantile(&v[..1], 990) - 1.0).abs() < 1e-9);
+        assert!(quantile(&[], 500).abs() < 1e-9);
+    }
+
+    #[test]
+    fn the_proxys_latencies_are_read_from_its_flows_of_answered_requests() {
+        let flows: Vec<serde_json::Value> = [
+            r#"{"http":{"status":200,"latency_us":30}}"#,
+            r#"{"http":{"status":403,"latency_us":1}}"#,
+            r#"{"http":{"status":200,"latency_us":10}}"#,
+            r#"{"event":"drop"}"#,
+        ]
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+        assert_eq!(proxy_latencies(&flows), [10.0, 30.0]);
     }
 }

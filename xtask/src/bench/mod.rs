@@ -14,7 +14,7 @@ use crate::{build_binaries, workspace_root};
 
 mod micro;
 mod path;
-mod stats;
+pub(crate) mod stats;
 mod svg;
 pub(crate) mod tools;
 

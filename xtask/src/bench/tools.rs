@@ -178,34 +178,46 @@ pub fn wrk(
     }
     let out = cmd.arg(url).output().context("running wrk")?;
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let rps = text
+    parse_wrk(&text, close).with_context(|| {
+        format!(
+            "unexpected wrk output for {url}:\n{text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+/// Reads wrk's report (with the percentile line of the `done` hook `wrk` installs). None when
+/// a figure is missing, or when any answer was not a 2xx: a benchmark of error responses
+/// measures nothing. Socket errors are expected only when each request closes its connection
+/// (`close`: a read racing the server's close).
+fn parse_wrk(text: &str, close: bool) -> Option<WrkResult> {
+    let non_2xx = text.lines().any(|l| l.contains("Non-2xx"));
+    let socket_errors = text
+        .lines()
+        .any(|l| l.trim_start().starts_with("Socket errors"));
+    if non_2xx || (socket_errors && !close) {
+        return None;
+    }
+    let requests_per_second = text
         .lines()
         .find(|l| l.starts_with("Requests/sec:"))
         .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse::<f64>().ok());
+        .and_then(|v| v.parse::<f64>().ok())?;
     let pct: Vec<f64> = text
         .lines()
-        .find_map(|l| l.strip_prefix("PCT "))
-        .map(|l| {
-            l.split_whitespace()
-                .filter_map(|v| v.parse().ok())
-                .collect()
-        })
-        .unwrap_or_default();
-    let errors = text
-        .lines()
-        .any(|l| l.contains("Non-2xx") || l.trim_start().starts_with("Socket errors"));
-    match (rps, pct.as_slice()) {
-        (Some(r), [p50, p99, p999]) if !errors || close => Ok(WrkResult {
-            requests_per_second: r,
-            p50_us: *p50,
-            p99_us: *p99,
-            p999_us: *p999,
+        .find_map(|l| l.strip_prefix("PCT "))?
+        .split_whitespace()
+        .map(str::parse)
+        .collect::<Result<_, _>>()
+        .ok()?;
+    match pct[..] {
+        [p50_us, p99_us, p999_us] => Some(WrkResult {
+            requests_per_second,
+            p50_us,
+            p99_us,
+            p999_us,
         }),
-        _ => bail!(
-            "unexpected wrk output for {url}:\n{text}{}",
-            String::from_utf8_lossy(&out.stderr)
-        ),
+        _ => None,
     }
 }
 
@@ -251,4 +263,38 @@ pub fn machine_load() -> String {
         })
         .unwrap_or_default();
     format!("load average {load}; busiest processes (%CPU since start, command): {top}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const REPORT: &str = "Running 10s test @ http://x/\n  1 threads and 16 connections\nRequests/sec:  76543.21\nTransfer/sec:      9.53MB\nPCT 180 1990 4100\n";
+
+    #[test]
+    fn reads_rate_and_percentiles_from_wrk() {
+        let r = parse_wrk(REPORT, false).expect("parsed");
+        assert!((r.requests_per_second - 76543.21).abs() < 1e-6);
+        assert!((r.p50_us - 180.0).abs() < 1e-9);
+        assert!((r.p99_us - 1990.0).abs() < 1e-9);
+        assert!((r.p999_us - 4100.0).abs() < 1e-9);
+        assert!(parse_wrk("Requests/sec: 1\n", false).is_none());
+        assert!(parse_wrk("Requests/sec: 1\nPCT 1 2\n", false).is_none());
+    }
+
+    #[test]
+    fn error_answers_fail_the_run_and_socket_errors_only_on_keep_alive() {
+        let non_2xx = REPORT.replace(
+            "Requests/sec",
+            "  Non-2xx or 3xx responses: 3\nRequests/sec",
+        );
+        assert!(parse_wrk(&non_2xx, false).is_none());
+        assert!(parse_wrk(&non_2xx, true).is_none(), "not even when closing");
+        let socket = REPORT.replace(
+            "Requests/sec",
+            "  Socket errors: connect 0, read 2, write 0, timeout 0\nRequests/sec",
+        );
+        assert!(parse_wrk(&socket, false).is_none());
+        assert!(parse_wrk(&socket, true).is_some());
+    }
 }
