@@ -295,3 +295,97 @@ fn an_expired_answer_is_denied_unless_a_connection_still_uses_it() {
     assert_eq!(resolve(&s, &held_name, true).addresses, vec![held]);
     assert!(tcp_connects(&s.client.name, held, 8080));
 }
+
+/// While learning: every lookup of the client goes through the DNS proxy, no name refused.
+const DNS_VISIBILITY: &str = r#"apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: dns-visibility, namespace: x}
+spec:
+  endpointSelector: {matchLabels: {app: client}}
+  egress:
+  - toEndpoints:
+    - matchLabels: {"k8s:io.kubernetes.pod.namespace": kube-system, k8s-app: kube-dns}
+    toPorts:
+    - ports: [{port: "53", protocol: ANY}]
+      rules:
+        dns: [{matchPattern: "*"}]
+"#;
+
+#[test]
+fn learned_lookups_become_fqdn_and_dns_rules_that_refuse_what_was_never_looked_up() {
+    let node = Node::start_with("dns-learn", &[]);
+    let client = node.add_endpoint("client", "x", "app=client");
+    let dns_ep = node.add_endpoint("dns", "kube-system", "k8s-app=kube-dns");
+    let world_ns = world(&node);
+    let _server = tcp_server(&world_ns, 8080);
+    let _resolver = resolver(
+        &dns_ep.name,
+        dns_ep.ip,
+        300,
+        &[("api.example.test", API), ("hidden.example.test", HIDDEN)],
+        &node.dir,
+    );
+    node.palisade_ok(&["namespace", "mode", "x", "discover"]);
+    node.apply(DNS_VISIBILITY);
+
+    // Discover: the client resolves a name through the agent and connects to its answer.
+    let r = query(&client.name, dns_ep.ip, "api.example.test", false)
+        .unwrap_or_else(|| panic!("no answer:\n{}", node.agent_log()));
+    assert_eq!(r.addresses, vec![API]);
+    assert!(
+        tcp_connects(&client.name, API, 8080),
+        "discover lets it through"
+    );
+
+    let mut yaml = String::new();
+    until(
+        "the suggestion names the lookup",
+        Duration::from_secs(10),
+        || {
+            yaml = node.palisade_ok(&["policy", "suggest", "--namespace", "x"]);
+            yaml.contains("toFQDNs") && yaml.contains("rules:\n        dns:")
+        },
+    );
+    assert!(
+        yaml.contains("- toFQDNs:\n    - matchName: \"api.example.test\"\n"),
+        "{yaml}"
+    );
+    assert!(
+        !yaml.contains("192.0.2.10/32"),
+        "by name, not address:\n{yaml}"
+    );
+    assert!(yaml.contains("protocol: ANY"), "{yaml}");
+    assert!(
+        yaml.contains("dns:\n        - matchName: \"api.example.test\"\n"),
+        "{yaml}"
+    );
+    assert_eq!(
+        yaml,
+        node.palisade_ok(&["policy", "suggest", "--namespace", "x"]),
+        "stable"
+    );
+
+    // Protect with the suggestion alone.
+    node.palisade_ok(&["policy", "delete", "dns-visibility", "--namespace", "x"]);
+    node.apply(&yaml);
+    node.palisade_ok(&["namespace", "mode", "x", "protect"]);
+
+    let r = query(&client.name, dns_ep.ip, "api.example.test", false)
+        .unwrap_or_else(|| panic!("no answer:\n{}", node.agent_log()));
+    assert_eq!(
+        (r.rcode.as_str(), r.addresses.as_slice()),
+        ("NoError", &[API][..])
+    );
+    assert!(
+        tcp_connects(&client.name, API, 8080),
+        "the learned name still works:\n{yaml}"
+    );
+    let r = query(&client.name, dns_ep.ip, "hidden.example.test", false)
+        .unwrap_or_else(|| panic!("no answer:\n{}", node.agent_log()));
+    assert_eq!(r.rcode, "Refused", "never looked up while learning");
+    assert!(r.addresses.is_empty());
+    assert!(
+        !tcp_connects(&client.name, HIDDEN, 8080),
+        "and its address dropped"
+    );
+}

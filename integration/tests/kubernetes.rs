@@ -519,3 +519,82 @@ fn a_namespace_label_sets_its_mode_and_monitor_reports_without_dropping() {
         "the label removed: protected again",
     );
 }
+
+/// Sets (or, with None, removes) a pod's `palisade.io/audit` annotation through the API, as
+/// `kubectl annotate` does.
+fn annotate_audit(c: &Cluster, pod: &KubePod, value: Option<&str>) {
+    let mut o = c
+        .api
+        .get("v1", "Pod", &pod.namespace, &pod.name)
+        .expect("the pod exists");
+    let annotations = o["metadata"]
+        .as_object_mut()
+        .unwrap()
+        .entry("annotations")
+        .or_insert_with(|| serde_json::json!({}));
+    match value {
+        Some(v) => annotations["palisade.io/audit"] = Value::String(v.into()),
+        None => {
+            annotations
+                .as_object_mut()
+                .unwrap()
+                .remove("palisade.io/audit");
+        }
+    }
+    c.api.upsert(&o);
+}
+
+#[test]
+fn a_pods_audit_annotation_puts_its_endpoint_in_audit_and_a_bad_value_enforces() {
+    let c = Cluster::start("k8s-podaudit", 1, true, &[]);
+    c.namespace("shop", &[]);
+    let web = c.pod(0, "shop", "web", &[("app", "web")]);
+    let client = c.pod(0, "shop", "client", &[("app", "client")]);
+    c.endpoint(0, &web);
+    c.endpoint(0, &client);
+    let _srv = tcp_server(&web.container.netns, 80);
+    c.kubectl_stdin(
+        &["create"],
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: web-from-friends, namespace: shop}\nspec:\n  podSelector: {matchLabels: {app: web}}\n  ingress:\n  - from: [{podSelector: {matchLabels: {app: friend}}}]\n",
+    );
+    until_connects(&c, &client, &web, false, "enforced: the client is denied");
+    let identity = c.endpoint(0, &web)["identity"].clone();
+
+    // Annotated on the running pod: its endpoint is in audit, the violation passes as AUDIT.
+    annotate_audit(&c, &web, Some("true"));
+    until_connects(&c, &client, &web, true, "annotated: the violation passes");
+    let ep = c.endpoint(0, &web);
+    assert_eq!(ep["audit"], "endpoint", "{ep}");
+    assert_eq!(ep["identity"], identity, "an annotation is no label");
+    let node = &c.nodes[0].node;
+    let audited = node.flows(&["--verdict", "AUDIT", "--namespace", "shop"]);
+    assert!(
+        audited
+            .iter()
+            .any(|f| f["policy"]["name"] == "shop/web-from-friends"),
+        "{audited:?}"
+    );
+    assert!(c.endpoint(0, &client)["audit"].is_null(), "only that pod");
+
+    // A value that is neither "true" nor "false": enforced, and said on the pod.
+    annotate_audit(&c, &web, Some("yes"));
+    until_connects(&c, &client, &web, false, "a malformed value enforces");
+    c.eventually(0, "an InvalidAnnotation event on the pod", || {
+        c.api.events().iter().any(|e| {
+            e["reason"] == "InvalidAnnotation"
+                && e["involvedObject"]["kind"] == "Pod"
+                && e["involvedObject"]["name"] == "web"
+                && e["message"].as_str().is_some_and(|m| m.contains("\"yes\""))
+        })
+    });
+    assert!(
+        node.agent_log().contains("palisade.io/audit"),
+        "the agent's log names the annotation"
+    );
+
+    annotate_audit(&c, &web, Some("true"));
+    until_connects(&c, &client, &web, true, "in audit again");
+    annotate_audit(&c, &web, None);
+    until_connects(&c, &client, &web, false, "the annotation removed: enforced");
+    assert!(c.endpoint(0, &web)["audit"].is_null());
+}

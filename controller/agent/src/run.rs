@@ -359,6 +359,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     info!(
         connections = kept,
         http = kept_http,
+        dns = log.dns_len(),
         memory_bound_bytes = limits.memory_bound(),
         "connection log ready"
     );

@@ -284,6 +284,15 @@ fn apply(
         r.labels = labels.clone();
     }
 
+    for (key, audit) in &delta.endpoint_audit {
+        if let Some(r) = m.endpoints.get_mut(key)
+            && r.audit != *audit
+        {
+            info!(endpoint = %key, audit, "endpoint audit set by its pod's annotation");
+            r.audit = *audit;
+        }
+    }
+
     // Every workload's identity from its labels as they are now (namespace labels may have
     // changed under any of them). Labels the cluster has not numbered yet leave the workload
     // at `init`: enforced both ways, and an address no policy allows.

@@ -289,6 +289,9 @@ pub struct ClusterDelta {
     /// Labels of this node's pods (endpoint key `ns/name`), replacing what they had; a pod
     /// whose labels were pending leaves `init`.
     pub endpoint_labels: Vec<(String, Labels)>,
+    /// Whether each of this node's pods (endpoint key `ns/name`) is in audit, from its
+    /// `palisade.io/audit` annotation.
+    pub endpoint_audit: Vec<(String, bool)>,
 }
 
 impl ClusterDelta {
@@ -298,6 +301,7 @@ impl ClusterDelta {
             && self.remotes.is_empty()
             && self.policies.is_empty()
             && self.endpoint_labels.is_empty()
+            && self.endpoint_audit.is_empty()
     }
 }
 

@@ -1111,6 +1111,7 @@ fn first_sync() -> ClusterDelta {
             delete: vec![],
         },
         endpoint_labels: vec![],
+        endpoint_audit: vec![],
     }
 }
 
@@ -1349,6 +1350,37 @@ async fn the_mode_label_of_a_kubernetes_namespace_is_its_mode_and_no_identity_la
     .unwrap();
     assert_eq!(e.namespace_mode("shop"), NamespaceMode::Protect);
     assert!(!e.applied.endpoints[&rec.id].audit);
+}
+
+#[tokio::test]
+async fn a_pods_audit_annotation_puts_its_endpoint_in_audit_and_out() {
+    let mut e = cluster_engine(
+        MemoryDatapath::default(),
+        MemoryPlumbing::default(),
+        MemoryStore::default(),
+    )
+    .await;
+    e.cluster_update(first_sync()).unwrap();
+    cni_veth(&mut e, "palweb", 500, "/run/netns/cni-web");
+    let mut web = attachment("web", "palweb", Ipv4Addr::new(10, 0, 0, 9), None);
+    web.name = "web".into();
+    e.attachment_add(web).await.unwrap();
+    let pod = |audit: bool| ClusterDelta {
+        endpoint_labels: vec![("shop/web".into(), labels("app=web"))],
+        endpoint_audit: vec![("shop/web".into(), audit)],
+        ..ClusterDelta::default()
+    };
+    e.cluster_update(pod(false)).unwrap();
+    let rec = e.record("shop/web").unwrap().clone();
+    assert!(!e.applied.endpoints[&rec.id].audit);
+    assert_ne!(ingress(&e, "shop/web", [10, 1, 0, 6], 80), Verdict::Allowed);
+    e.cluster_update(pod(true)).unwrap();
+    let rec = e.record("shop/web").unwrap().clone();
+    assert!(rec.audit);
+    assert!(e.applied.endpoints[&rec.id].audit, "annotated: in audit");
+    assert_eq!(e.datapath.state, e.applied);
+    e.cluster_update(pod(false)).unwrap();
+    assert!(!e.applied.endpoints[&rec.id].audit, "unannotated: enforced");
 }
 
 /// A datapath whose map writes wait for the test's word, to catch the engine mid-apply.

@@ -124,6 +124,7 @@ pub async fn start(
             policy_watchers: BTreeMap::new(),
             written_conf: None,
             allocation_failing: false,
+            reported_audit: BTreeSet::new(),
         }
         .run(attached),
     );
@@ -145,6 +146,8 @@ struct Loop {
     policy_watchers: BTreeMap<PolicyObjectKind, JoinHandle<()>>,
     written_conf: Option<Ipv4Network>,
     allocation_failing: bool,
+    /// (pod, value) of malformed `palisade.io/audit` annotations already reported.
+    reported_audit: BTreeSet<(String, String)>,
 }
 
 /// Inputs queued for the loop; enough for a relist of thousands of objects to flow.
@@ -322,8 +325,45 @@ impl Loop {
         Ok(())
     }
 
+    /// Reports each of this node's pods whose `palisade.io/audit` annotation is neither
+    /// `"true"` nor `"false"` (its endpoint stays enforced): once per value, in the log and as
+    /// a Warning Event on the pod.
+    fn report_bad_audit_annotations(&mut self) {
+        let bad: Vec<(String, String, String, String)> = self
+            .view
+            .local_pods()
+            .into_iter()
+            .filter_map(|(key, p, _)| {
+                let value = p.audit.as_ref().err()?;
+                Some((key, p.namespace.clone(), p.name.clone(), value.clone()))
+            })
+            .collect();
+        let keys: BTreeSet<String> = bad.iter().map(|(k, ..)| k.clone()).collect();
+        self.reported_audit.retain(|(k, _)| keys.contains(k));
+        for (key, namespace, name, value) in bad {
+            if !self.reported_audit.insert((key.clone(), value.clone())) {
+                continue;
+            }
+            let why = format!(
+                "annotation {}: {value:?} is neither \"true\" nor \"false\"; the pod's endpoint stays enforced",
+                palisade_policies::audit::AUDIT_ANNOTATION
+            );
+            warn!(pod = %key, value = %value, "{why}");
+            let client = self.client.clone();
+            let node = self.cfg.node_name.clone();
+            tokio::spawn(async move {
+                if let Err(e) =
+                    status::record_pod_event(&client, &node, &namespace, &name, &why).await
+                {
+                    warn!(pod = %key, error = %e, "annotation event not recorded");
+                }
+            });
+        }
+    }
+
     /// What the rest of the agent derives from the view, after each batch.
     fn publish(&mut self) {
+        self.report_bad_audit_annotations();
         let pods: BTreeMap<String, LocalPod> = self
             .view
             .local_pods()

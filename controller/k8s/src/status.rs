@@ -308,6 +308,51 @@ async fn record_event(
         .map(drop)
 }
 
+/// The Event reason of a pod annotation the agent cannot read.
+pub const BAD_ANNOTATION_REASON: &str = "InvalidAnnotation";
+
+/// A Warning Event on a pod of this node: `why` names the annotation and the value.
+pub async fn record_pod_event(
+    client: &Client,
+    node: &str,
+    namespace: &str,
+    name: &str,
+    why: &str,
+) -> Result<(), kube::Error> {
+    let now = Timestamp::now();
+    let event = Event {
+        metadata: ObjectMeta {
+            generate_name: Some(format!("{name}.")),
+            namespace: Some(namespace.into()),
+            ..ObjectMeta::default()
+        },
+        involved_object: ObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Pod".into()),
+            name: Some(name.into()),
+            namespace: Some(namespace.into()),
+            ..ObjectReference::default()
+        },
+        reason: Some(BAD_ANNOTATION_REASON.into()),
+        message: Some(why.into()),
+        type_: Some("Warning".into()),
+        source: Some(EventSource {
+            component: Some("palisade-agent".into()),
+            host: Some(node.into()),
+        }),
+        first_timestamp: Some(Time(now)),
+        last_timestamp: Some(Time(now)),
+        count: Some(1),
+        reporting_component: Some("palisade.io/agent".into()),
+        reporting_instance: Some(node.into()),
+        ..Event::default()
+    };
+    Api::<Event>::namespaced(client.clone(), namespace)
+        .create(&PostParams::default(), &event)
+        .await
+        .map(drop)
+}
+
 async fn collect_identities(
     api: &Api<DynamicObject>,
     snap: &StatusSnapshot,

@@ -24,6 +24,24 @@ pub struct PodInfo {
     pub finished: bool,
     pub labels: Labels,
     pub named_ports: Vec<NamedPort>,
+    /// The pod's own `palisade.io/audit` annotation: `"true"` puts its endpoint in audit,
+    /// absent or `"false"` not; any other value is kept here (Err) to be reported, and the
+    /// endpoint stays enforced.
+    pub audit: Result<bool, String>,
+}
+
+/// A pod's audit annotation (`palisade.io/audit`), as `PodInfo::audit` holds it.
+pub fn pod_audit(p: &Pod) -> Result<bool, String> {
+    let value = p
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(palisade_policies::audit::AUDIT_ANNOTATION));
+    match value.map(String::as_str) {
+        None | Some("false") => Ok(false),
+        Some("true") => Ok(true),
+        Some(other) => Err(other.to_string()),
+    }
 }
 
 impl PodInfo {
@@ -72,6 +90,7 @@ pub fn pod_info(p: &Pod) -> Option<PodInfo> {
         finished: matches!(phase, "Succeeded" | "Failed"),
         labels: p.metadata.labels.clone().unwrap_or_default(),
         named_ports,
+        audit: pod_audit(p),
     })
 }
 
@@ -282,6 +301,27 @@ mod tests {
             let p = pod_info(&serde_json::from_value(v).unwrap()).unwrap();
             assert!(!p.has_own_address(), "{p:?}");
         }
+    }
+
+    #[test]
+    fn a_pods_audit_annotation_is_read_and_a_malformed_one_kept_to_be_reported() {
+        let with = |value: Option<&str>| {
+            let mut p =
+                json!({"metadata": {"name": "a", "namespace": "x"}, "spec": {"containers": []}});
+            if let Some(v) = value {
+                p["metadata"]["annotations"] = json!({"palisade.io/audit": v});
+            }
+            pod_info(&serde_json::from_value(p).unwrap()).unwrap().audit
+        };
+        assert_eq!(with(None), Ok(false));
+        assert_eq!(with(Some("true")), Ok(true));
+        assert_eq!(with(Some("false")), Ok(false));
+        assert_eq!(with(Some("yes")), Err("yes".to_string()));
+        assert_eq!(
+            with(Some("True")),
+            Err("True".to_string()),
+            "exactly as for policies"
+        );
     }
 
     #[test]

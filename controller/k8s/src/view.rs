@@ -550,6 +550,10 @@ impl ClusterView {
             let remote = remote_pod_key(&key);
             match self.pods.get(&key) {
                 Some(p) if p.node.as_deref() == Some(self.node.as_str()) => {
+                    // A malformed annotation leaves the endpoint enforced (the adapter
+                    // reports it).
+                    let audit = p.audit.clone().unwrap_or(false);
+                    delta.endpoint_audit.push((key.clone(), audit));
                     delta.endpoint_labels.push((key, p.labels.clone()));
                 }
                 Some(p) if p.has_own_address() => {
@@ -661,6 +665,7 @@ mod tests {
             finished: false,
             labels: labels(&[("app", app)]),
             named_ports: vec![],
+            audit: Ok(false),
         }
     }
 
@@ -842,6 +847,30 @@ mod tests {
         // Deleting the object does remove what it had.
         v.policies(k, Change::Delete(object_key(k, Some("shop"), "web")));
         assert_eq!(v.take_delta().policies.delete.len(), 1);
+    }
+
+    #[test]
+    fn an_audit_annotation_change_reaches_the_endpoint_and_a_malformed_one_enforces() {
+        let mut v = synced_view();
+        let d = v.take_delta();
+        assert_eq!(d.endpoint_audit, vec![("shop/web".to_string(), false)]);
+        let mut web = pod("web", NODE, "web", [10, 0, 0, 2]);
+        web.audit = Ok(true);
+        v.pods(Change::Apply(web.clone()));
+        let d = v.take_delta();
+        assert_eq!(d.endpoint_audit, vec![("shop/web".to_string(), true)]);
+        assert_eq!(d.endpoint_labels.len(), 1, "labels unchanged, sent with it");
+        web.audit = Err("yes".into());
+        v.pods(Change::Apply(web));
+        assert_eq!(
+            v.take_delta().endpoint_audit,
+            vec![("shop/web".to_string(), false)]
+        );
+        // Another node's pod is no endpoint here.
+        let mut client = pod("client", "node-b", "client", [10, 1, 0, 2]);
+        client.audit = Ok(true);
+        v.pods(Change::Apply(client));
+        assert!(v.take_delta().endpoint_audit.is_empty());
     }
 
     #[test]

@@ -4,7 +4,9 @@
 //! - this module: workload groups ([`Group`], from the identity labels flows carry, without the
 //!   labels that change with every rollout or name one pod), and [`ConnectionLog`], a bounded
 //!   aggregate of observed connections and HTTP requests (who, to whom, port, protocol,
-//!   verdict, counts, first and last seen) that outlives the ring of individual flows;
+//!   verdict, counts, first and last seen) that outlives the ring of individual flows, and
+//!   the DNS lookups each group made through the DNS proxy (name, server, the addresses
+//!   answered);
 //! - `suggest`: least-privilege policies from the aggregate, as deterministic YAML;
 //! - `time`: the timestamps the aggregate keeps, in words.
 //!
@@ -15,7 +17,7 @@ pub mod map;
 pub mod suggest;
 pub mod time;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt;
 use std::net::Ipv4Addr;
 use std::sync::Arc;
@@ -45,6 +47,10 @@ pub const MAX_GROUP_LABELS: usize = 16;
 pub const MAX_PATH_BYTES: usize = 256;
 /// HTTP methods longer than this are not learned (no real method is).
 pub const MAX_METHOD_BYTES: usize = 16;
+/// DNS names longer than this are not learned (no valid name is).
+pub const MAX_DNS_NAME_BYTES: usize = 253;
+/// A lookup keeps at most this many answered addresses (those of the newest answer first).
+pub const MAX_DNS_ANSWERS: usize = 16;
 /// Endpoint and peer names of samples are cut to this (namespace and name are 63 each).
 const MAX_NAME_BYTES: usize = 128;
 
@@ -236,6 +242,42 @@ impl ConnectionRecord {
     }
 }
 
+/// What one `dns-request` flow says: a workload group asked a DNS server for a name through
+/// the DNS proxy, and what it was answered.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DnsObservation {
+    /// The group that asked.
+    pub endpoint: Group,
+    /// The DNS server it asked (its original destination).
+    pub server: Group,
+    /// IP protocol number (UDP or TCP).
+    pub protocol: u8,
+    /// The server's port.
+    pub port: u16,
+    /// The question's name, normalized (lower case, no trailing dot).
+    pub name: String,
+    /// The IPv4 addresses of the answer.
+    pub answers: Vec<Ipv4Addr>,
+    pub verdict: FlowVerdict,
+    pub sample: Sample,
+}
+
+/// One aggregate of DNS lookups of one name by one group at one server.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DnsRecord {
+    pub endpoint: Group,
+    pub server: Group,
+    pub protocol: u8,
+    pub port: u16,
+    pub name: String,
+    /// Addresses the answers held (at most `MAX_DNS_ANSWERS`, sorted).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub answers: Vec<Ipv4Addr>,
+    pub verdict: FlowVerdict,
+    #[serde(flatten)]
+    pub seen: Seen,
+}
+
 /// One aggregate of HTTP requests, as the L7 proxy judged them.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HttpRecord {
@@ -267,6 +309,9 @@ impl HttpRecord {
 pub struct LogSnapshot {
     pub connections: Vec<ConnectionRecord>,
     pub http: Vec<HttpRecord>,
+    /// DNS lookups through the DNS proxy (absent in logs of older agents).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dns: Vec<DnsRecord>,
     /// Flows the log could not keep (its group table full even after eviction).
     #[serde(default)]
     pub not_kept: u64,
@@ -277,6 +322,8 @@ pub struct LogSnapshot {
 pub struct LogLimits {
     pub max_connections: usize,
     pub max_http: usize,
+    /// DNS lookup aggregates.
+    pub max_dns: usize,
     /// Distinct groups (both ends, all aggregates).
     pub max_groups: usize,
     /// Aggregates not seen for this long are forgotten.
@@ -288,6 +335,7 @@ impl Default for LogLimits {
         Self {
             max_connections: 16_384,
             max_http: 16_384,
+            max_dns: 8_192,
             max_groups: 4_096,
             retention_secs: 7 * 24 * 3600,
         }
@@ -297,14 +345,17 @@ impl Default for LogLimits {
 impl LogLimits {
     /// An upper bound on the log's heap use, in bytes, whatever the flows: every aggregate
     /// at its largest (a sample with names of `MAX_NAME_BYTES`, a path of `MAX_PATH_BYTES`,
-    /// hash-table overhead included) and every group with `MAX_GROUP_LABELS` labels of the
+    /// hash-table overhead included; a DNS lookup with a name of `MAX_DNS_NAME_BYTES` and
+    /// `MAX_DNS_ANSWERS` addresses) and every group with `MAX_GROUP_LABELS` labels of the
     /// longest valid key (317 bytes) and value (63).
     pub fn memory_bound(&self) -> usize {
         const ENTRY: usize = 96 + 2 * MAX_NAME_BYTES + 160 + 64;
         const HTTP_EXTRA: usize = MAX_PATH_BYTES + MAX_METHOD_BYTES + 48;
+        const DNS_EXTRA: usize = MAX_DNS_NAME_BYTES + MAX_DNS_ANSWERS * 16 + 96;
         const GROUP: usize = 96 + MAX_GROUP_LABELS * (317 + 63 + 64);
         self.max_connections * ENTRY
             + self.max_http * (ENTRY + HTTP_EXTRA)
+            + self.max_dns * (ENTRY + DNS_EXTRA)
             + self.max_groups * GROUP
     }
 }
@@ -331,6 +382,36 @@ struct HttpKey {
     verdict: FlowVerdict,
 }
 
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct DnsKey {
+    endpoint: Arc<Group>,
+    server: Arc<Group>,
+    protocol: u8,
+    port: u16,
+    name: String,
+    verdict: FlowVerdict,
+}
+
+/// What a DNS aggregate holds besides its key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct DnsSeen {
+    seen: Seen,
+    answers: BTreeSet<Ipv4Addr>,
+}
+
+/// `answers` with `new` added, at most `MAX_DNS_ANSWERS`: the newest answer's addresses
+/// stay, the lowest of the older ones go first.
+fn add_answers(answers: &mut BTreeSet<Ipv4Addr>, new: &[Ipv4Addr]) {
+    let newest: BTreeSet<Ipv4Addr> = new.iter().copied().take(MAX_DNS_ANSWERS).collect();
+    answers.extend(newest.iter().copied());
+    while answers.len() > MAX_DNS_ANSWERS {
+        let Some(old) = answers.iter().find(|a| !newest.contains(a)).copied() else {
+            break;
+        };
+        answers.remove(&old);
+    }
+}
+
 fn cut(s: &str, max: usize) -> (String, bool) {
     if s.len() <= max {
         return (s.to_string(), false);
@@ -350,6 +431,7 @@ pub struct ConnectionLog {
     groups: HashSet<Arc<Group>>,
     connections: HashMap<ConnKey, Seen>,
     http: HashMap<HttpKey, Seen>,
+    dns: HashMap<DnsKey, DnsSeen>,
     not_kept: u64,
     changed: bool,
 }
@@ -371,8 +453,13 @@ impl ConnectionLog {
         (self.connections.len(), self.http.len(), self.groups.len())
     }
 
+    /// DNS lookup aggregates kept.
+    pub fn dns_len(&self) -> usize {
+        self.dns.len()
+    }
+
     pub fn is_empty(&self) -> bool {
-        self.connections.is_empty() && self.http.is_empty()
+        self.connections.is_empty() && self.http.is_empty() && self.dns.is_empty()
     }
 
     /// Whether anything changed since the last `take_changed`.
@@ -387,6 +474,7 @@ impl ConnectionLog {
         if self.groups.len() >= self.limits.max_groups {
             self.evict_connections();
             self.evict_http();
+            self.evict_dns();
             self.purge_groups();
             if self.groups.len() >= self.limits.max_groups {
                 return None;
@@ -418,6 +506,20 @@ impl ConnectionLog {
     fn evict_http(&mut self) {
         for k in Self::oldest_eighth(&self.http) {
             self.http.remove(&k);
+        }
+    }
+
+    fn evict_dns(&mut self) {
+        let mut by_age: Vec<(u64, &DnsKey)> = self
+            .dns
+            .iter()
+            .map(|(k, s)| (s.seen.last_seen, k))
+            .collect();
+        by_age.sort_unstable_by_key(|(t, _)| *t);
+        let n = self.dns.len().div_ceil(8).max(1);
+        let old: Vec<DnsKey> = by_age.into_iter().take(n).map(|(_, k)| k.clone()).collect();
+        for k in old {
+            self.dns.remove(&k);
         }
     }
 
@@ -496,13 +598,57 @@ impl ConnectionLog {
         }
     }
 
+    /// Adds one DNS lookup, seen at `now` (Unix seconds).
+    pub fn record_dns(&mut self, obs: DnsObservation, now: u64) {
+        if obs.name.is_empty() || obs.name.len() > MAX_DNS_NAME_BYTES {
+            self.not_kept += 1;
+            return;
+        }
+        let mut sample = obs.sample;
+        sample.endpoint = cut(&sample.endpoint, MAX_NAME_BYTES).0;
+        sample.peer = cut(&sample.peer, MAX_NAME_BYTES).0;
+        sample.rule = cut(&sample.rule, MAX_NAME_BYTES * 2).0;
+        let (Some(endpoint), Some(server)) = (self.intern(obs.endpoint), self.intern(obs.server))
+        else {
+            self.not_kept += 1;
+            return;
+        };
+        self.changed = true;
+        let key = DnsKey {
+            endpoint,
+            server,
+            protocol: obs.protocol,
+            port: obs.port,
+            name: obs.name,
+            verdict: obs.verdict,
+        };
+        if let Some(d) = self.dns.get_mut(&key) {
+            Self::bump(&mut d.seen, sample, now);
+            add_answers(&mut d.answers, &obs.answers);
+            return;
+        }
+        if self.dns.len() >= self.limits.max_dns {
+            self.evict_dns();
+        }
+        let mut answers = BTreeSet::new();
+        add_answers(&mut answers, &obs.answers);
+        self.dns.insert(
+            key,
+            DnsSeen {
+                seen: Self::fresh(sample, now, 1),
+                answers,
+            },
+        );
+    }
+
     /// Forgets what was last seen before `now - retention`.
     pub fn expire(&mut self, now: u64) {
         let horizon = now.saturating_sub(self.limits.retention_secs);
-        let (c, h) = (self.connections.len(), self.http.len());
+        let before = (self.connections.len(), self.http.len(), self.dns.len());
         self.connections.retain(|_, s| s.last_seen >= horizon);
         self.http.retain(|_, s| s.last_seen >= horizon);
-        if (c, h) != (self.connections.len(), self.http.len()) {
+        self.dns.retain(|_, d| d.seen.last_seen >= horizon);
+        if before != (self.connections.len(), self.http.len(), self.dns.len()) {
             self.changed = true;
             self.purge_groups();
         }
@@ -579,9 +725,43 @@ impl ConnectionLog {
                     b.verdict,
                 ))
         });
+        let mut dns: Vec<DnsRecord> = self
+            .dns
+            .iter()
+            .filter(|(k, d)| keep(&k.endpoint, &k.server, d.seen.last_seen))
+            .map(|(k, d)| DnsRecord {
+                endpoint: (*k.endpoint).clone(),
+                server: (*k.server).clone(),
+                protocol: k.protocol,
+                port: k.port,
+                name: k.name.clone(),
+                answers: d.answers.iter().copied().collect(),
+                verdict: k.verdict,
+                seen: d.seen.clone(),
+            })
+            .collect();
+        dns.sort_by(|a, b| {
+            (
+                &a.endpoint,
+                &a.server,
+                a.protocol,
+                a.port,
+                &a.name,
+                a.verdict,
+            )
+                .cmp(&(
+                    &b.endpoint,
+                    &b.server,
+                    b.protocol,
+                    b.port,
+                    &b.name,
+                    b.verdict,
+                ))
+        });
         LogSnapshot {
             connections,
             http,
+            dns,
             not_kept: self.not_kept,
         }
     }
@@ -631,6 +811,33 @@ impl ConnectionLog {
                     verdict: r.verdict,
                 },
                 r.seen,
+            );
+        }
+        let mut dns = snapshot.dns;
+        dns.sort_by_key(|r| std::cmp::Reverse(r.seen.last_seen));
+        for r in dns.into_iter().take(limits.max_dns) {
+            if r.name.is_empty() || r.name.len() > MAX_DNS_NAME_BYTES {
+                continue;
+            }
+            let (Some(endpoint), Some(server)) = (log.intern(r.endpoint), log.intern(r.server))
+            else {
+                continue;
+            };
+            let mut answers = BTreeSet::new();
+            add_answers(&mut answers, &r.answers);
+            log.dns.insert(
+                DnsKey {
+                    endpoint,
+                    server,
+                    protocol: r.protocol,
+                    port: r.port,
+                    name: r.name,
+                    verdict: r.verdict,
+                },
+                DnsSeen {
+                    seen: r.seen,
+                    answers,
+                },
             );
         }
         log
@@ -756,6 +963,7 @@ mod tests {
         let limits = LogLimits {
             max_connections: 64,
             max_http: 8,
+            max_dns: 8,
             max_groups: 16,
             retention_secs: 1000,
         };
@@ -788,6 +996,91 @@ mod tests {
         log.expire(100_000);
         assert!(log.is_empty());
         assert_eq!(log.len().2, 0, "no aggregate, no group");
+    }
+
+    fn lookup(name: &str, answers: &[[u8; 4]]) -> DnsObservation {
+        DnsObservation {
+            endpoint: workload("shop", &[("app", "api")]),
+            server: workload("kube-system", &[("k8s-app", "kube-dns")]),
+            protocol: 17,
+            port: 53,
+            name: name.into(),
+            answers: answers.iter().map(|a| Ipv4Addr::from(*a)).collect(),
+            verdict: FlowVerdict::Forwarded,
+            sample: Sample {
+                endpoint: "shop/api-1".into(),
+                peer_address: Ipv4Addr::new(10, 200, 0, 53),
+                peer: "kube-system/dns-1".into(),
+                rule: String::new(),
+            },
+        }
+    }
+
+    #[test]
+    fn dns_lookups_are_counted_per_name_with_their_answers_bounded_and_restored() {
+        let mut log = ConnectionLog::new(LogLimits::default());
+        log.record_dns(lookup("api.example.test", &[[192, 0, 2, 10]]), 100);
+        log.record_dns(lookup("api.example.test", &[[192, 0, 2, 11]]), 130);
+        log.record_dns(lookup("cdn.example.test", &[]), 120);
+        // Many rotating answers: at most MAX_DNS_ANSWERS kept, the newest answer among them.
+        for i in 0..40u8 {
+            log.record_dns(lookup("rotating.example.test", &[[198, 51, 100, i]]), 200);
+        }
+        log.record_dns(lookup(&"a".repeat(300), &[]), 200);
+        let s = log.snapshot();
+        assert_eq!(s.dns.len(), 3);
+        assert_eq!(s.not_kept, 1, "an overlong name is not kept");
+        let api = &s.dns[0];
+        assert_eq!(api.name, "api.example.test");
+        assert_eq!(
+            (api.seen.count, api.seen.first_seen, api.seen.last_seen),
+            (2, 100, 130)
+        );
+        assert_eq!(
+            api.answers,
+            vec![Ipv4Addr::new(192, 0, 2, 10), Ipv4Addr::new(192, 0, 2, 11)]
+        );
+        let rotating = &s.dns[2];
+        assert_eq!(rotating.answers.len(), MAX_DNS_ANSWERS);
+        assert!(rotating.answers.contains(&Ipv4Addr::new(198, 51, 100, 39)));
+        assert_eq!(log.len().2, 2, "groups are shared with connections");
+        // Persisted and restored with the rest of the log.
+        let json = serde_json::to_string(&s).unwrap();
+        let back: LogSnapshot = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, s);
+        assert_eq!(
+            ConnectionLog::restore(back, LogLimits::default()).snapshot(),
+            s
+        );
+        // A log written before lookups were kept still reads.
+        let old: LogSnapshot = serde_json::from_str(r#"{"connections":[],"http":[]}"#).unwrap();
+        assert!(old.dns.is_empty());
+        // Expired like the rest.
+        log.expire(150 + LogLimits::default().retention_secs);
+        assert_eq!(log.dns_len(), 1);
+        log.expire(10_000 + LogLimits::default().retention_secs);
+        assert!(log.is_empty());
+        assert_eq!(log.len().2, 0);
+    }
+
+    #[test]
+    fn the_dns_table_stays_within_its_limit() {
+        let limits = LogLimits {
+            max_dns: 32,
+            ..LogLimits::default()
+        };
+        let mut log = ConnectionLog::new(limits);
+        for i in 0..1000u64 {
+            log.record_dns(lookup(&format!("n{i}.example.test"), &[[192, 0, 2, 1]]), i);
+        }
+        assert!(log.dns_len() <= 32);
+        assert!(
+            log.snapshot()
+                .dns
+                .iter()
+                .any(|r| r.name == "n999.example.test")
+        );
+        assert!(log.snapshot().dns.iter().all(|r| r.seen.last_seen > 900));
     }
 
     #[test]

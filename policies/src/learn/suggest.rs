@@ -11,7 +11,20 @@
 //!   more addresses of one /24 were seen;
 //! - the node by the `host` entity, other reserved identities by theirs (palisade format);
 //! - HTTP requests seen through the L7 proxy as `rules.http`, method and path, paths with
-//!   more than `PATH_FANOUT` different next segments collapsed into `prefix/.*`.
+//!   more than `PATH_FANOUT` different next segments collapsed into `prefix/.*`;
+//! - DNS, from the lookups the DNS proxy answered the group (palisade format):
+//!   - an address outside the cluster that an answer to one of the group's own lookups held
+//!     is allowed by name, `toFQDNs: [{matchName: NAME}]` (every name whose answers held it),
+//!     on the ports seen, instead of by CIDR; addresses no answer held stay CIDR rules;
+//!   - the DNS server's rule carries the lookups: `toPorts: [{ports: [{port: "53", protocol:
+//!     ANY}], rules: {dns: [...]}}]` listing exactly the names looked up there, sorted, except
+//!     that more than `DNS_FANOUT` names one label below the same parent (`a.cdn.example.com`,
+//!     `b.cdn.example.com`, ...) become `matchPattern: "*.parent"` (never for a parent that
+//!     is a top-level domain, so never `*.com`). `*` matches one label, so the pattern allows
+//!     exactly the names one label below the parent; `toFQDNs` keeps the exact names.
+//!
+//!   The Kubernetes format has neither: there the addresses stay CIDR rules and the DNS port is
+//!   allowed whole, as comments say.
 //!
 //! Selectors: the group's well-known application labels (`app.kubernetes.io/name`, `app`,
 //! `tier`, ...) when they tell it apart from every other group seen in its namespace; else its
@@ -51,6 +64,8 @@ pub const VERSION_LABELS: [&str; 2] = ["version", "app.kubernetes.io/version"];
 pub const WORLD_COLLAPSE: usize = 4;
 /// A path segment followed by more than this many different segments becomes `prefix/.*`.
 pub const PATH_FANOUT: usize = 3;
+/// More than this many names one label below the same parent become `*.parent`.
+pub const DNS_FANOUT: usize = 3;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Format {
@@ -91,8 +106,13 @@ pub struct Suggestion {
 /// A peer as a rule names it.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Peer {
-    Workload { namespace: String, selector: Labels },
+    Workload {
+        namespace: String,
+        selector: Labels,
+    },
     Cidr(Ipv4Network),
+    /// Addresses that answers to the group's lookups of these names held.
+    Fqdn(BTreeSet<String>),
     Host,
     Reserved(String),
 }
@@ -168,6 +188,12 @@ struct RuleAcc {
     ports: BTreeMap<(u8, u16), Tally>,
     /// (port, method) -> paths (with whether each was truncated) and what was seen.
     http: BTreeMap<(u16, String), (PathSet, Tally)>,
+    /// DNS server port -> names looked up there and what was seen.
+    dns: BTreeMap<u16, BTreeMap<String, Tally>>,
+    /// The group's lookups of the names a `toFQDNs` rule allows.
+    lookups: BTreeMap<String, Tally>,
+    /// Names whose answers held this rule's addresses (where they stay CIDRs).
+    answered: BTreeSet<String>,
 }
 
 impl RuleAcc {
@@ -181,6 +207,16 @@ impl RuleAcc {
             e.0.extend(paths);
             e.1.merge(&t);
         }
+        for (port, names) in other.dns {
+            let e = self.dns.entry(port).or_default();
+            for (name, t) in names {
+                e.entry(name).or_default().merge(&t);
+            }
+        }
+        for (name, t) in other.lookups {
+            self.lookups.entry(name).or_default().merge(&t);
+        }
+        self.answered.extend(other.answered);
     }
 }
 
@@ -299,6 +335,49 @@ pub fn collapse_paths(paths: &BTreeSet<(String, bool)>) -> Vec<String> {
     out.into_iter().collect()
 }
 
+/// A DNS selector of a suggested rule.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum DnsSelector {
+    MatchName(String),
+    MatchPattern(String),
+}
+
+impl DnsSelector {
+    fn text(&self) -> &str {
+        match self {
+            DnsSelector::MatchName(s) | DnsSelector::MatchPattern(s) => s,
+        }
+    }
+}
+
+/// The selectors for `names`: exact names, but more than `DNS_FANOUT` names one label below
+/// the same parent become `*.parent` (a parent of two labels at least: never `*.com`).
+/// Sorted by their text.
+pub fn collapse_names(names: &BTreeSet<String>) -> Vec<DnsSelector> {
+    let mut by_parent: BTreeMap<&str, usize> = BTreeMap::new();
+    for name in names {
+        if let Some((_, parent)) = name.split_once('.')
+            && parent.contains('.')
+        {
+            *by_parent.entry(parent).or_default() += 1;
+        }
+    }
+    let mut out: BTreeSet<DnsSelector> = BTreeSet::new();
+    for name in names {
+        match name.split_once('.') {
+            Some((_, parent)) if by_parent.get(parent).is_some_and(|n| *n > DNS_FANOUT) => {
+                out.insert(DnsSelector::MatchPattern(format!("*.{parent}")));
+            }
+            _ => {
+                out.insert(DnsSelector::MatchName(name.clone()));
+            }
+        }
+    }
+    let mut out: Vec<DnsSelector> = out.into_iter().collect();
+    out.sort_by(|a, b| a.text().cmp(b.text()).then(a.cmp(b)));
+    out
+}
+
 fn yaml_str(s: &str) -> String {
     // A JSON string is a YAML double-quoted scalar.
     serde_json::to_string(s).unwrap_or_else(|_| "\"\"".to_string())
@@ -315,6 +394,7 @@ fn peer_words(p: &Peer) -> String {
         }
         .to_string(),
         Peer::Cidr(net) => net.to_string(),
+        Peer::Fqdn(names) => names.iter().cloned().collect::<Vec<_>>().join(", "),
         Peer::Host => "the node (host)".to_string(),
         Peer::Reserved(name) => format!("reserved:{name}"),
     }
@@ -326,7 +406,8 @@ fn subjects(snapshot: &LogSnapshot, opts: &Options) -> BTreeMap<(String, Labels)
         .connections
         .iter()
         .flat_map(|r| [&r.endpoint, &r.peer])
-        .chain(snapshot.http.iter().flat_map(|r| [&r.endpoint, &r.peer]));
+        .chain(snapshot.http.iter().flat_map(|r| [&r.endpoint, &r.peer]))
+        .chain(snapshot.dns.iter().flat_map(|r| [&r.endpoint, &r.server]));
     let by_ns = super::workloads_by_namespace(all_groups);
     let selector = |g: &Group| -> Option<(String, Labels)> {
         let Group::Workload { namespace, labels } = g else {
@@ -361,6 +442,50 @@ fn subjects(snapshot: &LogSnapshot, opts: &Options) -> BTreeMap<(String, Labels)
             sample.peer.clone()
         }
     };
+    // Per subject: the names its answered lookups asked for, and the addresses they held.
+    let mut answered: BTreeMap<(String, Labels), BTreeMap<Ipv4Addr, BTreeSet<String>>> =
+        BTreeMap::new();
+    let mut lookups: BTreeMap<(String, Labels), BTreeMap<String, Tally>> = BTreeMap::new();
+    for r in &snapshot.dns {
+        if !r.verdict.observed() || !wanted(&r.endpoint) || protocol_name(r.protocol).is_none() {
+            continue;
+        }
+        let Some(key) = selector(&r.endpoint) else {
+            continue;
+        };
+        for a in &r.answers {
+            answered
+                .entry(key.clone())
+                .or_default()
+                .entry(*a)
+                .or_default()
+                .insert(r.name.clone());
+        }
+        lookups
+            .entry(key.clone())
+            .or_default()
+            .entry(r.name.clone())
+            .or_default()
+            .add(r.verdict, &r.seen, who(&r.seen.sample));
+        let subject = out.entry(key).or_default();
+        subject.members.insert(r.seen.sample.endpoint.clone());
+        subject.flows.add(r.verdict, &r.seen, String::new());
+        let rule = subject
+            .rules
+            .entry(Direction::Egress)
+            .or_default()
+            .entry(peer_of(&r.server))
+            .or_default();
+        rule.about.insert(r.server.to_string());
+        rule.dns
+            .entry(r.port)
+            .or_default()
+            .entry(r.name.clone())
+            .or_default()
+            .add(r.verdict, &r.seen, who(&r.seen.sample));
+        // The port itself is allowed too (the DNS proxy's flow carries the lookups).
+        rule.ports.entry((r.protocol, r.port)).or_default();
+    }
     for r in &snapshot.connections {
         if !r.verdict.observed() || !wanted(&r.endpoint) || protocol_name(r.protocol).is_none() {
             continue;
@@ -368,16 +493,30 @@ fn subjects(snapshot: &LogSnapshot, opts: &Options) -> BTreeMap<(String, Labels)
         let Some(key) = selector(&r.endpoint) else {
             continue;
         };
+        // Egress to an address the group's own lookups were answered: by name.
+        let names = match (&r.direction, &r.peer) {
+            (Direction::Egress, Group::World { address }) => {
+                answered.get(&key).and_then(|a| a.get(address)).cloned()
+            }
+            _ => None,
+        };
         let subject = out.entry(key).or_default();
         subject.members.insert(r.seen.sample.endpoint.clone());
         subject.flows.add(r.verdict, &r.seen, String::new());
+        let peer = match (&names, opts.format) {
+            (Some(names), Format::Palisade) => Peer::Fqdn(names.clone()),
+            _ => peer_of(&r.peer),
+        };
         let rule = subject
             .rules
             .entry(r.direction)
             .or_default()
-            .entry(peer_of(&r.peer))
+            .entry(peer)
             .or_default();
         rule.about.insert(r.peer.to_string());
+        if let Some(names) = names {
+            rule.answered.extend(names);
+        }
         rule.ports.entry((r.protocol, r.port)).or_default().add(
             r.verdict,
             &r.seen,
@@ -407,9 +546,18 @@ fn subjects(snapshot: &LogSnapshot, opts: &Options) -> BTreeMap<(String, Labels)
         // The port itself is allowed too (the proxy's connection carries the requests).
         rule.ports.entry((6, r.port)).or_default();
     }
-    for subject in out.values_mut() {
+    for (key, subject) in &mut out {
         for rules in subject.rules.values_mut() {
             collapse_world(rules);
+            for (peer, acc) in rules.iter_mut() {
+                if let Peer::Fqdn(names) = peer {
+                    for name in names {
+                        if let Some(t) = lookups.get(key).and_then(|l| l.get(name)) {
+                            acc.lookups.insert(name.clone(), t.clone());
+                        }
+                    }
+                }
+            }
         }
     }
     out
@@ -507,6 +655,40 @@ impl Writer {
             };
             self.line(indent, &format!("#   {what}: {}", t.words("connection")));
         }
+        for (name, t) in &acc.lookups {
+            self.line(
+                indent,
+                &format!("#   lookups of {name}: {}", t.words("answered lookup")),
+            );
+        }
+        if !acc.answered.is_empty() && !matches!(peer, Peer::Fqdn(_)) {
+            let names: Vec<&str> = acc.answered.iter().map(String::as_str).collect();
+            self.line(
+                indent,
+                &format!("#   answered to its lookups of {}", names.join(", ")),
+            );
+        }
+        for (port, names) in &acc.dns {
+            let total = names.values().fold(Tally::default(), |mut t, x| {
+                t.merge(x);
+                t
+            });
+            let list: Vec<&str> = names.keys().take(4).map(String::as_str).collect();
+            let more = names.len().saturating_sub(4);
+            self.line(
+                indent,
+                &format!(
+                    "#   DNS on {port}: {}{} — {}",
+                    list.join(", "),
+                    if more > 0 {
+                        format!(" and {more} more names")
+                    } else {
+                        String::new()
+                    },
+                    total.words("lookup")
+                ),
+            );
+        }
         for ((port, method), (paths, t)) in &acc.http {
             let list: Vec<&str> = paths.iter().take(4).map(|(p, _)| p.as_str()).collect();
             let more = paths.len().saturating_sub(4);
@@ -567,6 +749,12 @@ fn write_palisade_rule(w: &mut Writer, direction: Direction, peer: &Peer, acc: &
             w.line(2, &format!("- {cidr_key}:"));
             w.line(4, &format!("- {}", yaml_str(&net.to_string())));
         }
+        Peer::Fqdn(names) => {
+            w.line(2, "- toFQDNs:");
+            for name in names {
+                w.line(4, &format!("- matchName: {}", yaml_str(name)));
+            }
+        }
         Peer::Host => {
             w.line(2, &format!("- {entities}:"));
             w.line(4, "- host");
@@ -585,6 +773,7 @@ fn write_palisade_rule(w: &mut Writer, direction: Direction, peer: &Peer, acc: &
         let plain: Vec<&(u8, u16)> = l4
             .iter()
             .filter(|(proto, port)| !(*proto == 6 && http_ports.contains(port)))
+            .filter(|(proto, port)| !(matches!(proto, 6 | 17) && acc.dns.contains_key(port)))
             .collect();
         if !plain.is_empty() {
             w.line(4, "- ports:");
@@ -612,6 +801,24 @@ fn write_palisade_rule(w: &mut Writer, direction: Direction, peer: &Peer, acc: &
                         &format!("- method: {}", yaml_str(&regex::escape(method))),
                     );
                     w.line(10, &format!("path: {}", yaml_str(&path)));
+                }
+            }
+        }
+        for (port, names) in &acc.dns {
+            w.line(4, "- ports:");
+            w.line(6, &format!("- port: \"{port}\""));
+            w.line(8, "protocol: ANY");
+            w.line(6, "rules:");
+            w.line(8, "dns:");
+            let names: BTreeSet<String> = names.keys().cloned().collect();
+            for sel in collapse_names(&names) {
+                match sel {
+                    DnsSelector::MatchName(n) => {
+                        w.line(8, &format!("- matchName: {}", yaml_str(&n)));
+                    }
+                    DnsSelector::MatchPattern(p) => {
+                        w.line(8, &format!("- matchPattern: {}", yaml_str(&p)));
+                    }
                 }
             }
         }
@@ -654,6 +861,18 @@ fn write_k8s_rule(w: &mut Writer, direction: Direction, peer: &Peer, acc: &RuleA
             "# (HTTP rules are not expressible in a Kubernetes NetworkPolicy: its ports are allowed whole; use --format palisade)",
         );
     }
+    if !acc.dns.is_empty() {
+        w.line(
+            2,
+            "# (DNS rules are not expressible in a Kubernetes NetworkPolicy: the DNS port is allowed whole; use --format palisade)",
+        );
+    }
+    if !acc.answered.is_empty() {
+        w.line(
+            2,
+            "# (toFQDNs is not expressible in a Kubernetes NetworkPolicy: the addresses answered are allowed by CIDR; use --format palisade)",
+        );
+    }
     if l4.is_empty() {
         return;
     }
@@ -681,7 +900,7 @@ fn write_k8s_rule(w: &mut Writer, direction: Direction, peer: &Peer, acc: &RuleA
             w.line(4, "- ipBlock:");
             w.line(8, &format!("cidr: {}", yaml_str(&net.to_string())));
         }
-        Peer::Host | Peer::Reserved(_) => {}
+        Peer::Fqdn(_) | Peer::Host | Peer::Reserved(_) => {}
     }
     w.line(4, "ports:");
     for (proto, port) in &l4 {
@@ -830,6 +1049,12 @@ pub fn seen_since(snapshot: &LogSnapshot, since: u64) -> LogSnapshot {
             .filter(|r| r.seen.last_seen >= since)
             .cloned()
             .collect::<Vec<HttpRecord>>(),
+        dns: snapshot
+            .dns
+            .iter()
+            .filter(|r| r.seen.last_seen >= since)
+            .cloned()
+            .collect(),
         not_kept: snapshot.not_kept,
     }
 }
@@ -855,7 +1080,7 @@ mod tests {
         ip: [u8; 4],
     }
 
-    const PODS: [Pod; 6] = [
+    const PODS: [Pod; 7] = [
         Pod {
             ns: "shop",
             name: "web-1",
@@ -899,6 +1124,12 @@ mod tests {
             name: "stranger-1",
             labels: &[("app", "stranger")],
             ip: [10, 200, 0, 7],
+        },
+        Pod {
+            ns: "kube-system",
+            name: "dns-1",
+            labels: &[("k8s-app", "kube-dns")],
+            ip: [10, 200, 0, 53],
         },
     ];
     const WORLD: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
@@ -1039,6 +1270,20 @@ mod tests {
         ProxyPolicy,
         BTreeMap<&'static str, EndpointId>,
     ) {
+        let (state, proxy, _, ids) = enforce_with_names(yaml, &crate::fqdn::LearnedNames::new());
+        (state, proxy, ids)
+    }
+
+    /// Like `enforce`, with these names learned from DNS answers; and the DNS proxy's policy.
+    fn enforce_with_names(
+        yaml: &str,
+        names: &crate::fqdn::LearnedNames,
+    ) -> (
+        crate::mapstate::MapState,
+        ProxyPolicy,
+        crate::l7::DnsPolicy,
+        BTreeMap<&'static str, EndpointId>,
+    ) {
         let policies: BTreeMap<_, _> = parse_manifests(yaml)
             .unwrap_or_else(|e| panic!("{e}\n{yaml}"))
             .into_iter()
@@ -1073,7 +1318,9 @@ mod tests {
                 },
             );
         }
-        alloc.sync_cidrs(&policy_cidrs(policies.values())).unwrap();
+        let mut cidrs = policy_cidrs(policies.values());
+        cidrs.extend(crate::compile::fqdn_prefixes(policies.values(), names));
+        alloc.sync_cidrs(&cidrs).unwrap();
         let table = alloc.table();
         let host = [Ipv4Addr::new(10, 200, 0, 1)];
         let input = CompileInput {
@@ -1082,15 +1329,17 @@ mod tests {
             policies: &policies,
             host_addresses: &host,
             remote: &BTreeMap::new(),
-            fqdns: &crate::fqdn::LearnedNames::new(),
+            fqdns: names,
             settings: Settings {
                 proxy_port: Some(15001),
+                dns_proxy_port: Some(15053),
                 ..Settings::default()
             },
         };
         let (state, l7) = compile_with_l7(&input, &mut RuleTable::default());
         let proxy = ProxyPolicy::new(&l7, &state).unwrap();
-        (state, proxy, ids)
+        let dns = crate::l7::DnsPolicy::new(&l7, &state);
+        (state, proxy, dns, ids)
     }
 
     fn allowed(
@@ -1340,5 +1589,211 @@ mod tests {
         assert!(s.yaml.contains("\"198.51.100.0/24\""), "{}", s.yaml);
         assert!(!s.yaml.contains("198.51.100.1/32"));
         assert_eq!(s.rules, 1);
+    }
+
+    const ANSWERED: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
+    const UNANSWERED: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 77);
+
+    fn lookup(log: &mut ConnectionLog, src: &str, name: &str, answers: &[Ipv4Addr], t: u64) {
+        let (s, d) = (pod(src), pod("dns-1"));
+        log.record_dns(
+            crate::learn::DnsObservation {
+                endpoint: group(s),
+                server: group(d),
+                protocol: 17,
+                port: 53,
+                name: name.into(),
+                answers: answers.to_vec(),
+                verdict: FlowVerdict::Forwarded,
+                sample: Sample {
+                    endpoint: format!("{}/{src}", s.ns),
+                    peer_address: Ipv4Addr::from(d.ip),
+                    peer: "kube-system/dns-1".into(),
+                    rule: String::new(),
+                },
+            },
+            t,
+        );
+    }
+
+    fn egress(log: &mut ConnectionLog, src: &str, to: Ipv4Addr, protocol: u8, port: u16, t: u64) {
+        let s = pod(src);
+        let (peer, name) = if to == Ipv4Addr::from(pod("dns-1").ip) {
+            (group(pod("dns-1")), "kube-system/dns-1".to_string())
+        } else {
+            (Group::World { address: to }, String::new())
+        };
+        log.record(
+            Observation {
+                endpoint: group(s),
+                direction: Direction::Egress,
+                peer,
+                protocol,
+                port,
+                verdict: FlowVerdict::Audit,
+                http: None,
+                sample: Sample {
+                    endpoint: format!("{}/{src}", s.ns),
+                    peer_address: to,
+                    peer: name,
+                    rule: String::new(),
+                },
+            },
+            t,
+        );
+    }
+
+    /// api-1 looks up a name and connects to its answer, looks up five CDN names (connecting to
+    /// none), and connects to an address it never looked up.
+    fn dns_traffic() -> LogSnapshot {
+        let mut log = ConnectionLog::new(LogLimits::default());
+        let t = 1_700_000_000;
+        let dns = Ipv4Addr::from(pod("dns-1").ip);
+        egress(&mut log, "api-1", dns, 17, 53, t);
+        lookup(&mut log, "api-1", "api.example.test", &[ANSWERED], t);
+        lookup(&mut log, "api-1", "api.example.test", &[ANSWERED], t + 5);
+        egress(&mut log, "api-1", ANSWERED, 6, 443, t + 1);
+        egress(&mut log, "api-1", ANSWERED, 6, 8443, t + 2);
+        for i in 1..=5u8 {
+            lookup(
+                &mut log,
+                "api-1",
+                &format!("n{i}.cdn.example.test"),
+                &[Ipv4Addr::new(198, 51, 100, i)],
+                t + 3,
+            );
+        }
+        egress(&mut log, "api-1", UNANSWERED, 6, 443, t + 4);
+        log.snapshot()
+    }
+
+    #[test]
+    fn answered_addresses_become_fqdn_rules_and_lookups_the_dns_rule() {
+        let snap = dns_traffic();
+        let s = suggest(&snap, &Options::default());
+        let y = &s.yaml;
+        assert!(
+            y.contains("- toFQDNs:\n    - matchName: \"api.example.test\"\n"),
+            "{y}"
+        );
+        assert!(
+            !y.contains("192.0.2.10/32"),
+            "answered: by name, not by address\n{y}"
+        );
+        assert!(
+            y.contains("\"192.0.2.77/32\""),
+            "never answered: a CIDR\n{y}"
+        );
+        assert!(
+            y.contains("protocol: ANY\n      rules:\n        dns:\n"),
+            "{y}"
+        );
+        assert!(y.contains("- matchPattern: \"*.cdn.example.test\""), "{y}");
+        assert!(!y.contains("n1.cdn.example.test\""), "collapsed\n{y}");
+        assert!(
+            y.contains("#   lookups of api.example.test: 2 answered lookups (FORWARDED 2)"),
+            "{y}"
+        );
+        assert!(
+            y.contains("#   DNS on 53: api.example.test, n1.cdn.example.test"),
+            "{y}"
+        );
+        // Applied, with the name learned as the DNS proxy would: what was seen passes, by
+        // name; the DNS proxy answers exactly the names looked up.
+        let names: crate::fqdn::LearnedNames =
+            [("api.example.test".to_string(), [ANSWERED].into())].into();
+        let (state, _, dns, ids) = enforce_with_names(y, &names);
+        let out = |to: Ipv4Addr, proto: u8, port: u16| {
+            matches!(
+                state
+                    .decide(ids["api-1"], Direction::Egress, to, proto, port)
+                    .unwrap()
+                    .verdict,
+                Verdict::Allowed | Verdict::Redirected { .. }
+            )
+        };
+        assert!(out(ANSWERED, 6, 443), "{y}");
+        assert!(out(ANSWERED, 6, 8443));
+        assert!(!out(ANSWERED, 6, 22), "ports seen only");
+        assert!(out(UNANSWERED, 6, 443));
+        assert!(
+            !out(Ipv4Addr::new(198, 51, 100, 1), 6, 443),
+            "looked up, never used"
+        );
+        assert!(out(Ipv4Addr::from(pod("dns-1").ip), 17, 53));
+        assert!(
+            out(Ipv4Addr::from(pod("dns-1").ip), 6, 53),
+            "DNS over TCP too (ANY)"
+        );
+        let server = std::net::SocketAddrV4::new(Ipv4Addr::from(pod("dns-1").ip), 53);
+        let client = Ipv4Addr::from(pod("api-1").ip);
+        for (name, ok) in [
+            ("api.example.test", true),
+            ("n9.cdn.example.test", true),
+            ("cdn.example.test", false),
+            ("evil.example.test", false),
+        ] {
+            assert_eq!(
+                dns.judge(client, server, 17, name).allowed,
+                ok,
+                "{name}\n{y}"
+            );
+        }
+        // Deterministic.
+        let mut reversed = snap.clone();
+        reversed.dns.reverse();
+        reversed.connections.reverse();
+        assert_eq!(suggest(&reversed, &Options::default()), s);
+    }
+
+    #[test]
+    fn the_kubernetes_format_keeps_answered_addresses_as_cidrs_and_says_why() {
+        let s = suggest(
+            &dns_traffic(),
+            &Options {
+                namespace: None,
+                format: Format::Kubernetes,
+            },
+        );
+        let y = &s.yaml;
+        assert!(!y.contains("toFQDNs:"), "{y}");
+        assert!(y.contains("cidr: \"192.0.2.10/32\""), "{y}");
+        assert!(y.contains("toFQDNs is not expressible"), "{y}");
+        assert!(y.contains("DNS rules are not expressible"), "{y}");
+        let (state, _, ids) = enforce(y);
+        assert!(
+            state
+                .decide(ids["api-1"], Direction::Egress, ANSWERED, 6, 443)
+                .unwrap()
+                .verdict
+                == Verdict::Allowed
+        );
+    }
+
+    #[test]
+    fn many_names_under_one_parent_collapse_into_a_pattern() {
+        let set = |ns: &[&str]| ns.iter().map(ToString::to_string).collect::<BTreeSet<_>>();
+        let name = |n: &str| DnsSelector::MatchName(n.into());
+        let pattern = |n: &str| DnsSelector::MatchPattern(n.into());
+        assert_eq!(
+            collapse_names(&set(&["b.example.test", "a.example.test"])),
+            vec![name("a.example.test"), name("b.example.test")]
+        );
+        assert_eq!(
+            collapse_names(&set(&[
+                "a.x.test",
+                "b.x.test",
+                "c.x.test",
+                "d.x.test",
+                "x.test",
+                "deep.a.x.test"
+            ])),
+            vec![pattern("*.x.test"), name("deep.a.x.test"), name("x.test")]
+        );
+        // Never a pattern for a whole top-level domain.
+        assert_eq!(
+            collapse_names(&set(&["a.com", "b.com", "c.com", "d.com"])).len(),
+            4
+        );
     }
 }

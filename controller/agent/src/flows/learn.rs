@@ -11,7 +11,9 @@ use std::path::{Path, PathBuf};
 use palisade_api::flow::{Flow, FlowPeer};
 use palisade_api::types::{WhatIfChange, WhatIfResult};
 use palisade_engine::whatif::{HttpQuery, ReplayQuery, Replayed};
-use palisade_policies::learn::{FlowVerdict, Group, LogSnapshot, Observation, Sample, Seen};
+use palisade_policies::learn::{
+    DnsObservation, FlowVerdict, Group, LogSnapshot, Observation, Sample, Seen,
+};
 use palisade_policies::model::Direction;
 
 /// The IP protocol number of a flow's `l4.protocol`.
@@ -83,6 +85,47 @@ pub fn observation(f: &Flow) -> Option<Observation> {
             endpoint: qualified(&f.endpoint),
             peer_address: peer_ip,
             peer: qualified(peer),
+            rule: f
+                .policy
+                .as_ref()
+                .map(|p| p.rule.clone())
+                .unwrap_or_default(),
+        },
+    })
+}
+
+/// What a `dns-request` flow teaches: the name a workload looked up through the DNS proxy,
+/// at which server, and the addresses answered (refused or failed lookups too, as drops,
+/// never learned as something to allow).
+pub fn dns_observation(f: &Flow) -> Option<DnsObservation> {
+    if f.event != "dns-request" {
+        return None;
+    }
+    let dns = f.dns.as_ref()?;
+    if dns.query.is_empty() {
+        return None;
+    }
+    let verdict = FlowVerdict::parse(&f.verdict)?;
+    let endpoint = Group::of_peer(f.endpoint.identity, &f.endpoint.labels, f.ip.source);
+    if !endpoint.is_workload() || f.endpoint.name.is_empty() {
+        return None;
+    }
+    Some(DnsObservation {
+        endpoint,
+        server: Group::of_peer(
+            f.destination.identity,
+            &f.destination.labels,
+            f.ip.destination,
+        ),
+        protocol: protocol_number(&f.l4.protocol)?,
+        port: f.l4.destination_port,
+        name: dns.query.clone(),
+        answers: dns.answers.clone(),
+        verdict,
+        sample: Sample {
+            endpoint: qualified(&f.endpoint),
+            peer_address: f.ip.destination,
+            peer: qualified(&f.destination),
             rule: f
                 .policy
                 .as_ref()
@@ -434,6 +477,42 @@ mod tests {
         let mut world = flow("new-connection", "FORWARDED", &["SYN"]);
         world.endpoint = FlowPeer::default();
         assert!(observation(&world).is_none());
+    }
+
+    #[test]
+    fn a_dns_request_flow_is_a_lookup_of_the_asking_endpoint() {
+        let mut f = flow("dns-request", "FORWARDED", &[]);
+        f.direction = "egress".into();
+        f.endpoint = peer("shop", "api-1", "api");
+        f.source = peer("shop", "api-1", "api");
+        f.destination = peer("kube-system", "dns-1", "kube-dns");
+        f.ip = FlowIp {
+            source: Ipv4Addr::new(10, 200, 0, 4),
+            destination: Ipv4Addr::new(10, 200, 0, 53),
+        };
+        f.l4.protocol = "UDP".into();
+        f.l4.destination_port = 53;
+        f.dns = Some(palisade_api::flow::FlowDns {
+            query: "api.example.test".into(),
+            qtype: "A".into(),
+            rcode: Some("NoError".into()),
+            answers: vec![Ipv4Addr::new(192, 0, 2, 10)],
+            ttl: 300,
+            error: None,
+            latency_us: 9,
+        });
+        assert!(observation(&f).is_none(), "a lookup is no connection");
+        let o = dns_observation(&f).unwrap();
+        assert_eq!(o.endpoint.to_string(), "shop/app=api");
+        assert_eq!(o.server.to_string(), "kube-system/app=kube-dns");
+        assert_eq!((o.protocol, o.port), (17, 53));
+        assert_eq!(o.name, "api.example.test");
+        assert_eq!(o.answers, vec![Ipv4Addr::new(192, 0, 2, 10)]);
+        assert_eq!(o.sample.peer, "kube-system/dns-1");
+        // A query that could not be read names nothing.
+        f.dns.as_mut().unwrap().query.clear();
+        assert!(dns_observation(&f).is_none());
+        assert!(dns_observation(&flow("new-connection", "FORWARDED", &["SYN"])).is_none());
     }
 
     #[test]

@@ -10,7 +10,7 @@ use palisade_api::flow::Flow;
 use palisade_policies::learn::{ConnectionLog, Group, LogLimits, LogSnapshot};
 use tokio::sync::broadcast;
 
-use super::learn::observation;
+use super::learn::{dns_observation, observation};
 
 pub struct StoredFlow {
     pub wall: SystemTime,
@@ -97,6 +97,8 @@ impl FlowStore {
     pub fn push(&self, wall: SystemTime, mut flow: Flow) {
         if let Some(o) = observation(&flow) {
             lock(&self.log).record(o, unix_seconds(wall));
+        } else if let Some(o) = dns_observation(&flow) {
+            lock(&self.log).record_dns(o, unix_seconds(wall));
         }
         if flow.verdict == "AUDIT" && !flow.endpoint.namespace.is_empty() {
             let ns = &flow.endpoint.namespace;
