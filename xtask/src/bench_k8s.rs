@@ -140,6 +140,7 @@ pub fn run() -> anyhow::Result<()> {
     let bin_dir = build_binaries(true)?;
     // SAFETY: set before any thread that reads the environment is started.
     unsafe { std::env::set_var("PALISADE_BIN_DIR", &bin_dir) };
+    let load_before = crate::bench::tools::machine_load();
     let api = ApiServer::start();
     for f in std::fs::read_dir(workspace_root().join("policies/crds"))? {
         let path = f?.path();
@@ -267,12 +268,13 @@ pub fn run() -> anyhow::Result<()> {
     let warm_requests = api.requests();
     let rss_restarted = node.agent_pid().map_or(0.0, rss_mib);
 
+    let load_after = crate::bench::tools::machine_load();
     let body = format!(
         "Cluster: {NAMESPACES} namespaces (10 team labels), {} pods on {NODES} nodes ({} on the agent's \
          node, attached through palisade-cni), {} NetworkPolicies (each: a pod selector, a \
          namespace+pod selector and an ipBlock with except); {identities} distinct identities. \
          The agent is the release build, in a node namespace, against the API stand-in over HTTP \
-         (`integration/src/kube_api`); the machine was also compiling and testing other work.\n\n\
+         (`integration/src/kube_api`). Before: {load_before}. After: {load_after}.\n\n\
          | measurement | value | target |\n|---|---|---|\n\
          | first sync, empty state (identities allocated by this agent) | {:.2} s | |\n\
          | API requests in the first sync | {} ({} identity creates, {} lists, {} watches) | |\n\
