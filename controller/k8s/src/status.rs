@@ -265,76 +265,25 @@ async fn write_condition(
     Ok(())
 }
 
-async fn record_event(
-    client: &Client,
-    node: &str,
-    o: &ObjectStatus,
-    why: &str,
-) -> Result<(), kube::Error> {
-    // Events of cluster-scoped objects live in `default`, as the API server's own do.
-    let ns = o.namespace.clone().unwrap_or_else(|| "default".into());
-    let now = Timestamp::now();
-    let event = Event {
-        metadata: ObjectMeta {
-            generate_name: Some(format!("{}.", o.name)),
-            namespace: Some(ns.clone()),
-            ..ObjectMeta::default()
-        },
-        involved_object: ObjectReference {
-            api_version: Some(o.kind.api_version().into()),
-            kind: Some(o.kind.kind().into()),
-            name: Some(o.name.clone()),
-            namespace: o.namespace.clone(),
-            uid: Some(o.uid.clone()),
-            ..ObjectReference::default()
-        },
-        reason: Some(REJECTED_REASON.into()),
-        message: Some(format!("{why}; enforcement is unchanged")),
-        type_: Some("Warning".into()),
-        source: Some(EventSource {
-            component: Some("palisade-agent".into()),
-            host: Some(node.into()),
-        }),
-        first_timestamp: Some(Time(now)),
-        last_timestamp: Some(Time(now)),
-        count: Some(1),
-        reporting_component: Some("palisade.io/agent".into()),
-        reporting_instance: Some(node.into()),
-        ..Event::default()
-    };
-    Api::<Event>::namespaced(client.clone(), &ns)
-        .create(&PostParams::default(), &event)
-        .await
-        .map(drop)
-}
-
-/// The Event reason of a pod annotation the agent cannot read.
-pub const BAD_ANNOTATION_REASON: &str = "InvalidAnnotation";
-
-/// A Warning Event on a pod of this node: `why` names the annotation and the value.
-pub async fn record_pod_event(
+/// Creates a Warning Event from this node's agent about `object`, in `namespace`.
+async fn create_warning(
     client: &Client,
     node: &str,
     namespace: &str,
-    name: &str,
-    why: &str,
+    object: ObjectReference,
+    reason: &str,
+    message: String,
 ) -> Result<(), kube::Error> {
     let now = Timestamp::now();
     let event = Event {
         metadata: ObjectMeta {
-            generate_name: Some(format!("{name}.")),
+            generate_name: object.name.as_ref().map(|n| format!("{n}.")),
             namespace: Some(namespace.into()),
             ..ObjectMeta::default()
         },
-        involved_object: ObjectReference {
-            api_version: Some("v1".into()),
-            kind: Some("Pod".into()),
-            name: Some(name.into()),
-            namespace: Some(namespace.into()),
-            ..ObjectReference::default()
-        },
-        reason: Some(BAD_ANNOTATION_REASON.into()),
-        message: Some(why.into()),
+        involved_object: object,
+        reason: Some(reason.into()),
+        message: Some(message),
         type_: Some("Warning".into()),
         source: Some(EventSource {
             component: Some("palisade-agent".into()),
@@ -351,6 +300,55 @@ pub async fn record_pod_event(
         .create(&PostParams::default(), &event)
         .await
         .map(drop)
+}
+
+async fn record_event(
+    client: &Client,
+    node: &str,
+    o: &ObjectStatus,
+    why: &str,
+) -> Result<(), kube::Error> {
+    // Events of cluster-scoped objects live in `default`, as the API server's own do.
+    let ns = o.namespace.clone().unwrap_or_else(|| "default".into());
+    let object = ObjectReference {
+        api_version: Some(o.kind.api_version().into()),
+        kind: Some(o.kind.kind().into()),
+        name: Some(o.name.clone()),
+        namespace: o.namespace.clone(),
+        uid: Some(o.uid.clone()),
+        ..ObjectReference::default()
+    };
+    let message = format!("{why}; enforcement is unchanged");
+    create_warning(client, node, &ns, object, REJECTED_REASON, message).await
+}
+
+/// The Event reason of a pod annotation the agent cannot read.
+pub const BAD_ANNOTATION_REASON: &str = "InvalidAnnotation";
+
+/// A Warning Event on a pod of this node: `why` names the annotation and the value.
+pub async fn record_pod_event(
+    client: &Client,
+    node: &str,
+    namespace: &str,
+    name: &str,
+    why: &str,
+) -> Result<(), kube::Error> {
+    let object = ObjectReference {
+        api_version: Some("v1".into()),
+        kind: Some("Pod".into()),
+        name: Some(name.into()),
+        namespace: Some(namespace.into()),
+        ..ObjectReference::default()
+    };
+    create_warning(
+        client,
+        node,
+        namespace,
+        object,
+        BAD_ANNOTATION_REASON,
+        why.into(),
+    )
+    .await
 }
 
 async fn collect_identities(
