@@ -760,6 +760,26 @@ mod tests {
         }
     }
 
+    /// Compiles `world` once more: whether it was a full compile, and the endpoints recompiled.
+    fn recompiled(
+        world: &mut World,
+        compiler: &mut Compiler,
+        rules: &mut RuleTable,
+    ) -> (bool, Vec<EndpointId>) {
+        let table = world.table();
+        let input = CompileInput {
+            endpoints: &world.endpoints,
+            identities: &table,
+            policies: &world.policies,
+            host_addresses: &[],
+            remote: &world.remote,
+            fqdns: &world.names,
+            settings: world.settings,
+        };
+        let d = compiler.compile(&input, rules);
+        (d.full, d.endpoints.keys().copied().collect())
+    }
+
     #[test]
     fn a_policy_change_recompiles_only_the_endpoints_it_selects() {
         let mut world = World::default();
@@ -769,21 +789,7 @@ mod tests {
         world.step(&Step::Apply(0, 0, 0, 0, 1, 80));
         let mut compiler = Compiler::default();
         let mut rules = RuleTable::default();
-        let host = [];
-        let mut compile = |world: &mut World| {
-            let table = world.table();
-            let input = CompileInput {
-                endpoints: &world.endpoints,
-                identities: &table,
-                policies: &world.policies,
-                host_addresses: &host,
-                remote: &world.remote,
-                fqdns: &world.names,
-                settings: world.settings,
-            };
-            let d = compiler.compile(&input, &mut rules);
-            (d.full, d.endpoints.keys().copied().collect::<Vec<_>>())
-        };
+        let mut compile = |world: &mut World| recompiled(world, &mut compiler, &mut rules);
         assert_eq!(
             compile(&mut world),
             (true, vec![EndpointId(1), EndpointId(2), EndpointId(3)])
@@ -818,21 +824,7 @@ mod tests {
         world.step(&Step::Apply(2, 0, 0, 2, 0, 80));
         let mut compiler = Compiler::default();
         let mut rules = RuleTable::default();
-        let host = [];
-        let mut compile = |world: &mut World| {
-            let table = world.table();
-            let input = CompileInput {
-                endpoints: &world.endpoints,
-                identities: &table,
-                policies: &world.policies,
-                host_addresses: &host,
-                remote: &world.remote,
-                fqdns: &world.names,
-                settings: world.settings,
-            };
-            let d = compiler.compile(&input, &mut rules);
-            (d.full, d.endpoints.keys().copied().collect::<Vec<_>>())
-        };
+        let mut compile = |world: &mut World| recompiled(world, &mut compiler, &mut rules);
         let (a, b) = (EndpointId(1), EndpointId(2));
         assert_eq!(compile(&mut world), (true, vec![a, b, EndpointId(3)]));
         // A new address for api.a.test: both names' clauses gain its identity.

@@ -13,31 +13,12 @@ use crate::{assert_layout, user_pod};
 /// Entries the deny list holds (and counter slots).
 pub const PREFILTER_MAX_ENTRIES: u32 = 16_384;
 
-/// The kernel key is `{ prefix_len: u32, data: PrefilterKey }`; `prefix_len` counts the 32 bits
-/// of `family` + padding, as in the ipcache, so an IPv4 /24 has `prefix_len = 32 + 24`.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct PrefilterKey {
-    pub family: u8,
-    pub _pad: [u8; 3],
-    /// Network byte order; an IPv4 address occupies the first 4 bytes.
-    pub addr: [u8; 16],
-}
+/// The trie's key: a source prefix, laid out as the ipcache's (`{ prefix_len, family + pad,
+/// addr }`, so an IPv4 /24 has `prefix_len = 32 + 24`). One type, so the two cannot drift.
+pub type PrefilterKey = crate::ipcache::IpcacheKey;
 
 /// Bits of the LPM key before the address starts.
-pub const PREFILTER_PREFIX_OFFSET_BITS: u32 = 32;
-
-impl PrefilterKey {
-    pub const fn ipv4(addr: [u8; 4]) -> Self {
-        Self {
-            family: crate::family::IPV4,
-            _pad: [0; 3],
-            addr: [
-                addr[0], addr[1], addr[2], addr[3], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
-            ],
-        }
-    }
-}
+pub const PREFILTER_PREFIX_OFFSET_BITS: u32 = crate::ipcache::IPCACHE_PREFIX_OFFSET_BITS;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
@@ -48,9 +29,8 @@ pub struct PrefilterValue {
     pub flags: u32,
 }
 
-assert_layout!(PrefilterKey, size = 20, align = 1, { family: 0, addr: 4 });
 assert_layout!(PrefilterValue, size = 8, align = 4, { counter_slot: 0, flags: 4 });
-user_pod!(PrefilterKey, PrefilterValue);
+user_pod!(PrefilterValue);
 
 const NS_PER_SEC: u64 = 1_000_000_000;
 

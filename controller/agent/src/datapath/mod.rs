@@ -790,6 +790,18 @@ const SK_BUFF_PRIORITY: usize = 32;
 const SK_BUFF_IFINDEX: usize = 40;
 
 impl BpfDatapath {
+    /// The loaded classifier `program`, for test runs.
+    fn classifier(&self, program: &'static str) -> Result<&SchedClassifier, BpfError> {
+        self.bpf
+            .program(program)
+            .ok_or(BpfError::MissingProgram { name: program })?
+            .try_into()
+            .map_err(|source| BpfError::Program {
+                name: program,
+                source,
+            })
+    }
+
     /// Runs one classifier `repeat` times on `frame` as `test_run` does (mark and priority 0)
     /// and returns its last return value and the kernel's mean time per run: the program's
     /// own cost per packet, for the benchmarks.
@@ -801,15 +813,7 @@ impl BpfDatapath {
         repeat: u32,
     ) -> Result<(u32, std::time::Duration), BpfError> {
         use aya::programs::{TestRun as _, TestRunOptions};
-        let prog: &SchedClassifier = self
-            .bpf
-            .program(program)
-            .ok_or(BpfError::MissingProgram { name: program })?
-            .try_into()
-            .map_err(|source| BpfError::Program {
-                name: program,
-                source,
-            })?;
+        let prog = self.classifier(program)?;
         let mut ctx_in = [0u8; SK_BUFF_SIZE];
         ctx_in[SK_BUFF_IFINDEX..SK_BUFF_IFINDEX + 4].copy_from_slice(&ifindex.to_ne_bytes());
         let result = prog
@@ -872,15 +876,7 @@ impl BpfDatapath {
                 })
                 .collect()
         };
-        let prog: &SchedClassifier = self
-            .bpf
-            .program(program)
-            .ok_or(BpfError::MissingProgram { name: program })?
-            .try_into()
-            .map_err(|source| BpfError::Program {
-                name: program,
-                source,
-            })?;
+        let prog = self.classifier(program)?;
         let mut ctx_in = [0u8; SK_BUFF_SIZE];
         ctx_in[SK_BUFF_MARK..SK_BUFF_MARK + 4].copy_from_slice(&mark.to_ne_bytes());
         ctx_in[SK_BUFF_PRIORITY..SK_BUFF_PRIORITY + 4].copy_from_slice(&priority.to_ne_bytes());
