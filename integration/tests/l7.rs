@@ -1,10 +1,12 @@
 //! L7 HTTP policy end to end: the datapath redirects to the agent's proxy transparently, the
 //! proxy enforces HTTP rules per request, and the server's own L3/L4 policy still applies.
 
+use std::net::SocketAddrV4;
 use std::time::{Duration, Instant};
 
 use palisade_integration::Node;
 use palisade_integration::http::{Client, UNJUDGED, backend, get, upgrading_backend};
+use palisade_integration::traffic::{tcp_counter, time_wait_sockets};
 
 const API_L7: &str = r#"apiVersion: cilium.io/v2
 kind: CiliumNetworkPolicy
@@ -499,5 +501,98 @@ fn websockets_and_listed_upgrades_tunnel_after_a_101_and_others_get_403() {
     assert_eq!(
         by_protocol(&opened, "websocket")["tunnel"]["bytes_to_server"],
         0
+    );
+}
+
+/// The proxy's TIME_WAIT sockets of connections from `client` to `server:80`: its
+/// transparently accepted sockets carry the original destination as their local address.
+fn proxy_time_waits(s: &L7Scene) -> usize {
+    let (client, server) = (s.client.ip, s.api.ip);
+    time_wait_sockets(&s.node.netns)
+        .iter()
+        .filter(|(local, remote)| *local == SocketAddrV4::new(server, 80) && *remote.ip() == client)
+        .count()
+}
+
+#[test]
+fn a_client_asking_to_close_closes_first_and_holds_the_time_wait() {
+    let s = scene("l7-close");
+    let n = 40;
+    for i in 0..n {
+        // Allowed and denied, each answered with a Content-Length and `connection: close`.
+        let (path, want) = if i % 4 == 3 {
+            (format!("/private/{i}"), 403)
+        } else {
+            (format!("/public/{i}"), 200)
+        };
+        let mut c = Client::connect(&s.client.name, s.api.ip, 80).unwrap();
+        c.send(format!("GET {path} HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n").as_bytes())
+            .unwrap();
+        let reply = c
+            .read_reply()
+            .unwrap_or_else(|e| panic!("no answer to request {i}: {e}"));
+        assert_eq!(reply.status, want, "{path}");
+        if want == 200 {
+            assert_eq!(reply.body, format!("GET {path} 0"));
+        }
+        let close = reply.headers.iter().find(|(k, _)| k == "connection");
+        assert_eq!(close.map(|(_, v)| v.as_str()), Some("close"), "{path}");
+        // The client closes a little after reading the answer, as a client doing anything
+        // with it would: a proxy that closes right after answering always closes first.
+        std::thread::sleep(Duration::from_millis(10));
+        drop(c);
+    }
+    let at_client = time_wait_sockets(&s.client.name)
+        .iter()
+        .filter(|(_, remote)| *remote == SocketAddrV4::new(s.api.ip, 80))
+        .count();
+    let at_proxy = proxy_time_waits(&s);
+    // The proxy waits (half a second) for each client to close; a client descheduled past
+    // that on a loaded machine is closed on by the proxy, which then holds that TIME_WAIT.
+    assert!(
+        at_proxy <= n / 4 && at_client >= n - n / 4,
+        "TIME_WAIT sockets: {at_proxy} at the proxy, {at_client} at the client, of {n} connections"
+    );
+}
+
+#[test]
+fn a_port_reused_while_the_proxy_holds_its_time_wait_connects_without_a_retransmission() {
+    let s = scene("l7-reuse");
+    let port = 41_000;
+    let retransmitted = || tcp_counter(&s.client.name, "TcpExtTCPSynRetrans");
+    let before = retransmitted();
+    let n = 8;
+    for i in 0..n {
+        // An HTTP/1.0 client may read to the end of the connection, so the proxy closes
+        // first and keeps the TIME_WAIT of the client's tuple; the next connection reuses it.
+        let mut c = (0..100)
+            .find_map(|_| {
+                let connected = Client::connect_from(&s.client.name, port, s.api.ip, 80);
+                if connected.is_err() {
+                    // The previous connection's last ACK may still be on its way.
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                connected.ok()
+            })
+            .unwrap_or_else(|| panic!("connection {i} from port {port} failed"));
+        c.send(format!("GET /public/{i} HTTP/1.0\r\nHost: api\r\n\r\n").as_bytes())
+            .unwrap();
+        let reply = c.read_reply().unwrap();
+        assert_eq!(
+            (reply.status, reply.body),
+            (200, format!("GET /public/{i} 0"))
+        );
+        assert!(c.closed(), "the proxy closes an HTTP/1.0 connection");
+    }
+    assert!(
+        proxy_time_waits(&s) >= 1,
+        "the proxy closed first, so it holds the TIME_WAIT"
+    );
+    let retransmissions = retransmitted() - before;
+    // Each reconnection met the proxy's TIME_WAIT; without the kernel's handling of it, each
+    // SYN is dropped and retransmitted (n - 1 of them).
+    assert!(
+        retransmissions <= 1,
+        "{retransmissions} SYN retransmissions for {n} connections from one port"
     );
 }

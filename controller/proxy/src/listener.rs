@@ -54,6 +54,8 @@ pub struct ProxyContext<O: Observer> {
     pub policy: watch::Receiver<Arc<ProxyPolicy>>,
     pub observer: O,
     pub limits: Arc<http::Limits>,
+    /// Shared by every connection: how long, and how many at once, wait for a closing client.
+    pub grace: Arc<http::CloseGrace>,
 }
 
 fn v4(addr: SocketAddr) -> Option<SocketAddrV4> {
@@ -153,6 +155,7 @@ async fn handle<O: Observer>(
             Record::Tunnel(t) => observer.tunnel(t),
         },
         &ctx.limits,
+        &ctx.grace,
     )
     .await
 }
