@@ -53,6 +53,11 @@ impl CloseGrace {
         Self::new(Duration::ZERO, 0)
     }
 
+    /// Most connections waiting at once.
+    pub fn max(&self) -> usize {
+        self.max
+    }
+
     /// Connections waiting for their client to close right now.
     pub fn waiting(&self) -> usize {
         self.waiting.load(Ordering::Relaxed)
