@@ -158,10 +158,6 @@ pub struct AgentArgs {
     /// Threads of the L7 proxy, each owning the connections dealt to it (default: one per CPU).
     #[arg(long)]
     pub proxy_workers: Option<usize>,
-    /// After answering a request that asked to close, how long the L7 proxy waits for the
-    /// client to close first (so the TIME_WAIT is the client's), in milliseconds; 0: never.
-    #[arg(long, default_value_t = 500)]
-    pub proxy_close_grace_ms: u64,
     /// Serve Prometheus metrics and /healthz here (e.g. 127.0.0.1:9962); off when absent.
     #[arg(long)]
     pub metrics_addr: Option<std::net::SocketAddr>,
@@ -445,10 +441,6 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
             policy: proxy_rx,
             observer,
             limits: Arc::new(palisade_proxy::http::Limits::default()),
-            grace: Arc::new(palisade_proxy::http::CloseGrace::new(
-                std::time::Duration::from_millis(args.proxy_close_grace_ms),
-                palisade_proxy::http::CloseGrace::default().max(),
-            )),
         };
         let workers = args.proxy_workers.unwrap_or_else(|| {
             std::thread::available_parallelism().map_or(1, std::num::NonZero::get)

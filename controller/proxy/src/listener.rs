@@ -54,8 +54,6 @@ pub struct ProxyContext<O: Observer> {
     pub policy: watch::Receiver<Arc<ProxyPolicy>>,
     pub observer: O,
     pub limits: Arc<http::Limits>,
-    /// Shared by every connection: how long, and how many at once, wait for a closing client.
-    pub grace: Arc<http::CloseGrace>,
 }
 
 fn v4(addr: SocketAddr) -> Option<SocketAddrV4> {
@@ -155,7 +153,6 @@ async fn handle<O: Observer>(
             Record::Tunnel(t) => observer.tunnel(t),
         },
         &ctx.limits,
-        &ctx.grace,
     )
     .await
 }

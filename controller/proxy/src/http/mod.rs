@@ -81,10 +81,6 @@
 //!   [`Limits::close_linger`] to finish. Any other answer continues as plain HTTP.
 //! - `CONNECT` gets 405: the destination is already known, and a tunnel to anywhere else is
 //!   not the proxy's to open.
-//! - After a response to a request that asked to close, an HTTP/1.1 client that can tell where
-//!   the response ended (framed by length or chunks) is given a short [`CloseGrace`] to close
-//!   first, so that the connection's TIME_WAIT is the client's; past the grace (or with too
-//!   many connections waiting already) the proxy closes as below.
 //! - Closing after an error response shuts down the write side, then drains the client for
 //!   up to [`Limits::close_linger`] so that unread request bytes do not make the kernel reset
 //!   the connection before the client has read the response.
@@ -108,7 +104,7 @@ pub use fields::{Field, FramingError};
 pub use head::{BodyFraming, HeadError, RequestHead, parse_request_head};
 pub use path::{PathError, Target, normalize_path, parse_target};
 pub use response::{ResponseBody, ResponseHead, ResponseHeadError, parse_response_head};
-pub use serve::{CloseGrace, ProxyError, serve_connection};
+pub use serve::{ProxyError, serve_connection};
 
 /// Ceiling on [`Limits::max_headers`]: parse slots live on the stack (no allocation per
 /// request), so their number is fixed at build time.

@@ -3,7 +3,7 @@
 use std::future::Future;
 use std::io;
 use std::marker::PhantomData;
-use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures::FutureExt as _;
@@ -20,80 +20,6 @@ use super::{Decision, Limits, Record, RequestRecord, TunnelEvent, TunnelRecord};
 
 /// Most bytes drained from a client while closing after an error.
 const LINGER_MAX_BYTES: usize = 256 * 1024;
-
-/// Waiting, after a response to a request that asked to close, for the client to close first.
-///
-/// Whichever side closes first holds the connection's TIME_WAIT. When the proxy closes first,
-/// the TIME_WAIT sits on its transparently accepted socket, under the client's own tuple; the
-/// client, which holds none, reuses that port, and its next SYN is dropped until it is
-/// retransmitted (the datapath's redirect hands it to the listener past the kernel's
-/// TIME_WAIT handling). A client that can tell where the response ends (it was framed, and the
-/// client speaks HTTP/1.1, which must honour the framing) closes by itself as soon as it has
-/// read it; waiting `wait` for that close leaves the TIME_WAIT with the client, whose port
-/// allocator skips it. Bounded twice: each connection waits at most `wait` (then closes as
-/// before), and at most `max` connections wait at once (the rest close at once).
-#[derive(Debug)]
-pub struct CloseGrace {
-    wait: Duration,
-    max: usize,
-    waiting: AtomicUsize,
-}
-
-impl CloseGrace {
-    pub fn new(wait: Duration, max: usize) -> Self {
-        CloseGrace {
-            wait,
-            max,
-            waiting: AtomicUsize::new(0),
-        }
-    }
-
-    /// No waiting: the proxy closes as soon as the response is out.
-    pub fn disabled() -> Self {
-        Self::new(Duration::ZERO, 0)
-    }
-
-    /// Most connections waiting at once.
-    pub fn max(&self) -> usize {
-        self.max
-    }
-
-    /// Connections waiting for their client to close right now.
-    pub fn waiting(&self) -> usize {
-        self.waiting.load(Ordering::Relaxed)
-    }
-
-    fn enter(&self) -> Option<GraceSlot<'_>> {
-        if self.wait.is_zero() {
-            return None;
-        }
-        self.waiting
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
-                (n < self.max).then_some(n + 1)
-            })
-            .ok()
-            .map(|_| GraceSlot { grace: self })
-    }
-}
-
-impl Default for CloseGrace {
-    /// Half a second (a client that reads the response closes within microseconds), for at
-    /// most 4096 connections at once.
-    fn default() -> Self {
-        Self::new(Duration::from_millis(500), 4096)
-    }
-}
-
-/// One connection's place among those waiting; given back when dropped.
-struct GraceSlot<'g> {
-    grace: &'g CloseGrace,
-}
-
-impl Drop for GraceSlot<'_> {
-    fn drop(&mut self) {
-        self.grace.waiting.fetch_sub(1, Ordering::Relaxed);
-    }
-}
 
 /// Why an exchange failed. Before a response started, [`ProxyError::status`] is what the
 /// client is answered with; after, the client connection is cut.
@@ -218,7 +144,6 @@ pub async fn serve_connection<C, U, Fut>(
     judge: impl Fn(&RequestHead) -> Decision,
     record: impl FnMut(Record),
     limits: &Limits,
-    grace: &CloseGrace,
 ) -> Result<(), ProxyError>
 where
     C: AsyncRead + AsyncWrite + Unpin,
@@ -234,7 +159,6 @@ where
         judge,
         record,
         limits,
-        grace,
         audited: false,
         _connect: PhantomData,
     };
@@ -268,9 +192,6 @@ enum Next {
     KeepAlive,
     /// Close after shutting down and draining.
     Close,
-    /// The client asked to close and can tell where the response ended: give it the
-    /// [`CloseGrace`] to close first, then close as [`Next::Close`] does.
-    CloseAfterClient,
     /// The connection is over (a tunnel ended): drop it.
     Finished,
 }
@@ -330,10 +251,6 @@ impl Progress {
 struct Relayed {
     status: u16,
     client_keep_alive: bool,
-    /// Whether the client can tell where the response ended without the connection closing:
-    /// it is framed, and the client speaks HTTP/1.1 (an HTTP/1.0 client may read to the end
-    /// of the connection whatever the framing).
-    client_framed: bool,
     upstream_reusable: bool,
     head_sent: Instant,
     /// After a 101: the protocol the upstream switched to.
@@ -356,7 +273,6 @@ struct Connection<'l, C, U, Co, Fut, J, Re> {
     judge: J,
     record: Re,
     limits: &'l Limits,
-    grace: &'l CloseGrace,
     /// The request being served was let through by audit mode (policy denied it).
     audited: bool,
     _connect: PhantomData<fn() -> Fut>,
@@ -395,10 +311,6 @@ where
                 Next::KeepAlive => {}
                 Next::Close => {
                     self.linger_close().await;
-                    return Ok(());
-                }
-                Next::CloseAfterClient => {
-                    self.close_after_client().await;
                     return Ok(());
                 }
                 Next::Finished => return Ok(()),
@@ -504,14 +416,7 @@ where
         };
         self.record_request(head, 403, false, rule, started.elapsed(), error);
         written?;
-        Ok(if keep {
-            Next::KeepAlive
-        } else if !head.body.has_body() && head.version == 1 {
-            // The client asked to close; the 403 has a Content-Length.
-            Next::CloseAfterClient
-        } else {
-            Next::Close
-        })
+        Ok(if keep { Next::KeepAlive } else { Next::Close })
     }
 
     async fn forward(
@@ -582,8 +487,6 @@ where
         }
         Ok(if relayed.client_keep_alive && body_complete {
             Next::KeepAlive
-        } else if relayed.client_framed && body_complete {
-            Next::CloseAfterClient
         } else {
             Next::Close
         })
@@ -708,39 +611,6 @@ where
             latency,
             error,
         }));
-    }
-
-    /// Waits (within the [`CloseGrace`]) for the client to close its side first, discarding
-    /// anything it still sends, then closes ours; a client that does not close in time is
-    /// closed on as by [`Connection::linger_close`].
-    async fn close_after_client(&mut self) {
-        // Nothing more goes upstream: do not hold that connection while waiting.
-        self.upstream = None;
-        let Some(_slot) = self.grace.enter() else {
-            return self.linger_close().await;
-        };
-        let client = &mut self.client;
-        let client_closed = async {
-            client.consume_all();
-            let mut drained = 0;
-            while drained < LINGER_MAX_BYTES {
-                match client.fill().await {
-                    Ok(0) | Err(_) => return true,
-                    Ok(n) => {
-                        drained += n;
-                        client.consume_all();
-                    }
-                }
-            }
-            false
-        };
-        match tokio::time::timeout(self.grace.wait, client_closed).await {
-            Ok(true) => {
-                // Errors only mean the client is gone already.
-                let _ = self.client_out.shutdown().await;
-            }
-            Ok(false) | Err(_) => self.linger_close().await,
-        }
     }
 
     /// Shuts the write side, then drains what the client still sends for a while: closing a
@@ -890,7 +760,6 @@ where
             return Ok(Relayed {
                 status: 101,
                 client_keep_alive: false,
-                client_framed: false,
                 upstream_reusable: false,
                 head_sent: Instant::now(),
                 upgraded: Some(protocol),
@@ -1014,7 +883,6 @@ where
     Ok(Relayed {
         status: response.status,
         client_keep_alive,
-        client_framed: request.version == 1 && client_body != ClientBody::Unframed,
         // Bytes after the response would be answers to nothing: do not reuse.
         upstream_reusable: request.keep_alive
             && response.keep_alive

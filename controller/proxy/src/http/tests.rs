@@ -198,26 +198,11 @@ fn start(judge: impl Fn(&RequestHead) -> Decision + Send + 'static, limits: Limi
     start_with(judge, limits, PIPE)
 }
 
-/// The close grace of most tests: short, so that a test client that does not close goes on
-/// quickly.
-fn grace() -> Arc<CloseGrace> {
-    Arc::new(CloseGrace::new(Duration::from_millis(50), 64))
-}
-
 /// A proxy whose every `connect` hands it a fresh pipe whose other end goes to the test.
 fn start_with(
     judge: impl Fn(&RequestHead) -> Decision + Send + 'static,
     limits: Limits,
     pipe: usize,
-) -> Proxy {
-    start_graced(judge, limits, pipe, grace())
-}
-
-fn start_graced(
-    judge: impl Fn(&RequestHead) -> Decision + Send + 'static,
-    limits: Limits,
-    pipe: usize,
-    grace: Arc<CloseGrace>,
 ) -> Proxy {
     let (tx, upstreams) = mpsc::unbounded_channel();
     let connect = move || {
@@ -229,7 +214,7 @@ fn start_graced(
                 .map_err(|_| io::Error::other("test stopped accepting upstreams"))
         }
     };
-    let (client, records, tunnels, task) = spawn_graced(judge, limits, pipe, connect, grace);
+    let (client, records, tunnels, task) = spawn(judge, limits, pipe, connect);
     Proxy {
         client,
         upstreams,
@@ -249,20 +234,6 @@ where
     Co: FnMut() -> Fut + Send + 'static,
     Fut: Future<Output = io::Result<DuplexStream>> + Send + 'static,
 {
-    spawn_graced(judge, limits, pipe, connect, grace())
-}
-
-fn spawn_graced<Co, Fut>(
-    judge: impl Fn(&RequestHead) -> Decision + Send + 'static,
-    limits: Limits,
-    pipe: usize,
-    connect: Co,
-    grace: Arc<CloseGrace>,
-) -> (Peer, Records, Tunnels, JoinHandle<Result<(), ProxyError>>)
-where
-    Co: FnMut() -> Fut + Send + 'static,
-    Fut: Future<Output = io::Result<DuplexStream>> + Send + 'static,
-{
     let (client, proxy_side) = tokio::io::duplex(pipe);
     let records = Records::default();
     let tunnels = Tunnels::default();
@@ -272,7 +243,7 @@ where
             Record::Request(r) => requests.lock().expect("records lock").push(r),
             Record::Tunnel(t) => opened.lock().expect("tunnels lock").push(t),
         };
-        serve_connection(proxy_side, connect, judge, record, &limits, &grace).await
+        serve_connection(proxy_side, connect, judge, record, &limits).await
     });
     (Peer::new(client), records, tunnels, task)
 }
@@ -1313,123 +1284,6 @@ async fn connection_close_from_either_side_closes_after_the_response() {
     proxy.client.expect_closed().await;
 }
 
-/// A grace no test step outlasts: a proxy that waited it would fail the step.
-const FOREVER: Duration = Duration::from_hours(1);
-
-/// Sends `request` (which asks to close) and relays a Content-Length response to it.
-async fn answered(proxy: &mut Proxy, request: &[u8]) {
-    proxy.client.send(request).await;
-    let mut upstream = proxy.upstream().await;
-    upstream.message().await;
-    upstream.send(GET_OK).await;
-    let (head, body) = proxy.client.message().await;
-    assert!(head.contains("\r\nconnection: close\r\n"), "{head}");
-    assert_eq!(body, b"ok");
-}
-
-#[tokio::test]
-async fn a_closing_http11_client_closes_first_and_the_proxy_follows() {
-    let grace = Arc::new(CloseGrace::new(FOREVER, 4));
-    let mut proxy = start_graced(allow_all, limits(), PIPE, Arc::clone(&grace));
-    answered(
-        &mut proxy,
-        b"GET / HTTP/1.1\r\nHost: svc\r\nConnection: close\r\n\r\n",
-    )
-    .await;
-    // The whole response is out, and the proxy waits for the client to close first.
-    proxy.client.expect_quiet().await;
-    assert_eq!(grace.waiting(), 1);
-    step(proxy.client.io.get_mut().shutdown())
-        .await
-        .expect("client closes");
-    proxy.client.expect_closed().await;
-    step(proxy.task)
-        .await
-        .expect("no panic")
-        .expect("clean end");
-    assert_eq!(grace.waiting(), 0);
-}
-
-#[tokio::test]
-async fn a_403_to_a_closing_client_also_waits_for_its_close() {
-    let grace = Arc::new(CloseGrace::new(FOREVER, 4));
-    let mut proxy = start_graced(deny_secret, limits(), PIPE, Arc::clone(&grace));
-    proxy
-        .client
-        .send(b"GET /secret HTTP/1.1\r\nHost: svc\r\nConnection: close\r\n\r\n")
-        .await;
-    let (head, _) = proxy.client.message().await;
-    assert_eq!(status_of(&head), 403);
-    proxy.client.expect_quiet().await;
-    assert_eq!(grace.waiting(), 1);
-    step(proxy.client.io.get_mut().shutdown())
-        .await
-        .expect("client closes");
-    proxy.client.expect_closed().await;
-}
-
-#[tokio::test]
-async fn a_client_that_does_not_close_is_closed_on_after_the_grace() {
-    let grace = Arc::new(CloseGrace::new(Duration::from_millis(30), 4));
-    let mut proxy = start_graced(allow_all, limits(), PIPE, Arc::clone(&grace));
-    answered(
-        &mut proxy,
-        b"GET / HTTP/1.1\r\nHost: svc\r\nConnection: close\r\n\r\n",
-    )
-    .await;
-    // Bytes after a request that asked to close are answers to nothing: discarded.
-    proxy
-        .client
-        .send(b"GET /more HTTP/1.1\r\nHost: svc\r\n\r\n")
-        .await;
-    proxy.client.expect_closed().await;
-    proxy.no_more_upstreams();
-    proxy.result().await.expect("clean end");
-    assert_eq!(grace.waiting(), 0);
-}
-
-#[tokio::test]
-async fn the_proxy_closes_at_once_when_the_client_cannot_tell_the_end_or_no_slot_is_left() {
-    // HTTP/1.0 without keep-alive: the client may read until the connection closes.
-    let mut proxy = start_graced(
-        allow_all,
-        limits(),
-        PIPE,
-        Arc::new(CloseGrace::new(FOREVER, 4)),
-    );
-    answered(&mut proxy, b"GET / HTTP/1.0\r\nHost: svc\r\n\r\n").await;
-    proxy.client.expect_closed().await;
-
-    // A response delimited by closing.
-    let mut proxy = start_graced(
-        allow_all,
-        limits(),
-        PIPE,
-        Arc::new(CloseGrace::new(FOREVER, 4)),
-    );
-    proxy
-        .client
-        .send(b"GET / HTTP/1.1\r\nHost: svc\r\nConnection: close\r\n\r\n")
-        .await;
-    let mut upstream = proxy.upstream().await;
-    upstream.message().await;
-    upstream.send(b"HTTP/1.1 200 OK\r\n\r\nabc").await;
-    drop(upstream);
-    proxy.client.head().await;
-    assert_eq!(proxy.client.rest().await, b"abc");
-
-    // Every waiting place taken.
-    let full = Arc::new(CloseGrace::new(FOREVER, 0));
-    let mut proxy = start_graced(allow_all, limits(), PIPE, Arc::clone(&full));
-    answered(
-        &mut proxy,
-        b"GET / HTTP/1.1\r\nHost: svc\r\nConnection: close\r\n\r\n",
-    )
-    .await;
-    proxy.client.expect_closed().await;
-    assert_eq!(full.waiting(), 0);
-}
-
 #[tokio::test]
 async fn bodiless_responses_carry_no_body() {
     let mut proxy = start(allow_all, limits());
@@ -1671,7 +1525,6 @@ async fn records_measure_latency_to_the_response_head() {
 fn serve_connection_future_is_send() {
     fn assert_send<T: Send>(_: &T) {}
     let limits = Limits::default();
-    let grace = CloseGrace::default();
     let (client, _peer) = tokio::io::duplex(1);
     let future = serve_connection(
         client,
@@ -1679,7 +1532,6 @@ fn serve_connection_future_is_send() {
         allow_all,
         |_record: Record| {},
         &limits,
-        &grace,
     );
     assert_send(&future);
 }
