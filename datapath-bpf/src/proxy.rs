@@ -165,7 +165,7 @@ pub fn redirect(
                 };
                 // Unrecorded (the map full of recent SYNs), the SYN still goes to the
                 // TIME_WAIT socket, which answers it as before: the client retransmits.
-                let _ = TIME_WAIT_SYNS.insert(&key, &value, 0);
+                let _ = TIME_WAIT_SYNS.insert(key, value, 0);
             }
             return assign(ctx, sk);
         }
@@ -207,10 +207,10 @@ pub fn listener_for_time_wait_syn(ctx: &SkLookupContext) -> u32 {
         dport_be: dport.to_be(),
     };
     // SAFETY: the value is copied out before the entry is removed.
-    let Some(port) = (unsafe { TIME_WAIT_SYNS.get(&key) }).map(|v| v.proxy_port) else {
+    let Some(port) = (unsafe { TIME_WAIT_SYNS.get(key) }).map(|v| v.proxy_port) else {
         return SK_PASS;
     };
-    let _ = TIME_WAIT_SYNS.remove(&key);
+    let _ = TIME_WAIT_SYNS.remove(key);
     let _ = PROXY_LISTENERS.redirect_sk_lookup(ctx, port, 0);
     SK_PASS
 }

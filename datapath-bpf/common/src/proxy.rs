@@ -1,11 +1,12 @@
 //! A new connection to the proxy whose tuple is still in TIME_WAIT at the proxy.
 //!
-//! The proxy closes first when a client cannot tell where a response ends (an HTTP/1.0
-//! client, a response delimited by closing), so the TIME_WAIT is on its transparently accepted
-//! socket, under the client's own tuple. A client that reuses that port sends a SYN the
-//! datapath would hand (by `bpf_sk_assign`) to the listener, past the kernel's TIME_WAIT
-//! handling; the listener finds the tuple taken and drops it, and the client connects only
-//! after retransmitting. Instead, `tc_from_endpoint` assigns such a SYN to the TIME_WAIT
+//! The proxy closes first after answering a request that asked to close (as a server does, and
+//! as it must for an HTTP/1.0 client, which may read to the end of the connection), so the
+//! TIME_WAIT is on its transparently accepted socket, under the client's own tuple; leaving it
+//! to the client instead would cost the client its ports. A client that reuses that port
+//! (it holds no TIME_WAIT for it) sends a SYN the datapath would hand (by `bpf_sk_assign`) to
+//! the listener, past the kernel's TIME_WAIT handling; the listener finds the tuple taken and
+//! drops it, and the client connects only after retransmitting. Instead, `tc_from_endpoint` assigns such a SYN to the TIME_WAIT
 //! socket itself, so the kernel judges it as it judges any SYN for a TIME_WAIT tuple
 //! (`tcp_timewait_state_process`: a newer SYN ends the TIME_WAIT and opens a connection), and
 //! records the tuple in `TIME_WAIT_SYNS`. The kernel then looks for the listener of the
