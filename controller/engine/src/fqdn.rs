@@ -175,6 +175,36 @@ impl FqdnCache {
         before != after
     }
 
+    /// What the cache holds for `endpoint`'s `names` and `addresses` (those an answer
+    /// taught, after `learn`): the entries a journal records.
+    pub fn entries_of(
+        &self,
+        endpoint: EndpointId,
+        names: &[String],
+        addresses: &[Ipv4Addr],
+    ) -> Vec<FqdnEntry> {
+        let Some(per_name) = self.by_endpoint.get(&endpoint) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for name in names {
+            let Some(addrs) = per_name.get(name) else {
+                continue;
+            };
+            for a in addresses {
+                if let Some(expires) = addrs.get(a) {
+                    out.push(FqdnEntry {
+                        endpoint,
+                        name: name.clone(),
+                        address: *a,
+                        expires: *expires,
+                    });
+                }
+            }
+        }
+        out
+    }
+
     /// Whether anything has expired by `now` (so `expire` is worth running).
     pub fn has_expired(&self, now: u64) -> bool {
         self.by_endpoint

@@ -7,7 +7,7 @@
 
 use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use palisade_policies::compile;
 use palisade_policies::identity::Identity;
@@ -18,6 +18,7 @@ use crate::engine::Engine;
 use crate::error::EngineError;
 use crate::fqdn::FqdnCache;
 use crate::plumbing::Plumbing;
+use tracing::warn;
 
 /// An answer the DNS proxy read, for the endpoint at `client`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -35,6 +36,26 @@ pub struct LearnReport {
     pub synced: bool,
     /// Addresses evicted because a name had more than the limit.
     pub evicted: usize,
+}
+
+/// Where one batch of learned answers spent its time on the engine's task, until the last of
+/// its answers could be released (the maps allow their addresses).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LearnStages {
+    /// Answers in the batch.
+    pub answers: usize,
+    /// Finding the asking endpoints, updating the name cache, deciding whether maps change.
+    pub learn: Duration,
+    /// Identities, compile and diff (zero when the maps did not change).
+    pub compile: Duration,
+    /// Map writes and the revision bump.
+    pub write: Duration,
+    /// Catalog, L7 and DNS proxy policies handed out.
+    pub publish: Duration,
+    /// Recording what the batch taught for a restart (a write to the page cache), building
+    /// the state to save and handing it to the store's writer (whose disk sync nobody waits
+    /// on).
+    pub persist: Duration,
 }
 
 /// One learned address, for `palisade fqdn list`.
@@ -85,11 +106,13 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
         &mut self,
         reqs: &[LearnRequest],
     ) -> Vec<Result<LearnReport, EngineError>> {
+        let started = Instant::now();
         let now = unix_now();
         let mut cache = self.model.fqdns.clone();
         let mut taught = Vec::with_capacity(reqs.len());
         let mut reports = Vec::with_capacity(reqs.len());
         let mut evicted = 0;
+        let mut journal = Vec::new();
         for req in reqs {
             let Some(endpoint) = self
                 .model
@@ -104,6 +127,9 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
                 }));
                 continue;
             };
+            // What the answer changes (new addresses, longer lifetimes) is recorded for a
+            // restart; a repeat within the same second changes nothing.
+            let before = cache.entries_of(endpoint, &req.names, &req.addresses);
             let outcome = cache.learn(
                 endpoint,
                 &req.names,
@@ -113,6 +139,12 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
                 self.cfg.fqdn,
             );
             evicted += outcome.evicted;
+            journal.extend(
+                cache
+                    .entries_of(endpoint, &req.names, &req.addresses)
+                    .into_iter()
+                    .filter(|e| !before.contains(e)),
+            );
             taught.push(outcome.new_address || outcome.evicted > 0);
             reports.push(Ok(LearnReport {
                 synced: false,
@@ -120,16 +152,27 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
             }));
         }
         let synced = taught.contains(&true) && self.fqdn_compile_changes(&cache);
+        let mut stages = LearnStages {
+            answers: reqs.len(),
+            learn: started.elapsed(),
+            ..LearnStages::default()
+        };
         if synced {
-            if let Err(e) = self.transact(move |m| {
-                m.fqdns = cache;
-                Ok(())
-            }) {
+            // Only the name cache and the identities (which a sync moves) change: they alone
+            // are kept for the undo, not the whole model.
+            let identities = self.model.identities.clone();
+            let before = std::mem::replace(&mut self.model.fqdns, cache);
+            if let Err(e) = self.sync() {
+                self.model.fqdns = before;
+                self.model.identities = identities;
                 if reqs.len() == 1 {
                     return vec![Err(e)];
                 }
                 return reqs.iter().map(|r| self.fqdn_learn(r)).collect();
             }
+            let times = self.sync_times;
+            (stages.compile, stages.write, stages.publish) =
+                (times.compile, times.write, times.publish);
             for (report, taught) in reports.iter_mut().zip(taught) {
                 if let Ok(r) = report {
                     r.synced = taught;
@@ -139,8 +182,34 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
             self.model.fqdns = cache;
             self.fqdn_dirty = true;
         }
+        // Before any answer is released, what it taught is recorded where a restarted agent
+        // finds it, so none of the connections that follow a lookup can be dropped by a
+        // restart (docs/dns.md, "Lifetimes"). If it cannot be, the answers fail (SERVFAIL):
+        // the maps allow their addresses, but no client learns of them.
+        let recording = Instant::now();
+        if let Some(store) = &mut self.store
+            && !journal.is_empty()
+            && let Err(e) = store.record_learned(&journal)
+        {
+            let why = e.to_string();
+            warn!(error = %why, "learned DNS answers could not be recorded; they are refused");
+            for report in &mut reports {
+                if report.is_ok() {
+                    *report = Err(EngineError::Persist(crate::store::PersistError::new(
+                        std::io::Error::other(why.clone()),
+                    )));
+                }
+            }
+        }
+        if synced {
+            // The state with the answers, for the writer (after the journal line, so the
+            // save covers it and empties the journal).
+            self.persist();
+        }
+        stages.persist += recording.elapsed();
         if let Some(m) = &self.outputs_metrics() {
             m.fqdn_evicted(evicted);
+            m.fqdn_learned(&stages);
         }
         reports
     }
