@@ -9,9 +9,10 @@ use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use palisade_policies::compile;
+use palisade_policies::fqdn::changed_names;
 use palisade_policies::identity::Identity;
 use palisade_policies::model::Direction;
+use palisade_policies::model::{Peer, Peers};
 
 use crate::datapath::Datapath;
 use crate::engine::Engine;
@@ -82,11 +83,32 @@ pub(crate) fn unix_now() -> u64 {
 }
 
 impl<D: Datapath, P: Plumbing> Engine<D, P> {
-    /// Whether the compile would see a change between the cache now and `cache`.
+    /// Whether some `toFQDNs` selector of some policy selects one of `names`: only then does
+    /// a change of their addresses change the compile.
+    fn fqdn_selects_any(&self, names: &BTreeSet<String>) -> bool {
+        if names.is_empty() {
+            return false;
+        }
+        self.model
+            .policies
+            .values()
+            .flat_map(|p| &p.specs)
+            .flat_map(|s| &s.egress.allow)
+            .filter_map(|r| match &r.peers {
+                Peers::Some(peers) => Some(peers),
+                Peers::All => None,
+            })
+            .flatten()
+            .any(|peer| matches!(peer, Peer::Fqdn(sel) if names.iter().any(|n| sel.matches(n))))
+    }
+
+    /// Whether the compile would see a change between the cache now and `cache`: some name a
+    /// `toFQDNs` selector selects gained or lost addresses (the compile follows each name's
+    /// addresses, not only the set of all of them: an address known for one name is news to
+    /// the rule of another).
     fn fqdn_compile_changes(&self, cache: &FqdnCache) -> bool {
-        let policies = self.model.policies.values();
-        compile::fqdn_prefixes(policies.clone(), &self.model.fqdns.names())
-            != compile::fqdn_prefixes(policies, &cache.names())
+        let changed = changed_names(&self.model.fqdns.names(), &cache.names());
+        self.fqdn_selects_any(&changed)
     }
 
     /// Learns one answer (see [`Engine::fqdn_learn_all`]).
@@ -113,6 +135,7 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
         let mut reports = Vec::with_capacity(reqs.len());
         let mut evicted = 0;
         let mut journal = Vec::new();
+        let mut fresh = BTreeSet::new();
         for req in reqs {
             let Some(endpoint) = self
                 .model
@@ -127,6 +150,14 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
                 }));
                 continue;
             };
+            // Names that gain an address (for any endpoint: the compile follows the names
+            // of all of them together).
+            let gained: Vec<&String> = req
+                .names
+                .iter()
+                .filter(|n| req.addresses.iter().any(|a| !cache.holds(n, *a)))
+                .collect();
+            fresh.extend(gained.iter().map(|n| (*n).clone()));
             // What the answer changes (new addresses, longer lifetimes) is recorded for a
             // restart; a repeat within the same second changes nothing.
             let before = cache.entries_of(endpoint, &req.names, &req.addresses);
@@ -145,13 +176,20 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
                     .into_iter()
                     .filter(|e| !before.contains(e)),
             );
-            taught.push(outcome.new_address || outcome.evicted > 0);
+            taught.push(!gained.is_empty() || outcome.evicted > 0);
             reports.push(Ok(LearnReport {
                 synced: false,
                 evicted: outcome.evicted,
             }));
         }
-        let synced = taught.contains(&true) && self.fqdn_compile_changes(&cache);
+        // Without evictions, names only gained addresses: those names alone can change the
+        // compile (no walk over every learned name).
+        let synced = taught.contains(&true)
+            && if evicted > 0 {
+                self.fqdn_compile_changes(&cache)
+            } else {
+                self.fqdn_selects_any(&fresh)
+            };
         let mut stages = LearnStages {
             answers: reqs.len(),
             learn: started.elapsed(),
