@@ -354,6 +354,8 @@ struct Sample {
     arrived: f64,
     /// Frames the generator sent.
     sent: f64,
+    /// For the XDP rows: the program's own ns per run (BPF_PROG_TEST_RUN on a denied frame).
+    program_ns: Option<f64>,
 }
 
 /// Runs the flood for `SECONDS` after a warm-up and reads `count`, the receiving device's
@@ -417,6 +419,7 @@ fn measure(s: &Scene, count: &dyn Fn() -> anyhow::Result<u64>) -> anyhow::Result
         dropped: rate(c0, c1),
         arrived: rate(a0, a1),
         sent: rate(s0, s1),
+        program_ns: None,
     })
 }
 
@@ -448,6 +451,44 @@ fn nft_count(netns: &str) -> anyhow::Result<u64> {
         .nth(1)
         .and_then(|n| n.parse().ok())
         .context("the nft rule's counter")
+}
+
+/// Runs of the XDP program for its own cost, per sample, and samples (median taken).
+const COST_RUNS: u32 = 1_000_000;
+const COST_SAMPLES: usize = 3;
+
+/// An XDP program's own cost on a frame from the denied CIDR: the median of `COST_SAMPLES`
+/// BPF_PROG_TEST_RUNs of `COST_RUNS` each; fails unless the program drops the frame.
+fn program_cost(prog: &std::os::fd::OwnedFd) -> anyhow::Result<f64> {
+    let frame = xdp_gen::frame(
+        [2; 6],
+        [4; 6],
+        Ipv4Addr::new(198, 18, 3, 4),
+        NODE_ADDR,
+        0,
+        10_000,
+    );
+    let mut ns = Vec::new();
+    for _ in 0..COST_SAMPLES {
+        let (verdict, per_run) = xdp_gen::run_cost(prog, &frame, COST_RUNS)?;
+        if verdict != 1 {
+            bail!("the XDP program returned {verdict}, not XDP_DROP, for a denied source");
+        }
+        ns.push(f64::from(per_run));
+    }
+    Ok(median(&ns))
+}
+
+/// The id of the XDP program `ip -d link` shows attached to ext0.
+fn attached_program(netns: &str) -> anyhow::Result<std::os::fd::OwnedFd> {
+    let text = sh(netns, &["ip", "-d", "link", "show", "ext0"])?;
+    let id = text
+        .split("prog/xdp id ")
+        .nth(1)
+        .and_then(|t| t.split_whitespace().next())
+        .and_then(|t| t.parse().ok())
+        .with_context(|| format!("no XDP program id on ext0: {text}"))?;
+    xdp_gen::program_by_id(id)
 }
 
 /// The veth's own count of XDP_DROP verdicts on ext0, over its receive queues.
@@ -507,7 +548,11 @@ fn round(s: &mut Scene, row: Row) -> anyhow::Result<(Sample, String)> {
                 .to_string();
             let link = check_receive_side(s, row);
             let node = &s.node;
-            let result = link.and_then(|link| Ok((measure(s, &|| xdp_count(node))?, link)));
+            let result = link.and_then(|link| {
+                let mut sample = measure(s, &|| xdp_count(node))?;
+                sample.program_ns = Some(program_cost(&attached_program(&netns)?)?);
+                Ok((sample, link))
+            });
             // An agent without the device takes the program off it again.
             s.node.stop_agent();
             s.node.set_agent_args(&[]);
@@ -546,8 +591,11 @@ fn round(s: &mut Scene, row: Row) -> anyhow::Result<(Sample, String)> {
                 .parse()
                 .context("ifindex of ext0")?;
             let attached = traffic::in_netns(&netns, move || BareDrop::attach(ifindex))?;
-            let result = check_receive_side(s, row)
-                .and_then(|link| Ok((measure(s, &|| veth_xdp_drops(&netns))?, link)));
+            let result = check_receive_side(s, row).and_then(|link| {
+                let mut sample = measure(s, &|| veth_xdp_drops(&netns))?;
+                sample.program_ns = Some(program_cost(&attached.prog)?);
+                Ok((sample, link))
+            });
             drop(attached);
             let (sample, link) = result?;
             Ok((sample, format!("native XDP, `ip link`: {link}")))
@@ -639,7 +687,7 @@ pub fn run() -> anyhow::Result<()> {
     let ipt = median(&col(of(Row::IptablesRaw).unwrap_or(1), |x| x.dropped));
     let alone = of(Row::GeneratorAlone).map(|i| median(&col(i, |x| x.dropped)));
     let mut table = String::from(
-        "| drop mechanism | dropped, Mpps (median) | min–max | ratio to iptables raw | generator sent, Mpps (median) | reached ext0, Mpps (median) | receive-side CPU per frame, ns (derived) |\n|---|---|---|---|---|---|---|\n",
+        "| drop mechanism | dropped, Mpps (median) | min–max | ratio to iptables raw | generator sent, Mpps (median) | reached ext0, Mpps (median) | receive-side CPU per frame, ns (derived) | XDP program's own cost, ns per run |\n|---|---|---|---|---|---|---|---|\n",
     );
     let mut bars = Vec::new();
     for (i, row) in rows.iter().enumerate() {
@@ -665,9 +713,15 @@ pub fn run() -> anyhow::Result<()> {
                 }),
             )
         };
+        let own: Vec<f64> = samples[i].iter().filter_map(|x| x.program_ns).collect();
+        let own = if own.is_empty() {
+            "—".to_string()
+        } else {
+            format!("{:.0}", median(&own))
+        };
         let _ = writeln!(
             table,
-            "| {label} | {} | {}–{} | {ratio} | {} | {} | {cost} |",
+            "| {label} | {} | {}–{} | {ratio} | {} | {} | {cost} | {own} |",
             mpps(median(&d)),
             mpps(lo),
             mpps(hi),
@@ -734,7 +788,12 @@ pub fn run() -> anyhow::Result<()> {
          entry's counter, the iptables rule's, the nft rule's), \"reached ext0\" is ext0's \
          rx_packets + rx_dropped over the same window. The prefilter is attached only in its own \
          rounds (an agent restarted without `--prefilter-device` takes it off), so the other \
-         rows run without it. iptables: {backend}. Release agent.\n\n\
+         rows run without it. The last column is the XDP program's own cost, free of the \
+         generator and of the machine's other load: after each XDP window, BPF_PROG_TEST_RUN \
+         (not live: nothing sent) of the program attached to ext0 on a frame from the denied \
+         CIDR, {COST_RUNS} runs, median of {COST_SAMPLES}, the kernel's mean ns per run (it \
+         includes the test loop's own few ns, as the bare XDP_DROP's figure shows), and the \
+         program must return XDP_DROP. iptables: {backend}. Release agent.\n\n\
          Started at {started}; before the run: {load_before}; after: {load_after}.\n\n\
          {table}\n![drop rate as % of iptables raw](prefilter.svg)\n\n\
          Target: XDP drop rate >= 2x the iptables raw-table drop rate: {verdict}.\n\n\

@@ -25,6 +25,7 @@ const HEADERS_LEN: i32 = 14 + 20;
 
 const BPF_PROG_LOAD: libc::c_long = 5;
 const BPF_PROG_TEST_RUN: libc::c_long = 10;
+const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
 const BPF_LINK_CREATE: libc::c_long = 28;
 const BPF_XDP: u32 = 37;
 const XDP_FLAGS_DRV_MODE: u32 = 1 << 2;
@@ -165,6 +166,13 @@ fn bpf(cmd: libc::c_long, attr: *mut u8, size: usize) -> std::io::Result<libc::c
     }
 }
 
+/// The new descriptor a bpf(2) command returned.
+fn owned(fd: libc::c_long) -> anyhow::Result<OwnedFd> {
+    let fd = i32::try_from(fd)?;
+    // SAFETY: the syscall just returned this descriptor, and nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
 fn put<const N: usize>(buf: &mut [u8], at: usize, bytes: [u8; N]) {
     buf[at..at + N].copy_from_slice(&bytes);
 }
@@ -188,8 +196,7 @@ fn load_xdp(insns: &[Insn], name: &[u8]) -> anyhow::Result<OwnedFd> {
     let name = &name[..name.len().min(15)];
     attr[48..48 + name.len()].copy_from_slice(name);
     match bpf(BPF_PROG_LOAD, attr.as_mut_ptr(), 72) {
-        // SAFETY: the syscall returned a new descriptor that nothing else owns.
-        Ok(fd) => Ok(unsafe { OwnedFd::from_raw_fd(i32::try_from(fd)?) }),
+        Ok(fd) => owned(fd),
         Err(e) => {
             let end = log.iter().position(|b| *b == 0).unwrap_or(log.len());
             bail!(
@@ -206,6 +213,7 @@ pub const DROP_PROGRAM: [Insn; 2] = [insn(MOV64_IMM, 0, 0, 0, XDP_DROP), insn(EX
 
 /// `DROP_PROGRAM` attached in native (driver) mode to a device; detached when dropped.
 pub struct BareDrop {
+    pub prog: OwnedFd,
     _link: OwnedFd,
 }
 
@@ -221,13 +229,37 @@ impl BareDrop {
         put(&mut attr, 8, BPF_XDP.to_ne_bytes());
         put(&mut attr, 12, XDP_FLAGS_DRV_MODE.to_ne_bytes());
         match bpf(BPF_LINK_CREATE, attr.as_mut_ptr(), 16) {
-            // SAFETY: the syscall returned a new descriptor that nothing else owns.
             Ok(fd) => Ok(BareDrop {
-                _link: unsafe { OwnedFd::from_raw_fd(i32::try_from(fd)?) },
+                prog,
+                _link: owned(fd)?,
             }),
             Err(e) => bail!("attaching a bare XDP_DROP program (native) to ifindex {ifindex}: {e}"),
         }
     }
+}
+
+/// The loaded program with kernel id `id` (as `ip -d link` shows an attached one).
+pub fn program_by_id(id: u32) -> anyhow::Result<OwnedFd> {
+    let mut attr = [0u8; 16];
+    put(&mut attr, 0, id.to_ne_bytes());
+    match bpf(BPF_PROG_GET_FD_BY_ID, attr.as_mut_ptr(), 12) {
+        Ok(fd) => owned(fd),
+        Err(e) => bail!("opening BPF program {id}: {e}"),
+    }
+}
+
+/// An XDP program's own cost: BPF_PROG_TEST_RUN (not live: nothing is sent) of `prog` on
+/// `frame` `repeat` times; (its return value, the kernel's mean ns per run).
+pub fn run_cost(prog: &OwnedFd, frame: &[u8], repeat: u32) -> anyhow::Result<(u32, u32)> {
+    let mut attr = [0u8; 80];
+    put(&mut attr, 0, u32::try_from(prog.as_raw_fd())?.to_ne_bytes());
+    put(&mut attr, 8, u32::try_from(frame.len())?.to_ne_bytes());
+    put(&mut attr, 16, (frame.as_ptr() as u64).to_ne_bytes());
+    put(&mut attr, 32, repeat.to_ne_bytes());
+    bpf(BPF_PROG_TEST_RUN, attr.as_mut_ptr(), 76)
+        .map_err(|e| anyhow::anyhow!("BPF_PROG_TEST_RUN of the program: {e}"))?;
+    let word = |at: usize| u32::from_ne_bytes([attr[at], attr[at + 1], attr[at + 2], attr[at + 3]]);
+    Ok((word(4), word(36)))
 }
 
 /// The loaded generator program.
