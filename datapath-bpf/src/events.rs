@@ -1,10 +1,11 @@
 //! Accounting: per-CPU counters for every packet, and flow events (new connections, drops) in
 //! the ring buffer, rate-limited per endpoint; what is lost or suppressed is counted.
 
+use aya_ebpf::bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP};
 use palisade_common::{
     config::Config,
     flow::FlowEvent,
-    maps::EVENT_RATE_SLOTS,
+    maps::{EVENT_RATE_SLOTS, FLOW_EVENTS_WAKEUP_BYTES},
     metrics::{OUTCOME_EVENTS_LOST, OUTCOME_EVENTS_RATE_LIMITED, metric_index},
 };
 
@@ -119,5 +120,11 @@ pub fn emit(
         (*ev).kind = m.kind;
         (*ev)._pad = [0; 5];
     }
-    slot.submit(0);
+    // The agent drains the ring on a timer; it is woken only for a batch worth the switch.
+    let wakeup = if FLOW_EVENTS.query(u64::from(BPF_RB_AVAIL_DATA)) >= FLOW_EVENTS_WAKEUP_BYTES {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    };
+    slot.submit(u64::from(wakeup));
 }

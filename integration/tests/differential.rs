@@ -12,7 +12,10 @@
 //! CiliumClusterwideNetworkPolicy with from/toEndpoints, from/toCIDR(Set) with except,
 //! entities, toPorts with ranges, protocol ANY and HTTP rules, icmps, ingressDeny/egressDeny,
 //! enableDefaultDeny) compiled with `compile_with_l7` under varied settings (enforcement
-//! mode, proxy port or none, host access); an optional policy change (another policy set,
+//! mode, proxy port or none, host access, the fast path on or off: on, a packet between two
+//! endpoints gets both verdicts from the sender's program, which hands it straight to the
+//! destination, and the frame it hands on, readdressed with its TTL one less, is compared
+//! too); an optional policy change (another policy set,
 //! maybe a relabelled endpoint) applied between packets as the engine applies it (map diff,
 //! then a revision bump); and steps: whole exchanges (TCP handshake, data, FIN or RST from
 //! either side; UDP, SCTP, ICMP echo and other ICMP, GRE) at every hop they cross, single
@@ -233,6 +236,7 @@ fn fixed_cluster(steps: Vec<StepGen>) -> Scenario {
             enforcement: EnforcementMode::Default,
             proxy_running: true,
             allow_host_ingress: true,
+            fast_path: false,
         },
         change: None,
         flows: vec![
@@ -709,6 +713,7 @@ fn the_proxys_upstream_leg_is_judged_by_the_clients_address() {
             enforcement: EnforcementMode::Default,
             proxy_running: true,
             allow_host_ingress: true,
+            fast_path: false,
         },
         change: Some(ChangeGen {
             keep: false,

@@ -3,7 +3,8 @@
 //! conntrack table and the config. It exists to be compared with the real programs
 //! (integration/tests/differential.rs runs them with BPF_PROG_TEST_RUN on the same frames and
 //! map states), so it follows them function by function, in the same order of checks; each
-//! function says which BPF function it mirrors. Out of scope, because they do not change a
+//! function says which BPF function it mirrors. The fast path is in: between two endpoints
+//! of the node the sender's program gives the destination's ingress verdict too. Out of scope, because they do not change a
 //! verdict: flow events and their rate limit, conntrack expiry and LRU eviction (every entry
 //! lives as long as a test needs it), and `CT_MAP_FULL`.
 //!
@@ -54,6 +55,8 @@ pub const TCP_ACK: u8 = 0x10;
 /// TC actions, as the programs return them.
 pub const TC_ACT_OK: u32 = 0;
 pub const TC_ACT_SHOT: u32 = 2;
+/// What `bpf_redirect_peer` returns: the fast path's hand-over.
+pub const TC_ACT_REDIRECT: u32 = 7;
 
 /// Which classifier judges the frame.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -238,13 +241,43 @@ pub struct Judgement {
     /// skb->mark afterwards (`mark::TO_PROXY` once handed to the proxy).
     pub mark: u32,
     pub step: Step,
+    /// Conntrack changes, the fast path's destination's after the sender's.
     pub changes: Vec<CtChange>,
+    /// The fast path (`fast_path.rs`): the sender's egress let the frame out to another
+    /// endpoint of the node, whose ingress verdict the same program then gave.
+    pub fast_path: Option<FastPath>,
+}
+
+impl Judgement {
+    /// The TC action the program returns: the fast path's redirect when both verdicts let
+    /// the frame through, a drop when the destination's refused it.
+    pub fn tc_action(&self) -> u32 {
+        match self.fast_path {
+            None => self.outcome.tc_action(),
+            Some(FastPath {
+                outcome: Outcome::Dropped(_) | Outcome::Redirected,
+                ..
+            }) => TC_ACT_SHOT,
+            Some(_) => TC_ACT_REDIRECT,
+        }
+    }
+}
+
+/// The destination's ingress verdict on the fast path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FastPath {
+    /// The destination's host-side interface.
+    pub ifindex: u32,
+    pub outcome: Outcome,
+    pub step: Step,
 }
 
 /// The config map, as far as verdicts care.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Config {
     pub policy_revision: u32,
+    /// `CONFIG_FLAG_FAST_PATH`.
+    pub fast_path: bool,
 }
 
 /// The datapath's state: config (None: missing or not initialized), maps, conntrack.
@@ -611,6 +644,17 @@ fn redirect(input: &Input<'_>, proxy_port: u16, mark_out: &mut u32) -> Result<()
     Ok(())
 }
 
+/// The kernel's `csum16_add`: one's complement addition of two 16-bit words.
+fn csum16_add(sum: u16, addend: u16) -> u16 {
+    let (r, carry) = sum.overflowing_add(addend);
+    r + u16::from(carry)
+}
+
+/// The kernel's `csum_replace2`: a checksum updated for one 16-bit word changed (RFC 1624).
+fn csum_replace2(sum: u16, old: u16, new: u16) -> u16 {
+    !csum16_add(csum16_add(!sum, !old), new)
+}
+
 /// The endpoint an interface belongs to (the ENDPOINTS map is keyed by ifindex).
 fn endpoint_at(maps: &MapState, ifindex: u32) -> Option<(EndpointId, EndpointEntry)> {
     maps.endpoints
@@ -633,26 +677,98 @@ impl DatapathModel {
     /// A datapath with config and maps, and empty conntrack.
     pub fn new(policy_revision: u32, maps: MapState) -> Self {
         Self {
-            config: Some(Config { policy_revision }),
+            config: Some(Config {
+                policy_revision,
+                fast_path: false,
+            }),
             maps,
             conntrack: BTreeMap::new(),
         }
     }
 
-    /// `judge::run`: judges one frame, applying its conntrack changes.
+    /// `judge::run`: judges one frame, applying its conntrack changes; between two
+    /// endpoints of the node with the fast path on, the destination's ingress too.
     pub fn judge(&mut self, input: &Input<'_>) -> Judgement {
         let mut changes = Vec::new();
         let mut mark_out = input.mark;
-        let (step, result) = self.judge_inner(input, &mut changes, &mut mark_out);
+        let (step, result) = self.judge_inner(input, &mut changes, &mut mark_out, true);
+        let outcome = match result {
+            Ok(o) => o,
+            Err(reason) => Outcome::Dropped(reason),
+        };
+        let mut fast_path = None;
+        if input.program == Program::FromEndpoint
+            && matches!(outcome, Outcome::Forwarded | Outcome::Audit)
+            && let Some(peer) = self.local_destination(input)
+        {
+            // The destination's pipeline, on the frame as it is (readdressing comes after),
+            // for a packet that did not come from the node's stack: no proxy mark counts.
+            let at_peer = Input {
+                program: Program::ToEndpoint,
+                ifindex: peer,
+                ..*input
+            };
+            let mut peer_mark = input.mark;
+            let (peer_step, peer_result) =
+                self.judge_inner(&at_peer, &mut changes, &mut peer_mark, false);
+            fast_path = Some(FastPath {
+                ifindex: peer,
+                outcome: match peer_result {
+                    Ok(o) => o,
+                    Err(reason) => Outcome::Dropped(reason),
+                },
+                step: peer_step,
+            });
+        }
         Judgement {
-            outcome: match result {
-                Ok(o) => o,
-                Err(reason) => Outcome::Dropped(reason),
-            },
+            outcome,
             mark: mark_out,
             step,
             changes,
+            fast_path,
         }
+    }
+
+    /// `fast_path::deliver`: the frame as the fast path hands it to the endpoint on
+    /// `ifindex`: addressed to its MAC from its host side's, the TTL one less and the header
+    /// checksum updated for it as `bpf_l3_csum_replace` does (incrementally, so a wrong
+    /// checksum stays wrong). None when no endpoint is on `ifindex` or the frame is too short.
+    pub fn delivered_frame(&self, frame: &[u8], ifindex: u32) -> Option<Vec<u8>> {
+        let (_, ep) = endpoint_at(&self.maps, ifindex)?;
+        let mut out = frame.to_vec();
+        let ttl_at = ETH_HLEN + 8;
+        let sum_at = ETH_HLEN + 10;
+        out.get(..sum_at + 2)?;
+        out[..6].copy_from_slice(&ep.link.mac);
+        out[6..12].copy_from_slice(&ep.link.host_mac);
+        let old = [out[ttl_at], out[ttl_at + 1]];
+        let new = [old[0].checked_sub(1)?, old[1]];
+        out[ttl_at] = new[0];
+        let sum = u16::from_ne_bytes([out[sum_at], out[sum_at + 1]]);
+        let replaced = csum_replace2(sum, u16::from_ne_bytes(old), u16::from_ne_bytes(new));
+        out[sum_at..sum_at + 2].copy_from_slice(&replaced.to_ne_bytes());
+        Some(out)
+    }
+
+    /// `fast_path::local_destination`: the host-side ifindex of the local endpoint an IPv4
+    /// frame let out on `input.ifindex` is addressed to, when the fast path takes it. It reads
+    /// the frame's own header fields (the outer ones of an ICMP error).
+    fn local_destination(&self, input: &Input<'_>) -> Option<u32> {
+        if !self.config?.fast_path {
+            return None;
+        }
+        let frame = input.frame;
+        if load_u16(frame, 12).ok()? != ETH_P_IP || load_u8(frame, ETH_HLEN + 8).ok()? <= 1 {
+            return None;
+        }
+        let daddr = load_addr(frame, ETH_HLEN + 16).ok()?;
+        // ENDPOINT_BY_ADDR, written from the endpoints map.
+        let (_, dst) = self.maps.endpoints.iter().find(|(_, e)| e.ip == daddr)?;
+        let (_, src) = endpoint_at(&self.maps, input.ifindex)?;
+        let fits = |e: &EndpointEntry| {
+            e.link.bridge.is_none() && e.link.mac != [0; 6] && e.link.host_mac != [0; 6]
+        };
+        (dst.ifindex != input.ifindex && fits(&src) && fits(dst)).then_some(dst.ifindex)
     }
 
     /// `judge::judge`.
@@ -661,6 +777,7 @@ impl DatapathModel {
         input: &Input<'_>,
         changes: &mut Vec<CtChange>,
         mark_out: &mut u32,
+        from_node: bool,
     ) -> (Step, Result<Outcome, DropReason>) {
         let Some(cfg) = self.config else {
             return (Step::NotInitialized, Err(drop::NOT_INITIALIZED));
@@ -681,7 +798,7 @@ impl DatapathModel {
         if dir == Direction::Ingress && pkt.outer_daddr != ep.ip {
             return (Step::DestinationCheck, Err(drop::INVALID_DESTINATION_IP));
         }
-        let proxied_from = if dir == Direction::Ingress {
+        let proxied_from = if dir == Direction::Ingress && from_node {
             from_proxy_identity(input.mark)
         } else {
             None
@@ -1188,7 +1305,10 @@ mod tests {
             out(&mut dp, Egress, 99, &frame[..20]),
             Outcome::Dropped(drop::NOT_INITIALIZED)
         );
-        dp.config = Some(Config { policy_revision: 1 });
+        dp.config = Some(Config {
+            policy_revision: 1,
+            fast_path: false,
+        });
         assert_eq!(
             out(&mut dp, Egress, 99, &frame[..20]),
             Outcome::Dropped(drop::UNKNOWN_ENDPOINT)
@@ -1743,7 +1863,10 @@ mod tests {
         // no longer is.
         s.policy.retain(|_, e| e.rule != RuleId(2));
         dp.maps = s;
-        dp.config = Some(Config { policy_revision: 2 });
+        dp.config = Some(Config {
+            policy_revision: 2,
+            fast_path: false,
+        });
         let j = run(&mut dp, Ingress, IF_B, &icmp_echo(A, B, TIMESTAMP, 9));
         assert_eq!(
             (j.outcome, j.step),
@@ -1964,7 +2087,10 @@ mod tests {
             .unwrap()
             .cidr_identity = Some(deny_alias);
         dp.maps = s;
-        dp.config = Some(Config { policy_revision: 2 });
+        dp.config = Some(Config {
+            policy_revision: 2,
+            fast_path: false,
+        });
         let j = run(&mut dp, Ingress, IF_B, &tcp(NODE, 2, B, 80, TCP_ACK));
         assert_eq!(
             (j.outcome, j.step),
@@ -2013,7 +2139,10 @@ mod tests {
             3,
         );
         dp.maps = s;
-        dp.config = Some(Config { policy_revision: 2 });
+        dp.config = Some(Config {
+            policy_revision: 2,
+            fast_path: false,
+        });
         let j = run(&mut dp, Ingress, IF_B, &tcp(A, 81, B, 81, TCP_ACK));
         assert_eq!(
             (j.outcome, j.step),
@@ -2075,7 +2204,10 @@ mod tests {
         let mut second = s;
         allow(&mut second, 81, 2);
         dp.maps = second;
-        dp.config = Some(Config { policy_revision: 2 });
+        dp.config = Some(Config {
+            policy_revision: 2,
+            fast_path: false,
+        });
         let j = run(&mut dp, Egress, IF_B, &tcp(B, 80, A, 1, TCP_SYN | TCP_ACK));
         assert_eq!(
             (j.outcome, j.changes[0]),
@@ -2113,7 +2245,10 @@ mod tests {
             1,
         );
         dp.maps = s;
-        dp.config = Some(Config { policy_revision: 2 });
+        dp.config = Some(Config {
+            policy_revision: 2,
+            fast_path: false,
+        });
         // The client's side is not redirected (only TCP is, by the destination's rules).
         assert_eq!(out(&mut dp, Egress, IF_A, &query), Outcome::Forwarded);
         let j = run(&mut dp, Ingress, IF_B, &query);
@@ -2145,5 +2280,184 @@ mod tests {
                 | CtChange::Removed(k) => k,
             }
         }
+    }
+
+    /// Maps where A and B have MACs (the fast path fits them), B enforcing ingress with
+    /// TCP 80 from A allowed; the fast path on.
+    fn fast_path_model() -> DatapathModel {
+        let mut s = maps();
+        for (id, n) in [(EP_A, 1u8), (EP_B, 2)] {
+            let link = &mut s.endpoints.get_mut(&id).unwrap().link;
+            link.mac = [2, 0, 0, 0, 0, n];
+            link.host_mac = [2, 0, 0, 0, 1, n];
+        }
+        enforce(&mut s, EP_B, Direction::Ingress);
+        rule(
+            &mut s,
+            (EP_B, Direction::Ingress, ID_A),
+            Some(TCP),
+            PortPrefix::exact(80),
+            Action::Allow,
+            1,
+        );
+        let mut dp = DatapathModel::new(1, s);
+        dp.config = Some(Config {
+            policy_revision: 1,
+            fast_path: true,
+        });
+        dp
+    }
+
+    #[test]
+    fn the_fast_path_judges_the_destinations_ingress_in_the_senders_program() {
+        let mut dp = fast_path_model();
+        let allowed = run(&mut dp, Egress, IF_A, &tcp(A, 40000, B, 80, TCP_SYN));
+        assert_eq!(allowed.outcome, Outcome::Forwarded);
+        assert_eq!(
+            allowed.fast_path,
+            Some(FastPath {
+                ifindex: IF_B,
+                outcome: Outcome::Forwarded,
+                step: Step::NewConnection
+            })
+        );
+        assert_eq!(allowed.tc_action(), TC_ACT_REDIRECT);
+        // Both ends track the connection, as on the node's path.
+        assert_eq!(allowed.changes.len(), 2);
+        let denied = run(&mut dp, Egress, IF_A, &tcp(A, 40001, B, 81, TCP_SYN));
+        assert_eq!(denied.outcome, Outcome::Forwarded);
+        assert_eq!(
+            denied.fast_path.map(|f| f.outcome),
+            Some(Outcome::Dropped(drop::POLICY_DENIED))
+        );
+        assert_eq!(denied.tc_action(), TC_ACT_SHOT);
+        // The reply comes back the same way, as the reply of both entries.
+        let reply = run(
+            &mut dp,
+            Egress,
+            IF_B,
+            &tcp(B, 80, A, 40000, TCP_SYN | TCP_ACK),
+        );
+        assert_eq!(
+            reply.fast_path.map(|f| (f.ifindex, f.step)),
+            Some((IF_A, Step::Established { reply: true }))
+        );
+        assert_eq!(reply.tc_action(), TC_ACT_REDIRECT);
+    }
+
+    #[test]
+    fn what_does_not_fit_the_fast_path_takes_the_nodes() {
+        let syn = tcp(A, 40000, B, 80, TCP_SYN);
+        // Switched off.
+        let mut dp = fast_path_model();
+        dp.config = Some(Config {
+            policy_revision: 1,
+            fast_path: false,
+        });
+        let j = run(&mut dp, Egress, IF_A, &syn);
+        assert_eq!((j.fast_path, j.tc_action()), (None, TC_ACT_OK));
+        // A TTL routing would expire.
+        let mut dp = fast_path_model();
+        let mut last_hop = syn.clone();
+        last_hop[ETH_HLEN + 8] = 1;
+        assert_eq!(run(&mut dp, Egress, IF_A, &last_hop).fast_path, None);
+        // A destination without MACs, or a bridge port.
+        let mut dp = fast_path_model();
+        dp.maps.endpoints.get_mut(&EP_B).unwrap().link.mac = [0; 6];
+        assert_eq!(run(&mut dp, Egress, IF_A, &syn).fast_path, None);
+        let mut dp = fast_path_model();
+        dp.maps.endpoints.get_mut(&EP_A).unwrap().link.bridge = Some(crate::endpoint::BridgeLink {
+            ifindex: 3,
+            mac: [2, 0, 0, 0, 2, 1],
+        });
+        assert_eq!(run(&mut dp, Egress, IF_A, &syn).fast_path, None);
+        // Not an endpoint's address; an ARP frame; a drop at the sender.
+        let mut dp = fast_path_model();
+        assert_eq!(
+            run(&mut dp, Egress, IF_A, &tcp(A, 40000, WORLD, 80, TCP_SYN)).fast_path,
+            None
+        );
+        let mut arp = syn.clone();
+        arp[12..14].copy_from_slice(&ETH_P_ARP.to_be_bytes());
+        assert_eq!(run(&mut dp, Egress, IF_A, &arp).fast_path, None);
+        let spoofed = tcp(WORLD, 40000, B, 80, TCP_SYN);
+        assert_eq!(run(&mut dp, Egress, IF_A, &spoofed).fast_path, None);
+        // The destination's own program never hands on.
+        assert_eq!(run(&mut dp, Ingress, IF_B, &syn).fast_path, None);
+    }
+
+    #[test]
+    fn a_proxy_mark_means_nothing_on_the_fast_path() {
+        // B takes port 80 from its own identity only. A frame claiming, by mark and
+        // priority, to be the proxy's leg for B would pass on the node's path; straight from
+        // another endpoint its mark is the sender's, so it is judged as A's.
+        let mut dp = fast_path_model();
+        dp.maps.policy.clear();
+        rule(
+            &mut dp.maps,
+            (EP_B, Direction::Ingress, ID_B),
+            Some(TCP),
+            PortPrefix::exact(80),
+            Action::Allow,
+            2,
+        );
+        let syn = tcp(A, 40000, B, 80, TCP_SYN);
+        let claimed = Input {
+            program: Egress,
+            ifindex: IF_A,
+            mark: mark::from_proxy(ID_B.0),
+            priority: mark::client_priority(B.octets()),
+            proxy_listener: true,
+            frame: &syn,
+        };
+        assert_eq!(
+            dp.judge(&claimed).fast_path.map(|f| f.outcome),
+            Some(Outcome::Dropped(drop::POLICY_DENIED))
+        );
+        // The same claim from the node's stack, at B's own program, is the proxy's.
+        let mut dp2 = fast_path_model();
+        dp2.maps = dp.maps.clone();
+        let from_node = Input {
+            program: Ingress,
+            ifindex: IF_B,
+            ..claimed
+        };
+        assert_eq!(dp2.judge(&from_node).outcome, Outcome::Forwarded);
+    }
+
+    /// The IPv4 header checksum of `frame`, computed in full.
+    fn header_checksum_ok(frame: &[u8]) -> bool {
+        let mut sum: u32 = frame[ETH_HLEN..ETH_HLEN + 20]
+            .chunks(2)
+            .map(|c| u32::from(u16::from_be_bytes([c[0], c[1]])))
+            .sum();
+        while sum > 0xffff {
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+        sum == 0xffff
+    }
+
+    #[test]
+    fn the_delivered_frame_is_readdressed_with_its_ttl_and_checksum_updated() {
+        let dp = fast_path_model();
+        let mut syn = tcp(A, 40000, B, 80, TCP_SYN);
+        // A valid header checksum to start from.
+        let mut sum: u32 = syn[ETH_HLEN..ETH_HLEN + 20]
+            .chunks(2)
+            .map(|c| u32::from(u16::from_be_bytes([c[0], c[1]])))
+            .sum();
+        while sum > 0xffff {
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+        let sum = !u16::try_from(sum).unwrap();
+        syn[ETH_HLEN + 10..ETH_HLEN + 12].copy_from_slice(&sum.to_be_bytes());
+        assert!(header_checksum_ok(&syn));
+        let out = dp.delivered_frame(&syn, IF_B).unwrap();
+        assert_eq!(out[..6], [2, 0, 0, 0, 0, 2]);
+        assert_eq!(out[6..12], [2, 0, 0, 0, 1, 2]);
+        assert_eq!(out[ETH_HLEN + 8], syn[ETH_HLEN + 8] - 1);
+        assert!(header_checksum_ok(&out));
+        assert_eq!(out[ETH_HLEN + 12..], syn[ETH_HLEN + 12..]);
+        assert_eq!(dp.delivered_frame(&syn, 99), None);
     }
 }

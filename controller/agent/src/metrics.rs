@@ -22,6 +22,7 @@ use prometheus_client::metrics::{
 use prometheus_client::registry::Registry;
 use tracing::info;
 
+use crate::datapath::events::Flush;
 use crate::status::{NodeStatus, StatusSource};
 
 type Labels = Vec<(String, String)>;
@@ -203,6 +204,7 @@ impl Telemetry {
 struct MetricsState {
     status: StatusSource,
     telemetry: Arc<Telemetry>,
+    flush: Flush,
 }
 
 async fn status(source: &StatusSource) -> Option<NodeStatus> {
@@ -371,6 +373,8 @@ fn with_prefilter(
 }
 
 async fn metrics(State(s): State<MetricsState>) -> impl IntoResponse {
+    // The flow counters include every event written before the scrape.
+    s.flush.wait().await;
     match status(&s.status).await {
         Some(st) => (
             StatusCode::OK,
@@ -408,6 +412,7 @@ pub async fn serve(
     listener: std::net::TcpListener,
     status: StatusSource,
     telemetry: Arc<Telemetry>,
+    flush: Flush,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     listener.set_nonblocking(true)?;
@@ -417,7 +422,11 @@ pub async fn serve(
     let app = Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
-        .with_state(MetricsState { status, telemetry });
+        .with_state(MetricsState {
+            status,
+            telemetry,
+            flush,
+        });
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await

@@ -21,7 +21,8 @@ use palisade_proxy::listener::{self as proxy_listener, ProxyContext};
 use tokio::sync::{mpsc, watch};
 use tracing::{error, info, warn};
 
-use crate::datapath::{BpfDatapath, DatapathConfig, events::read_events};
+use crate::datapath::events::{Flush, RingItem, read_events};
+use crate::datapath::{BpfDatapath, DatapathConfig};
 use crate::flows::learn::LogFile;
 use crate::flows::proxy::ProxyFlows;
 use crate::flows::store::FlowStore;
@@ -392,13 +393,21 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         }
     });
     let (ev_tx, mut ev_rx) = mpsc::channel(8_192);
-    tokio::spawn(read_events(ring, ev_tx));
+    let (flush, flushes) = Flush::new();
+    tokio::spawn(read_events(ring, ev_tx, flushes));
     let store = Arc::clone(&flows);
     let counted = Arc::clone(&telemetry);
     let events_catalog = catalog_rx.clone();
     tokio::spawn(async move {
         let clock = Clock::now();
-        while let Some(ev) = ev_rx.recv().await {
+        while let Some(item) = ev_rx.recv().await {
+            let ev = match item {
+                RingItem::Event(ev) => ev,
+                RingItem::Flushed(done) => {
+                    let _ = done.send(());
+                    continue;
+                }
+            };
             let catalog = Arc::clone(&events_catalog.borrow());
             // The store numbers it.
             let flow = enrich(&ev, &catalog, &clock, 0);
@@ -479,12 +488,19 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     let flows_for_exit = Arc::clone(&flows);
     let metrics_task = match args.metrics_addr {
         Some(addr) => {
-            let (status, telemetry) = (status.clone(), Arc::clone(&telemetry));
+            let (status, telemetry, flush) =
+                (status.clone(), Arc::clone(&telemetry), flush.clone());
             let listener = std::net::TcpListener::bind(addr)
                 .with_context(|| format!("--metrics-addr {addr}"))?;
             Some(tokio::spawn(async move {
-                if let Err(e) =
-                    crate::metrics::serve(listener, status, telemetry, std::future::pending()).await
+                if let Err(e) = crate::metrics::serve(
+                    listener,
+                    status,
+                    telemetry,
+                    flush,
+                    std::future::pending(),
+                )
+                .await
                 {
                     error!(%addr, error = %e, "metrics server stopped");
                 }
@@ -514,6 +530,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         ApiState {
             engine: cmd_tx,
             flows,
+            flush,
             status,
             catalog: catalog_rx,
             mode,

@@ -104,5 +104,12 @@ pub const POLICY_MAX_ENTRIES: u32 = 1 << 20;
 pub const CONNTRACK_MAX_ENTRIES: u32 = 262_144;
 /// Ring buffer size in bytes (power of two, multiple of the page size).
 pub const FLOW_EVENTS_BYTES: u32 = 4 << 20;
+/// Pending flow events (bytes) past which a submit wakes the agent. Below it the agent is not
+/// woken per event (thousands a second under many new connections, each a context switch or
+/// two) but drains the ring on its own short timer (`FLOW_EVENTS_DRAIN_MS`).
+pub const FLOW_EVENTS_WAKEUP_BYTES: u64 = 256 << 10;
+/// How often the agent drains the flow ring without being woken, in milliseconds: the most
+/// a flow waits before `palisade observe` can show it.
+pub const FLOW_EVENTS_DRAIN_MS: u64 = 50;
 /// Slots in the per-endpoint event rate limiter (indexed by endpoint id modulo this).
 pub const EVENT_RATE_SLOTS: u32 = 16_384;

@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use aya::maps::{Array, HashMap, Map, MapData, RingBuf};
 pub use palisade_agent::datapath::DatapathConfig;
 use palisade_agent::datapath::{BpfDatapath, MapReader, monotonic_now_ns};
-use palisade_common::config::Config;
+use palisade_common::config::{CONFIG_FLAG_FAST_PATH, Config};
 use palisade_common::conntrack::{CtEntry as RawCtEntry, CtKey as RawCtKey};
 use palisade_common::{direction, family, maps as names};
 use palisade_engine::datapath::Datapath as _;
@@ -99,6 +99,9 @@ pub struct RealOutcome {
     pub return_value: u32,
     pub mark: u32,
     pub counted: Vec<(u8, u64)>,
+    /// The other direction's counters: the fast path's destination verdict.
+    pub counted_other_direction: Vec<(u8, u64)>,
+    pub frame_out: Vec<u8>,
 }
 
 impl RealOutcome {
@@ -145,11 +148,10 @@ fn v4(a: Ipv4Addr) -> [u8; 16] {
 impl RealDatapath {
     /// Loads the BPF object with its maps pinned under `bpffs` (mounted there by the loader).
     pub fn load(bpffs: &Path) -> RealDatapath {
-        // One program's verdict at a time, every packet counted, as the model has it.
+        // Every packet counted, as the model has it; each case sets the fast path its way.
         Self::load_with(
             bpffs,
             DatapathConfig {
-                fast_path: false,
                 conntrack_accounting: true,
                 ..DatapathConfig::default()
             },
@@ -196,6 +198,17 @@ impl RealDatapath {
     /// A policy change as the engine makes it: the next revision.
     pub fn bump_revision(&mut self) -> u32 {
         self.dp.bump_revision().expect("bump revision")
+    }
+
+    /// Switches the fast path between endpoints on or off (`CONFIG_FLAG_FAST_PATH`).
+    pub fn set_fast_path(&mut self, on: bool) {
+        let mut cfg = self.config.get(&0, 0).expect("config");
+        if on {
+            cfg.flags |= CONFIG_FLAG_FAST_PATH;
+        } else {
+            cfg.flags &= !CONFIG_FLAG_FAST_PATH;
+        }
+        self.config.set(0, cfg, 0).expect("config write");
     }
 
     /// Sets the config's `initialized` (0: the datapath must drop everything).
@@ -336,6 +349,8 @@ impl RealDatapath {
             return_value: o.return_value,
             mark: o.mark,
             counted: o.counted,
+            counted_other_direction: o.counted_other_direction,
+            frame_out: o.frame_out,
         })
     }
 }

@@ -13,7 +13,7 @@ use palisade_common::conntrack::CT_FLAG_PROXY_REDIRECT;
 use palisade_common::{mark, proto};
 use palisade_policies::datapath_model::{
     Config, CtChange, CtEntry, CtKey, DatapathModel, Input, Judgement, Outcome, Program, Step,
-    TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN,
+    TC_ACT_REDIRECT, TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN,
 };
 use palisade_policies::endpoint::EndpointId;
 use palisade_policies::identity::Identity;
@@ -43,14 +43,16 @@ pub struct Stats {
     pub connections_opened: u64,
     /// Frames BPF_PROG_TEST_RUN would not take (`frames::runnable`), not judged.
     pub unrunnable: u64,
+    /// Frames the sender's program judged for the destination too (the fast path).
+    pub fast_path: u64,
 }
 
 impl Stats {
     pub fn summary(&self) -> String {
         let mut out = format!(
             "{} cases, {} packets judged by both; {} policy changes, {} connections opened, {} \
-             revalidations ({} stopped one), {} packets that reached a redirect; {} frames the \
-             kernel does not test-run skipped\n",
+             revalidations ({} stopped one), {} packets that reached a redirect, {} judged for \
+             both ends on the fast path; {} frames the kernel does not test-run skipped\n",
             self.cases,
             self.packets,
             self.policy_changes,
@@ -58,6 +60,7 @@ impl Stats {
             self.revalidations + self.revalidation_drops,
             self.revalidation_drops,
             self.redirects_reached,
+            self.fast_path,
             self.unrunnable
         );
         let _ = writeln!(out, "  outcomes: {:?}", self.outcomes);
@@ -472,12 +475,15 @@ impl Runner<'_> {
             .map_err(|e| format!("generated manifests do not parse: {e}\n{yaml_a}"))?;
         let mut real = self.real.borrow_mut();
         real.flush_conntrack(4)?;
+        real.set_fast_path(s.settings.fast_path);
         real.set_maps(&maps)?;
         let revision = real.bump_revision();
         let mut model = DatapathModel::new(revision, maps);
-        if !initialized {
-            model.config = None;
-        }
+        let model_config = |policy_revision| Config {
+            policy_revision,
+            fast_path: s.settings.fast_path,
+        };
+        model.config = initialized.then(|| model_config(revision));
         let _ = writeln!(
             header,
             "cluster:\n{}",
@@ -551,9 +557,7 @@ impl Runner<'_> {
                     let revision = real.bump_revision();
                     model.maps = maps;
                     if initialized {
-                        model.config = Some(Config {
-                            policy_revision: revision,
-                        });
+                        model.config = Some(model_config(revision));
                     }
                     stats.policy_changes += 1;
                     let _ = writeln!(
@@ -677,10 +681,34 @@ impl Runner<'_> {
                         }
                         At::Unknown => format!("no endpoint's interface (ifindex {ifindex})"),
                     };
-                    let problems = compare(&judged, &got, &model.conntrack, &real_ct);
+                    let delivered = judged
+                        .fast_path
+                        .filter(|_| judged.tc_action() == TC_ACT_REDIRECT)
+                        .and_then(|f| model.delivered_frame(&shot.frame, f.ifindex));
+                    let mut problems = compare(&judged, &got, &model.conntrack, &real_ct);
+                    let frame_out = delivered.as_deref().unwrap_or(&shot.frame);
+                    if got.frame_out != frame_out {
+                        let differing: Vec<String> = frame_out
+                            .iter()
+                            .zip(&got.frame_out)
+                            .enumerate()
+                            .filter(|(_, (m, r))| m != r)
+                            .map(|(at, (m, r))| format!("{at}: {m:#04x} vs {r:#04x}"))
+                            .collect();
+                        problems.push(format!(
+                            "the frame out: model {}, datapath {} (bytes differing, model vs \
+                             datapath: {})",
+                            frames::describe(frame_out),
+                            frames::describe(&got.frame_out),
+                            differing.join(", ")
+                        ));
+                    }
+                    if judged.fast_path.is_some() {
+                        stats.fast_path += 1;
+                    }
                     let _ = writeln!(
                         transcript,
-                        "    {} on {where_}: model {} ({:?}{}), datapath {}{}",
+                        "    {} on {where_}: model {} ({:?}{}{}), datapath {}{}",
                         program.name(),
                         judged.outcome,
                         judged.step,
@@ -689,6 +717,13 @@ impl Runner<'_> {
                         } else {
                             format!("; with a proxy listener: {}", would.outcome)
                         },
+                        judged
+                            .fast_path
+                            .map(|f| format!(
+                                "; fast path to ifindex {}: {} ({:?})",
+                                f.ifindex, f.outcome, f.step
+                            ))
+                            .unwrap_or_default(),
                         describe_real(&got),
                         if problems.is_empty() {
                             ""
@@ -713,6 +748,17 @@ impl Runner<'_> {
                         },
                         outcome: judged.outcome,
                     });
+                    if let Some(f) = judged.fast_path {
+                        // The destination's verdict was given here; the frame went past its
+                        // program (or nowhere).
+                        verdicts.push(Verdict {
+                            step: si,
+                            program: Program::ToEndpoint,
+                            endpoint: self.ifindexes.iter().position(|i| *i == f.ifindex),
+                            outcome: f.outcome,
+                        });
+                        break;
+                    }
                     if matches!(judged.outcome, Outcome::Dropped(_) | Outcome::Redirected) {
                         break;
                     }
@@ -757,8 +803,12 @@ fn indent(text: &str) -> String {
 
 fn describe_real(r: &RealOutcome) -> String {
     match r.outcome() {
-        Some(o) => format!("{o}"),
-        None => format!(
+        Some(o) if r.counted_other_direction.is_empty() => format!("{o}"),
+        _ if r.return_value == TC_ACT_REDIRECT => format!(
+            "handed on by the fast path, counters {:?}, the destination's {:?}",
+            r.counted, r.counted_other_direction
+        ),
+        _ => format!(
             "return value {} with counters {:?}",
             r.return_value, r.counted
         ),
@@ -795,11 +845,36 @@ fn compare(
     real_ct: &BTreeMap<CtKey, CtEntry>,
 ) -> Vec<String> {
     let mut problems = Vec::new();
-    if got.outcome() != Some(judged.outcome) || got.return_value != judged.outcome.tc_action() {
+    let counted = |o: Outcome| vec![(o.counter(), 1)];
+    let fast_path_counted = match judged.fast_path {
+        Some(f) if f.outcome != Outcome::Redirected => counted(f.outcome),
+        _ => Vec::new(),
+    };
+    let verdict_agrees = match judged.fast_path {
+        None => got.outcome() == Some(judged.outcome),
+        Some(_) => got.counted == counted(judged.outcome),
+    };
+    if !verdict_agrees
+        || got.return_value != judged.tc_action()
+        || got.counted_other_direction != fast_path_counted
+    {
         problems.push(format!(
-            "verdict: model {}, datapath {}",
+            "verdict: model {}{} (return value {}), datapath {}{}",
             judged.outcome,
-            describe_real(got)
+            judged
+                .fast_path
+                .map(|f| format!(", fast path {}", f.outcome))
+                .unwrap_or_default(),
+            judged.tc_action(),
+            describe_real(got),
+            if got.counted_other_direction.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    ", other direction's counters {:?}",
+                    got.counted_other_direction
+                )
+            }
         ));
     }
     if got.mark != judged.mark {

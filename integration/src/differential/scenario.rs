@@ -788,6 +788,9 @@ pub struct SettingsGen {
     pub enforcement: EnforcementMode,
     pub proxy_running: bool,
     pub allow_host_ingress: bool,
+    /// The fast path between endpoints (the agent's default): the sender's program judges
+    /// the destination's ingress and hands the frame to it.
+    pub fast_path: bool,
 }
 
 fn settings_gen() -> impl Strategy<Value = SettingsGen> {
@@ -799,12 +802,14 @@ fn settings_gen() -> impl Strategy<Value = SettingsGen> {
         ],
         proptest::bool::weighted(0.85),
         proptest::bool::weighted(0.8),
+        proptest::bool::weighted(0.7),
     )
         .prop_map(
-            |(enforcement, proxy_running, allow_host_ingress)| SettingsGen {
+            |(enforcement, proxy_running, allow_host_ingress, fast_path)| SettingsGen {
                 enforcement,
                 proxy_running,
                 allow_host_ingress,
+                fast_path,
             },
         )
 }
@@ -1272,7 +1277,7 @@ impl Scenario {
         let s = &self.settings;
         let _ = writeln!(
             out,
-            "  settings: enforcement {}, proxy {}, host ingress {}",
+            "  settings: enforcement {}, proxy {}, host ingress {}, fast path {}",
             s.enforcement.as_str(),
             if s.proxy_running {
                 format!("on {PROXY_PORT}")
@@ -1284,6 +1289,7 @@ impl Scenario {
             } else {
                 "not allowed"
             },
+            if s.fast_path { "on" } else { "off" },
         );
         out
     }
@@ -1329,7 +1335,7 @@ impl Cluster {
                         })
                         .into_iter()
                         .collect(),
-                    link: palisade_policies::endpoint::LinkLayer::default(),
+                    link: Self::link(i),
                 },
             );
         }
@@ -1340,6 +1346,16 @@ impl Cluster {
             labels,
             audit: s.endpoints.iter().map(|e| e.audit).collect(),
             settings: s.settings.settings(),
+        }
+    }
+
+    /// Endpoint `i`'s MACs, as the agent's plumbing records them (the fast path needs both).
+    pub fn link(i: usize) -> palisade_policies::endpoint::LinkLayer {
+        let n = u8::try_from(i).expect("few endpoints");
+        palisade_policies::endpoint::LinkLayer {
+            mac: [2, 0x50, 0, 0, 0, n],
+            host_mac: [2, 0x50, 0, 0, 1, n],
+            bridge: None,
         }
     }
 

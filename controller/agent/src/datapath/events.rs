@@ -1,15 +1,70 @@
-//! Reads flow events from the datapath's ring buffer and hands them on as they arrive.
+//! Reads flow events from the datapath's ring buffer and hands them on. The programs wake the
+//! agent only once a batch is pending (`FLOW_EVENTS_WAKEUP_BYTES`); otherwise the ring is
+//! drained every `FLOW_EVENTS_DRAIN_MS`, so a burst of new connections costs no wakeup per
+//! event.
 
 use std::os::fd::AsRawFd as _;
+use std::time::Duration;
 
 use aya::maps::{MapData, RingBuf};
 use palisade_common::flow::FlowEvent;
+use palisade_common::maps::FLOW_EVENTS_DRAIN_MS;
 use tokio::io::unix::AsyncFd;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::MissedTickBehavior;
 use tracing::warn;
 
-/// Forwards every event in the ring buffer to `tx` until the receiver goes away.
-pub async fn read_events(ring: RingBuf<MapData>, tx: mpsc::Sender<FlowEvent>) {
+/// How long a reader of the flow store waits for a flush before answering without it.
+const FLUSH_WAIT: Duration = Duration::from_secs(1);
+
+/// What the ring reader hands on: events, and the points at which a flush asked for is done.
+#[derive(Debug)]
+pub enum RingItem {
+    Event(FlowEvent),
+    /// Everything before this is handed on; the consumer answers once it has stored it.
+    Flushed(oneshot::Sender<()>),
+}
+
+/// Lets readers of the flow store (observe, the connection log) see every event the datapath
+/// wrote before they asked, although the ring is drained on a timer.
+#[derive(Clone, Debug)]
+pub struct Flush(mpsc::Sender<oneshot::Sender<()>>);
+
+impl Flush {
+    /// A handle and the requests it sends, for `read_events`.
+    pub fn new() -> (Flush, mpsc::Receiver<oneshot::Sender<()>>) {
+        let (tx, rx) = mpsc::channel(64);
+        (Flush(tx), rx)
+    }
+
+    /// Returns once every event written before the call is stored, or after `FLUSH_WAIT`
+    /// (or at once when no reader runs): a slow flush delays an answer, never loses one.
+    pub async fn wait(&self) {
+        let (done, stored) = oneshot::channel();
+        if self.0.send(done).await.is_ok() {
+            let _ = tokio::time::timeout(FLUSH_WAIT, stored).await;
+        }
+    }
+}
+
+/// Moves every complete record in the ring into `batch`.
+fn drain(ring: &mut RingBuf<MapData>, batch: &mut Vec<FlowEvent>) {
+    while let Some(item) = ring.next() {
+        if item.len() >= size_of::<FlowEvent>() {
+            // SAFETY: the datapath writes exactly one FlowEvent per record; the length check
+            // above keeps the read in bounds and read_unaligned needs no alignment.
+            batch.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<FlowEvent>()) });
+        }
+    }
+}
+
+/// Forwards every event in the ring buffer to `tx` until the receiver goes away: when woken,
+/// on a timer, and at once for a flush (followed by its `Flushed` marker).
+pub async fn read_events(
+    ring: RingBuf<MapData>,
+    tx: mpsc::Sender<RingItem>,
+    mut flushes: mpsc::Receiver<oneshot::Sender<()>>,
+) {
     let fd = ring.as_raw_fd();
     // SAFETY: the ring buffer owns its map fd and keeps it open (and the same) for as long as
     // the AsyncFd owns the ring buffer.
@@ -20,26 +75,31 @@ pub async fn read_events(ring: RingBuf<MapData>, tx: mpsc::Sender<FlowEvent>) {
             return;
         }
     };
+    let mut tick = tokio::time::interval(Duration::from_millis(FLOW_EVENTS_DRAIN_MS));
+    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut batch = Vec::new();
     loop {
-        let mut guard = match afd.readable_mut().await {
-            Ok(g) => g,
-            Err(e) => {
-                warn!(error = %e, "polling the flow event ring buffer failed");
-                return;
-            }
+        let (woken, flushed) = tokio::select! {
+            ready = afd.readable_mut() => match ready {
+                Ok(mut guard) => {
+                    drain(guard.get_inner_mut(), &mut batch);
+                    guard.clear_ready();
+                    (true, None)
+                }
+                Err(e) => {
+                    warn!(error = %e, "polling the flow event ring buffer failed");
+                    return;
+                }
+            },
+            _ = tick.tick() => (false, None),
+            Some(done) = flushes.recv() => (false, Some(done)),
         };
-        let ring = guard.get_inner_mut();
-        let mut batch = Vec::new();
-        while let Some(item) = ring.next() {
-            if item.len() >= size_of::<FlowEvent>() {
-                // SAFETY: the datapath writes exactly one FlowEvent per record; the length
-                // check above keeps the read in bounds and read_unaligned needs no alignment.
-                batch.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<FlowEvent>()) });
-            }
+        if !woken {
+            drain(afd.get_mut(), &mut batch);
         }
-        guard.clear_ready();
-        for ev in batch {
-            if tx.send(ev).await.is_err() {
+        let marker = flushed.map(RingItem::Flushed);
+        for item in batch.drain(..).map(RingItem::Event).chain(marker) {
+            if tx.send(item).await.is_err() {
                 return;
             }
         }

@@ -773,13 +773,19 @@ impl MapReader {
 /// What one `BpfDatapath::test_run` of a classifier did.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TestRunOutcome {
-    /// The program's return value: `TC_ACT_OK` (0) or `TC_ACT_SHOT` (2).
+    /// The program's return value: `TC_ACT_OK` (0), `TC_ACT_SHOT` (2), or the fast path's
+    /// `TC_ACT_REDIRECT` (7).
     pub return_value: u32,
     /// The skb mark after the run (the program sets `mark::TO_PROXY` on a redirect).
     pub mark: u32,
     /// The counters of the program's direction this run incremented: (outcome, packets),
     /// outcome being `metrics::OUTCOME_*` or a drop reason. One entry for one packet.
     pub counted: Vec<(u8, u64)>,
+    /// The same for the other direction: the fast path's destination ingress verdict,
+    /// given by the sender's program.
+    pub counted_other_direction: Vec<(u8, u64)>,
+    /// The frame as the program left it.
+    pub frame_out: Vec<u8>,
 }
 
 /// `struct __sk_buff` as BPF_PROG_TEST_RUN takes it for a SCHED_CLS program (uapi
@@ -865,7 +871,12 @@ impl BpfDatapath {
             .into_iter()
             .chain(ALL_DROP_REASONS.iter().copied().filter(|r| *r != 0))
             .collect();
-        let read = || -> Result<Vec<u64>, BpfError> {
+        let other = if dir == direction::EGRESS {
+            direction::INGRESS
+        } else {
+            direction::EGRESS
+        };
+        let read = |dir: u8| -> Result<Vec<u64>, BpfError> {
             outcomes
                 .iter()
                 .map(|o| {
@@ -882,10 +893,13 @@ impl BpfDatapath {
         ctx_in[SK_BUFF_PRIORITY..SK_BUFF_PRIORITY + 4].copy_from_slice(&priority.to_ne_bytes());
         ctx_in[SK_BUFF_IFINDEX..SK_BUFF_IFINDEX + 4].copy_from_slice(&ifindex.to_ne_bytes());
         let mut ctx_out = [0u8; SK_BUFF_SIZE];
-        let before = read()?;
+        // The programs never grow a frame; the margin is for the kernel's own checks.
+        let mut data_out = vec![0u8; frame.len() + 64];
+        let (before, before_other) = (read(dir)?, read(other)?);
         let result = prog
             .test_run(TestRunOptions {
                 data_in: Some(frame),
+                data_out: Some(&mut data_out),
                 ctx_in: Some(&ctx_in),
                 ctx_out: Some(&mut ctx_out),
                 ..TestRunOptions::default()
@@ -894,19 +908,26 @@ impl BpfDatapath {
                 name: program,
                 source,
             })?;
-        let after = read()?;
-        let counted = outcomes
-            .iter()
-            .zip(before.iter().zip(&after))
-            .filter(|(_, (b, a))| a != b)
-            .map(|(o, (b, a))| (*o, a.wrapping_sub(*b)))
-            .collect();
+        let (after, after_other) = (read(dir)?, read(other)?);
+        let changed = |before: &[u64], after: &[u64]| -> Vec<(u8, u64)> {
+            outcomes
+                .iter()
+                .zip(before.iter().zip(after))
+                .filter(|(_, (b, a))| a != b)
+                .map(|(o, (b, a))| (*o, a.wrapping_sub(*b)))
+                .collect()
+        };
+        let counted = changed(&before, &after);
+        let counted_other_direction = changed(&before_other, &after_other);
+        data_out.truncate(usize::try_from(result.data_size_out).unwrap_or(0));
         let mut out_mark = [0u8; 4];
         out_mark.copy_from_slice(&ctx_out[SK_BUFF_MARK..SK_BUFF_MARK + 4]);
         Ok(TestRunOutcome {
             return_value: result.return_value,
             mark: u32::from_ne_bytes(out_mark),
             counted,
+            counted_other_direction,
+            frame_out: data_out,
         })
     }
 }

@@ -37,6 +37,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
 use crate::datapath::BpfError;
+use crate::datapath::events::Flush;
 use crate::flows::store::FlowStore;
 use crate::status::StatusSource;
 
@@ -44,6 +45,8 @@ use crate::status::StatusSource;
 pub struct ApiState {
     pub engine: mpsc::Sender<Command>,
     pub flows: Arc<FlowStore>,
+    /// Brings the store up to date with the datapath's ring before it is read.
+    pub flush: Flush,
     pub status: StatusSource,
     pub catalog: watch::Receiver<Arc<Catalog>>,
     /// `local` or `kubernetes`.
@@ -134,6 +137,7 @@ async fn call<T>(s: &ApiState, make: impl FnOnce(Reply<T>) -> Command) -> Result
 }
 
 async fn status(State(s): State<ApiState>) -> Result<impl IntoResponse, ApiError> {
+    s.flush.wait().await;
     Ok(Json(wire::status(s.status.gather().await?, s.mode)))
 }
 
@@ -218,6 +222,7 @@ async fn connections(
     State(s): State<ApiState>,
     Query(q): Query<ConnectionsQuery>,
 ) -> Result<impl IntoResponse, ApiError> {
+    s.flush.wait().await;
     let flows = Arc::clone(&s.flows);
     let now = unix_now();
     let since = q.since_seconds.map(|d| now.saturating_sub(d));
@@ -241,6 +246,7 @@ async fn what_if(
     let parsed = tokio::task::spawn_blocking(move || manifest::parse_manifests(&req.manifest))
         .await?
         .map_err(EngineError::from)?;
+    s.flush.wait().await;
     let flows = Arc::clone(&s.flows);
     let since = req.since_seconds.map(|d| unix_now().saturating_sub(d));
     let queries = tokio::task::spawn_blocking(move || {
@@ -395,6 +401,7 @@ fn ndjson_line(f: &Flow) -> Bytes {
 /// Streams matching flows as JSON lines: stored ones first, then (with `follow`) live ones.
 async fn flows(State(s): State<ApiState>, Json(q): Json<FlowQuery>) -> Result<Response, ApiError> {
     let filter = Arc::new(q.filter.prepare()?);
+    s.flush.wait().await;
     // Subscribe before the snapshot so no flow falls in between; dedupe by sequence number.
     let live = q.follow.then(|| s.flows.subscribe());
     let since = q
