@@ -396,13 +396,14 @@ fn measure(s: &Scene, count: &dyn Fn() -> anyhow::Result<u64>) -> anyhow::Result
         .collect();
     std::thread::sleep(WARMUP);
     let netns = &s.node.netns;
-    let read = || -> anyhow::Result<(u64, u64, u64, Instant)> {
-        Ok((
-            count()?,
-            arrived(netns)?,
-            sent.load(Ordering::Relaxed),
-            Instant::now(),
-        ))
+    // Each counter is stamped with the middle of its own read (a CLI call to the agent may
+    // take a while on a busy machine), so no read's latency stretches another's window.
+    let read = || -> anyhow::Result<[(u64, Instant); 3]> {
+        Ok([
+            timed(count)?,
+            timed(&|| arrived(netns))?,
+            timed(&|| Ok(sent.load(Ordering::Relaxed)))?,
+        ])
     };
     let first = read();
     std::thread::sleep(Duration::from_secs(SECONDS));
@@ -412,15 +413,24 @@ fn measure(s: &Scene, count: &dyn Fn() -> anyhow::Result<u64>) -> anyhow::Result
         t.join()
             .map_err(|_| anyhow::anyhow!("generator thread panicked"))??;
     }
-    let ((c0, a0, s0, t0), (c1, a1, s1, t1)) = (first?, last?);
-    let secs = (t1 - t0).as_secs_f64();
-    let rate = |a: u64, b: u64| b.saturating_sub(a) as f64 / secs;
+    let (first, last) = (first?, last?);
+    let rate = |i: usize| {
+        let ((a, t0), (b, t1)) = (first[i], last[i]);
+        b.saturating_sub(a) as f64 / (t1 - t0).as_secs_f64()
+    };
     Ok(Sample {
-        dropped: rate(c0, c1),
-        arrived: rate(a0, a1),
-        sent: rate(s0, s1),
+        dropped: rate(0),
+        arrived: rate(1),
+        sent: rate(2),
         program_ns: None,
     })
+}
+
+/// `read()`'s value and the instant halfway through the read.
+fn timed(read: &dyn Fn() -> anyhow::Result<u64>) -> anyhow::Result<(u64, Instant)> {
+    let before = Instant::now();
+    let value = read()?;
+    Ok((value, before + before.elapsed() / 2))
 }
 
 fn xdp_count(node: &Node) -> anyhow::Result<u64> {
