@@ -14,8 +14,6 @@ use crate::{
     packet::Packet,
 };
 
-const NS_PER_SEC: u64 = 1_000_000_000;
-
 #[inline(always)]
 pub fn count(direction: u8, outcome: u8, bytes: u32) {
     if let Some(m) = METRICS.get_ptr_mut(metric_index(direction, outcome)) {
@@ -38,10 +36,10 @@ fn rate_allows(cfg: &Config, endpoint_id: u32, now: u64) -> bool {
     };
     // SAFETY: per-CPU slot from a successful lookup.
     let state = unsafe { &mut *state };
-    let elapsed = now.saturating_sub(state.last_refill_ns);
-    let per_second = u64::from(cfg.events_per_second);
-    let refill =
-        elapsed / NS_PER_SEC * per_second + (elapsed % NS_PER_SEC) * per_second / NS_PER_SEC;
+    let refill = palisade_common::config::tokens_earned(
+        now.saturating_sub(state.last_refill_ns),
+        cfg.events_per_second,
+    );
     if refill > 0 {
         let tokens = u64::from(state.tokens) + refill;
         let burst = u64::from(cfg.events_burst.max(1));

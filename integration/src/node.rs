@@ -253,6 +253,19 @@ impl Node {
         }
     }
 
+    /// Kills the agent with SIGKILL (a crash: nothing is flushed).
+    pub fn kill_agent(&self) {
+        if let Some(mut child) = self
+            .agent
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+        {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
     pub fn restart_agent(&self) {
         self.stop_agent();
         self.start_agent();

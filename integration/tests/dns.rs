@@ -59,7 +59,8 @@ fn scene(test: &str, agent_args: &[&str], ttl: u32) -> Scene {
     let dns_ep = node.add_endpoint("dns", "kube-system", "k8s-app=kube-dns");
     let world_ns = world(&node);
     let server = tcp_server(&world_ns, 8080);
-    let cdn: Vec<(String, Ipv4Addr)> = (0..FIRST_CONNECTIONS).map(cdn).collect();
+    // One more than the burst asks for: a name first looked up just before a crash.
+    let cdn: Vec<(String, Ipv4Addr)> = (0..=FIRST_CONNECTIONS).map(cdn).collect();
     let mut records: Vec<(&str, Ipv4Addr)> =
         vec![("api.example.test", API), ("hidden.example.test", HIDDEN)];
     records.extend(cdn.iter().map(|(n, a)| (n.as_str(), *a)));
@@ -253,6 +254,36 @@ fn allowed_names_resolve_and_their_first_connection_passes_others_are_refused() 
             .unwrap()
             .iter()
             .any(|e| e["name"] == "api.example.test"),
+        "{list}"
+    );
+
+    // A crash right after an answer was released, before the state file could have it (its
+    // writes fail: a directory stands where its temporary file goes): the restarted agent
+    // still has the name (the journal), and the connection opened after the lookup goes on.
+    let blocker = s.node.dir.join("state").join("state.json.tmp");
+    std::fs::create_dir_all(&blocker).unwrap();
+    let (name, addr) = cdn(FIRST_CONNECTIONS);
+    assert_eq!(resolve(&s, &name, false).addresses, vec![addr]);
+    let mut open = OpenConnection::open(&s.client.name, addr, 8080)
+        .unwrap_or_else(|| panic!("connects after the lookup:\n{}", dump(&s)));
+    s.node.kill_agent();
+    std::fs::remove_dir_all(&blocker).unwrap();
+    s.node.start_agent();
+    assert!(
+        open.round_trip(),
+        "the connection goes on after the crash:\n{}",
+        dump(&s)
+    );
+    assert!(
+        tcp_connects(&s.client.name, addr, 8080),
+        "new connections pass too"
+    );
+    let list = s.node.json(&["fqdn", "list"]);
+    assert!(
+        list.as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["name"] == name.as_str()),
         "{list}"
     );
 }

@@ -3,13 +3,13 @@
 //! A client endpoint asks dnsmasq (in another endpoint) for one name, closed loop from four
 //! sockets for a few seconds: once with no policy (direct), once with a DNS rule redirecting
 //! the client's DNS through the proxy (which learns the answer into the maps before releasing
-//! it). Interleaved rounds, medians reported. Then a burst: 1,000 lookups of new names at
-//! 1,000/s, each followed at once by a TCP connection to the address it returned; every
-//! answer must be learned (a compile and a map write) before it is released, so no first
-//! connection may be dropped. They are counted. Last, learned answers per second: another
-//! `BURST` new names asked as fast as answers come back (a window of lookups outstanding per
-//! socket), timed until the client holds every answer, each released only once the maps
-//! allow its address; the agent's compile-time histogram says what each cost the engine.
+//! it). Interleaved rounds, medians reported. Then three bursts of `BURST` new names, each
+//! answer learned (a compile and a map write) before it is released: paced at 1,000 lookups/s,
+//! each followed at once by a TCP connection to the address it returned (no first connection
+//! may be dropped: they are counted); closed loop (one lookup outstanding per socket); open
+//! loop (a window of lookups outstanding per socket), timed until the client holds every
+//! answer. The agent's metrics, scraped around each burst, say where a learned answer's time
+//! went: the server, the wait for the engine, and each stage of the engine's task.
 
 use std::net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
 use std::sync::Arc;
@@ -56,10 +56,24 @@ fn learned_name(i: usize) -> (String, Ipv4Addr) {
     )
 }
 
+/// The names of the closed-loop burst (one lookup outstanding per socket).
+fn closed_name(i: usize) -> (String, Ipv4Addr) {
+    let (hi, lo) = (i / 250 + 16, i % 250 + 1);
+    (
+        format!("c{i}.burst.example.test"),
+        Ipv4Addr::new(
+            198,
+            18,
+            u8::try_from(hi).unwrap_or(0),
+            u8::try_from(lo).unwrap_or(0),
+        ),
+    )
+}
+
 const METRICS_PORT: u16 = 9962;
 
-/// The agent's compile-time histogram: (sum of seconds, count).
-fn compile_seconds(node_netns: &str) -> anyhow::Result<(f64, u64)> {
+/// The agent's metrics, as text.
+fn metrics(node_netns: &str) -> anyhow::Result<Metrics> {
     let text = in_netns(node_netns, || -> std::io::Result<String> {
         use std::io::{Read, Write};
         let mut s = TcpStream::connect((Ipv4Addr::LOCALHOST, METRICS_PORT))?;
@@ -68,16 +82,113 @@ fn compile_seconds(node_netns: &str) -> anyhow::Result<(f64, u64)> {
         s.read_to_string(&mut out)?;
         Ok(out)
     })?;
-    let value = |name: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(name).map(str::trim))
-            .map(str::to_string)
+    let m = Metrics(text);
+    if m.value("palisade_policy_compile_seconds_count").is_none() {
+        bail!("the agent's metrics have no palisade_policy_compile_seconds");
+    }
+    Ok(m)
+}
+
+/// One scrape of the agent's metrics.
+struct Metrics(String);
+
+/// The stages of the engine's learn path, as `palisade_fqdn_learn_stage_seconds` names them.
+const STAGES: [&str; 5] = ["learn", "compile", "write", "publish", "persist"];
+
+impl Metrics {
+    /// The sample `series` (a name with its labels, if any); 0 when absent.
+    fn value(&self, series: &str) -> Option<f64> {
+        self.0.lines().find_map(|l| {
+            l.strip_prefix(series)
+                .and_then(|rest| rest.strip_prefix(' '))
+                .and_then(|v| v.trim().parse().ok())
+        })
+    }
+
+    fn get(&self, series: &str) -> f64 {
+        self.value(series).unwrap_or(0.0)
+    }
+
+    /// A histogram's (sum of seconds, count).
+    fn histogram(&self, name: &str, labels: &str) -> (f64, f64) {
+        (
+            self.get(&format!("{name}_sum{labels}")),
+            self.get(&format!("{name}_count{labels}")),
+        )
+    }
+}
+
+/// What the agent measured between two scrapes, per learned answer.
+struct Breakdown {
+    /// Batches the engine learned, and the answers in them.
+    batches: f64,
+    answers: f64,
+    /// Mean per answer, in µs: arrival to release (the server included), held for learning
+    /// (queue wait for the engine included), and each engine stage (per batch, spread over
+    /// its answers).
+    total_us: f64,
+    held_us: f64,
+    stages_us: Vec<(&'static str, f64)>,
+    compile_per_batch_ms: f64,
+}
+
+fn breakdown(before: &Metrics, after: &Metrics) -> Breakdown {
+    let delta = |name: &str, labels: &str| {
+        let (s0, c0) = before.histogram(name, labels);
+        let (s1, c1) = after.histogram(name, labels);
+        (s1 - s0, c1 - c0)
     };
-    let sum = value("palisade_policy_compile_seconds_sum ").and_then(|v| v.parse::<f64>().ok());
-    let count = value("palisade_policy_compile_seconds_count ").and_then(|v| v.parse::<u64>().ok());
-    match (sum, count) {
-        (Some(sum), Some(count)) => Ok((sum, count)),
-        _ => bail!("the agent's metrics have no palisade_policy_compile_seconds"),
+    let answers = after.get("palisade_fqdn_learned_answers_total")
+        - before.get("palisade_fqdn_learned_answers_total");
+    let per_answer = |sum: f64| 1e6 * sum / answers.max(1.0);
+    let (held, held_n) = delta("palisade_dns_learn_seconds", "");
+    let (total, total_n) = delta("palisade_dns_latency_seconds", "");
+    let mut batches = 0.0;
+    let mut compile_sum = 0.0;
+    let stages_us = STAGES
+        .iter()
+        .map(|stage| {
+            let (sum, n) = delta(
+                "palisade_fqdn_learn_stage_seconds",
+                &format!("{{stage=\"{stage}\"}}"),
+            );
+            batches = n;
+            if *stage == "compile" {
+                compile_sum = sum;
+            }
+            (*stage, per_answer(sum))
+        })
+        .collect();
+    Breakdown {
+        batches,
+        answers,
+        total_us: 1e6 * total / total_n.max(1.0),
+        held_us: 1e6 * held / held_n.max(1.0),
+        stages_us,
+        compile_per_batch_ms: 1e3 * compile_sum / batches.max(1.0),
+    }
+}
+
+impl Breakdown {
+    /// A table row: answers, batches, then the means.
+    fn row(&self, what: &str) -> String {
+        let engine: f64 = self.stages_us.iter().map(|(_, v)| v).sum();
+        let stages: Vec<String> = self
+            .stages_us
+            .iter()
+            .map(|(_, v)| format!("{v:.0}"))
+            .collect();
+        format!(
+            "| {what} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {} | {:.0} | {:.2} |",
+            self.answers,
+            self.batches,
+            self.total_us,
+            (self.total_us - self.held_us).max(0.0),
+            self.held_us,
+            stages.join(" | "),
+            (self.held_us - engine).max(0.0),
+            self.compile_per_batch_ms,
+        )
     }
 }
 
@@ -96,10 +207,15 @@ const RETRY: Duration = Duration::from_secs(5);
 /// How long the learned-answers burst may take in all.
 const LEARNED_DEADLINE: Duration = Duration::from_mins(2);
 
-/// `BURST` new names (`learned_name`), asked from `WORKERS` sockets with `WINDOW` lookups
+/// `BURST` new names (`name(i)`), asked from `WORKERS` sockets with `window` lookups
 /// outstanding on each (as fast as answers come back): how long until every answer, with its
 /// address, was received.
-fn learned_burst(netns: &str, server: Ipv4Addr) -> Learned {
+fn learned_burst(
+    netns: &str,
+    server: Ipv4Addr,
+    window: usize,
+    name: fn(usize) -> (String, Ipv4Addr),
+) -> Learned {
     let started = Instant::now();
     let handles: Vec<_> = (0..WORKERS)
         .map(|w| {
@@ -117,9 +233,9 @@ fn learned_burst(netns: &str, server: Ipv4Addr) -> Learned {
                     let mut buf = [0u8; 1500];
                     let end = Instant::now() + LEARNED_DEADLINE;
                     loop {
-                        while waiting.len() < WINDOW {
+                        while waiting.len() < window {
                             let Some(i) = todo.next() else { break };
-                            let (name, addr) = learned_name(i);
+                            let (name, addr) = name(i);
                             let id = u16::try_from(i).unwrap_or(0);
                             let _ = s.send(&build_query(id, &name));
                             waiting.insert(id, (name, addr, Instant::now()));
@@ -305,8 +421,8 @@ pub fn run() -> anyhow::Result<()> {
     let bin_dir = build_binaries(true)?;
     // SAFETY: single-threaded here; the fixture reads it.
     unsafe { std::env::set_var("PALISADE_BIN_DIR", &bin_dir) };
-    let metrics = format!("127.0.0.1:{METRICS_PORT}");
-    let node = Node::start_tagged("pal-bdns", "dns", &["--metrics-addr", &metrics]);
+    let metrics_addr = format!("127.0.0.1:{METRICS_PORT}");
+    let node = Node::start_tagged("pal-bdns", "dns", &["--metrics-addr", &metrics_addr]);
     let client = node.add_endpoint("client", "x", "app=client");
     let dns = node.add_endpoint("dns", "dnsbench", "k8s-app=kube-dns");
     let world = world_with(&node, &[BURST_NET]);
@@ -314,6 +430,7 @@ pub fn run() -> anyhow::Result<()> {
     let names: Vec<(String, Ipv4Addr)> = (0..BURST)
         .map(burst_name)
         .chain((0..BURST).map(learned_name))
+        .chain((0..BURST).map(closed_name))
         .collect();
     let mut records: Vec<(&str, Ipv4Addr)> =
         vec![("bench.example.test", Ipv4Addr::new(192, 0, 2, 10))];
@@ -347,18 +464,41 @@ pub fn run() -> anyhow::Result<()> {
     }
 
     node.apply(&policy);
-    let b = burst(&client.name, dns.ip);
+    let load = || {
+        std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let load_before = load();
+    let m0 = metrics(&node.netns)?;
+    let paced_run = burst(&client.name, dns.ip);
+    let m1 = metrics(&node.netns)?;
     let learned = node.json(&["fqdn", "list"]).as_array().map_or(0, Vec::len);
-    let uptime = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    let (sum0, count0) = compile_seconds(&node.netns)?;
-    let l = learned_burst(&client.name, dns.ip);
-    let (sum1, count1) = compile_seconds(&node.netns)?;
-    if l.answered == 0 {
-        bail!("no answer of the open-loop burst came back: the benchmark would measure nothing");
+    let m2 = metrics(&node.netns)?;
+    let closed_run = learned_burst(&client.name, dns.ip, 1, closed_name);
+    let m3 = metrics(&node.netns)?;
+    let open_run = learned_burst(&client.name, dns.ip, WINDOW, learned_name);
+    let m4 = metrics(&node.netns)?;
+    let load_after = load();
+    if open_run.answered == 0 || closed_run.answered == 0 {
+        bail!(
+            "no answer of a learned-answers burst came back: the benchmark would measure nothing"
+        );
     }
-    let compiles = count1.saturating_sub(count0);
-    let per_answer_ms = 1e3 * (sum1 - sum0) / l.answered as f64;
-    let per_compile_ms = 1e3 * (sum1 - sum0) / compiles.max(1) as f64;
+    let (paced, closed, open) = (
+        breakdown(&m0, &m1),
+        breakdown(&m2, &m3),
+        breakdown(&m3, &m4),
+    );
+    let per_answer_ms = |bd: &Breakdown| {
+        bd.stages_us
+            .iter()
+            .find(|(s, _)| *s == "compile")
+            .map_or(0.0, |(_, v)| v / 1e3)
+    };
     let body = format!(
         "A client endpoint asks dnsmasq (in another endpoint, same node) for one name over UDP, \
          closed loop from {WORKERS} sockets for {}s per round, 3 interleaved rounds, medians \
@@ -369,20 +509,32 @@ pub fn run() -> anyhow::Result<()> {
          | direct to dnsmasq (no policy) | {:.0} | {:.0} | {:.0} | {} |\n\
          | through the DNS proxy | {:.0} | {:.0} | {:.0} | {} |\n\n\
          Added by the proxy: p50 {:+.0} µs, p99 {:+.0} µs; throughput {:.0}% of direct.\n\n\
-         Burst: {BURST} lookups of new names (`*.burst.example.test`, one address each) paced at \
-         1,000/s, each followed at once by a TCP connection to the returned address. Every \
-         answer means a compile and a map write before release.\n\n\
-         | lookups answered | took (s) | first connections dropped | lookup p50 (µs) | lookup p99 (µs) | names in the cache after |\n|---|---|---|---|---|---|\n\
-         | {} | {:.2} | {} | {:.0} | {:.0} | {} |\n\n\
-         Learned answers per second: {BURST} more new names under the same `matchPattern` \
-         (`l<i>.burst.example.test`, one new address each) asked from {WORKERS} sockets with \
-         {WINDOW} lookups outstanding on each (a lookup unanswered after {}s is sent again); \
-         timed until the client received every answer, each held by the proxy until the maps \
-         allowed its address. Compile time is the agent's \
-         `palisade_policy_compile_seconds` over the burst (compile and diff, not the map \
-         write). Load average before: {}.\n\n\
-         | answers received | took (s) | learned answers/s | lookups sent again | compiles | compile time per learned answer (ms) | per compile (ms) |\n|---|---|---|---|---|---|---|\n\
-         | {} | {:.2} | {:.0} | {} | {} | {:.3} | {:.3} |",
+         New names, every answer a compile and a map write before its release (load average \
+         {load_before} before, {load_after} after):\n\n\
+         - **paced burst**: {BURST} lookups of new names (`b<i>.burst.example.test`, one \
+         address each) paced at 1,000/s from {WORKERS} sockets, each lookup followed at once by \
+         a TCP connection to the returned address (a socket's next lookup waits for both);\n\
+         - **closed loop**: {BURST} more (`c<i>.burst.example.test`) from {WORKERS} sockets, \
+         the next lookup sent when the answer came back;\n\
+         - **open loop**: {BURST} more (`l<i>.burst.example.test`) from {WORKERS} sockets with \
+         {WINDOW} lookups outstanding on each (a lookup unanswered after {}s is sent again), \
+         timed until the client received every answer.\n\n\
+         | burst | answers | took (s) | answers/s | first connections dropped | lookup p50 (µs) | lookup p99 (µs) | lookups sent again |\n|---|---|---|---|---|---|---|---|\n\
+         | paced, connection after each | {} | {:.2} | {:.0} | {} | {:.0} | {:.0} | — |\n\
+         | closed loop | {} | {:.2} | {:.0} | — | — | — | {} |\n\
+         | open loop | {} | {:.2} | {:.0} | — | — | — | {} |\n\n\
+         Names in the cache after the paced burst: {learned}.\n\n\
+         Where a learned answer's time goes, from the agent's metrics over each burst (means per \
+         answer, µs): the proxy's arrival-to-release time (`palisade_dns_latency_seconds`), of it \
+         the server's (forward and answer) and the time the answer was held for learning \
+         (`palisade_dns_learn_seconds`), and of that each stage of the engine's task \
+         (`palisade_fqdn_learn_stage_seconds`, per batch, spread over its answers); the rest of \
+         the hold is the wait for the engine (queued behind the batch before) and the hand-off. \
+         `persist` hands the state to the writer thread; the disk is never waited on.\n\n\
+         | burst | answers | batches | arrival to release | server | held for learning | learn | compile | write | publish | persist | waiting for the engine | compile per batch (ms) |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n\
+         {}\n{}\n{}\n\n\
+         Compile time per learned answer: {:.3} ms paced, {:.3} ms closed loop, {:.3} ms open \
+         loop.",
         ROUND.as_secs(),
         d.0,
         d.1,
@@ -395,25 +547,27 @@ pub fn run() -> anyhow::Result<()> {
         p.1 - d.1,
         p.2 - d.2,
         100.0 * p.0 / d.0.max(1.0),
-        b.answered,
-        b.seconds,
-        b.first_connections_dropped,
-        b.lookup_p50_us,
-        b.lookup_p99_us,
-        learned,
         RETRY.as_secs(),
-        uptime
-            .split_whitespace()
-            .take(3)
-            .collect::<Vec<_>>()
-            .join(" "),
-        l.answered,
-        l.seconds,
-        l.answered as f64 / l.seconds,
-        l.retries,
-        compiles,
-        per_answer_ms,
-        per_compile_ms,
+        paced_run.answered,
+        paced_run.seconds,
+        paced_run.answered as f64 / paced_run.seconds,
+        paced_run.first_connections_dropped,
+        paced_run.lookup_p50_us,
+        paced_run.lookup_p99_us,
+        closed_run.answered,
+        closed_run.seconds,
+        closed_run.answered as f64 / closed_run.seconds,
+        closed_run.retries,
+        open_run.answered,
+        open_run.seconds,
+        open_run.answered as f64 / open_run.seconds,
+        open_run.retries,
+        paced.row("paced"),
+        closed.row("closed loop"),
+        open.row("open loop"),
+        per_answer_ms(&paced),
+        per_answer_ms(&closed),
+        per_answer_ms(&open),
     );
     write_result(
         "dns",

@@ -65,6 +65,23 @@ pub struct Telemetry {
     pub dns_latency_seconds: Histogram,
     /// Learned addresses evicted because a name had more than an endpoint keeps.
     pub fqdn_evicted: Counter,
+    /// Where the engine's task spent its time on batches of learned answers, by stage.
+    pub fqdn_learn_stage_seconds: Family<StageLabels, Histogram>,
+    /// Answers learned in batches (the stage histograms' count is batches).
+    pub fqdn_learned_answers: Counter,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StageLabels {
+    /// learn, compile, write, publish, persist.
+    stage: &'static str,
+}
+
+fn stage_histogram() -> Histogram {
+    // 1µs .. ~0.5s
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+        0.000_001, 2.0, 20,
+    ))
 }
 
 impl Default for Telemetry {
@@ -85,6 +102,8 @@ impl Default for Telemetry {
                 prometheus_client::metrics::histogram::exponential_buckets(0.000_01, 2.0, 20),
             ),
             fqdn_evicted: Counter::default(),
+            fqdn_learn_stage_seconds: Family::new_with_constructor(stage_histogram),
+            fqdn_learned_answers: Counter::default(),
         }
     }
 }
@@ -96,6 +115,21 @@ impl EngineMetrics for Telemetry {
 
     fn fqdn_evicted(&self, count: usize) {
         self.fqdn_evicted.inc_by(count as u64);
+    }
+
+    fn fqdn_learned(&self, stages: &palisade_engine::LearnStages) {
+        self.fqdn_learned_answers.inc_by(stages.answers as u64);
+        for (stage, took) in [
+            ("learn", stages.learn),
+            ("compile", stages.compile),
+            ("write", stages.write),
+            ("publish", stages.publish),
+            ("persist", stages.persist),
+        ] {
+            self.fqdn_learn_stage_seconds
+                .get_or_create(&StageLabels { stage })
+                .observe(took.as_secs_f64());
+        }
     }
 }
 
@@ -348,6 +382,16 @@ pub fn render(s: &NodeStatus, t: &Telemetry) -> String {
         "fqdn_evicted_addresses",
         "Learned addresses evicted because a name had more than an endpoint keeps",
         t.fqdn_evicted.clone(),
+    );
+    reg.register(
+        "fqdn_learn_stage_seconds",
+        "Time the engine spent on a batch of learned DNS answers before releasing them, by stage (learn, compile, write, publish, persist)",
+        t.fqdn_learn_stage_seconds.clone(),
+    );
+    reg.register(
+        "fqdn_learned_answers",
+        "DNS answers with addresses the engine learned",
+        t.fqdn_learned_answers.clone(),
     );
     reg.register(
         "policy_compile_seconds",

@@ -7,11 +7,22 @@ use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
 
+use palisade_engine::fqdn::FqdnEntry;
 use palisade_engine::store::{PersistError, STATE_VERSION, SaveTicket, StateFile, StateStore};
 use tokio::sync::oneshot;
 use tracing::{error, info};
 
 const FILE: &str = "state.json";
+/// What DNS answers taught since the last save, one JSON line per batch (see
+/// `StateStore::record_learned`).
+const JOURNAL: &str = "fqdns.journal";
+
+/// One batch of the journal: the entries, and the generation of the first save that has them.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct JournalLine {
+    generation: u64,
+    entries: Vec<FqdnEntry>,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateFileError {
@@ -29,6 +40,13 @@ pub enum StateFileError {
     },
     #[error("state file {path} has version {found}, this agent reads version {STATE_VERSION}")]
     Version { path: PathBuf, found: u32 },
+    #[error("{path} line {line} is corrupt: {source}")]
+    Journal {
+        path: PathBuf,
+        line: usize,
+        #[source]
+        source: serde_json::Error,
+    },
     #[error("the state writer has stopped")]
     WriterStopped,
 }
@@ -72,7 +90,63 @@ impl StateDir {
                 found: state.version,
             });
         }
+        let mut state = state;
+        state.fqdns.extend(self.journal_after(state.generation)?);
         Ok(Some(state))
+    }
+
+    fn journal_path(&self) -> PathBuf {
+        self.dir.join(JOURNAL)
+    }
+
+    /// Cuts a last line that a dead agent left short off the journal, so the lines appended
+    /// from now on start on lines of their own.
+    fn drop_torn_tail(&self) -> Result<(), StateFileError> {
+        let path = self.journal_path();
+        let bytes = match fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(source) => return Err(StateFileError::Io { path, source }),
+        };
+        if bytes.is_empty() || bytes.ends_with(b"\n") {
+            return Ok(());
+        }
+        let keep = bytes.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+        fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .and_then(|f| f.set_len(keep as u64))
+            .map_err(|source| StateFileError::Io { path, source })
+    }
+
+    /// The journal's entries of batches the save of `generation` did not have. A last line
+    /// cut short is a batch whose write the agent did not live to finish: its answers were
+    /// never released, so it is left out.
+    fn journal_after(&self, generation: u64) -> Result<Vec<FqdnEntry>, StateFileError> {
+        let path = self.journal_path();
+        let text = match fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(source) => return Err(StateFileError::Io { path, source }),
+        };
+        let mut out = Vec::new();
+        let complete = text.ends_with('\n');
+        let lines: Vec<&str> = text.lines().collect();
+        for (i, line) in lines.iter().enumerate() {
+            match serde_json::from_str::<JournalLine>(line) {
+                Ok(l) if l.generation > generation => out.extend(l.entries),
+                Ok(_) => {}
+                Err(_) if i + 1 == lines.len() && !complete => {}
+                Err(source) => {
+                    return Err(StateFileError::Journal {
+                        path,
+                        line: i + 1,
+                        source,
+                    });
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// Writes to a temporary file, syncs, then renames: a crash leaves the old or the new
@@ -104,6 +178,10 @@ struct Queue {
     waiters: Vec<(u64, oneshot::Sender<Result<(), PersistError>>)>,
     writing: bool,
     closed: bool,
+    /// The journal, open for appending, and the generation of the save that covers all of it
+    /// (0: it is empty).
+    journal: Option<fs::File>,
+    journal_covered_by: u64,
 }
 
 #[derive(Default)]
@@ -171,6 +249,26 @@ fn write_loop(dir: &StateDir, shared: &Shared) {
             }
         };
         let result = dir.save(&state).map_err(Arc::new);
+        if result.is_ok() {
+            let mut q = shared.lock();
+            if q.journal_covered_by != 0 && q.journal_covered_by <= generation {
+                // Everything in the journal is in the file now.
+                let emptied = match &q.journal {
+                    Some(f) => f.set_len(0),
+                    // Written by an agent before this one.
+                    None => fs::OpenOptions::new()
+                        .write(true)
+                        .open(dir.journal_path())
+                        .and_then(|f| f.set_len(0)),
+                };
+                match emptied {
+                    Ok(()) => q.journal_covered_by = 0,
+                    Err(e) => {
+                        error!(error = %e, "cannot empty the learned names' journal; it keeps growing until a later save empties it");
+                    }
+                }
+            }
+        }
         match &result {
             Ok(()) => {
                 if last_error.take().is_some() {
@@ -203,7 +301,54 @@ fn write_loop(dir: &StateDir, shared: &Shared) {
 
 impl StateStore for FileStore {
     fn load(&mut self) -> Result<Option<StateFile>, PersistError> {
-        self.dir.load().map_err(PersistError::new)
+        let state = self.dir.load().map_err(PersistError::new)?;
+        self.dir.drop_torn_tail().map_err(PersistError::new)?;
+        let mut q = self.shared.lock();
+        // Saves go on counting from the loaded one, so the journal's lines stay ordered
+        // against it; what the journal holds is in the engine's state from now on, and in
+        // the first save (the engine saves as it starts).
+        q.next_generation = state.as_ref().map_or(0, |s| s.generation);
+        if let Ok(f) = fs::File::open(self.dir.journal_path())
+            && f.metadata().is_ok_and(|m| m.len() > 0)
+        {
+            q.journal_covered_by = q.next_generation + 1;
+        }
+        Ok(state)
+    }
+
+    fn record_learned(&mut self, entries: &[FqdnEntry]) -> Result<(), PersistError> {
+        let path = self.dir.journal_path();
+        let io = |source| {
+            PersistError::new(StateFileError::Io {
+                path: path.clone(),
+                source,
+            })
+        };
+        let mut q = self.shared.lock();
+        // The next save has them (the engine's state already does).
+        let generation = q.next_generation + 1;
+        let mut line = serde_json::to_vec(&JournalLine {
+            generation,
+            entries: entries.to_vec(),
+        })
+        .map_err(|e| io(std::io::Error::other(e)))?;
+        line.push(b'\n');
+        if q.journal.is_none() {
+            q.journal = Some(
+                fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&path)
+                    .map_err(io)?,
+            );
+        }
+        if let Some(f) = &mut q.journal {
+            // One write: a line is in the page cache whole, or (the agent died in it) cut
+            // short and left out at the next start, its answers never released.
+            f.write_all(&line).map_err(io)?;
+        }
+        q.journal_covered_by = generation;
+        Ok(())
     }
 
     fn save(&mut self, state: StateFile) -> SaveTicket {
@@ -214,6 +359,8 @@ impl StateStore for FileStore {
         }
         q.next_generation += 1;
         let generation = q.next_generation;
+        let mut state = state;
+        state.generation = generation;
         q.pending = Some((generation, state));
         q.waiters.push((generation, tx));
         drop(q);
@@ -294,6 +441,85 @@ mod tests {
         assert!(
             rt.block_on(late.wait()).is_err(),
             "a stopped writer says so"
+        );
+        let _ = fs::remove_dir_all(&d);
+    }
+
+    fn entry(n: u8, expires: u64) -> FqdnEntry {
+        FqdnEntry {
+            endpoint: palisade_policies::endpoint::EndpointId(1),
+            name: format!("n{n}.example.test"),
+            address: std::net::Ipv4Addr::new(192, 0, 2, n),
+            expires,
+        }
+    }
+
+    #[test]
+    fn learned_names_recorded_after_the_last_save_survive_an_agent_that_dies() {
+        let d = dir("state-journal");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let (mut store, flusher) = FileStore::start(StateDir::new(&d).unwrap()).unwrap();
+        assert_eq!(store.load().unwrap(), None);
+        store.record_learned(&[entry(1, 100)]).unwrap();
+        let saved = StateFile {
+            version: STATE_VERSION,
+            fqdns: vec![entry(1, 100)],
+            ..StateFile::default()
+        };
+        rt.block_on(store.save(saved).wait()).unwrap();
+        flusher.flush_and_stop();
+        assert_eq!(
+            fs::metadata(d.join(JOURNAL)).unwrap().len(),
+            0,
+            "a save that has everything empties the journal"
+        );
+        // Recorded, then the agent dies before any save has it (and in the middle of a
+        // write: a line cut short).
+        store
+            .record_learned(&[entry(2, 200), entry(3, 300)])
+            .unwrap();
+        let mut f = fs::OpenOptions::new()
+            .append(true)
+            .open(d.join(JOURNAL))
+            .unwrap();
+        f.write_all(br#"{"generation": 2, "entr"#).unwrap();
+        drop((store, f));
+
+        let (mut store, flusher) = FileStore::start(StateDir::new(&d).unwrap()).unwrap();
+        let back = store.load().unwrap().unwrap();
+        assert_eq!(
+            back.fqdns,
+            vec![entry(1, 100), entry(2, 200), entry(3, 300)],
+            "the save's entries, then the journal's after it (once each)"
+        );
+        // What the restarted agent records goes on a line of its own.
+        store.record_learned(&[entry(4, 400)]).unwrap();
+        assert_eq!(
+            StateDir::new(&d)
+                .unwrap()
+                .load()
+                .unwrap()
+                .unwrap()
+                .fqdns
+                .len(),
+            4
+        );
+        // The restarted engine saves what it started with: the journal is empty again, and
+        // a line of it that is not the last one cut short is refused by name.
+        rt.block_on(store.save(back.clone()).wait()).unwrap();
+        flusher.flush_and_stop();
+        assert_eq!(fs::metadata(d.join(JOURNAL)).unwrap().len(), 0);
+        assert_eq!(
+            StateDir::new(&d).unwrap().load().unwrap().unwrap().fqdns,
+            back.fqdns
+        );
+        fs::write(d.join(JOURNAL), "{not json\n{}\n").unwrap();
+        let e = StateDir::new(&d).unwrap().load().unwrap_err();
+        assert!(
+            e.to_string().contains("fqdns.journal line 1 is corrupt"),
+            "{e}"
         );
         let _ = fs::remove_dir_all(&d);
     }

@@ -164,7 +164,7 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
             }
             Command::ClusterKnown(r) => answer(r, Ok(self.cluster_known())),
             Command::Status(r) => answer(r, Ok(self.status())),
-            Command::FqdnLearn(req, r) => self.learn_answers(vec![(req, r)]).await,
+            Command::FqdnLearn(req, r) => self.learn_answers(vec![(req, r)]),
             Command::FqdnList(r) => answer(r, Ok(self.fqdn_list())),
             Command::NamespaceMode(ns, mode, r) => {
                 let result = self.set_namespace_mode(&ns, mode);
@@ -180,23 +180,20 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
     }
 
     /// Learns a batch of answers in one sync and answers each.
-    async fn learn_answers(&mut self, batch: Vec<(LearnRequest, Reply<LearnReport>)>) {
+    fn learn_answers(&mut self, batch: Vec<(LearnRequest, Reply<LearnReport>)>) {
         let (reqs, replies): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
         let results = self.fqdn_learn_all(&reqs);
-        let synced = results
-            .iter()
-            .any(|r| matches!(r, Ok(LearnReport { synced: true, .. })));
         // Nobody waits on a learned name's save (see `Command::FqdnLearn`).
         self.saved = None;
-        // The maps allow the answers' addresses now: release them before the (best-effort,
-        // conntrack-wide) sweep for connections the change sends through the proxy, which the
-        // datapath stops on their next packet anyway.
+        // The maps allow the answers' addresses now: release them.
         for (reply, result) in replies.into_iter().zip(results) {
             answer(reply, result);
         }
-        if synced {
-            self.end_connections_needing_proxy().await;
-        }
+        // The (best-effort) sweep for connections the change sends through the proxy reads
+        // the whole conntrack table, which costs tens of milliseconds once it holds many
+        // flows: it is left to the next tick (at most a second) or the next change, not done
+        // between two batches of held answers. The datapath stops such connections on their
+        // next packet meanwhile (`Proxy redirection required`), as it would anyway.
     }
 
     async fn settle<T>(&mut self, reply: Reply<T>, result: Result<T, EngineError>) {
@@ -224,6 +221,8 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
                     }
                     self.saved = None;
                     self.fqdn_flush();
+                    // Connections learned answers sent through the proxy (see `learn_answers`).
+                    self.end_connections_needing_proxy().await;
                 },
                 cmd = rx.recv() => match cmd {
                     // Answers queued behind this one are learned with it, in one sync.
@@ -240,7 +239,7 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
                                 Err(_) => break,
                             }
                         }
-                        self.learn_answers(batch).await;
+                        self.learn_answers(batch);
                         self.publish_status();
                         if let Some(cmd) = next {
                             self.handle(cmd).await;

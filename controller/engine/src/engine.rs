@@ -37,6 +37,21 @@ pub trait EngineMetrics: Send + Sync {
     fn fqdn_evicted(&self, count: usize) {
         let _ = count;
     }
+    /// A batch of DNS answers was learned; where the engine's task spent its time on it.
+    fn fqdn_learned(&self, stages: &crate::fqdn_learning::LearnStages) {
+        let _ = stages;
+    }
+}
+
+/// Where the last sync spent its time (for the learn path's breakdown).
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct SyncTimes {
+    /// Identities, compile and diff.
+    pub compile: Duration,
+    /// Map writes and the revision bump.
+    pub write: Duration,
+    /// Catalog, L7 and DNS proxy policies handed out.
+    pub publish: Duration,
 }
 
 #[derive(Clone, Debug)]
@@ -79,7 +94,7 @@ pub struct Engine<D: Datapath, P: Plumbing> {
     pub(crate) host_addresses: Vec<Ipv4Addr>,
     pub(crate) datapath: D,
     pub(crate) plumbing: P,
-    store: Option<Box<dyn StateStore>>,
+    pub(crate) store: Option<Box<dyn StateStore>>,
     outputs: Outputs,
     /// The last sync made established connections subject to re-checking.
     pub(crate) revalidate: bool,
@@ -90,6 +105,8 @@ pub struct Engine<D: Datapath, P: Plumbing> {
     /// Whether the maps held what the engine wrote when last read back (at the start, after
     /// a failed write, and at every housekeeping tick).
     pub(crate) maps_verified: bool,
+    /// Where the last sync spent its time.
+    pub(crate) sync_times: SyncTimes,
 }
 
 impl<D: Datapath, P: Plumbing> Engine<D, P> {
@@ -150,6 +167,7 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
             saved: None,
             fqdn_dirty: false,
             maps_verified: true,
+            sync_times: SyncTimes::default(),
         };
         engine.host_addresses = engine.plumbing.node_addresses().await?;
         if !engine.host_addresses.contains(&engine.cfg.node_ip) {
@@ -417,9 +435,14 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
                 None,
             )
         };
+        let compiled = started.elapsed();
         if let Some(m) = &self.outputs.metrics {
-            m.policy_compiled(started.elapsed());
+            m.policy_compiled(compiled);
         }
+        self.sync_times = SyncTimes {
+            compile: compiled,
+            ..SyncTimes::default()
+        };
         let ops = diff.len();
         if ops > 0 {
             if let Err(e) = self.datapath.apply(&diff) {
@@ -449,6 +472,8 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
             self.applied.apply_diff(&diff);
             self.revalidate = true;
         }
+        let written = started.elapsed();
+        self.sync_times.write = written.saturating_sub(compiled);
         if let Some(l7) = &whole_l7 {
             self.rules.retain_used_with(&self.applied, l7);
         } else {
@@ -462,6 +487,7 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
         if let Some(tx) = &self.outputs.dns {
             tx.send_replace(Arc::new(dns_policy));
         }
+        self.sync_times.publish = started.elapsed().saturating_sub(written);
         Ok(ops)
     }
 
@@ -591,6 +617,8 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
                 .cloned()
                 .collect(),
             fqdns: self.model.fqdns.entries(),
+            // The store numbers its saves.
+            generation: 0,
         };
         self.saved = Some(store.save(state));
     }

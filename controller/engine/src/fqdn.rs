@@ -175,6 +175,43 @@ impl FqdnCache {
         before != after
     }
 
+    /// Whether some endpoint has learned `address` for `name`.
+    pub fn holds(&self, name: &str, address: Ipv4Addr) -> bool {
+        self.by_endpoint
+            .values()
+            .any(|names| names.get(name).is_some_and(|a| a.contains_key(&address)))
+    }
+
+    /// What the cache holds for `endpoint`'s `names` and `addresses` (those an answer
+    /// taught, after `learn`): the entries a journal records.
+    pub fn entries_of(
+        &self,
+        endpoint: EndpointId,
+        names: &[String],
+        addresses: &[Ipv4Addr],
+    ) -> Vec<FqdnEntry> {
+        let Some(per_name) = self.by_endpoint.get(&endpoint) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for name in names {
+            let Some(addrs) = per_name.get(name) else {
+                continue;
+            };
+            for a in addresses {
+                if let Some(expires) = addrs.get(a) {
+                    out.push(FqdnEntry {
+                        endpoint,
+                        name: name.clone(),
+                        address: *a,
+                        expires: *expires,
+                    });
+                }
+            }
+        }
+        out
+    }
+
     /// Whether anything has expired by `now` (so `expire` is worth running).
     pub fn has_expired(&self, now: u64) -> bool {
         self.by_endpoint
@@ -297,5 +334,50 @@ mod tests {
         assert_eq!(back, c);
         assert_eq!(back.names()["a.test"], [A, B].into());
         assert_eq!(back.len(), 3);
+    }
+
+    mod props {
+        use proptest::prelude::*;
+
+        use super::*;
+        use palisade_policies::fqdn::changed_names;
+
+        /// (endpoint, name, address) of one learned answer, from small pools so they overlap.
+        fn answer() -> impl Strategy<Value = (u32, String, Ipv4Addr)> {
+            (1u32..4, 0u8..5, 1u8..6).prop_map(|(ep, n, a)| {
+                (
+                    ep,
+                    format!("n{n}.example.test"),
+                    Ipv4Addr::new(192, 0, 2, a),
+                )
+            })
+        }
+
+        proptest! {
+            /// Without evictions, the names whose addresses an answer changes (what the
+            /// compile follows, over every endpoint) are exactly those that gain an address
+            /// no endpoint held for them: the learn path's quick check is the full one.
+            #[test]
+            fn names_that_gain_an_address_are_the_changed_names(
+                earlier in proptest::collection::vec(answer(), 0..20),
+                batch in proptest::collection::vec(answer(), 1..6),
+            ) {
+                let limits = FqdnLimits { min_ttl: 0, max_per_name: 100 };
+                let mut cache = FqdnCache::default();
+                for (ep, name, a) in &earlier {
+                    cache.learn(EndpointId(*ep), std::slice::from_ref(name), &[*a], 60, 0, limits);
+                }
+                let before = cache.clone();
+                let mut gained = BTreeSet::new();
+                for (ep, name, a) in &batch {
+                    if !cache.holds(name, *a) {
+                        gained.insert(name.clone());
+                    }
+                    let o = cache.learn(EndpointId(*ep), std::slice::from_ref(name), &[*a], 60, 1, limits);
+                    prop_assert_eq!(o.evicted, 0);
+                }
+                prop_assert_eq!(changed_names(&before.names(), &cache.names()), gained);
+            }
+        }
     }
 }

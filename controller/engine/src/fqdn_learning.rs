@@ -7,17 +7,19 @@
 
 use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use palisade_policies::compile;
+use palisade_policies::fqdn::changed_names;
 use palisade_policies::identity::Identity;
 use palisade_policies::model::Direction;
+use palisade_policies::model::{Peer, Peers};
 
 use crate::datapath::Datapath;
 use crate::engine::Engine;
 use crate::error::EngineError;
 use crate::fqdn::FqdnCache;
 use crate::plumbing::Plumbing;
+use tracing::warn;
 
 /// An answer the DNS proxy read, for the endpoint at `client`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -35,6 +37,26 @@ pub struct LearnReport {
     pub synced: bool,
     /// Addresses evicted because a name had more than the limit.
     pub evicted: usize,
+}
+
+/// Where one batch of learned answers spent its time on the engine's task, until the last of
+/// its answers could be released (the maps allow their addresses).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LearnStages {
+    /// Answers in the batch.
+    pub answers: usize,
+    /// Finding the asking endpoints, updating the name cache, deciding whether maps change.
+    pub learn: Duration,
+    /// Identities, compile and diff (zero when the maps did not change).
+    pub compile: Duration,
+    /// Map writes and the revision bump.
+    pub write: Duration,
+    /// Catalog, L7 and DNS proxy policies handed out.
+    pub publish: Duration,
+    /// Recording what the batch taught for a restart (a write to the page cache), building
+    /// the state to save and handing it to the store's writer (whose disk sync nobody waits
+    /// on).
+    pub persist: Duration,
 }
 
 /// One learned address, for `palisade fqdn list`.
@@ -61,11 +83,32 @@ pub(crate) fn unix_now() -> u64 {
 }
 
 impl<D: Datapath, P: Plumbing> Engine<D, P> {
-    /// Whether the compile would see a change between the cache now and `cache`.
+    /// Whether some `toFQDNs` selector of some policy selects one of `names`: only then does
+    /// a change of their addresses change the compile.
+    fn fqdn_selects_any(&self, names: &BTreeSet<String>) -> bool {
+        if names.is_empty() {
+            return false;
+        }
+        self.model
+            .policies
+            .values()
+            .flat_map(|p| &p.specs)
+            .flat_map(|s| &s.egress.allow)
+            .filter_map(|r| match &r.peers {
+                Peers::Some(peers) => Some(peers),
+                Peers::All => None,
+            })
+            .flatten()
+            .any(|peer| matches!(peer, Peer::Fqdn(sel) if names.iter().any(|n| sel.matches(n))))
+    }
+
+    /// Whether the compile would see a change between the cache now and `cache`: some name a
+    /// `toFQDNs` selector selects gained or lost addresses (the compile follows each name's
+    /// addresses, not only the set of all of them: an address known for one name is news to
+    /// the rule of another).
     fn fqdn_compile_changes(&self, cache: &FqdnCache) -> bool {
-        let policies = self.model.policies.values();
-        compile::fqdn_prefixes(policies.clone(), &self.model.fqdns.names())
-            != compile::fqdn_prefixes(policies, &cache.names())
+        let changed = changed_names(&self.model.fqdns.names(), &cache.names());
+        self.fqdn_selects_any(&changed)
     }
 
     /// Learns one answer (see [`Engine::fqdn_learn_all`]).
@@ -85,11 +128,14 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
         &mut self,
         reqs: &[LearnRequest],
     ) -> Vec<Result<LearnReport, EngineError>> {
+        let started = Instant::now();
         let now = unix_now();
         let mut cache = self.model.fqdns.clone();
         let mut taught = Vec::with_capacity(reqs.len());
         let mut reports = Vec::with_capacity(reqs.len());
         let mut evicted = 0;
+        let mut journal = Vec::new();
+        let mut fresh = BTreeSet::new();
         for req in reqs {
             let Some(endpoint) = self
                 .model
@@ -104,6 +150,17 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
                 }));
                 continue;
             };
+            // Names that gain an address (for any endpoint: the compile follows the names
+            // of all of them together).
+            let gained: Vec<&String> = req
+                .names
+                .iter()
+                .filter(|n| req.addresses.iter().any(|a| !cache.holds(n, *a)))
+                .collect();
+            fresh.extend(gained.iter().map(|n| (*n).clone()));
+            // What the answer changes (new addresses, longer lifetimes) is recorded for a
+            // restart; a repeat within the same second changes nothing.
+            let before = cache.entries_of(endpoint, &req.names, &req.addresses);
             let outcome = cache.learn(
                 endpoint,
                 &req.names,
@@ -113,23 +170,47 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
                 self.cfg.fqdn,
             );
             evicted += outcome.evicted;
-            taught.push(outcome.new_address || outcome.evicted > 0);
+            journal.extend(
+                cache
+                    .entries_of(endpoint, &req.names, &req.addresses)
+                    .into_iter()
+                    .filter(|e| !before.contains(e)),
+            );
+            taught.push(!gained.is_empty() || outcome.evicted > 0);
             reports.push(Ok(LearnReport {
                 synced: false,
                 evicted: outcome.evicted,
             }));
         }
-        let synced = taught.contains(&true) && self.fqdn_compile_changes(&cache);
+        // Without evictions, names only gained addresses: those names alone can change the
+        // compile (no walk over every learned name).
+        let synced = taught.contains(&true)
+            && if evicted > 0 {
+                self.fqdn_compile_changes(&cache)
+            } else {
+                self.fqdn_selects_any(&fresh)
+            };
+        let mut stages = LearnStages {
+            answers: reqs.len(),
+            learn: started.elapsed(),
+            ..LearnStages::default()
+        };
         if synced {
-            if let Err(e) = self.transact(move |m| {
-                m.fqdns = cache;
-                Ok(())
-            }) {
+            // Only the name cache and the identities (which a sync moves) change: they alone
+            // are kept for the undo, not the whole model.
+            let identities = self.model.identities.clone();
+            let before = std::mem::replace(&mut self.model.fqdns, cache);
+            if let Err(e) = self.sync() {
+                self.model.fqdns = before;
+                self.model.identities = identities;
                 if reqs.len() == 1 {
                     return vec![Err(e)];
                 }
                 return reqs.iter().map(|r| self.fqdn_learn(r)).collect();
             }
+            let times = self.sync_times;
+            (stages.compile, stages.write, stages.publish) =
+                (times.compile, times.write, times.publish);
             for (report, taught) in reports.iter_mut().zip(taught) {
                 if let Ok(r) = report {
                     r.synced = taught;
@@ -139,8 +220,34 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
             self.model.fqdns = cache;
             self.fqdn_dirty = true;
         }
+        // Before any answer is released, what it taught is recorded where a restarted agent
+        // finds it, so none of the connections that follow a lookup can be dropped by a
+        // restart (docs/dns.md, "Lifetimes"). If it cannot be, the answers fail (SERVFAIL):
+        // the maps allow their addresses, but no client learns of them.
+        let recording = Instant::now();
+        if let Some(store) = &mut self.store
+            && !journal.is_empty()
+            && let Err(e) = store.record_learned(&journal)
+        {
+            let why = e.to_string();
+            warn!(error = %why, "learned DNS answers could not be recorded; they are refused");
+            for report in &mut reports {
+                if report.is_ok() {
+                    *report = Err(EngineError::Persist(crate::store::PersistError::new(
+                        std::io::Error::other(why.clone()),
+                    )));
+                }
+            }
+        }
+        if synced {
+            // The state with the answers, for the writer (after the journal line, so the
+            // save covers it and empties the journal).
+            self.persist();
+        }
+        stages.persist += recording.elapsed();
         if let Some(m) = &self.outputs_metrics() {
             m.fqdn_evicted(evicted);
+            m.fqdn_learned(&stages);
         }
         reports
     }

@@ -46,7 +46,7 @@ pub mod whatif;
 pub use command::{AskError, Command, Reply, ask};
 pub use engine::{Engine, EngineConfig, EngineMetrics, Outputs};
 pub use error::{EngineError, ErrorClass};
-pub use fqdn_learning::{FqdnView, LearnReport, LearnRequest};
+pub use fqdn_learning::{FqdnView, LearnReport, LearnRequest, LearnStages};
 pub use policies::{PolicyAction, PolicyChange, PolicyUpdate};
 
 #[cfg(test)]

@@ -39,6 +39,10 @@ pub struct StateFile {
     /// What DNS answers taught (`toFQDNs`), so a restart allows what it allowed before.
     #[serde(default)]
     pub fqdns: Vec<crate::fqdn::FqdnEntry>,
+    /// The store's own count of saves, which this state is (0 for a store that keeps none):
+    /// learned names recorded after it (`StateStore::record_learned`) are not in it.
+    #[serde(default)]
+    pub generation: u64,
 }
 
 /// A failure of the store; its own typed error (naming the file) is the source.
@@ -94,6 +98,15 @@ pub trait StateStore: Send {
     /// Keeps `state`, replacing what was kept. Must not block on the disk (the engine calls it
     /// on its own task); the ticket says when the state is durable, or why it is not.
     fn save(&mut self, state: StateFile) -> SaveTicket;
+    /// Records what a batch of DNS answers taught, before the answers are released, so an
+    /// agent that dies before the next save still finds it (`load` includes it). Called on
+    /// the engine's task for every batch: it must be quick (a write to the page cache, which
+    /// outlives the process; a node that reboots has neither the maps nor the connections
+    /// the entries were for, so no sync to the disk is needed). The next save covers it.
+    fn record_learned(&mut self, entries: &[crate::fqdn::FqdnEntry]) -> Result<(), PersistError> {
+        let _ = entries;
+        Ok(())
+    }
 }
 
 /// A store in memory; clones share it, so a test can "restart" an engine on the same state.
@@ -102,6 +115,8 @@ pub struct MemoryStore {
     kept: Arc<Mutex<Option<StateFile>>>,
     /// Fail every save from now on (to test what the caller is told).
     fail: Arc<std::sync::atomic::AtomicBool>,
+    /// What `record_learned` was given, in order.
+    recorded: Arc<Mutex<Vec<crate::fqdn::FqdnEntry>>>,
 }
 
 /// The failure `MemoryStore` injects.
@@ -113,6 +128,14 @@ impl MemoryStore {
     /// Makes every later save fail (or succeed again).
     pub fn fail_saves(&self, fail: bool) {
         self.fail.store(fail, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// What `record_learned` was given since the start, in order.
+    pub fn recorded(&self) -> Vec<crate::fqdn::FqdnEntry> {
+        self.recorded
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     /// What was saved last.
@@ -138,5 +161,16 @@ impl StateStore for MemoryStore {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(state);
         SaveTicket::done(Ok(()))
+    }
+
+    fn record_learned(&mut self, entries: &[crate::fqdn::FqdnEntry]) -> Result<(), PersistError> {
+        if self.fail.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(PersistError::new(InjectedSaveFailure));
+        }
+        self.recorded
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .extend_from_slice(entries);
+        Ok(())
     }
 }

@@ -1805,3 +1805,87 @@ async fn learned_names_survive_a_restart() {
     assert_eq!(egress_to(&e, "client", api, 443), Verdict::Allowed);
     assert_eq!(e.fqdn_list().len(), 1);
 }
+
+#[tokio::test]
+async fn what_an_answer_teaches_is_recorded_before_its_release_or_it_is_refused() {
+    let store = MemoryStore::default();
+    let mut e = engine_with(
+        MemoryDatapath::default(),
+        MemoryPlumbing::default(),
+        Some(store.clone()),
+    )
+    .await;
+    let client = add(&mut e, "client", "demo", "app=client").await;
+    apply(&mut e, TO_FQDNS).unwrap();
+    let api = Ipv4Addr::new(192, 0, 2, 10);
+    assert!(learn(&mut e, client.ip, "api.example.test", api, 600).synced);
+    let recorded = store.recorded();
+    assert_eq!(recorded.len(), 1, "{recorded:?}");
+    assert_eq!(
+        (recorded[0].name.as_str(), recorded[0].address),
+        ("api.example.test", api)
+    );
+    assert_eq!(
+        store.kept().unwrap().fqdns,
+        recorded,
+        "the save that follows has it too"
+    );
+    // The same answer again in the same second changes nothing: nothing more to record.
+    let expires = recorded[0].expires;
+    learn(&mut e, client.ip, "api.example.test", api, 600);
+    assert!(
+        store.recorded().len() == 1 || store.recorded()[1].expires > expires,
+        "only a longer lifetime is recorded again"
+    );
+    // Not recorded: the answer fails (the client gets SERVFAIL), though the maps allow it.
+    store.fail_saves(true);
+    let other = Ipv4Addr::new(192, 0, 2, 11);
+    let err = e
+        .fqdn_learn(&crate::LearnRequest {
+            client: client.ip,
+            names: vec!["api.example.test".into()],
+            addresses: vec![other],
+            ttl: 600,
+        })
+        .unwrap_err();
+    assert!(matches!(err, EngineError::Persist(_)), "{err}");
+    store.fail_saves(false);
+}
+
+/// Two names, each selected by a rule of its own (other ports), that answer the same address.
+const TWO_NAMES_ONE_ADDRESS: &str = r"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata:
+  name: shared-address
+  namespace: demo
+spec:
+  endpointSelector:
+    matchLabels:
+      app: client
+  egress:
+  - toFQDNs: [{matchName: api.example.test}]
+    toPorts: [{ports: [{port: '443', protocol: TCP}]}]
+  - toFQDNs: [{matchName: cdn.example.test}]
+    toPorts: [{ports: [{port: '80', protocol: TCP}]}]
+";
+
+#[tokio::test]
+async fn an_address_already_known_for_another_name_is_allowed_by_the_new_names_rule() {
+    let mut e = engine().await;
+    let client = add(&mut e, "client", "demo", "app=client").await;
+    apply(&mut e, TWO_NAMES_ONE_ADDRESS).unwrap();
+    let shared = Ipv4Addr::new(192, 0, 2, 50);
+    assert!(learn(&mut e, client.ip, "api.example.test", shared, 600).synced);
+    assert_eq!(egress_to(&e, "client", shared, 443), Verdict::Allowed);
+    assert_eq!(
+        egress_to(&e, "client", shared, 80),
+        Verdict::DeniedByDefault
+    );
+    // The same address, answered for the other name: its rule now allows it too.
+    assert!(learn(&mut e, client.ip, "cdn.example.test", shared, 600).synced);
+    assert_eq!(egress_to(&e, "client", shared, 80), Verdict::Allowed);
+    assert_eq!(e.datapath.state, e.applied, "written to the datapath");
+    // Known for both names: nothing more to compile.
+    assert!(!learn(&mut e, client.ip, "cdn.example.test", shared, 600).synced);
+}

@@ -32,8 +32,6 @@ pub struct PrefilterValue {
 assert_layout!(PrefilterValue, size = 8, align = 4, { counter_slot: 0, flags: 4 });
 user_pod!(PrefilterValue);
 
-const NS_PER_SEC: u64 = 1_000_000_000;
-
 /// Token bucket of the prefilter's flow events: refills `per_second` tokens a second up to
 /// `burst` (at least 1) and takes one; false when none is left. `per_second == 0` is unlimited.
 #[inline]
@@ -46,9 +44,8 @@ pub fn take_event_token(
     if per_second == 0 {
         return true;
     }
-    let elapsed = now_ns.saturating_sub(state.last_refill_ns);
-    let rate = u64::from(per_second);
-    let refill = elapsed / NS_PER_SEC * rate + (elapsed % NS_PER_SEC) * rate / NS_PER_SEC;
+    let refill =
+        crate::config::tokens_earned(now_ns.saturating_sub(state.last_refill_ns), per_second);
     if refill > 0 {
         let tokens = (u64::from(state.tokens) + refill).min(u64::from(burst.max(1)));
         state.tokens = u32::try_from(tokens).unwrap_or(u32::MAX);
@@ -65,6 +62,8 @@ pub fn take_event_token(
 mod tests {
     use super::*;
     use crate::config::EventRateState;
+
+    const NS_PER_SEC: u64 = 1_000_000_000;
 
     #[test]
     fn the_event_bucket_allows_its_burst_then_its_rate() {

@@ -15,8 +15,9 @@ use crate::{build_binaries, workspace_root};
 mod micro;
 mod path;
 pub(crate) mod stats;
-mod svg;
+pub(crate) mod svg;
 pub(crate) mod tools;
+pub(crate) mod xdp_gen;
 
 pub(crate) fn write_result(name: &str, title: &str, body: &str) -> anyhow::Result<()> {
     let dir = workspace_root().join("docs/benchmarks");

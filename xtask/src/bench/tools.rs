@@ -1,4 +1,4 @@
-//! The programs the benchmarks drive (wrk, iperf3, nginx, nftables, iptables), installed
+//! The programs the benchmarks drive (wrk, iperf3, nginx, nftables, iptables, ethtool), installed
 //! from Debian when missing, and what the machine was doing meanwhile.
 
 use std::path::Path;
@@ -14,6 +14,8 @@ const PACKAGES: &[(&str, &str)] = &[
     ("iperf3", "iperf3"),
     ("nft", "nftables"),
     ("iptables", "iptables"),
+    // `ethtool -K DEV gro on`: NAPI on the prefilter benchmark's receiving veth.
+    ("ethtool", "ethtool"),
 ];
 
 fn have(cmd: &str) -> bool {
