@@ -5,6 +5,8 @@
 //! ingress). Both share one pipeline (`judge`): parse, conntrack, policy, account. Between two
 //! endpoints of the node, `tc_from_endpoint` runs the destination's ingress verdict too and
 //! delivers the packet itself (`fast_path`).
+//! `sk_lookup_proxy` runs in the node namespace's listener lookups and answers only those for
+//! a SYN `tc_from_endpoint` handed to the proxy's TIME_WAIT socket (`proxy`).
 //! `xdp_prefilter` runs on the node's host-facing interfaces: the CIDR deny list (`prefilter`).
 #![no_std]
 #![no_main]
@@ -34,6 +36,10 @@ palisade_common::bpf_classifier!(PROG_FROM_ENDPOINT, |ctx| judge::run(
 palisade_common::bpf_classifier!(PROG_TO_ENDPOINT, |ctx| judge::run(&ctx, direction::INGRESS));
 
 palisade_common::bpf_xdp!(PROG_PREFILTER, |ctx| prefilter::run(&ctx));
+
+palisade_common::bpf_sk_lookup!(PROG_PROXY_LOOKUP, |ctx| proxy::listener_for_time_wait_syn(
+    &ctx
+));
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -2,7 +2,7 @@
 //! names); all are pinned by name so a restarted agent picks up the same state and enforcement
 //! never lapses.
 
-use aya_ebpf::maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf};
+use aya_ebpf::maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, SockHash};
 use palisade_common::{
     config::{Config, EventRateState},
     conntrack::{CtEntry, CtKey},
@@ -11,6 +11,9 @@ use palisade_common::{
     maps as names,
     metrics::{METRICS_MAX_ENTRIES, MetricValue},
     policy::{PolicyKey, PolicyValue},
+    proxy::{
+        PROXY_LISTENERS_MAX_ENTRIES, TIME_WAIT_SYNS_MAX_ENTRIES, TimeWaitSynKey, TimeWaitSynValue,
+    },
 };
 
 palisade_common::bpf_map!(
@@ -62,4 +65,16 @@ palisade_common::bpf_map!(
 palisade_common::bpf_map!(
     CONFIG,
     pub static CONFIG: Array<Config> = Array::pinned(1, 0);
+);
+
+palisade_common::bpf_map!(
+    TIME_WAIT_SYNS,
+    pub static TIME_WAIT_SYNS: LruHashMap<TimeWaitSynKey, TimeWaitSynValue> =
+        LruHashMap::with_max_entries(TIME_WAIT_SYNS_MAX_ENTRIES, 0);
+);
+
+palisade_common::bpf_map!(
+    PROXY_LISTENERS,
+    pub static PROXY_LISTENERS: SockHash<u32> =
+        SockHash::with_max_entries(PROXY_LISTENERS_MAX_ENTRIES, 0);
 );

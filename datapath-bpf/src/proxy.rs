@@ -5,24 +5,32 @@
 //! socket then has the original destination as its local address. From a bridge port the frame
 //! goes to the bridge's own input instead, readdressed to it, so that it is routed by the node
 //! rather than switched straight to its destination.
+//!
+//! A SYN whose tuple is still in TIME_WAIT at the proxy goes to that TIME_WAIT socket, for the
+//! kernel to judge as it judges any SYN for a TIME_WAIT tuple; its listener lookup is answered
+//! by [`listener_for_time_wait_syn`] (see `palisade_common::proxy`).
 
 use core::ffi::c_void;
 
 use aya_ebpf::{
     bindings::{
-        BPF_F_CURRENT_NETNS, BPF_F_INGRESS, TC_ACT_OK, TC_ACT_SHOT, bpf_sock, bpf_sock_tuple,
-        bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1,
+        BPF_F_CURRENT_NETNS, BPF_F_INGRESS, BPF_TCP_TIME_WAIT, TC_ACT_OK, TC_ACT_SHOT, bpf_sock,
+        bpf_sock_tuple, bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1, sk_action::SK_PASS,
     },
     helpers::{bpf_redirect, bpf_sk_assign, bpf_sk_lookup_udp, bpf_sk_release, bpf_skc_lookup_tcp},
-    programs::TcContext,
+    programs::{SkLookupContext, TcContext},
 };
 use palisade_common::{
     endpoint::{EndpointInfo, FLAG_BRIDGE_PORT},
     mark, proto,
+    proxy::{TimeWaitSynKey, TimeWaitSynValue},
     reason::drop,
 };
 
-use crate::{maps::ENDPOINTS, packet::Packet};
+use crate::{
+    maps::{ENDPOINTS, PROXY_LISTENERS, TIME_WAIT_SYNS},
+    packet::Packet,
+};
 
 #[inline(always)]
 fn v4(addr: &[u8; 16]) -> u32 {
@@ -143,6 +151,22 @@ pub fn redirect(
     if !udp {
         let sk = lookup(ctx, saddr, daddr, pkt.sport_be, pkt.dport_be, false);
         if !sk.is_null() {
+            // SAFETY: `sk` came from a successful lookup and is not released yet; `state` is
+            // readable on any socket a lookup returns.
+            if pkt.opens && unsafe { (*sk).state } == BPF_TCP_TIME_WAIT {
+                let key = TimeWaitSynKey {
+                    saddr_be: saddr,
+                    daddr_be: daddr,
+                    sport_be: pkt.sport_be,
+                    dport_be: pkt.dport_be,
+                };
+                let value = TimeWaitSynValue {
+                    proxy_port: u32::from(u16::from_be(proxy_port_be)),
+                };
+                // Unrecorded (the map full of recent SYNs), the SYN still goes to the
+                // TIME_WAIT socket, which answers it as before: the client retransmits.
+                let _ = TIME_WAIT_SYNS.insert(key, value, 0);
+            }
             return assign(ctx, sk);
         }
     }
@@ -151,6 +175,44 @@ pub fn redirect(
         return Err(drop::PROXY_UNAVAILABLE);
     }
     assign(ctx, listener)
+}
+
+/// The sk_lookup program: for a SYN [`redirect`] recorded as meeting the proxy's TIME_WAIT
+/// socket, the kernel, having ended that TIME_WAIT, looks for the listener of the original
+/// destination, and gets the proxy's. Any other lookup goes on as if this program were not
+/// there (`SK_PASS` with nothing selected), and so does this one when the listener is gone.
+#[inline(always)]
+pub fn listener_for_time_wait_syn(ctx: &SkLookupContext) -> u32 {
+    // SAFETY: reading fields of the context the kernel handed us.
+    let (protocol, saddr, daddr, sport_be, dport) = unsafe {
+        let l = &*ctx.lookup;
+        (
+            l.protocol,
+            l.remote_ip4,
+            l.local_ip4,
+            l.remote_port,
+            l.local_port,
+        )
+    };
+    if protocol != u32::from(proto::TCP) {
+        return SK_PASS;
+    }
+    let Ok(dport) = u16::try_from(dport) else {
+        return SK_PASS;
+    };
+    let key = TimeWaitSynKey {
+        saddr_be: saddr,
+        daddr_be: daddr,
+        sport_be,
+        dport_be: dport.to_be(),
+    };
+    // SAFETY: the value is copied out before the entry is removed.
+    let Some(port) = (unsafe { TIME_WAIT_SYNS.get(key) }).map(|v| v.proxy_port) else {
+        return SK_PASS;
+    };
+    let _ = TIME_WAIT_SYNS.remove(key);
+    let _ = PROXY_LISTENERS.redirect_sk_lookup(ctx, port, 0);
+    SK_PASS
 }
 
 /// The original client's address a packet the proxy sent upstream carries in its priority

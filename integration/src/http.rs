@@ -236,6 +236,31 @@ impl Client {
         })
     }
 
+    /// Like [`Client::connect`], from local port `local_port` (bound with SO_REUSEADDR, so
+    /// a port whose last connection is closing can be taken again at once).
+    pub fn connect_from(
+        netns: &str,
+        local_port: u16,
+        ip: Ipv4Addr,
+        port: u16,
+    ) -> std::io::Result<Client> {
+        traffic::in_netns(netns, move || {
+            let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+            sock.set_reuse_address(true)?;
+            sock.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, local_port)).into())?;
+            sock.connect_timeout(
+                &SocketAddr::from((ip, port)).into(),
+                Duration::from_secs(10),
+            )?;
+            let stream: TcpStream = sock.into();
+            stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+            Ok(Client {
+                stream,
+                buf: Vec::new(),
+            })
+        })
+    }
+
     pub fn send(&mut self, bytes: &[u8]) -> std::io::Result<()> {
         self.stream.write_all(bytes)
     }

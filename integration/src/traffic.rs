@@ -364,3 +364,82 @@ where
         .map(|h| h.join().expect("probe panicked"))
         .collect()
 }
+
+/// A TCP counter of `netns`, as `nstat` names it (`TcpExtTCPSynRetrans`, `TcpActiveOpens`):
+/// from /proc/net/netstat and /proc/net/snmp as a thread inside the namespace sees them.
+pub fn tcp_counter(netns: &str, name: &str) -> u64 {
+    let (name, ns) = (name.to_string(), netns.to_string());
+    in_netns(netns, move || {
+        // thread-self: /proc/self/net would be the main thread's namespace.
+        ["netstat", "snmp"]
+            .iter()
+            .filter_map(|f| std::fs::read_to_string(format!("/proc/thread-self/net/{f}")).ok())
+            .find_map(|text| counter_in(&text, &name))
+            .unwrap_or_else(|| panic!("no counter {name} in {ns}"))
+    })
+}
+
+/// `name` in a /proc/net/{netstat,snmp} text: pairs of lines `Group: names...` and
+/// `Group: values...`; `name` is the group followed by the field.
+fn counter_in(text: &str, name: &str) -> Option<u64> {
+    let lines: Vec<&str> = text.lines().collect();
+    lines.chunks(2).find_map(|pair| {
+        let [names, values] = pair else { return None };
+        let (group, names) = names.split_once(": ")?;
+        let (_, values) = values.split_once(": ")?;
+        let field = name.strip_prefix(group)?;
+        let at = names.split_whitespace().position(|n| n == field)?;
+        values.split_whitespace().nth(at)?.parse().ok()
+    })
+}
+
+/// The TCP sockets of `netns` in TIME_WAIT, as (local, remote) addresses.
+pub fn time_wait_sockets(netns: &str) -> Vec<(SocketAddrV4, SocketAddrV4)> {
+    in_netns(netns, || {
+        let text = std::fs::read_to_string("/proc/thread-self/net/tcp").expect("/proc/net/tcp");
+        text.lines().skip(1).filter_map(time_wait_entry).collect()
+    })
+}
+
+/// One line of /proc/net/tcp (`sl local rem st ...`, addresses as host-order hex `IP:PORT`)
+/// if its socket is in TIME_WAIT (state 06).
+fn time_wait_entry(line: &str) -> Option<(SocketAddrV4, SocketAddrV4)> {
+    let mut fields = line.split_whitespace().skip(1);
+    let addr = |field: &str| {
+        let (ip, port) = field.split_once(':')?;
+        let ip = u32::from_str_radix(ip, 16).ok()?;
+        let port = u16::from_str_radix(port, 16).ok()?;
+        Some(SocketAddrV4::new(Ipv4Addr::from(ip.to_le_bytes()), port))
+    };
+    let local = addr(fields.next()?)?;
+    let remote = addr(fields.next()?)?;
+    (fields.next()? == "06").then_some((local, remote))
+}
+
+#[cfg(test)]
+mod proc_net_tests {
+    use super::*;
+
+    #[test]
+    fn counters_are_found_by_group_and_field() {
+        let text =
+            "TcpExt: SyncookiesSent TCPSynRetrans\nTcpExt: 0 17\nIpExt: InNoRoutes\nIpExt: 3\n";
+        assert_eq!(counter_in(text, "TcpExtTCPSynRetrans"), Some(17));
+        assert_eq!(counter_in(text, "IpExtInNoRoutes"), Some(3));
+        assert_eq!(counter_in(text, "TcpExtNope"), None);
+    }
+
+    #[test]
+    fn time_wait_lines_are_read_with_their_addresses() {
+        let tw = "   0: 0300C80A:0050 0200C80A:9C40 06 00000000:00000000 03:00000F2A 00000000     0        0 0 3 0000000000000000";
+        let listen = "   1: 00000000:3A98 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1 1 0000000000000000 100 0 0 10 0";
+        assert_eq!(
+            time_wait_entry(tw),
+            Some((
+                "10.200.0.3:80".parse().unwrap(),
+                "10.200.0.2:40000".parse().unwrap()
+            ))
+        );
+        assert_eq!(time_wait_entry(listen), None);
+    }
+}

@@ -1,10 +1,12 @@
 //! L7 HTTP policy end to end: the datapath redirects to the agent's proxy transparently, the
 //! proxy enforces HTTP rules per request, and the server's own L3/L4 policy still applies.
 
+use std::net::SocketAddrV4;
 use std::time::{Duration, Instant};
 
 use palisade_integration::Node;
 use palisade_integration::http::{Client, UNJUDGED, backend, get, upgrading_backend};
+use palisade_integration::traffic::{tcp_counter, time_wait_sockets};
 
 const API_L7: &str = r#"apiVersion: cilium.io/v2
 kind: CiliumNetworkPolicy
@@ -499,5 +501,76 @@ fn websockets_and_listed_upgrades_tunnel_after_a_101_and_others_get_403() {
     assert_eq!(
         by_protocol(&opened, "websocket")["tunnel"]["bytes_to_server"],
         0
+    );
+}
+
+/// The proxy's TIME_WAIT sockets of connections from `client` to `server:80`: its
+/// transparently accepted sockets carry the original destination as their local address.
+fn proxy_time_waits(s: &L7Scene) -> usize {
+    let (client, server) = (s.client.ip, s.api.ip);
+    time_wait_sockets(&s.node.netns)
+        .iter()
+        .filter(|(local, remote)| *local == SocketAddrV4::new(server, 80) && *remote.ip() == client)
+        .count()
+}
+
+/// `n` requests from one client port, each on a connection of its own, `request(i)` asking
+/// the proxy to close after answering; each must be answered whole, and the proxy, which
+/// closes first, holds the TIME_WAIT of the client's tuple when the next connection reuses it.
+/// Returns the SYN retransmissions this took.
+fn reconnect_from_one_port(
+    s: &L7Scene,
+    port: u16,
+    n: usize,
+    request: impl Fn(usize) -> String,
+) -> u64 {
+    let retransmitted = || tcp_counter(&s.client.name, "TcpExtTCPSynRetrans");
+    let before = retransmitted();
+    for i in 0..n {
+        let mut c = (0..100)
+            .find_map(|_| {
+                let connected = Client::connect_from(&s.client.name, port, s.api.ip, 80);
+                if connected.is_err() {
+                    // The previous connection's last ACK may still be on its way.
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                connected.ok()
+            })
+            .unwrap_or_else(|| panic!("connection {i} from port {port} failed"));
+        c.send(request(i).as_bytes()).unwrap();
+        let reply = c.read_reply().unwrap();
+        assert_eq!(
+            (reply.status, reply.body),
+            (200, format!("GET /public/{i} 0")),
+            "request {i}"
+        );
+        // The client reads to the end, as one that asked to close does.
+        assert!(c.closed(), "the proxy closes after answering request {i}");
+    }
+    assert!(
+        proxy_time_waits(s) >= 1,
+        "the proxy closed first, so it holds the TIME_WAIT"
+    );
+    retransmitted() - before
+}
+
+#[test]
+fn a_port_reused_while_the_proxy_holds_its_time_wait_connects_without_a_retransmission() {
+    // The proxy closes first, as a server does for `Connection: close` (and must for an
+    // HTTP/1.0 client, which may read to the end of the connection), so the TIME_WAIT of the
+    // client's tuple is the proxy's. A client may reuse the port at once (it holds no
+    // TIME_WAIT); its SYN must open a new connection, as the kernel's TIME_WAIT handling
+    // lets it, not be dropped and retransmitted (n - 1 retransmissions, a second each).
+    let s = scene("l7-reuse");
+    let n = 6;
+    let close = reconnect_from_one_port(&s, 41_000, n, |i| {
+        format!("GET /public/{i} HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n")
+    });
+    let http10 = reconnect_from_one_port(&s, 41_002, n, |i| {
+        format!("GET /public/{i} HTTP/1.0\r\nHost: api\r\n\r\n")
+    });
+    assert!(
+        close + http10 <= 1,
+        "SYN retransmissions for {n} connections from one port: {close} with Connection: close, {http10} with HTTP/1.0"
     );
 }

@@ -6,6 +6,7 @@
 
 use anyhow::{Context as _, bail};
 use palisade_integration::Node;
+use palisade_integration::traffic::tcp_counter;
 
 use crate::bench::stats::Summary;
 use crate::bench::tools::{self, WrkResult};
@@ -56,13 +57,49 @@ fn proxy_latencies(flows: &[serde_json::Value]) -> Vec<f64> {
     v
 }
 
-/// One table row: medians over the rounds (the request rate also as min–max), and the p99
-/// added to the direct path's in the same mode.
-fn row(name: &str, runs: &[WrkResult], direct_p99: f64) -> String {
-    let of = |f: fn(&WrkResult) -> f64| Summary::of(&runs.iter().map(f).collect::<Vec<_>>());
+/// One wrk run and the share of the client's connection attempts whose SYN had to be sent
+/// again (nstat's TcpExtTCPSynRetrans over TcpActiveOpens in the client's namespace).
+struct Run {
+    wrk: WrkResult,
+    syn_retransmitted_pct: f64,
+}
+
+/// The client's connection attempts and SYN retransmissions so far.
+fn syn_counters(netns: &str) -> (u64, u64) {
+    (
+        tcp_counter(netns, "TcpActiveOpens"),
+        tcp_counter(netns, "TcpExtTCPSynRetrans"),
+    )
+}
+
+/// Percent of `opened` connection attempts whose SYN was retransmitted.
+#[expect(
+    clippy::cast_precision_loss,
+    reason = "counts of one benchmark round, far below 2^52"
+)]
+fn retransmitted_pct((opens_before, syns_before): (u64, u64), (opens, syns): (u64, u64)) -> f64 {
+    let opened = opens.saturating_sub(opens_before);
+    if opened == 0 {
+        return 0.0;
+    }
+    100.0 * syns.saturating_sub(syns_before) as f64 / opened as f64
+}
+
+/// One table row: medians over the rounds (the request rate also as min–max), the p99 added
+/// to the direct path's in the same mode, and the SYNs retransmitted.
+fn row(name: &str, runs: &[Run], direct_p99: f64) -> String {
+    let of =
+        |f: fn(&WrkResult) -> f64| Summary::of(&runs.iter().map(|r| f(&r.wrk)).collect::<Vec<_>>());
     let p99 = of(|r| r.p99_us).median;
+    let retransmitted = Summary::of(
+        &runs
+            .iter()
+            .map(|r| r.syn_retransmitted_pct)
+            .collect::<Vec<_>>(),
+    )
+    .median;
     format!(
-        "| {name} | {} | {:.0} | {p99:.0} | {:.0} | {:+.0} |",
+        "| {name} | {} | {:.0} | {p99:.0} | {:.0} | {:+.0} | {retransmitted:.1} |",
         of(|r| r.requests_per_second).show(1.0, 0),
         of(|r| r.p50_us).median,
         of(|r| r.p999_us).median,
@@ -75,7 +112,10 @@ pub(crate) fn run() -> anyhow::Result<()> {
     let bin_dir = build_binaries(true)?;
     // SAFETY: single-threaded here; the fixture reads it.
     unsafe { std::env::set_var("PALISADE_BIN_DIR", &bin_dir) };
-    let node = Node::start_tagged("pal-bench", "l7", &[]);
+    // For comparisons (say `--proxy-close-grace-ms 0`): agent arguments, split on spaces.
+    let extra = std::env::var("PALISADE_BENCH_AGENT_ARGS").unwrap_or_default();
+    let agent_args: Vec<&str> = extra.split_whitespace().collect();
+    let node = Node::start_tagged("pal-bench", "l7", &agent_args);
     let client = node.add_endpoint("client", "x", "app=client");
     let server = node.add_endpoint("server", "x", "app=server");
     let gateway = node.add_endpoint("gateway", "x", "app=gateway");
@@ -94,7 +134,8 @@ pub(crate) fn run() -> anyhow::Result<()> {
     let url = |ip: std::net::Ipv4Addr| format!("http://{ip}/public/index.html");
     let wrk = |path: usize, (mode, close): (&str, bool)| {
         let ip = if path == NGINX { gateway.ip } else { server.ip };
-        tools::wrk(
+        let before = syn_counters(&client.name);
+        let wrk = tools::wrk(
             &client.name,
             &url(ip),
             WRK_THREADS,
@@ -102,14 +143,19 @@ pub(crate) fn run() -> anyhow::Result<()> {
             WRK_SECONDS,
             close,
         )
-        .with_context(|| format!("the row {:?}, {mode}", PATHS[path]))
+        .with_context(|| format!("the row {:?}, {mode}", PATHS[path]))?;
+        let syn_retransmitted_pct = retransmitted_pct(before, syn_counters(&client.name));
+        anyhow::Ok(Run {
+            wrk,
+            syn_retransmitted_pct,
+        })
     };
     let load_before = tools::machine_load();
 
     // Interleaved rounds, medians reported: the two CPUs are shared with wrk and the backend,
     // so a single run of each would mostly measure whatever else the machine was doing.
     // runs[mode][path]: one result per round.
-    let mut runs: [[Vec<WrkResult>; 3]; 2] = Default::default();
+    let mut runs: [[Vec<Run>; 3]; 2] = Default::default();
     let mut inside = Vec::new();
     for _ in 0..ROUNDS {
         for (m, &mode) in MODES.iter().enumerate() {
@@ -142,16 +188,21 @@ pub(crate) fn run() -> anyhow::Result<()> {
 
     let mut tables = Vec::new();
     for (m, (mode, _)) in MODES.iter().enumerate() {
-        let direct_p99 =
-            Summary::of(&runs[m][DIRECT].iter().map(|r| r.p99_us).collect::<Vec<_>>()).median;
+        let direct_p99 = Summary::of(
+            &runs[m][DIRECT]
+                .iter()
+                .map(|r| r.wrk.p99_us)
+                .collect::<Vec<_>>(),
+        )
+        .median;
         let rows: Vec<String> = [DIRECT, PALISADE, NGINX]
             .iter()
             .map(|&p| row(PATHS[p], &runs[m][p], direct_p99))
             .collect();
         tables.push(format!(
             "**{mode}**\n\n\
-             | path | requests/s (min–max) | p50 (µs) | p99 (µs) | p99.9 (µs) | p99 added vs direct (µs) |\n\
-             |---|---|---|---|---|---|\n{}",
+             | path | requests/s (min–max) | p50 (µs) | p99 (µs) | p99.9 (µs) | p99 added vs direct (µs) | SYN retransmitted (% of connects) |\n\
+             |---|---|---|---|---|---|---|\n{}",
             rows.join("\n")
         ));
     }
@@ -165,10 +216,22 @@ pub(crate) fn run() -> anyhow::Result<()> {
         .median
     };
     let wrk_ka = |f: fn(&WrkResult) -> f64| {
-        Summary::of(&runs[0][PALISADE].iter().map(f).collect::<Vec<_>>()).median
+        Summary::of(
+            &runs[0][PALISADE]
+                .iter()
+                .map(|r| f(&r.wrk))
+                .collect::<Vec<_>>(),
+        )
+        .median
     };
     let direct_ka = |f: fn(&WrkResult) -> f64| {
-        Summary::of(&runs[0][DIRECT].iter().map(f).collect::<Vec<_>>()).median
+        Summary::of(
+            &runs[0][DIRECT]
+                .iter()
+                .map(|r| f(&r.wrk))
+                .collect::<Vec<_>>(),
+        )
+        .median
     };
     let samples = inside.iter().map(Vec::len).min().unwrap_or(0);
     let split = format!(
@@ -195,7 +258,13 @@ pub(crate) fn run() -> anyhow::Result<()> {
          the proxy and the backend; median of {ROUNDS} interleaved rounds, request rate also as \
          min–max). Rules: GET /public/.* allowed, everything else 403. Every answer measured is a \
          200 (a run with any other answer fails the benchmark).\n\n\
+         Agent arguments beyond the defaults: {}. \
          Before: {load_before}.\n\nAfter: {load_after}.\n\n{}\n\n{split}",
+        if agent_args.is_empty() {
+            "none".to_string()
+        } else {
+            format!("`{extra}`")
+        },
         tables.join("\n\n"),
     );
     write_result("l7-proxy", "L7 proxy throughput and latency", &body)

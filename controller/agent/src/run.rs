@@ -231,7 +231,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         crate::prefilter::bpf::Loaded::host_device(dev).context("--prefilter-device")?;
     }
     let node_ip: Ipv4Addr = ipam::node_ip(&args.pod_cidr);
-    let (datapath, maps, ring) = BpfDatapath::load(
+    let (mut datapath, maps, ring) = BpfDatapath::load(
         &args.bpffs,
         DatapathConfig {
             ct_tcp_established_timeout_s: args.ct_tcp_timeout,
@@ -278,6 +278,16 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         }
         _ => None,
     };
+    if let Some(http) = &proxy_socket {
+        use std::os::fd::AsFd as _;
+        let mut listeners = vec![(args.proxy_port, http.as_fd())];
+        if let Some((_, tcp)) = &dns_sockets {
+            listeners.push((args.dns_proxy_port, tcp.as_fd()));
+        }
+        if let Err(e) = datapath.steer_time_wait_syns(&listeners) {
+            warn!(error = %e, "a client reusing a port the proxy holds in TIME_WAIT will connect only on its SYN retransmission");
+        }
+    }
     let (proxy_tx, proxy_rx) = watch::channel(Arc::new(ProxyPolicy::default()));
     let (dns_tx, dns_rx) = watch::channel(Arc::new(DnsPolicy::default()));
     let (catalog_tx, catalog_rx) = watch::channel(Arc::new(Catalog::default()));

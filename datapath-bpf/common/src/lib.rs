@@ -19,6 +19,7 @@ pub mod mark;
 pub mod metrics;
 pub mod policy;
 pub mod prefilter;
+pub mod proxy;
 pub mod reason;
 
 /// Address family tags stored in keys that carry an IP address.

@@ -14,10 +14,12 @@ macro_rules! abi_names {
         maps { $( $(#[$mdoc:meta])* $map:ident = $map_name:literal, )* }
         classifiers { $( $(#[$pdoc:meta])* $prog:ident = $prog_fn:ident, )* }
         xdp { $( $(#[$xdoc:meta])* $xprog:ident = $xprog_fn:ident, )* }
+        sk_lookup { $( $(#[$sdoc:meta])* $sprog:ident = $sprog_fn:ident, )* }
     ) => {
         $( $(#[$mdoc])* pub const $map: &str = $map_name; )*
         $( $(#[$pdoc])* pub const $prog: &str = stringify!($prog_fn); )*
         $( $(#[$xdoc])* pub const $xprog: &str = stringify!($xprog_fn); )*
+        $( $(#[$sdoc])* pub const $sprog: &str = stringify!($sprog_fn); )*
 
         /// Declares a BPF map under its ABI name:
         /// `palisade_common::bpf_map!(IPCACHE, pub static IPCACHE: LpmTrie<K, V> = ...;)`.
@@ -58,6 +60,20 @@ macro_rules! abi_names {
                 };
             )*
         }
+
+        /// Declares an sk_lookup program under its ABI name:
+        /// `palisade_common::bpf_sk_lookup!(PROG_PROXY_LOOKUP, |ctx| body)`.
+        #[macro_export]
+        macro_rules! bpf_sk_lookup {
+            $(
+                ($sprog, |$d ctx:ident| $d body:expr) => {
+                    #[aya_ebpf::macros::sk_lookup]
+                    pub fn $sprog_fn($d ctx: aya_ebpf::programs::SkLookupContext) -> u32 {
+                        $d body
+                    }
+                };
+            )*
+        }
     };
 }
 
@@ -84,6 +100,13 @@ abi_names! { $
         PREFILTER_COUNTERS = "PREFILTER_COUNTERS_V1",
         /// The prefilter's own flow-event token bucket (one slot, per CPU).
         PREFILTER_EVENT_RATE = "PREFILTER_EVENT_RATE_V1",
+        /// SYNs for a tuple in TIME_WAIT at the proxy, handed to the kernel's TIME_WAIT
+        /// handling, whose listener lookup `PROG_PROXY_LOOKUP` answers (see `proxy`). Not
+        /// pinned: it only lives from one packet to the next.
+        TIME_WAIT_SYNS = "TIME_WAIT_SYNS_V1",
+        /// The proxy's TCP listeners by port (a SOCKHASH the agent fills; not pinned, the
+        /// sockets are the running agent's).
+        PROXY_LISTENERS = "PROXY_LISTENERS_V1",
     }
     classifiers {
         /// TC ingress of an endpoint's host-side veth: what the endpoint sends.
@@ -94,6 +117,11 @@ abi_names! { $
     xdp {
         /// XDP on a host-facing interface: the CIDR deny list, before any other processing.
         PROG_PREFILTER = xdp_prefilter,
+    }
+    sk_lookup {
+        /// sk_lookup in the node namespace: the proxy's listener for the SYNs recorded in
+        /// `TIME_WAIT_SYNS`, nothing for any other lookup.
+        PROG_PROXY_LOOKUP = sk_lookup_proxy,
     }
 }
 

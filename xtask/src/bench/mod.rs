@@ -29,11 +29,27 @@ pub(crate) fn write_result(name: &str, title: &str, body: &str) -> anyhow::Resul
             .unwrap_or_default()
             .trim()
     );
+    let path = dir.join(format!("{name}.md"));
     let text =
         format!("# {title}\n\nMeasured by `cargo xtask bench {name}` on {machine}.\n\n{body}\n");
-    std::fs::write(dir.join(format!("{name}.md")), text)?;
+    let previous = std::fs::read_to_string(&path).unwrap_or_default();
+    std::fs::write(&path, keep_hand_written(text, &previous))?;
     println!("\n{body}\n(written to docs/benchmarks/{name}.md)");
     Ok(())
+}
+
+/// The line below which a results file is written by hand: a rerun replaces what is above it
+/// and keeps the rest.
+pub(crate) const HAND_WRITTEN_MARKER: &str =
+    "<!-- Written by hand below this line: `cargo xtask bench` keeps it. -->";
+
+/// `generated`, followed by the hand-written part of `previous` (the marker line and what
+/// follows it), if it has one.
+fn keep_hand_written(generated: String, previous: &str) -> String {
+    match previous.find(HAND_WRITTEN_MARKER) {
+        Some(at) => format!("{generated}\n{}", &previous[at..]),
+        None => generated,
+    }
 }
 
 fn cpu_ticks(pid: u32) -> u64 {
@@ -231,4 +247,20 @@ pub fn run(which: Option<String>) -> anyhow::Result<()> {
         crate::bench_dns::run()?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_rerun_keeps_what_was_written_by_hand_below_the_marker() {
+        let previous = format!("# T\n\nold table\n\n{HAND_WRITTEN_MARKER}\n\n## Reading\n\nwhy\n");
+        let kept = keep_hand_written("# T\n\nnew table\n".to_string(), &previous);
+        assert_eq!(
+            kept,
+            format!("# T\n\nnew table\n\n{HAND_WRITTEN_MARKER}\n\n## Reading\n\nwhy\n")
+        );
+        assert_eq!(keep_hand_written("new\n".to_string(), "old\n"), "new\n");
+    }
 }

@@ -12,10 +12,12 @@ use std::path::{Path, PathBuf};
 
 use aya::{
     Ebpf, EbpfError, EbpfLoader,
-    maps::{Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, RingBuf, lpm_trie::Key},
+    maps::{
+        Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, RingBuf, SockHash, lpm_trie::Key,
+    },
     pin::PinError,
     programs::{
-        LinkOrder, ProgramError, SchedClassifier, TcAttachType,
+        LinkOrder, ProgramError, SchedClassifier, SkLookup, TcAttachType,
         links::{FdLink, LinkError, PinnedLink},
         tc::{SchedClassifierLink, TcAttachOptions},
     },
@@ -95,6 +97,12 @@ pub enum BpfError {
         pin: PathBuf,
         #[source]
         source: PinError,
+    },
+    #[error("attaching {name} to the node namespace: {source}")]
+    AttachNetns {
+        name: &'static str,
+        #[source]
+        source: io::Error,
     },
     #[error("map {map} is full")]
     MapFull { map: &'static str },
@@ -264,6 +272,47 @@ fn take_map(bpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, BpfErr
 }
 
 impl BpfDatapath {
+    /// Lets a client reconnect at once from a port whose last connection is still in TIME_WAIT
+    /// at the proxy (see `palisade_common::proxy`): loads the sk_lookup program, gives it the
+    /// proxy's TCP `listeners` (port, socket) and attaches it to the agent's own network
+    /// namespace, the node's, for as long as the agent runs. Without it such a SYN is dropped
+    /// and the client connects on its retransmission; nothing else changes.
+    pub fn steer_time_wait_syns(
+        &mut self,
+        listeners: &[(u16, std::os::fd::BorrowedFd<'_>)],
+    ) -> Result<(), BpfError> {
+        let name = names::PROG_PROXY_LOOKUP;
+        let map = names::PROXY_LISTENERS;
+        let mut sockets: SockHash<&mut MapData, u32> = SockHash::try_from(
+            self.bpf
+                .map_mut(map)
+                .ok_or(BpfError::MissingMap { name: map })?,
+        )
+        .map_err(map_err(map, "open"))?;
+        for (port, socket) in listeners {
+            use std::os::fd::AsRawFd as _;
+            sockets
+                .insert(u32::from(*port), socket.as_raw_fd(), 0)
+                .map_err(map_err(map, "insert"))?;
+        }
+        let prog: &mut SkLookup = self
+            .bpf
+            .program_mut(name)
+            .ok_or(BpfError::MissingProgram { name })?
+            .try_into()
+            .map_err(|source| BpfError::Program { name, source })?;
+        prog.load().map_err(|source| BpfError::Verifier {
+            name,
+            log_tail: verifier_log(&source),
+            source,
+        })?;
+        let netns = fs::File::open("/proc/self/ns/net")
+            .map_err(|source| BpfError::AttachNetns { name, source })?;
+        prog.attach(&netns)
+            .map_err(|source| BpfError::Program { name, source })?;
+        Ok(())
+    }
+
     /// Loads the object, reusing maps already pinned under `bpffs` (agent restart). Returns
     /// the datapath, a reader for the maps others may read without the engine, and the
     /// flow-event ring buffer for the event reader.
