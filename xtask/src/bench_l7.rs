@@ -112,7 +112,7 @@ pub(crate) fn run() -> anyhow::Result<()> {
     let bin_dir = build_binaries(true)?;
     // SAFETY: single-threaded here; the fixture reads it.
     unsafe { std::env::set_var("PALISADE_BIN_DIR", &bin_dir) };
-    // For comparisons (say `--proxy-close-grace-ms 0`): agent arguments, split on spaces.
+    // For comparisons (say `--proxy-workers 1`): agent arguments, split on spaces.
     let extra = std::env::var("PALISADE_BENCH_AGENT_ARGS").unwrap_or_default();
     let agent_args: Vec<&str> = extra.split_whitespace().collect();
     let node = Node::start_tagged("pal-bench", "l7", &agent_args);
