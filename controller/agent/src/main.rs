@@ -10,20 +10,6 @@ use tracing_subscriber::EnvFilter;
 #[global_allocator]
 static GLOBAL: MiMalloc = MiMalloc;
 
-/// `mi_option_purge_delay` in mimalloc.h (the same in its v2 and v3); libmimalloc-sys has no
-/// constant for it.
-const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
-
-/// Has mimalloc give freed memory back to the kernel at once. Its delayed purge only runs when
-/// the freeing thread allocates again, and the agent's threads often go idle right after a
-/// burst (a blocking-pool thread after a state save, workers after a sync), so what they
-/// freed stayed resident: the Kubernetes-scale benchmark's agent held 202 MiB with its pods
-/// against 135 MiB purging at once (docs/benchmarks/kubernetes-scale.md).
-fn purge_freed_memory_at_once() {
-    // SAFETY: sets a global option of the allocator; any thread may, at any time.
-    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 0) };
-}
-
 /// The error and its causes on one line, each said once: the messages here include their
 /// cause already, so a cause whose words its parent carries is not repeated.
 fn one_line(e: &anyhow::Error) -> String {
@@ -43,7 +29,6 @@ fn one_line(e: &anyhow::Error) -> String {
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    purge_freed_memory_at_once();
     let args = palisade_agent::run::AgentArgs::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -71,22 +56,7 @@ async fn main() -> std::process::ExitCode {
 
 #[cfg(test)]
 mod tests {
-    use super::{MI_OPTION_PURGE_DELAY, one_line, purge_freed_memory_at_once};
-
-    #[test]
-    fn the_purge_delay_option_is_the_one_set() {
-        // The purge delay's default in the mimalloc built here (v3's options.c) is 1,000 ms:
-        // that the number reads it says the number names the option.
-        // SAFETY: reads a global option of the allocator.
-        let default = unsafe { libmimalloc_sys::mi_option_get(MI_OPTION_PURGE_DELAY) };
-        if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
-            assert_eq!(default, 1_000);
-        }
-        purge_freed_memory_at_once();
-        // SAFETY: as above.
-        let set = unsafe { libmimalloc_sys::mi_option_get(MI_OPTION_PURGE_DELAY) };
-        assert_eq!(set, 0);
-    }
+    use super::one_line;
 
     #[test]
     fn causes_are_said_once() {
