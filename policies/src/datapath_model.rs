@@ -2425,8 +2425,8 @@ mod tests {
         assert_eq!(dp2.judge(&from_node).outcome, Outcome::Forwarded);
     }
 
-    /// The IPv4 header checksum of `frame`, computed in full.
-    fn header_checksum_ok(frame: &[u8]) -> bool {
+    /// The one's complement sum of `frame`'s 20-byte IPv4 header, computed in full.
+    fn header_sum(frame: &[u8]) -> u16 {
         let mut sum: u32 = frame[ETH_HLEN..ETH_HLEN + 20]
             .chunks(2)
             .map(|c| u32::from(u16::from_be_bytes([c[0], c[1]])))
@@ -2434,22 +2434,19 @@ mod tests {
         while sum > 0xffff {
             sum = (sum & 0xffff) + (sum >> 16);
         }
-        sum == 0xffff
+        u16::try_from(sum).unwrap()
+    }
+
+    fn header_checksum_ok(frame: &[u8]) -> bool {
+        header_sum(frame) == 0xffff
     }
 
     #[test]
     fn the_delivered_frame_is_readdressed_with_its_ttl_and_checksum_updated() {
         let dp = fast_path_model();
         let mut syn = tcp(A, 40000, B, 80, TCP_SYN);
-        // A valid header checksum to start from.
-        let mut sum: u32 = syn[ETH_HLEN..ETH_HLEN + 20]
-            .chunks(2)
-            .map(|c| u32::from(u16::from_be_bytes([c[0], c[1]])))
-            .sum();
-        while sum > 0xffff {
-            sum = (sum & 0xffff) + (sum >> 16);
-        }
-        let sum = !u16::try_from(sum).unwrap();
+        // A valid header checksum to start from (the field is zero).
+        let sum = !header_sum(&syn);
         syn[ETH_HLEN + 10..ETH_HLEN + 12].copy_from_slice(&sum.to_be_bytes());
         assert!(header_checksum_ok(&syn));
         let out = dp.delivered_frame(&syn, IF_B).unwrap();
