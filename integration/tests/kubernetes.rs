@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use palisade_integration::cluster::{Cluster, KubePod};
 use palisade_integration::kube_api::PauseMode;
-use palisade_integration::traffic::{tcp_connects, tcp_server};
+use palisade_integration::traffic::{Server, tcp_connects, tcp_server};
 use serde_json::Value;
 
 const WEB_FROM_CLIENTS: &str = "apiVersion: networking.k8s.io/v1
@@ -466,20 +466,27 @@ fn namespace_labels_clusterwide_policies_deleted_pods_and_unused_identities() {
     );
 }
 
-#[test]
-fn a_namespace_label_sets_its_mode_and_monitor_reports_without_dropping() {
-    let c = Cluster::start("k8s-mode", 1, true, &[]);
+/// Pods `shop/web` (serving TCP 80) and `shop/client`, and a policy that lets only
+/// `app=friend` reach web: the client is denied (`why` says so while waiting).
+fn web_only_for_friends(c: &Cluster, why: &str) -> (KubePod, KubePod, Server) {
     c.namespace("shop", &[]);
     let web = c.pod(0, "shop", "web", &[("app", "web")]);
     let client = c.pod(0, "shop", "client", &[("app", "client")]);
     c.endpoint(0, &web);
     c.endpoint(0, &client);
-    let _srv = tcp_server(&web.container.netns, 80);
+    let srv = tcp_server(&web.container.netns, 80);
     c.kubectl_stdin(
         &["create"],
         "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: web-from-friends, namespace: shop}\nspec:\n  podSelector: {matchLabels: {app: web}}\n  ingress:\n  - from: [{podSelector: {matchLabels: {app: friend}}}]\n",
     );
-    until_connects(&c, &client, &web, false, "protected: the client is denied");
+    until_connects(c, &client, &web, false, why);
+    (web, client, srv)
+}
+
+#[test]
+fn a_namespace_label_sets_its_mode_and_monitor_reports_without_dropping() {
+    let c = Cluster::start("k8s-mode", 1, true, &[]);
+    let (web, client, _srv) = web_only_for_friends(&c, "protected: the client is denied");
     let identity = c.endpoint(0, &web)["identity"].clone();
 
     c.namespace("shop", &[("palisade.io/mode", "monitor")]);
@@ -547,17 +554,7 @@ fn annotate_audit(c: &Cluster, pod: &KubePod, value: Option<&str>) {
 #[test]
 fn a_pods_audit_annotation_puts_its_endpoint_in_audit_and_a_bad_value_enforces() {
     let c = Cluster::start("k8s-podaudit", 1, true, &[]);
-    c.namespace("shop", &[]);
-    let web = c.pod(0, "shop", "web", &[("app", "web")]);
-    let client = c.pod(0, "shop", "client", &[("app", "client")]);
-    c.endpoint(0, &web);
-    c.endpoint(0, &client);
-    let _srv = tcp_server(&web.container.netns, 80);
-    c.kubectl_stdin(
-        &["create"],
-        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: web-from-friends, namespace: shop}\nspec:\n  podSelector: {matchLabels: {app: web}}\n  ingress:\n  - from: [{podSelector: {matchLabels: {app: friend}}}]\n",
-    );
-    until_connects(&c, &client, &web, false, "enforced: the client is denied");
+    let (web, client, _srv) = web_only_for_friends(&c, "enforced: the client is denied");
     let identity = c.endpoint(0, &web)["identity"].clone();
 
     // Annotated on the running pod: its endpoint is in audit, the violation passes as AUDIT.

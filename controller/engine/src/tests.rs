@@ -1075,6 +1075,28 @@ fn policy(
 
 /// The first sync of a node: the cluster's numbers, a namespace, two pods of another node,
 /// that node, and a policy; then this node's pod, attached by CNI, takes its labels.
+/// The pod `shop/web` (10.0.0.9) attached through CNI on veth `palweb`, with `labels` known
+/// at ADD or none yet.
+async fn attach_web(e: &mut TestEngine, labels: Option<&str>) {
+    cni_veth(e, "palweb", 500, "/run/netns/cni-web");
+    let mut web = attachment("web", "palweb", Ipv4Addr::new(10, 0, 0, 9), labels);
+    web.name = "web".into();
+    e.attachment_add(web).await.unwrap();
+}
+
+/// A cluster engine after the first sync, with `shop/web` attached (no labels yet).
+async fn cluster_engine_with_web() -> TestEngine {
+    let mut e = cluster_engine(
+        MemoryDatapath::default(),
+        MemoryPlumbing::default(),
+        MemoryStore::default(),
+    )
+    .await;
+    e.cluster_update(first_sync()).unwrap();
+    attach_web(&mut e, None).await;
+    e
+}
+
 fn first_sync() -> ClusterDelta {
     ClusterDelta {
         identities: Some(
@@ -1133,10 +1155,7 @@ async fn pods_of_other_nodes_are_judged_by_the_identity_the_cluster_gave_them() 
     .await;
     let report = e.cluster_update(first_sync()).unwrap();
     assert!(report.rejected.is_empty() && report.skipped.is_empty());
-    cni_veth(&mut e, "palweb", 500, "/run/netns/cni-web");
-    let mut web = attachment("web", "palweb", Ipv4Addr::new(10, 0, 0, 9), None);
-    web.name = "web".into();
-    e.attachment_add(web).await.unwrap();
+    attach_web(&mut e, None).await;
     assert_eq!(e.record("shop/web").unwrap().identity, Identity::INIT);
     e.cluster_update(ClusterDelta {
         endpoint_labels: vec![("shop/web".into(), labels("app=web"))],
@@ -1256,11 +1275,8 @@ async fn a_restarted_agent_enforces_the_clusters_state_before_its_watchers_sync(
     )
     .await;
     e.cluster_update(first_sync()).unwrap();
-    cni_veth(&mut e, "palweb", 500, "/run/netns/cni-web");
-    let mut web = attachment("web", "palweb", Ipv4Addr::new(10, 0, 0, 9), Some("app=web"));
-    web.name = "web".into();
     // Labels known at ADD (the agent read the Pod first): the cluster's number at once.
-    e.attachment_add(web).await.unwrap();
+    attach_web(&mut e, Some("app=web")).await;
     assert_eq!(e.record("shop/web").unwrap().identity, Identity(70_000));
     let maps = e.datapath.state.clone();
     let Engine {
@@ -1288,17 +1304,7 @@ async fn a_restarted_agent_enforces_the_clusters_state_before_its_watchers_sync(
 
 #[tokio::test]
 async fn the_mode_label_of_a_kubernetes_namespace_is_its_mode_and_no_identity_label() {
-    let mut e = cluster_engine(
-        MemoryDatapath::default(),
-        MemoryPlumbing::default(),
-        MemoryStore::default(),
-    )
-    .await;
-    e.cluster_update(first_sync()).unwrap();
-    cni_veth(&mut e, "palweb", 500, "/run/netns/cni-web");
-    let mut web = attachment("web", "palweb", Ipv4Addr::new(10, 0, 0, 9), None);
-    web.name = "web".into();
-    e.attachment_add(web).await.unwrap();
+    let mut e = cluster_engine_with_web().await;
     e.cluster_update(ClusterDelta {
         endpoint_labels: vec![("shop/web".into(), labels("app=web"))],
         ..ClusterDelta::default()
@@ -1354,17 +1360,7 @@ async fn the_mode_label_of_a_kubernetes_namespace_is_its_mode_and_no_identity_la
 
 #[tokio::test]
 async fn a_pods_audit_annotation_puts_its_endpoint_in_audit_and_out() {
-    let mut e = cluster_engine(
-        MemoryDatapath::default(),
-        MemoryPlumbing::default(),
-        MemoryStore::default(),
-    )
-    .await;
-    e.cluster_update(first_sync()).unwrap();
-    cni_veth(&mut e, "palweb", 500, "/run/netns/cni-web");
-    let mut web = attachment("web", "palweb", Ipv4Addr::new(10, 0, 0, 9), None);
-    web.name = "web".into();
-    e.attachment_add(web).await.unwrap();
+    let mut e = cluster_engine_with_web().await;
     let pod = |audit: bool| ClusterDelta {
         endpoint_labels: vec![("shop/web".into(), labels("app=web"))],
         endpoint_audit: vec![("shop/web".into(), audit)],
