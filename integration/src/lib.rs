@@ -10,6 +10,7 @@
 pub mod cluster;
 pub mod cni;
 pub mod conformance;
+#[cfg(feature = "bpf-datapath")]
 pub mod differential;
 pub mod dns;
 pub mod http;

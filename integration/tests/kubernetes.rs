@@ -321,6 +321,11 @@ fn a_restart_while_the_api_changes_resyncs_and_keeps_enforcing() {
 #[test]
 fn missing_rbac_is_named_in_one_line_and_enforcement_stays() {
     let c = Cluster::start("k8s-rbac", 1, true, &[]);
+    // The pods watch must be open before it is dropped: one opened after the drop and the
+    // compaction would never relist, so it would never meet the fault.
+    c.eventually(0, "the agent watches pods", || {
+        c.api.open_watches_of("pods") > 0
+    });
     let id = c
         .api
         .inject(palisade_integration::kube_api::Fault::forbidden(
@@ -329,8 +334,12 @@ fn missing_rbac_is_named_in_one_line_and_enforcement_stays() {
             "",
             "pods",
         ));
-    c.api.drop_watches();
+    // A change the pods watch does not see, then compaction, before the drop: the pods
+    // watch's last resourceVersion is then gone, so its rewatch gets 410 and relists into the
+    // fault (without the change, it could resume from the current version and never list).
+    c.namespace("rbac-bump", &[]);
     c.api.compact();
+    c.api.drop_watches();
     c.eventually(0, "the missing permission is named", || {
         c.nodes[0]
             .node

@@ -505,6 +505,11 @@ impl ApiServer {
         self.shared.store().watch_count()
     }
 
+    /// How many watches on one resource, by its plural name (`pods`), are open now.
+    pub fn open_watches_of(&self, plural: &str) -> usize {
+        self.shared.store().watch_count_of(plural)
+    }
+
     /// Compacts the history: a watch from any resourceVersion before now gets `410 Gone`
     /// (an ERROR event with reason Expired), and so does a continue token or an exact list
     /// from before now. Open watches go on.

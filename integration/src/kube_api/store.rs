@@ -346,6 +346,14 @@ impl Store {
         self.watchers.iter().filter(|w| !w.tx.is_closed()).count()
     }
 
+    /// Open watches on one resource, by its plural name (`pods`).
+    pub fn watch_count_of(&self, plural: &str) -> usize {
+        self.watchers
+            .iter()
+            .filter(|w| !w.tx.is_closed() && w.filter.def.plural == plural)
+            .count()
+    }
+
     /// Forgets all history: a watch or consistent list from any earlier resourceVersion now
     /// gets `410 Gone`. Open watches are not affected.
     pub fn compact(&mut self) {

@@ -1,272 +1,75 @@
-//! The programs' own cost per packet: BPF_PROG_TEST_RUN with a repeat count, on the frames of
-//! one connection between two endpoints, against maps the engine would write. The kernel
-//! times the runs itself, so what the machine's other work adds is the noise between rounds,
-//! not a share of every figure; rounds are interleaved across cases and reported as medians.
+//! The programs' own cost per packet: `palisade-datapath-micro` (in the integration crate,
+//! since it loads the BPF programs in-process) times BPF_PROG_TEST_RUN runs and prints the
+//! samples; this makes the table, with medians over the interleaved rounds.
 
 use std::fmt::Write as _;
-use std::net::Ipv4Addr;
 
 use anyhow::{Context as _, bail};
-use palisade_integration::differential::DatapathConfig;
-use palisade_integration::differential::frames::{self, L4, Tuple};
-use palisade_integration::differential::{DiffEnv, RealDatapath};
-use palisade_integration::traffic;
-use palisade_policies::datapath_model::Program;
-use palisade_policies::endpoint::{EndpointId, LinkLayer};
-use palisade_policies::identity::Identity;
-use palisade_policies::mapstate::{
-    Action, EndpointEntry, IpcacheEntry, MapState, PolicyEntry, PolicyKey, PortPrefix, RuleId,
-    Staged, StagedEnforcement,
-};
-use palisade_policies::model::Direction;
+use serde_json::Value;
 
 use super::stats::Summary;
 
-const A: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 2);
-const B: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 3);
-const TCP: u8 = 6;
-const SYN: u8 = 0x02;
-const ACK: u8 = 0x10;
-/// Runs per timed test run.
-const REPEAT: u32 = 200_000;
-const ROUNDS: usize = 7;
-
-/// One timed case: a frame, the program and the endpoint interface it runs on.
-struct Case {
-    name: &'static str,
-    program: Program,
-    /// 0: endpoint A's interface, 1: endpoint B's.
-    at: usize,
-    frame: Vec<u8>,
-}
-
-fn tcp(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, flags: u8) -> Vec<u8> {
-    frames::frame(
-        &Tuple {
-            src,
-            dst,
-            protocol: TCP,
-            sport,
-            dport,
-        },
-        L4::Tcp { flags },
-    )
-}
-
-/// Two endpoints; B's ingress enforced, allowing A on ports 80 and 81, and `peers` CIDR
-/// identities more (one /32 each) so the policy and ipcache tries have their size.
-fn maps(ifindexes: [u32; 2], peers: u32) -> MapState {
-    let mut m = MapState::default();
-    let link = |n: u8| LinkLayer {
-        mac: [2, 0, 0, 0, 1, n],
-        host_mac: [2, 0, 0, 0, 2, n],
-        bridge: None,
-    };
-    for (i, (ip, identity)) in [(A, 256), (B, 257)].into_iter().enumerate() {
-        let n = u8::try_from(i).expect("two endpoints");
-        m.endpoints.insert(
-            EndpointId(u32::from(n) + 1),
-            EndpointEntry {
-                ifindex: ifindexes[i],
-                identity: Identity(identity),
-                ip,
-                ingress_enforced: i == 1,
-                egress_enforced: false,
-                audit: false,
-                staged: StagedEnforcement::default(),
-                link: link(n),
-            },
-        );
-        m.ipcache.insert(
-            ip.into(),
-            IpcacheEntry {
-                identity: Identity(identity),
-                endpoint: Some(EndpointId(u32::from(n) + 1)),
-                cidr_identity: None,
-            },
-        );
+/// Builds and runs the measuring binary; returns its JSON.
+fn samples() -> anyhow::Result<Value> {
+    crate::install::ensure()?;
+    crate::run(crate::cargo().args([
+        "build",
+        "--release",
+        "--package",
+        "palisade-integration",
+        "--bin",
+        "palisade-datapath-micro",
+    ]))?;
+    let bin = crate::workspace_root().join("target/release/palisade-datapath-micro");
+    let out = std::process::Command::new(&bin)
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .with_context(|| format!("running {}", bin.display()))?;
+    if !out.status.success() {
+        bail!("{} failed ({})", bin.display(), out.status);
     }
-    m.ipcache.insert(
-        "0.0.0.0/0".parse().expect("prefix"),
-        IpcacheEntry {
-            identity: Identity::WORLD,
-            endpoint: None,
-            cidr_identity: None,
-        },
-    );
-    let allow = |identity: u32, port: u16| {
-        (
-            PolicyKey {
-                endpoint: EndpointId(2),
-                identity: Identity(identity),
-                direction: Direction::Ingress,
-                protocol: Some(TCP),
-                port: PortPrefix::exact(port),
-            },
-            PolicyEntry {
-                action: Action::Allow,
-                rule: RuleId(1),
-                staged: Staged::Same,
-            },
-        )
-    };
-    m.policy.extend([allow(256, 80), allow(256, 81)]);
-    for k in 0..peers {
-        let [_, _, hi, lo] = k.to_be_bytes();
-        let identity = (1 << 24) + k + 1;
-        m.ipcache.insert(
-            Ipv4Addr::new(10, 1, hi, lo).into(),
-            IpcacheEntry {
-                identity: Identity(identity),
-                endpoint: None,
-                cidr_identity: None,
-            },
-        );
-        m.policy.extend([allow(identity, 80)]);
-    }
-    m
+    serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("reading the samples {} printed", bin.display()))
 }
 
-/// Runs once and checks the program forwarded (TC_ACT_OK) or handed the frame on
-/// (TC_ACT_REDIRECT).
-fn pass(real: &RealDatapath, c: &Case, ifindexes: [u32; 2]) -> Result<(), String> {
-    let (rv, _) = real.time_run(c.program, &c.frame, ifindexes[c.at], 1)?;
-    if rv != 0 && rv != 7 {
-        return Err(format!("{}: the program returned {rv}", c.name));
-    }
-    Ok(())
-}
-
-/// ns per packet for each case, over `ROUNDS` interleaved rounds.
-fn measure(peers: u32, cfg: DatapathConfig) -> anyhow::Result<Vec<(String, Summary)>> {
-    let env = DiffEnv::create("micro", 2);
-    let interfaces = env.interfaces.clone();
-    let bpffs = env.bpffs();
-    let result = traffic::in_netns(&env.netns, move || -> Result<_, String> {
-        let idx = |n: &str| nix::net::if_::if_nametoindex(n).map_err(|e| format!("{n}: {e}"));
-        let ifindexes = [idx(&interfaces[0])?, idx(&interfaces[2])?];
-        let mut real = RealDatapath::load_with(&bpffs, cfg);
-        real.set_maps(&maps(ifindexes, peers))?;
-        // The connection, opened at both hops in both directions.
-        let open = [
-            Case {
-                name: "syn",
-                program: Program::FromEndpoint,
-                at: 0,
-                frame: tcp(A, B, 40000, 80, SYN),
-            },
-            Case {
-                name: "syn",
-                program: Program::ToEndpoint,
-                at: 1,
-                frame: tcp(A, B, 40000, 80, SYN),
-            },
-            Case {
-                name: "syn-ack",
-                program: Program::FromEndpoint,
-                at: 1,
-                frame: tcp(B, A, 80, 40000, SYN | ACK),
-            },
-            Case {
-                name: "syn-ack",
-                program: Program::ToEndpoint,
-                at: 0,
-                frame: tcp(B, A, 80, 40000, SYN | ACK),
-            },
-        ];
-        for c in &open {
-            pass(&real, c, ifindexes)?;
-        }
-        let cases = [
-            Case {
-                name: "established, forward: A's egress",
-                program: Program::FromEndpoint,
-                at: 0,
-                frame: tcp(A, B, 40000, 80, ACK),
-            },
-            Case {
-                name: "established, forward: B's ingress",
-                program: Program::ToEndpoint,
-                at: 1,
-                frame: tcp(A, B, 40000, 80, ACK),
-            },
-            Case {
-                name: "established, reply: B's egress",
-                program: Program::FromEndpoint,
-                at: 1,
-                frame: tcp(B, A, 80, 40000, ACK),
-            },
-            Case {
-                name: "established, reply: A's ingress",
-                program: Program::ToEndpoint,
-                at: 0,
-                frame: tcp(B, A, 80, 40000, ACK),
-            },
-            Case {
-                name: "untracked, judged by policy: B's ingress",
-                program: Program::ToEndpoint,
-                at: 1,
-                frame: tcp(A, B, 40001, 81, ACK),
-            },
-        ];
-        for c in &cases {
-            pass(&real, c, ifindexes)?;
-        }
-        let mut samples = vec![Vec::new(); cases.len()];
-        for _ in 0..ROUNDS {
-            for (c, s) in cases.iter().zip(&mut samples) {
-                let (_, d) = real.time_run(c.program, &c.frame, ifindexes[c.at], REPEAT)?;
-                s.push(d.as_secs_f64() * 1e9);
-            }
-        }
-        Ok(cases
-            .iter()
-            .zip(samples)
-            .map(|(c, s)| (c.name.to_string(), Summary::of(&s)))
-            .collect::<Vec<_>>())
-    });
-    drop(env);
-    result.map_err(anyhow::Error::msg)
-}
-
-/// The table: ns per packet for each case, in four settings: every packet counted in its
-/// conntrack entry and no fast path (the datapath before its trimming), trimmed, trimmed with
-/// the fast path, and that with 10,000 CIDR peers.
+/// The table: ns per packet for each case, in each setting the binary measured.
 pub fn run() -> anyhow::Result<String> {
-    let settings = [
-        (
-            "per-packet conntrack writes, no fast path",
-            0,
-            DatapathConfig {
-                fast_path: false,
-                conntrack_accounting: true,
-                ..DatapathConfig::default()
-            },
-        ),
-        (
-            "trimmed, no fast path",
-            0,
-            DatapathConfig {
-                fast_path: false,
-                ..DatapathConfig::default()
-            },
-        ),
-        ("trimmed, fast path", 0, DatapathConfig::default()),
-        (
-            "trimmed, fast path, 10,000 CIDR peers",
-            10_000,
-            DatapathConfig::default(),
-        ),
-    ];
-    let mut columns = Vec::new();
-    for (name, peers, cfg) in settings {
-        columns.push(measure(peers, cfg).with_context(|| format!("the programs, {name}"))?);
-    }
-    if columns.iter().any(|c| c.len() != columns[0].len()) {
+    let v = samples()?;
+    let settings = v["settings"]
+        .as_array()
+        .context("the samples have no settings")?;
+    let column = |s: &Value| -> anyhow::Result<Vec<(String, Summary)>> {
+        s["cases"]
+            .as_array()
+            .context("a setting without cases")?
+            .iter()
+            .map(|c| {
+                let ns: Vec<f64> = c["ns_per_packet"]
+                    .as_array()
+                    .context("a case without samples")?
+                    .iter()
+                    .filter_map(Value::as_f64)
+                    .collect();
+                Ok((
+                    c["case"].as_str().unwrap_or("?").to_string(),
+                    Summary::of(&ns),
+                ))
+            })
+            .collect()
+    };
+    let columns = settings
+        .iter()
+        .map(column)
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    if columns.is_empty() || columns.iter().any(|c| c.len() != columns[0].len()) {
         bail!("the runs measured different cases");
     }
+    let names: Vec<&str> = settings
+        .iter()
+        .map(|s| s["setting"].as_str().unwrap_or("?"))
+        .collect();
     let mut out = format!(
-        "BPF_PROG_TEST_RUN, {REPEAT} runs per sample, {ROUNDS} rounds interleaved across cases \
+        "BPF_PROG_TEST_RUN, {} runs per sample, {} rounds interleaved across cases \
          (median, min–max, ns per packet, the kernel's own timing of the program). One TCP \
          connection between endpoints A and B, tracked at both hops; B's ingress enforced. With \
          the fast path, an egress program also runs the destination's ingress verdict (and \
@@ -275,8 +78,10 @@ pub fn run() -> anyhow::Result<String> {
          path skips them). One CPU runs each sample, so what the trimming saves in cache lines \
          shared between CPUs shows in `datapath` rather than here.\n\n\
          | packet: program | {} |\n|---|{}\n",
-        settings.map(|s| s.0).join(" | "),
-        "---|".repeat(settings.len())
+        v["repeat"],
+        v["rounds"],
+        names.join(" | "),
+        "---|".repeat(names.len())
     );
     for (k, (name, _)) in columns[0].iter().enumerate() {
         let cells: Vec<String> = columns.iter().map(|c| c[k].1.show(1.0, 0)).collect();
