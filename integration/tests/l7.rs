@@ -74,6 +74,10 @@ fn http_rules_allow_and_deny_requests_by_method_path_and_header() {
     let r = c.read_reply().unwrap();
     assert_eq!(r.status, 403, "POST only on /upload");
     assert!(
+        !s.node.flows(&["--http-method", "POST"]).is_empty(),
+        "a denial's flow is there as soon as its 403 is, without waiting"
+    );
+    assert!(
         r.body.contains("denied") || r.body.contains("Denied"),
         "{r:?}"
     );

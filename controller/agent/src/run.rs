@@ -403,7 +403,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         }
     });
     let (ev_tx, mut ev_rx) = mpsc::channel(8_192);
-    let (flush, flushes) = Flush::new();
+    let (mut flush, flushes) = Flush::new();
     tokio::spawn(read_events(ring, ev_tx, flushes));
     let store = Arc::clone(&flows);
     let counted = Arc::clone(&telemetry);
@@ -444,6 +444,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
             catalog_rx.clone(),
             Arc::clone(&flows),
             Arc::clone(&telemetry),
+            flush.source(),
         );
         tokio::spawn(recorder.run());
         let ctx = ProxyContext {

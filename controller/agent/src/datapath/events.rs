@@ -25,25 +25,41 @@ pub enum RingItem {
     Flushed(oneshot::Sender<()>),
 }
 
-/// Lets readers of the flow store (observe, the connection log) see every event the datapath
-/// wrote before they asked, although the ring is drained on a timer.
+/// Lets readers of the flow store (observe, the connection log) see every flow written before
+/// they asked, although the datapath's ring is drained on a timer and the proxy's reports are
+/// stored by a task of their own: each source of flows answers a flush once it has stored
+/// what came before it.
 #[derive(Clone, Debug)]
-pub struct Flush(mpsc::Sender<oneshot::Sender<()>>);
+pub struct Flush(Vec<mpsc::Sender<oneshot::Sender<()>>>);
 
 impl Flush {
     /// A handle and the requests it sends, for `read_events`.
     pub fn new() -> (Flush, mpsc::Receiver<oneshot::Sender<()>>) {
-        let (tx, rx) = mpsc::channel(64);
-        (Flush(tx), rx)
+        let mut flush = Flush(Vec::new());
+        let requests = flush.source();
+        (flush, requests)
     }
 
-    /// Returns once every event written before the call is stored, or after `FLUSH_WAIT`
-    /// (or at once when no reader runs): a slow flush delays an answer, never loses one.
+    /// Adds a source of flows: the requests it must answer.
+    pub fn source(&mut self) -> mpsc::Receiver<oneshot::Sender<()>> {
+        let (tx, rx) = mpsc::channel(64);
+        self.0.push(tx);
+        rx
+    }
+
+    /// Returns once every source has stored what it had before the call, or after
+    /// `FLUSH_WAIT` (a source that does not run is skipped): a slow flush delays an answer,
+    /// never loses one.
     pub async fn wait(&self) {
-        let (done, stored) = oneshot::channel();
-        if self.0.send(done).await.is_ok() {
-            let _ = tokio::time::timeout(FLUSH_WAIT, stored).await;
-        }
+        let all = async {
+            for source in &self.0 {
+                let (done, stored) = oneshot::channel();
+                if source.send(done).await.is_ok() {
+                    let _ = stored.await;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(FLUSH_WAIT, all).await;
     }
 }
 

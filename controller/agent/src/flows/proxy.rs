@@ -14,7 +14,7 @@ use std::net::SocketAddrV4;
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use palisade_api::flow::{Flow, FlowHttp, FlowIp, FlowL4, FlowTunnel};
 use palisade_engine::catalog::Catalog;
@@ -80,6 +80,8 @@ fn record(flows: &FlowStore, telemetry: &Telemetry, report: Report) {
 /// Records what the proxy's workers report, on its own task.
 pub struct Recorder {
     queue: mpsc::Receiver<Report>,
+    /// Readers of the flow store asking for what is queued to be stored (see `Flush`).
+    flushes: mpsc::Receiver<oneshot::Sender<()>>,
     flows: Arc<FlowStore>,
     telemetry: Arc<Telemetry>,
 }
@@ -87,13 +89,23 @@ pub struct Recorder {
 impl Recorder {
     /// Runs until every `ProxyFlows` is gone.
     pub async fn run(mut self) {
-        while let Some(report) = self.queue.recv().await {
-            record(&self.flows, &self.telemetry, report);
+        loop {
+            tokio::select! {
+                report = self.queue.recv() => match report {
+                    Some(report) => record(&self.flows, &self.telemetry, report),
+                    None => return,
+                },
+                Some(done) = self.flushes.recv() => {
+                    // Every report a worker handed over before the flush was asked for is
+                    // queued by now (handing over does not wait).
+                    self.drain();
+                    let _ = done.send(());
+                }
+            }
         }
     }
 
-    /// Records everything queued now (for tests).
-    #[cfg(test)]
+    /// Records everything queued now.
     fn drain(&mut self) {
         while let Ok(report) = self.queue.try_recv() {
             record(&self.flows, &self.telemetry, report);
@@ -102,12 +114,14 @@ impl Recorder {
 }
 
 impl ProxyFlows {
-    /// The observer for the proxy, and the recorder that must run for its flows to be stored.
+    /// The observer for the proxy, and the recorder that must run for its flows to be stored
+    /// (answering `flushes` once what was queued before each is stored).
     pub fn new(
         policy: watch::Receiver<Arc<ProxyPolicy>>,
         catalog: watch::Receiver<Arc<Catalog>>,
         flows: Arc<FlowStore>,
         telemetry: Arc<Telemetry>,
+        flushes: mpsc::Receiver<oneshot::Sender<()>>,
     ) -> (ProxyFlows, Recorder) {
         let (queue, rx) = mpsc::channel(RECORDER_QUEUE);
         (
@@ -122,6 +136,7 @@ impl ProxyFlows {
             },
             Recorder {
                 queue: rx,
+                flushes,
                 flows,
                 telemetry,
             },
@@ -306,8 +321,9 @@ mod tests {
     use palisade_engine::catalog::CatalogRule;
 
     use super::*;
+    use crate::datapath::events::Flush;
 
-    fn observer() -> (ConnectionFlows, Recorder, Arc<FlowStore>) {
+    fn observer() -> (ConnectionFlows, Recorder, Arc<FlowStore>, Flush) {
         let mut catalog = Catalog::default();
         catalog.rules.insert(
             5,
@@ -317,18 +333,21 @@ mod tests {
                 rule: "x/api-l7 ingress rule 0".into(),
             },
         );
-        let flows = Arc::new(FlowStore::new(16));
+        let flows = Arc::new(FlowStore::new(4096));
+        // No ring reader: a flush asks only the recorder.
+        let (mut flush, _ring) = Flush::new();
         let (shared, recorder) = ProxyFlows::new(
             watch::channel(Arc::new(ProxyPolicy::default())).1,
             watch::channel(Arc::new(catalog)).1,
             Arc::clone(&flows),
             Arc::new(Telemetry::default()),
+            flush.source(),
         );
         let connection = shared.connection(
             "10.200.0.2:40000".parse().unwrap(),
             "10.200.0.3:80".parse().unwrap(),
         );
-        (connection, recorder, flows)
+        (connection, recorder, flows, flush)
     }
 
     fn stored(flows: &FlowStore) -> Vec<Flow> {
@@ -339,9 +358,41 @@ mod tests {
             .collect()
     }
 
+    fn denied(path: &str) -> RequestRecord {
+        RequestRecord {
+            method: "GET".into(),
+            path: path.into(),
+            host: Some("api".into()),
+            status: 403,
+            allowed: false,
+            audited: false,
+            rule: 5,
+            latency: Duration::from_micros(3),
+            error: None,
+        }
+    }
+
+    // Two threads, so the test reads the store while the recorder may still be storing.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_flush_returns_once_every_report_handed_over_before_it_is_stored() {
+        let (mut connection, recorder, flows, flush) = observer();
+        let running = tokio::spawn(recorder.run());
+        for k in 0..2000 {
+            connection.request(denied(&format!("/private/{k}")));
+        }
+        flush.wait().await;
+        let paths: Vec<String> = stored(&flows)
+            .iter()
+            .filter_map(|f| f.http.as_ref().map(|h| h.path.clone()))
+            .collect();
+        assert_eq!(paths.len(), 2000, "every report before the flush");
+        drop(connection);
+        running.abort();
+    }
+
     #[test]
     fn a_refused_upgrade_is_a_policy_denial() {
-        let (mut connection, mut recorder, flows) = observer();
+        let (mut connection, mut recorder, flows, _flush) = observer();
         assert!(stored(&flows).is_empty());
         connection.request(RequestRecord {
             method: "GET".into(),
@@ -371,7 +422,7 @@ mod tests {
 
     #[test]
     fn tunnels_are_flows_of_their_own() {
-        let (mut connection, mut recorder, flows) = observer();
+        let (mut connection, mut recorder, flows, _flush) = observer();
         let record = |event, bytes_to_server, bytes_to_client, duration| TunnelRecord {
             event,
             protocol: "websocket".into(),

@@ -359,7 +359,8 @@ where
         let (method, path) = request_line_hint(self.client.buffered());
         let started = Instant::now();
         let response = wire::local_response(status, Persistence::Close, 1, false);
-        let written = self.write_client(&response).await;
+        // Recorded before the client can read the answer, so a client that asks for its flow
+        // right after finds it.
         (self.record)(Record::Request(RequestRecord {
             method,
             path,
@@ -371,7 +372,7 @@ where
             latency: started.elapsed(),
             error: Some(why),
         }));
-        written?;
+        self.write_client(&response).await?;
         self.linger_close().await;
         Ok(())
     }
@@ -408,14 +409,10 @@ where
             Persistence::Close
         };
         let response = wire::local_response(403, persistence, head.version, head.method == "HEAD");
-        let written = self.write_client(&response).await;
-        let failed = written.as_ref().err().map(|e| error_chain(e));
-        let error = match (why, failed) {
-            (Some(why), Some(failed)) => Some(format!("{why}; then {failed}")),
-            (why, failed) => why.or(failed),
-        };
-        self.record_request(head, 403, false, rule, started.elapsed(), error);
-        written?;
+        // Recorded before the client can read the 403, so a client that asks for its flow right
+        // after finds it; a client gone before the answer reached it is the proxy's error.
+        self.record_request(head, 403, false, rule, started.elapsed(), why);
+        self.write_client(&response).await?;
         Ok(if keep { Next::KeepAlive } else { Next::Close })
     }
 
@@ -554,7 +551,7 @@ where
             head.version,
             head.method == "HEAD",
         );
-        let written = self.write_client(&response).await;
+        // Recorded before the client can read the answer (as a denial is).
         self.record_request(
             head,
             status,
@@ -563,7 +560,7 @@ where
             started.elapsed(),
             Some(error_chain(&error)),
         );
-        written?;
+        self.write_client(&response).await?;
         Ok(Next::Close)
     }
 
