@@ -395,15 +395,8 @@ mod tests {
         let (mut connection, mut recorder, flows, _flush) = observer();
         assert!(stored(&flows).is_empty());
         connection.request(RequestRecord {
-            method: "GET".into(),
-            path: "/public/x".into(),
-            host: Some("api".into()),
-            status: 403,
-            allowed: false,
-            audited: false,
-            rule: 5,
-            latency: Duration::from_micros(3),
             error: Some("upgrade to \"spdy/3.1\" is not allowed by any HTTP rule".into()),
+            ..denied("/public/x")
         });
         assert!(
             stored(&flows).is_empty(),
