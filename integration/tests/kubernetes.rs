@@ -321,6 +321,7 @@ fn a_restart_while_the_api_changes_resyncs_and_keeps_enforcing() {
 #[test]
 fn missing_rbac_is_named_in_one_line_and_enforcement_stays() {
     let c = Cluster::start("k8s-rbac", 1, true, &[]);
+    let (web, client, _srv) = web_only_for_friends(&c, "enforced before the fault");
     // The pods watch must be open before it is dropped: one opened after the drop and the
     // compaction would never relist, so it would never meet the fault.
     c.eventually(0, "the agent watches pods", || {
@@ -347,6 +348,18 @@ fn missing_rbac_is_named_in_one_line_and_enforcement_stays() {
             .lines()
             .any(|l| l.contains("missing RBAC: cannot list pods"))
     });
+    assert!(
+        !connects(&client, &web),
+        "enforcement stays while the pods cannot be listed"
+    );
+    assert!(
+        c.nodes[0]
+            .node
+            .json(&["endpoint", "list"])
+            .as_array()
+            .is_some_and(|l| l.len() >= 2),
+        "the endpoints stay while the pods cannot be listed"
+    );
     c.api.remove_fault(id);
 }
 
