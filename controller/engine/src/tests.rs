@@ -1084,8 +1084,8 @@ async fn attach_web(e: &mut TestEngine, labels: Option<&str>) {
     e.attachment_add(web).await.unwrap();
 }
 
-/// A cluster engine after the first sync, with `shop/web` attached (no labels yet).
-async fn cluster_engine_with_web() -> TestEngine {
+/// A cluster engine with in-memory edges, after the first sync.
+async fn synced_cluster_engine() -> TestEngine {
     let mut e = cluster_engine(
         MemoryDatapath::default(),
         MemoryPlumbing::default(),
@@ -1093,6 +1093,12 @@ async fn cluster_engine_with_web() -> TestEngine {
     )
     .await;
     e.cluster_update(first_sync()).unwrap();
+    e
+}
+
+/// A cluster engine after the first sync, with `shop/web` attached (no labels yet).
+async fn cluster_engine_with_web() -> TestEngine {
+    let mut e = synced_cluster_engine().await;
     attach_web(&mut e, None).await;
     e
 }
@@ -1193,13 +1199,7 @@ async fn pods_of_other_nodes_are_judged_by_the_identity_the_cluster_gave_them() 
 
 #[tokio::test]
 async fn labels_the_cluster_has_not_numbered_hold_init_until_it_has() {
-    let mut e = cluster_engine(
-        MemoryDatapath::default(),
-        MemoryPlumbing::default(),
-        MemoryStore::default(),
-    )
-    .await;
-    e.cluster_update(first_sync()).unwrap();
+    let mut e = synced_cluster_engine().await;
     // A new pod elsewhere whose labels have no number yet, and a local pod relabelled so.
     e.cluster_update(ClusterDelta {
         remotes: Changes {
@@ -1230,13 +1230,7 @@ async fn labels_the_cluster_has_not_numbered_hold_init_until_it_has() {
 
 #[tokio::test]
 async fn a_relist_removes_what_is_gone_and_renumbering_moves_every_holder() {
-    let mut e = cluster_engine(
-        MemoryDatapath::default(),
-        MemoryPlumbing::default(),
-        MemoryStore::default(),
-    )
-    .await;
-    e.cluster_update(first_sync()).unwrap();
+    let mut e = synced_cluster_engine().await;
     // While the watch was down: `other` and the policy were deleted, and another node won
     // the race for client's labels, so their number changed.
     let mut relist = first_sync();
