@@ -910,7 +910,7 @@ mod tests {
             let host = [Ipv4Addr::new(10, 0, 0, 254)];
             let input = CompileInput {
                 endpoints: &self.endpoints,
-                identities: &table,
+                identities: table,
                 policies: &self.policies,
                 host_addresses: &host,
                 remote: &self.remote,

@@ -4,6 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
+use std::sync::Arc;
 
 use ipnetwork::Ipv4Network;
 use palisade_common::identity as reserved_ids;
@@ -197,6 +198,11 @@ pub struct IdentityAllocator {
     /// are never chosen here.
     cluster: bool,
     assigned: BTreeMap<Labels, Identity>,
+    /// Every identity in use, kept up to date by each change (a compile reads it at every
+    /// change, often with thousands of CIDR identities, so it is never rebuilt). Shared with
+    /// whoever names identities (the engine's catalog): a change copies it only while an
+    /// older copy is still out there.
+    table: Arc<IdentityTable>,
 }
 
 impl Default for IdentityAllocator {
@@ -210,6 +216,19 @@ impl Default for IdentityAllocator {
             next_cidr: 1,
             cluster: false,
             assigned: BTreeMap::new(),
+            table: Arc::new(
+                RESERVED
+                    .into_iter()
+                    .map(|(id, name)| {
+                        (
+                            id,
+                            IdentitySource::Reserved {
+                                name: name.to_string(),
+                            },
+                        )
+                    })
+                    .collect(),
+            ),
         }
     }
 }
@@ -310,12 +329,19 @@ impl IdentityAllocator {
         }
         for (labels, old, new) in &moves {
             self.workload_by_id.remove(old);
+            Arc::make_mut(&mut self.table).remove(old);
             if let Some(a) = self.workloads.get_mut(labels) {
                 a.id = *new;
             }
         }
         for (labels, _, new) in &moves {
             self.workload_by_id.insert(*new, labels.clone());
+            Arc::make_mut(&mut self.table).insert(
+                *new,
+                IdentitySource::Workload {
+                    labels: labels.clone(),
+                },
+            );
         }
         self.reserved
             .retain(|labels, id| assignments.get(labels).is_none_or(|a| a == id));
@@ -365,6 +391,12 @@ impl IdentityAllocator {
         self.workloads
             .insert(labels.clone(), Allocation { id, refs: 1 });
         self.workload_by_id.insert(id, labels.clone());
+        Arc::make_mut(&mut self.table).insert(
+            id,
+            IdentitySource::Workload {
+                labels: labels.clone(),
+            },
+        );
         Ok(id)
     }
 
@@ -398,6 +430,7 @@ impl IdentityAllocator {
         if alloc.refs == 0 {
             self.workloads.remove(&labels);
             self.workload_by_id.remove(&id);
+            Arc::make_mut(&mut self.table).remove(&id);
             return Ok(true);
         }
         Ok(false)
@@ -411,10 +444,24 @@ impl IdentityAllocator {
     }
 
     /// Makes the CIDR identities exactly those of `prefixes`: keeps existing numbers,
-    /// allocates new ones, frees the rest.
+    /// allocates new ones, frees the rest. Costs a walk of both sets, and work only for the
+    /// prefixes that come or go.
     pub fn sync_cidrs(&mut self, prefixes: &BTreeSet<Ipv4Network>) -> Result<(), IdentityError> {
-        self.cidrs.retain(|p, _| prefixes.contains(p));
-        let mut used: std::collections::HashSet<Identity> = self.cidrs.values().copied().collect();
+        let gone: Vec<Ipv4Network> = self
+            .cidrs
+            .keys()
+            .filter(|p| !prefixes.contains(p))
+            .copied()
+            .collect();
+        for p in gone {
+            if let Some(id) = self.cidrs.remove(&p) {
+                Arc::make_mut(&mut self.table).remove(&id);
+                Arc::make_mut(&mut self.table).remove(&id.cidr_endpoint_alias());
+            }
+        }
+        if prefixes.len() == self.cidrs.len() {
+            return Ok(());
+        }
         for p in prefixes {
             if self.cidrs.contains_key(p) {
                 continue;
@@ -428,14 +475,18 @@ impl IdentityAllocator {
                     n + 1
                 };
                 let candidate = Identity(reserved_ids::CIDR_SCOPE | n);
-                if !used.contains(&candidate) {
+                if !self.table.contains_key(&candidate) {
                     found = Some(candidate);
                     break;
                 }
             }
             let id = found.ok_or(IdentityError::Exhausted { scope: "cidr" })?;
-            used.insert(id);
             self.cidrs.insert(*p, id);
+            Arc::make_mut(&mut self.table).insert(id, IdentitySource::Cidr { prefix: *p });
+            Arc::make_mut(&mut self.table).insert(
+                id.cidr_endpoint_alias(),
+                IdentitySource::CidrEndpointAlias { prefix: *p },
+            );
         }
         Ok(())
     }
@@ -445,32 +496,13 @@ impl IdentityAllocator {
     }
 
     /// Every identity in use: reserved, workload, CIDR and CIDR endpoint aliases.
-    pub fn table(&self) -> IdentityTable {
-        let mut t = IdentityTable::new();
-        for (id, name) in RESERVED {
-            t.insert(
-                id,
-                IdentitySource::Reserved {
-                    name: name.to_string(),
-                },
-            );
-        }
-        for (id, labels) in &self.workload_by_id {
-            t.insert(
-                *id,
-                IdentitySource::Workload {
-                    labels: labels.clone(),
-                },
-            );
-        }
-        for (prefix, id) in &self.cidrs {
-            t.insert(*id, IdentitySource::Cidr { prefix: *prefix });
-            t.insert(
-                id.cidr_endpoint_alias(),
-                IdentitySource::CidrEndpointAlias { prefix: *prefix },
-            );
-        }
-        t
+    pub fn table(&self) -> &IdentityTable {
+        &self.table
+    }
+
+    /// The table, shared: what it holds now, whatever changes later.
+    pub fn shared_table(&self) -> Arc<IdentityTable> {
+        Arc::clone(&self.table)
     }
 }
 
@@ -483,6 +515,68 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
+    }
+
+    /// The table as it would be built from the allocator's records.
+    fn rebuilt(a: &IdentityAllocator) -> IdentityTable {
+        let mut t: IdentityTable = RESERVED
+            .into_iter()
+            .map(|(id, name)| {
+                (
+                    id,
+                    IdentitySource::Reserved {
+                        name: name.to_string(),
+                    },
+                )
+            })
+            .collect();
+        for (id, labels) in &a.workload_by_id {
+            t.insert(
+                *id,
+                IdentitySource::Workload {
+                    labels: labels.clone(),
+                },
+            );
+        }
+        for (prefix, id) in &a.cidrs {
+            t.insert(*id, IdentitySource::Cidr { prefix: *prefix });
+            t.insert(
+                id.cidr_endpoint_alias(),
+                IdentitySource::CidrEndpointAlias { prefix: *prefix },
+            );
+        }
+        t
+    }
+
+    proptest::proptest! {
+        /// Whatever sequence of changes, the kept table is the one the records give, and a
+        /// copy shared before a change keeps what it held.
+        #[test]
+        fn the_kept_table_follows_every_change(
+            ops in proptest::collection::vec((0u8..4, 0u8..6), 1..60),
+        ) {
+            let mut a = IdentityAllocator::default();
+            let mut held: Vec<Identity> = Vec::new();
+            for (op, n) in ops {
+                let shared = a.shared_table();
+                let before = (*shared).clone();
+                match op {
+                    0 => held.push(a.acquire(&labels(&[("app", &n.to_string())])).unwrap()),
+                    1 if !held.is_empty() => {
+                        let id = held.remove(usize::from(n) % held.len());
+                        a.release(id).unwrap();
+                    }
+                    _ => {
+                        let prefixes: BTreeSet<Ipv4Network> = (0..n)
+                            .map(|i| Ipv4Network::new(std::net::Ipv4Addr::new(10, op, i, 0), 24).unwrap())
+                            .collect();
+                        a.sync_cidrs(&prefixes).unwrap();
+                    }
+                }
+                proptest::prop_assert_eq!(a.table(), &rebuilt(&a));
+                proptest::prop_assert_eq!(&*shared, &before);
+            }
+        }
     }
 
     #[test]

@@ -704,10 +704,11 @@ mod tests {
                 .collect();
             self.alloc
                 .table()
-                .into_iter()
+                .iter()
                 .filter(|(id, src)| {
-                    !matches!(src, IdentitySource::Workload { .. }) || held.contains(id)
+                    !matches!(src, IdentitySource::Workload { .. }) || held.contains(*id)
                 })
+                .map(|(id, src)| (*id, src.clone()))
                 .collect()
         }
     }

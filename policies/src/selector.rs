@@ -187,23 +187,39 @@ pub struct IdentityDelta {
 }
 
 impl IdentityDelta {
+    /// One merge walk over both (sorted) tables.
     pub fn between(old: &IdentityTable, new: &IdentityTable) -> Self {
         let mut delta = IdentityDelta::default();
-        for (id, src) in new {
-            match old.get(id) {
-                Some(o) if o == src => {}
-                Some(_) => {
-                    delta.removed.insert(*id);
-                    delta.added.insert(*id, src.clone());
+        let (mut a, mut b) = (old.iter().peekable(), new.iter().peekable());
+        loop {
+            match (a.peek(), b.peek()) {
+                (None, None) => break,
+                (Some((id, _)), None) => {
+                    delta.removed.insert(**id);
+                    a.next();
                 }
-                None => {
-                    delta.added.insert(*id, src.clone());
+                (None, Some((id, src))) => {
+                    delta.added.insert(**id, (*src).clone());
+                    b.next();
                 }
-            }
-        }
-        for id in old.keys() {
-            if !new.contains_key(id) {
-                delta.removed.insert(*id);
+                (Some((ia, sa)), Some((ib, sb))) => match ia.cmp(ib) {
+                    std::cmp::Ordering::Less => {
+                        delta.removed.insert(**ia);
+                        a.next();
+                    }
+                    std::cmp::Ordering::Greater => {
+                        delta.added.insert(**ib, (*sb).clone());
+                        b.next();
+                    }
+                    std::cmp::Ordering::Equal => {
+                        if sa != sb {
+                            delta.removed.insert(**ia);
+                            delta.added.insert(**ib, (*sb).clone());
+                        }
+                        a.next();
+                        b.next();
+                    }
+                },
             }
         }
         delta

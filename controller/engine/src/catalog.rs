@@ -4,6 +4,9 @@
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
+use std::sync::Arc;
+
+use palisade_policies::identity::{Identity, IdentityTable};
 
 /// An endpoint as flows name it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -37,11 +40,25 @@ pub struct Catalog {
     pub endpoints_by_id: BTreeMap<u32, CatalogEndpoint>,
     /// Address -> (namespace, name).
     pub endpoints_by_ip: BTreeMap<Ipv4Addr, (String, String)>,
-    pub identities: BTreeMap<u32, Vec<String>>,
+    /// Every identity in use, shared with the engine (not copied per change: thousands of
+    /// learned DNS addresses are thousands of identities); [`Catalog::identity_labels`]
+    /// names one.
+    pub identities: Arc<IdentityTable>,
     pub rules: BTreeMap<u32, CatalogRule>,
     /// For endpoints in audit (or with policies in audit): the policies whose default deny
     /// applies to each direction, so that an AUDIT flow of a default deny names them.
     pub default_deny: BTreeMap<u32, DefaultDenyBy>,
     /// Namespaces not in protect mode.
     pub namespace_modes: BTreeMap<String, palisade_policies::audit::NamespaceMode>,
+}
+
+impl Catalog {
+    /// The labels of identity `id`, Cilium style (`k8s:app=web`, `cidr:10.0.0.0/8`); none
+    /// for an identity not in use.
+    pub fn identity_labels(&self, id: u32) -> Vec<String> {
+        self.identities
+            .get(&Identity(id))
+            .map(palisade_policies::identity::IdentitySource::label_strings)
+            .unwrap_or_default()
+    }
 }

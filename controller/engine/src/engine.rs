@@ -372,18 +372,18 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
         let started = Instant::now();
         let names = self.model.fqdns.names();
         let mut cidrs = compile::policy_cidrs(self.model.policies.values());
-        cidrs.extend(compile::fqdn_prefixes(self.model.policies.values(), &names));
+        cidrs.extend(compile::fqdn_prefixes(self.model.policies.values(), names));
         self.model.identities.sync_cidrs(&cidrs)?;
         let table = self.model.identities.table();
         let endpoints = self.compile_endpoints();
         let remote = self.remote_addresses();
         let input = CompileInput {
             endpoints: &endpoints,
-            identities: &table,
+            identities: table,
             policies: &self.model.policies,
             host_addresses: &self.host_addresses,
             remote: &remote,
-            fqdns: &names,
+            fqdns: names,
             settings: self.cfg.settings,
         };
         let audit_endpoints = self.audit_endpoints();
@@ -480,7 +480,7 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
             let compiler = &self.compiler;
             self.rules.retain(|id| compiler.uses(id));
         }
-        self.publish_catalog(&table);
+        self.publish_catalog(table);
         if let Some(tx) = &self.outputs.proxy {
             tx.send_replace(Arc::new(proxy_policy));
         }
@@ -677,9 +677,7 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
                     .or_insert_with(|| (namespace.clone(), name.clone()));
             }
         }
-        for (id, src) in table {
-            c.identities.insert(id.0, src.label_strings());
-        }
+        c.identities = self.model.identities.shared_table();
         c.namespace_modes.clone_from(&self.model.namespace_modes);
         // Every rule a map entry or an HTTP rule refers to (the table keeps only those): a
         // rule that lost its map entry to another one's still decides requests in the proxy.

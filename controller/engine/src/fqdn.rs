@@ -45,17 +45,49 @@ impl Default for FqdnLimits {
 }
 
 /// What one answer changed.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct LearnOutcome {
     /// Some address is new to the cache as a whole (the compile may change).
     pub new_address: bool,
     /// Addresses evicted because a name had too many.
     pub evicted: usize,
+    /// The names whose addresses over every endpoint ([`FqdnCache::names`]) changed: all
+    /// the compile has to follow.
+    pub changed_names: BTreeSet<String>,
+}
+
+/// An endpoint's addresses for one name, with the time each expires.
+type Addresses = BTreeMap<Ipv4Addr, u64>;
+
+/// What an endpoint held for some names before a change, to put back if it fails.
+#[derive(Clone, Debug, Default)]
+pub struct FqdnUndo {
+    slots: Vec<(EndpointId, String, Option<Addresses>)>,
+    kept: BTreeSet<(EndpointId, String)>,
+}
+
+impl FqdnUndo {
+    /// Keeps what `endpoint` holds for `names` now (the first time each is asked for).
+    pub fn keep(&mut self, cache: &FqdnCache, endpoint: EndpointId, names: &[String]) {
+        for name in names {
+            if self.kept.insert((endpoint, name.clone())) {
+                let held = cache
+                    .by_endpoint
+                    .get(&endpoint)
+                    .and_then(|n| n.get(name))
+                    .cloned();
+                self.slots.push((endpoint, name.clone(), held));
+            }
+        }
+    }
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct FqdnCache {
-    by_endpoint: BTreeMap<EndpointId, BTreeMap<String, BTreeMap<Ipv4Addr, u64>>>,
+    by_endpoint: BTreeMap<EndpointId, BTreeMap<String, Addresses>>,
+    /// Every name with every endpoint's addresses for it, kept up to date by each change
+    /// (the compile reads it at every learned answer).
+    learned: LearnedNames,
 }
 
 impl FqdnCache {
@@ -72,6 +104,7 @@ impl FqdnCache {
                 .or_insert(0);
             *slot = (*slot).max(e.expires);
         }
+        c.rebuild_names();
         c
     }
 
@@ -93,7 +126,11 @@ impl FqdnCache {
     }
 
     /// Every name with every endpoint's addresses for it.
-    pub fn names(&self) -> LearnedNames {
+    pub fn names(&self) -> &LearnedNames {
+        &self.learned
+    }
+
+    fn rebuild_names(&mut self) {
         let mut out = LearnedNames::new();
         for names in self.by_endpoint.values() {
             for (name, addrs) in names {
@@ -102,14 +139,53 @@ impl FqdnCache {
                     .extend(addrs.keys().copied());
             }
         }
-        out
+        self.learned = out;
+    }
+
+    /// Recomputes `name`'s addresses over every endpoint; returns whether they changed.
+    fn refresh_name(&mut self, name: &str) -> bool {
+        let now: BTreeSet<Ipv4Addr> = self
+            .by_endpoint
+            .values()
+            .filter_map(|names| names.get(name))
+            .flat_map(BTreeMap::keys)
+            .copied()
+            .collect();
+        if now.is_empty() {
+            return self.learned.remove(name).is_some();
+        }
+        if self.learned.get(name) == Some(&now) {
+            return false;
+        }
+        self.learned.insert(name.to_string(), now);
+        true
     }
 
     fn knows(&self, addr: Ipv4Addr) -> bool {
-        self.by_endpoint
-            .values()
-            .flat_map(BTreeMap::values)
-            .any(|a| a.contains_key(&addr))
+        self.learned.values().any(|a| a.contains(&addr))
+    }
+
+    /// Puts back what `undo` kept.
+    pub fn undo(&mut self, undo: FqdnUndo) {
+        for (endpoint, name, held) in undo.slots {
+            match held {
+                Some(addrs) => {
+                    self.by_endpoint
+                        .entry(endpoint)
+                        .or_default()
+                        .insert(name.clone(), addrs);
+                }
+                None => {
+                    if let Some(names) = self.by_endpoint.get_mut(&endpoint) {
+                        names.remove(&name);
+                        if names.is_empty() {
+                            self.by_endpoint.remove(&endpoint);
+                        }
+                    }
+                }
+            }
+            self.refresh_name(&name);
+        }
     }
 
     /// Records an answer `endpoint` got at `now`: every name of it gets every address, living
@@ -130,7 +206,7 @@ impl FqdnCache {
         }
         let mut outcome = LearnOutcome {
             new_address: addresses.iter().any(|a| !self.knows(*a)),
-            evicted: 0,
+            ..LearnOutcome::default()
         };
         let expires = now + u64::from(ttl.max(limits.min_ttl));
         let per_name = self.by_endpoint.entry(endpoint).or_default();
@@ -150,6 +226,11 @@ impl FqdnCache {
                 outcome.evicted += 1;
             }
         }
+        for name in names {
+            if self.refresh_name(name) {
+                outcome.changed_names.insert(name.clone());
+            }
+        }
         outcome
     }
 
@@ -162,7 +243,7 @@ impl FqdnCache {
         live: &BTreeSet<EndpointId>,
         open: &BTreeSet<(EndpointId, Ipv4Addr)>,
     ) -> bool {
-        let before: BTreeSet<Ipv4Addr> = self.names().into_values().flatten().collect();
+        let before: BTreeSet<Ipv4Addr> = self.learned.values().flatten().copied().collect();
         self.by_endpoint.retain(|ep, _| live.contains(ep));
         for (ep, names) in &mut self.by_endpoint {
             for addrs in names.values_mut() {
@@ -171,15 +252,14 @@ impl FqdnCache {
             names.retain(|_, addrs| !addrs.is_empty());
         }
         self.by_endpoint.retain(|_, names| !names.is_empty());
-        let after: BTreeSet<Ipv4Addr> = self.names().into_values().flatten().collect();
+        self.rebuild_names();
+        let after: BTreeSet<Ipv4Addr> = self.learned.values().flatten().copied().collect();
         before != after
     }
 
     /// Whether some endpoint has learned `address` for `name`.
     pub fn holds(&self, name: &str, address: Ipv4Addr) -> bool {
-        self.by_endpoint
-            .values()
-            .any(|names| names.get(name).is_some_and(|a| a.contains_key(&address)))
+        self.learned.get(name).is_some_and(|a| a.contains(&address))
     }
 
     /// What the cache holds for `endpoint`'s `names` and `addresses` (those an answer
@@ -336,6 +416,37 @@ mod tests {
         assert_eq!(back.len(), 3);
     }
 
+    #[test]
+    fn undo_puts_back_what_answers_changed() {
+        let mut c = FqdnCache::default();
+        c.learn(EP, &names(&["a.test"]), &[A], 10, 0, limits(0, 1));
+        c.learn(
+            EndpointId(2),
+            &names(&["a.test"]),
+            &[A],
+            10,
+            0,
+            limits(0, 1),
+        );
+        let before = c.clone();
+        let mut undo = FqdnUndo::default();
+        undo.keep(&c, EP, &names(&["a.test", "new.test"]));
+        // Evicts A for EP (one per name), and teaches a new name.
+        c.learn(
+            EP,
+            &names(&["a.test", "new.test"]),
+            &[B],
+            10,
+            5,
+            limits(0, 1),
+        );
+        assert_eq!(c.names()["a.test"], [A, B].into());
+        c.undo(undo);
+        assert_eq!(c, before);
+        assert_eq!(c.names(), before.names());
+        assert!(!c.names().contains_key("new.test"));
+    }
+
     mod props {
         use proptest::prelude::*;
 
@@ -376,7 +487,10 @@ mod tests {
                     let o = cache.learn(EndpointId(*ep), std::slice::from_ref(name), &[*a], 60, 1, limits);
                     prop_assert_eq!(o.evicted, 0);
                 }
-                prop_assert_eq!(changed_names(&before.names(), &cache.names()), gained);
+                prop_assert_eq!(changed_names(before.names(), cache.names()), gained);
+                // The kept names are those of the entries.
+                let rebuilt = FqdnCache::restore(&cache.entries());
+                prop_assert_eq!(rebuilt.names(), cache.names());
             }
         }
     }

@@ -17,7 +17,7 @@ use palisade_policies::model::{Peer, Peers};
 use crate::datapath::Datapath;
 use crate::engine::Engine;
 use crate::error::EngineError;
-use crate::fqdn::FqdnCache;
+use crate::fqdn::{FqdnCache, FqdnUndo};
 use crate::plumbing::Plumbing;
 use tracing::warn;
 
@@ -107,7 +107,7 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
     /// addresses, not only the set of all of them: an address known for one name is news to
     /// the rule of another).
     fn fqdn_compile_changes(&self, cache: &FqdnCache) -> bool {
-        let changed = changed_names(&self.model.fqdns.names(), &cache.names());
+        let changed = changed_names(self.model.fqdns.names(), cache.names());
         self.fqdn_selects_any(&changed)
     }
 
@@ -130,12 +130,15 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
     ) -> Vec<Result<LearnReport, EngineError>> {
         let started = Instant::now();
         let now = unix_now();
-        let mut cache = self.model.fqdns.clone();
+        // Learned in place; what the answers change is kept to put back if the maps cannot
+        // take it.
+        let mut undo = FqdnUndo::default();
         let mut taught = Vec::with_capacity(reqs.len());
         let mut reports = Vec::with_capacity(reqs.len());
         let mut evicted = 0;
         let mut journal = Vec::new();
-        let mut fresh = BTreeSet::new();
+        // Names whose addresses over every endpoint changed: only they can change the compile.
+        let mut changed = BTreeSet::new();
         for req in reqs {
             let Some(endpoint) = self
                 .model
@@ -150,14 +153,8 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
                 }));
                 continue;
             };
-            // Names that gain an address (for any endpoint: the compile follows the names
-            // of all of them together).
-            let gained: Vec<&String> = req
-                .names
-                .iter()
-                .filter(|n| req.addresses.iter().any(|a| !cache.holds(n, *a)))
-                .collect();
-            fresh.extend(gained.iter().map(|n| (*n).clone()));
+            let cache = &mut self.model.fqdns;
+            undo.keep(cache, endpoint, &req.names);
             // What the answer changes (new addresses, longer lifetimes) is recorded for a
             // restart; a repeat within the same second changes nothing.
             let before = cache.entries_of(endpoint, &req.names, &req.addresses);
@@ -176,20 +173,14 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
                     .into_iter()
                     .filter(|e| !before.contains(e)),
             );
-            taught.push(!gained.is_empty() || outcome.evicted > 0);
+            taught.push(!outcome.changed_names.is_empty() || outcome.evicted > 0);
             reports.push(Ok(LearnReport {
                 synced: false,
                 evicted: outcome.evicted,
             }));
+            changed.extend(outcome.changed_names);
         }
-        // Without evictions, names only gained addresses: those names alone can change the
-        // compile (no walk over every learned name).
-        let synced = taught.contains(&true)
-            && if evicted > 0 {
-                self.fqdn_compile_changes(&cache)
-            } else {
-                self.fqdn_selects_any(&fresh)
-            };
+        let synced = taught.contains(&true) && self.fqdn_selects_any(&changed);
         let mut stages = LearnStages {
             answers: reqs.len(),
             learn: started.elapsed(),
@@ -199,9 +190,8 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
             // Only the name cache and the identities (which a sync moves) change: they alone
             // are kept for the undo, not the whole model.
             let identities = self.model.identities.clone();
-            let before = std::mem::replace(&mut self.model.fqdns, cache);
             if let Err(e) = self.sync() {
-                self.model.fqdns = before;
+                self.model.fqdns.undo(undo);
                 self.model.identities = identities;
                 if reqs.len() == 1 {
                     return vec![Err(e)];
@@ -217,7 +207,6 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
                 }
             }
         } else {
-            self.model.fqdns = cache;
             self.fqdn_dirty = true;
         }
         // Before any answer is released, what it taught is recorded where a restarted agent

@@ -88,7 +88,7 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
         let (protocol, proto_num) = trace_protocol(req.protocol.as_deref())?;
         let what = format!("{}/{protocol}", req.port);
         let table = self.model.identities.table();
-        let specs = compile::selecting_specs(self.policies(), &table, &src.to_endpoint());
+        let specs = compile::selecting_specs(self.policies(), table, &src.to_endpoint());
         let enforced = compile::enforced(&self.cfg.settings, &specs, Direction::Egress);
 
         let mut selected_by = Vec::new();
@@ -148,7 +148,7 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
                 address,
                 ttl_remaining: expires.saturating_sub(now),
                 held_by_connections: expires <= now,
-                egress: self.trace_side(src, Direction::Egress, &decision, &table, &what),
+                egress: self.trace_side(src, Direction::Egress, &decision, table, &what),
             });
         }
 

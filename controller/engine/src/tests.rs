@@ -1667,6 +1667,35 @@ async fn a_learned_answer_is_in_the_maps_when_learning_returns() {
 }
 
 #[tokio::test]
+async fn an_answer_the_maps_cannot_take_leaves_the_name_cache_and_maps_as_they_were() {
+    let mut e = engine().await;
+    let client = add(&mut e, "client", "demo", "app=client").await;
+    apply(&mut e, TO_FQDNS).unwrap();
+    let (a, b) = (Ipv4Addr::new(192, 0, 2, 10), Ipv4Addr::new(192, 0, 2, 11));
+    learn(&mut e, client.ip, "api.example.test", a, 60);
+    let (cache, maps) = (e.model.fqdns.clone(), e.applied.clone());
+    e.datapath.fail_after = Some(0);
+    let err = e
+        .fqdn_learn(&crate::LearnRequest {
+            client: client.ip,
+            names: vec!["api.example.test".into(), "cdn.example.test".into()],
+            addresses: vec![b],
+            ttl: 60,
+        })
+        .unwrap_err();
+    assert!(matches!(err, EngineError::RolledBack(_)), "{err}");
+    assert_eq!(e.model.fqdns, cache, "the name cache is put back");
+    assert_eq!(e.applied, maps);
+    assert_eq!(e.datapath.state, maps);
+    assert_eq!(egress_to(&e, "client", a, 443), Verdict::Allowed);
+    assert_eq!(egress_to(&e, "client", b, 443), Verdict::DeniedByDefault);
+    // The next answer is learned as if the failed one had never come.
+    e.datapath.fail_after = None;
+    assert!(learn(&mut e, client.ip, "api.example.test", b, 60).synced);
+    assert_eq!(egress_to(&e, "client", b, 443), Verdict::Allowed);
+}
+
+#[tokio::test]
 async fn a_learned_answer_is_compiled_incrementally_and_the_dns_policy_follows() {
     let (tx, rx) = tokio::sync::watch::channel(std::sync::Arc::new(
         palisade_policies::l7::DnsPolicy::default(),

@@ -264,7 +264,7 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
 
     pub fn endpoint_view(&self, name: &str) -> Result<EndpointView, EngineError> {
         let rec = self.record(name)?;
-        Ok(self.view_of(rec, &self.model.identities.table()))
+        Ok(self.view_of(rec, self.model.identities.table()))
     }
 
     pub fn endpoint_list(&self) -> Vec<EndpointView> {
@@ -273,7 +273,7 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
             .model
             .endpoints
             .values()
-            .map(|r| self.view_of(r, &table))
+            .map(|r| self.view_of(r, table))
             .collect();
         v.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
         v
@@ -498,8 +498,8 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
             .applied
             .decide(dst.id, Direction::Ingress, src.ip, proto_num, req.port)
             .ok_or_else(|| missing(dst))?;
-        let egress = self.trace_side(src, Direction::Egress, &egress, &table, &what);
-        let ingress = self.trace_side(dst, Direction::Ingress, &ingress, &table, &what);
+        let egress = self.trace_side(src, Direction::Egress, &egress, table, &what);
+        let ingress = self.trace_side(dst, Direction::Ingress, &ingress, table, &what);
         Ok(TraceResult {
             allowed: egress.allowed && ingress.allowed,
             protocol,
@@ -531,7 +531,7 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
                     .applied
                     .decide(src.id, Direction::Egress, ip, proto_num, req.port)
                     .ok_or_else(|| missing(src))?;
-                let egress = self.trace_side(src, Direction::Egress, &decision, &table, &what);
+                let egress = self.trace_side(src, Direction::Egress, &decision, table, &what);
                 Ok(TraceResult {
                     allowed: egress.allowed,
                     protocol,
@@ -548,7 +548,7 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
                     .applied
                     .decide(dst.id, Direction::Ingress, ip, proto_num, req.port)
                     .ok_or_else(|| missing(dst))?;
-                let ingress = self.trace_side(dst, Direction::Ingress, &decision, &table, &what);
+                let ingress = self.trace_side(dst, Direction::Ingress, &decision, table, &what);
                 Ok(TraceResult {
                     allowed: ingress.allowed,
                     protocol,

@@ -195,18 +195,18 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
         let names = self.model.fqdns.names();
         let mut identities = self.model.identities.clone();
         let mut cidrs = compile::policy_cidrs(policies.values());
-        cidrs.extend(compile::fqdn_prefixes(policies.values(), &names));
+        cidrs.extend(compile::fqdn_prefixes(policies.values(), names));
         identities.sync_cidrs(&cidrs)?;
         let table = identities.table();
         let endpoints = self.compile_endpoints();
         let remote = self.remote_addresses();
         let input = CompileInput {
             endpoints: &endpoints,
-            identities: &table,
+            identities: table,
             policies,
             host_addresses: &self.host_addresses,
             remote: &remote,
-            fqdns: &names,
+            fqdns: names,
             settings: self.cfg.settings,
         };
         let audit_endpoints = self.audit_endpoints();

@@ -1391,7 +1391,7 @@ impl Cluster {
         let host = [HOST_IP];
         let input = CompileInput {
             endpoints: &self.endpoints,
-            identities: &table,
+            identities: table,
             policies: &policies,
             host_addresses: &host,
             remote: &BTreeMap::new(),

@@ -1325,7 +1325,7 @@ mod tests {
         let host = [Ipv4Addr::new(10, 200, 0, 1)];
         let input = CompileInput {
             endpoints: &endpoints,
-            identities: &table,
+            identities: table,
             policies: &policies,
             host_addresses: &host,
             remote: &BTreeMap::new(),

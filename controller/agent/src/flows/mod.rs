@@ -90,11 +90,7 @@ pub fn peer(catalog: &Catalog, identity: u32, addr: Ipv4Addr) -> FlowPeer {
         identity,
         namespace,
         name,
-        labels: catalog
-            .identities
-            .get(&identity)
-            .cloned()
-            .unwrap_or_default(),
+        labels: catalog.identity_labels(identity),
     }
 }
 
@@ -172,11 +168,7 @@ pub fn enrich(event: &FlowEvent, catalog: &Catalog, clock: &Clock, seq: u64) -> 
             namespace: ep_ns,
             name: ep_name,
             labels: if event.kind == ev::EVENT_PREFILTER_DROP {
-                catalog
-                    .identities
-                    .get(&ep_identity)
-                    .cloned()
-                    .unwrap_or_default()
+                catalog.identity_labels(ep_identity)
             } else {
                 ep_labels
             },
@@ -315,8 +307,20 @@ mod tests {
         );
         c.endpoints_by_ip
             .insert(Ipv4Addr::new(10, 200, 0, 3), ("demo".into(), "db".into()));
-        c.identities.insert(256, vec!["k8s:app=frontend".into()]);
-        c.identities.insert(257, vec!["k8s:app=db".into()]);
+        let workload = |app: &str| palisade_policies::identity::IdentitySource::Workload {
+            labels: [("app".to_string(), app.to_string())].into_iter().collect(),
+        };
+        c.identities = std::sync::Arc::new(
+            [
+                (
+                    palisade_policies::identity::Identity(256),
+                    workload("frontend"),
+                ),
+                (palisade_policies::identity::Identity(257), workload("db")),
+            ]
+            .into_iter()
+            .collect(),
+        );
         c.rules.insert(
             9,
             CatalogRule {
