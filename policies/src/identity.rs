@@ -447,12 +447,15 @@ impl IdentityAllocator {
     /// allocates new ones, frees the rest. Costs a walk of both sets, and work only for the
     /// prefixes that come or go.
     pub fn sync_cidrs(&mut self, prefixes: &BTreeSet<Ipv4Network>) -> Result<(), IdentityError> {
-        let gone: Vec<Ipv4Network> = self
-            .cidrs
-            .keys()
-            .filter(|p| !prefixes.contains(p))
-            .copied()
-            .collect();
+        // One merge walk over both (sorted) sets finds the prefixes that go.
+        let mut gone = Vec::new();
+        let mut wanted = prefixes.iter().peekable();
+        for p in self.cidrs.keys() {
+            while wanted.next_if(|w| *w < p).is_some() {}
+            if wanted.next_if_eq(&p).is_none() {
+                gone.push(*p);
+            }
+        }
         for p in gone {
             if let Some(id) = self.cidrs.remove(&p) {
                 Arc::make_mut(&mut self.table).remove(&id);

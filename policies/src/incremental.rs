@@ -36,6 +36,13 @@ struct Previous {
     settings: Settings,
 }
 
+/// What changed in the inputs since the last compile, as an incremental compile found it.
+struct Changes {
+    identities: IdentityDelta,
+    names: BTreeSet<String>,
+    policies: Vec<PolicyRef>,
+}
+
 /// What an endpoint's compiled entries depend on beyond its own record.
 #[derive(Clone, Debug, Default)]
 struct EndpointMeta {
@@ -110,11 +117,12 @@ impl Compiler {
             .as_ref()
             .is_none_or(|p| p.settings != input.settings);
         let index = LazyIndex::new(input.identities, input.fqdns);
-        let touched = if full {
+        let (touched, changes) = if full {
             self.reset();
-            input.endpoints.keys().copied().collect()
+            (input.endpoints.keys().copied().collect(), None)
         } else {
-            self.touched(input, &index)
+            let (touched, changes) = self.touched(input, &index);
+            (touched, Some(changes))
         };
         let shared = Shared {
             input,
@@ -157,7 +165,7 @@ impl Compiler {
         // Identities no endpoint holds any more need no subjects.
         let held: HashSet<Identity> = input.endpoints.values().map(|e| e.identity).collect();
         self.subjects.retain(|id, _| held.contains(id));
-        self.remember(input);
+        self.remember(input, changes);
         delta
     }
 
@@ -179,8 +187,10 @@ impl Compiler {
         self.l7.dns.remove(&id);
     }
 
-    /// Keeps the inputs of this compile, changing only what changed.
-    fn remember(&mut self, input: &CompileInput<'_>) {
+    /// Keeps the inputs of this compile, changing only what changed: after an incremental
+    /// compile, only the identities, names and policies `changes` lists are copied (a learned
+    /// DNS answer changes one name and an identity or two among thousands).
+    fn remember(&mut self, input: &CompileInput<'_>, changes: Option<Changes>) {
         let prev = self.prev.get_or_insert_with(|| Previous {
             endpoints: BTreeMap::new(),
             identities: IdentityTable::new(),
@@ -190,13 +200,36 @@ impl Compiler {
         });
         prev.settings = input.settings;
         sync_map(&mut prev.endpoints, input.endpoints);
-        sync_map(&mut prev.identities, input.identities);
-        sync_map(&mut prev.policies, input.policies);
-        sync_map(&mut prev.fqdns, input.fqdns);
+        let Some(changes) = changes else {
+            sync_map(&mut prev.identities, input.identities);
+            sync_map(&mut prev.policies, input.policies);
+            sync_map(&mut prev.fqdns, input.fqdns);
+            return;
+        };
+        for id in &changes.identities.removed {
+            prev.identities.remove(id);
+        }
+        prev.identities.extend(changes.identities.added);
+        for r in changes.policies {
+            match input.policies.get(&r) {
+                Some(p) => prev.policies.insert(r, p.clone()),
+                None => prev.policies.remove(&r),
+            };
+        }
+        for name in changes.names {
+            match input.fqdns.get(&name) {
+                Some(a) => prev.fqdns.insert(name, a.clone()),
+                None => prev.fqdns.remove(&name),
+            };
+        }
     }
 
     /// The endpoints whose entries may differ from the last compile's.
-    fn touched(&mut self, input: &CompileInput<'_>, index: &LazyIndex<'_>) -> BTreeSet<EndpointId> {
+    fn touched(
+        &mut self,
+        input: &CompileInput<'_>,
+        index: &LazyIndex<'_>,
+    ) -> (BTreeSet<EndpointId>, Changes) {
         let prev = self
             .prev
             .as_ref()
@@ -226,10 +259,11 @@ impl Compiler {
 
         // Identities: the selector cache follows, and says which clauses changed.
         let identity_delta = IdentityDelta::between(&prev.identities, input.identities);
-        let mut changed_clauses = self.cache.update(&identity_delta, input.fqdns);
+        let mut changed_clauses = self.cache.update(&identity_delta);
         // Learned names: the `toFQDNs` clauses selecting a name whose addresses changed.
         let names = changed_names(&prev.fqdns, input.fqdns);
-        self.cache.update_names(&names, index, &mut changed_clauses);
+        self.cache
+            .update_names(&names, &prev.fqdns, index, &mut changed_clauses);
         for id in &identity_delta.removed {
             self.subjects.remove(id);
         }
@@ -303,7 +337,12 @@ impl Compiler {
                     .map(|e| e.id),
             );
         }
-        touched
+        let changes = Changes {
+            policies: changed_policies.into_iter().cloned().collect(),
+            identities: identity_delta,
+            names,
+        };
+        (touched, changes)
     }
 }
 
@@ -371,17 +410,42 @@ pub fn diff(applied: &MapState, delta: &Delta) -> MapDiff {
             _ => {}
         }
     }
-    for (k, v) in &delta.ipcache {
-        if applied.ipcache.get(k) != Some(v) {
-            out.ipcache_upserts.push((*k, *v));
+    // One merge walk over both (sorted) ipcaches: thousands of learned addresses are
+    // thousands of entries, compared at every change.
+    let (mut held, mut wanted) = (
+        applied.ipcache.iter().peekable(),
+        delta.ipcache.iter().peekable(),
+    );
+    loop {
+        match (held.peek(), wanted.peek()) {
+            (None, None) => break,
+            (Some((k, _)), None) => {
+                out.ipcache_removals.push(**k);
+                held.next();
+            }
+            (None, Some((k, v))) => {
+                out.ipcache_upserts.push((**k, **v));
+                wanted.next();
+            }
+            (Some((kh, vh)), Some((kw, vw))) => match kh.cmp(kw) {
+                std::cmp::Ordering::Less => {
+                    out.ipcache_removals.push(**kh);
+                    held.next();
+                }
+                std::cmp::Ordering::Greater => {
+                    out.ipcache_upserts.push((**kw, **vw));
+                    wanted.next();
+                }
+                std::cmp::Ordering::Equal => {
+                    if vh != vw {
+                        out.ipcache_upserts.push((**kw, **vw));
+                    }
+                    held.next();
+                    wanted.next();
+                }
+            },
         }
     }
-    out.ipcache_removals = applied
-        .ipcache
-        .keys()
-        .filter(|k| !delta.ipcache.contains_key(k))
-        .copied()
-        .collect();
     out
 }
 

@@ -8,10 +8,11 @@
 //! those names are resolved again ([`SelectorCache::update_names`]).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::Ipv4Addr;
 
 use ipnetwork::Ipv4Network;
 
-use crate::fqdn::{LearnedNames, selected_addresses};
+use crate::fqdn::{FqdnSelector, LearnedNames, selected_addresses};
 use crate::identity::{Identity, IdentitySource, IdentityTable};
 use crate::labels::Labels;
 use crate::model::{Entity, Peer};
@@ -238,15 +239,65 @@ pub struct SelectionChange {
 }
 
 /// Each distinct peer clause, resolved once and kept up to date by identity deltas.
+///
+/// A `toFQDNs` clause selects the /32 CIDR identities of the addresses its names hold. So
+/// that a learned answer costs work for its own names only (not a walk over every name and
+/// identity), the cache keeps, per such clause, how many of its names hold each address, and
+/// the /32 CIDR identity of each address.
 #[derive(Clone, Debug, Default)]
 pub struct SelectorCache {
     selections: HashMap<Peer, BTreeSet<Identity>>,
+    /// Per cached `toFQDNs` clause: each address its names hold, with how many hold it.
+    fqdn_holders: HashMap<FqdnSelector, HashMap<Ipv4Addr, u32>>,
+    /// The /32 CIDR identity (never an endpoint alias) of each address that has one, both
+    /// ways; built from the table when first needed, then followed by identity deltas.
+    host_cidrs: Option<HostCidrs>,
+}
+
+#[derive(Clone, Debug, Default)]
+struct HostCidrs {
+    by_address: HashMap<Ipv4Addr, Identity>,
+    by_identity: HashMap<Identity, Ipv4Addr>,
+}
+
+impl HostCidrs {
+    fn of<'a>(identities: impl IntoIterator<Item = (&'a Identity, &'a IdentitySource)>) -> Self {
+        let mut out = HostCidrs::default();
+        for (id, src) in identities {
+            out.insert(*id, src);
+        }
+        out
+    }
+
+    fn insert(&mut self, id: Identity, src: &IdentitySource) {
+        if let IdentitySource::Cidr { prefix } = src
+            && prefix.prefix() == 32
+        {
+            self.by_address.insert(prefix.ip(), id);
+            self.by_identity.insert(id, prefix.ip());
+        }
+    }
+
+    fn remove(&mut self, id: Identity) {
+        if let Some(a) = self.by_identity.remove(&id) {
+            self.by_address.remove(&a);
+        }
+    }
 }
 
 impl SelectorCache {
     /// The identities `peer` selects; resolved through `index` the first time it is asked for.
     pub fn select(&mut self, peer: &Peer, index: &LazyIndex<'_>) -> &BTreeSet<Identity> {
         if !self.selections.contains_key(peer) {
+            if let Peer::Fqdn(sel) = peer {
+                let mut holders: HashMap<Ipv4Addr, u32> = HashMap::new();
+                for (_, addrs) in index.fqdns.iter().filter(|(n, _)| sel.matches(n)) {
+                    for a in addrs {
+                        *holders.entry(*a).or_default() += 1;
+                    }
+                }
+                self.fqdn_holders.insert(sel.clone(), holders);
+            }
             self.selections
                 .insert(peer.clone(), index.get().select(peer));
         }
@@ -267,17 +318,24 @@ impl SelectorCache {
     }
 
     /// Applies an identity delta to every cached clause; returns the clauses whose selection
-    /// changed, with what they gained and lost.
-    pub fn update(
-        &mut self,
-        delta: &IdentityDelta,
-        fqdns: &LearnedNames,
-    ) -> HashMap<Peer, SelectionChange> {
+    /// changed, with what they gained and lost. `toFQDNs` clauses gain the new /32 CIDR
+    /// identities of addresses their names held before the delta (what the names gain, they
+    /// learn in [`SelectorCache::update_names`]).
+    pub fn update(&mut self, delta: &IdentityDelta) -> HashMap<Peer, SelectionChange> {
         let mut changed = HashMap::new();
         if delta.is_empty() {
             return changed;
         }
-        let added = IdentityIndex::new(&delta.added).with_fqdns(fqdns);
+        if let Some(h) = &mut self.host_cidrs {
+            for id in &delta.removed {
+                h.remove(*id);
+            }
+            for (id, src) in &delta.added {
+                h.insert(*id, src);
+            }
+        }
+        let added = IdentityIndex::new(&delta.added);
+        let new_hosts = HostCidrs::of(&delta.added);
         for (peer, selected) in &mut self.selections {
             let mut change = SelectionChange::default();
             for id in &delta.removed {
@@ -285,7 +343,19 @@ impl SelectorCache {
                     change.removed.insert(*id);
                 }
             }
-            for id in added.select(peer) {
+            let gained = match peer {
+                Peer::Fqdn(sel) => {
+                    let holders = self.fqdn_holders.get(sel);
+                    new_hosts
+                        .by_address
+                        .iter()
+                        .filter(|(a, _)| holders.is_some_and(|h| h.contains_key(a)))
+                        .map(|(_, id)| *id)
+                        .collect()
+                }
+                _ => added.select(peer),
+            };
+            for id in gained {
                 if selected.insert(id) {
                     change.added.insert(id);
                 }
@@ -307,41 +377,76 @@ impl SelectorCache {
         changed
     }
 
-    /// Resolves again, through `index` (the identities and learned names now), every cached
-    /// `toFQDNs` clause selecting one of `names` (names whose learned addresses changed);
-    /// adds what their selections gained and lost to `changed`. An identity delta applied
-    /// first ([`SelectorCache::update`]) has already followed identities that came and went;
-    /// this follows addresses whose name changed while their identity stayed.
+    /// Follows `names`, whose learned addresses changed from `before` to what `index` holds
+    /// now, in every cached `toFQDNs` clause selecting one of them (after the identity delta
+    /// of the same change, [`SelectorCache::update`]): an address a clause's names now hold
+    /// and none held before brings its /32 CIDR identity in, one none of them holds any more
+    /// takes it out. Adds what the selections gained and lost to `changed`. Costs work for
+    /// the changed names' addresses only.
     pub fn update_names(
         &mut self,
         names: &BTreeSet<String>,
+        before: &LearnedNames,
         index: &LazyIndex<'_>,
         changed: &mut HashMap<Peer, SelectionChange>,
     ) {
-        if names.is_empty() {
+        if names.is_empty() || self.fqdn_holders.is_empty() {
             return;
         }
+        let hosts = self
+            .host_cidrs
+            .get_or_insert_with(|| HostCidrs::of(index.table));
+        let empty = BTreeSet::new();
         for (peer, selected) in &mut self.selections {
             let Peer::Fqdn(sel) = peer else { continue };
-            if !names.iter().any(|n| sel.matches(n)) {
+            let Some(holders) = self.fqdn_holders.get_mut(sel) else {
                 continue;
-            }
-            let now = index.get().select(peer);
-            if now == *selected {
-                continue;
-            }
-            let change = changed.entry(peer.clone()).or_default();
-            for id in now.difference(selected) {
-                if !change.removed.remove(id) {
-                    change.added.insert(*id);
+            };
+            let mut change = SelectionChange::default();
+            for name in names.iter().filter(|n| sel.matches(n)) {
+                let old = before.get(name).unwrap_or(&empty);
+                let now = index.fqdns.get(name).unwrap_or(&empty);
+                for a in old.difference(now) {
+                    let Some(n) = holders.get_mut(a) else {
+                        continue;
+                    };
+                    *n -= 1;
+                    if *n == 0 {
+                        holders.remove(a);
+                        if let Some(id) = hosts.by_address.get(a)
+                            && selected.remove(id)
+                            && !change.added.remove(id)
+                        {
+                            change.removed.insert(*id);
+                        }
+                    }
+                }
+                for a in now.difference(old) {
+                    let n = holders.entry(*a).or_default();
+                    *n += 1;
+                    if *n == 1
+                        && let Some(id) = hosts.by_address.get(a)
+                        && selected.insert(*id)
+                        && !change.removed.remove(id)
+                    {
+                        change.added.insert(*id);
+                    }
                 }
             }
-            for id in selected.difference(&now) {
-                if !change.added.remove(id) {
-                    change.removed.insert(*id);
+            if change.added.is_empty() && change.removed.is_empty() {
+                continue;
+            }
+            let entry = changed.entry(peer.clone()).or_default();
+            for id in change.added {
+                if !entry.removed.remove(&id) {
+                    entry.added.insert(id);
                 }
             }
-            *selected = now;
+            for id in change.removed {
+                if !entry.added.remove(&id) {
+                    entry.removed.insert(id);
+                }
+            }
         }
         changed.retain(|_, c| !(c.added.is_empty() && c.removed.is_empty()));
     }
@@ -349,6 +454,9 @@ impl SelectorCache {
     /// Forgets every clause `keep` rejects (clauses no policy names any more).
     pub fn retain(&mut self, keep: impl Fn(&Peer) -> bool) {
         self.selections.retain(|p, _| keep(p));
+        let selections = &self.selections;
+        self.fqdn_holders
+            .retain(|sel, _| selections.contains_key(&Peer::Fqdn(sel.clone())));
     }
 }
 
@@ -440,7 +548,12 @@ mod tests {
         .into();
         let names = crate::fqdn::changed_names(&before, &after);
         let mut changed = HashMap::new();
-        cache.update_names(&names, &LazyIndex::new(&table, &after), &mut changed);
+        cache.update_names(
+            &names,
+            &before,
+            &LazyIndex::new(&table, &after),
+            &mut changed,
+        );
         assert_eq!(
             changed,
             [(
@@ -457,6 +570,47 @@ mod tests {
             Some(&[Identity(0x0100_0002)].into())
         );
         assert_eq!(cache.cached(&other), Some(&[Identity(0x0100_0002)].into()));
+    }
+
+    #[test]
+    fn an_address_stays_selected_while_one_of_the_clauses_names_holds_it() {
+        let ten = Identity(0x0100_0001);
+        let ip = |s: &str| s.parse::<std::net::Ipv4Addr>().unwrap();
+        let both: LearnedNames = [
+            ("a.example.test".to_string(), [ip("192.0.2.10")].into()),
+            ("b.example.test".to_string(), [ip("192.0.2.10")].into()),
+        ]
+        .into();
+        let table: IdentityTable = [(ten, cidr("192.0.2.10/32"))].into();
+        let pattern = Peer::Fqdn(crate::fqdn::FqdnSelector::pattern("*.example.test").unwrap());
+        let mut cache = SelectorCache::default();
+        assert_eq!(
+            cache.select(&pattern, &LazyIndex::new(&table, &both)),
+            &[ten].into()
+        );
+        // a.example.test loses it: b.example.test still holds it.
+        let one: LearnedNames = [("b.example.test".to_string(), [ip("192.0.2.10")].into())].into();
+        let mut changed = HashMap::new();
+        let names = crate::fqdn::changed_names(&both, &one);
+        cache.update_names(&names, &both, &LazyIndex::new(&table, &one), &mut changed);
+        assert!(changed.is_empty());
+        assert_eq!(cache.cached(&pattern), Some(&[ten].into()));
+        // b.example.test loses it too: it goes.
+        let none = LearnedNames::new();
+        let names = crate::fqdn::changed_names(&one, &none);
+        cache.update_names(&names, &one, &LazyIndex::new(&table, &none), &mut changed);
+        assert_eq!(changed[&pattern].removed, [ten].into());
+        assert_eq!(cache.cached(&pattern), Some(&BTreeSet::new()));
+        // Its identity goes; learned again, it is selected once the identity comes back.
+        let empty = IdentityTable::new();
+        cache.update(&IdentityDelta::between(&table, &empty));
+        let mut changed = HashMap::new();
+        let names = crate::fqdn::changed_names(&none, &one);
+        cache.update_names(&names, &none, &LazyIndex::new(&empty, &one), &mut changed);
+        assert!(changed.is_empty(), "no identity to select yet");
+        let changed = cache.update(&IdentityDelta::between(&empty, &table));
+        assert_eq!(changed[&pattern].added, [ten].into());
+        assert_eq!(cache.cached(&pattern), Some(&[ten].into()));
     }
 
     #[test]
@@ -507,7 +661,7 @@ mod tests {
             (Identity(302), workload(&[("app", "web")])),
         ]
         .into();
-        let changed = cache.update(&IdentityDelta::between(&old, &new), &names);
+        let changed = cache.update(&IdentityDelta::between(&old, &new));
         assert_eq!(
             changed.get(&web()),
             Some(&SelectionChange {
