@@ -470,7 +470,7 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
                 return Err(EngineError::RevisionNotBumped(e));
             }
             self.applied.apply_diff(&diff);
-            self.revalidate = true;
+            self.revalidate |= may_send_through_proxy(&diff);
         }
         let written = started.elapsed();
         self.sync_times.write = written.saturating_sub(compiled);
@@ -712,4 +712,26 @@ impl<D: Datapath, P: Plumbing> Engine<D, P> {
     pub fn gc(&mut self) -> Result<(usize, usize), EngineError> {
         Ok(self.datapath.gc_conntrack()?)
     }
+}
+
+/// Whether a map change can make an open connection need the L7 proxy (so the sweep that ends
+/// such connections has to run, see `revalidate`): only a new or changed redirect, a removal
+/// (which can leave a connection to a wider entry that redirects), or a change to the address
+/// of an endpoint (whose own ingress may redirect) can. A learned DNS answer that only adds
+/// allowed addresses cannot, and skips the sweep, which reads the whole conntrack table.
+/// Either way the datapath stops a connection that needs the proxy on its next packet.
+fn may_send_through_proxy(diff: &palisade_policies::mapstate::MapDiff) -> bool {
+    use palisade_policies::mapstate::Action;
+    !diff.policy_removals.is_empty()
+        || !diff.ipcache_removals.is_empty()
+        || !diff.endpoint_removals.is_empty()
+        || !diff.endpoint_upserts.is_empty()
+        || diff
+            .policy_upserts
+            .iter()
+            .any(|(_, e)| matches!(e.action, Action::Redirect { .. }))
+        || diff
+            .ipcache_upserts
+            .iter()
+            .any(|(_, e)| e.endpoint.is_some())
 }

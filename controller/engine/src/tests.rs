@@ -1696,6 +1696,48 @@ async fn an_answer_the_maps_cannot_take_leaves_the_name_cache_and_maps_as_they_w
 }
 
 #[tokio::test]
+async fn a_learned_address_that_is_only_allowed_skips_the_sweep_for_connections_needing_the_proxy()
+{
+    let mut e = engine().await;
+    let client = add(&mut e, "client", "demo", "app=client").await;
+    apply(&mut e, TO_FQDNS).unwrap();
+    e.revalidate = false;
+    assert!(
+        learn(
+            &mut e,
+            client.ip,
+            "api.example.test",
+            Ipv4Addr::new(192, 0, 2, 10),
+            60
+        )
+        .synced
+    );
+    assert!(!e.revalidate, "only an allowed address was added");
+    // With HTTP rules on the toFQDNs rule, a learned address is redirected: open connections
+    // to it may now need the proxy.
+    apply(
+        &mut e,
+        &TO_FQDNS.replace(
+            "toPorts: [{ports: [{port: '443', protocol: TCP}]}]",
+            "toPorts: [{ports: [{port: '443', protocol: TCP}], rules: {http: [{method: GET}]}}]",
+        ),
+    )
+    .unwrap();
+    e.revalidate = false;
+    assert!(
+        learn(
+            &mut e,
+            client.ip,
+            "api.example.test",
+            Ipv4Addr::new(192, 0, 2, 11),
+            60
+        )
+        .synced
+    );
+    assert!(e.revalidate, "a redirected address was added");
+}
+
+#[tokio::test]
 async fn a_learned_answer_is_compiled_incrementally_and_the_dns_policy_follows() {
     let (tx, rx) = tokio::sync::watch::channel(std::sync::Arc::new(
         palisade_policies::l7::DnsPolicy::default(),
