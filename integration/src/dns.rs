@@ -237,3 +237,92 @@ pub fn udp_raw_answered(netns: &str, server: Ipv4Addr, bytes: Vec<u8>) -> bool {
         s.recv_from(&mut buf).is_ok()
     })
 }
+
+/// What a paced burst of lookups saw.
+#[derive(Clone, Debug, Default)]
+pub struct PacedBurst {
+    /// From the first lookup to the last connection.
+    pub seconds: f64,
+    /// Lookups answered with exactly the address their name has.
+    pub answered: usize,
+    /// Of those, connections to the answered address not made within a second (a dropped
+    /// first SYN is retransmitted only after one).
+    pub first_connections_dropped: usize,
+    /// Each answered lookup's time, sorted.
+    pub lookups: Vec<Duration>,
+}
+
+/// Looks `names` up from `netns` at `server`, paced at `per_second` lookups in all from
+/// `workers` UDP sockets (one thread each), each lookup followed at once by a TCP connection
+/// to the address it returned on `port`; a socket's next lookup waits for both. Each name's
+/// expected address comes with it: another answer counts as unanswered.
+pub fn paced_burst(
+    netns: &str,
+    server: Ipv4Addr,
+    names: &[(String, Ipv4Addr)],
+    per_second: u32,
+    workers: usize,
+    port: u16,
+) -> PacedBurst {
+    let started = Instant::now();
+    let every = Duration::from_secs(1) / per_second.max(1);
+    let handles: Vec<_> = (0..workers.max(1))
+        .map(|w| {
+            let netns = netns.to_string();
+            let mine: Vec<(usize, String, Ipv4Addr)> = names
+                .iter()
+                .enumerate()
+                .skip(w)
+                .step_by(workers.max(1))
+                .map(|(i, (n, a))| (i, n.clone(), *a))
+                .collect();
+            std::thread::spawn(move || {
+                in_netns(&netns, move || {
+                    let mut out = PacedBurst::default();
+                    let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).expect("socket");
+                    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+                    s.connect((server, 53)).expect("connect");
+                    let mut buf = [0u8; 1500];
+                    let t0 = Instant::now();
+                    for (i, name, addr) in mine {
+                        let due = t0 + every * u32::try_from(i).unwrap_or(u32::MAX);
+                        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                            std::thread::sleep(wait);
+                        }
+                        let q = build_query(u16::try_from(i % 65_000).unwrap_or(0), &name);
+                        let t = Instant::now();
+                        let reply = s
+                            .send(&q)
+                            .ok()
+                            .and_then(|_| s.recv(&mut buf).ok())
+                            .and_then(|n| read_reply(&buf[..n]));
+                        if reply.is_none_or(|r| r.addresses != [addr]) {
+                            continue;
+                        }
+                        out.lookups.push(t.elapsed());
+                        out.answered += 1;
+                        if TcpStream::connect_timeout(
+                            &SocketAddr::from((addr, port)),
+                            Duration::from_secs(1),
+                        )
+                        .is_err()
+                        {
+                            out.first_connections_dropped += 1;
+                        }
+                    }
+                    out
+                })
+            })
+        })
+        .collect();
+    let mut all = PacedBurst::default();
+    for h in handles {
+        let part = h.join().unwrap_or_default();
+        all.answered += part.answered;
+        all.first_connections_dropped += part.first_connections_dropped;
+        all.lookups.extend(part.lookups);
+    }
+    all.lookups.sort();
+    all.seconds = started.elapsed().as_secs_f64();
+    all
+}

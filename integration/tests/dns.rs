@@ -288,6 +288,49 @@ fn allowed_names_resolve_and_their_first_connection_passes_others_are_refused() 
     );
 }
 
+/// A burst of 1,000 lookups a second of names never seen before, each followed at once by a
+/// connection to the address it returned: every lookup is answered and no first connection is
+/// dropped (counted). How fast the burst runs is the benchmark's to say (`cargo xtask bench
+/// dns`), not this test's.
+#[test]
+fn a_burst_of_a_thousand_lookups_a_second_drops_no_first_connection() {
+    const BURST: usize = 1_000;
+    let node = Node::start_with("dns-burst", &[]);
+    let client = node.add_endpoint("client", "x", "app=client");
+    let dns_ep = node.add_endpoint("dns", "kube-system", "k8s-app=kube-dns");
+    let world_ns = dns::world_with(&node, &["198.18.0.0/16"]);
+    let _server = tcp_server(&world_ns, 8080);
+    let names: Vec<(String, Ipv4Addr)> = (0..BURST)
+        .map(|i| {
+            let (hi, lo) = (
+                u8::try_from(i / 250).unwrap(),
+                u8::try_from(i % 250 + 1).unwrap(),
+            );
+            (
+                format!("b{i}.cdn.example.test"),
+                Ipv4Addr::new(198, 18, hi, lo),
+            )
+        })
+        .collect();
+    let records: Vec<(&str, Ipv4Addr)> = names.iter().map(|(n, a)| (n.as_str(), *a)).collect();
+    let _resolver = resolver(&dns_ep.name, dns_ep.ip, 300, &records, &node.dir);
+    node.apply(CLIENT_POLICY);
+
+    let burst = dns::paced_burst(&client.name, dns_ep.ip, &names, 1_000, 4, 8080);
+    let seen = format!(
+        "{} answered in {:.2} s, {} first connections dropped",
+        burst.answered, burst.seconds, burst.first_connections_dropped
+    );
+    assert_eq!(burst.answered, BURST, "every lookup answered: {seen}");
+    assert_eq!(burst.first_connections_dropped, 0, "{seen}");
+    let learned = node.json(&["fqdn", "list"]);
+    assert_eq!(
+        learned.as_array().map_or(0, Vec::len),
+        BURST,
+        "every answer learned"
+    );
+}
+
 #[test]
 fn an_expired_answer_is_denied_unless_a_connection_still_uses_it() {
     // TTL 2 s, no minimum: answers expire quickly.

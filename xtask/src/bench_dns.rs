@@ -11,14 +11,14 @@
 //! answer. The agent's metrics, scraped around each burst, say where a learned answer's time
 //! went: the server, the wait for the engine, and each stage of the engine's task.
 
-use std::net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
+use std::net::{Ipv4Addr, TcpStream, UdpSocket};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::bail;
 use palisade_integration::Node;
-use palisade_integration::dns::{build_query, read_reply, resolver, world_with};
+use palisade_integration::dns::{build_query, paced_burst, read_reply, resolver, world_with};
 use palisade_integration::traffic::{self, in_netns};
 
 use crate::bench::write_result;
@@ -354,66 +354,14 @@ struct Burst {
 
 /// `BURST` new names at 1,000/s (paced from `WORKERS` threads), each connected to at once.
 fn burst(netns: &str, server: Ipv4Addr) -> Burst {
-    let started = Instant::now();
-    let handles: Vec<_> = (0..WORKERS)
-        .map(|w| {
-            let netns = netns.to_string();
-            std::thread::spawn(move || {
-                in_netns(&netns, move || {
-                    let (mut lat, mut answered, mut dropped) = (Vec::new(), 0usize, 0usize);
-                    let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).expect("socket");
-                    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-                    s.connect((server, 53)).expect("connect");
-                    let mut buf = [0u8; 1500];
-                    let t0 = Instant::now();
-                    for i in (w..BURST).step_by(WORKERS) {
-                        // One lookup per millisecond in all.
-                        let due = t0 + Duration::from_millis(u64::try_from(i).unwrap_or(0));
-                        if let Some(wait) = due.checked_duration_since(Instant::now()) {
-                            std::thread::sleep(wait);
-                        }
-                        let (name, addr) = burst_name(i);
-                        let q = build_query(u16::try_from(i).unwrap_or(0), &name);
-                        let t = Instant::now();
-                        let reply = s
-                            .send(&q)
-                            .ok()
-                            .and_then(|_| s.recv(&mut buf).ok())
-                            .and_then(|n| read_reply(&buf[..n]));
-                        let Some(reply) = reply.filter(|r| r.addresses == [addr]) else {
-                            continue;
-                        };
-                        lat.push(t.elapsed());
-                        answered += 1;
-                        if TcpStream::connect_timeout(
-                            &SocketAddr::from((addr, 8080)),
-                            Duration::from_secs(1),
-                        )
-                        .is_err()
-                        {
-                            dropped += 1;
-                        }
-                        drop(reply);
-                    }
-                    (lat, answered, dropped)
-                })
-            })
-        })
-        .collect();
-    let (mut lat, mut answered, mut dropped) = (Vec::new(), 0, 0);
-    for h in handles {
-        let (l, a, d) = h.join().unwrap_or_default();
-        lat.extend(l);
-        answered += a;
-        dropped += d;
-    }
-    lat.sort();
+    let names: Vec<(String, Ipv4Addr)> = (0..BURST).map(burst_name).collect();
+    let run = paced_burst(netns, server, &names, 1_000, WORKERS, 8080);
     Burst {
-        seconds: started.elapsed().as_secs_f64(),
-        answered,
-        first_connections_dropped: dropped,
-        lookup_p50_us: percentile_us(&lat, 500),
-        lookup_p99_us: percentile_us(&lat, 990),
+        seconds: run.seconds,
+        answered: run.answered,
+        first_connections_dropped: run.first_connections_dropped,
+        lookup_p50_us: percentile_us(&run.lookups, 500),
+        lookup_p99_us: percentile_us(&run.lookups, 990),
     }
 }
 
