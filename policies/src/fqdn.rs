@@ -160,39 +160,14 @@ pub type LearnedNames = BTreeMap<String, BTreeSet<Ipv4Addr>>;
 /// with addresses gained or lost): what a compile following learned names re-resolves.
 /// One merge walk over both (sorted) maps.
 pub fn changed_names(old: &LearnedNames, new: &LearnedNames) -> BTreeSet<String> {
-    let mut out = BTreeSet::new();
-    let (mut a, mut b) = (old.iter().peekable(), new.iter().peekable());
-    loop {
-        match (a.peek(), b.peek()) {
-            (None, None) => break,
-            (Some((name, _)), None) => {
-                out.insert((*name).clone());
-                a.next();
+    crate::merge::merge_join(old, new)
+        .filter_map(|side| match side {
+            crate::merge::Side::Left(name, _) | crate::merge::Side::Right(name, _) => {
+                Some(name.clone())
             }
-            (None, Some((name, _))) => {
-                out.insert((*name).clone());
-                b.next();
-            }
-            (Some((na, ia)), Some((nb, ib))) => match na.cmp(nb) {
-                std::cmp::Ordering::Less => {
-                    out.insert((*na).clone());
-                    a.next();
-                }
-                std::cmp::Ordering::Greater => {
-                    out.insert((*nb).clone());
-                    b.next();
-                }
-                std::cmp::Ordering::Equal => {
-                    if ia != ib {
-                        out.insert((*na).clone());
-                    }
-                    a.next();
-                    b.next();
-                }
-            },
-        }
-    }
-    out
+            crate::merge::Side::Both(name, was, now) => (was != now).then(|| name.clone()),
+        })
+        .collect()
 }
 
 /// The addresses a `toFQDNs` selector stands for now.

@@ -23,6 +23,7 @@ use crate::endpoint::{Endpoint, EndpointId};
 use crate::fqdn::{LearnedNames, changed_names};
 use crate::identity::{Identity, IdentityTable};
 use crate::mapstate::{IpcacheEntry, MapDiff, MapState, PolicyKey, PortPrefix, RuleId};
+use crate::merge::{Side, merge_join};
 use crate::model::{Direction, Peer, Peers, Policy, PolicyRef};
 use crate::selector::{IdentityDelta, LazyIndex, SelectorCache};
 
@@ -412,38 +413,14 @@ pub fn diff(applied: &MapState, delta: &Delta) -> MapDiff {
     }
     // One merge walk over both (sorted) ipcaches: thousands of learned addresses are
     // thousands of entries, compared at every change.
-    let (mut held, mut wanted) = (
-        applied.ipcache.iter().peekable(),
-        delta.ipcache.iter().peekable(),
-    );
-    loop {
-        match (held.peek(), wanted.peek()) {
-            (None, None) => break,
-            (Some((k, _)), None) => {
-                out.ipcache_removals.push(**k);
-                held.next();
+    for side in merge_join(&applied.ipcache, &delta.ipcache) {
+        match side {
+            Side::Left(k, _) => out.ipcache_removals.push(*k),
+            Side::Right(k, v) => out.ipcache_upserts.push((*k, *v)),
+            Side::Both(k, held, wanted) if held != wanted => {
+                out.ipcache_upserts.push((*k, *wanted));
             }
-            (None, Some((k, v))) => {
-                out.ipcache_upserts.push((**k, **v));
-                wanted.next();
-            }
-            (Some((kh, vh)), Some((kw, vw))) => match kh.cmp(kw) {
-                std::cmp::Ordering::Less => {
-                    out.ipcache_removals.push(**kh);
-                    held.next();
-                }
-                std::cmp::Ordering::Greater => {
-                    out.ipcache_upserts.push((**kw, **vw));
-                    wanted.next();
-                }
-                std::cmp::Ordering::Equal => {
-                    if vh != vw {
-                        out.ipcache_upserts.push((**kw, **vw));
-                    }
-                    held.next();
-                    wanted.next();
-                }
-            },
+            Side::Both(..) => {}
         }
     }
     out

@@ -26,5 +26,6 @@ pub mod labels;
 pub mod learn;
 pub mod manifest;
 pub mod mapstate;
+pub mod merge;
 pub mod model;
 pub mod selector;

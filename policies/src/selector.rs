@@ -15,6 +15,7 @@ use ipnetwork::Ipv4Network;
 use crate::fqdn::{FqdnSelector, LearnedNames, selected_addresses};
 use crate::identity::{Identity, IdentitySource, IdentityTable};
 use crate::labels::Labels;
+use crate::merge::{Side, merge_join};
 use crate::model::{Entity, Peer};
 
 /// Reserved identities inside the cluster (the `cluster` entity besides workloads).
@@ -191,36 +192,19 @@ impl IdentityDelta {
     /// One merge walk over both (sorted) tables.
     pub fn between(old: &IdentityTable, new: &IdentityTable) -> Self {
         let mut delta = IdentityDelta::default();
-        let (mut a, mut b) = (old.iter().peekable(), new.iter().peekable());
-        loop {
-            match (a.peek(), b.peek()) {
-                (None, None) => break,
-                (Some((id, _)), None) => {
-                    delta.removed.insert(**id);
-                    a.next();
+        for side in merge_join(old, new) {
+            match side {
+                Side::Left(id, _) => {
+                    delta.removed.insert(*id);
                 }
-                (None, Some((id, src))) => {
-                    delta.added.insert(**id, (*src).clone());
-                    b.next();
+                Side::Right(id, src) => {
+                    delta.added.insert(*id, src.clone());
                 }
-                (Some((ia, sa)), Some((ib, sb))) => match ia.cmp(ib) {
-                    std::cmp::Ordering::Less => {
-                        delta.removed.insert(**ia);
-                        a.next();
-                    }
-                    std::cmp::Ordering::Greater => {
-                        delta.added.insert(**ib, (*sb).clone());
-                        b.next();
-                    }
-                    std::cmp::Ordering::Equal => {
-                        if sa != sb {
-                            delta.removed.insert(**ia);
-                            delta.added.insert(**ib, (*sb).clone());
-                        }
-                        a.next();
-                        b.next();
-                    }
-                },
+                Side::Both(id, was, now) if was != now => {
+                    delta.removed.insert(*id);
+                    delta.added.insert(*id, now.clone());
+                }
+                Side::Both(..) => {}
             }
         }
         delta

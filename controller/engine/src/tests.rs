@@ -1701,18 +1701,16 @@ async fn a_learned_address_that_is_only_allowed_skips_the_sweep_for_connections_
     let mut e = engine().await;
     let client = add(&mut e, "client", "demo", "app=client").await;
     apply(&mut e, TO_FQDNS).unwrap();
-    e.revalidate = false;
+    let learn_sweeps = |e: &mut TestEngine, last: u8| {
+        e.revalidate = false;
+        let api = Ipv4Addr::new(192, 0, 2, last);
+        assert!(learn(e, client.ip, "api.example.test", api, 60).synced);
+        e.revalidate
+    };
     assert!(
-        learn(
-            &mut e,
-            client.ip,
-            "api.example.test",
-            Ipv4Addr::new(192, 0, 2, 10),
-            60
-        )
-        .synced
+        !learn_sweeps(&mut e, 10),
+        "only an allowed address was added"
     );
-    assert!(!e.revalidate, "only an allowed address was added");
     // With HTTP rules on the toFQDNs rule, a learned address is redirected: open connections
     // to it may now need the proxy.
     apply(
@@ -1723,18 +1721,7 @@ async fn a_learned_address_that_is_only_allowed_skips_the_sweep_for_connections_
         ),
     )
     .unwrap();
-    e.revalidate = false;
-    assert!(
-        learn(
-            &mut e,
-            client.ip,
-            "api.example.test",
-            Ipv4Addr::new(192, 0, 2, 11),
-            60
-        )
-        .synced
-    );
-    assert!(e.revalidate, "a redirected address was added");
+    assert!(learn_sweeps(&mut e, 11), "a redirected address was added");
 }
 
 #[tokio::test]
