@@ -14,7 +14,8 @@ use libfuzzer_sys::fuzz_target;
 use palisade_policies::compile::{
     self, CompileInput, EnforcementMode, L7Policy, RuleTable, Settings,
 };
-use palisade_policies::endpoint::{Endpoint, EndpointId, NamedPort};
+use palisade_policies::endpoint::{Endpoint, EndpointId, LinkLayer, NamedPort};
+use palisade_policies::fqdn::LearnedNames;
 use palisade_policies::identity::{
     Identity, IdentityAllocator, IdentityTable, workload_identity_labels,
 };
@@ -141,6 +142,7 @@ static CLUSTER: LazyLock<Cluster> = LazyLock::new(|| {
                 ip: Ipv4Addr::from(ip),
                 ifindex: 100 + n,
                 named_ports,
+                link: LinkLayer::default(),
             },
         );
         identity_labels.insert(id, l);
@@ -217,9 +219,11 @@ fn check_policies(policies: &[Policy]) {
     let run = |settings: Settings| {
         let input = CompileInput {
             endpoints: &cluster.endpoints,
-            identities: &identities,
+            identities,
             policies: &by_id,
             host_addresses: &[HOST],
+            remote: &BTreeMap::new(),
+            fqdns: &LearnedNames::new(),
             settings,
         };
         let mut rules = RuleTable::default();

@@ -10,7 +10,7 @@ use palisade_api::filter::{Criterion, Field, FlowFilter};
 use palisade_api_fuzz::check_filter;
 
 /// Every field; a byte picks one.
-const FIELDS: [Field; 22] = [
+const FIELDS: [Field; 23] = [
     Field::FromPod,
     Field::ToPod,
     Field::Pod,
@@ -33,6 +33,7 @@ const FIELDS: [Field; 22] = [
     Field::HttpMethod,
     Field::HttpStatus,
     Field::HttpPath,
+    Field::Fqdn,
 ];
 
 /// Fails to build when `Field` gains a variant: add it to `FIELDS` too.
@@ -58,7 +59,8 @@ const _: fn(Field) = |field| match field {
     | Field::DropReason
     | Field::HttpMethod
     | Field::HttpStatus
-    | Field::HttpPath => {}
+    | Field::HttpPath
+    | Field::Fqdn => {}
 };
 
 /// Words the fixed flows and the fields' syntax use.

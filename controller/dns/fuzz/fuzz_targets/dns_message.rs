@@ -49,13 +49,13 @@ fuzz_target!(|data: &[u8]| {
     };
     cache.learn(EndpointId(1), &a.names, &a.addresses, a.ttl, 0, limits);
     let names = cache.names();
-    for (name, ips) in &names {
+    for (name, ips) in names {
         assert!(a.names.contains(name));
         assert!(ips.len() <= limits.max_per_name);
         assert!(ips.iter().all(|ip| a.addresses.contains(ip)));
     }
     let everything = FqdnSelector::pattern("*").expect("valid");
-    assert!(selected_addresses(&everything, &names).all(|ip| a.addresses.contains(&ip)));
+    assert!(selected_addresses(&everything, names).all(|ip| a.addresses.contains(&ip)));
     let back = FqdnCache::restore(&cache.entries());
     assert_eq!(back, cache);
 });
