@@ -5,7 +5,7 @@
 //! select each identity, what each endpoint's entries depend on). Given the new inputs it
 //! finds what changed (policies, identities, endpoints, learned DNS names), turns identity
 //! and name changes into per-clause added/removed deltas in the selector cache (a name whose
-//! addresses changed re-resolves only the `toFQDNs` clauses selecting it), and recompiles only
+//! addresses changed updates only the `toFQDNs` clauses selecting it), and recompiles only
 //! the endpoints that are new or changed, selected by a changed policy, or selected by a spec
 //! naming a clause whose selection changed (and, when endpoints come, go or change, those
 //! whose egress rules name ports, which depend on every endpoint's). DNS rules are compiled

@@ -5,7 +5,7 @@
 //! A `toFQDNs` clause selects the /32 CIDR identities of the addresses learned for its names
 //! (the learned names given to the index). The cache follows learned names as it follows
 //! identities: when names gain or lose addresses, only the `toFQDNs` clauses selecting one of
-//! those names are resolved again ([`SelectorCache::update_names`]).
+//! those names change, by those names' addresses alone ([`SelectorCache::update_names`]).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::Ipv4Addr;
