@@ -47,8 +47,6 @@ impl Default for FqdnLimits {
 /// What one answer changed.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct LearnOutcome {
-    /// Some address is new to the cache as a whole (the compile may change).
-    pub new_address: bool,
     /// Addresses evicted because a name had too many.
     pub evicted: usize,
     /// The names whose addresses over every endpoint ([`FqdnCache::names`]) changed: all
@@ -161,10 +159,6 @@ impl FqdnCache {
         true
     }
 
-    fn knows(&self, addr: Ipv4Addr) -> bool {
-        self.learned.values().any(|a| a.contains(&addr))
-    }
-
     /// Puts back what `undo` kept.
     pub fn undo(&mut self, undo: FqdnUndo) {
         for (endpoint, name, held) in undo.slots {
@@ -204,10 +198,7 @@ impl FqdnCache {
         if addresses.is_empty() {
             return LearnOutcome::default();
         }
-        let mut outcome = LearnOutcome {
-            new_address: addresses.iter().any(|a| !self.knows(*a)),
-            ..LearnOutcome::default()
-        };
+        let mut outcome = LearnOutcome::default();
         let expires = now + u64::from(ttl.max(limits.min_ttl));
         let per_name = self.by_endpoint.entry(endpoint).or_default();
         for name in names {
@@ -337,12 +328,12 @@ mod tests {
     fn an_answer_lives_its_ttl_but_at_least_the_minimum() {
         let mut c = FqdnCache::default();
         let o = c.learn(EP, &names(&["a.test"]), &[A], 5, 100, limits(30, 10));
-        assert!(o.new_address);
+        assert_eq!(o.changed_names, ["a.test".to_string()].into());
         assert_eq!(c.entries()[0].expires, 130);
         c.learn(EP, &names(&["a.test"]), &[A], 600, 100, limits(30, 10));
         assert_eq!(c.entries()[0].expires, 700);
         let o = c.learn(EP, &names(&["a.test"]), &[A], 1, 100, limits(30, 10));
-        assert!(!o.new_address);
+        assert!(o.changed_names.is_empty());
         assert_eq!(
             c.entries()[0].expires,
             700,
