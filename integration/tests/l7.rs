@@ -551,6 +551,12 @@ fn reconnect_from_one_port(
         // The client reads to the end, as one that asked to close does.
         assert!(c.closed(), "the proxy closes after answering request {i}");
     }
+    // The proxy's socket reaches TIME_WAIT once the client's FIN has come back, which may be
+    // just after the client read the end.
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    while proxy_time_waits(s) == 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
     assert!(
         proxy_time_waits(s) >= 1,
         "the proxy closed first, so it holds the TIME_WAIT"
