@@ -584,3 +584,46 @@ fn a_port_reused_while_the_proxy_holds_its_time_wait_connects_without_a_retransm
         "SYN retransmissions for {n} connections from one port: {close} with Connection: close, {http10} with HTTP/1.0"
     );
 }
+
+#[test]
+fn connections_closed_after_each_request_share_the_proxys_upstream_until_policy_changes() {
+    // A client that opens a connection per request costs the server one handshake per
+    // proxy worker, not one per request: the proxy keeps its upstream connection (the
+    // client's `Connection: close` is for its own connection) for the next connection of
+    // the same client to the same server, as nginx's `keepalive` does.
+    let s = scene("l7-pool");
+    let opened = || tcp_counter(&s.api.name, "TcpPassiveOpens");
+    let ask = |i: usize| {
+        let mut c = Client::connect(&s.client.name, s.api.ip, 80).unwrap();
+        c.send(
+            format!("GET /public/{i} HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .unwrap();
+        let reply = c.read_reply().unwrap();
+        assert_eq!(
+            (reply.status, reply.body),
+            (200, format!("GET /public/{i} 0"))
+        );
+        assert!(c.closed(), "the proxy closes the client's connection");
+    };
+    let n = 12;
+    let before = opened();
+    (0..n).for_each(ask);
+    let pooled = opened() - before;
+    assert!(
+        (1..=n as u64 / 2).contains(&pooled),
+        "{n} client connections took {pooled} upstream connections"
+    );
+    // Any policy change may change how the datapath judges a kept connection: the next
+    // request is carried by a connection opened, and judged, under the new policy.
+    s.node
+        .apply(&API_L7.replace("path: \"/upload\"", "path: \"/upload/.*\""));
+    let before = opened();
+    ask(n);
+    assert_eq!(
+        opened() - before,
+        1,
+        "a new upstream connection after the policy change"
+    );
+}

@@ -1,10 +1,13 @@
 //! The proxy's edge: a transparent listener in the node namespace that the datapath assigns
 //! redirected connections to, the upstream leg (marked with the client's identity and address
-//! so the destination's own policy still judges the client), and a report per request and per
-//! tunnel to the [`Observer`].
+//! so the destination's own policy still judges the client, and pooled per worker for later
+//! connections of the same client), and a report per request and per tunnel to the
+//! [`Observer`].
 
+use std::cell::RefCell;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
 
 use palisade_common::mark;
 use palisade_policies::l7::ProxyPolicy;
@@ -13,8 +16,9 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::watch;
 use tracing::{debug, warn};
 
-use crate::http::{self, Record, RequestRecord, TunnelRecord};
+use crate::http::{self, Record, RequestRecord, TunnelRecord, Upstreams};
 use crate::policy::ConnectionJudge;
+use crate::pool::{IdlePool, PoolLimits};
 
 /// Who hears what the proxy did: once per connection, then once per request on it and twice
 /// per tunnel.
@@ -78,6 +82,7 @@ impl Workers {
                 .enable_all()
                 .build()?;
             handles.push(rt.handle().clone());
+            rt.spawn(close_expired_upstreams());
             std::thread::Builder::new()
                 .name(format!("proxy-{i}"))
                 .spawn(move || rt.block_on(std::future::pending::<()>()))?;
@@ -130,23 +135,20 @@ async fn handle<O: Observer>(
     };
     let _ = client.set_nodelay(true);
     let client_identity = ctx.policy.borrow().peer(*peer.ip()).identity.0;
-    let upstream_mark = mark::from_proxy(client_identity);
-    let upstream_priority = mark::client_priority(peer.ip().octets());
-    let connect = move || async move {
-        let sock = TcpSocket::new_v4()?;
-        // The destination's datapath judges the client by these: its identity in the mark,
-        // its address in the priority (for the CIDR rules that cover it).
-        SockRef::from(&sock).set_mark(upstream_mark)?;
-        SockRef::from(&sock).set_priority(upstream_priority)?;
-        let stream = sock.connect(SocketAddr::V4(dst)).await?;
-        stream.set_nodelay(true)?;
-        Ok(stream)
+    let upstreams = PooledUpstreams {
+        key: UpstreamKey {
+            mark: mark::from_proxy(client_identity),
+            priority: mark::client_priority(peer.ip().octets()),
+            destination: dst,
+        },
+        policy: ctx.policy.clone(),
+        opened_under: Weak::new(),
     };
     let judge = ConnectionJudge::new(ctx.policy.clone(), peer, dst);
     let mut observer = ctx.observer.connection(peer, dst);
     http::serve_connection(
         client,
-        connect,
+        upstreams,
         |head| judge.judge(head),
         |record| match record {
             Record::Request(r) => observer.request(r),
@@ -155,4 +157,106 @@ async fn handle<O: Observer>(
         &ctx.limits,
     )
     .await
+}
+
+/// Who may reuse an upstream connection: everything the destination's datapath judged it by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct UpstreamKey {
+    /// The client's identity (see `mark::from_proxy`).
+    mark: u32,
+    /// The client's address (see `mark::client_priority`).
+    priority: u32,
+    destination: SocketAddrV4,
+}
+
+/// An idle upstream connection and the policy it was opened under.
+struct IdleUpstream {
+    stream: TcpStream,
+    /// Held weakly: compared by address only, and the allocation (not the policy) stays
+    /// while this does, so no later policy can take the address.
+    opened_under: Weak<ProxyPolicy>,
+}
+
+thread_local! {
+    /// The idle upstream connections of this worker, whose reactor they are registered with.
+    /// Only touched between awaits, so never borrowed twice.
+    static IDLE_UPSTREAMS: RefCell<IdlePool<UpstreamKey, IdleUpstream>> =
+        RefCell::new(IdlePool::new(PoolLimits::default()));
+}
+
+/// How often a worker closes the upstream connections idle past the pool's timeout.
+const IDLE_SWEEP: Duration = Duration::from_secs(1);
+
+async fn close_expired_upstreams() {
+    let mut tick = tokio::time::interval(IDLE_SWEEP);
+    loop {
+        tick.tick().await;
+        let expired = IDLE_UPSTREAMS.with(|pool| pool.borrow_mut().expire(Instant::now()));
+        drop(expired);
+    }
+}
+
+/// The upstream connections of one client connection: taken from and given back to the
+/// worker's pool. Only a connection opened under the policy current now is reused: any
+/// policy change may change how the datapath judges it (its next packet is revalidated, and
+/// a denied one would stall rather than fail), so the next request opens one that is judged
+/// afresh.
+struct PooledUpstreams {
+    key: UpstreamKey,
+    policy: watch::Receiver<Arc<ProxyPolicy>>,
+    /// The policy the connection in use was opened under.
+    opened_under: Weak<ProxyPolicy>,
+}
+
+impl PooledUpstreams {
+    fn current_policy(&self) -> Arc<ProxyPolicy> {
+        Arc::clone(&self.policy.borrow())
+    }
+}
+
+impl Upstreams for PooledUpstreams {
+    type Stream = TcpStream;
+
+    fn take_idle(&mut self) -> Option<TcpStream> {
+        let current = self.current_policy();
+        let idle = IDLE_UPSTREAMS.with(|pool| {
+            pool.borrow_mut().take(&self.key, Instant::now(), |idle| {
+                std::ptr::eq(idle.opened_under.as_ptr(), Arc::as_ptr(&current))
+            })
+        })?;
+        self.opened_under = idle.opened_under;
+        Some(idle.stream)
+    }
+
+    fn connect(&mut self) -> impl Future<Output = std::io::Result<TcpStream>> + Send {
+        self.opened_under = Arc::downgrade(&self.current_policy());
+        let UpstreamKey {
+            mark,
+            priority,
+            destination,
+        } = self.key;
+        async move {
+            let sock = TcpSocket::new_v4()?;
+            // The destination's datapath judges the client by these: its identity in the
+            // mark, its address in the priority (for the CIDR rules that cover it).
+            SockRef::from(&sock).set_mark(mark)?;
+            SockRef::from(&sock).set_priority(priority)?;
+            let stream = sock.connect(SocketAddr::V4(destination)).await?;
+            stream.set_nodelay(true)?;
+            Ok(stream)
+        }
+    }
+
+    fn release(&mut self, stream: TcpStream) {
+        let current = self.current_policy();
+        if !std::ptr::eq(self.opened_under.as_ptr(), Arc::as_ptr(&current)) {
+            return;
+        }
+        let idle = IdleUpstream {
+            stream,
+            opened_under: std::mem::take(&mut self.opened_under),
+        };
+        // No room: it is closed here.
+        let _ = IDLE_UPSTREAMS.with(|pool| pool.borrow_mut().put(self.key, idle, Instant::now()));
+    }
 }

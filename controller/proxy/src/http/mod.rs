@@ -66,10 +66,12 @@
 //!   except 403 as above.
 //! - Upstream failures before a response started are 502 (504 for timeouts) and close the
 //!   client connection; after it started, the client connection is closed mid-response.
-//! - The upstream connection is opened for the first allowed request and kept while both sides
-//!   allow it. It is checked for closure (or unexpected bytes) before reuse, and a request
-//!   without a body whose reused connection closed before answering is retried once on a new
-//!   connection.
+//! - The upstream connection is opened for the first allowed request (or taken idle from
+//!   [`Upstreams`], left by an earlier client connection) and kept while the upstream allows
+//!   it: it is the proxy's own, asked to stay open whatever the client wants. When the client
+//!   connection ends, an idle one goes back to [`Upstreams`]. It is checked for closure (or
+//!   unexpected bytes) before reuse, and a request without a body whose reused connection
+//!   closed before answering is retried once on a new connection.
 //! - The request body and the response are relayed concurrently, so an upstream may answer
 //!   before it has read the whole body (interim 1xx responses are relayed to HTTP/1.1 clients).
 //!   If the response ends before the request body does, both connections are closed.
@@ -104,7 +106,7 @@ pub use fields::{Field, FramingError};
 pub use head::{BodyFraming, HeadError, RequestHead, parse_request_head};
 pub use path::{PathError, Target, normalize_path, parse_target};
 pub use response::{ResponseBody, ResponseHead, ResponseHeadError, parse_response_head};
-pub use serve::{ProxyError, serve_connection};
+pub use serve::{ProxyError, Unpooled, Upstreams, serve_connection};
 
 /// Ceiling on [`Limits::max_headers`]: parse slots live on the stack (no allocation per
 /// request), so their number is fixed at build time.

@@ -2,7 +2,6 @@
 
 use std::future::Future;
 use std::io;
-use std::marker::PhantomData;
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -131,38 +130,77 @@ impl CopyError {
     }
 }
 
+/// Where a client connection's upstream connections come from, and where the ones it leaves
+/// idle go.
+pub trait Upstreams {
+    type Stream: AsyncRead + AsyncWrite + Unpin;
+    /// An idle connection to the same upstream that another client connection left, if any.
+    /// It is checked before use, and dropped if it closed meanwhile.
+    fn take_idle(&mut self) -> Option<Self::Stream>;
+    /// Opens a new connection. Send, so that a connection can be served on any runtime.
+    fn connect(&mut self) -> impl Future<Output = io::Result<Self::Stream>> + Send;
+    /// Takes back a connection left idle between requests, its last response read whole.
+    fn release(&mut self, stream: Self::Stream);
+}
+
+/// Upstreams that no other client connection shares: each one opened by the function, and
+/// closed when its client connection ends.
+pub struct Unpooled<F>(pub F);
+
+impl<F, Fut, U> Upstreams for Unpooled<F>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = io::Result<U>> + Send,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    type Stream = U;
+
+    fn take_idle(&mut self) -> Option<U> {
+        None
+    }
+
+    fn connect(&mut self) -> impl Future<Output = io::Result<U>> + Send {
+        (self.0)()
+    }
+
+    fn release(&mut self, _stream: U) {}
+}
+
 /// Serves one client connection until it ends.
 ///
-/// `connect` opens the upstream: lazily, on the first allowed request, and again when the
-/// previous connection closed. `judge` is consulted for every request, `record` is called
-/// once per request and twice per tunnel (opened, closed). Returns `Err` only when the
-/// connection ended abnormally: a client I/O failure, or a response or tunnel cut short.
-/// Requests answered with an error status end in `Ok`, with the error in their record.
-pub async fn serve_connection<C, U, Fut>(
+/// `upstreams` gives the upstream connection: lazily, on the first allowed request, and again
+/// when the previous one closed; it gets back the one left idle when the client connection
+/// ends. `judge` is consulted for every request, `record` is called once per request and
+/// twice per tunnel (opened, closed). Returns `Err` only when the connection ended
+/// abnormally: a client I/O failure, or a response or tunnel cut short. Requests answered
+/// with an error status end in `Ok`, with the error in their record.
+pub async fn serve_connection<C, Up>(
     client: C,
-    connect: impl FnMut() -> Fut,
+    upstreams: Up,
     judge: impl Fn(&RequestHead) -> Decision,
     record: impl FnMut(Record),
     limits: &Limits,
 ) -> Result<(), ProxyError>
 where
     C: AsyncRead + AsyncWrite + Unpin,
-    U: AsyncRead + AsyncWrite + Unpin,
-    Fut: Future<Output = io::Result<U>>,
+    Up: Upstreams,
 {
     let (reader, writer) = tokio::io::split(client);
     let mut connection = Connection {
         client: Inbound::new(reader),
         client_out: writer,
         upstream: None,
-        connect,
+        upstreams,
         judge,
         record,
         limits,
         audited: false,
-        _connect: PhantomData,
     };
-    connection.serve().await
+    let served = connection.serve().await;
+    // Whatever ended the client connection, an upstream idle between requests can serve
+    // another one.
+    connection.release_upstream();
+    served
 }
 
 /// The upstream connection: its read side buffered, like the client's.
@@ -184,6 +222,12 @@ impl<U: AsyncRead + AsyncWrite + Unpin> Upstream<U> {
     /// the upstream closed or sent bytes nobody asked for, either way it is not reusable.
     fn is_reusable(&mut self) -> bool {
         self.input.buffered().is_empty() && self.input.fill().now_or_never().is_none()
+    }
+
+    /// The connection whole again; only for one [`Upstream::is_reusable`] found idle, whose
+    /// read buffer is empty.
+    fn into_stream(self) -> U {
+        self.input.into_inner().unsplit(self.output)
     }
 }
 
@@ -265,25 +309,22 @@ struct TunnelBytes {
     to_client: AtomicU64,
 }
 
-struct Connection<'l, C, U, Co, Fut, J, Re> {
+struct Connection<'l, C, Up: Upstreams, J, Re> {
     client: Inbound<ReadHalf<C>>,
     client_out: WriteHalf<C>,
-    upstream: Option<Upstream<U>>,
-    connect: Co,
+    upstream: Option<Upstream<Up::Stream>>,
+    upstreams: Up,
     judge: J,
     record: Re,
     limits: &'l Limits,
     /// The request being served was let through by audit mode (policy denied it).
     audited: bool,
-    _connect: PhantomData<fn() -> Fut>,
 }
 
-impl<C, U, Co, Fut, J, Re> Connection<'_, C, U, Co, Fut, J, Re>
+impl<C, Up, J, Re> Connection<'_, C, Up, J, Re>
 where
     C: AsyncRead + AsyncWrite + Unpin,
-    U: AsyncRead + AsyncWrite + Unpin,
-    Co: FnMut() -> Fut,
-    Fut: Future<Output = io::Result<U>>,
+    Up: Upstreams,
     J: Fn(&RequestHead) -> Decision,
     Re: FnMut(Record),
 {
@@ -296,10 +337,12 @@ where
                 }
                 Incoming::Closed => return Ok(()),
                 Incoming::Malformed(error) => {
+                    self.release_upstream();
                     let status = error.status();
                     return self.reject(status, error_chain(&error)).await;
                 }
                 Incoming::TimedOut => {
+                    self.release_upstream();
                     let why = format!(
                         "request head not complete within {:?}",
                         self.limits.head_timeout
@@ -310,6 +353,8 @@ where
             match self.handle(&head).await? {
                 Next::KeepAlive => {}
                 Next::Close => {
+                    // Before lingering: the upstream is free as soon as the response is out.
+                    self.release_upstream();
                     self.linger_close().await;
                     return Ok(());
                 }
@@ -464,7 +509,7 @@ where
         rule: u32,
         started: Instant,
         outcome: Outcome,
-        upstream: Upstream<U>,
+        upstream: Upstream<Up::Stream>,
     ) -> Result<Next, ProxyError> {
         let Outcome {
             relayed,
@@ -494,7 +539,7 @@ where
         &mut self,
         protocol: String,
         rule: u32,
-        upstream: Upstream<U>,
+        upstream: Upstream<Up::Stream>,
     ) -> Result<Next, ProxyError> {
         let report = |event, bytes: &TunnelBytes, duration, error| {
             Record::Tunnel(TunnelRecord {
@@ -564,21 +609,37 @@ where
         Ok(Next::Close)
     }
 
-    /// Takes the idle upstream connection if it is still usable, else opens one; says
-    /// whether it was reused.
-    async fn take_upstream(&mut self) -> Result<(Upstream<U>, bool), ProxyError> {
+    /// Takes this connection's idle upstream connection if it is still usable, else one
+    /// another client connection left, else opens one; says whether it was reused.
+    async fn take_upstream(&mut self) -> Result<(Upstream<Up::Stream>, bool), ProxyError> {
         if let Some(mut upstream) = self.upstream.take()
             && upstream.is_reusable()
         {
             return Ok((upstream, true));
         }
+        while let Some(stream) = self.upstreams.take_idle() {
+            let mut upstream = Upstream::new(stream);
+            if upstream.is_reusable() {
+                return Ok((upstream, true));
+            }
+        }
         let timeout = self.limits.upstream_connect_timeout;
-        let stream = match tokio::time::timeout(timeout, (self.connect)()).await {
+        let stream = match tokio::time::timeout(timeout, self.upstreams.connect()).await {
             Err(_) => return Err(ProxyError::UpstreamConnectTimeout { timeout }),
             Ok(Err(e)) => return Err(ProxyError::UpstreamConnect(e)),
             Ok(Ok(stream)) => stream,
         };
         Ok((Upstream::new(stream), false))
+    }
+
+    /// Hands the upstream connection left idle after the last response to `upstreams`, for
+    /// other client connections, if it is still usable.
+    fn release_upstream(&mut self) {
+        if let Some(mut upstream) = self.upstream.take()
+            && upstream.is_reusable()
+        {
+            self.upstreams.release(upstream.into_stream());
+        }
     }
 
     async fn write_client(&mut self, bytes: &[u8]) -> Result<(), ProxyError> {
@@ -880,9 +941,10 @@ where
     Ok(Relayed {
         status: response.status,
         client_keep_alive,
-        // Bytes after the response would be answers to nothing: do not reuse.
-        upstream_reusable: request.keep_alive
-            && response.keep_alive
+        // The upstream was asked to keep the connection whatever the client wants (see
+        // `wire::request_head`). Bytes after the response would be answers to nothing: do
+        // not reuse.
+        upstream_reusable: response.keep_alive
             && body != ResponseBody::UntilClose
             && upstream.buffered().is_empty(),
         head_sent,

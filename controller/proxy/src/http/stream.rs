@@ -30,6 +30,11 @@ impl<R: AsyncRead + Unpin> Inbound<R> {
         }
     }
 
+    /// The reader itself; what is buffered is dropped.
+    pub(super) fn into_inner(self) -> R {
+        self.io
+    }
+
     pub(super) fn buffered(&self) -> &[u8] {
         &self.buf[self.start..]
     }

@@ -234,6 +234,19 @@ where
     Co: FnMut() -> Fut + Send + 'static,
     Fut: Future<Output = io::Result<DuplexStream>> + Send + 'static,
 {
+    spawn_with(judge, limits, pipe, Unpooled(connect))
+}
+
+fn spawn_with<Up>(
+    judge: impl Fn(&RequestHead) -> Decision + Send + 'static,
+    limits: Limits,
+    pipe: usize,
+    upstreams: Up,
+) -> (Peer, Records, Tunnels, JoinHandle<Result<(), ProxyError>>)
+where
+    Up: Upstreams + Send + 'static,
+    Up::Stream: Send,
+{
     let (client, proxy_side) = tokio::io::duplex(pipe);
     let records = Records::default();
     let tunnels = Tunnels::default();
@@ -243,7 +256,7 @@ where
             Record::Request(r) => requests.lock().expect("records lock").push(r),
             Record::Tunnel(t) => opened.lock().expect("tunnels lock").push(t),
         };
-        serve_connection(proxy_side, connect, judge, record, &limits).await
+        serve_connection(proxy_side, upstreams, judge, record, &limits).await
     });
     (Peer::new(client), records, tunnels, task)
 }
@@ -1185,7 +1198,11 @@ async fn http10_closes_unless_keep_alive_was_asked_for() {
     let mut proxy = start(allow_all, limits());
     proxy.client.send(b"GET /old HTTP/1.0\r\n\r\n").await;
     let mut upstream = proxy.upstream().await;
-    assert_eq!(upstream.message().await.0, "GET /old HTTP/1.0\r\n\r\n");
+    // The upstream connection is the proxy's own, kept for later requests.
+    assert_eq!(
+        upstream.message().await.0,
+        "GET /old HTTP/1.0\r\nconnection: keep-alive\r\n\r\n"
+    );
     upstream
         .send(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok")
         .await;
@@ -1261,7 +1278,7 @@ async fn connection_close_from_either_side_closes_after_the_response() {
     let mut upstream = proxy.upstream().await;
     assert_eq!(
         upstream.message().await.0,
-        "GET / HTTP/1.1\r\nhost: svc\r\nconnection: close\r\n\r\n"
+        "GET / HTTP/1.1\r\nhost: svc\r\n\r\n"
     );
     upstream.send(GET_OK).await;
     let (head, body) = proxy.client.message().await;
@@ -1528,10 +1545,138 @@ fn serve_connection_future_is_send() {
     let (client, _peer) = tokio::io::duplex(1);
     let future = serve_connection(
         client,
-        || async { Ok::<_, io::Error>(tokio::io::duplex(1).0) },
+        Unpooled(|| async { Ok::<_, io::Error>(tokio::io::duplex(1).0) }),
         allow_all,
         |_record: Record| {},
         &limits,
     );
     assert_send(&future);
+}
+
+/// Upstreams shared by client connections, as the listener's pool shares them: idle ones in
+/// a list, new ones handed to the test.
+struct SharedUpstreams {
+    idle: Arc<Mutex<Vec<DuplexStream>>>,
+    opened: mpsc::UnboundedSender<DuplexStream>,
+}
+
+impl Upstreams for SharedUpstreams {
+    type Stream = DuplexStream;
+
+    fn take_idle(&mut self) -> Option<DuplexStream> {
+        self.idle.lock().expect("idle lock").pop()
+    }
+
+    fn connect(&mut self) -> impl Future<Output = io::Result<DuplexStream>> + Send {
+        let (ours, theirs) = tokio::io::duplex(PIPE);
+        let handed = self.opened.send(theirs);
+        async move {
+            handed
+                .map(|()| ours)
+                .map_err(|_| io::Error::other("test stopped accepting upstreams"))
+        }
+    }
+
+    fn release(&mut self, stream: DuplexStream) {
+        self.idle.lock().expect("idle lock").push(stream);
+    }
+}
+
+/// Serves one client connection with upstreams shared through `idle`.
+fn start_shared(
+    idle: &Arc<Mutex<Vec<DuplexStream>>>,
+) -> (
+    Peer,
+    mpsc::UnboundedReceiver<DuplexStream>,
+    JoinHandle<Result<(), ProxyError>>,
+) {
+    let (opened, upstreams) = mpsc::unbounded_channel();
+    let shared = SharedUpstreams {
+        idle: Arc::clone(idle),
+        opened,
+    };
+    let (client, _records, _tunnels, task) = spawn_with(allow_all, limits(), PIPE, shared);
+    (client, upstreams, task)
+}
+
+#[tokio::test]
+async fn a_closing_clients_upstream_serves_the_next_client_connection() {
+    let idle = Arc::default();
+    let (mut client, mut opened, task) = start_shared(&idle);
+    client
+        .send(b"GET /1 HTTP/1.1\r\nHost: svc\r\nConnection: close\r\n\r\n")
+        .await;
+    let mut upstream = Peer::new(step(opened.recv()).await.expect("opened"));
+    assert_eq!(
+        upstream.message().await.0,
+        "GET /1 HTTP/1.1\r\nhost: svc\r\n\r\n"
+    );
+    upstream.send(GET_OK).await;
+    let (head, body) = client.message().await;
+    assert!(head.contains("\r\nconnection: close\r\n"), "{head}");
+    assert_eq!(body, b"ok");
+    client.expect_closed().await;
+    drop(client);
+    step(task).await.expect("served").expect("ended well");
+    assert_eq!(
+        idle.lock().expect("idle").len(),
+        1,
+        "the upstream is left idle"
+    );
+
+    // An HTTP/1.0 client, on the same upstream connection.
+    let (mut client, mut opened, task) = start_shared(&idle);
+    client.send(b"GET /2 HTTP/1.0\r\n\r\n").await;
+    assert_eq!(
+        upstream.message().await.0,
+        "GET /2 HTTP/1.0\r\nconnection: keep-alive\r\n\r\n"
+    );
+    upstream.send(GET_OK).await;
+    assert_eq!(client.message().await.1, b"ok");
+    client.expect_closed().await;
+    drop(client);
+    step(task).await.expect("served").expect("ended well");
+    assert!(opened.try_recv().is_err(), "no new upstream connection");
+    assert_eq!(idle.lock().expect("idle").len(), 1);
+}
+
+#[tokio::test]
+async fn an_idle_upstream_that_closed_or_asked_to_close_is_not_reused() {
+    let idle: Arc<Mutex<Vec<DuplexStream>>> = Arc::default();
+    // Closed by the server while idle.
+    let (ours, theirs) = tokio::io::duplex(PIPE);
+    drop(theirs);
+    idle.lock().expect("idle").push(ours);
+    let (mut client, mut opened, task) = start_shared(&idle);
+    client
+        .send(b"GET / HTTP/1.1\r\nHost: svc\r\nConnection: close\r\n\r\n")
+        .await;
+    let mut upstream = Peer::new(step(opened.recv()).await.expect("a new one is opened"));
+    upstream.message().await;
+    // The server wants this one closed: it goes back to nobody.
+    upstream
+        .send(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok")
+        .await;
+    assert_eq!(client.message().await.1, b"ok");
+    drop(client);
+    step(task).await.expect("served").expect("ended well");
+    assert!(idle.lock().expect("idle").is_empty());
+}
+
+#[tokio::test]
+async fn an_upstream_cut_mid_response_is_not_left_idle() {
+    let idle: Arc<Mutex<Vec<DuplexStream>>> = Arc::default();
+    let (mut client, mut opened, task) = start_shared(&idle);
+    client.send(b"GET / HTTP/1.1\r\nHost: svc\r\n\r\n").await;
+    let mut upstream = Peer::new(step(opened.recv()).await.expect("opened"));
+    upstream.message().await;
+    upstream
+        .send(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nok")
+        .await;
+    client.head().await;
+    // The client leaves in the middle of the body; the rest has nowhere to go.
+    drop(client);
+    upstream.send(b"12345678").await;
+    assert!(step(task).await.expect("served").is_err());
+    assert!(idle.lock().expect("idle").is_empty());
 }

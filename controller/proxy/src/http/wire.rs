@@ -56,12 +56,12 @@ pub(super) fn request_head(head: &RequestHead) -> Vec<u8> {
         BodyFraming::Chunked => field(&mut out, "transfer-encoding", b"chunked"),
     }
     // Only what was judged is offered: `h2c` never is (see `RequestHead::upgrades`).
+    // Otherwise the upstream connection is the proxy's own and is kept for later requests,
+    // this client's or another's, whether or not the client keeps its connection.
     if !head.upgrades.is_empty() {
         field(&mut out, "connection", b"upgrade");
         field(&mut out, "upgrade", head.upgrades.join(", ").as_bytes());
-    } else if head.version == 1 && !head.keep_alive {
-        field(&mut out, "connection", b"close");
-    } else if head.version == 0 && head.keep_alive {
+    } else if head.version == 0 {
         field(&mut out, "connection", b"keep-alive");
     }
     out.extend_from_slice(b"\r\n");
@@ -227,18 +227,23 @@ mod tests {
 
     #[test]
     fn forwarded_request_states_its_own_persistence() {
+        // The client's wish to close is its own connection's: the upstream one is kept.
         let close = request(
             "POST / HTTP/1.1\r\nHost: a\r\nConnection: close\r\nTransfer-Encoding: chunked\r\n\r\n",
         );
         assert_eq!(
             text(&request_head(&close)),
-            "POST / HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n"
+            "POST / HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked\r\n\r\n"
         );
-        let old = request("GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n");
-        assert_eq!(
-            text(&request_head(&old)),
-            "GET / HTTP/1.0\r\nconnection: keep-alive\r\n\r\n"
-        );
+        for old in [
+            "GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
+            "GET / HTTP/1.0\r\n\r\n",
+        ] {
+            assert_eq!(
+                text(&request_head(&request(old))),
+                "GET / HTTP/1.0\r\nconnection: keep-alive\r\n\r\n"
+            );
+        }
         let ws = request(
             "GET /ws HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n",
         );
