@@ -14,14 +14,14 @@ use palisade_common::{
     endpoint::{EndpointInfo, FLAG_BRIDGE_PORT},
 };
 
-use crate::maps::{CONFIG, ENDPOINT_BY_ADDR, ENDPOINTS};
+use crate::{
+    maps::{CONFIG, ENDPOINT_BY_ADDR, ENDPOINTS},
+    packet::{ETH_HLEN, ETH_P_IP, ETHERTYPE_OFFSET, Ipv4FrameWire},
+};
 
-const ETH_HLEN: usize = 14;
-const ETH_P_IP: u16 = 0x0800;
-/// Offsets in the IPv4 header: TTL (with the protocol after it), checksum, destination.
+/// Offsets in the IPv4 header: TTL (with the protocol after it), checksum.
 const IP_TTL: usize = ETH_HLEN + 8;
 const IP_CHECKSUM: usize = ETH_HLEN + 10;
-const IP_DADDR: usize = ETH_HLEN + 16;
 
 #[inline(always)]
 fn fits(ep: &EndpointInfo) -> bool {
@@ -38,20 +38,15 @@ pub fn local_destination(ctx: &TcContext, src_ifindex: u32) -> u32 {
     if cfg.flags & CONFIG_FLAG_FAST_PATH == 0 {
         return 0;
     }
-    match ctx.load::<u16>(12) {
-        Ok(ethertype) if u16::from_be(ethertype) == ETH_P_IP => {}
-        _ => return 0,
-    }
-    // A packet whose TTL routing would expire is the node's to answer.
-    match ctx.load::<u8>(IP_TTL) {
-        Ok(ttl) if ttl > 1 => {}
-        _ => return 0,
-    }
-    let Ok(daddr) = ctx.load::<[u8; 4]>(IP_DADDR) else {
+    let Ok(frame) = ctx.load::<Ipv4FrameWire>(ETHERTYPE_OFFSET) else {
         return 0;
     };
+    // A packet whose TTL routing would expire is the node's to answer.
+    if u16::from_be(frame.ethertype_be) != ETH_P_IP || frame.ip.ttl <= 1 {
+        return 0;
+    }
     let mut key = [0u8; 16];
-    key[..4].copy_from_slice(&daddr);
+    key[..4].copy_from_slice(&frame.ip.daddr);
     // SAFETY: map values stay valid for the whole program run; the agent only replaces them.
     let Some(&dst) = (unsafe { ENDPOINT_BY_ADDR.get(key) }) else {
         return 0;
@@ -81,8 +76,11 @@ pub fn deliver(ctx: &TcContext, dst_ifindex: u32) -> i32 {
     let Some(ep) = (unsafe { ENDPOINTS.get(dst_ifindex) }) else {
         return TC_ACT_SHOT;
     };
-    let (mac, host_mac) = (ep.mac, ep.host_mac);
-    if ctx.store(0, &mac, 0).is_err() || ctx.store(6, &host_mac, 0).is_err() {
+    // The Ethernet header's destination and source, in one write.
+    let mut macs = [0u8; 12];
+    macs[..6].copy_from_slice(&ep.mac);
+    macs[6..].copy_from_slice(&ep.host_mac);
+    if ctx.store(0, &macs, 0).is_err() {
         return TC_ACT_SHOT;
     }
     // TTL and protocol as the 16-bit word the header checksum covers.

@@ -1,9 +1,9 @@
 //! The pipeline both classifiers share: parse -> conntrack -> policy -> account.
 //!
-//! `judge` returns `Ok(outcome)` to forward or `Err(drop)` to drop; `run` turns that into a TC
-//! action, so no error path can forward by accident. Between two endpoints of the node `run`
-//! judges twice, the sender's egress and then the destination's ingress, and forwards only
-//! what both let through (`fast_path`).
+//! `judge_packet` returns `Ok(outcome)` to forward or `Err(drop)` to drop; `judge` carries that
+//! out of line and `run` turns it into a TC action, so no error path can forward by accident.
+//! Between two endpoints of the node `run` judges twice, the sender's egress and then the
+//! destination's ingress, and forwards only what both let through (`fast_path`).
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
@@ -29,7 +29,7 @@ use crate::{
     events::{self, EventMeta},
     fast_path,
     maps::{CONFIG, ENDPOINTS, IPCACHE},
-    packet::{self, Packet, Parsed},
+    packet::{self, Frame, Packet, Parsed},
     policy::{self, Decision},
     proxy,
 };
@@ -57,10 +57,16 @@ pub fn run(ctx: &TcContext, dir: u8) -> i32 {
     // SAFETY: reading a field of the context the kernel handed us.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     let len = ctx.len();
-    let outcome = match judge(ctx, dir, ifindex, len) {
-        Ok(outcome) => outcome,
-        Err(d) => return dropped(ctx, dir, ifindex, len, &d),
-    };
+    // Parsed once for both verdicts of the fast path (and a drop's event): nothing rewrites
+    // the frame before `fast_path::deliver`, after them.
+    let mut parsed = Parsed::new();
+    // What it returns is in `parsed` too, where `judge` reads it.
+    let _ = packet::parse(ctx, &mut parsed);
+    let mut d = Drop::plain(drop::NONE);
+    let outcome = judge(ctx, dir, ifindex, &parsed, &mut d);
+    if outcome == JUDGED_DROP {
+        return dropped(dir, ifindex, len, &d, &parsed);
+    }
     events::count(dir, outcome, len);
     if outcome == OUTCOME_REDIRECTED {
         return proxy::deliver(ifindex);
@@ -73,57 +79,41 @@ pub fn run(ctx: &TcContext, dir: u8) -> i32 {
     if peer == 0 {
         return TC_ACT_OK;
     }
-    match judge(ctx, direction::INGRESS, peer, len) {
+    match judge(ctx, direction::INGRESS, peer, &parsed, &mut d) {
+        JUDGED_DROP => dropped(direction::INGRESS, peer, len, &d, &parsed),
         // An ingress verdict never redirects (only a sender's egress reaches the proxy).
-        Ok(OUTCOME_REDIRECTED) => TC_ACT_SHOT,
-        Ok(outcome) => {
+        OUTCOME_REDIRECTED => TC_ACT_SHOT,
+        outcome => {
             events::count(direction::INGRESS, outcome, len);
             fast_path::deliver(ctx, peer)
         }
-        Err(d) => dropped(ctx, direction::INGRESS, peer, len, &d),
     }
 }
 
 #[inline(always)]
-fn dropped(ctx: &TcContext, dir: u8, ifindex: u32, len: u32, d: &Drop) -> i32 {
+fn dropped(dir: u8, ifindex: u32, len: u32, d: &Drop, parsed: &Parsed) -> i32 {
     events::count(dir, d.reason, len);
-    report_drop(ctx, dir, ifindex, len, d);
+    report_drop(dir, ifindex, len, d, parsed);
     TC_ACT_SHOT
 }
 
 /// Emits the drop event. Best effort: without config or a parsable packet there is nothing
 /// meaningful to report beyond the counter, which `run` already bumped. Kept out of line so
-/// its stack frame is not stacked on top of the judging path's; it parses the packet again
-/// because carrying it out of `judge` would not fit the 512-byte stack.
+/// its stack frame is not stacked on top of the judging path's.
 #[inline(never)]
-fn report_drop(ctx: &TcContext, dir: u8, ifindex: u32, len: u32, d: &Drop) {
+fn report_drop(dir: u8, ifindex: u32, len: u32, d: &Drop, parsed: &Parsed) {
     let Some(cfg) = CONFIG.get(0) else { return };
     // SAFETY: map values stay valid for the whole program run; the agent only replaces them.
     let Some(ep) = (unsafe { ENDPOINTS.get(ifindex) }) else {
         return;
     };
-    let pkt = match packet::parse(ctx) {
-        Ok(Parsed::Ipv4(p)) => p,
-        _ => Packet {
-            saddr: [0; 16],
-            daddr: [0; 16],
-            sport_be: 0,
-            dport_be: 0,
-            protocol: 0,
-            tcp_flags: 0,
-            policy_port_be: 0,
-            opens: false,
-            related: false,
-            outer_saddr: [0; 16],
-            outer_daddr: [0; 16],
-        },
-    };
+    let pkt = parsed.ipv4().unwrap_or(&Packet::NONE);
     let (src_identity, dst_identity) = if dir == direction::EGRESS {
         (ep.identity, d.peer_identity)
     } else {
         (d.peer_identity, ep.identity)
     };
-    events::emit(cfg, now_ns(), ep.endpoint_id, &pkt, || EventMeta {
+    events::emit(cfg, now_ns(), ep.endpoint_id, pkt, || EventMeta {
         kind: d.kind,
         verdict: verdict::DROPPED,
         drop_reason: d.reason,
@@ -138,9 +128,29 @@ fn report_drop(ctx: &TcContext, dir: u8, ifindex: u32, len: u32, d: &Drop) {
 }
 
 /// The verdict of `dir` at the endpoint on `ifindex`: the interface the packet is on, or for
-/// the fast path the destination's (see `run`).
+/// the fast path the destination's (see `run`), of the packet as `run` parsed it: the
+/// outcome to forward with, or `JUDGED_DROP` with why in `dropped`. Out of line, so its
+/// stack is not stacked twice on the fast path; a plain number out, because a BPF function
+/// returning a struct would hand back a pointer into its caller's stack, which the verifier
+/// refuses.
 #[inline(never)]
-fn judge(ctx: &TcContext, dir: u8, ifindex: u32, len: u32) -> Result<u8, Drop> {
+fn judge(ctx: &TcContext, dir: u8, ifindex: u32, parsed: &Parsed, dropped: &mut Drop) -> u8 {
+    match judge_packet(ctx, dir, ifindex, parsed) {
+        Ok(outcome) => outcome,
+        Err(d) => {
+            *dropped = d;
+            JUDGED_DROP
+        }
+    }
+}
+
+/// What `judge` returns for a drop: no outcome has this code.
+const JUDGED_DROP: u8 = u8::MAX;
+
+/// `judge`'s verdict: `Ok(outcome)` to forward, `Err(drop)` to drop.
+#[inline(always)]
+fn judge_packet(ctx: &TcContext, dir: u8, ifindex: u32, parsed: &Parsed) -> Result<u8, Drop> {
+    let len = ctx.len();
     let Some(cfg) = CONFIG.get(0) else {
         return Err(Drop::plain(drop::NOT_INITIALIZED));
     };
@@ -151,9 +161,10 @@ fn judge(ctx: &TcContext, dir: u8, ifindex: u32, len: u32) -> Result<u8, Drop> {
     let Some(ep) = (unsafe { ENDPOINTS.get(ifindex) }) else {
         return Err(Drop::plain(drop::UNKNOWN_ENDPOINT));
     };
-    let pkt = match packet::parse(ctx).map_err(Drop::plain)? {
-        Parsed::Arp => return Ok(OUTCOME_FORWARDED),
-        Parsed::Ipv4(p) => p,
+    let pkt = match parsed.frame {
+        Err(reason) => return Err(Drop::plain(reason)),
+        Ok(Frame::Arp) => return Ok(OUTCOME_FORWARDED),
+        Ok(Frame::Ipv4) => &parsed.pkt,
     };
     // What an endpoint sends must come from its address, and what the node hands to it must
     // be addressed to it: ICMP errors included, by their own (outer) addresses.
@@ -178,18 +189,18 @@ fn judge(ctx: &TcContext, dir: u8, ifindex: u32, len: u32) -> Result<u8, Drop> {
     };
 
     if pkt.related {
-        return related(&pkt, dir, now);
+        return related(pkt, dir, now);
     }
 
     // Original direction of a connection this direction opened. One key is turned around
     // in place for the reply lookup: the BPF stack has no room for two.
-    let mut key = conntrack::key_forward(&pkt, dir);
+    let mut key = conntrack::key_forward(pkt, dir);
     if let Some(entry) = conntrack::lookup(&key, now) {
-        let outcome = established(cfg, ep, dir, &key, entry, &pkt, false, now, ifindex, len)?;
+        let outcome = established(cfg, ep, dir, &key, entry, pkt, false, now, ifindex, len)?;
         // SAFETY: valid map value pointer for this program run.
         let e = unsafe { &*entry };
         if dir == direction::EGRESS && e.flags & CT_FLAG_PROXY_REDIRECT != 0 {
-            proxy::redirect(ctx, ep, &pkt, e.proxy_port_be).map_err(Drop::plain)?;
+            proxy::redirect(ctx, ep, pkt, e.proxy_port_be).map_err(Drop::plain)?;
             return Ok(OUTCOME_REDIRECTED);
         }
         return Ok(outcome);
@@ -197,7 +208,7 @@ fn judge(ctx: &TcContext, dir: u8, ifindex: u32, len: u32) -> Result<u8, Drop> {
     // Reply to a connection the opposite direction let in or out.
     conntrack::reverse_in_place(&mut key, opposite(dir));
     if let Some(entry) = conntrack::lookup(&key, now) {
-        return established(cfg, ep, dir, &key, entry, &pkt, true, now, ifindex, len);
+        return established(cfg, ep, dir, &key, entry, pkt, true, now, ifindex, len);
     }
     conntrack::reverse_in_place(&mut key, dir);
     new_connection(
@@ -206,7 +217,7 @@ fn judge(ctx: &TcContext, dir: u8, ifindex: u32, len: u32) -> Result<u8, Drop> {
         ep,
         dir,
         &key,
-        &pkt,
+        pkt,
         now,
         ifindex,
         len,

@@ -31,6 +31,7 @@ use crate::{
     conntrack::now_ns,
     events,
     maps::{CONFIG, FLOW_EVENTS, IPCACHE},
+    packet::{ETH_HLEN, ETH_P_IP},
 };
 
 palisade_common::bpf_map!(
@@ -50,8 +51,7 @@ palisade_common::bpf_map!(
     pub static PREFILTER_EVENT_RATE: PerCpuArray<EventRateState> = PerCpuArray::pinned(1, 0);
 );
 
-const ETH_HLEN: usize = 14;
-const ETH_P_IP_BE: u16 = 0x0800_u16.to_be();
+const ETH_P_IP_BE: u16 = ETH_P_IP.to_be();
 const IPV4_MIN_HLEN: usize = 20;
 const IP_OFFSET_MASK_BE: u16 = 0x1fff_u16.to_be();
 
