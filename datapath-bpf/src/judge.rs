@@ -60,8 +60,7 @@ pub fn run(ctx: &TcContext, dir: u8) -> i32 {
     // Parsed once for both verdicts of the fast path (and a drop's event): nothing rewrites
     // the frame before `fast_path::deliver`, after them.
     let mut parsed = Parsed::new();
-    // What it returns is in `parsed` too, where `judge` reads it.
-    let _ = packet::parse(ctx, &mut parsed);
+    parsed.frame = packet::parse(ctx, &mut parsed.pkt);
     let mut d = Drop::plain(drop::NONE);
     let outcome = judge(ctx, dir, ifindex, &parsed, &mut d);
     if outcome == JUDGED_DROP {

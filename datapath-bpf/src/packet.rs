@@ -161,18 +161,11 @@ fn ipv4_addr(raw: [u8; 4]) -> [u8; 16] {
     addr
 }
 
-/// Reads the frame into `parsed`. Out of line, so the parser's temporaries leave the stack
-/// before judging starts (both would not fit in its 512 bytes); it returns what the frame is
-/// as a plain number, which is all a BPF function can return.
+/// What the frame is, and for IPv4 its packet, written to `pkt`. Out of line, so the parser's
+/// temporaries leave the stack before judging starts (both would not fit in its 512 bytes);
+/// what it returns fits in a register, as a BPF function's result must.
 #[inline(never)]
-pub fn parse(ctx: &TcContext, parsed: &mut Parsed) -> Result<Frame, u8> {
-    let frame = parse_frame(ctx, &mut parsed.pkt);
-    parsed.frame = frame;
-    frame
-}
-
-#[inline(always)]
-fn parse_frame(ctx: &TcContext, pkt: &mut Packet) -> Result<Frame, u8> {
+pub fn parse(ctx: &TcContext, pkt: &mut Packet) -> Result<Frame, u8> {
     let len = frame_len(ctx);
     let (ethertype, ip) = match load::<Ipv4FrameWire>(ctx, ETHERTYPE_OFFSET, len) {
         Ok(frame) => (u16::from_be(frame.ethertype_be), Some(frame.ip)),
@@ -244,7 +237,7 @@ struct TcpWire {
     flags: u8,
 }
 
-/// The ports that open a UDP or SCTP header.
+/// The ports that open a TCP, UDP or SCTP header.
 #[repr(C)]
 #[derive(Clone, Copy)]
 struct PortsWire {
@@ -276,12 +269,6 @@ fn ipv4_fields(ip: &Ipv4Wire, off: usize) -> Result<Ipv4Header, u8> {
         frag: u16::from_be(ip.frag_be),
         total_len: u16::from_be(ip.total_len_be),
     })
-}
-
-/// The ports of a TCP, UDP or SCTP header at `l4`, all three start with them.
-#[inline(always)]
-fn ports(ctx: &TcContext, l4: usize, end: usize) -> Result<PortsWire, u8> {
-    load::<PortsWire>(ctx, l4, end)
 }
 
 #[inline(always)]
@@ -328,7 +315,7 @@ fn parse_ipv4(ctx: &TcContext, ip: &Ipv4Wire, off: usize) -> Result<Packet, u8> 
             pkt.opens = pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
         }
         proto::UDP | proto::SCTP => {
-            let p = ports(ctx, l4, end)?;
+            let p = load::<PortsWire>(ctx, l4, end)?;
             pkt.sport_be = p.sport_be;
             pkt.dport_be = p.dport_be;
             pkt.policy_port_be = pkt.dport_be;
@@ -390,7 +377,7 @@ fn parse_icmp_error(
     };
     match protocol {
         proto::TCP | proto::UDP | proto::SCTP => {
-            let p = ports(ctx, l4, end)?;
+            let p = load::<PortsWire>(ctx, l4, end)?;
             pkt.sport_be = p.sport_be;
             pkt.dport_be = p.dport_be;
         }
