@@ -16,7 +16,7 @@ use palisade_common::{
 
 use crate::{
     maps::{CONFIG, ENDPOINT_BY_ADDR, ENDPOINTS},
-    packet::{ETH_HLEN, ETH_P_IP, ETHERTYPE_OFFSET, Ipv4FrameWire},
+    packet::{self, ETH_HLEN, ETH_P_IP, ETHERTYPE_OFFSET, Ipv4FrameWire},
 };
 
 /// Offsets in the IPv4 header: TTL (with the protocol after it), checksum.
@@ -38,7 +38,7 @@ pub fn local_destination(ctx: &TcContext, src_ifindex: u32) -> u32 {
     if cfg.flags & CONFIG_FLAG_FAST_PATH == 0 {
         return 0;
     }
-    let Ok(frame) = ctx.load::<Ipv4FrameWire>(ETHERTYPE_OFFSET) else {
+    let Some(frame) = packet::read::<Ipv4FrameWire>(ctx, ETHERTYPE_OFFSET) else {
         return 0;
     };
     // A packet whose TTL routing would expire is the node's to answer.

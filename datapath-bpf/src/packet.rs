@@ -1,9 +1,8 @@
-//! Header parsing. Everything is read with `bpf_skb_load_bytes` (`TcContext::load`), within
-//! the IPv4 packet as its total length says (which must fit in the frame); a short packet is an
-//! `INVALID_PACKET` drop, a total length that does not fit `INVALID_IP_LENGTH`, never a guess.
-//! Each header is read in one call (the IPv4 header's fixed part, the TCP header up to its
-//! flags, the UDP ports): a helper call per field made a judged packet 12–40% dearer
-//! (`docs/benchmarks/datapath-micro.md`).
+//! Header parsing. Every header is read in one piece (the IPv4 header's fixed part, the TCP
+//! header up to its flags, the UDP ports), straight from the packet where the program can see
+//! it, else with `bpf_skb_load_bytes` (`read`); each read lies within the IPv4 packet as its
+//! total length says (which must fit in the frame). A short packet is an `INVALID_PACKET`
+//! drop, a total length that does not fit `INVALID_IP_LENGTH`, never a guess.
 
 use aya_ebpf::programs::TcContext;
 use palisade_common::{proto, reason::drop};
@@ -139,11 +138,37 @@ impl Parsed {
 /// IPv4 packet by its total length once that is known (bytes past it, such as Ethernet
 /// padding, are not the packet's), the frame's length before.
 #[inline(always)]
-fn load<T>(ctx: &TcContext, offset: usize, end: usize) -> Result<T, u8> {
+fn load<T: Copy>(ctx: &TcContext, offset: usize, end: usize) -> Result<T, u8> {
+    if offset + size_of::<T>() > end {
+        return Err(drop::INVALID_PACKET);
+    }
+    read(ctx, offset).ok_or(drop::INVALID_PACKET)
+}
+
+/// `load` with `bpf_skb_load_bytes` only, for what only a short frame or message needs (a
+/// lone byte or two): the verifier cannot prove a direct read that small in bounds from the
+/// comparison LLVM makes of it (`p < data_end`, which grants no bytes).
+#[inline(always)]
+fn load_by_helper<T>(ctx: &TcContext, offset: usize, end: usize) -> Result<T, u8> {
     if offset + size_of::<T>() > end {
         return Err(drop::INVALID_PACKET);
     }
     ctx.load::<T>(offset).map_err(|_| drop::INVALID_PACKET)
+}
+
+/// A `T` at `offset` in the frame, or None past its end. Read straight from the packet when
+/// it lies in the linear part the program can see (headers a socket wrote always do), else
+/// with `bpf_skb_load_bytes`, which also reaches paged data: a helper call per header was
+/// most of the parser's cost (`docs/benchmarks/datapath-micro.md`).
+#[inline(always)]
+pub fn read<T: Copy>(ctx: &TcContext, offset: usize) -> Option<T> {
+    let at = ctx.data() + offset;
+    if at + size_of::<T>() <= ctx.data_end() {
+        // SAFETY: [at, at + size_of::<T>()) lies within [data, data_end), checked just above,
+        // and the wire types are plain bytes read unaligned.
+        return Some(unsafe { core::ptr::read_unaligned(at as *const T) });
+    }
+    ctx.load::<T>(offset).ok()
 }
 
 #[inline(always)]
@@ -170,7 +195,10 @@ pub fn parse(ctx: &TcContext, pkt: &mut Packet) -> Result<Frame, u8> {
     let (ethertype, ip) = match load::<Ipv4FrameWire>(ctx, ETHERTYPE_OFFSET, len) {
         Ok(frame) => (u16::from_be(frame.ethertype_be), Some(frame.ip)),
         // Too short for an IPv4 header: what it is decides how it is refused.
-        Err(_) => (u16::from_be(load::<u16>(ctx, ETHERTYPE_OFFSET, len)?), None),
+        Err(_) => (
+            u16::from_be(load_by_helper::<u16>(ctx, ETHERTYPE_OFFSET, len)?),
+            None,
+        ),
     };
     match (ethertype, ip) {
         (ETH_P_IP, Some(ip)) => {
@@ -235,6 +263,31 @@ struct TcpWire {
     _ack_be: u32,
     _data_offset: u8,
     flags: u8,
+}
+
+/// An ICMP header up to a query's identifier, as on the wire.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct IcmpWire {
+    icmp_type: u8,
+    _code: u8,
+    _checksum_be: u16,
+    ident_be: u16,
+}
+
+/// An ICMP message's type, and its identifier when it is long enough to have one (every
+/// query is; `INVALID_PACKET` for one that is not); a shorter message is read again for its
+/// type alone. Plain values out, every byte set: an `Option` left partly unwritten is
+/// refused by the verifier.
+#[inline(always)]
+fn icmp_header(ctx: &TcContext, off: usize, end: usize) -> Result<(u8, Result<u16, u8>), u8> {
+    match load::<IcmpWire>(ctx, off, end) {
+        Ok(icmp) => Ok((icmp.icmp_type, Ok(icmp.ident_be))),
+        Err(_) => Ok((
+            load_by_helper::<u8>(ctx, off, end)?,
+            Err(drop::INVALID_PACKET),
+        )),
+    }
 }
 
 /// The ports that open a TCP, UDP or SCTP header.
@@ -321,7 +374,7 @@ fn parse_ipv4(ctx: &TcContext, ip: &Ipv4Wire, off: usize) -> Result<Packet, u8> 
             pkt.policy_port_be = pkt.dport_be;
         }
         proto::ICMP => {
-            let icmp_type = load::<u8>(ctx, l4, end)?;
+            let (icmp_type, ident_be) = icmp_header(ctx, l4, end)?;
             if matches!(
                 icmp_type,
                 ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAMETER_PROBLEM
@@ -332,7 +385,7 @@ fn parse_ipv4(ctx: &TcContext, ip: &Ipv4Wire, off: usize) -> Result<Packet, u8> 
             pkt.policy_port_be = pkt.dport_be;
             if icmp_counterpart(icmp_type) != icmp_type {
                 // A query: its identifier.
-                pkt.sport_be = load::<u16>(ctx, l4 + 4, end)?;
+                pkt.sport_be = ident_be?;
             }
             // Only a request opens; a reply is one only as its request's connection, and
             // a message that is no query at all (a redirect, a router advertisement...) is
@@ -383,10 +436,10 @@ fn parse_icmp_error(
         }
         proto::ICMP => {
             // The key of an embedded query, as it was tracked.
-            let icmp_type = load::<u8>(ctx, l4, end)?;
+            let (icmp_type, ident_be) = icmp_header(ctx, l4, end)?;
             pkt.dport_be = u16::from(icmp_type).to_be();
             if icmp_counterpart(icmp_type) != icmp_type {
-                pkt.sport_be = load::<u16>(ctx, l4 + 4, end)?;
+                pkt.sport_be = ident_be?;
             }
         }
         _ => {}
