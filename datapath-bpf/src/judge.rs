@@ -29,7 +29,7 @@ use crate::{
     events::{self, EventMeta},
     fast_path,
     maps::{CONFIG, ENDPOINTS, IPCACHE},
-    packet::{self, Frame, Packet, Parsed},
+    packet::{Frame, Packet, Parsed},
     policy::{self, Decision},
     proxy,
 };
@@ -60,7 +60,7 @@ pub fn run(ctx: &TcContext, dir: u8) -> i32 {
     // Parsed once for both verdicts of the fast path (and a drop's event): nothing rewrites
     // the frame before `fast_path::deliver`, after them.
     let mut parsed = Parsed::new();
-    parsed.frame = packet::parse(ctx, &mut parsed.pkt);
+    parsed.parse(ctx);
     let mut d = Drop::plain(drop::NONE);
     let outcome = judge(ctx, dir, ifindex, &parsed, &mut d);
     if outcome == JUDGED_DROP {
@@ -160,10 +160,10 @@ fn judge_packet(ctx: &TcContext, dir: u8, ifindex: u32, parsed: &Parsed) -> Resu
     let Some(ep) = (unsafe { ENDPOINTS.get(ifindex) }) else {
         return Err(Drop::plain(drop::UNKNOWN_ENDPOINT));
     };
-    let pkt = match parsed.frame {
+    let pkt = match parsed.frame() {
         Err(reason) => return Err(Drop::plain(reason)),
         Ok(Frame::Arp) => return Ok(OUTCOME_FORWARDED),
-        Ok(Frame::Ipv4) => &parsed.pkt,
+        Ok(Frame::Ipv4) => parsed.ipv4().ok_or(Drop::plain(drop::INVALID_PACKET))?,
     };
     // What an endpoint sends must come from its address, and what the node hands to it must
     // be addressed to it: ICMP errors included, by their own (outer) addresses.
